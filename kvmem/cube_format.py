@@ -1,0 +1,134 @@
+"""The on-disk form of cubes: one safetensors file, JSON metadata, a checksum over both; atomic saves.
+
+Layout of the safetensors header metadata (all strings):
+    format          "kvmem.memcube" (or another cube kind)
+    format_version  "1"
+    meta            JSON: everything about the cube (fingerprint fields, positions, text, ...)
+    checksum        xxh3-128 over format, version, meta and every tensor's name, dtype, shape and bytes
+
+The checksum guards against corruption (truncation, bit flips, edits), not against an adversary who can
+rewrite the file and its checksum together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import xxhash
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import CubeError
+
+FORMAT_VERSION = 1
+
+
+def checksum(fmt: str, version: str, meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """xxh3-128 over the header strings and every tensor (name, dtype, shape, bytes), in name order."""
+    h = xxhash.xxh3_128()
+    for part in (fmt, version, meta_json):
+        h.update(part.encode())
+        h.update(b"\0")
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        t = t.detach().to("cpu").contiguous()
+        if t.numel():
+            # bytes as stored; viewing as uint8 works for every dtype numpy lacks (bfloat16)
+            h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+    return h.hexdigest()
+
+
+def write_cube_file(path: str | os.PathLike, fmt: str, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``tensors`` + ``meta`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+
+    No reader ever sees a partial file under ``path``; a crash leaves at most a hidden ``.*.tmp`` file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CubeError(f"{path} is a folder: give the cube a file name, e.g. {path / 'memory.safetensors'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False)
+    version = str(FORMAT_VERSION)
+    header = {
+        "format": fmt,
+        "format_version": version,
+        "meta": meta_json,
+        "checksum": checksum(fmt, version, meta_json, tensors),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.device | None = None
+                   ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and verify a cube file: returns (meta, tensors). Any problem raises CubeError saying what and why.
+
+    Verified before returning: it is a complete safetensors file, of kind ``fmt`` and a known version, its
+    metadata parses, and the checksum over metadata and tensors matches.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CubeError(f"no cube at {path}: check the path (build one with `kvmem build`)")
+    if path.is_dir():
+        raise CubeError(f"{path} is a folder, not a cube file")
+    size = path.stat().st_size
+    if size < 8:
+        raise CubeError(f"{path} is {'empty' if size == 0 else f'only {size} bytes'}: not a cube "
+                        "(a save that never finished, or the wrong file); rebuild it")
+    try:
+        tensors = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except CubeError:
+        raise
+    except Exception as exc:  # safetensors raises several types for malformed files
+        raise CubeError(f"{path} is not a valid safetensors file ({type(exc).__name__}: {exc}); it is truncated, "
+                        "corrupted or another kind of file (kvmem never reads pickles); rebuild the cube") from None
+    found = header.get("format")
+    if found != fmt:
+        kind = {"kvmem.memcube": "a MemCube (MemCube.load)", "kvmem.adaptercube": "an AdapterCube (AdapterCube.load)"}
+        hint = f"it is {kind[found]}" if found in kind else "it has no kvmem header"
+        raise CubeError(f"{path} is a safetensors file but not a {fmt} ({hint})")
+    version = header.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise CubeError(f"{path} has {fmt} format version {version!r}; this kvmem reads version {FORMAT_VERSION}. "
+                        "Rebuild the cube with this kvmem, or use the kvmem version that wrote it")
+    meta_json = header.get("meta", "")
+    try:
+        meta = json.loads(meta_json)
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not a JSON object")
+    except ValueError as exc:
+        raise CubeError(f"{path}: cube metadata is damaged ({exc}); rebuild the cube") from None
+    expected = header.get("checksum")
+    actual = checksum(fmt, version, meta_json, tensors)
+    if expected != actual:
+        raise CubeError(f"{path}: checksum mismatch (stored {expected}, computed {actual}): the file was corrupted "
+                        "or edited after it was saved; rebuild the cube")
+    if device is not None:
+        tensors = {name: t.to(device) for name, t in tensors.items()}
+    return meta, tensors
+

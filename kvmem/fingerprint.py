@@ -1,0 +1,159 @@
+"""What a cube belongs to: model config facts, a weights digest, a tokenizer digest and the active adapter.
+
+A fingerprint is a small dict of fields; `fingerprint_id` hashes it into the short id that `MemCube.fingerprint`
+shows. `check_fields` compares the fields a cube recorded with the ones of the model it is used with and
+raises `FingerprintMismatch` naming every field that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+import xxhash
+
+from .errors import FingerprintMismatch
+
+FIELDS = ("model", "weights", "tokenizer", "adapter")
+
+# Per weight tensor, this many evenly spaced elements enter the digest. Enough to see any fine-tune that
+# touches a matrix (it moves nearly every element), cheap enough to recompute at every prefill (~ms).
+_SAMPLES_PER_TENSOR = 2048
+
+# Config keys that change the shape or the values of the KV cache.
+_CONFIG_KEYS = (
+    "model_type", "architectures", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "hidden_size", "vocab_size", "max_position_embeddings", "rope_parameters", "rope_theta",
+    "rope_scaling", "partial_rotary_factor", "sliding_window", "layer_types", "attention_bias",
+)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def model_facts(model) -> dict:
+    """Config facts that shape the KV cache of ``model`` (a PreTrainedModel, PEFT-wrapped or not)."""
+    config = model.config.get_text_config(decoder=True)
+    return {key: _jsonable(getattr(config, key)) for key in _CONFIG_KEYS if getattr(config, key, None) is not None}
+
+
+def _is_adapter_param(name: str) -> bool:
+    return "lora_" in name or "modules_to_save" in name
+
+
+def _digest_tensors(tensors: list[torch.Tensor]) -> str:
+    """Hash shapes, dtypes and an evenly spaced sample of each tensor, all in one device->host copy."""
+    h = xxhash.xxh3_128()
+    samples = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        stride = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+        samples.append(flat[::stride][:_SAMPLES_PER_TENSOR].float())
+        h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+    if samples:
+        h.update(torch.cat(samples).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_digest(model) -> str:
+    """A digest of the base weights (adapter weights excluded): changes when any weight matrix is fine-tuned."""
+    return _digest_tensors([p for name, p in model.named_parameters() if not _is_adapter_param(name)])
+
+
+def adapter_facts(model) -> dict | None:
+    """The active PEFT adapter(s) of ``model`` and a digest of their weights, or None for a bare model."""
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        return None
+    base = getattr(model, "base_model", model)
+    if getattr(base, "disable_adapters", False) or getattr(base, "_disable_adapters", False):
+        return None
+    active = getattr(model, "active_adapters", None)
+    active = list(active() if callable(active) else active or [])
+    if not active:
+        return None
+    params = [p for name, p in model.named_parameters()
+              if _is_adapter_param(name) and any(f".{a}." in f"{name}." for a in active)]
+    return {"names": sorted(active), "digest": _digest_tensors(params)}
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A digest of the vocabulary and special tokens; cached on the tokenizer object."""
+    cached = getattr(tokenizer, "_kvmem_digest", None)
+    if cached is not None:
+        return cached
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(tokenizer).__name__.encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    h.update(json.dumps(_jsonable(tokenizer.special_tokens_map), sort_keys=True).encode())
+    digest = h.hexdigest()
+    try:
+        tokenizer._kvmem_digest = digest
+    except AttributeError:  # some tokenizer classes forbid new attributes: recompute next time
+        pass
+    return digest
+
+
+def fingerprint_fields(model, tokenizer=None) -> dict:
+    """All fingerprint fields for ``model`` (and ``tokenizer``, which may be None: then it is not checked)."""
+    return {
+        "model": model_facts(model),
+        "weights": weights_digest(model),
+        "tokenizer": tokenizer_digest(tokenizer) if tokenizer is not None else None,
+        "adapter": adapter_facts(model),
+    }
+
+
+def fingerprint_id(fields: dict) -> str:
+    """The short id shown as ``cube.fingerprint``: a hash of the model, weights and adapter fields.
+
+    The tokenizer is left out so that a cube built from ids (no tokenizer at hand) and one built from text
+    on the same model share an id; it is still checked field by field.
+    """
+    core = {k: fields.get(k) for k in ("model", "weights", "adapter")}
+    return hashlib.blake2b(json.dumps(core, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_FIXES = {
+    "model": "the cube comes from another model architecture or config",
+    "weights": "the weights differ (another checkpoint, a fine-tune, or the same model in another dtype)",
+    "tokenizer": "the tokenizer differs, so the cube's token ids mean other text",
+    "adapter": "the active LoRA adapter differs from the one the cube was built under",
+}
+
+
+def check_fields(recorded: dict, actual: dict, *, what: str = "cube") -> None:
+    """Raise FingerprintMismatch naming every field where ``recorded`` and ``actual`` differ.
+
+    A tokenizer field that is None on either side was not known and is not compared.
+    """
+    differ = []
+    for field in FIELDS:
+        rec, act = recorded.get(field), actual.get(field)
+        if field == "tokenizer" and (rec is None or act is None):
+            continue
+        if rec != act:
+            differ.append(field)
+    if not differ:
+        return
+    lines = [f"{what} was built for another {'/'.join(differ)}:"]
+    for field in differ:
+        if field == "model":
+            keys = sorted(set(recorded.get("model") or {}) | set(actual.get("model") or {}))
+            diffs = [k for k in keys if (recorded.get("model") or {}).get(k) != (actual.get("model") or {}).get(k)]
+            detail = ", ".join(f"{k}: cube {_short((recorded.get('model') or {}).get(k))} vs model "
+                               f"{_short((actual.get('model') or {}).get(k))}" for k in diffs)
+        else:
+            detail = f"cube {_short(recorded.get(field))} vs now {_short(actual.get(field))}"
+        lines.append(f"  - {field}: {_FIXES[field]} ({detail})")
+    lines.append("Rebuild the cube with this model, tokenizer and adapter (MemCube.from_text / `kvmem build`), "
+                 "or use it with the model it was built for.")
+    raise FingerprintMismatch("\n".join(lines), differ)

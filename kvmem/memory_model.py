@@ -1,0 +1,169 @@
+"""kvmem.wrap: a model + tokenizer that injects memory cubes into chat prompts, around the model's own generate.
+
+The memory goes into the system message. The chat template is split there: everything before the memory is
+the *anchor* (cubes are built after it, see `build_cube`), everything after it is the request's own tokens,
+the only ones a request with cubes prefills.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import base_model, cache_kwarg
+from .cube import MemCube
+from .errors import CubeError
+from .prefill import prefill
+from .timing import FirstTokenClock
+
+_SLOT = "\u2063kvmem-memory\u2063"  # marks where the memory sits when rendering the chat template
+
+
+@dataclass
+class GenerationReport:
+    """What the last `MemoryModel.generate` did."""
+
+    ttft_s: float | None = None
+    injected: bool = False
+    cube_names: list[str] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    prompt_tokens: int = 0       # all ids before the first new token
+    prefilled_tokens: int = 0    # of those, the ones this request ran through the model
+
+
+def wrap(model, tokenizer, *, system_prompt: str | None = None) -> "MemoryModel":
+    """Wrap ``model`` and ``tokenizer`` so that ``generate(prompt, cubes=[...])`` injects memory cubes.
+
+    Args:
+        model: a transformers causal LM.
+        tokenizer: its tokenizer (a chat template is used when it has one).
+        system_prompt: text that opens the system message, before the memory (part of the anchor).
+
+    Example:
+        >>> mm = kvmem.wrap(model, tokenizer)
+        >>> cube = mm.build_cube(open("notes.txt").read())
+        >>> out = mm.generate("Where does Alice live?", cubes=[cube], max_new_tokens=32)
+    """
+    if not hasattr(model, "generate"):
+        raise CubeError(f"wrap needs a transformers generative model, got {type(model).__name__}")
+    if not callable(tokenizer):
+        raise CubeError(f"wrap needs a tokenizer, got {type(tokenizer).__name__}")
+    return MemoryModel(model, tokenizer, system_prompt=system_prompt)
+
+
+class MemoryModel:
+    """A model with memory: see `wrap`."""
+
+    def __init__(self, model, tokenizer, *, system_prompt: str | None = None):
+        self._model = model
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.last = GenerationReport()
+        self.anchor, self._tail_template = self._split_template()
+
+    @property
+    def model(self):
+        """The model that runs (with the active adapter applied, once adapters are in use)."""
+        return self._model
+
+    # ---------------------------------------------------------------- prompts
+    def _render(self, memory: str, prompt: str) -> str:
+        system = f"{self.system_prompt}\n\n{memory}" if self.system_prompt else memory
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"{system}\n\n{prompt}\n"
+
+    def _split_template(self) -> tuple[str, str]:
+        text = self._render(_SLOT, _SLOT + "q")
+        head, _, tail = text.partition(_SLOT)
+        if not _SLOT + "q" in tail:
+            raise CubeError("the chat template does not place the system message before the user message; "
+                            "kvmem needs memory in the system message")
+        bos = getattr(self.tokenizer, "bos_token", None)
+        if not head and bos and self.tokenizer("", add_special_tokens=True).input_ids[:1] == [self.tokenizer.bos_token_id]:
+            head = bos
+        return head, tail
+
+    def _tail_ids(self, prompt: str) -> torch.Tensor:
+        tail = self._tail_template.replace(_SLOT + "q", prompt)
+        return torch.tensor(self.tokenizer(tail, add_special_tokens=False).input_ids, dtype=torch.long)
+
+    def build_cube(self, text: str, name: str | None = None, **kwargs) -> MemCube:
+        """A cube of ``text`` built after this model's anchor, ready for ``generate(..., cubes=[cube])``."""
+        return MemCube.from_text(self._model, self.tokenizer, text, name=name, anchor=self.anchor, **kwargs)
+
+    def prompt_ids(self, prompt: str, cubes: list[MemCube]) -> torch.Tensor:
+        """LongTensor [1, n]: the ids a full prefill of ``prompt`` with ``cubes`` as memory would process."""
+        cubes = self._check_cubes(cubes)
+        anchor = cubes[0].anchor_ids[0] if cubes else torch.tensor(
+            self.tokenizer(self.anchor, add_special_tokens=False).input_ids, dtype=torch.long)
+        parts = [anchor] + [c.input_ids[0] for c in cubes] + [self._tail_ids(prompt)]
+        return torch.cat(parts)[None]
+
+    def _check_cubes(self, cubes) -> list[MemCube]:
+        if cubes is None:
+            return []
+        if isinstance(cubes, MemCube):
+            cubes = [cubes]
+        cubes = list(cubes)
+        for c in cubes:
+            if not isinstance(c, MemCube):
+                raise CubeError(f"cubes must be MemCubes, got {type(c).__name__} (load files with MemCube.load)")
+            if c.anchor != self.anchor:
+                raise CubeError(f"cube {c.name!r} was built after the anchor {c.anchor!r}, but this model's chat "
+                                f"template puts memory after {self.anchor!r}; build it with mm.build_cube(text) "
+                                "or MemCube.from_text(..., anchor=mm.anchor)")
+        return cubes
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, prompt: str, cubes=None, *, inject: bool = True, recompute: str = "none", **kwargs):
+        """Answer ``prompt`` with ``cubes`` as memory; returns what the model's own ``generate`` returns.
+
+        Args:
+            prompt: the user's message.
+            cubes: MemCubes (built with `build_cube`) whose text forms the memory, in order.
+            inject: True splices the cubes' KV and prefills only the request's own tokens; False prefills the
+                same ids in full (the baseline, same output up to float rounding).
+            recompute: passed to `kvmem.prefill`.
+            **kwargs: passed to ``model.generate`` (max_new_tokens, do_sample, ...).
+
+        After the call, ``self.last`` reports TTFT, tokens prefilled and where each cube sat.
+        """
+        if not isinstance(prompt, str):
+            raise CubeError(f"prompt must be a string, got {type(prompt).__name__}")
+        for key in ("input_ids", "past_key_values", "cache"):
+            if key in kwargs:
+                raise CubeError(f"do not pass {key}= to MemoryModel.generate: it builds them from prompt and cubes "
+                                "(call model.generate yourself with kvmem.prefill for full control)")
+        cubes = self._check_cubes(cubes)
+        clock = FirstTokenClock()
+        kwargs["logits_processor"] = list(kwargs.get("logits_processor") or []) + [clock]
+        device = next(base_model(self._model).parameters()).device
+        clock.start()
+        report = GenerationReport(cube_names=[c.name for c in cubes])
+        if cubes and inject:
+            prefix = prefill(self._model, cubes, recompute=recompute, tokenizer=self.tokenizer)
+            ids = prefix.extend(self._tail_ids(prompt).to(device))
+            kwargs[cache_kwarg(self._model)] = prefix.cache
+            report.injected, report.spans = True, prefix.spans
+            report.prefilled_tokens = ids.shape[1] - prefix.num_tokens
+        else:
+            ids = self.prompt_ids(prompt, cubes).to(device)
+            report.prefilled_tokens = ids.shape[1]
+        report.prompt_tokens = ids.shape[1]
+        if "pad_token_id" not in kwargs and getattr(self._model.generation_config, "pad_token_id", None) is None:
+            kwargs["pad_token_id"] = self.tokenizer.eos_token_id
+        out = self._model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        report.ttft_s = clock.ttft_s
+        self.last = report
+        return out
+
+    def answer(self, prompt: str, cubes=None, **kwargs) -> str:
+        """`generate`, decoded: the new text only."""
+        kwargs.setdefault("max_new_tokens", 64)
+        kwargs.setdefault("do_sample", False)
+        out = self.generate(prompt, cubes, **kwargs)
+        seq = out.sequences if hasattr(out, "sequences") else out
+        return self.tokenizer.decode(seq[0, self.last.prompt_tokens:], skip_special_tokens=True).strip()

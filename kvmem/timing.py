@@ -1,0 +1,42 @@
+"""Time-to-first-token, measured the same way everywhere (demo, wrapper, benchmarks).
+
+TTFT runs from the call with the prompt in hand (and the cubes in their tier) to the first new token id being
+available, device synchronised.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import LogitsProcessor
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait for queued device work, so a clock reading means the work is done."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device is not None and device.type == "mps":
+        torch.mps.synchronize()
+
+
+class FirstTokenClock(LogitsProcessor):
+    """A logits processor that notes the time generate first has logits: the first token is then one argmax away.
+
+    Pass it in ``logits_processor=[clock]``; after generate, ``clock.ttft_s`` is seconds from ``clock.start()``.
+    """
+
+    def __init__(self):
+        self.t0 = None
+        self.ttft_s = None
+
+    def start(self) -> "FirstTokenClock":
+        self.t0, self.ttft_s = time.perf_counter(), None
+        return self
+
+    def __call__(self, input_ids, scores):
+        if self.ttft_s is None and self.t0 is not None:
+            sync(scores.device)
+            self.ttft_s = time.perf_counter() - self.t0
+        return scores
