@@ -73,7 +73,7 @@ def compute_kv(model, ids: torch.Tensor, *, chunk_size: int = 2048, progress: bo
     kw = cache_kwarg(model)
     show = progress if progress is not None else n > chunk_size
     with torch.inference_mode(), _eval_mode(model), tqdm(total=n, unit="tok", desc="kvmem: prefill",
-                                                         disable=not show, leave=False) as bar:
+                                                         disable=not show, leave=bool(progress)) as bar:
         for start in range(0, n, chunk_size):
             chunk = ids[:, start:start + chunk_size]
             out = model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{kw: cache})

@@ -1,0 +1,130 @@
+"""The `kvmem` command: build, inspect and demo MemCubes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="kvmem: persistent KV-cache memory for HuggingFace transformers.")
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _load_model(model: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    from .real_model import load_smollm2
+
+    logging.set_verbosity_error()
+    if dtype not in _DTYPES:
+        raise typer.BadParameter(f"--dtype must be one of {', '.join(_DTYPES)}")
+    torch_dtype = getattr(torch, dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model == "smollm2":
+        return load_smollm2(dtype=torch_dtype, device=device)
+    path = Path(model)
+    if not path.is_dir():
+        raise typer.BadParameter(f"--model {model!r}: give a local transformers checkpoint folder, or 'smollm2' "
+                                 "(kvmem never downloads models)")
+    tok = AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval(), tok
+
+
+@app.command()
+def build(
+    text_file: Path = typer.Argument(..., help="UTF-8 text file with the memory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cube file to write (.safetensors)."),
+    name: Optional[str] = typer.Option(None, help="Cube name (default: the text file's stem)."),
+    model: str = typer.Option("smollm2", help="Local checkpoint folder, or 'smollm2' for the bundled model."),
+    dtype: str = typer.Option("float32", help="Model dtype: float32, bfloat16 or float16."),
+    chat: bool = typer.Option(True, help="Build after the chat template's system header (for kvmem.wrap)."),
+    anchor: Optional[str] = typer.Option(None, help="Explicit anchor text (overrides --chat)."),
+):
+    """Turn a text file into a MemCube (its KV cache), with a progress bar for long texts."""
+    from . import wrap
+    from .cube import MemCube
+    from .errors import CubeError
+
+    if not text_file.is_file():
+        raise typer.BadParameter(f"{text_file} is not a file")
+    text = text_file.read_text(encoding="utf-8")
+    m, tok = _load_model(model, dtype)
+    try:
+        if anchor is None and chat:
+            anchor = wrap(m, tok).anchor
+        cube = MemCube.from_text(m, tok, text, name=name or text_file.stem, anchor=anchor, progress=True)
+        path = cube.save(out)
+    except CubeError as exc:
+        typer.echo(f"kvmem: {exc}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"wrote {path}: {cube.num_tokens} tokens (+{cube.anchor_len} anchor), {cube.nbytes / 1e6:.1f} MB, "
+               f"fingerprint {cube.fingerprint}")
+
+
+@app.command()
+def inspect(
+    cube_file: Path = typer.Argument(..., help="Cube file to inspect."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
+    tokens: int = typer.Option(20, help="How many leading token ids to show."),
+):
+    """Show a cube's metadata, tokens, size and fingerprint, and whether it is valid (exit 1 if not)."""
+    from .cube import MemCube
+    from .errors import CubeError
+
+    try:
+        cube = MemCube.load(cube_file)
+    except CubeError as exc:
+        typer.echo(f"INVALID: {exc}", err=True)
+        raise typer.Exit(1)
+    meta = cube.meta
+    if as_json:
+        typer.echo(json.dumps({**meta, "valid": True, "bytes": cube_file.stat().st_size}, indent=2))
+        return
+    model = meta["fingerprint_fields"]["model"]
+    adapter = meta["fingerprint_fields"].get("adapter")
+    text = (meta.get("text") or "").replace("\n", " ")
+    rows = [
+        ("file", f"{cube_file} ({cube_file.stat().st_size / 1e6:.1f} MB on disk)"),
+        ("valid", "yes (format, version, checksum, shapes, dtypes)"),
+        ("kind", "MemCube (activation memory)"),
+        ("name", cube.name),
+        ("tokens", f"{cube.num_tokens} (+{cube.anchor_len} anchor tokens {meta.get('anchor')!r})"),
+        ("ids", " ".join(map(str, cube.input_ids[0, :tokens].tolist())) + (" ..." if cube.num_tokens > tokens else "")),
+        ("text", (text[:100] + "...") if len(text) > 100 else text or "(built from ids)"),
+        ("kv", f"{meta['num_layers']} layers x {meta['kv_shapes'][0][0]} ({meta['dtype']}), {cube.nbytes / 1e6:.1f} MB"),
+        ("fingerprint", cube.fingerprint),
+        ("model", f"{model.get('model_type')} {model.get('architectures')}, {model.get('num_hidden_layers')} layers, "
+                  f"hidden {model.get('hidden_size')}"),
+        ("weights", meta["fingerprint_fields"]["weights"]),
+        ("tokenizer", meta["fingerprint_fields"].get("tokenizer") or "(not recorded)"),
+        ("adapter", json.dumps(adapter) if adapter else "none"),
+        ("created", f"{meta.get('created')} by kvmem {meta.get('kvmem_version')}"),
+    ]
+    for key, value in rows:
+        typer.echo(f"{key:>12}  {value}")
+
+
+@app.command()
+def demo(
+    question: str = typer.Option("Where does Pavel live?", help="Question about the bundled team notes."),
+    max_new_tokens: int = typer.Option(24, min=1, help="Tokens to generate per answer."),
+    repeats: int = typer.Option(3, min=1, help="TTFT samples per method (median is shown)."),
+):
+    """The main job: real model, real cube from disk, both answers and the TTFT saving."""
+    from .demo import run_demo
+
+    run_demo(question=question, max_new_tokens=max_new_tokens, repeats=repeats, echo=typer.echo)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

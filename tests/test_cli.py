@@ -1,0 +1,63 @@
+"""The `kvmem` command line: build a cube from a text file, inspect good and bad cubes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import kvmem
+from conftest import tiny_model
+from kvmem.cli import app
+
+runner = CliRunner(env={"COLUMNS": "400", "NO_COLOR": "1"})  # wide: rich must not wrap messages
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_build_then_inspect(checkpoint, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Alice lives in Oslo. Bob lives in Lisbon.\n", encoding="utf-8")
+    out = tmp_path / "notes.safetensors"
+    result = runner.invoke(app, ["build", str(notes), "-o", str(out), "--model", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    cube = kvmem.MemCube.load(out)
+    assert cube.name == "notes" and cube.text == notes.read_text(encoding="utf-8")
+    assert cube.anchor == "<|im_start|>system\n"  # --chat is the default: ready for kvmem.wrap
+    assert f"{cube.num_tokens} tokens" in result.output
+
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert cube.fingerprint in shown.output and "valid" in shown.output and "notes" in shown.output
+    as_json = runner.invoke(app, ["inspect", str(out), "--json"])
+    meta = json.loads(as_json.output)
+    assert meta["valid"] is True and meta["num_tokens"] == cube.num_tokens
+
+
+def test_inspect_reports_corruption(checkpoint, tmp_path):
+    notes = tmp_path / "n.txt"
+    notes.write_text("Some memory text.", encoding="utf-8")
+    out = tmp_path / "n.safetensors"
+    assert runner.invoke(app, ["build", str(notes), "-o", str(out), "--model", str(checkpoint), "--no-chat"]).exit_code == 0
+    data = bytearray(out.read_bytes())
+    data[-5] ^= 0x10
+    out.write_bytes(bytes(data))
+    result = runner.invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 1
+    assert "INVALID" in result.output and "checksum" in result.output
+
+
+def test_build_rejects_missing_inputs(tmp_path):
+    result = runner.invoke(app, ["build", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "x.safetensors")])
+    assert result.exit_code != 0 and "not a file" in result.output
+    (tmp_path / "t.txt").write_text("x")
+    result = runner.invoke(app, ["build", str(tmp_path / "t.txt"), "-o", str(tmp_path / "x.safetensors"),
+                                 "--model", str(tmp_path / "no-model")])
+    assert result.exit_code != 0 and "kvmem never downloads" in result.output
