@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU through the interpreter (slow: tests use small shapes). Set before any kernel
+    # module is imported, since @triton.jit reads it at decoration time.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 

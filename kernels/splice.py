@@ -1,0 +1,119 @@
+"""Splice N cubes' K/V into one destination cache buffer, re-rotating keys by each cube's position delta and
+casting to the destination dtype: the reference (torch) implementation, and the launcher that picks Triton.
+
+Shapes (every function here):
+    dst_k, dst_v      [layers, kv_heads, T_dst, head_dim]   the composed cache, written in place
+    src_k[c][l]       [kv_heads, T_c, head_dim]             cube c, layer l (contiguous), any float dtype
+    src_start[c]      first token of cube c that is copied (skips an anchor already in dst)
+    dst_start[c]      where that token lands in dst
+    length[c]         how many tokens of cube c are copied
+    delta[c]          position shift applied to those keys (dst position - position the cube was built at)
+    inv_freq          [rotary_dim // 2] float32: the model's RoPE inverse frequencies (partial rotary: the
+                      trailing head_dim - rotary_dim dims are copied unrotated)
+    interleaved       GPT-J pairs (2i, 2i+1) instead of NeoX halves (i, i + rotary_dim/2)
+
+`splice_reference` is the CPU path and the test oracle; `splice_triton` is one kernel launch for all cubes,
+layers and heads. `splice` picks Triton on CUDA when it is installed, the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def rotation_tables(delta: Sequence[int], inv_freq: Tensor, device=None) -> tuple[Tensor, Tensor]:
+    """cos, sin [N, rotary_dim // 2] float32 of delta[c] * inv_freq, computed in float64 (exact angles)."""
+    d = torch.as_tensor(list(delta), dtype=torch.float64).reshape(-1, 1)
+    angle = d * inv_freq.detach().to("cpu", torch.float64).reshape(1, -1)
+    return angle.cos().float().to(device), angle.sin().float().to(device)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """Rotate the first 2 * len(cos) dims of x [..., head_dim] (computed in x's dtype)."""
+    rot = cos.numel() * 2
+    r = x[..., :rot]
+    if interleaved:
+        x1, x2 = r[..., 0::2], r[..., 1::2]
+        y = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = r[..., : rot // 2], r[..., rot // 2:]
+        y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((y, x[..., rot:]), dim=-1)
+
+
+def _check(dst_k, dst_v, src_k, src_v, src_start, dst_start, length, delta, inv_freq):
+    n = len(src_k)
+    if not (len(src_v) == len(src_start) == len(dst_start) == len(length) == len(delta) == n):
+        raise ValueError("src_k, src_v, src_start, dst_start, length and delta need one entry per cube")
+    if dst_k.shape != dst_v.shape or dst_k.dim() != 4:
+        raise ValueError(f"dst_k/dst_v must both be [layers, heads, T, head_dim], got {tuple(dst_k.shape)}, "
+                         f"{tuple(dst_v.shape)}")
+    layers, heads, t_dst, dim = dst_k.shape
+    if inv_freq.numel() * 2 > dim:
+        raise ValueError(f"rotary dim {inv_freq.numel() * 2} exceeds head_dim {dim}")
+    for c in range(n):
+        if len(src_k[c]) != layers or len(src_v[c]) != layers:
+            raise ValueError(f"cube {c} has {len(src_k[c])} layers, dst has {layers}")
+        t_c = src_k[c][0].shape[1]
+        for k, v in zip(src_k[c], src_v[c]):
+            if k.shape != (heads, t_c, dim) or v.shape != (heads, t_c, dim):
+                raise ValueError(f"cube {c}: every layer must be [{heads}, {t_c}, {dim}], got {tuple(k.shape)}")
+        if not (0 <= src_start[c] and src_start[c] + length[c] <= t_c and 0 <= dst_start[c]
+                and dst_start[c] + length[c] <= t_dst and length[c] >= 0):
+            raise ValueError(f"cube {c}: tokens [{src_start[c]}, +{length[c]}) -> [{dst_start[c]}, ...) "
+                             f"out of range (cube has {t_c}, dst has {t_dst})")
+
+
+def splice_reference(dst_k: Tensor, dst_v: Tensor, src_k, src_v, *, src_start, dst_start, length, delta,
+                     inv_freq: Tensor, interleaved: bool = False) -> None:
+    """Torch reference: per cube and layer, rotate in float32 (float64 for float64 data), cast, copy."""
+    _check(dst_k, dst_v, src_k, src_v, src_start, dst_start, length, delta, inv_freq)
+    work = torch.float64 if dst_k.dtype == torch.float64 else torch.float32
+    cos, sin = rotation_tables(delta, inv_freq, dst_k.device)
+    for c in range(len(src_k)):
+        s, d, n = src_start[c], dst_start[c], length[c]
+        if n == 0:
+            continue
+        for layer, (k, v) in enumerate(zip(src_k[c], src_v[c])):
+            k = k[:, s:s + n].to(dst_k.device, work)
+            if delta[c]:
+                k = _rotate(k, cos[c].to(work), sin[c].to(work), interleaved)
+            dst_k[layer, :, d:d + n] = k.to(dst_k.dtype)
+            dst_v[layer, :, d:d + n] = v[:, s:s + n].to(dst_v.device, dst_v.dtype)
+
+
+def splice_triton(dst_k: Tensor, dst_v: Tensor, src_k, src_v, *, src_start, dst_start, length, delta,
+                  inv_freq: Tensor, interleaved: bool = False, block_t: int = 32) -> None:
+    """The same as `splice_reference`, in one Triton launch. All tensors on one device (CPU only under
+    TRITON_INTERPRET=1); sources contiguous and of one dtype."""
+    from ._splice_triton import launch
+
+    _check(dst_k, dst_v, src_k, src_v, src_start, dst_start, length, delta, inv_freq)
+    launch(dst_k, dst_v, src_k, src_v, src_start=src_start, dst_start=dst_start, length=length, delta=delta,
+           inv_freq=inv_freq, interleaved=interleaved, block_t=block_t)
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs on CUDA devices, or anywhere under TRITON_INTERPRET=1 (slow: tests only)."""
+    if os.environ.get("KVMEM_DISABLE_TRITON") == "1":
+        return False
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def splice(dst_k: Tensor, dst_v: Tensor, src_k, src_v, *, src_start, dst_start, length, delta, inv_freq: Tensor,
+           interleaved: bool = False) -> None:
+    """Triton on CUDA (when installed), the torch reference elsewhere. Same arguments as both."""
+    fn = splice_triton if dst_k.device.type == "cuda" and triton_usable(dst_k.device) else splice_reference
+    fn(dst_k, dst_v, src_k, src_v, src_start=src_start, dst_start=dst_start, length=length, delta=delta,
+       inv_freq=inv_freq, interleaved=interleaved)

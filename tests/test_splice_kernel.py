@@ -1,0 +1,106 @@
+"""The splice kernel against a float64 oracle: reference on CPU, Triton under TRITON_INTERPRET=1 (conftest sets
+it when there is no CUDA) and on a real GPU when there is one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvmem.kernels.splice import _rotate, rotation_tables, splice, splice_reference, splice_triton
+
+
+def _case(*, dtype, dst_dtype, heads=3, dim=24, layers=2, lens=(7, 13, 5), rot=24, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    src_k = [[torch.randn(heads, n, dim, generator=g).to(device, dtype) for _ in range(layers)] for n in lens]
+    src_v = [[torch.randn(heads, n, dim, generator=g).to(device, dtype) for _ in range(layers)] for n in lens]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+    src_start = [0] + [2] * (len(lens) - 1)         # later cubes skip a 2-token anchor
+    length = [lens[0]] + [n - 2 for n in lens[1:]]
+    dst_start, off = [], 0
+    for n in length:
+        dst_start.append(off)
+        off += n
+    delta = [0] + [dst_start[c] - src_start[c] for c in range(1, len(lens))]
+    dst = lambda: torch.full((layers, heads, off + 3, dim), float("nan"), dtype=dst_dtype, device=device)  # noqa: E731
+    args = dict(src_start=src_start, dst_start=dst_start, length=length, delta=delta, inv_freq=inv_freq)
+    return src_k, src_v, dst, args
+
+
+def _oracle(src_k, src_v, dst, args, interleaved):
+    k64, v64 = dst(), dst()
+    k64, v64 = k64.double().cpu(), v64.double().cpu()
+    cpu64 = lambda cubes: [[t.double().cpu() for t in cube] for cube in cubes]  # noqa: E731
+    splice_reference(k64, v64, cpu64(src_k), cpu64(src_v), interleaved=interleaved, **args)
+    return k64, v64
+
+
+def _tol(*dtypes):
+    return max(4 * torch.finfo(d).eps for d in dtypes)
+
+
+IMPLS = {"reference": splice_reference, "triton": splice_triton}
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
+@pytest.mark.parametrize("dtype,dst_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float32), (torch.float32, torch.bfloat16)],
+                         ids=["f32", "bf16", "f16->f32", "f32->bf16"])
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_splice_matches_float64_oracle(impl, dtype, dst_dtype, interleaved):
+    src_k, src_v, dst, args = _case(dtype=dtype, dst_dtype=dst_dtype)
+    k, v = dst(), dst()
+    IMPLS[impl](k, v, src_k, src_v, interleaved=interleaved, **args)
+    k64, v64 = _oracle(src_k, src_v, dst, args, interleaved)
+    written = slice(0, sum(args["length"]))
+    tol = _tol(dtype, dst_dtype) * 8
+    torch.testing.assert_close(k[:, :, written].double(), k64[:, :, written], rtol=tol, atol=tol)
+    torch.testing.assert_close(v[:, :, written].double(), v64[:, :, written], rtol=tol, atol=tol)
+    assert torch.isnan(k[:, :, sum(args["length"]):]).all()  # nothing written past the spliced tokens
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_partial_rotary_and_odd_head_dim(impl):
+    """head_dim 40 (BLOCK_D pads to 64), only 16 dims rotated: the other 24 are copied untouched."""
+    src_k, src_v, dst, args = _case(dtype=torch.float32, dst_dtype=torch.float32, dim=40, rot=16, heads=5)
+    k, v = dst(), dst()
+    IMPLS[impl](k, v, src_k, src_v, **args)
+    k64, _ = _oracle(src_k, src_v, dst, args, False)
+    n = sum(args["length"])
+    torch.testing.assert_close(k[:, :, :n].double(), k64[:, :, :n], rtol=1e-6, atol=1e-6)
+    last = len(src_k) - 1
+    s, d, ln = args["src_start"][last], args["dst_start"][last], args["length"][last]
+    assert torch.equal(k[0, :, d:d + ln, 16:], src_k[last][0][:, s:s + ln, 16:])
+
+
+def test_rotation_composes():
+    """Rotating by a then by b equals rotating by a + b: what makes moving a cached key exact."""
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    inv = 1.0 / (10000 ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32))
+    ca, sa = rotation_tables([5], inv)
+    cb, sb = rotation_tables([-12], inv)
+    cab, sab = rotation_tables([-7], inv)
+    two = _rotate(_rotate(x, ca[0].double(), sa[0].double(), False), cb[0].double(), sb[0].double(), False)
+    torch.testing.assert_close(two, _rotate(x, cab[0].double(), sab[0].double(), False), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_arguments_are_refused():
+    src_k, src_v, dst, args = _case(dtype=torch.float32, dst_dtype=torch.float32)
+    with pytest.raises(ValueError, match="out of range"):
+        splice_reference(dst(), dst(), src_k, src_v, **{**args, "length": [100] + args["length"][1:]})
+    with pytest.raises(ValueError, match="one entry per cube"):
+        splice_reference(dst(), dst(), src_k, src_v, **{**args, "delta": [0]})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_triton_on_gpu(dtype):
+    src_k, src_v, dst, args = _case(dtype=dtype, dst_dtype=dtype, heads=8, dim=128, rot=128, layers=4,
+                                    lens=(300, 129, 77), device="cuda")
+    k, v = dst(), dst()
+    splice(k, v, src_k, src_v, **args)  # dispatches to Triton on CUDA
+    k64, v64 = _oracle(src_k, src_v, dst, args, False)
+    n = sum(args["length"])
+    tol = _tol(dtype) * 8
+    torch.testing.assert_close(k[:, :, :n].double().cpu(), k64[:, :, :n], rtol=tol, atol=tol)
+    torch.testing.assert_close(v[:, :, :n].double().cpu(), v64[:, :, :n], rtol=tol, atol=tol)
