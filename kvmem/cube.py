@@ -161,7 +161,11 @@ class MemCube:
         Other keyword arguments go to `from_ids`.
         """
         if not isinstance(text, str) or not text:
-            raise CubeError(f"text must be a non-empty string, got {type(text).__name__} {text!r:.40}")
+            raise CubeError(f"text must be a non-empty string, got {type(text).__name__} {text!r:.40} "
+                            "(signature: MemCube.from_text(model, tokenizer, text))")
+        if not callable(tokenizer) or not callable(getattr(tokenizer, "get_vocab", None)):
+            raise CubeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__} "
+                            "(signature: MemCube.from_text(model, tokenizer, text))")
         if anchor is not None and not isinstance(anchor, str):
             raise CubeError(f"anchor must be a string or None, got {type(anchor).__name__}")
         ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -286,7 +290,8 @@ class MemCube:
 
 
 def _validated(path, meta: dict, tensors: dict[str, torch.Tensor]):
-    """Check the cube's tensors against its metadata; returns (kv, ids). CubeError on any inconsistency."""
+    """Check the cube's tensors and metadata against each other; returns (kv, ids). CubeError on any
+    inconsistency, including ones a forged checksum would let through."""
     def bad(why: str):
         return CubeError(f"{path}: {why}; the cube is damaged or was written by something else; rebuild it")
 
@@ -295,17 +300,40 @@ def _validated(path, meta: dict, tensors: dict[str, torch.Tensor]):
         anchor_len, num_tokens = int(meta["anchor_len"]), int(meta["num_tokens"])
         dtype = _DTYPES[meta["dtype"]]
         shapes = meta["kv_shapes"]
-        meta["fingerprint_fields"]["model"]
-    except (KeyError, TypeError, ValueError) as exc:
+        if not isinstance(shapes, list):
+            raise TypeError("kv_shapes")
+        fields, model = meta["fingerprint_fields"], meta["fingerprint_fields"]["model"]
+        for key in ("name", "fingerprint"):
+            if not isinstance(meta[key], str):
+                raise TypeError(key)
+        if not isinstance(model, dict) or not isinstance(fields, dict):
+            raise TypeError("fingerprint_fields")
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise bad(f"metadata lacks or garbles {exc}") from None
     expected = {"input_ids"} | {f"{p}.{i}" for i in range(n_layers) for p in "kv"}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise bad(f"tensor set differs from the metadata (missing {missing[:4]}, unexpected {extra[:4]})")
+    try:
+        shapes = [[[int(x) for x in shape] for shape in pair] for pair in shapes]
+        if len(shapes) != n_layers or any(len(pair) != 2 for pair in shapes):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise bad("metadata lacks or garbles kv_shapes") from None
     ids = tensors["input_ids"]
     total = anchor_len + num_tokens
     if ids.dtype != torch.long or tuple(ids.shape) != (total,) or num_tokens < 1 or anchor_len < 0:
         raise bad(f"input_ids is {ids.dtype} {tuple(ids.shape)}, metadata says int64 ({total},)")
+    vocab = model.get("vocab_size")
+    if isinstance(vocab, int) and total and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise bad(f"token ids outside [0, {vocab}) of the model the cube names")
+    # what the named model's config implies for every layer
+    layers = model.get("num_hidden_layers")
+    heads = model.get("num_key_value_heads") or model.get("num_attention_heads")
+    head_dim = model.get("head_dim") or (model["hidden_size"] // model["num_attention_heads"]
+                                         if model.get("hidden_size") and model.get("num_attention_heads") else None)
+    if isinstance(layers, int) and layers != n_layers:
+        raise bad(f"{n_layers} KV layers, but the model it names has {layers}")
     kv = []
     for i in range(n_layers):
         k, v = tensors[f"k.{i}"], tensors[f"v.{i}"]
@@ -313,5 +341,8 @@ def _validated(path, meta: dict, tensors: dict[str, torch.Tensor]):
             if t.dtype != dtype or list(t.shape) != list(shape) or t.dim() != 3 or t.shape[1] != total:
                 raise bad(f"{name}.{i} is {t.dtype} {tuple(t.shape)}, metadata says {dtype} {tuple(shape)} "
                           f"with {total} tokens")
+            if (isinstance(heads, int) and t.shape[0] != heads) or (isinstance(head_dim, int) and t.shape[2] != head_dim):
+                raise bad(f"{name}.{i} is shaped {tuple(t.shape)}, but the model it names has {heads} KV heads "
+                          f"of dim {head_dim}")
         kv.append((k, v))
     return kv, ids

@@ -121,14 +121,18 @@ def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.dev
         meta = json.loads(meta_json)
         if not isinstance(meta, dict):
             raise ValueError("metadata is not a JSON object")
-    except ValueError as exc:
-        raise CubeError(f"{path}: cube metadata is damaged ({exc}); rebuild the cube") from None
+    except (ValueError, RecursionError) as exc:
+        why = str(exc)[:200] if isinstance(exc, ValueError) else "JSON nested too deeply"
+        raise CubeError(f"{path}: cube metadata is damaged ({why}); rebuild the cube") from None
     expected = header.get("checksum")
     actual = checksum(fmt, version, meta_json, tensors)
     if expected != actual:
         raise CubeError(f"{path}: checksum mismatch (stored {expected}, computed {actual}): the file was corrupted "
                         "or edited after it was saved; rebuild the cube")
     if device is not None:
-        tensors = {name: t.to(device) for name, t in tensors.items()}
+        try:
+            tensors = {name: t.to(device) for name, t in tensors.items()}
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise CubeError(f"cannot put the cube on device {device!r}: {exc}") from None
     return meta, tensors
 

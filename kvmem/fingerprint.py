@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import xxhash
 
-from .errors import FingerprintMismatch
+from .errors import CubeError, FingerprintMismatch
 
 FIELDS = ("model", "weights", "tokenizer", "adapter")
 
@@ -44,32 +44,59 @@ def _is_adapter_param(name: str) -> bool:
     return "lora_" in name or "modules_to_save" in name
 
 
-def _digest_tensors(tensors: list[torch.Tensor]) -> str:
-    """Hash shapes, dtypes and an evenly spaced sample of each tensor, all in one device->host copy."""
-    h = xxhash.xxh3_128()
-    samples = []
+def _samples(tensors: list[torch.Tensor]) -> tuple[str, torch.Tensor]:
+    """Shapes/dtypes as text, and an evenly spaced sample of every tensor, fetched in one device->host copy."""
+    shapes, samples = [], []
     for t in tensors:
         flat = t.detach().reshape(-1)
         stride = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
         samples.append(flat[::stride][:_SAMPLES_PER_TENSOR].float())
-        h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
-    if samples:
-        h.update(torch.cat(samples).cpu().numpy().tobytes())
+        shapes.append(f"{tuple(t.shape)}")
+    values = torch.cat(samples).cpu() if samples else torch.zeros(0)
+    return ";".join(shapes), values
+
+
+def _hash(*parts: bytes) -> str:
+    h = xxhash.xxh3_128()
+    for part in parts:
+        h.update(part)
     return h.hexdigest()
 
 
-def weights_digest(model) -> str:
-    """A digest of the base weights (adapter weights excluded): changes when any weight matrix is fine-tuned."""
-    return _digest_tensors([p for name, p in model.named_parameters() if not _is_adapter_param(name)])
+def weights_digest(model) -> dict:
+    """Digests of the base weights (adapter weights excluded).
+
+    ``exact`` hashes the sampled values as the model holds them: any fine-tune of a matrix changes it, and so
+    does running the same checkpoint in another dtype. ``bf16`` hashes them rounded to bfloat16: equal for one
+    checkpoint in any dtype, so a cube explicitly cast to a model's dtype (``MemCube.load(dtype=...)``) can
+    still be matched to it. ``dtype`` says which dtype ``exact`` was taken in.
+    """
+    params = [p for name, p in model.named_parameters() if not _is_adapter_param(name)]
+    shapes, values = _samples(params)
+    dtypes = sorted({str(p.dtype) for p in params})
+    return {
+        "exact": _hash(shapes.encode(), values.numpy().tobytes()),
+        "bf16": _hash(shapes.encode(), values.to(torch.bfloat16).view(torch.int16).numpy().tobytes()),
+        "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
+    }
+
+
+def _adapters_disabled(model) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            return bool(module.disable_adapters)
+    return True  # a PEFT config without any adapter layer changes nothing
 
 
 def adapter_facts(model) -> dict | None:
-    """The active PEFT adapter(s) of ``model`` and a digest of their weights, or None for a bare model."""
+    """The active PEFT adapter(s) of ``model`` and a digest of their weights; None for a bare model or while
+    adapters are disabled (``with model.disable_adapter():``)."""
     peft_config = getattr(model, "peft_config", None)
-    if not peft_config:
-        return None
-    base = getattr(model, "base_model", model)
-    if getattr(base, "disable_adapters", False) or getattr(base, "_disable_adapters", False):
+    if not peft_config or _adapters_disabled(model):
         return None
     active = getattr(model, "active_adapters", None)
     active = list(active() if callable(active) else active or [])
@@ -77,21 +104,29 @@ def adapter_facts(model) -> dict | None:
         return None
     params = [p for name, p in model.named_parameters()
               if _is_adapter_param(name) and any(f".{a}." in f"{name}." for a in active)]
-    return {"names": sorted(active), "digest": _digest_tensors(params)}
+    shapes, values = _samples(params)
+    configs = {a: _jsonable(peft_config[a].to_dict()) if hasattr(peft_config.get(a), "to_dict") else None
+               for a in active}
+    return {"names": sorted(active), "digest": _hash(shapes.encode(), values.numpy().tobytes(),
+                                                      json.dumps(configs, sort_keys=True).encode())}
 
 
 def tokenizer_digest(tokenizer) -> str:
     """A digest of the vocabulary and special tokens; cached on the tokenizer object."""
+    if not callable(getattr(tokenizer, "get_vocab", None)):
+        raise CubeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+    # keyed on what add_tokens / special-token edits change, so an edited tokenizer is digested anew
+    key = (len(tokenizer), json.dumps(_jsonable(tokenizer.special_tokens_map), sort_keys=True))
     cached = getattr(tokenizer, "_kvmem_digest", None)
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] == key:
+        return cached[1]
     h = hashlib.blake2b(digest_size=16)
     h.update(type(tokenizer).__name__.encode())
     h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
     h.update(json.dumps(_jsonable(tokenizer.special_tokens_map), sort_keys=True).encode())
     digest = h.hexdigest()
     try:
-        tokenizer._kvmem_digest = digest
+        tokenizer._kvmem_digest = (key, digest)
     except AttributeError:  # some tokenizer classes forbid new attributes: recompute next time
         pass
     return digest
@@ -111,9 +146,11 @@ def fingerprint_id(fields: dict) -> str:
     """The short id shown as ``cube.fingerprint``: a hash of the model, weights and adapter fields.
 
     The tokenizer is left out so that a cube built from ids (no tokenizer at hand) and one built from text
-    on the same model share an id; it is still checked field by field.
+    on the same model share an id, and the weights enter dtype-independently; all are checked field by field.
     """
-    core = {k: fields.get(k) for k in ("model", "weights", "adapter")}
+    weights = fields.get("weights")
+    core = {"model": fields.get("model"), "adapter": fields.get("adapter"),
+            "weights": weights.get("bf16") if isinstance(weights, dict) else weights}
     return hashlib.blake2b(json.dumps(core, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
@@ -124,7 +161,7 @@ def _short(value: Any) -> str:
 
 _FIXES = {
     "model": "the cube comes from another model architecture or config",
-    "weights": "the weights differ (another checkpoint, a fine-tune, or the same model in another dtype)",
+    "weights": "the weights differ (another checkpoint or a fine-tune)",
     "tokenizer": "the tokenizer differs, so the cube's token ids mean other text",
     "adapter": "the active LoRA adapter differs from the one the cube was built under",
 }
@@ -135,11 +172,17 @@ def check_fields(recorded: dict, actual: dict, *, what: str = "cube") -> None:
 
     A tokenizer field that is None on either side was not known and is not compared.
     """
+    if not isinstance(recorded, dict) or not all(isinstance(recorded.get(f), (dict, str, type(None))) for f in FIELDS) \
+            or not isinstance(recorded.get("model"), dict):
+        raise CubeError(f"{what} has damaged fingerprint fields; rebuild the cube")
     differ = []
     for field in FIELDS:
         rec, act = recorded.get(field), actual.get(field)
         if field == "tokenizer" and (rec is None or act is None):
             continue
+        if field == "weights" and isinstance(rec, dict) and isinstance(act, dict) and rec.get("dtype") != act.get("dtype"):
+            # another dtype: the same checkpoint iff the bf16-rounded digests agree (the dtype check is separate)
+            rec, act = rec.get("bf16"), act.get("bf16")
         if rec != act:
             differ.append(field)
     if not differ:
