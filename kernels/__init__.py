@@ -4,6 +4,6 @@ The reference is the CPU path and the test oracle. Triton is imported lazily, in
 importing kvmem never touches CUDA or needs Triton installed.
 """
 
-from .rerotate import rerotate_reference
+from .splice import rotation_tables, splice, splice_reference, splice_triton
 
-__all__ = ["rerotate_reference"]
+__all__ = ["rotation_tables", "splice", "splice_reference", "splice_triton"]

@@ -11,15 +11,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvmem.kernels import rerotate_reference
+from kvmem.kernels.splice import splice
 from kvmem.patches import rope_facts
 
 from .cache import base_model, new_cache
 from .cube import MemCube
 from .errors import CubeError
 from .fingerprint import check_fields, fingerprint_fields
+from .recompute import recompute as _recompute
 
-RECOMPUTE_MODES = ("none",)
+# mode -> (default budget, what the budget means)
+RECOMPUTE_MODES = {
+    "none": (None, "pure splice: re-rotated keys, no recompute"),
+    "leading": (16, "tokens recomputed at the start of every cube after the first (EPIC)"),
+    "selective": (0.15, "fraction of later cubes' tokens recomputed, those whose KV deviate most (CacheBlend)"),
+}
+DEFAULT_RECOMPUTE = "none"
 
 
 @dataclass
@@ -37,6 +44,7 @@ class Prefix:
     input_ids: torch.Tensor
     spans: list[tuple[int, int]] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    recomputed: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -53,13 +61,18 @@ def _model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
     return p.dtype, p.device
 
 
-def prefill(model, cubes, *, recompute: str = "none", tokenizer=None) -> Prefix:
+def prefill(model, cubes, *, recompute: str = DEFAULT_RECOMPUTE, budget: int | float | None = None,
+            tokenizer=None) -> Prefix:
     """Splice ``cubes`` into a fresh KV cache for ``model``.
 
     Args:
         model: the transformers model (PEFT-wrapped or not) the cubes were built for.
         cubes: a MemCube or a list of them, injected in order.
-        recompute: "none" (pure splice with re-rotated keys). More modes arrive with composition.
+        recompute: how several cubes recover the attention they never paid each other: "none" (pure splice,
+            re-rotated keys), "leading" (recompute each later cube's first ``budget`` tokens, default 16) or
+            "selective" (recompute the ``budget`` fraction, default 0.15, of later cubes' tokens whose KV
+            deviate most). A single cube is exact and never recomputed.
+        budget: the recompute mode's knob (see above); None takes the mode's default.
         tokenizer: if given, also checked against the tokenizer the cubes were built with.
 
     Returns:
@@ -86,6 +99,12 @@ def prefill(model, cubes, *, recompute: str = "none", tokenizer=None) -> Prefix:
             raise CubeError(f"cubes must be MemCubes, got {type(c).__name__} (load files with MemCube.load(path))")
     if recompute not in RECOMPUTE_MODES:
         raise CubeError(f"recompute={recompute!r} is not a mode; choose one of {', '.join(RECOMPUTE_MODES)}")
+    budget = RECOMPUTE_MODES[recompute][0] if budget is None else budget
+    if recompute == "leading" and not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0):
+        raise CubeError(f"budget for recompute='leading' is a token count >= 0, got {budget!r}")
+    if recompute == "selective" and not (isinstance(budget, (int, float)) and not isinstance(budget, bool)
+                                         and 0 < budget <= 1):
+        raise CubeError(f"budget for recompute='selective' is a fraction in (0, 1], got {budget!r}")
 
     actual = fingerprint_fields(model, tokenizer)
     dtype, device = _model_dtype_device(model)
@@ -101,32 +120,43 @@ def prefill(model, cubes, *, recompute: str = "none", tokenizer=None) -> Prefix:
         kv = [(k.to(device, non_blocking=True)[None], v.to(device, non_blocking=True)[None]) for k, v in c.kv]
         ids = c.all_ids.to(device)
         return Prefix(new_cache(model, kv), ids, [(c.anchor_len, c.anchor_len + c.num_tokens)], [c.name])
-    return _compose(model, cubes, device)
+    return _compose(model, cubes, device, dtype, recompute, budget)
 
 
-def _compose(model, cubes: list[MemCube], device) -> Prefix:
-    """Shared anchor once, then each cube's own tokens, keys re-rotated to where they now sit."""
+def _compose(model, cubes: list[MemCube], device, dtype, mode: str, budget) -> Prefix:
+    """Shared anchor once, then each cube's own tokens, spliced into one buffer with keys re-rotated to where
+    they now sit (one kernel launch on CUDA), then the recompute mode's tokens refreshed in place."""
     anchor = cubes[0].anchor_ids
     for c in cubes[1:]:
         if not torch.equal(c.anchor_ids, anchor):
             raise CubeError(f"cubes {cubes[0].name!r} and {c.name!r} were built after different anchors "
                             f"({cubes[0].anchor_len} vs {c.anchor_len} tokens); build every cube you compose "
                             "with the same anchor (kvmem.wrap(...).build_cube does)")
+    shapes = {tuple(t.shape[::2]) for c in cubes for kv in c.kv for t in kv}
+    if len(shapes) != 1:
+        raise CubeError(f"composing needs every layer's KV shaped alike (got heads x dim {sorted(shapes)}); "
+                        "inject one cube at a time for this model")
     rope = rope_facts(model)
     a = cubes[0].anchor_len
-    parts_k, parts_v = [[k[:, :a]] for k, _ in cubes[0].kv], [[v[:, :a]] for _, v in cubes[0].kv]
-    ids, spans, offset = [anchor[0]], [], a
-    for c in cubes:
-        delta = offset - c.anchor_len  # the cube's own tokens were built starting at position anchor_len
-        for layer, (k, v) in enumerate(c.kv):
-            own_k, own_v = k[:, c.anchor_len:], v[:, c.anchor_len:]
-            if delta:
-                own_k = rerotate_reference(own_k, delta, rope.inv_freq, interleaved=rope.interleaved)
-            parts_k[layer].append(own_k)
-            parts_v[layer].append(own_v)
-        ids.append(c.input_ids[0])
-        spans.append((offset, offset + c.num_tokens))
-        offset += c.num_tokens
-    kv = [(torch.cat(ks, dim=1).to(device)[None], torch.cat(vs, dim=1).to(device)[None])
-          for ks, vs in zip(parts_k, parts_v)]
-    return Prefix(new_cache(model, kv), torch.cat(ids)[None].to(device), spans, [c.name for c in cubes])
+    src_start, dst_start, length, delta, spans = [], [], [], [], []
+    offset = 0
+    for i, c in enumerate(cubes):
+        skip = 0 if i == 0 else a  # the first cube brings the shared anchor
+        src_start.append(skip)
+        dst_start.append(offset)
+        length.append(c.anchor_len + c.num_tokens - skip)
+        delta.append(offset - skip)
+        offset += length[-1]
+        spans.append((offset - c.num_tokens, offset))
+    heads, dim = next(iter(shapes))
+    n_layers = len(cubes[0].kv)
+    dst_k = torch.empty(n_layers, heads, offset, dim, dtype=dtype, device=device)
+    dst_v = torch.empty_like(dst_k)
+    on_device = lambda c, j: [kv[j].to(device).contiguous() for kv in c.kv]  # noqa: E731  (no-op when already there)
+    splice(dst_k, dst_v, [on_device(c, 0) for c in cubes], [on_device(c, 1) for c in cubes],
+           src_start=src_start, dst_start=dst_start, length=length, delta=delta, inv_freq=rope.inv_freq,
+           interleaved=rope.interleaved)
+    ids = torch.cat([anchor[0]] + [c.input_ids[0] for c in cubes])[None].to(device)
+    n = _recompute(model, dst_k, dst_v, ids, spans, mode=mode, budget=budget)
+    kv = [(dst_k[i][None], dst_v[i][None]) for i in range(n_layers)]
+    return Prefix(new_cache(model, kv), ids, spans, [c.name for c in cubes], recomputed=n)
