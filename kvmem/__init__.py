@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 from .errors import CubeError, FingerprintMismatch  # noqa: E402
 from .cube import MemCube  # noqa: E402
 from .prefill import Prefix, prefill  # noqa: E402
+from .adapter import AdapterCube  # noqa: E402
 from .memory_model import MemoryModel, wrap  # noqa: E402
 
-__all__ = ["CubeError", "FingerprintMismatch", "MemCube", "Prefix", "prefill", "MemoryModel", "wrap",
+__all__ = ["CubeError", "FingerprintMismatch", "MemCube", "AdapterCube", "Prefix", "prefill", "MemoryModel", "wrap",
            "__version__"]

@@ -81,34 +81,51 @@ def weights_digest(model) -> dict:
     }
 
 
-def _adapters_disabled(model) -> bool:
+def _tuner_layers(model) -> list:
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
-        return False
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            return bool(module.disable_adapters)
-    return True  # a PEFT config without any adapter layer changes nothing
+        return []
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+# LoraConfig fields that change what an adapter computes (the rest is bookkeeping: paths, modes, versions)
+ADAPTER_CONFIG_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "fan_in_fan_out", "bias",
+                       "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "lora_bias")
+
+
+def adapter_config_facts(config) -> dict:
+    """The numerics-relevant fields of a PEFT config, JSON-ready (sets sorted)."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    out = {}
+    for key in ADAPTER_CONFIG_KEYS:
+        value = d.get(key)
+        out[key] = sorted(value) if isinstance(value, (set, frozenset, tuple, list)) else value
+    return _jsonable(out)
 
 
 def adapter_facts(model) -> dict | None:
-    """The active PEFT adapter(s) of ``model`` and a digest of their weights; None for a bare model or while
-    adapters are disabled (``with model.disable_adapter():``)."""
-    peft_config = getattr(model, "peft_config", None)
-    if not peft_config or _adapters_disabled(model):
+    """A digest of the active PEFT adapter(s) of ``model`` (weights and the config that shapes them); None for a
+    bare model or while adapters are disabled (``with model.disable_adapter():``).
+
+    Read from the LoRA layers themselves, so it works for a ``PeftModel``, the model inside it and models
+    with adapters loaded through transformers alike. Adapter names are not part of it: the same adapter
+    loaded under another name is the same adapter.
+    """
+    layers = _tuner_layers(model)
+    if not layers or layers[0].disable_adapters:
         return None
-    active = getattr(model, "active_adapters", None)
-    active = list(active() if callable(active) else active or [])
+    active = list(layers[0].active_adapters)
     if not active:
         return None
     params = [p for name, p in model.named_parameters()
               if _is_adapter_param(name) and any(f".{a}." in f"{name}." for a in active)]
+    configs = getattr(model, "peft_config", None) or {}
+    facts = [adapter_config_facts(configs.get(a)) if isinstance(configs, dict) and a in configs else None
+             for a in active]
     shapes, values = _samples(params)
-    configs = {a: _jsonable(peft_config[a].to_dict()) if hasattr(peft_config.get(a), "to_dict") else None
-               for a in active}
-    return {"names": sorted(active), "digest": _hash(shapes.encode(), values.numpy().tobytes(),
-                                                      json.dumps(configs, sort_keys=True).encode())}
+    return {"count": len(active), "digest": _hash(shapes.encode(), values.numpy().tobytes(),
+                                                   json.dumps(facts, sort_keys=True).encode())}
 
 
 def tokenizer_digest(tokenizer) -> str:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adapter import AdapterCube
+from .adapter_bridge import DEFAULT_BUDGET_BYTES, AdapterBridge
 from .cache import base_model, cache_kwarg
 from .cube import MemCube
 from .errors import CubeError
@@ -32,13 +34,17 @@ class GenerationReport:
     prefilled_tokens: int = 0    # of those, the ones this request ran through the model
 
 
-def wrap(model, tokenizer, *, system_prompt: str | None = None) -> "MemoryModel":
+def wrap(model, tokenizer, *, system_prompt: str | None = None, adapter_budget_bytes: int = DEFAULT_BUDGET_BYTES,
+         hotswap: bool = False, max_rank: int | None = None) -> "MemoryModel":
     """Wrap ``model`` and ``tokenizer`` so that ``generate(prompt, cubes=[...])`` injects memory cubes.
 
     Args:
         model: a transformers causal LM.
         tokenizer: its tokenizer (a chat template is used when it has one).
         system_prompt: text that opens the system message, before the memory (part of the anchor).
+        adapter_budget_bytes: how many bytes of LoRA weights stay resident for instant swaps (LRU beyond).
+        hotswap: one adapter slot overwritten in place (no recompilation of a torch.compile'd model; adapters
+            must target the same modules with rank <= the slot's, see ``max_rank``).
 
     Example:
         >>> mm = kvmem.wrap(model, tokenizer)
@@ -49,14 +55,16 @@ def wrap(model, tokenizer, *, system_prompt: str | None = None) -> "MemoryModel"
         raise CubeError(f"wrap needs a transformers generative model, got {type(model).__name__}")
     if not callable(tokenizer):
         raise CubeError(f"wrap needs a tokenizer, got {type(tokenizer).__name__}")
-    return MemoryModel(model, tokenizer, system_prompt=system_prompt)
+    return MemoryModel(model, tokenizer, system_prompt=system_prompt, adapter_budget_bytes=adapter_budget_bytes,
+                       hotswap=hotswap, max_rank=max_rank)
 
 
 class MemoryModel:
     """A model with memory: see `wrap`."""
 
-    def __init__(self, model, tokenizer, *, system_prompt: str | None = None):
-        self._model = model
+    def __init__(self, model, tokenizer, *, system_prompt: str | None = None,
+                 adapter_budget_bytes: int = DEFAULT_BUDGET_BYTES, hotswap: bool = False, max_rank: int | None = None):
+        self.adapters = AdapterBridge(model, budget_bytes=adapter_budget_bytes, hotswap=hotswap, max_rank=max_rank)
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.last = GenerationReport()
@@ -64,8 +72,25 @@ class MemoryModel:
 
     @property
     def model(self):
-        """The model that runs (with the active adapter applied, once adapters are in use)."""
-        return self._model
+        """The model that runs, with the active adapter applied (a PeftModel once an adapter was used)."""
+        return self.adapters.model
+
+    @property
+    def _model(self):
+        return self.adapters.model
+
+    @property
+    def adapter(self) -> AdapterCube | None:
+        """The active AdapterCube (None: the base model)."""
+        return self.adapters.active
+
+    def use_adapter(self, cube: AdapterCube | None) -> None:
+        """Hot-swap the active LoRA adapter; ``None`` restores the base model exactly.
+
+        KV cubes record the adapter they were built under: injecting one under another adapter raises
+        FingerprintMismatch.
+        """
+        self.adapters.use(cube)
 
     # ---------------------------------------------------------------- prompts
     def _render(self, memory: str, prompt: str) -> str:
@@ -118,7 +143,8 @@ class MemoryModel:
         return cubes
 
     # ---------------------------------------------------------------- generation
-    def generate(self, prompt: str, cubes=None, *, inject: bool = True, recompute: str = "none", **kwargs):
+    def generate(self, prompt: str, cubes=None, *, inject: bool = True, recompute: str | None = None,
+                 budget=None, adapter: AdapterCube | None | str = "keep", **kwargs):
         """Answer ``prompt`` with ``cubes`` as memory; returns what the model's own ``generate`` returns.
 
         Args:
@@ -126,7 +152,9 @@ class MemoryModel:
             cubes: MemCubes (built with `build_cube`) whose text forms the memory, in order.
             inject: True splices the cubes' KV and prefills only the request's own tokens; False prefills the
                 same ids in full (the baseline, same output up to float rounding).
-            recompute: passed to `kvmem.prefill`.
+            recompute, budget: passed to `kvmem.prefill` (None: its default).
+            adapter: an AdapterCube (or None for the base model) for this request only; the previously active
+                adapter is restored afterwards. "keep" (default) uses whatever is active.
             **kwargs: passed to ``model.generate`` (max_new_tokens, do_sample, ...).
 
         After the call, ``self.last`` reports TTFT, tokens prefilled and where each cube sat.
@@ -138,13 +166,23 @@ class MemoryModel:
                 raise CubeError(f"do not pass {key}= to MemoryModel.generate: it builds them from prompt and cubes "
                                 "(call model.generate yourself with kvmem.prefill for full control)")
         cubes = self._check_cubes(cubes)
+        if isinstance(adapter, str) and adapter != "keep":
+            raise CubeError(f"adapter must be an AdapterCube, None or 'keep', got {adapter!r}")
+        if adapter != "keep":
+            previous = self.adapters.active
+            self.use_adapter(adapter)
+            try:
+                return self.generate(prompt, cubes, inject=inject, recompute=recompute, budget=budget, **kwargs)
+            finally:
+                self.use_adapter(previous)
         clock = FirstTokenClock()
         kwargs["logits_processor"] = list(kwargs.get("logits_processor") or []) + [clock]
         device = next(base_model(self._model).parameters()).device
         clock.start()
         report = GenerationReport(cube_names=[c.name for c in cubes])
         if cubes and inject:
-            prefix = prefill(self._model, cubes, recompute=recompute, tokenizer=self.tokenizer)
+            options = {k: v for k, v in (("recompute", recompute), ("budget", budget)) if v is not None}
+            prefix = prefill(self._model, cubes, tokenizer=self.tokenizer, **options)
             ids = prefix.extend(self._tail_ids(prompt).to(device))
             kwargs[cache_kwarg(self._model)] = prefix.cache
             report.injected, report.spans = True, prefix.spans
