@@ -9,12 +9,12 @@ from typing import Optional
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="kvmem: persistent KV-cache memory for HuggingFace transformers.")
+                  help="kvmem: persistent memory (KV-cache MemCubes, LoRA AdapterCubes) for HuggingFace transformers.")
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def _load_model(model: str, dtype: str):
+def _load_model(model: str, dtype: str, *, tokenizer: bool = True):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
@@ -32,8 +32,12 @@ def _load_model(model: str, dtype: str):
     if not path.is_dir():
         raise typer.BadParameter(f"--model {model!r}: give a local transformers checkpoint folder, or 'smollm2' "
                                  "(kvmem never downloads models)")
-    tok = AutoTokenizer.from_pretrained(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval(), tok
+    try:
+        tok = AutoTokenizer.from_pretrained(path) if tokenizer else None
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval(), tok
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(f"--model {model!r}: cannot load a causal LM{' and its tokenizer' if tokenizer else ''} "
+                                 f"from it ({str(exc).splitlines()[0]})") from None
 
 
 @app.command()
@@ -67,15 +71,73 @@ def build(
                f"fingerprint {cube.fingerprint}")
 
 
+@app.command("build-adapter")
+def build_adapter(
+    peft_dir: Path = typer.Argument(..., help="PEFT LoRA adapter folder (adapter_config.json + safetensors)."),
+    out: Path = typer.Option(..., "--out", "-o", help="AdapterCube file to write (.safetensors)."),
+    name: Optional[str] = typer.Option(None, help="Cube name (default: the folder name)."),
+    model: str = typer.Option("smollm2", help="Base model: local checkpoint folder, or 'smollm2'."),
+    dtype: str = typer.Option("float32", help="Base model dtype: float32, bfloat16 or float16."),
+):
+    """Package a PEFT LoRA adapter as an AdapterCube bound to its base model."""
+    from .adapter import AdapterCube
+    from .errors import CubeError
+
+    m, _ = _load_model(model, dtype, tokenizer=False)
+    try:
+        cube = AdapterCube.from_peft(peft_dir, name=name, base_model=m)
+        path = cube.save(out)
+    except CubeError as exc:
+        typer.echo(f"kvmem: {exc}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"wrote {path}: LoRA rank {cube.rank} on {', '.join(cube.target_modules)}, "
+               f"{cube.nbytes / 1e6:.2f} MB, base fingerprint {cube.fingerprint}")
+
+
+def _inspect_adapter(cube_file: Path, as_json: bool):
+    from .adapter import AdapterCube
+    from .errors import CubeError
+
+    try:
+        cube = AdapterCube.load(cube_file)
+    except CubeError as exc:
+        typer.echo(f"INVALID: {exc}", err=True)
+        raise typer.Exit(1)
+    meta = cube.meta
+    if as_json:
+        typer.echo(json.dumps({**meta, "valid": True, "bytes": cube_file.stat().st_size}, indent=2))
+        return
+    base = meta["base_fingerprint_fields"]["model"]
+    rows = [
+        ("file", f"{cube_file} ({cube_file.stat().st_size / 1e6:.2f} MB on disk)"),
+        ("valid", "yes (format, version, checksum, weights digest)"),
+        ("kind", "AdapterCube (parametric memory, LoRA)"),
+        ("name", cube.name),
+        ("lora", f"rank {cube.rank}, alpha {meta['config_facts'].get('lora_alpha')}, on "
+                 f"{', '.join(cube.target_modules)}"),
+        ("weights", f"{len(cube.state_dict)} tensors, {cube.nbytes / 1e6:.2f} MB, digest {cube.digest[:16]}"),
+        ("base", f"{base.get('model_type')} {base.get('architectures')}, fingerprint {cube.fingerprint}"),
+        ("provenance", f"{meta.get('provenance')} (peft {meta.get('peft_version')})"),
+        ("created", f"{meta.get('created')} by kvmem {meta.get('kvmem_version')}"),
+    ]
+    for key, value in rows:
+        typer.echo(f"{key:>12}  {value}")
+
+
 @app.command()
 def inspect(
     cube_file: Path = typer.Argument(..., help="Cube file to inspect."),
     as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
     tokens: int = typer.Option(20, help="How many leading token ids to show."),
 ):
-    """Show a cube's metadata, tokens, size and fingerprint, and whether it is valid (exit 1 if not)."""
+    """Show a cube's (MemCube or AdapterCube) metadata, size and fingerprint, and whether it is valid (exit 1 if
+    not)."""
     from .cube import MemCube
+    from .cube_format import peek_format
     from .errors import CubeError
+
+    if cube_file.is_file() and peek_format(cube_file) == "kvmem.adaptercube":
+        return _inspect_adapter(cube_file, as_json)
 
     try:
         cube = MemCube.load(cube_file)

@@ -136,3 +136,12 @@ def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.dev
             raise CubeError(f"cannot put the cube on device {device!r}: {exc}") from None
     return meta, tensors
 
+
+
+def peek_format(path: str | os.PathLike) -> str | None:
+    """The ``format`` a cube file declares in its header (None if it declares none or cannot be read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:
+        return None

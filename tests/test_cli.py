@@ -61,3 +61,25 @@ def test_build_rejects_missing_inputs(tmp_path):
     result = runner.invoke(app, ["build", str(tmp_path / "t.txt"), "-o", str(tmp_path / "x.safetensors"),
                                  "--model", str(tmp_path / "no-model")])
     assert result.exit_code != 0 and "kvmem never downloads" in result.output
+
+
+def test_build_adapter_then_inspect(checkpoint, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(checkpoint)
+    peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+                        ).save_pretrained(tmp_path / "lora")
+    out = tmp_path / "lora.safetensors"
+    result = runner.invoke(app, ["build-adapter", str(tmp_path / "lora"), "-o", str(out), "--model", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    cube = kvmem.AdapterCube.load(out)
+    assert cube.rank == 4 and cube.name == "lora" and "rank 4" in result.output
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "AdapterCube" in shown.output and cube.fingerprint in shown.output
+
+    other = tmp_path / "other"
+    tiny_model("llama", hidden_size=32, head_dim=8).save_pretrained(other)
+    refused = runner.invoke(app, ["build-adapter", str(tmp_path / "lora"), "-o", str(tmp_path / "x.safetensors"),
+                                  "--model", str(other)])
+    assert refused.exit_code == 1 and "another model size" in refused.output
