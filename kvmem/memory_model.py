@@ -32,6 +32,7 @@ class GenerationReport:
     spans: list[tuple[int, int]] = field(default_factory=list)
     prompt_tokens: int = 0       # all ids before the first new token
     prefilled_tokens: int = 0    # of those, the ones this request ran through the model
+    memories: list[dict] = field(default_factory=list)  # cubes="auto": what was chosen, score, where it came from
 
 
 def wrap(model, tokenizer, *, system_prompt: str | None = None, adapter_budget_bytes: int = DEFAULT_BUDGET_BYTES,
@@ -69,6 +70,7 @@ class MemoryModel:
         self.system_prompt = system_prompt
         self.last = GenerationReport()
         self.anchor, self._tail_template = self._split_template()
+        self.store = self.index = self.scheduler = None
 
     @property
     def model(self):
@@ -142,14 +144,93 @@ class MemoryModel:
                                 "or MemCube.from_text(..., anchor=mm.anchor)")
         return cubes
 
+    # ---------------------------------------------------------------- memory that picks itself
+    def attach(self, view, *, index=None, scheduler=None, **scheduler_kwargs) -> "MemoryModel":
+        """Give this model a store: then ``generate(prompt, cubes="auto")`` picks memories itself.
+
+        Args:
+            view: a `StoreView` (``kvmem.CubeStore(path).view(namespace, shared=...)``).
+            index: a `MemoryIndex` (default: built over everything the view sees).
+            scheduler: a `MemScheduler` (default: one over the view, on the model's device).
+            **scheduler_kwargs: options for the default scheduler (budgets, policy, promote_after, background).
+        """
+        from .index import MemoryIndex
+        from .scheduler import MemScheduler
+
+        self.store = view
+        self.index = index if index is not None else MemoryIndex.from_store(view)
+        device = next(base_model(self._model).parameters()).device
+        self.scheduler = scheduler if scheduler is not None else MemScheduler(
+            view, device=device, builder=self._promote, **scheduler_kwargs)
+        return self
+
+    def _require_store(self):
+        if self.store is None:
+            raise CubeError("this MemoryModel has no store: call mm.attach(kvmem.CubeStore(path).view(namespace)) "
+                            "first, or pass cubes=[...] explicitly")
+
+    def remember(self, text: str, memory_id: str | None = None, *, meta: dict | None = None, cube: bool = False):
+        """Add a plaintext memory to the attached store and index (and build its cube now if ``cube``)."""
+        import xxhash
+
+        self._require_store()
+        memory_id = memory_id or "m-" + xxhash.xxh3_64(text.encode()).hexdigest()[:12]
+        rec = self.store.add(memory_id, text, meta)
+        self.index.add(memory_id, text, rec.meta)
+        self.scheduler.forget(memory_id)
+        if cube:
+            self._promote(memory_id)
+        return memory_id
+
+    def _promote(self, memory_id: str) -> MemCube:
+        """Build the activation cube of a plaintext memory and store it (the plaintext -> activation path)."""
+        rec = self.store.get(memory_id)
+        cube = self.build_cube(rec.text, name=memory_id)
+        if rec.namespace == self.store.namespace:  # shared namespaces are read-only: keep the cube in memory only
+            self.store.put_cube(memory_id, cube, text=rec.text)
+        return cube
+
+    def _auto_cubes(self, prompt: str, budget_tokens: int, k: int) -> tuple[list[MemCube], list[dict]]:
+        """The best memories for ``prompt`` that fit ``budget_tokens``, as cubes, with a report of each."""
+        self._require_store()
+        if not isinstance(budget_tokens, int) or budget_tokens < 1:
+            raise CubeError(f"budget_tokens must be a positive int, got {budget_tokens!r}")
+        chosen, report, used = [], [], 0
+        for memory_id, score in self.index.search(prompt, k=k):
+            rec = self.store.get(memory_id)
+            if rec is None:  # deleted by another process since the index saw it
+                continue
+            tokens = rec.tokens or len(self.tokenizer(rec.text, add_special_tokens=False).input_ids)
+            if used + tokens > budget_tokens:
+                continue
+            has_cube = rec.path is not None
+            promoted = self.scheduler.retrieved(memory_id, has_cube)
+            before = dict(self.scheduler.counters)
+            cube = self.scheduler.get(memory_id) if has_cube or promoted else None
+            if cube is not None:
+                source = next((t for t in ("device", "cpu", "disk")
+                               if self.scheduler.counters[f"hits_{t}"] > before.get(f"hits_{t}", 0)), "promoted")
+                source = "promoted" if promoted and not has_cube else source
+            else:  # plaintext only: a cube for this request, not kept (promotion keeps it once it is popular)
+                cube, source = self.build_cube(rec.text, name=memory_id), "built"
+            self.store.touch(memory_id)
+            chosen.append(cube)
+            report.append({"id": memory_id, "namespace": rec.namespace, "score": round(score, 4), "tokens": tokens,
+                           "source": source})
+            used += tokens
+        return chosen, report
+
     # ---------------------------------------------------------------- generation
     def generate(self, prompt: str, cubes=None, *, inject: bool = True, recompute: str | None = None,
-                 budget=None, adapter: AdapterCube | None | str = "keep", **kwargs):
+                 budget=None, adapter: AdapterCube | None | str = "keep", budget_tokens: int = 2048, k: int = 10,
+                 **kwargs):
         """Answer ``prompt`` with ``cubes`` as memory; returns what the model's own ``generate`` returns.
 
         Args:
             prompt: the user's message.
-            cubes: MemCubes (built with `build_cube`) whose text forms the memory, in order.
+            cubes: MemCubes (built with `build_cube`) whose text forms the memory, in order; or "auto": the
+                attached store's index picks the best memories that fit ``budget_tokens`` (top ``k`` considered),
+                served from the scheduler's fastest tier (see `attach`; ``self.last.memories`` says which).
             inject: True splices the cubes' KV and prefills only the request's own tokens; False prefills the
                 same ids in full (the baseline, same output up to float rounding).
             recompute, budget: passed to `kvmem.prefill` (None: its default).
@@ -165,23 +246,28 @@ class MemoryModel:
             if key in kwargs:
                 raise CubeError(f"do not pass {key}= to MemoryModel.generate: it builds them from prompt and cubes "
                                 "(call model.generate yourself with kvmem.prefill for full control)")
-        cubes = self._check_cubes(cubes)
         if isinstance(adapter, str) and adapter != "keep":
             raise CubeError(f"adapter must be an AdapterCube, None or 'keep', got {adapter!r}")
         if adapter != "keep":
             previous = self.adapters.active
             self.use_adapter(adapter)
             try:
-                return self.generate(prompt, cubes, inject=inject, recompute=recompute, budget=budget, **kwargs)
+                return self.generate(prompt, cubes, inject=inject, recompute=recompute, budget=budget,
+                                     budget_tokens=budget_tokens, k=k, **kwargs)
             finally:
                 self.use_adapter(previous)
-        clock = FirstTokenClock()
+        clock = FirstTokenClock().start()
+        memories = []
+        if isinstance(cubes, str):
+            if cubes != "auto":
+                raise CubeError(f"cubes must be MemCubes, None or 'auto', got {cubes!r}")
+            cubes, memories = self._auto_cubes(prompt, budget_tokens, k)
+        cubes = self._check_cubes(cubes)
         kwargs["logits_processor"] = list(kwargs.get("logits_processor") or []) + [clock]
         device = next(base_model(self._model).parameters()).device
-        clock.start()
-        report = GenerationReport(cube_names=[c.name for c in cubes])
+        report = GenerationReport(cube_names=[c.name for c in cubes], memories=memories)
         if cubes and inject:
-            options = {k: v for k, v in (("recompute", recompute), ("budget", budget)) if v is not None}
+            options = {name: v for name, v in (("recompute", recompute), ("budget", budget)) if v is not None}
             prefix = prefill(self._model, cubes, tokenizer=self.tokenizer, **options)
             ids = prefix.extend(self._tail_ids(prompt).to(device))
             kwargs[cache_kwarg(self._model)] = prefix.cache

@@ -1,0 +1,293 @@
+"""Memory that picks itself: the cube store (namespaces, concurrency, crashes), the index, the scheduler."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import kvmem
+from conftest import random_ids, tiny_model
+from kvmem.scheduler import MemScheduler
+
+
+@pytest.fixture(scope="module")
+def cube_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cube") / "c.safetensors"
+    kvmem.MemCube.from_ids(tiny_model("llama"), random_ids(16), text="sixteen random tokens").save(path)
+    return path
+
+
+# ---------------------------------------------------------------- store
+def test_store_round_trip_and_namespaces(tmp_path, cube_file):
+    store = kvmem.CubeStore(tmp_path / "s")
+    alice, bob = store.view("alice"), store.view("bob", shared=["public"])
+    public = store.view("public")
+    cube = kvmem.MemCube.load(cube_file)
+    alice.add("secret", "Alice's PIN is 4417.")
+    alice.put_cube("secret", cube, text="Alice's PIN is 4417.")
+    bob.add("note", "Bob likes tea.")
+    public.add("faq", "The office opens at nine.")
+
+    assert alice.get("secret").kind == "memcube" and alice.load_cube("secret").fingerprint == cube.fingerprint
+    # isolation at the store API: bob cannot see, load, list, search or delete alice's memory
+    assert bob.get("secret") is None and bob.load_cube("secret") is None
+    assert {r.id for r in bob.ls()} == {"note", "faq"} and bob.rm("secret") is False
+    assert alice.get("secret") is not None
+    index = kvmem.MemoryIndex.from_store(bob, dense=False)
+    assert "secret" not in index and [m for m, _ in index.search("PIN 4417 Alice", k=5)] != ["secret"]
+    assert all(m != "secret" for m, _ in index.search("PIN 4417 Alice", k=5))
+    # shared namespaces are read-only through another view
+    assert bob.get("faq").namespace == "public" and bob.rm("faq") is False and public.get("faq") is not None
+    # same id in two namespaces: each view sees its own first
+    bob.add("faq", "Bob's own faq.")
+    assert bob.get("faq").text == "Bob's own faq." and public.get("faq").text == "The office opens at nine."
+    assert alice.rm("secret") and alice.get("secret") is None
+    assert not any((tmp_path / "s" / "cubes").glob("*.safetensors"))  # its cube file went with it
+
+
+def test_store_rejects_bad_names(tmp_path):
+    store = kvmem.CubeStore(tmp_path / "s")
+    for bad in ("", "../x", "a/b", "x" * 200, None):
+        with pytest.raises(kvmem.CubeError, match="namespace"):
+            store.view(bad)
+        with pytest.raises(kvmem.CubeError, match="memory id"):
+            store.view("ok").add(bad, "text")
+    with pytest.raises(kvmem.CubeError, match="non-empty"):
+        store.view("ok").add("m", "   ")
+
+
+def _writer(root, cube_file, worker, n):
+    store = kvmem.CubeStore(root)
+    view = store.view(f"w{worker % 2}")
+    cube = kvmem.MemCube.load(cube_file)
+    for i in range(n):
+        view.add(f"m{worker}-{i}", f"memory {i} of worker {worker}")
+        view.put_cube(f"m{worker}-{i}", cube)
+        view.put_cube("shared-id", cube)  # everyone rewrites one id too: last writer wins, nothing torn
+
+
+def test_concurrent_writers_lose_nothing(tmp_path, cube_file):
+    root = tmp_path / "s"
+    kvmem.CubeStore(root)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(root, cube_file, w, 6)) for w in range(4)]
+    for p in procs:
+        p.start()
+    store = kvmem.CubeStore(root)
+    reads = 0
+    while any(p.is_alive() for p in procs):  # read while they write: never a partial or invalid cube
+        for ns in ("w0", "w1"):
+            for rec in store.view(ns).ls():
+                if store.view(ns).load_cube(rec.id) is not None:
+                    reads += 1
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    for ns, workers in (("w0", (0, 2)), ("w1", (1, 3))):
+        ids = {r.id for r in store.view(ns).ls()}
+        assert ids == {f"m{w}-{i}" for w in workers for i in range(6)} | {"shared-id"}
+        for memory_id in ids:
+            assert store.view(ns).load_cube(memory_id) is not None
+    files = {p.name for p in (root / "cubes").glob("*.safetensors")}
+    assert len(files) == len(store.catalog.paths()) == 2 * 13  # replaced versions were removed
+
+
+def test_killed_writer_leaves_store_consistent(tmp_path, cube_file):
+    root = tmp_path / "s"
+    script = textwrap.dedent(f"""
+        import kvmem
+        view = kvmem.CubeStore({str(root)!r}).view("k")
+        cube = kvmem.MemCube.load({str(cube_file)!r})
+        i = 0
+        while True:
+            view.put_cube(f"m{{i % 5}}", cube, text=f"memory {{i}}")
+            i += 1
+            print(i, flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    for _ in range(8):  # wait until it is writing in earnest (imports take a while), then kill it mid-loop
+        assert proc.stdout.readline(), "the writer died on its own"
+    time.sleep(0.137)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = kvmem.CubeStore(root)
+    recs = store.view("k").ls()
+    assert recs, "the writer never got going"
+    for rec in recs:
+        assert store.view("k").load_cube(rec.id) is not None  # every row's file is whole and valid
+    named = store.catalog.paths()
+    for f in (root / "cubes").iterdir():  # anything else is an orphan or temp file that gc may remove
+        os.utime(f, (0, 0))
+    store.gc()
+    assert {f"cubes/{f.name}" for f in (root / "cubes").iterdir()} == named
+
+
+# ---------------------------------------------------------------- scheduler
+class FakeCube:
+    def __init__(self, nbytes, device="cpu"):
+        self.nbytes, self.device = nbytes, device
+
+    def to(self, device):
+        return FakeCube(self.nbytes, str(device))
+
+
+class FakeView:
+    def __init__(self, sizes):
+        self.sizes, self.loads = sizes, 0
+
+    def load_cube(self, memory_id, device=None):
+        if memory_id not in self.sizes:
+            return None
+        self.loads += 1
+        return FakeCube(self.sizes[memory_id])
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_budgets_hold_under_random_trace(policy):
+    rng = random.Random(0)
+    sizes = {f"m{i}": rng.randint(1, 40) for i in range(60)}
+    sched = MemScheduler(FakeView(sizes), device_budget_bytes=100, cpu_budget_bytes=250, policy=policy)
+    for _ in range(3000):
+        key = f"m{min(59, int(rng.paretovariate(1.2)) - 1)}" if rng.random() < 0.9 else "absent"
+        cube = sched.get(key)
+        assert (cube is None) == (key == "absent")
+        for tier in sched.tiers.values():
+            assert tier.used <= tier.budget
+    stats = sched.stats()
+    assert stats["hits_device"] > stats["hits_disk"] > 0 and stats["misses"] > 0
+    assert abs(sum(stats[f"hit_rate_{t}"] for t in ("device", "cpu", "disk")) + stats["misses"] / 3000 - 1) < 1e-9
+
+
+def test_lru_and_lfu_evict_what_they_should():
+    sizes = {k: 10 for k in "abcd"}
+    for policy, expected_gone in (("lru", "a"), ("lfu", "b")):
+        sched = MemScheduler(FakeView(sizes), device_budget_bytes=30, cpu_budget_bytes=0, policy=policy)
+        for key in "aaab":
+            sched.get(key)
+        sched.get("c")
+        sched.get("a")  # a is now the most recent (LRU keeps it) and the most used (LFU keeps it)
+        sched.get("b")
+        sched.get("d")  # one must go
+        gone = set("abcd") - set(sched.tiers["device"].items)
+        assert gone == {"c"} if policy == "lru" else gone == {"c"}
+    # a pure frequency/recency disagreement
+    lru = MemScheduler(FakeView(sizes), device_budget_bytes=20, cpu_budget_bytes=0, policy="lru")
+    lfu = MemScheduler(FakeView(sizes), device_budget_bytes=20, cpu_budget_bytes=0, policy="lfu")
+    for sched in (lru, lfu):
+        for key in "aaabc":  # a used 3x long ago, b once recently, then c arrives
+            sched.get(key)
+    assert set(lru.tiers["device"].items) == {"b", "c"}
+    assert set(lfu.tiers["device"].items) == {"a", "c"}
+
+
+def test_demotion_and_oversized_items():
+    view = FakeView({"huge": 100, "big": 50, "a": 10, "b": 10, "c": 10})
+    sched = MemScheduler(view, device_budget_bytes=20, cpu_budget_bytes=60)
+    sched.get("huge")  # fits no memory tier: served from disk, kept nowhere
+    assert not any(t.items for t in sched.tiers.values())
+    sched.get("big")  # too big for the device tier: lands in the CPU tier
+    assert list(sched.tiers["cpu"].items) == ["big"] and not sched.tiers["device"].items
+    for key in ("a", "b", "c"):  # c pushes a (LRU) out of the device tier, down into the CPU tier
+        sched.get(key)
+    assert list(sched.tiers["device"].items) == ["b", "c"] and "a" in sched.tiers["cpu"].items
+    assert sched.stats()["demotions"] == 1
+    assert sched.get("a").device == "cpu" and sched.stats()["hits_cpu"] == 1  # served, and moved up again
+    assert "a" in sched.tiers["device"].items and "b" in sched.tiers["cpu"].items
+
+
+def test_promotion_after_retrievals_and_prefetch():
+    built = []
+    view = FakeView({"hot": 10})
+    sched = MemScheduler(view, promote_after=3, builder=lambda m: built.append(m) or FakeCube(10))
+    assert [sched.retrieved("cold", has_cube=False) for _ in range(2)] == [False, False]
+    assert sched.retrieved("cold", has_cube=False) and built == ["cold"]
+    assert "cold" in sched.tiers["cpu"].items and sched.stats()["promotions"] == 1
+    assert not sched.retrieved("hot", has_cube=True)  # already a cube: nothing to promote
+    assert sched.prefetch(["hot", "missing"]) == 1 and sched.stats().get("hits_cpu", 0) == 0
+    sched.get("hot")
+    assert sched.stats()["hits_cpu"] == 1 and view.loads == 1
+
+    bg = MemScheduler(view, promote_after=1, builder=lambda m: time.sleep(0.2) or FakeCube(5), background=True)
+    assert bg.retrieved("x", has_cube=False)
+    bg.drain()
+    assert "x" in bg.tiers["cpu"].items
+
+
+# ---------------------------------------------------------------- index and the wrapped model
+CONVERSATION = [
+    ("s1", "I finally adopted a beagle puppy last weekend, we named him Toast."),
+    ("s2", "Work has been hectic; I switched teams and now build data pipelines."),
+    ("s3", "We moved out of Lisbon. The new flat in Oslo has a view of the fjord."),
+    ("s4", "My sister Lena is getting married in June in Porto."),
+    ("s5", "I started learning the cello, lessons are on Tuesday evenings."),
+    ("s6", "Doctor said my knee is fine, just no marathons this year."),
+    ("s7", "The quarterly report is due on the 14th, my manager reminded me."),
+    ("s8", "Dinner idea: mushroom risotto again, it is my favourite dish."),
+]
+QUESTIONS = [("What is my dog called?", "s1"), ("Which city do I live in now?", "s3"),
+             ("When is my sister's wedding?", "s4"), ("What instrument am I learning?", "s5"),
+             ("What do I do at work these days?", "s2"), ("What food do I like most?", "s8")]
+
+
+@pytest.fixture(scope="module")
+def hybrid_index():
+    index = kvmem.MemoryIndex(dense=True, device="cpu")
+    for memory_id, text in CONVERSATION:
+        index.add(memory_id, text)
+    return index
+
+
+def test_hybrid_retrieval_finds_paraphrased_facts(hybrid_index):
+    lexical = kvmem.MemoryIndex(dense=False)
+    for memory_id, text in CONVERSATION:
+        lexical.add(memory_id, text)
+    recall = lambda index: sum(any(m == want for m, _ in index.search(q, k=2)) for q, want in QUESTIONS)  # noqa: E731
+    assert recall(hybrid_index) == len(QUESTIONS)
+    assert recall(hybrid_index) > recall(lexical)  # paraphrases ("dog" vs "beagle") need the dense side
+    scores = hybrid_index.search("What is my dog called?", k=8)
+    assert [s for _, s in scores] == sorted((s for _, s in scores), reverse=True)
+
+
+def test_index_incremental_add_and_remove():
+    index = kvmem.MemoryIndex(dense=False)
+    index.add("a", "apples are red")
+    assert index.search("apples")[0][0] == "a"
+    index.add("b", "bananas are yellow")
+    index.add("a", "apricots are orange")  # replaces
+    assert index.search("apples")[0][1] == 0.0 and index.search("bananas")[0][0] == "b"
+    assert index.remove("b") and not index.remove("b") and len(index) == 1
+    with pytest.raises(kvmem.CubeError, match="k must"):
+        index.search("x", k=0)
+
+
+def test_generate_auto_picks_serves_and_promotes(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    mm = kvmem.wrap(model, tokenizer).attach(kvmem.CubeStore(tmp_path / "s").view("me"),
+                                             index=kvmem.MemoryIndex(dense=False), promote_after=2)
+    for memory_id, text in CONVERSATION:
+        mm.remember(text, memory_id)
+    mm.remember("Toast the beagle sleeps in a basket by the door.", "s9", cube=True)
+    out = mm.generate("Where does Toast the beagle sleep?", cubes="auto", budget_tokens=40, max_new_tokens=2)
+    chosen = mm.last.memories
+    assert chosen[0]["id"] == "s9" and chosen[0]["source"] in ("device", "cpu", "disk")
+    assert sum(m["tokens"] for m in chosen) <= 40 and mm.last.injected
+    first_ids = [m["id"] for m in chosen]
+    ids = mm.prompt_ids("Where does Toast the beagle sleep?", [mm.scheduler.get(m) or mm.build_cube(
+        mm.store.get(m).text, name=m) for m in first_ids])
+    assert torch.equal(out[0, :ids.shape[1]], ids[0])  # the prompt really holds the chosen memories, in order
+    mm.generate("Where does Toast the beagle sleep?", cubes="auto", budget_tokens=40, max_new_tokens=2)
+    sources = {m["id"]: m["source"] for m in mm.last.memories}
+    assert sources["s9"] == "device"  # second time from the fastest tier
+    assert "promoted" in sources.values()  # plaintext memories retrieved twice became cubes
+    assert any(r.kind == "memcube" and r.id != "s9" for r in mm.store.ls())
+    with pytest.raises(kvmem.CubeError, match="no store"):
+        kvmem.wrap(model, tokenizer).generate("x", cubes="auto")
