@@ -184,6 +184,124 @@ def demo(
     run_demo(question=question, max_new_tokens=max_new_tokens, repeats=repeats, echo=typer.echo)
 
 
+# ---------------------------------------------------------------- the store
+def _default_store() -> str:
+    import os
+
+    return os.environ.get("KVMEM_STORE") or str(Path.home() / ".kvmem" / "store")
+
+
+StoreOpt = typer.Option(None, "--store", help="Store folder (default: $KVMEM_STORE or ~/.kvmem/store).")
+NamespaceOpt = typer.Option("default", "--namespace", "-n", help="Namespace to read and write.")
+SharedOpt = typer.Option([], "--shared", help="Namespaces shared with this one (read-only; repeatable).")
+
+
+def _view(store: Optional[Path], namespace: str, shared: list[str]):
+    from .errors import CubeError
+    from .store import CubeStore
+
+    try:
+        return CubeStore(store or _default_store()).view(namespace, shared=shared)
+    except CubeError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command()
+def add(
+    text: Optional[str] = typer.Argument(None, help="Memory text (or use --file)."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read the memory text from this file."),
+    memory_id: Optional[str] = typer.Option(None, "--id", help="Memory id (default: a hash of the text)."),
+    cube: bool = typer.Option(False, "--cube", help="Also build its activation cube now (loads the model)."),
+    model: str = typer.Option("smollm2", help="Model for --cube: local checkpoint folder or 'smollm2'."),
+    store: Optional[Path] = StoreOpt,
+    namespace: str = NamespaceOpt,
+):
+    """Add a plaintext memory (optionally with its cube) to a store namespace."""
+    import xxhash
+
+    from .errors import CubeError
+
+    if (text is None) == (file is None):
+        raise typer.BadParameter("give the memory text as an argument or with --file, not both")
+    if file is not None:
+        if not file.is_file():
+            raise typer.BadParameter(f"{file} is not a file")
+        text = file.read_text(encoding="utf-8")
+    view = _view(store, namespace, [])
+    memory_id = memory_id or "m-" + xxhash.xxh3_64(text.encode()).hexdigest()[:12]
+    try:
+        rec = view.add(memory_id, text)
+        if cube:
+            from . import wrap
+
+            m, tok = _load_model(model, "float32")
+            built = wrap(m, tok).build_cube(text, name=memory_id, progress=True)
+            rec = view.put_cube(memory_id, built, text=text)
+    except CubeError as exc:
+        typer.echo(f"kvmem: {exc}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"added {rec.namespace}/{rec.id}" + (f" with a {rec.tokens}-token cube ({rec.bytes / 1e6:.1f} MB)"
+                                                   if rec.kind == "memcube" else ""))
+
+
+@app.command()
+def search(
+    query: str = typer.Argument(..., help="What to look for."),
+    k: int = typer.Option(5, "-k", min=1, help="How many results."),
+    lexical: bool = typer.Option(False, "--lexical", help="BM25 only (no embedding model)."),
+    store: Optional[Path] = StoreOpt,
+    namespace: str = NamespaceOpt,
+    shared: list[str] = SharedOpt,
+):
+    """Search the memories a namespace can see (own + shared), best first."""
+    from .index import MemoryIndex
+
+    view = _view(store, namespace, shared)
+    index = MemoryIndex.from_store(view, dense=False if lexical else "auto")
+    for memory_id, score in index.search(query, k=k):
+        rec = view.get(memory_id)
+        text = rec.text.replace("\n", " ")
+        typer.echo(f"{score:7.3f}  {rec.namespace}/{memory_id}  {text[:90]}{'...' if len(text) > 90 else ''}")
+
+
+@app.command("ls")
+def ls_(
+    store: Optional[Path] = StoreOpt,
+    namespace: str = NamespaceOpt,
+    shared: list[str] = SharedOpt,
+):
+    """List the memories a namespace can see."""
+    view = _view(store, namespace, shared)
+    for rec in view.ls():
+        text = rec.text.replace("\n", " ")
+        cube = f"cube {rec.tokens} tok {rec.bytes / 1e6:.1f} MB" if rec.kind == "memcube" else "text only"
+        typer.echo(f"{rec.namespace}/{rec.id:<24} {cube:<24} hits {rec.hits:<4} {text[:60]}")
+
+
+@app.command()
+def rm(
+    memory_id: str = typer.Argument(..., help="Memory id to delete (own namespace only)."),
+    store: Optional[Path] = StoreOpt,
+    namespace: str = NamespaceOpt,
+):
+    """Delete a memory (and its cube) from a namespace."""
+    if not _view(store, namespace, []).rm(memory_id):
+        typer.echo(f"kvmem: no memory {memory_id!r} in namespace {namespace!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"removed {namespace}/{memory_id}")
+
+
+@app.command()
+def stats(
+    store: Optional[Path] = StoreOpt,
+    namespace: str = NamespaceOpt,
+    shared: list[str] = SharedOpt,
+):
+    """Counts and sizes of what a namespace can see."""
+    for key, value in _view(store, namespace, shared).stats().items():
+        typer.echo(f"{key:>12}  {value}")
+
+
 def main():
     app()
 

@@ -83,3 +83,23 @@ def test_build_adapter_then_inspect(checkpoint, tmp_path):
     refused = runner.invoke(app, ["build-adapter", str(tmp_path / "lora"), "-o", str(tmp_path / "x.safetensors"),
                                   "--model", str(other)])
     assert refused.exit_code == 1 and "another model size" in refused.output
+
+
+def test_store_commands(tmp_path):
+    store = ["--store", str(tmp_path / "store")]
+    assert runner.invoke(app, ["add", "Alice moved to Oslo.", "--id", "a1", "-n", "alice", *store]).exit_code == 0
+    assert runner.invoke(app, ["add", "Bob has a parrot.", "--id", "b1", "-n", "bob", *store]).exit_code == 0
+    (tmp_path / "faq.txt").write_text("The office opens at nine.")
+    assert runner.invoke(app, ["add", "--file", str(tmp_path / "faq.txt"), "--id", "faq", "-n", "public", *store]
+                         ).exit_code == 0
+    listed = runner.invoke(app, ["ls", "-n", "alice", "--shared", "public", *store]).output
+    assert "alice/a1" in listed and "public/faq" in listed and "b1" not in listed
+    found = runner.invoke(app, ["search", "Oslo", "--lexical", "-n", "alice", *store]).output
+    assert found.splitlines()[0].split()[1] == "alice/a1" and "parrot" not in found
+    assert "parrot" not in runner.invoke(app, ["search", "parrot", "--lexical", "-n", "alice", *store]).output
+    assert "memories  1" in runner.invoke(app, ["stats", "-n", "bob", *store]).output
+    assert runner.invoke(app, ["rm", "b1", "-n", "alice", *store]).exit_code == 1  # not alice's to delete
+    assert runner.invoke(app, ["rm", "b1", "-n", "bob", *store]).exit_code == 0
+    assert "memories  0" in runner.invoke(app, ["stats", "-n", "bob", *store]).output
+    bad = runner.invoke(app, ["ls", "-n", "../etc", *store])
+    assert bad.exit_code != 0 and "namespace" in bad.output
