@@ -45,14 +45,16 @@ def _is_adapter_param(name: str) -> bool:
 
 
 def _samples(tensors: list[torch.Tensor]) -> tuple[str, torch.Tensor]:
-    """Shapes/dtypes as text, and an evenly spaced sample of every tensor, fetched in one device->host copy."""
-    shapes, samples = [], []
+    """Shapes as text, and an evenly spaced sample of every tensor. The samples are strided views gathered by
+    one ``torch.cat`` and fetched in one device->host copy: a few ms for a whole model, so prefill can afford to
+    recompute it every call rather than trust a cache that in-place edits through ``.data`` would not update."""
+    shapes, views = [], []
     for t in tensors:
         flat = t.detach().reshape(-1)
         stride = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        samples.append(flat[::stride][:_SAMPLES_PER_TENSOR].float())
+        views.append(flat[::stride][:_SAMPLES_PER_TENSOR].to(torch.float32))
         shapes.append(f"{tuple(t.shape)}")
-    values = torch.cat(samples).cpu() if samples else torch.zeros(0)
+    values = torch.cat(views).cpu() if views else torch.zeros(0)
     return ";".join(shapes), values
 
 
