@@ -196,7 +196,9 @@ class MemoryModel:
         if not isinstance(budget_tokens, int) or budget_tokens < 1:
             raise CubeError(f"budget_tokens must be a positive int, got {budget_tokens!r}")
         chosen, report, used = [], [], 0
-        for memory_id, score in self.index.search(prompt, k=k):
+        hits = self.index.search(prompt, k=k)
+        self._prefetch_next = [m for m, _ in hits]
+        for memory_id, score in hits:
             rec = self.store.get(memory_id)
             if rec is None:  # deleted by another process since the index saw it
                 continue
@@ -282,6 +284,9 @@ class MemoryModel:
         out = self._model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
         report.ttft_s = clock.ttft_s
         self.last = report
+        if memories:  # after the answer, not before its first token: warm the CPU tier with the other top hits
+            used = {m["id"] for m in memories}
+            self.scheduler.prefetch([m for m in self._prefetch_next if m not in used])
         return out
 
     def answer(self, prompt: str, cubes=None, **kwargs) -> str:

@@ -127,3 +127,30 @@ def test_bad_budgets_refused(llama, mode, budget):
     cubes = [kvmem.MemCube.from_ids(llama, random_ids(5, seed=s)) for s in (1, 2)]
     with pytest.raises(kvmem.CubeError, match="budget"):
         kvmem.prefill(llama, cubes, recompute=mode, budget=budget)
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rerotation_exact_in_every_layer(family, rope):
+    """RoPE attention only sees relative positions, so the same tokens run at positions shifted by d give the
+    same hidden states: their keys, in every layer, are the cube's keys rotated by d. kvmem's rotation must
+    reproduce transformers' own RoPE at the new positions in all layers."""
+    from kvmem.kernels.splice import splice_reference
+    from kvmem.patches import rope_facts
+
+    model = tiny_model(family, rope_parameters=dict(ROPES[rope]))
+    ids = random_ids(19, seed=4)
+    cube = kvmem.MemCube.from_ids(model, ids)
+    rope_info = rope_facts(model)
+    for delta in (7, 300):
+        with torch.no_grad():
+            out = model(input_ids=ids[None], position_ids=torch.arange(delta, delta + 19)[None], use_cache=True)
+        expected = kv_from_cache(kvmem.cache.output_cache(out))
+        n_layers, (heads, _, dim) = len(cube.kv), cube.kv[0][0].shape
+        dst_k, dst_v = torch.empty(n_layers, heads, 19, dim), torch.empty(n_layers, heads, 19, dim)
+        splice_reference(dst_k, dst_v, [[k for k, _ in cube.kv]], [[v for _, v in cube.kv]], src_start=[0],
+                         dst_start=[0], length=[19], delta=[delta], inv_freq=rope_info.inv_freq,
+                         interleaved=rope_info.interleaved)
+        for layer, (k, v) in enumerate(expected):
+            torch.testing.assert_close(dst_k[layer], k[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(dst_v[layer], v[0], rtol=1e-4, atol=1e-4)

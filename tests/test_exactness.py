@@ -123,11 +123,19 @@ def test_real_model_exact(smollm2, tmp_path):
     assert torch.equal(with_cube, without)
 
 
+def _gpu_attns():
+    import importlib.util
+    return ["eager", "sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attn", _gpu_attns())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_exact(dtype, tmp_path):
-    model = tiny_model("llama", dtype=dtype).cuda()
+def test_cuda_exact(dtype, attn, tmp_path):
+    if attn == "flash_attention_2" and dtype == torch.float32:
+        pytest.skip("flash-attention runs in half precision only")
+    model = tiny_model("llama", dtype=dtype, attn=attn).cuda()
     memory, query = random_ids(37), random_ids(11, seed=2)
     path = kvmem.MemCube.from_ids(model, memory).save(tmp_path / "c.safetensors")
     for device in (None, "cuda"):  # from CPU memory (moved by prefill) and already on the device

@@ -291,3 +291,15 @@ def test_generate_auto_picks_serves_and_promotes(tmp_path, tokenizer):
     assert any(r.kind == "memcube" and r.id != "s9" for r in mm.store.ls())
     with pytest.raises(kvmem.CubeError, match="no store"):
         kvmem.wrap(model, tokenizer).generate("x", cubes="auto")
+
+
+def test_generate_auto_prefetches_the_other_top_hits(tmp_path, tokenizer):
+    mm = kvmem.wrap(tiny_model("llama"), tokenizer).attach(kvmem.CubeStore(tmp_path / "s").view("me"),
+                                                            index=kvmem.MemoryIndex(dense=False), promote_after=0)
+    mm.remember("Toast the beagle sleeps in a basket.", "a", cube=True)
+    mm.remember("Toast the beagle eats salmon biscuits.", "b", cube=True)
+    mm.scheduler.forget("a"), mm.scheduler.forget("b")
+    budget = mm.store.get("a").tokens  # room for one of the two
+    mm.generate("Where does Toast the beagle sleep?", cubes="auto", budget_tokens=budget, max_new_tokens=1)
+    assert [m["id"] for m in mm.last.memories] == ["a"] and mm.last.memories[0]["source"] == "disk"
+    assert "b" in mm.scheduler.tiers["cpu"].items and mm.scheduler.stats()["prefetched"] == 1
