@@ -34,6 +34,7 @@ class AdapterBridge:
         self.resident: OrderedDict[str, int] = OrderedDict()  # adapter slot name -> bytes, LRU first
         self.active: AdapterCube | None = None
         self._checked: set[str] = set()  # adapter digests already matched against the base model
+        self._layers: list | None = None  # the LoRA layers, found once per load (loads can add layers)
         self.stats = {"swaps": 0, "loads": 0, "evictions": 0}
 
     @property
@@ -49,7 +50,7 @@ class AdapterBridge:
         """Make ``cube`` the active adapter (None: the base model, exactly)."""
         if cube is None:
             if self.peft is not None and self.active is not None:
-                self.peft.base_model.disable_adapter_layers()
+                self._flip(None)
                 self.stats["swaps"] += 1
             self.active = None
             return
@@ -62,11 +63,31 @@ class AdapterBridge:
             cube.check_base(self.base)
             self._checked.add(cube.digest)
         slot = self._load_hotswap(cube) if self.hotswap else self._load(cube)
-        self.peft.set_adapter(slot)
-        self.peft.base_model.enable_adapter_layers()
+        self._flip(slot)
         self.resident.move_to_end(slot)
         self.active = cube
         self.stats["swaps"] += 1
+
+    def _flip(self, slot: str | None) -> None:
+        """Activate ``slot`` (None: disable adapters). PEFT's set_adapter walks every module and resets
+        requires_grad (~20 ms on a 30-layer model); for inference only the LoRA layers' flags matter, so flip
+        those directly (~0.3 ms). Adapters with modules_to_save take PEFT's own path."""
+        if self._layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            self._layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)]
+        if any(getattr(c, "modules_to_save", None) for c in self.peft.peft_config.values()):
+            if slot is None:
+                self.peft.base_model.disable_adapter_layers()
+            else:
+                self.peft.set_adapter(slot)
+                self.peft.base_model.enable_adapter_layers()
+            return
+        for layer in self._layers:
+            if slot is not None:
+                layer._active_adapter = [slot]
+            layer._disable_adapters = slot is None
+        if slot is not None:
+            self.peft.base_model.active_adapter = slot
 
     def _load(self, cube: AdapterCube) -> str:
         peft = _peft()
@@ -77,6 +98,7 @@ class AdapterBridge:
             self.peft = peft.PeftModel(self.base, cube.config, adapter_name=slot)
         else:
             self.peft.add_adapter(slot, cube.config)
+        self._layers = None
         result = peft.set_peft_model_state_dict(self.peft, cube.state_dict, adapter_name=slot)
         missing = [k for k in getattr(result, "missing_keys", []) if f".{slot}" in k and "lora_" in k]
         if missing:
@@ -95,6 +117,7 @@ class AdapterBridge:
                 break
             if slot != keep:
                 self.peft.delete_adapter(slot)
+                self._layers = None
                 del self.resident[slot]
                 self.stats["evictions"] += 1
 
@@ -107,6 +130,7 @@ class AdapterBridge:
         slot = "kvmem_slot"
         if self.peft is None:
             self.peft = peft.PeftModel(self.base, cube.config, adapter_name=slot)
+            self._layers = None
             peft.set_peft_model_state_dict(self.peft, cube.state_dict, adapter_name=slot)
             if self.max_rank:
                 prepare_model_for_compiled_hotswap(self.peft, target_rank=self.max_rank, check_compiled="ignore")
