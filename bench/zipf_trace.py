@@ -318,6 +318,8 @@ def main(argv=None):
 
 # ---------------------------------------------------------------- plot
 COLORS = {"device": "#2ca02c", "cpu": "#1f77b4", "disk": "#d62728"}
+POLICY_COLORS = {"lru": "#9467bd", "lfu": "#8c564b", "lfu_history": "#e377c2", "lfu_aged": "#17becf",
+                 "static_oracle": "#bcbd22"}
 
 
 def plot(doc: dict, png: Path) -> None:
@@ -358,7 +360,7 @@ def plot(doc: dict, png: Path) -> None:
         ax2.bar(j - 2 * width, 1e3 * rs["lru"]["mean_prefill_s"], width, color="#7f7f7f",
                 label="always prefill" if j == 0 else None)
         for i, p in enumerate(pols):
-            ax2.bar(j + (i - 1) * width, 1e3 * rs[p]["mean_ttft_s"], width, color=plt.cm.tab10(i + 4),
+            ax2.bar(j + (i - 1) * width, 1e3 * rs[p]["mean_ttft_s"], width, color=POLICY_COLORS[p],
                     label=f"kvmem tiers, {p}" if j == 0 else None)
             ax2.text(j + (i - 1) * width, 1e3 * rs[p]["mean_ttft_s"], f"{1e3 * rs[p]['mean_ttft_s']:.0f}",
                      ha="center", va="bottom", fontsize=5.5, rotation=90)
@@ -366,17 +368,18 @@ def plot(doc: dict, png: Path) -> None:
                  ha="center", va="bottom", fontsize=5.5, rotation=90)
     ax2.set_xticks(range(len(groups)), [name(g) for g in groups], fontsize=8)
     ax2.set_ylabel("implied mean TTFT per request, ms")
+    ax2.set_ylim(0, 1.45 * max(1e3 * r["mean_prefill_s"] for r in head))
     ax2.set_title("implied mean TTFT (device 5%, CPU 20%)", fontsize=9)
-    ax2.legend(fontsize=7, loc="lower right")
+    ax2.legend(fontsize=7, loc="upper center", ncol=2)
     # 3. budget sweep at s=1.1: memory-tier hit rate (device + cpu) vs device budget, cpu = 4x device
     sweep = [r for r in rows if r["scenario"] == "static" and r["zipf_s"] == 1.1 and r["cpu_budget_frac"] > 0
              and r["device_budget_frac"] > 0]
     for i, p in enumerate(pols):
         rs = sorted((r for r in sweep if r["policy"] == p), key=lambda r: r["device_budget_frac"])
         ax3.plot([100 * r["device_budget_frac"] for r in rs], [r["hit_rate_memory"] for r in rs],
-                 marker="o", label=f"{p}: device + CPU", color=plt.cm.tab10(i + 4))
+                 marker="o", label=f"{p}: device + CPU", color=POLICY_COLORS[p])
         ax3.plot([100 * r["device_budget_frac"] for r in rs], [r["hit_rate_device"] for r in rs], marker="x",
-                 linestyle=":", color=plt.cm.tab10(i + 4), label=f"{p}: device")
+                 linestyle=":", color=POLICY_COLORS[p], label=f"{p}: device")
     ax3.set_xscale("log")
     ax3.set_xticks([1, 2, 5, 10, 20], ["1/4", "2/8", "5/20", "10/40", "20/80"])
     ax3.set_xlabel("device / CPU budget, % of all cube bytes")

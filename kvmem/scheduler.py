@@ -59,8 +59,8 @@ class MemScheduler:
         view: a `StoreView` (the disk tier), or any object with ``load_cube(memory_id, device=None)``.
         device: the model's device (the device tier).
         device_budget_bytes, cpu_budget_bytes: tier budgets.
-        policy: "lfu" (default: it kept 37-56% of a Zipf trace on the device tier where LRU kept 23-41%,
-            bench/zipf_trace.py) or "lru" eviction.
+        policy: "lfu" (default: it served 31-60% of a Zipf trace from the device tier where LRU served
+            19-50%, bench/zipf_trace.py) or "lru" eviction.
         promote_after: retrievals of a plaintext memory before it is built into a cube (0: never).
         builder: ``builder(memory_id) -> MemCube`` that builds and stores a memory's cube (needed to promote).
         background: promote in a worker thread instead of on the request's path.
