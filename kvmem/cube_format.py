@@ -99,7 +99,9 @@ def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.dev
         raise CubeError(f"{path} is {'empty' if size == 0 else f'only {size} bytes'}: not a cube "
                         "(a save that never finished, or the wrong file); rebuild it")
     try:
-        tensors = load_file(str(path), device="cpu")
+        # load_file maps the file lazily: copy into private memory so the bytes checksummed here are the bytes
+        # the model will read, whatever later happens to the file
+        tensors = {name: t.clone() for name, t in load_file(str(path), device="cpu").items()}
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except CubeError:
