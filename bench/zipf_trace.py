@@ -298,7 +298,8 @@ def main(argv=None):
                            / (len(trace) // phases) for i in range(phases)]}
                 rows.append(row)
                 print(f"{scenario:6s} s={s:.1f} dev {dev_frac:4.0%} cpu {cpu_frac:4.0%} {policy:13s} "
-                      f"device {row['hit_rate_device']:.3f} cpu {row['hit_rate_cpu']:.3f} disk {row['hit_rate_disk']:.3f}"
+                      f"device {row['hit_rate_device']:.3f} cpu {row['hit_rate_cpu']:.3f} "
+                      f"disk {row['hit_rate_disk']:.3f}"
                       f"  mean TTFT {1e3 * row['mean_ttft_s']:7.1f} ms vs prefill {1e3 * row['mean_prefill_s']:7.1f} ms"
                       f" ({row['ttft_vs_prefill']:.2f}x); GB/1000 req: disk {row['gb_per_1000_requests_disk_read']:.1f}"
                       f" cpu->dev {row['gb_per_1000_requests_cpu_to_device']:.1f}"
