@@ -59,15 +59,16 @@ class MemScheduler:
         view: a `StoreView` (the disk tier), or any object with ``load_cube(memory_id, device=None)``.
         device: the model's device (the device tier).
         device_budget_bytes, cpu_budget_bytes: tier budgets.
-        policy: "lfu" (default: it served 31-60% of a Zipf trace from the device tier where LRU served
-            19-50%, bench/zipf_trace.py) or "lru" eviction.
+        policy: "lru" (default) or "lfu". LFU keeps more of a steady Zipf trace on the device, but its per-tier
+            counts never decay: when popularity shifts its device hit rate collapsed (0.25 vs LRU's 0.49,
+            bench/zipf_trace.py drift scenario), so LRU is the safe default until LFU ages its counts.
         promote_after: retrievals of a plaintext memory before it is built into a cube (0: never).
         builder: ``builder(memory_id) -> MemCube`` that builds and stores a memory's cube (needed to promote).
         background: promote in a worker thread instead of on the request's path.
     """
 
     def __init__(self, view, *, device="cpu", device_budget_bytes: int = 2 * 2**30, cpu_budget_bytes: int = 8 * 2**30,
-                 policy: str = "lfu", promote_after: int = 3, builder: Callable | None = None,
+                 policy: str = "lru", promote_after: int = 3, builder: Callable | None = None,
                  background: bool = False):
         if policy not in POLICIES:
             raise CubeError(f"policy must be one of {POLICIES}, got {policy!r}")
