@@ -7,7 +7,7 @@ user turn with the question "Where does <first name> live?" or "What does <first
 start of the answer ("<full name> lives in" / "<full name> works as a"): the 135M model then answers the fact
 directly, and the first answer token's distribution is the fact's.
 
-    .venv/bin/python bench/compose_quality.py            # the full run (~15 min on 2 CPU cores)
+    .venv/bin/python bench/compose_quality.py            # the full run (~25 min on 2 idle CPU cores)
     .venv/bin/python bench/compose_quality.py --quick    # smoke run; writes nothing unless --out is given
 
 Methods (the cached part is built once per cube set; every question then prefills only its own tokens):
@@ -428,7 +428,7 @@ def plot(doc: dict, png: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cube-counts", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--questions", type=int, default=72, help="questions per cube count")
+    p.add_argument("--questions", type=int, default=60, help="questions per cube count")
     p.add_argument("--min-sets", type=int, default=2,
                    help="cube sets (seeds) per cube count, at least; more when one set has too few questions")
     p.add_argument("--people-per-cube", type=int, default=3, help="~78 tokens a person, ~15 of header")
