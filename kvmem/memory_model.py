@@ -16,6 +16,7 @@ from .adapter_bridge import DEFAULT_BUDGET_BYTES, AdapterBridge
 from .cache import base_model, cache_kwarg
 from .cube import MemCube
 from .errors import CubeError
+from .index import check_meta
 from .prefill import prefill
 from .timing import FirstTokenClock
 
@@ -174,6 +175,7 @@ class MemoryModel:
         import xxhash
 
         self._require_store()
+        meta = check_meta(meta)  # before the store write, so a bad meta leaves store and index as they were
         memory_id = memory_id or "m-" + xxhash.xxh3_64(text.encode()).hexdigest()[:12]
         rec = self.store.add(memory_id, text, meta)
         self.index.add(memory_id, text, rec.meta)

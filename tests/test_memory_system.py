@@ -269,6 +269,94 @@ def test_index_incremental_add_and_remove():
         index.search("x", k=0)
 
 
+def test_index_scores_follow_the_documented_recipe(hybrid_index):
+    """Default scoring = z-scored BM25 and best-sentence cosine mixed 0.1/0.9, recomputed here from the parts."""
+    from kvmem.index import split_sentences
+
+    index = kvmem.MemoryIndex(dense=True, device="cpu")
+    texts = {"long": "Busy week, the printer at the office jammed twice. Also, our kitten Miso learned to open "
+                     "doors! The weather was grey and the trains were late all week.",
+             **dict(CONVERSATION)}
+    for memory_id, text in texts.items():
+        index.add(memory_id, text)
+    q = "What is my cat called?"
+    got = index.scores(q)
+    encode = hybrid_index._encoder
+    qv = encode([q])[0]
+    best = torch.stack([(encode(split_sentences(t)) @ qv).max() for t in texts.values()])
+    assert torch.allclose(got["dense"], best, atol=1e-5)
+    whole = encode(list(texts.values())) @ qv
+    assert got["dense"][0] > whole[0] + 0.05  # the fact's sentence scores above its diluted whole turn
+    z = lambda s: (s - s.mean()) / s.std(correction=0)  # noqa: E731
+    assert torch.allclose(got["fused"], 0.1 * z(got["lexical"]) + 0.9 * z(best), atol=1e-4)
+    index.dense_unit = "memory"
+    assert torch.allclose(index.scores(q)["dense"], whole, atol=1e-5)
+
+
+def test_index_neighbor_bonus_follows_session_and_turn(hybrid_index):
+    index = kvmem.MemoryIndex(dense=True, device="cpu")
+    index._encoder = hybrid_index._encoder  # share the loaded model
+    rows = [("a2", "We named him Toast.", "s1", 2), ("b1", "Congratulations on the new puppy!", "s1", 3),
+            ("a1", "The bakery was closed today.", "s1", 1), ("c1", "I repainted the kitchen.", "s2", 4),
+            ("d1", "My knee hurts after running.", None, None)]
+    for memory_id, text, session, turn in rows:
+        index.add(memory_id, text, {} if session is None else {"session": session, "turn": turn})
+    q = "What did we call the puppy?"
+    index.neighbor_weight = 0.0
+    plain = index.scores(q)["fused"]
+    index.neighbor_weight = 0.2
+    bonus = index.scores(q)["fused"]
+    f = dict(zip(index._ids, plain.tolist()))
+    want = {"a1": max(0, f["a2"]), "a2": max(0, f["a1"], f["b1"]), "b1": max(0, f["a2"]), "c1": 0.0, "d1": 0.0}
+    for i, memory_id in enumerate(index._ids):  # neighbours by turn order within a session, not insertion order
+        assert bonus[i].item() == pytest.approx(f[memory_id] + 0.2 * want[memory_id], abs=1e-5), memory_id
+    index.remove("a2")  # a1 and b1 become neighbours
+    f = dict(zip(index._ids, _without_bonus(index, q).tolist()))
+    got = dict(zip(index._ids, index.scores(q)["fused"].tolist()))
+    assert got["a1"] == pytest.approx(f["a1"] + 0.2 * max(0, f["b1"]), abs=1e-5)
+
+
+def _without_bonus(index, q):
+    weight, index.neighbor_weight = index.neighbor_weight, 0.0
+    try:
+        return index.scores(q)["fused"]
+    finally:
+        index.neighbor_weight = weight
+
+
+def test_index_remove_and_replace_keep_embeddings_aligned(hybrid_index):
+    index = kvmem.MemoryIndex(dense=True, device="cpu")
+    index._encoder = hybrid_index._encoder
+    for memory_id, text in CONVERSATION:
+        index.add(memory_id, text)
+    index.search("warm up the embeddings")
+    index.remove("s3")
+    index.add("s1", "I bought a red bicycle. It has twelve gears.")  # replaced: re-embedded at the next search
+    fresh = kvmem.MemoryIndex(dense=True, device="cpu")
+    fresh._encoder = hybrid_index._encoder
+    for memory_id in index._ids:
+        fresh.add(memory_id, index._texts[index._ids.index(memory_id)])
+    q = "What kind of bike do I ride?"
+    assert torch.allclose(index.scores(q)["fused"], fresh.scores(q)["fused"], atol=1e-5)
+    assert index.search(q, k=1)[0][0] == "s1"
+    assert torch.allclose(index.memory_embeddings(), fresh.memory_embeddings(), atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"fusion": "max"}, "fusion must"), ({"dense_unit": "token"}, "dense_unit"),
+                                           ({"alpha": 1.5}, "alpha must"), ({"neighbor_weight": -0.1}, "neighbor_weight"),
+                                           ({"alpha": "0.5"}, "alpha must")])
+def test_index_rejects_bad_settings(kwargs, match):
+    with pytest.raises(kvmem.CubeError, match=match):
+        kvmem.MemoryIndex(dense=False, **kwargs)
+
+
+def test_index_rejects_bad_turn_meta():
+    index = kvmem.MemoryIndex(dense=False)
+    with pytest.raises(kvmem.CubeError, match="turn"):
+        index.add("m", "text", {"session": "s", "turn": "third"})
+    assert len(index) == 0
+
+
 def test_generate_auto_picks_serves_and_promotes(tmp_path, tokenizer):
     model = tiny_model("llama")
     mm = kvmem.wrap(model, tokenizer).attach(kvmem.CubeStore(tmp_path / "s").view("me"),
@@ -291,6 +379,10 @@ def test_generate_auto_picks_serves_and_promotes(tmp_path, tokenizer):
     assert any(r.kind == "memcube" and r.id != "s9" for r in mm.store.ls())
     with pytest.raises(kvmem.CubeError, match="no store"):
         kvmem.wrap(model, tokenizer).generate("x", cubes="auto")
+    n = len(mm.store.ls())
+    with pytest.raises(kvmem.CubeError, match=r"meta\['turn'\]"):
+        mm.remember("A memory with a bad turn.", "bad", meta={"session": "s", "turn": "3rd"})
+    assert len(mm.store.ls()) == n and mm.store.get("bad") is None and "bad" not in mm.index
 
 
 def test_generate_auto_prefetches_the_other_top_hits(tmp_path, tokenizer):
