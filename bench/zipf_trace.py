@@ -27,20 +27,17 @@ Scenarios: "static" (one popularity ranking for the whole trace, s = 1.0, 1.1, 1
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import random
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/_common.py, also when imported from elsewhere
 
-import kvmem  # noqa: E402
+import _common  # noqa: E402
 from kvmem import scheduler as sched_mod  # noqa: E402
 from kvmem.scheduler import MemScheduler  # noqa: E402
 
@@ -231,21 +228,7 @@ def summarise(served: list, trace: list, tokens: dict, table: dict, methods: dic
 
 
 def machine_facts() -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_cores": os.cpu_count(), "kvmem": kvmem.__version__, "git_sha": git("rev-parse", "HEAD"),
-            "git_dirty_paths": (git("status", "--porcelain", "--untracked-files=no") or "").splitlines()}
+    return _common.machine_facts(packages=("kvmem",))
 
 
 def main(argv=None):
