@@ -96,19 +96,11 @@ def build_adapter(
 
 def _inspect_adapter(cube_file: Path, as_json: bool):
     from .adapter import AdapterCube
-    from .errors import CubeError
 
-    try:
-        cube = AdapterCube.load(cube_file)
-    except CubeError as exc:
-        typer.echo(f"INVALID: {exc}", err=True)
-        raise typer.Exit(1)
+    cube = _load_or_exit(AdapterCube.load, cube_file)
     meta = cube.meta
-    if as_json:
-        typer.echo(json.dumps({**meta, "valid": True, "bytes": cube_file.stat().st_size}, indent=2))
-        return
     base = meta["base_fingerprint_fields"]["model"]
-    rows = [
+    _report(cube_file, meta, as_json, lambda: [
         ("file", f"{cube_file} ({cube_file.stat().st_size / 1e6:.2f} MB on disk)"),
         ("valid", "yes (format, version, checksum, weights digest)"),
         ("kind", "AdapterCube (parametric memory, LoRA)"),
@@ -119,8 +111,26 @@ def _inspect_adapter(cube_file: Path, as_json: bool):
         ("base", f"{base.get('model_type')} {base.get('architectures')}, fingerprint {cube.fingerprint}"),
         ("provenance", f"{meta.get('provenance')} (peft {meta.get('peft_version')})"),
         ("created", f"{meta.get('created')} by kvmem {meta.get('kvmem_version')}"),
-    ]
-    for key, value in rows:
+    ])
+
+
+def _load_or_exit(load, cube_file: Path):
+    """``load(cube_file)``, or print why the file is not a valid cube and exit 1."""
+    from .errors import CubeError
+
+    try:
+        return load(cube_file)
+    except CubeError as exc:
+        typer.echo(f"INVALID: {exc}", err=True)
+        raise typer.Exit(1)
+
+
+def _report(cube_file: Path, meta: dict, as_json: bool, rows) -> None:
+    """Print a valid cube's metadata as JSON, or the (key, value) pairs ``rows()`` gives as a table."""
+    if as_json:
+        typer.echo(json.dumps({**meta, "valid": True, "bytes": cube_file.stat().st_size}, indent=2))
+        return
+    for key, value in rows():
         typer.echo(f"{key:>12}  {value}")
 
 
@@ -134,24 +144,16 @@ def inspect(
     not)."""
     from .cube import MemCube
     from .cube_format import peek_format
-    from .errors import CubeError
 
     if cube_file.is_file() and peek_format(cube_file) == "kvmem.adaptercube":
         return _inspect_adapter(cube_file, as_json)
 
-    try:
-        cube = MemCube.load(cube_file)
-    except CubeError as exc:
-        typer.echo(f"INVALID: {exc}", err=True)
-        raise typer.Exit(1)
+    cube = _load_or_exit(MemCube.load, cube_file)
     meta = cube.meta
-    if as_json:
-        typer.echo(json.dumps({**meta, "valid": True, "bytes": cube_file.stat().st_size}, indent=2))
-        return
     model = meta["fingerprint_fields"]["model"]
     adapter = meta["fingerprint_fields"].get("adapter")
     text = (meta.get("text") or "").replace("\n", " ")
-    rows = [
+    _report(cube_file, meta, as_json, lambda: [
         ("file", f"{cube_file} ({cube_file.stat().st_size / 1e6:.1f} MB on disk)"),
         ("valid", "yes (format, version, checksum, shapes, dtypes)"),
         ("kind", "MemCube (activation memory)"),
@@ -167,9 +169,7 @@ def inspect(
         ("tokenizer", meta["fingerprint_fields"].get("tokenizer") or "(not recorded)"),
         ("adapter", json.dumps(adapter) if adapter else "none"),
         ("created", f"{meta.get('created')} by kvmem {meta.get('kvmem_version')}"),
-    ]
-    for key, value in rows:
-        typer.echo(f"{key:>12}  {value}")
+    ])
 
 
 @app.command()
