@@ -12,10 +12,11 @@ tier at that memory length, from bench/results/ttft_cpu.json (kvmem_device / kvm
 kvmem_disk, and full_prefill for "always prefill"; linear in memory length between the measured lengths). Without
 that file, placeholder costs are used and every row says so.
 
-Besides kvmem's LRU and LFU, prototypes and a reference run on the same trace (not in kvmem):
-    lfu_history     LFU whose use counts are shared by the tiers and survive moves and evictions (kvmem's LFU
-                    counts per tier: a cube promoted from CPU to device, or demoted, starts again at 1)
-    lfu_aged        lfu_history, with every count halved each AGE_EVERY requests (old popularity fades)
+Policies (all kvmem's MemScheduler, promote_after=0) and a reference on the same trace:
+    lru             policy="lru"
+    lfu             policy="lfu" as shipped: one count per request shared by the tiers and kept across moves
+                    and evictions, every count halved each lfu_halve_every=1000 requests (2x the memories here)
+    lfu_no_aging    policy="lfu", lfu_halve_every=0: counts never fade
     static_oracle   the memories with the highest true request probability per byte pinned in device, then CPU
                     memory: about the best any policy can do on an independent-reference trace
 Scenarios: "static" (one popularity ranking for the whole trace, s = 1.0, 1.1, 1.2; budget sweep at 1.1) and
@@ -38,12 +39,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))  # bench/_common.py, also when imported from elsewhere
 
 import _common  # noqa: E402
-from kvmem import scheduler as sched_mod  # noqa: E402
 from kvmem.scheduler import MemScheduler  # noqa: E402
 
 BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4   # 46,080: SmolLM2-135M, float32 K and V
 TIERS = ("device", "cpu", "disk")
-AGE_EVERY = 1000  # lfu_aged: requests between halvings of all use counts (2x the number of memories here)
 # Placeholder TTFT seconds (used only without bench/results/ttft_cpu.json): a + b * tokens per method.
 PLACEHOLDER = {"full_prefill": (0.02, 60e-6), "kvmem_device": (0.02, 2e-6), "kvmem_cpu": (0.02, 2e-6),
                "kvmem_disk": (0.02, 6e-6)}
@@ -110,29 +109,11 @@ def make_trace(probs: dict, n: int, seed: int, *, phases: int = 1) -> tuple[list
 
 
 # ---------------------------------------------------------------- policies
-class _HistoryTier(sched_mod._Tier):
-    """A tier whose LFU counts are shared by all tiers and kept after eviction (prototype, not in kvmem)."""
-
-    def __init__(self, name, budget, policy, history: Counter):
-        super().__init__(name, budget, "lfu")
-        self.uses = history
-
-    def pop(self, key):
-        self.sizes.pop(key)
-        return self.items.pop(key)  # the count stays in the shared history
-
-
 def make_scheduler(policy: str, view, device_budget: int, cpu_budget: int) -> MemScheduler:
-    if policy in ("lru", "lfu"):
-        return MemScheduler(view, device_budget_bytes=device_budget, cpu_budget_bytes=cpu_budget, policy=policy,
-                            promote_after=0)
-    if policy in ("lfu_history", "lfu_aged"):
-        s = MemScheduler(view, device_budget_bytes=device_budget, cpu_budget_bytes=cpu_budget, policy="lfu",
-                         promote_after=0)
-        history = Counter()
-        s.tiers = {name: _HistoryTier(name, t.budget, "lfu", history) for name, t in s.tiers.items()}
-        return s
-    raise ValueError(policy)
+    kwargs = {"lru": {"policy": "lru"}, "lfu": {"policy": "lfu"},
+              "lfu_no_aging": {"policy": "lfu", "lfu_halve_every": 0}}[policy]
+    return MemScheduler(view, device_budget_bytes=device_budget, cpu_budget_bytes=cpu_budget, promote_after=0,
+                        **kwargs)
 
 
 def static_oracle(probs: dict, sizes_bytes: dict, device_budget: int, cpu_budget: int) -> dict:
@@ -165,10 +146,6 @@ def replay(policy: str, trace: list, drawn_from: list, sizes_bytes: dict, device
         before = {t: sched.counters[f"hits_{t}"] for t in TIERS}
         assert sched.get(m) is not None
         served.append(next(t for t in TIERS if sched.counters[f"hits_{t}"] > before[t]))
-        if policy == "lfu_aged" and (i + 1) % AGE_EVERY == 0:  # old popularity fades: halve every count
-            history = sched.tiers["device"].uses
-            for key in list(history):
-                history[key] //= 2
         for tier in sched.tiers.values():  # the budgets are hard limits
             assert tier.used <= tier.budget
     return served, {k: sched.counters[k] for k in ("bytes_disk_read", "bytes_cpu_to_device")}
@@ -252,7 +229,7 @@ def main(argv=None):
     if not Path(args.ttft).exists():
         print("WARNING: no measured TTFT file; the TTFT numbers below are PLACEHOLDERS, not measurements")
 
-    policies = ("lru", "lfu", "lfu_history", "lfu_aged", "static_oracle")
+    policies = ("lru", "lfu", "lfu_no_aging", "static_oracle")
     headline = (0.05, 0.20)
     sweep = [(0.01, 0.04), (0.02, 0.08), (0.05, 0.20), (0.10, 0.40), (0.20, 0.80), (0.05, 0.0), (0.0, 0.20)]
     lo_len = min(n for v in table.values() for n, _ in v)
@@ -302,7 +279,7 @@ def main(argv=None):
 
 # ---------------------------------------------------------------- plot
 COLORS = {"device": "#2ca02c", "cpu": "#1f77b4", "disk": "#d62728"}
-POLICY_COLORS = {"lru": "#9467bd", "lfu": "#8c564b", "lfu_history": "#e377c2", "lfu_aged": "#17becf",
+POLICY_COLORS = {"lru": "#9467bd", "lfu": "#17becf", "lfu_no_aging": "#8c564b",
                  "static_oracle": "#bcbd22"}
 
 
@@ -312,7 +289,7 @@ def plot(doc: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = doc["rows"]
-    pols = ["lru", "lfu", "lfu_history", "lfu_aged", "static_oracle"]
+    pols = ["lru", "lfu", "lfu_no_aging", "static_oracle"]
     head = [r for r in rows if r["device_budget_frac"] == 0.05 and r["cpu_budget_frac"] == 0.20]
     groups = sorted({(r["scenario"], r["zipf_s"]) for r in head}, key=lambda g: (g[0] != "static", g[1]))
     name = lambda g: f"zipf s={g[1]}" if g[0] == "static" else f"drift, s={g[1]}"  # noqa: E731

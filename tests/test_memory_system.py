@@ -189,6 +189,39 @@ def test_lru_and_lfu_evict_what_they_should():
     assert set(lfu.tiers["device"].items) == {"a", "c"}
 
 
+def test_lfu_counts_fade_and_follow_the_cube():
+    sizes = {k: 10 for k in "abcdef"}
+    trace = "a" * 8 + "bc" * 6
+    kept = {}
+    for halve_every in (0, 4):
+        sched = MemScheduler(FakeView(sizes), device_budget_bytes=20, cpu_budget_bytes=0, policy="lfu",
+                             lfu_halve_every=halve_every)
+        for key in trace:
+            sched.get(key)
+        kept[halve_every] = set(sched.tiers["device"].items)
+    assert kept[0] == {"a", "c"}  # counts that never fade: a, hot long ago, holds its slot for ever
+    assert kept[4] == {"b", "c"}  # halved counts: the slot goes to what is requested now
+    # one count per request, shared by the tiers: a demoted cube keeps its history, misses count nothing
+    sched = MemScheduler(FakeView(sizes), device_budget_bytes=10, cpu_budget_bytes=20, policy="lfu",
+                         lfu_halve_every=0)
+    for key in "aaab":
+        sched.get(key)
+    assert sched.uses == {"a": 3, "b": 1}
+    assert "a" in sched.tiers["cpu"].items and "b" in sched.tiers["device"].items  # b pushed a down
+    sched.get("a")  # a CPU hit goes back up; b (1 use) is the victim, not a (4)
+    assert sched.uses["a"] == 4 and "a" in sched.tiers["device"].items and "b" in sched.tiers["cpu"].items
+    sched.get("absent")
+    assert "absent" not in sched.uses
+    sched.forget("a")
+    assert "a" not in sched.uses
+    aged = MemScheduler(FakeView(sizes), device_budget_bytes=10, cpu_budget_bytes=0, lfu_halve_every=2)
+    for key in "abcdef":
+        aged.get(key)
+    assert len(aged.uses) <= 2  # counts halved to zero are dropped: the table stays small
+    with pytest.raises(kvmem.CubeError, match="lfu_halve_every"):
+        MemScheduler(FakeView(sizes), lfu_halve_every=-1)
+
+
 def test_demotion_and_oversized_items():
     view = FakeView({"huge": 100, "big": 50, "a": 10, "b": 10, "c": 10})
     sched = MemScheduler(view, device_budget_bytes=20, cpu_budget_bytes=60)
