@@ -33,7 +33,7 @@ def test_rerotated_keys_equal_transformers_rope(family, rope):
     anchor = random_ids(4, seed=9)
     cubes = [kvmem.MemCube.from_ids(model, random_ids(n, seed=s), anchor_ids=anchor)
              for n, s in ((13, 1), (21, 2), (7, 3))]
-    prefix = kvmem.prefill(model, cubes)
+    prefix = kvmem.prefill(model, cubes, recompute="none")
     assert prefix.spans == [(4, 17), (17, 38), (38, 45)]
     with torch.no_grad():
         expected = _layer0_keys(model, prefix.input_ids)
@@ -100,6 +100,20 @@ def test_full_recompute_budget_equals_full_prefill(family, mode, budget):
     torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
     none, _ = _composed_logits(model, cubes, query, recompute="none")
     assert (none - full).abs().max() > 1e-3  # the pure splice really is approximate here: the test can tell
+
+
+def test_default_recompute_is_the_documented_leading_budget(llama):
+    from kvmem.prefill import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
+
+    assert (DEFAULT_RECOMPUTE, RECOMPUTE_MODES[DEFAULT_RECOMPUTE][0]) == ("leading", 32)
+    anchor = random_ids(2, seed=1)
+    cubes = [kvmem.MemCube.from_ids(llama, random_ids(n, seed=s), anchor_ids=anchor) for n, s in ((40, 2), (50, 3), (20, 4))]
+    default = kvmem.prefill(llama, cubes)
+    explicit = kvmem.prefill(llama, cubes, recompute="leading", budget=32)
+    assert default.recomputed == 32 + 20  # every later cube's first 32 tokens (all of a shorter one)
+    for (k, v), (k2, v2) in zip(kv_from_cache(default.cache), kv_from_cache(explicit.cache)):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+    assert kvmem.prefill(llama, cubes[:1]).recomputed == 0  # one cube is exact: nothing to recompute
 
 
 def test_partial_recompute_touches_only_chosen_tokens(llama):
