@@ -32,6 +32,7 @@ question + argmax (full: forward of the whole prompt + argmax); medians after wa
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import random
@@ -363,18 +364,16 @@ def plot(doc: dict, png: str) -> None:
                     error_kw={"elinewidth": 0.8, "alpha": 0.6})
         full = by[("full", n)]["accuracy"]
         axes[0].hlines(0.95 * full, -0.5, len(methods) - 0.5, colors=colors[j % 4], linestyles=":", linewidth=1)
-        axes[1].bar(xs, [max(by[(m, n)]["mean_kl"], 1e-6) for m in methods], width, color=colors[j % 4],
-                    label=f"{n} cubes")
+        axes[1].bar(xs, [by[(m, n)]["mean_kl"] for m in methods], width, color=colors[j % 4], label=f"{n} cubes")
     nq = ", ".join(f"{n}: {by[('full', n)]['n_questions']}" for n in counts)
     for ax, title in ((axes[0], f"answer accuracy (95% Wilson CI; dotted: 95% of full)\nquestions per cube count {nq}"),
-                      (axes[1], "mean KL(full || method), first answer token (nats, log)")):
+                      (axes[1], "mean KL(full || method), first answer token (nats; full is 0)")):
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=40, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
     axes[0].set_ylim(0, 1.15)
-    axes[1].set_yscale("log")
     if ttft:
         names = [r["method"] for r in ttft]
         med = [1e3 * r["median_s"] for r in ttft]
@@ -402,6 +401,23 @@ def plot(doc: dict, png: str) -> None:
     plt.close(fig)
 
 
+def redo_from_json(path: Path) -> int:
+    """Tables, targets (for today's RECOMPUTE_MODES defaults) and plot of a saved run, without running it."""
+    doc = json.loads(path.read_text())
+    print_tables(doc["rows"], doc["ttft_rows"])
+    tg = targets(doc["rows"], doc["ttft_rows"])
+    if json.loads(json.dumps(tg)) != doc.get("targets"):
+        doc["targets"] = tg
+        doc["targets_note"] = (f"recomputed by --from-json on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} "
+                               f"for the defaults of that day (default recompute {DEFAULT_RECOMPUTE!r}); the "
+                               "measurements are unchanged")
+    print("\ntargets (default budgets):", json.dumps(tg, indent=1))
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    plot(doc, str(path.with_suffix(".png")))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cube-counts", type=int, nargs="+", default=[2, 4, 8])
@@ -425,7 +441,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--show", type=int, default=0, help="print the first SHOW answers of every method")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes; writes nothing unless --out")
+    p.add_argument("--from-json", default=None, metavar="PATH",
+                   help="no run: print the tables of a saved result, recompute its targets for the current "
+                        "defaults, and redraw its plot (both written back to PATH)")
     args = p.parse_args(argv)
+    if args.from_json:
+        return redo_from_json(Path(args.from_json))
     if args.quick:
         args.cube_counts, args.min_sets, args.questions = [2, 4], 1, 3
         args.people_per_cube, args.leading, args.selective = 2, [8], [0.15]
