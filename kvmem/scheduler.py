@@ -36,11 +36,12 @@ class _Tier:
         self.name, self.budget, self.policy = name, budget, policy
         self.items: OrderedDict[str, object] = OrderedDict()  # least recently used first
         self.sizes: dict[str, int] = {}
+        self.used = 0     # bytes held: sum(sizes.values()), kept as items come and go
         self.uses = uses  # the scheduler's: one count per request, shared by the tiers
 
-    @property
-    def used(self) -> int:
-        return sum(self.sizes.values())
+    def add(self, key: str, cube, size: int) -> None:
+        self.items[key], self.sizes[key] = cube, size
+        self.used += size
 
     def touch(self, key: str) -> None:
         self.items.move_to_end(key)
@@ -52,7 +53,7 @@ class _Tier:
         return min(self.items, key=lambda k: (self.uses[k], order[k]))  # fewest uses, then least recent
 
     def pop(self, key: str):
-        self.sizes.pop(key)
+        self.used -= self.sizes.pop(key)
         return self.items.pop(key)
 
 
@@ -110,8 +111,7 @@ class MemScheduler:
                 if nxt < len(names):  # demote rather than drop, if the next tier can take it
                     self._place(victim, self._move(evicted, names[nxt]), tier_size(evicted), names[nxt])
                     self.counters["demotions"] += 1
-            tier.items[key] = cube
-            tier.sizes[key] = size
+            tier.add(key, cube, size)
             tier.touch(key)
             return name
         return None

@@ -161,7 +161,7 @@ def test_budgets_hold_under_random_trace(policy):
         cube = sched.get(key)
         assert (cube is None) == (key == "absent")
         for tier in sched.tiers.values():
-            assert tier.used <= tier.budget
+            assert tier.used == sum(tier.sizes.values()) <= tier.budget
     stats = sched.stats()
     assert stats["hits_device"] > stats["hits_disk"] > 0 and stats["misses"] > 0
     assert abs(sum(stats[f"hit_rate_{t}"] for t in ("device", "cpu", "disk")) + stats["misses"] / 3000 - 1) < 1e-9
