@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -54,3 +55,17 @@ def machine_facts(*, packages=("torch", "transformers", "kvmem"), model=None, **
             facts["gpu"] = torch.cuda.get_device_name(p.device)
     facts.update(extra)
     return facts
+
+
+def write_results(doc: dict, out, plot=None, png=None) -> None:
+    """Write ``doc`` as JSON to ``out`` (folders made) and, with ``plot``, ``plot(doc, png)`` next to it
+    (default: the same name with .png); prints what was written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    written = [out]
+    if plot is not None:
+        png = Path(png) if png else out.with_suffix(".png")
+        plot(doc, str(png))
+        written.append(png)
+    print("wrote " + " and ".join(map(str, written)))

@@ -412,9 +412,7 @@ def redo_from_json(path: Path) -> int:
                                f"for the defaults of that day (default recompute {DEFAULT_RECOMPUTE!r}); the "
                                "measurements are unchanged")
     print("\ntargets (default budgets):", json.dumps(tg, indent=1))
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    plot(doc, str(path.with_suffix(".png")))
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    _common.write_results(doc, path, plot)
     return 0
 
 
@@ -480,13 +478,7 @@ def main(argv=None) -> int:
     if out:
         doc = {"machine": facts, "args": vars(args), "targets": tg, "rows": rows, "ttft_rows": ttft,
                "full_prefix_checks": checks, "questions": records}
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {out}")
-        if rows:
-            png = str(Path(out).with_suffix(".png"))
-            plot(doc, png)
-            print(f"wrote {png}")
+        _common.write_results(doc, out, plot if rows else None)
     return 0
 
 

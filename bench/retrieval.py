@@ -1147,9 +1147,7 @@ def main(argv=None):
            "temporal_cue": TEMPORAL_CUE.pattern, "alphas": ALPHAS, "alpha_sweeps_recall@10": sweeps, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
-    plot(doc, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    _common.write_results(doc, out, plot)
 
 
 def plot(doc: dict, png: Path) -> None:

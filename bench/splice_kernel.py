@@ -331,12 +331,7 @@ def main(argv=None) -> int:
                "note": "GB/s = (bytes read + bytes written) / median seconds. splice_triton is timed on CUDA only; "
                        "TRITON_INTERPRET=1 on CPU is a correctness tool and is never timed.",
                "rows": rows}
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {out}")
-        png = str(Path(out).with_suffix(".png"))
-        plot(doc, png)
-        print(f"wrote {png}")
+        _common.write_results(doc, out, plot)
     return 0
 
 

@@ -272,9 +272,7 @@ def main(argv=None):
            "memories_outside_measured_lengths": outside, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
-    plot(doc, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    _common.write_results(doc, out, plot)
 
 
 # ---------------------------------------------------------------- plot
