@@ -202,9 +202,10 @@ class MemoryIndex:
         embedding the ones added since the last call in one batch."""
         if self._layout is not None:
             return self._layout
-        fresh = [m for m in self._ids if m not in self._vectors]
+        fresh = [(m, t) for m, t in zip(self._ids, self._texts) if m not in self._vectors]
         if fresh:
-            units = {m: [self._texts[self._ids.index(m)]] for m in fresh}
+            units = {m: [t] for m, t in fresh}
+            fresh = [m for m, _ in fresh]
             for m, u in units.items():
                 sentences = split_sentences(u[0])
                 u.extend(sentences if len(sentences) > 1 else [])
