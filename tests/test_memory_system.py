@@ -375,6 +375,43 @@ def test_index_remove_and_replace_keep_embeddings_aligned(hybrid_index):
     assert torch.allclose(index.memory_embeddings(), fresh.memory_embeddings(), atol=1e-6)
 
 
+def _count_encodes(index):
+    calls, encode = [], index._encoder.model.encode
+    index._encoder.model.encode = lambda texts, **kw: (calls.append(list(texts)), encode(texts, **kw))[1]
+    return calls
+
+
+def test_index_embeddings_persist_in_the_store(tmp_path):
+    import sqlite3
+
+    view = kvmem.CubeStore(tmp_path / "s").view("me")
+    for memory_id, text in CONVERSATION:
+        view.add(memory_id, text)
+    q = "Which city do I live in now?"
+    first = kvmem.MemoryIndex.from_store(view, device="cpu")
+    embedded = _count_encodes(first)
+    want = first.scores(q)["fused"]
+    assert (tmp_path / "s" / "embeddings.sqlite").is_file()
+    assert len(first._encoder.cache) == len({t for batch in embedded[:-1] for t in batch}) > len(CONVERSATION)
+
+    second = kvmem.MemoryIndex.from_store(view, device="cpu")  # a new process would do the same
+    embedded = _count_encodes(second)
+    assert torch.allclose(second.scores(q)["fused"], want, atol=1e-6)
+    assert embedded == [[q]]  # only the query: every memory vector came from the cache
+
+    from kvmem.embedding_cache import text_key
+    with sqlite3.connect(tmp_path / "s" / "embeddings.sqlite") as db:  # a damaged row is recomputed, not trusted
+        db.execute("UPDATE embeddings SET vec = x'0000' WHERE key = ?", (text_key(CONVERSATION[2][1]),))
+    third = kvmem.MemoryIndex.from_store(view, device="cpu")
+    embedded = _count_encodes(third)
+    assert torch.allclose(third.scores(q)["fused"], want, atol=1e-6)
+    assert embedded == [[CONVERSATION[2][1]], [q]]
+
+    (tmp_path / "junk.sqlite").write_bytes(b"this is not a database" * 200)
+    with pytest.raises(kvmem.CubeError, match="embedding cache .*junk.sqlite"):
+        kvmem.MemoryIndex(dense=True, device="cpu", embedding_cache=tmp_path / "junk.sqlite")
+
+
 @pytest.mark.parametrize("kwargs, match", [({"fusion": "max"}, "fusion must"), ({"dense_unit": "token"}, "dense_unit"),
                                            ({"alpha": 1.5}, "alpha must"), ({"neighbor_weight": -0.1}, "neighbor_weight"),
                                            ({"alpha": "0.5"}, "alpha must")])

@@ -1,0 +1,105 @@
+"""EmbeddingCache: sentence embeddings kept on disk, so an index rebuilt over a store does not re-embed it.
+
+One SQLite file (WAL mode, every call its own short transaction, so several processes can share it), one row
+per (encoder, text): the key is the xxh3-128 digest of the UTF-8 text, the value the float32 vector. The
+encoder id names the model and a digest of its files, so vectors of another model are never mixed in.
+Embeddings are derived data: a row whose blob has the wrong length is ignored (and rewritten); an unreadable
+cache file raises a `CubeError` that names it, and deleting the file only costs re-embedding.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CubeError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS embeddings (
+    encoder TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    vec     BLOB NOT NULL,
+    PRIMARY KEY (encoder, key)
+) WITHOUT ROWID;
+"""
+_CHUNK = 500  # keys per SELECT (SQLite's bound-parameter limit is 999 on old builds)
+
+
+def text_key(text: str) -> str:
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(text.encode("utf-8"))
+
+
+def encoder_id(model_dir: Path, name: str) -> str:
+    """``name@digest``: the digest covers the model's config files and the sizes of its weight files."""
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    for f in sorted(p for p in Path(model_dir).rglob("*") if p.is_file()):
+        h.update(f.relative_to(model_dir).as_posix().encode())
+        h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
+    return f"{name}@{h.hexdigest()}"
+
+
+class EmbeddingCache:
+    """Vectors of ``dim`` float32 values for texts, per encoder, in the SQLite file ``path``."""
+
+    def __init__(self, path: str | Path, encoder: str, dim: int):
+        self.path, self.encoder, self.dim = Path(path).expanduser(), encoder, int(dim)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._connect() as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise CubeError(f"embedding cache {self.path} is not a readable SQLite file ({exc}); delete it and it "
+                            "is rebuilt (it only holds embeddings, which are recomputed)") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        db.execute("PRAGMA busy_timeout=60000")
+        return db
+
+    def get_many(self, texts: list[str]) -> dict[int, np.ndarray]:
+        """{position in ``texts``: vector} for the texts the cache holds a well-formed vector of."""
+        keys = [text_key(t) for t in texts]
+        found: dict[str, bytes] = {}
+        db = self._connect()
+        try:
+            unique = list(dict.fromkeys(keys))
+            for i in range(0, len(unique), _CHUNK):
+                chunk = unique[i:i + _CHUNK]
+                rows = db.execute(f"SELECT key, vec FROM embeddings WHERE encoder=? AND key IN "
+                                  f"({','.join('?' * len(chunk))})", (self.encoder, *chunk)).fetchall()
+                found.update(rows)
+        finally:
+            db.close()
+        out = {}
+        for i, k in enumerate(keys):
+            blob = found.get(k)
+            if blob is not None and len(blob) == 4 * self.dim:  # anything else is ignored and rewritten
+                out[i] = np.frombuffer(blob, dtype=np.float32)
+        return out
+
+    def put_many(self, texts: list[str], vectors: np.ndarray) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(texts), self.dim):
+            raise CubeError(f"expected {len(texts)} x {self.dim} vectors, got {tuple(vectors.shape)}")
+        rows = [(self.encoder, text_key(t), v.tobytes()) for t, v in zip(texts, vectors)]
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT OR REPLACE INTO embeddings (encoder, key, vec) VALUES (?, ?, ?)", rows)
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    def __len__(self) -> int:
+        db = self._connect()
+        try:
+            return db.execute("SELECT COUNT(*) FROM embeddings WHERE encoder=?", (self.encoder,)).fetchone()[0]
+        finally:
+            db.close()
