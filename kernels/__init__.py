@@ -4,6 +4,7 @@ The reference is the CPU path and the test oracle. Triton is imported lazily, in
 importing kvmem never touches CUDA or needs Triton installed.
 """
 
-from .splice import rotation_tables, splice, splice_reference, splice_triton
+from .rotation import rotation_tables
+from .splice import splice, splice_reference, splice_triton
 
 __all__ = ["rotation_tables", "splice", "splice_reference", "splice_triton"]

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .splice import rotation_tables
+from .rotation import rotation_tables
 
 
 @triton.jit

@@ -19,18 +19,11 @@ layers and heads. `splice` picks Triton on CUDA when it is installed, the refere
 from __future__ import annotations
 
 import os
-from typing import Sequence
-
 import torch
 
+from .rotation import rotation_tables
+
 Tensor = torch.Tensor
-
-
-def rotation_tables(delta: Sequence[int], inv_freq: Tensor, device=None) -> tuple[Tensor, Tensor]:
-    """cos, sin [N, rotary_dim // 2] float32 of delta[c] * inv_freq, computed in float64 (exact angles)."""
-    d = torch.as_tensor(list(delta), dtype=torch.float64).reshape(-1, 1)
-    angle = d * inv_freq.detach().to("cpu", torch.float64).reshape(1, -1)
-    return angle.cos().float().to(device), angle.sin().float().to(device)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
@@ -91,7 +84,7 @@ def splice_triton(dst_k: Tensor, dst_v: Tensor, src_k, src_v, *, src_start, dst_
                   inv_freq: Tensor, interleaved: bool = False, block_t: int = 32) -> None:
     """The same as `splice_reference`, in one Triton launch. All tensors on one device (CPU only under
     TRITON_INTERPRET=1); sources contiguous and of one dtype."""
-    from ._splice_triton import launch
+    from ._splice_triton import launch  # lazy: importing kvmem never imports Triton
 
     _check(dst_k, dst_v, src_k, src_v, src_start, dst_start, length, delta, inv_freq)
     launch(dst_k, dst_v, src_k, src_v, src_start=src_start, dst_start=dst_start, length=length, delta=delta,

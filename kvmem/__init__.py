@@ -4,17 +4,16 @@ Activation memory (MemCube: a saved KV cache spliced into the model's cache at p
 (LoRA AdapterCubes) and plaintext memory (an index choosing cubes) to follow. See README.md.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
+from .errors import CubeError, FingerprintMismatch
+from .cube import MemCube
+from .prefill import Prefix, prefill
+from .adapter import AdapterCube
+from .memory_model import GenerationReport, MemoryModel, wrap
+from .index import MemoryIndex
+from .scheduler import MemScheduler
+from .store import CubeStore, StoreView
 
-from .errors import CubeError, FingerprintMismatch  # noqa: E402
-from .cube import MemCube  # noqa: E402
-from .prefill import Prefix, prefill  # noqa: E402
-from .adapter import AdapterCube  # noqa: E402
-from .memory_model import MemoryModel, wrap  # noqa: E402
-from .index import MemoryIndex  # noqa: E402
-from .scheduler import MemScheduler  # noqa: E402
-from .store import CubeStore, StoreView  # noqa: E402
-
-__all__ = ["CubeError", "FingerprintMismatch", "MemCube", "AdapterCube", "Prefix", "prefill", "MemoryModel", "wrap",
+__all__ = ["CubeError", "FingerprintMismatch", "MemCube", "AdapterCube", "Prefix", "prefill", "MemoryModel", "GenerationReport", "wrap",
            "MemoryIndex", "MemScheduler", "CubeStore", "StoreView",
            "__version__"]

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import xxhash
 
-from . import __version__
-from .cache import base_model
+from ._version import __version__
+from .modelinfo import base_model
 from .cube_format import read_cube_file, write_cube_file
 from .errors import CubeError
 from .fingerprint import adapter_config_facts, check_fields, fingerprint_fields, fingerprint_id

@@ -12,11 +12,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-
-def base_model(model):
-    """The transformers model under a PEFT wrapper (or ``model`` itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+from .modelinfo import base_model
 
 
 def cache_kwarg(model) -> str:

@@ -51,7 +51,7 @@ def build(
     anchor: Optional[str] = typer.Option(None, help="Explicit anchor text (overrides --chat)."),
 ):
     """Turn a text file into a MemCube (its KV cache), with a progress bar for long texts."""
-    from . import wrap
+    from .memory_model import wrap
     from .cube import MemCube
     from .errors import CubeError
 
@@ -232,7 +232,7 @@ def add(
     try:
         rec = view.add(memory_id, text)
         if cube:
-            from . import wrap
+            from .memory_model import wrap
 
             m, tok = _load_model(model, "float32")
             built = wrap(m, tok).build_cube(text, name=memory_id, progress=True)

@@ -16,11 +16,12 @@ import torch
 import xxhash
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .cache import cache_kwarg, kv_from_cache, output_cache
 from .cube_format import read_cube_file, write_cube_file
 from .errors import CubeError
 from .fingerprint import fingerprint_fields, fingerprint_id
+from .modelinfo import model_device, text_config
 
 FORMAT = "kvmem.memcube"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
@@ -66,7 +67,7 @@ def compute_kv(model, ids: torch.Tensor, *, chunk_size: int = 2048, progress: bo
     """
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = ids.to(device)[None]
     n = ids.shape[1]
     cache = DynamicCache()  # no config: every layer keeps all tokens, sliding-window layers included
@@ -123,7 +124,7 @@ class MemCube:
             raise CubeError("input_ids is empty: a cube needs at least one token of memory")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise CubeError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        vocab = model.config.get_text_config(decoder=True).vocab_size
+        vocab = text_config(model).vocab_size
         all_ids = torch.cat([anchor_t, ids])
         if vocab and (int(all_ids.min()) < 0 or int(all_ids.max()) >= vocab):
             raise CubeError(f"token ids must lie in [0, {vocab}) for this model; got min {int(all_ids.min())}, "

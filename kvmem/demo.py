@@ -26,15 +26,16 @@ def run_demo(*, question: str = DEFAULT_QUESTION, max_new_tokens: int = 24, repe
     """Run the demo; returns its numbers (also printed through ``echo``)."""
     from transformers.utils import logging
 
-    import kvmem
-    from kvmem.real_model import cache_root, load_smollm2
+    from .cube import MemCube
+    from .memory_model import wrap
+    from .real_model import cache_root, load_smollm2
 
     logging.set_verbosity_error()
     torch.manual_seed(0)
     echo("kvmem demo: SmolLM2-135M-Instruct on " + ("cuda" if torch.cuda.is_available() else "cpu"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_smollm2(device=device)
-    mm = kvmem.wrap(model, tokenizer)
+    mm = wrap(model, tokenizer)
     notes = bundled_notes()
 
     t = time.perf_counter()
@@ -43,7 +44,7 @@ def run_demo(*, question: str = DEFAULT_QUESTION, max_new_tokens: int = 24, repe
     path = Path(cube_dir or cache_root() / "demo") / "team-notes.safetensors"
     cube.save(path)
     t = time.perf_counter()
-    cube = kvmem.MemCube.load(path)
+    cube = MemCube.load(path)
     load_s = time.perf_counter() - t
     echo(f"built cube {cube.name!r}: {cube.num_tokens} tokens, {cube.nbytes / 1e6:.0f} MB, in {build_s:.1f} s; "
          f"saved to {path} and reloaded (validated) in {load_s * 1e3:.0f} ms")

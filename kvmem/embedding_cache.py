@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CubeError
+from .sqlite_db import connect, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS embeddings (
@@ -58,25 +59,20 @@ class EmbeddingCache:
             raise CubeError(f"embedding cache {self.path} is not a readable SQLite file ({exc}); delete it and it "
                             "is rebuilt (it only holds embeddings, which are recomputed)") from None
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        db.execute("PRAGMA busy_timeout=60000")
-        return db
+    def _connect(self):
+        return connect(self.path)
 
     def get_many(self, texts: list[str]) -> dict[int, np.ndarray]:
         """{position in ``texts``: vector} for the texts the cache holds a well-formed vector of."""
         keys = [text_key(t) for t in texts]
         found: dict[str, bytes] = {}
-        db = self._connect()
-        try:
-            unique = list(dict.fromkeys(keys))
+        unique = list(dict.fromkeys(keys))
+        with self._connect() as db:
             for i in range(0, len(unique), _CHUNK):
                 chunk = unique[i:i + _CHUNK]
                 rows = db.execute(f"SELECT key, vec FROM embeddings WHERE encoder=? AND key IN "
                                   f"({','.join('?' * len(chunk))})", (self.encoder, *chunk)).fetchall()
                 found.update(rows)
-        finally:
-            db.close()
         out = {}
         for i, k in enumerate(keys):
             blob = found.get(k)
@@ -89,17 +85,9 @@ class EmbeddingCache:
         if vectors.shape != (len(texts), self.dim):
             raise CubeError(f"expected {len(texts)} x {self.dim} vectors, got {tuple(vectors.shape)}")
         rows = [(self.encoder, text_key(t), v.tobytes()) for t, v in zip(texts, vectors)]
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._connect() as db, transaction(db):
             db.executemany("INSERT OR REPLACE INTO embeddings (encoder, key, vec) VALUES (?, ?, ?)", rows)
-            db.execute("COMMIT")
-        finally:
-            db.close()
 
     def __len__(self) -> int:
-        db = self._connect()
-        try:
+        with self._connect() as db:
             return db.execute("SELECT COUNT(*) FROM embeddings WHERE encoder=?", (self.encoder,)).fetchone()[0]
-        finally:
-            db.close()

@@ -15,6 +15,7 @@ import torch
 import xxhash
 
 from .errors import CubeError, FingerprintMismatch
+from .modelinfo import text_config
 
 FIELDS = ("model", "weights", "tokenizer", "adapter")
 
@@ -36,7 +37,7 @@ def _jsonable(value: Any) -> Any:
 
 def model_facts(model) -> dict:
     """Config facts that shape the KV cache of ``model`` (a PreTrainedModel, PEFT-wrapped or not)."""
-    config = model.config.get_text_config(decoder=True)
+    config = text_config(model)
     return {key: _jsonable(getattr(config, key)) for key in _CONFIG_KEYS if getattr(config, key, None) is not None}
 
 

@@ -13,10 +13,11 @@ import torch
 
 from .adapter import AdapterCube
 from .adapter_bridge import DEFAULT_BUDGET_BYTES, AdapterBridge
-from .cache import base_model, cache_kwarg
+from .cache import cache_kwarg
 from .cube import MemCube
 from .errors import CubeError
 from .index import check_meta
+from .modelinfo import model_device
 from .prefill import prefill
 from .timing import FirstTokenClock
 
@@ -160,7 +161,7 @@ class MemoryModel:
 
         self.store = view
         self.index = index if index is not None else MemoryIndex.from_store(view)
-        device = next(base_model(self._model).parameters()).device
+        device = model_device(self._model)
         self.scheduler = scheduler if scheduler is not None else MemScheduler(
             view, device=device, builder=self._promote, **scheduler_kwargs)
         return self
@@ -268,7 +269,7 @@ class MemoryModel:
             cubes, memories = self._auto_cubes(prompt, budget_tokens, k)
         cubes = self._check_cubes(cubes)
         kwargs["logits_processor"] = list(kwargs.get("logits_processor") or []) + [clock]
-        device = next(base_model(self._model).parameters()).device
+        device = model_device(self._model)
         report = GenerationReport(cube_names=[c.name for c in cubes], memories=memories)
         if cubes and inject:
             options = {name: v for name, v in (("recompute", recompute), ("budget", budget)) if v is not None}

@@ -18,10 +18,11 @@ import torch
 from kvmem.kernels.splice import splice
 from kvmem.patches import rope_facts
 
-from .cache import base_model, new_cache
+from .cache import new_cache
 from .cube import MemCube
 from .errors import CubeError
 from .fingerprint import check_fields, fingerprint_fields
+from .modelinfo import dtype_device
 from .recompute import recompute as _recompute
 
 # mode -> (default budget, what the budget means)
@@ -58,11 +59,6 @@ class Prefix:
         """``torch.cat([input_ids, query_ids], -1)``: the ids to pass to generate with this cache."""
         query_ids = torch.as_tensor(query_ids, device=self.input_ids.device)
         return torch.cat([self.input_ids, query_ids.reshape(1, -1)], dim=-1)
-
-
-def _model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
-    p = next(base_model(model).parameters())
-    return p.dtype, p.device
 
 
 def prefill(model, cubes, *, recompute: str = DEFAULT_RECOMPUTE, budget: int | float | None = None,
@@ -112,7 +108,7 @@ def prefill(model, cubes, *, recompute: str = DEFAULT_RECOMPUTE, budget: int | f
         raise CubeError(f"budget for recompute='selective' is a fraction in (0, 1], got {budget!r}")
 
     actual = fingerprint_fields(model, tokenizer)
-    dtype, device = _model_dtype_device(model)
+    dtype, device = dtype_device(model)
     for c in cubes:
         check_fields(c.fingerprint_fields, actual, what=f"cube {c.name!r}")
         if c.dtype != dtype:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Iterable, Protocol
 
 from .cube import MemCube
 from .errors import CubeError
+from .sqlite_db import connect, transaction
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 KINDS = ("text", "memcube")
@@ -79,11 +79,8 @@ class SQLiteCatalog:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        db.execute("PRAGMA busy_timeout=60000")
-        db.execute("PRAGMA synchronous=FULL")
-        return db
+    def _connect(self):
+        return connect(self.path, synchronous="FULL")
 
     @staticmethod
     def _record(row) -> Record:
@@ -92,9 +89,7 @@ class SQLiteCatalog:
         return Record(**values)
 
     def upsert(self, rec: Record) -> str | None:
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._connect() as db, transaction(db):
             old = db.execute("SELECT path, created, hits FROM memories WHERE namespace=? AND id=?",
                              (rec.namespace, rec.id)).fetchone()
             if old is not None:
@@ -102,65 +97,42 @@ class SQLiteCatalog:
             db.execute(f"INSERT OR REPLACE INTO memories ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 12)})",
                        (rec.namespace, rec.id, rec.kind, rec.text, json.dumps(rec.meta), rec.fingerprint, rec.tokens,
                         rec.bytes, rec.path, rec.created, rec.last_used, rec.hits))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK") if db.in_transaction else None
-            raise
-        finally:
-            db.close()
         return old[0] if old is not None and old[0] != rec.path else None
 
     def get(self, namespaces, memory_id):
-        db = self._connect()
-        try:
+        with self._connect() as db:
             for ns in namespaces:  # own namespace first, then the shared ones in the order given
                 row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM memories WHERE namespace=? AND id=?",
                                  (ns, memory_id)).fetchone()
                 if row:
                     return self._record(row)
             return None
-        finally:
-            db.close()
 
     def list(self, namespaces, kind=None):
-        db = self._connect()
-        try:
-            marks = ", ".join("?" * len(namespaces))
-            sql = f"SELECT {', '.join(_COLUMNS)} FROM memories WHERE namespace IN ({marks})"
-            args = list(namespaces)
-            if kind:
-                sql += " AND kind=?"
-                args.append(kind)
+        marks = ", ".join("?" * len(namespaces))
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM memories WHERE namespace IN ({marks})"
+        args = list(namespaces)
+        if kind:
+            sql += " AND kind=?"
+            args.append(kind)
+        with self._connect() as db:
             return [self._record(r) for r in db.execute(sql + " ORDER BY namespace, created, id", args)]
-        finally:
-            db.close()
 
     def delete(self, namespace, memory_id):
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._connect() as db, transaction(db):
             row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM memories WHERE namespace=? AND id=?",
                              (namespace, memory_id)).fetchone()
             db.execute("DELETE FROM memories WHERE namespace=? AND id=?", (namespace, memory_id))
-            db.execute("COMMIT")
-            return self._record(row) if row else None
-        finally:
-            db.close()
+        return self._record(row) if row else None
 
     def touch(self, namespace, memory_id, when):
-        db = self._connect()
-        try:
+        with self._connect() as db:
             db.execute("UPDATE memories SET last_used=?, hits=hits+1 WHERE namespace=? AND id=?",
                        (when, namespace, memory_id))
-        finally:
-            db.close()
 
     def paths(self):
-        db = self._connect()
-        try:
+        with self._connect() as db:
             return {r[0] for r in db.execute("SELECT path FROM memories WHERE path IS NOT NULL")}
-        finally:
-            db.close()
 
 
 def _check_name(value: str, what: str) -> str:

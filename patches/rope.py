@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvmem.errors import CubeError
+from kvmem.modelinfo import base_model, text_config
 
 # model_type -> layout of the rotary pairs. NeoX: (i, i + d/2) halves; interleaved (GPT-J): (2i, 2i + 1).
 SUPPORTED_FAMILIES: dict[str, str] = {
@@ -35,10 +36,7 @@ class RopeFacts:
 
 
 def _rotary_module(model):
-    inner = model
-    for attr in ("get_base_model",):
-        if callable(getattr(inner, attr, None)):
-            inner = getattr(inner, attr)()
+    inner = base_model(model)
     for candidate in (getattr(inner, "model", None), inner):
         emb = getattr(candidate, "rotary_emb", None)
         if emb is not None:
@@ -48,7 +46,7 @@ def _rotary_module(model):
 
 def rope_facts(model) -> RopeFacts:
     """The RoPE facts of ``model``; CubeError when kvmem cannot move its keys exactly."""
-    config = model.config.get_text_config(decoder=True)
+    config = text_config(model)
     family = config.model_type
     if family not in SUPPORTED_FAMILIES:
         raise CubeError(f"moving cubes to new positions is not supported for model_type {family!r} yet "
