@@ -217,8 +217,6 @@ def add(
     namespace: str = NamespaceOpt,
 ):
     """Add a plaintext memory (optionally with its cube) to a store namespace."""
-    import xxhash
-
     from .errors import CubeError
 
     if (text is None) == (file is None):
@@ -228,9 +226,9 @@ def add(
             raise typer.BadParameter(f"{file} is not a file")
         text = file.read_text(encoding="utf-8")
     view = _view(store, namespace, [])
-    memory_id = memory_id or "m-" + xxhash.xxh3_64(text.encode()).hexdigest()[:12]
     try:
-        rec = view.add(memory_id, text)
+        rec = view.add(memory_id or view.mint_id(text), text)
+        memory_id = rec.id
         if cube:
             from .memory_model import wrap
 

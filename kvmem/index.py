@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import CubeError
+from .store import check_meta
 
 FUSIONS = ("zscore", "weighted", "rrf")
 DENSE_UNITS = ("sentence", "memory")
@@ -47,17 +48,6 @@ def minilm_path() -> Path | None:
 def split_sentences(text: str) -> list[str]:
     """The sentences of a memory text, split after . ! ? ; (the whole text if it has one)."""
     return [s for s in _SENTENCE_END.split(text) if s.strip()] or [text]
-
-
-def check_meta(meta: dict | None) -> dict:
-    """A copy of a memory's meta, checked where the index reads it (``turn`` orders a session's memories)."""
-    if meta is not None and not isinstance(meta, dict):
-        raise CubeError(f"meta must be a dict, got {type(meta).__name__}")
-    meta = dict(meta or {})
-    turn = meta.get("turn")
-    if turn is not None and (isinstance(turn, bool) or not isinstance(turn, (int, float))):
-        raise CubeError(f"meta['turn'] must be a number (the memory's order in its session), got {turn!r}")
-    return meta
 
 
 def _zscore(s: torch.Tensor) -> torch.Tensor:

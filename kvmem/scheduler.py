@@ -138,6 +138,11 @@ class MemScheduler:
 
     def get(self, memory_id: str):
         """The cube of ``memory_id`` on the model's device (None if it has none), counting where it was found."""
+        return self.fetch(memory_id)[0]
+
+    def fetch(self, memory_id: str):
+        """``(cube, tier)``: the cube of ``memory_id`` on the model's device and the tier that served it
+        ("device", "cpu" or "disk"), or ``(None, "miss")`` when it has no cube. Counted as `get` counts."""
         with self._lock:
             for name in ("device", "cpu"):
                 tier = self.tiers[name]
@@ -156,19 +161,19 @@ class MemScheduler:
                         else:
                             cube = cube.to(self.device)
                             self.counters["bytes_cpu_to_device"] += size
-                    return cube
+                    return cube, name
         cube = self.view.load_cube(memory_id)
         with self._lock:
             if cube is None:
                 self.counters["misses"] += 1
-                return None
+                return None, "miss"
             self._count_use(memory_id)
             self.counters["hits_disk"] += 1
             size = tier_size(cube)
             self.counters["bytes_disk_read"] += size
             placed = self._place(memory_id, self._move(cube, "device") if size <= self.tiers["device"].budget
                                  else self._move(cube, "cpu"), size, "device")
-            return self.tiers[placed].items[memory_id].to(self.device) if placed else cube.to(self.device)
+            return (self.tiers[placed].items[memory_id].to(self.device) if placed else cube.to(self.device)), "disk"
 
     def prefetch(self, memory_ids) -> int:
         """Load the given memories' cubes into the CPU tier ahead of use (not counted as hits). Returns how many."""

@@ -135,6 +135,17 @@ class SQLiteCatalog:
             return {r[0] for r in db.execute("SELECT path FROM memories WHERE path IS NOT NULL")}
 
 
+def check_meta(meta: dict | None) -> dict:
+    """A copy of a memory's meta, checked where the index reads it (``turn`` orders a session's memories)."""
+    if meta is not None and not isinstance(meta, dict):
+        raise CubeError(f"meta must be a dict, got {type(meta).__name__}")
+    meta = dict(meta or {})
+    turn = meta.get("turn")
+    if turn is not None and (isinstance(turn, bool) or not isinstance(turn, (int, float))):
+        raise CubeError(f"meta['turn'] must be a number (the memory's order in its session), got {turn!r}")
+    return meta
+
+
 def _check_name(value: str, what: str) -> str:
     if not isinstance(value, str) or not _NAME.match(value):
         raise CubeError(f"{what} must be 1-128 characters of letters, digits and . _ : @ - (starting with a letter "
@@ -187,13 +198,23 @@ class StoreView:
     def namespace(self) -> str:
         return self.namespaces[0]
 
+    @staticmethod
+    def mint_id(text: str) -> str:
+        """The id a memory gets when the caller names none: ``m-`` and 12 hex digits of the text's xxh3 digest."""
+        import xxhash
+
+        return "m-" + xxhash.xxh3_64(str(text).encode()).hexdigest()[:12]
+
     def add(self, memory_id: str, text: str, meta: dict | None = None) -> Record:
-        """Add (or replace) a plaintext memory. Replacing the text drops a cube built from the old text."""
+        """Add (or replace) a plaintext memory. Replacing the text drops a cube built from the old text.
+
+        ``meta`` is checked (`check_meta`) before anything is written. No id at hand: ``view.mint_id(text)``."""
         _check_name(memory_id, "memory id")
         if not isinstance(text, str) or not text.strip():
             raise CubeError(f"memory text must be a non-empty string, got {text!r:.40}")
+        meta = check_meta(meta)
         now = time.time()
-        rec = Record(self.namespace, memory_id, text, "text", dict(meta or {}), created=now, last_used=now)
+        rec = Record(self.namespace, memory_id, text, "text", meta, created=now, last_used=now)
         self._replace_file(self.store.catalog.upsert(rec))
         return rec
 
