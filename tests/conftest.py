@@ -1,8 +1,13 @@
-"""Shared fixtures: tiny random models of several families (fast), and the real SmolLM2 (truth)."""
+"""Shared fixtures (tiny random models, a saved cube, the real SmolLM2) and the one hook for the ``gpu`` marker.
+
+Plain helpers (tiny_model, random_ids, file surgery, fakes) live in ``helpers.py``; they are re-exported here so
+``from conftest import tiny_model`` keeps working.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,33 +18,23 @@ if not torch.cuda.is_available():
     # module is imported, since @triton.jit reads it at decoration time.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+from helpers import (  # noqa: E402, F401  (after TRITON_INTERPRET; re-exported for `from conftest import ...`)
+    ANCHOR_LEN, FAMILIES, FORMAT, NUM_TOKENS, random_ids, read_parts, tiny_config, tiny_model,
+)
 
 
-def tiny_config(family: str, **overrides):
-    """A small config of ``family``: 2 layers, GQA, head_dim 16, the SmolLM2 vocabulary size."""
-    from transformers import AutoConfig
-
-    kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, vocab_size=49152, max_position_embeddings=2048,
-                  tie_word_embeddings=False)
-    if family == "mistral":
-        kwargs["sliding_window"] = None
-    kwargs.update(overrides)
-    return AutoConfig.for_model(family, **kwargs)
+# ---------------------------------------------------------------------------------------------- the gpu marker
+def pytest_collection_modifyitems(config, items):
+    """Skip every ``@pytest.mark.gpu`` test when there is no CUDA device (asks only ``torch.cuda.is_available()``)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu test: needs a CUDA device, and torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
-def tiny_model(family: str = "llama", *, dtype=torch.float32, seed: int = 0, attn: str = "sdpa", **overrides):
-    """A randomly initialised causal LM of ``family`` (deterministic for a seed), in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_config(family, **overrides)
-    config._attn_implementation = attn
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    return model.eval()
-
-
+# ---------------------------------------------------------------------------------------------- models
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer): the real SmolLM2-135M-Instruct in float32 on CPU (converted once, cached)."""
@@ -61,6 +56,63 @@ def llama():
     return tiny_model("llama")
 
 
-def random_ids(n: int, *, seed: int = 0, vocab: int = 49152) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, vocab, (n,), generator=g)
+@pytest.fixture(scope="module")
+def model():
+    """The tiny llama the saved cube below was built with (one per test module)."""
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_pair():
+    """Two tokenizers: SmolLM2's, and SmolLM2's with one token added (so the vocabularies differ)."""
+    from transformers import AutoTokenizer
+
+    try:
+        from kvmem.real_model import smollm2_checkpoint
+
+        folder = smollm2_checkpoint(verbose=False)
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        pytest.skip(f"the real tokenizer is not available: {exc}")
+    plain = AutoTokenizer.from_pretrained(folder)
+    extended = AutoTokenizer.from_pretrained(folder)
+    extended.add_tokens(["<kvmem-validation-extra>"])
+    assert len(extended) == len(plain) + 1
+    return plain, extended, folder
+
+
+# ---------------------------------------------------------------------------------------------- cubes
+@pytest.fixture(scope="module")
+def cube_path(model, tmp_path_factory) -> Path:
+    """A saved cube with text, anchor and non-ASCII metadata; its 'created' stamp pinned so bytes are stable."""
+    from kvmem import MemCube
+    from kvmem.cube_format import write_cube_file
+
+    built = MemCube.from_ids(model, random_ids(NUM_TOKENS), name="validation",
+                             anchor_ids=random_ids(ANCHOR_LEN, seed=1),
+                             text="Alice lives in Ålesund ✓", anchor="<|system|>")
+    path = tmp_path_factory.mktemp("cube") / "validation.safetensors"
+    built.save(path)
+    meta, tensors = read_parts(path)
+    meta["created"] = "2000-01-01T00:00:00Z"  # the file is then byte-identical run to run (fuzz reproducibility)
+    write_cube_file(path, FORMAT, meta, tensors)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cube(cube_path):
+    from kvmem import MemCube
+
+    return MemCube.load(cube_path)
+
+
+@pytest.fixture(scope="module")
+def cube_bytes(cube_path) -> bytes:
+    return cube_path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def other_cube(model):
+    """A second cube for the same model (other ids), to overwrite the first with."""
+    from kvmem import MemCube
+
+    return MemCube.from_ids(model, random_ids(7, seed=9), name="other", anchor_ids=random_ids(ANCHOR_LEN, seed=1))

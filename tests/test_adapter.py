@@ -7,7 +7,7 @@ import torch
 
 import kvmem
 import kvmem.adapter_bridge
-from conftest import random_ids, tiny_model
+from helpers import random_ids, tiny_model
 
 peft = pytest.importorskip("peft")
 

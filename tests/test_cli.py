@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 import kvmem
-from conftest import tiny_model
+from helpers import tiny_model
 from kvmem.cli import app
 
 runner = CliRunner(env={"COLUMNS": "400", "NO_COLOR": "1"})  # wide: rich must not wrap messages

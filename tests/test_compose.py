@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kvmem
-from conftest import FAMILIES, random_ids, tiny_model
+from helpers import FAMILIES, random_ids, tiny_model
 from kvmem.cache import kv_from_cache
 
 ROPES = {

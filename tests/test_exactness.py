@@ -8,7 +8,7 @@ import torch
 
 import kvmem
 from kvmem.memory_text import team_notes
-from conftest import FAMILIES, random_ids, tiny_model
+from helpers import FAMILIES, random_ids, tiny_model
 
 
 def _tol(dtype: torch.dtype, scale: float) -> float:
@@ -129,7 +129,6 @@ def _gpu_attns():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("attn", _gpu_attns())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_exact(dtype, attn, tmp_path):

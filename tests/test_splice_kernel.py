@@ -92,7 +92,6 @@ def test_bad_arguments_are_refused():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_triton_on_gpu(dtype):
     src_k, src_v, dst, args = _case(dtype=dtype, dst_dtype=dtype, heads=8, dim=128, rot=128, layers=4,
