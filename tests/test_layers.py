@@ -29,6 +29,8 @@ LAYERS = {
     # interface: what users call
     "kvmem": INTERFACE, "kvmem.prefill": INTERFACE, "kvmem.memory_model": INTERFACE, "kvmem.cli": INTERFACE,
     "kvmem.demo": INTERFACE, "kvmem.integrations": INTERFACE,
+    # issue 13's fast path: static prefix cache (cache glue), GQA attention, batched prefill over kvmem.prefill
+    "kvmem.prefix_cache": INFRASTRUCTURE, "kvmem.attention": OPERATION, "kvmem.batch": INTERFACE,
     # demo and test support (real models, generated memory texts): may use anything, nothing imports them
     "kvmem.real_model": INTERFACE, "kvmem.memory_text": INTERFACE,
 }
