@@ -2,7 +2,8 @@
 
 One program per (cube, layer, head, block of tokens). Each program reads a [BLOCK_T, head_dim] tile of keys
 and values from its cube's layer (found through a table of data pointers, so N cubes need no gather copy),
-rotates the keys by the cube's delta with precomputed cos/sin, casts, and writes the tile into dst.
+rotates the keys by the cube's delta with precomputed cos/sin of that layer's own frequencies (a zero row leaves
+a NoPE layer's keys as they are), casts, and writes the tile into dst.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def _splice_kernel(k_ptrs, v_ptrs, typed_src, dst_k, dst_v, cos_ptr, sin_ptr,
         sign = tl.where(d < HALF, -1.0, 1.0)
         f = d % HALF
     rot = d < 2 * HALF
-    cos = tl.load(cos_ptr + c * HALF + f, mask=rot, other=1.0)
-    sin = tl.load(sin_ptr + c * HALF + f, mask=rot, other=0.0)
+    table = (c * n_layers + layer) * HALF         # this cube's and layer's row of the [N, layers, HALF] tables
+    cos = tl.load(cos_ptr + table + f, mask=rot, other=1.0)
+    sin = tl.load(sin_ptr + table + f, mask=rot, other=0.0)
 
     x = tl.load(k_src + src_row[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
     xp = tl.load(k_src + src_row[:, None] * D + partner[None, :], mask=mask & rot[None, :], other=0.0).to(tl.float32)
@@ -72,10 +74,12 @@ def launch(dst_k, dst_v, src_k, src_v, *, src_start, dst_start, length, delta, i
                 raise ValueError("splice_triton needs contiguous sources on the destination's device")
     if not (dst_k.is_contiguous() and dst_v.is_contiguous()):
         raise ValueError("splice_triton needs contiguous dst_k/dst_v")
-    half = inv_freq.numel()
-    cos, sin = rotation_tables(delta, inv_freq, device)
+    freq = inv_freq.reshape(1, -1).expand(n_layers, -1) if inv_freq.dim() == 1 else inv_freq
+    half = freq.shape[-1]
+    cos, sin = rotation_tables(delta, freq, device)  # [N, layers, half]
     if half == 0:  # no rotary dims: keep valid pointers for the (masked-off) loads
-        cos, sin = torch.ones(len(delta), 1, device=device), torch.zeros(len(delta), 1, device=device)
+        cos, sin = torch.ones(len(delta), n_layers, 1, device=device), torch.zeros(len(delta), n_layers, 1, device=device)
+    cos, sin = cos.contiguous(), sin.contiguous()
     k_ptrs = torch.tensor([t.data_ptr() for cube in src_k for t in cube], dtype=torch.int64, device=device)
     v_ptrs = torch.tensor([t.data_ptr() for cube in src_v for t in cube], dtype=torch.int64, device=device)
     ints = lambda xs: torch.tensor(list(xs), dtype=torch.int64, device=device)  # noqa: E731

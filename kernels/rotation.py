@@ -1,6 +1,7 @@
-"""The rotation tables every splice implementation shares: cos/sin of each cube's position delta times the
-model's RoPE inverse frequencies. A module of its own so the Triton kernel and the torch reference both import
-it without importing each other."""
+"""The rotation every splice implementation shares: cos/sin tables of each cube's position delta times the
+model's RoPE inverse frequencies, and `rotate`, the rotation itself (torch). A module of its own so the Triton
+kernel, the torch reference and kvmem.patches (which measures a model's RoPE layout) import it without
+importing each other."""
 
 from __future__ import annotations
 
@@ -12,7 +13,25 @@ Tensor = torch.Tensor
 
 
 def rotation_tables(delta: Sequence[int], inv_freq: Tensor, device=None) -> tuple[Tensor, Tensor]:
-    """cos, sin [N, rotary_dim // 2] float32 of delta[c] * inv_freq, computed in float64 (exact angles)."""
-    d = torch.as_tensor(list(delta), dtype=torch.float64).reshape(-1, 1)
-    angle = d * inv_freq.detach().to("cpu", torch.float64).reshape(1, -1)
+    """cos, sin float32 of delta[c] * inv_freq, computed in float64 (exact angles).
+
+    ``inv_freq`` [half] gives tables [N, half]; a per-layer table [layers, half] gives [N, layers, half].
+    """
+    d = torch.as_tensor(list(delta), dtype=torch.float64)
+    freq = inv_freq.detach().to("cpu", torch.float64)
+    angle = d.reshape(-1, *([1] * freq.dim())) * freq[None]
     return angle.cos().float().to(device), angle.sin().float().to(device)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool) -> Tensor:
+    """Rotate the first 2 * len(cos) dims of x [..., head_dim] by the angles of cos/sin [half] (in x's dtype);
+    the other dims pass through. NeoX pairs (i, i + half); interleaved (GPT-J) pairs (2i, 2i + 1)."""
+    rot = cos.shape[-1] * 2
+    r = x[..., :rot]
+    if interleaved:
+        x1, x2 = r[..., 0::2], r[..., 1::2]
+        y = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = r[..., : rot // 2], r[..., rot // 2:]
+        y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((y, x[..., rot:]), dim=-1)

@@ -8,8 +8,10 @@ Shapes (every function here):
     dst_start[c]      where that token lands in dst
     length[c]         how many tokens of cube c are copied
     delta[c]          position shift applied to those keys (dst position - position the cube was built at)
-    inv_freq          [rotary_dim // 2] float32: the model's RoPE inverse frequencies (partial rotary: the
-                      trailing head_dim - rotary_dim dims are copied unrotated)
+    inv_freq          [rotary_dim // 2] float32, one for every layer, or [layers, rotary_dim // 2]: each
+                      layer's own RoPE inverse frequencies (per-layer-type RoPE; a row of zeros leaves a NoPE
+                      layer's keys as they are, exactly). Partial rotary: the trailing head_dim - rotary_dim
+                      dims are copied unrotated
     interleaved       GPT-J pairs (2i, 2i+1) instead of NeoX halves (i, i + rotary_dim/2)
 
 `splice_reference` is the CPU path and the test oracle; `splice_triton` is one kernel launch for all cubes,
@@ -21,22 +23,21 @@ from __future__ import annotations
 import os
 import torch
 
-from .rotation import rotation_tables
+from .rotation import rotate, rotation_tables
 
 Tensor = torch.Tensor
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
-    """Rotate the first 2 * len(cos) dims of x [..., head_dim] (computed in x's dtype)."""
-    rot = cos.numel() * 2
-    r = x[..., :rot]
-    if interleaved:
-        x1, x2 = r[..., 0::2], r[..., 1::2]
-        y = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    else:
-        x1, x2 = r[..., : rot // 2], r[..., rot // 2:]
-        y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return torch.cat((y, x[..., rot:]), dim=-1)
+    """`rotate` with a positional layout flag (kept for existing callers)."""
+    return rotate(x, cos, sin, interleaved=interleaved)
+
+
+def per_layer(inv_freq: Tensor, layers: int) -> Tensor:
+    """``inv_freq`` as a per-layer table [layers, half] (a shared [half] vector repeated)."""
+    if inv_freq.dim() == 1:
+        return inv_freq.reshape(1, -1).expand(layers, -1)
+    return inv_freq
 
 
 def _check(dst_k, dst_v, src_k, src_v, src_start, dst_start, length, delta, inv_freq):
@@ -47,8 +48,10 @@ def _check(dst_k, dst_v, src_k, src_v, src_start, dst_start, length, delta, inv_
         raise ValueError(f"dst_k/dst_v must both be [layers, heads, T, head_dim], got {tuple(dst_k.shape)}, "
                          f"{tuple(dst_v.shape)}")
     layers, heads, t_dst, dim = dst_k.shape
-    if inv_freq.numel() * 2 > dim:
-        raise ValueError(f"rotary dim {inv_freq.numel() * 2} exceeds head_dim {dim}")
+    if inv_freq.dim() not in (1, 2) or (inv_freq.dim() == 2 and inv_freq.shape[0] != layers):
+        raise ValueError(f"inv_freq must be [half] or [layers={layers}, half], got {tuple(inv_freq.shape)}")
+    if inv_freq.shape[-1] * 2 > dim:
+        raise ValueError(f"rotary dim {inv_freq.shape[-1] * 2} exceeds head_dim {dim}")
     for c in range(n):
         if len(src_k[c]) != layers or len(src_v[c]) != layers:
             raise ValueError(f"cube {c} has {len(src_k[c])} layers, dst has {layers}")
@@ -67,7 +70,7 @@ def splice_reference(dst_k: Tensor, dst_v: Tensor, src_k, src_v, *, src_start, d
     """Torch reference: per cube and layer, rotate in float32 (float64 for float64 data), cast, copy."""
     _check(dst_k, dst_v, src_k, src_v, src_start, dst_start, length, delta, inv_freq)
     work = torch.float64 if dst_k.dtype == torch.float64 else torch.float32
-    cos, sin = rotation_tables(delta, inv_freq, dst_k.device)
+    cos, sin = rotation_tables(delta, per_layer(inv_freq, dst_k.shape[0]), dst_k.device)  # [N, layers, half]
     for c in range(len(src_k)):
         s, d, n = src_start[c], dst_start[c], length[c]
         if n == 0:
@@ -75,7 +78,7 @@ def splice_reference(dst_k: Tensor, dst_v: Tensor, src_k, src_v, *, src_start, d
         for layer, (k, v) in enumerate(zip(src_k[c], src_v[c])):
             k = k[:, s:s + n].to(dst_k.device, work)
             if delta[c]:
-                k = _rotate(k, cos[c].to(work), sin[c].to(work), interleaved)
+                k = rotate(k, cos[c, layer].to(work), sin[c, layer].to(work), interleaved=interleaved)
             dst_k[layer, :, d:d + n] = k.to(dst_k.dtype)
             dst_v[layer, :, d:d + n] = v[:, s:s + n].to(dst_v.device, dst_v.dtype)
 

@@ -7,6 +7,7 @@ name the installed model understands so kvmem works on both sides of the rename.
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 from transformers import DynamicCache
@@ -52,3 +53,27 @@ def new_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCach
         else:
             layer.update(k, v)
     return cache
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[object, list]" = weakref.WeakKeyDictionary()
+
+
+def cache_layout(model) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Per layer ((key heads, key dim), (value heads, value dim)) as ``model`` really caches them, measured once by
+    a one-token forward (config fields do not describe every cache: multi-query Falcon, DeepSeek's MLA keys and
+    values of different dims)."""
+    inner = base_model(model)
+    layout = _LAYOUTS.get(inner)
+    if layout is None:
+        p = next(inner.parameters())
+        was_training = inner.training
+        inner.eval()
+        try:
+            with torch.inference_mode():
+                out = model(input_ids=torch.ones(1, 1, dtype=torch.long, device=p.device), use_cache=True,
+                            **{cache_kwarg(model): DynamicCache()})
+        finally:
+            inner.train(was_training)
+        layout = [((k.shape[1], k.shape[3]), (v.shape[1], v.shape[3])) for k, v in kv_from_cache(output_cache(out))]
+        _LAYOUTS[inner] = layout
+    return layout

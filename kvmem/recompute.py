@@ -2,7 +2,9 @@
 
 Both modes run one forward over the chosen tokens, at their own positions, with a cache whose layers are the
 composed buffers: at each layer the chosen tokens' fresh K/V are written into the buffer first, then they attend
-to everything before them (a 4-D mask), stale or fresh. Deeper layers therefore see corrected inputs.
+to what that layer attends to in a full prefill, stale or fresh: everything before them for full attention, the
+last ``window`` positions for a sliding-window layer, their own chunk for chunked attention (4-D masks, one per
+layer type, passed as the dict the model's own forward builds). Deeper layers therefore see corrected inputs.
 
 - ``leading`` (EPIC / "LegoLink"): the first ``budget`` tokens of every cube after the first. Each cube
   otherwise starts without context and its first tokens become attention sinks of their own.
@@ -16,6 +18,8 @@ from __future__ import annotations
 import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
+
+from kvmem.patches import attention_kinds
 
 from .cache import cache_kwarg
 
@@ -53,15 +57,37 @@ def _forward(model, dst_k, dst_v, ids, positions, *, probe_layer: int | None = N
                             probe if i == probe_layer else None) for i in range(dst_k.shape[0])]
     cache = Cache(layers=layers)
     dtype = dst_k.dtype if dst_k.dtype.is_floating_point else torch.float32
-    allowed = torch.arange(dst_k.shape[2], device=dst_k.device)[None, :] <= positions[:, None]  # [m, T]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=dst_k.device).masked_fill(~allowed, torch.finfo(dtype).min)
     try:
         with torch.inference_mode():
-            model(input_ids=ids[:, positions], position_ids=positions[None], attention_mask=mask[None, None],
+            model(input_ids=ids[:, positions], position_ids=positions[None],
+                  attention_mask=layer_masks(model, positions, dst_k.shape[2], dtype=dtype),
                   use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
     except _Stop:
         pass
     return probe
+
+
+def _mask(kind: str, window: int | None, positions: torch.Tensor, length: int, dtype) -> torch.Tensor:
+    """[1, 1, m, T] additive mask: query ``positions[i]`` may see key ``j`` as a full prefill's layer of ``kind``
+    lets it (transformers' masking_utils: causal; sliding: q - k < window; chunked: same chunk)."""
+    q, k = positions[:, None], torch.arange(length, device=positions.device)[None, :]
+    allowed = k <= q
+    if kind == "sliding_attention" and window:
+        allowed &= k > q - window
+    elif kind == "chunked_attention" and window:
+        allowed &= torch.div(k, window, rounding_mode="floor") == torch.div(q, window, rounding_mode="floor")
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def layer_masks(model, positions: torch.Tensor, length: int, *, dtype) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The attention mask for recomputing ``positions`` over a buffer of ``length`` tokens: one 4-D mask when every
+    layer attends alike, else ``{layer_type: mask}``, the mapping models with mixed layers build for themselves."""
+    kinds = dict(attention_kinds(model))  # layer type -> window (one window per type in every transformers model)
+    masks = {kind: _mask(kind, window, positions, length, dtype) for kind, window in kinds.items()}
+    if len(masks) == 1:
+        return next(iter(masks.values()))
+    return masks
 
 
 def leading_positions(spans: list[tuple[int, int]], budget: int, device) -> torch.Tensor:

@@ -1,8 +1,12 @@
-"""kvmem.patches: per-model-family facts (and, where needed, revertible patches) for transformers.
+"""kvmem.patches: what kvmem knows of each model's attention layers, read from the model (and, where needed,
+revertible patches for transformers).
 
-A registry keyed on ``config.model_type`` says what kvmem knows of each family's KV cache and RoPE.
+`rope_facts` says, per layer, whether and how its cached keys are rotated (so a cube can be moved) and what the
+layer attends to; `attention_kinds` says the latter alone.
 """
 
-from .rope import RopeFacts, rope_facts, SUPPORTED_FAMILIES
+from .rope import (LENGTH_DEPENDENT, LINEAR_IN_POSITION, LayerRope, RopeFacts, attention_kinds, rope_facts,
+                   rope_types)
 
-__all__ = ["RopeFacts", "rope_facts", "SUPPORTED_FAMILIES"]
+__all__ = ["LENGTH_DEPENDENT", "LINEAR_IN_POSITION", "LayerRope", "RopeFacts", "attention_kinds", "rope_facts",
+           "rope_types"]
