@@ -1,0 +1,385 @@
+"""Serving cubes from an engine: which cubes a request gets, checked and laid out as the engine's prefix KV.
+
+Engine-agnostic (imports no engine): `kvmem.integrations.vllm` drives it from vLLM's KV-connector hooks.
+
+- `CubeSource`: where cubes come from, per namespace: a kvmem store (`CubeStore`, a folder or a URL such as
+  ``redis://host:port/0``) or a folder of cube files ``<folder>/<namespace>/<name>.safetensors``.
+- `CubePlanner.plan(prompt_ids, params)`: the cubes a request names (or, for a plain request, the longest exact
+  cube whose ids start the prompt), each loaded through kvmem's validation and checked against the served
+  model's fingerprint, returned as a `Plan`: per layer KV of the first block-aligned tokens, in the serving
+  dtype, and a cache salt when the prefix is approximate (composed, precomposed, or cast). Anything wrong raises
+  `Refused` saying why: the engine then prefills the request normally.
+- `precompose(model, cubes, ...)`: compose with recompute in transformers and keep the result as one cube, for
+  the recompute modes an engine's "load one contiguous prefix" API cannot express.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from kvmem.cache import kv_from_cache
+from kvmem.cube import MemCube
+from kvmem.errors import CubeError
+from kvmem.fingerprint import check_fields, fingerprint_fields
+from kvmem.kernels.splice import splice
+from kvmem.patches import rope_facts
+from kvmem.prefill import prefill
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")  # the store's rule for ids and namespaces
+
+
+class Refused(CubeError):
+    """A request's cubes cannot be served (missing, corrupt, foreign, not a prefix of the prompt, ...): the
+    engine prefills the request as if kvmem were not there. The message says why."""
+
+
+def _check_name(value, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise Refused(f"{what} must be 1-128 characters of letters, digits and . _ : @ - (starting with a letter or "
+                      f"digit), got {value!r}")
+    return value
+
+
+class CubeSource:
+    """Where served cubes come from. Give exactly one of:
+
+    Args:
+        store: a kvmem store: a folder (``CubeStore(path)``) or a URL (``redis://host:port/db``); a namespace's
+            cubes are its memories that have one (``kvmem add --cube``, ``view.put_cube``).
+        folder: a folder of cube files laid out ``<folder>/<namespace>/<name>.safetensors`` (``kvmem build -o``).
+    """
+
+    def __init__(self, *, store: str | None = None, folder: str | None = None):
+        if (store is None) == (folder is None):
+            raise CubeError("give the cube source one of store= (a kvmem store path or redis:// URL) or folder= "
+                            "(a folder of <namespace>/<name>.safetensors files)")
+        self._views = {}
+        self.folder = Path(folder).expanduser() if folder is not None else None
+        self.store = None
+        if store is not None:
+            from kvmem.store import CubeStore
+
+            self.store = CubeStore(store)
+
+    def __repr__(self) -> str:
+        return f"CubeSource(folder={str(self.folder)!r})" if self.folder else f"CubeSource(store={self.store!r})"
+
+    def _view(self, namespace: str):
+        if namespace not in self._views:
+            self._views[namespace] = self.store.view(namespace)  # own namespace only: nothing shared
+        return self._views[namespace]
+
+    def versions(self, namespace: str) -> dict[str, object]:
+        """{cube name: version key} of every cube ``namespace`` holds (the key changes when the cube does)."""
+        _check_name(namespace, "namespace")
+        if self.folder is not None:
+            out = {}
+            for f in sorted((self.folder / namespace).glob("*.safetensors")):
+                if _NAME.match(f.stem):
+                    st = f.stat()
+                    out[f.stem] = (st.st_mtime_ns, st.st_size, st.st_ino)
+            return out
+        return {r.id: (r.path, r.created, r.bytes) for r in self._view(namespace).ls(kind="memcube")}
+
+    def load(self, namespace: str, name: str) -> MemCube:
+        """The validated cube ``name`` of ``namespace`` (format, checksum, shapes); Refused if it is not there."""
+        _check_name(namespace, "namespace")
+        _check_name(name, "cube name")
+        if self.folder is not None:
+            path = self.folder / namespace / f"{name}.safetensors"
+            if not path.is_file():
+                raise Refused(f"no cube {name!r} in namespace {namespace!r} ({path} does not exist)")
+            return MemCube.load(path)
+        cube = self._view(namespace).load_cube(name)
+        if cube is None:
+            raise Refused(f"no cube {name!r} in namespace {namespace!r} of {self.store.root if hasattr(self.store, 'root') else self.store}")
+        return cube
+
+
+@dataclass
+class Plan:
+    """The prefix KV one request gets from kvmem.
+
+    Attributes:
+        names: the cubes, in order.
+        namespace: the namespace they came from.
+        num_tokens: how many leading prompt tokens ``kv`` covers (a multiple of the engine's block size).
+        kv: per layer (keys, values), each [kv_heads, num_tokens, head_dim] in the serving dtype.
+        exact: True when ``kv`` is what the engine computes for those tokens (one cube, built by this model, in
+            the serving dtype); False for compositions, precomposed cubes and dtype casts.
+        salt: the cache salt that keeps an approximate prefix apart from the same plain tokens (None if exact).
+        notes: the approximations applied, for the log.
+    """
+
+    names: tuple[str, ...]
+    namespace: str
+    num_tokens: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    exact: bool
+    salt: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def compose_kv(cubes: Sequence[MemCube], rope, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay ``cubes`` (built after one anchor) end to end, keys re-rotated to their new positions (kvmem's splice,
+    no recompute: what ``kvmem.prefill(..., recompute="none")`` holds).
+
+    Returns:
+        (keys, values) [layers, kv_heads, T, head_dim] in ``dtype``, and ids [T].
+    """
+    anchor = cubes[0].anchor_ids
+    for c in cubes[1:]:
+        if not torch.equal(c.anchor_ids, anchor):
+            raise Refused(f"cubes {cubes[0].name!r} and {c.name!r} were built after different anchors "
+                          f"({cubes[0].anchor_len} vs {c.anchor_len} tokens): compose only cubes built after one anchor")
+    shapes = {tuple(t.shape[::2]) for c in cubes for kv in c.kv for t in kv}
+    if len(shapes) != 1:
+        raise Refused(f"composing needs every layer's KV shaped alike (got heads x dim {sorted(shapes)})")
+    a = cubes[0].anchor_len
+    src_start, dst_start, length, delta = [], [], [], []
+    offset = 0
+    for i, c in enumerate(cubes):
+        skip = 0 if i == 0 else a  # the first cube brings the shared anchor
+        src_start.append(skip)
+        dst_start.append(offset)
+        length.append(c.anchor_len + c.num_tokens - skip)
+        delta.append(offset - skip)
+        offset += length[-1]
+    heads, dim = next(iter(shapes))
+    keys = torch.empty(len(cubes[0].kv), heads, offset, dim, dtype=dtype)
+    values = torch.empty_like(keys)
+    splice(keys, values, [[k for k, _ in c.kv] for c in cubes], [[v for _, v in c.kv] for c in cubes],
+           src_start=src_start, dst_start=dst_start, length=length, delta=delta, inv_freq=rope.inv_freq,
+           interleaved=rope.interleaved)
+    ids = torch.cat([anchor[0]] + [c.input_ids[0] for c in cubes])
+    return keys, values, ids
+
+
+def served_model_facts(checkpoint: str, *, tokenizer: str | None = None):
+    """(fingerprint fields, RoPE facts or None) of the checkpoint folder an engine serves: loaded once with
+    transformers on the CPU in its own dtype, then dropped. RoPE facts are None when kvmem cannot move keys for
+    this model (composition is then refused; single cubes still serve)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto").eval()
+    tok = AutoTokenizer.from_pretrained(tokenizer or checkpoint)
+    fields = fingerprint_fields(model, tok)
+    try:
+        rope = rope_facts(model)
+    except CubeError:
+        rope = None
+    del model
+    return fields, rope
+
+
+class CubePlanner:
+    """Decides, per request, which cubes it gets and builds their KV (see the module docstring).
+
+    Args:
+        source: a `CubeSource`.
+        fields: the served model's fingerprint fields (`served_model_facts` or `kvmem.fingerprint.fingerprint_fields`).
+        dtype: the serving dtype (KV of cubes in another dtype is cast: an approximation, noted and salted).
+        block_size: the engine's KV block size; a plan covers a multiple of it and leaves the last prompt token.
+        rope: RoPE facts of the served model (needed to compose several cubes; None refuses composition).
+        namespace: the namespace of requests that name none.
+        namespaces: the namespaces requests may name (default: only ``namespace``). A request never sees another.
+        auto: give plain requests the longest exact cube whose ids start their prompt.
+    """
+
+    def __init__(self, source: CubeSource, *, fields: dict, dtype: torch.dtype, block_size: int, rope=None,
+                 namespace: str = "default", namespaces: Sequence[str] | None = None, auto: bool = True):
+        self.source = source
+        self.fields = fields
+        self.dtype = dtype
+        self.block_size = int(block_size)
+        self.rope = rope
+        self.namespace = _check_name(namespace, "namespace")
+        self.namespaces = tuple(_check_name(n, "namespace") for n in (namespaces or [namespace]))
+        self.auto = bool(auto)
+        self._index: dict[str, dict[str, tuple[object, tuple[int, ...] | None]]] = {}  # ns -> name -> (version, ids)
+        self._just_loaded: dict[tuple[str, str, object], MemCube] = {}
+
+    # ---------------------------------------------------------------- which cubes
+    def _parse(self, params) -> tuple[str, list[str] | None, bool]:
+        """(namespace, cube names or None, auto) from a request's kv_transfer_params."""
+        if params is None:
+            return self.namespace, None, self.auto
+        if not isinstance(params, dict):
+            raise Refused(f"kv_transfer_params must be a JSON object, got {type(params).__name__}")
+        spec = params.get("kvmem")
+        if spec is None:
+            return self.namespace, None, self.auto
+        if not isinstance(spec, dict):
+            raise Refused('kv_transfer_params["kvmem"] must be an object like {"cubes": ["notes"], "namespace": "alice"}')
+        unknown = set(spec) - {"cubes", "namespace", "auto"}
+        if unknown:
+            raise Refused(f'kv_transfer_params["kvmem"] has unknown keys {sorted(unknown)} (known: cubes, namespace, auto)')
+        namespace = _check_name(spec.get("namespace", self.namespace), "namespace")
+        if namespace not in self.namespaces:
+            raise Refused(f"namespace {namespace!r} is not served here (served: {', '.join(self.namespaces)}; "
+                          "add it to kv_connector_extra_config['namespaces'])")
+        names = spec.get("cubes")
+        if names is not None:
+            if isinstance(names, str):
+                names = [names]
+            if not isinstance(names, list) or not names:
+                raise Refused(f'"cubes" must be a non-empty list of cube names, got {names!r}')
+            names = [_check_name(n, "cube name") for n in names]
+        return namespace, names, bool(spec.get("auto", self.auto))
+
+    def _load(self, namespace: str, name: str) -> MemCube:
+        cube = self.source.load(namespace, name)
+        check_fields(cube.fingerprint_fields, self.fields, what=f"cube {namespace}/{name}")
+        return cube
+
+    def _refresh(self, namespace: str) -> dict:
+        """The namespace's {name: (version, ids or None)}, (re)reading cubes that are new or changed."""
+        index = self._index.setdefault(namespace, {})
+        versions = self.source.versions(namespace)
+        for name in set(index) - set(versions):
+            del index[name]
+        for name, version in versions.items():
+            if name in index and index[name][0] == version:
+                continue
+            try:
+                cube = self._load(namespace, name)
+                exact = not cube.meta.get("composed_from") and cube.dtype == self.dtype
+                index[name] = (version, tuple(cube.all_ids[0].tolist()) if exact else None)
+                self._just_loaded = {(namespace, name, version): cube}
+            except CubeError:  # unusable cubes are never matched; naming one explains why
+                index[name] = (version, None)
+        return index
+
+    def _auto_match(self, namespace: str, prompt: tuple[int, ...]) -> MemCube | None:
+        best = None
+        for name, (version, ids) in self._refresh(namespace).items():
+            if ids is not None and len(ids) >= self.block_size and len(ids) <= len(prompt) and prompt[:len(ids)] == ids:
+                if best is None or len(ids) > len(best[2]):
+                    best = (name, version, ids)
+        if best is None:
+            return None
+        name, version, ids = best
+        cube = self._just_loaded.get((namespace, name, version)) or self._load(namespace, name)
+        if tuple(cube.all_ids[0].tolist()) != ids:  # replaced since it was indexed: match again next time
+            return None
+        return cube
+
+    # ---------------------------------------------------------------- the plan
+    def plan(self, prompt_ids: Sequence[int], params: dict | None = None, *, salt: str | None = None) -> Plan | None:
+        """The plan for a request with ``prompt_ids`` and kv_transfer_params ``params``; None when it gets none.
+
+        ``params["kvmem"]`` (all optional): ``cubes`` (names, composed in order), ``namespace`` (one of the served
+        ones), ``auto`` (False: no automatic match). ``salt`` is the request's own cache salt, kept inside ours.
+
+        Raises:
+            CubeError (Refused, FingerprintMismatch, ...): why the named cubes cannot be served.
+        """
+        try:
+            namespace, names, auto = self._parse(params)
+            prompt = tuple(int(t) for t in prompt_ids)
+            if names is None:
+                cube = self._auto_match(namespace, prompt) if auto else None
+                cubes = [cube] if cube is not None else []
+            else:
+                cubes = [self._load(namespace, n) for n in names]
+        finally:
+            self._just_loaded = {}
+        if not cubes:
+            return None
+        notes = []
+        if len(cubes) == 1:
+            cube = cubes[0]
+            if cube.meta.get("composed_from"):
+                notes.append(f"precomposed from {cube.meta['composed_from']} ({cube.meta.get('recompute')})")
+        else:
+            if self.rope is None:
+                raise Refused("composing several cubes needs re-rotating keys, which kvmem does not support for this "
+                              "model's RoPE; name one cube (or a precomposed one)")
+            notes.append(f"composed {len(cubes)} cubes by pure splice (re-rotated keys, no recompute)")
+        for c in cubes:
+            if c.dtype != self.dtype:
+                notes.append(f"cube {c.name!r} cast from {c.dtype} to the serving dtype {self.dtype}")
+        n_ids = sum(c.num_tokens for c in cubes) + cubes[0].anchor_len
+        if n_ids > len(prompt) or any(prompt[i] != t for i, t in enumerate(self._ids_of(cubes))):
+            raise Refused(f"the prompt does not start with the ids of {[c.name for c in cubes]} "
+                          f"({n_ids} tokens: anchor + cube tokens): build the prompt as cube text + query")
+        n = min(n_ids, len(prompt) - 1) // self.block_size * self.block_size
+        if n == 0:
+            raise Refused(f"{[c.name for c in cubes]} cover {n_ids} tokens, less than one KV block "
+                          f"({self.block_size}) before the last prompt token: nothing to load")
+        if len(cubes) == 1:
+            c = cubes[0]
+            kv = [(k[:, :n].to(self.dtype), v[:, :n].to(self.dtype)) for k, v in c.kv]
+        else:
+            keys, values, _ = compose_kv(cubes, self.rope, self.dtype)
+            kv = [(keys[i, :, :n], values[i, :, :n]) for i in range(keys.shape[0])]
+        exact = not notes
+        return Plan(tuple(c.name for c in cubes), namespace, n, kv, exact,
+                    None if exact else composition_salt(cubes, self.dtype, salt), tuple(notes))
+
+    @staticmethod
+    def _ids_of(cubes: Sequence[MemCube]) -> list[int]:
+        return cubes[0].all_ids[0].tolist() + [t for c in cubes[1:] for t in c.input_ids[0].tolist()]
+
+
+def composition_salt(cubes: Sequence[MemCube], dtype: torch.dtype, salt: str | None = None) -> str:
+    """A cache salt unique to this approximate prefix: the cubes (their full metadata: fingerprint, build time,
+    recompute mode), their order and the serving dtype, plus the request's own salt. An engine's prefix cache then
+    holds the approximate KV apart from the plain tokens, and apart from any other composition of them."""
+    desc = json.dumps({"cubes": [c.meta for c in cubes], "dtype": str(dtype), "salt": salt}, sort_keys=True,
+                      default=str)
+    return "kvmem-" + hashlib.blake2b(desc.encode(), digest_size=12).hexdigest()
+
+
+def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "leading", budget=None, tokenizer=None,
+               name: str | None = None) -> MemCube:
+    """Compose ``cubes`` with ``kvmem.prefill`` (any recompute mode) and keep the result as one cube.
+
+    An engine's KV-connector API loads one contiguous prefix and cannot recompute tokens in its middle; serve
+    ``precompose(...)`` instead to get "leading" or "selective" quality. The result is approximate (it is not
+    what a full prefill of its ids computes): its metadata says ``composed_from`` and ``recompute``, the vLLM
+    connector serves it only when a request names it, under a cache salt, and never by automatic match.
+
+    Args:
+        model: the transformers model the cubes were built for (in the dtype you will serve).
+        cubes: MemCubes built after one anchor, in order.
+        recompute, budget: as for `kvmem.prefill`.
+        tokenizer: checked against the cubes' tokenizer, if given.
+        name: the new cube's name (default: the names joined by "+").
+
+    Returns:
+        MemCube holding the composed KV of ``anchor + every cube's tokens``.
+
+    Example:
+        >>> precompose(model, [a, b], recompute="leading").save("store/default/a+b.safetensors")
+    """
+    cubes = list(cubes)
+    if len(cubes) < 2:
+        raise CubeError("precompose needs at least two cubes (one cube is served as it is)")
+    prefix = prefill(model, cubes, recompute=recompute, budget=budget, tokenizer=tokenizer)
+    kv = [(k[0].detach().cpu().contiguous(), v[0].detach().cpu().contiguous()) for k, v in kv_from_cache(prefix.cache)]
+    first = cubes[0]
+    meta = first.meta
+    texts = [c.text for c in cubes]
+    meta.update({
+        "name": name or "+".join(c.name for c in cubes),
+        "text": "".join(texts) if all(isinstance(t, str) for t in texts) else None,
+        "num_tokens": int(prefix.input_ids.shape[1]) - first.anchor_len,
+        "dtype": str(kv[0][0].dtype),
+        "kv_shapes": [[list(k.shape), list(v.shape)] for k, v in kv],
+        "composed_from": [c.name for c in cubes],
+        "recompute": {"mode": recompute, "budget": budget, "recomputed_tokens": prefix.recomputed},
+        "spans": [list(s) for s in prefix.spans],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    if tokenizer is not None and meta["fingerprint_fields"].get("tokenizer") is None:
+        meta["fingerprint_fields"] = fingerprint_fields(model, tokenizer)
+    return MemCube(kv, prefix.input_ids[0].detach().cpu(), meta)
