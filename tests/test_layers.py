@@ -22,7 +22,7 @@ LAYERS = {
     "kvmem.sqlite_db": INFRASTRUCTURE, "kvmem.cube_format": INFRASTRUCTURE, "kvmem.fingerprint": INFRASTRUCTURE,
     "kvmem.cache": INFRASTRUCTURE, "kvmem.cube": INFRASTRUCTURE, "kvmem.adapter": INFRASTRUCTURE,
     "kvmem.store": INFRASTRUCTURE, "kvmem.embedding_cache": INFRASTRUCTURE, "kvmem.timing": INFRASTRUCTURE,
-    "kvmem.store_backend": INFRASTRUCTURE, "kvmem.store_sqlite": INFRASTRUCTURE,
+    "kvmem.store_backend": INFRASTRUCTURE, "kvmem.store_sqlite": INFRASTRUCTURE, "kvmem.store_redis": INFRASTRUCTURE,
     "kvmem.kernels": INFRASTRUCTURE, "kvmem.patches": INFRASTRUCTURE,
     # operation: which memories, where they live, how a prompt is laid out, recompute, adapters
     "kvmem.index": OPERATION, "kvmem.scheduler": OPERATION, "kvmem.adapter_bridge": OPERATION,

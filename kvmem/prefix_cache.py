@@ -1,0 +1,139 @@
+"""A prefix cache that never copies the memory again: transformers' StaticCache, allocated once with room for
+the prefix, the request and its new tokens, filled from a `kvmem.Prefix`.
+
+A DynamicCache concatenates its whole storage on every update: the query forward over a spliced memory copies
+the memory once, and every decode step copies it again. A StaticCache writes new tokens in place
+(`index_copy_`), so after the one fill here neither the query nor any decode step touches the cube's KV, and
+its fixed shapes let `torch.compile` reuse one decode graph for every request of the same padded length.
+
+Rows of a batch are right-aligned at the longest prefix (left padding, as transformers pads): row b of a
+layer's storage is [zeros for padding | row b's prefix KV | room], and the attention mask hides the padding.
+
+Sliding-window layers keep what a DynamicSlidingWindowLayer kept (the last window - 1 entries), placed where a
+StaticSlidingWindowLayer that had seen the whole prefix would hold them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+from .cache import kv_from_cache
+from .errors import CubeError
+from .modelinfo import base_model
+
+
+def static_prefix(model, prefix, *, max_new_tokens: int, query_len: int):
+    """``prefix`` with its cache moved into a StaticCache that has room for ``query_len + max_new_tokens`` more.
+
+    Args:
+        model: the model the prefix was made for (PEFT-wrapped or accelerate-dispatched alike).
+        prefix: a `kvmem.Prefix` (from `kvmem.prefill`); it is not changed, nor are its cubes.
+        max_new_tokens: tokens generate may add.
+        query_len: tokens of the request that follow the prefix.
+
+    Returns:
+        A Prefix (same ids, spans and names) whose ``cache`` is a fresh, filled StaticCache.
+
+    Raises:
+        CubeError: a bad size, or a model whose cache layers are not static-capable.
+
+    Example:
+        >>> prefix = static_prefix(model, kvmem.prefill(model, cube), max_new_tokens=32, query_len=q.shape[-1])
+        >>> model.generate(prefix.extend(q), cache=prefix.cache, max_new_tokens=32)
+    """
+    for name, value in (("max_new_tokens", max_new_tokens), ("query_len", query_len)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CubeError(f"{name} must be an int >= 0, got {value!r}")
+    n = prefix.input_ids.shape[1]
+    cache = fill_static_cache(model, [kv_from_cache(prefix.cache)], [n], max_cache_len=n + query_len + max_new_tokens)
+    return dataclasses.replace(prefix, cache=cache)
+
+
+def fill_static_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int], *,
+                      max_cache_len: int) -> StaticCache:
+    """A StaticCache for ``model`` holding one prefix per batch row, right-aligned at the longest.
+
+    Args:
+        rows: per row, per layer (keys, values) [1, kv_heads, m, head_dim] as a kvmem prefix cache holds them
+            (m = the row's length, or fewer on a sliding-window layer that dropped what its window cannot see).
+        lengths: per row, the number of tokens its prefix stands for.
+        max_cache_len: storage per layer, in tokens (>= the longest prefix).
+
+    Returns:
+        StaticCache with ``get_seq_length() == max(lengths)``; each layer's storage on the device that layer runs on.
+    """
+    if not rows or len(rows) != len(lengths):
+        raise CubeError(f"need one length per row, got {len(rows)} rows and {len(lengths)} lengths")
+    longest = max(lengths)
+    if not isinstance(max_cache_len, int) or max_cache_len < longest:
+        raise CubeError(f"max_cache_len={max_cache_len!r} cannot hold a {longest}-token prefix: pass at least "
+                        "the prefix length plus the request and max_new_tokens")
+    cache = StaticCache(config=base_model(model).config, max_cache_len=max_cache_len)
+    devices = layer_devices(model, len(cache.layers))
+    for i, layer in enumerate(cache.layers):
+        if type(layer) not in (StaticLayer, StaticSlidingWindowLayer):
+            raise CubeError(f"cache layer {i} is a {type(layer).__name__}; kvmem fills only StaticLayer and "
+                            "StaticSlidingWindowLayer: use kvmem.prefill's own cache for this model")
+        if len(rows[0]) != len(cache.layers):
+            raise CubeError(f"the model has {len(cache.layers)} cache layers, the prefix has {len(rows[0])}")
+        _fill_layer(layer, [r[i] for r in rows], lengths, longest, devices[i])
+    return cache
+
+
+def _fill_layer(layer: StaticLayer, kv: list[tuple[torch.Tensor, torch.Tensor]], lengths: list[int], longest: int,
+                device: torch.device) -> None:
+    k0, v0 = kv[0]
+    heads, dim, vdim = k0.shape[1], k0.shape[-1], v0.shape[-1]
+    batch = len(kv)
+    layer.lazy_initialization(torch.empty(batch, heads, 0, dim, dtype=k0.dtype, device=device),
+                              torch.empty(batch, heads, 0, vdim, dtype=v0.dtype, device=device))  # zeros, once
+    sliding = isinstance(layer, StaticSlidingWindowLayer)
+    # where position `longest - 1` sits: slot longest - 1, or the last slot of a sliding layer already full
+    end = min(longest, layer.max_cache_len)
+    for b, ((k, v), n) in enumerate(zip(kv, lengths)):
+        m = k.shape[2]
+        if m != n and not (sliding and m < n and m <= end):
+            raise CubeError(f"a prefix cache layer holds {m} entries for {n} tokens; "
+                            "rebuild the prefix with kvmem.prefill")
+        # [heads, m, dim] into slots end - m .. end - 1 of row b: the one copy of the memory
+        layer.keys[b, :, end - m:end].copy_(k[0], non_blocking=True)
+        layer.values[b, :, end - m:end].copy_(v[0], non_blocking=True)
+    layer.cumulative_length.fill_(longest)
+    if sliding:
+        layer.cumulative_length_int = longest
+
+
+def layer_devices(model, n_layers: int) -> list[torch.device]:
+    """Per cache layer, the device its attention computes keys on: accelerate's execution device when the model
+    is dispatched with hooks (``device_map``, CPU/disk offload; the hook may sit on the attention, a module inside
+    it or the decoder layer around it), else where the layer's weights live."""
+    named = dict(base_model(model).named_modules())
+    fallback = next(base_model(model).parameters()).device
+    found: dict[int, torch.device] = {}
+    for name, module in named.items():
+        idx = getattr(module, "layer_idx", None)
+        if not (isinstance(idx, int) and hasattr(module, "k_proj")) or idx in found:
+            continue
+        parts = name.split(".")
+        ancestors = [named[".".join(parts[:j])] for j in range(len(parts) - 1, -1, -1)]
+        found[idx] = _hook_device([module.k_proj, module, *ancestors]) or _weight_device(module) or fallback
+    return [found.get(i, fallback) for i in range(n_layers)]
+
+
+def _hook_device(modules) -> torch.device | None:
+    """The first accelerate execution device on ``modules`` (nearest first)."""
+    for m in modules:
+        hook = getattr(m, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):  # accelerate's SequentialHook holds a list
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return None
+
+
+def _weight_device(module: torch.nn.Module) -> torch.device | None:
+    return next((p.device for p in module.parameters() if p.device.type != "meta"), None)
