@@ -10,6 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py
+import _common  # noqa: E402
+
 STYLE = {  # method: (label, color, marker, linestyle)
     "full_prefill": ("full prefill (memory + query)", "#d62728", "o", "-"),
     "prefix_reuse": ("transformers prefix reuse (deepcopy cache)", "#7f7f7f", "s", "-"),
@@ -20,14 +23,10 @@ STYLE = {  # method: (label, color, marker, linestyle)
 }
 
 
-def plot(json_path: str, png_path: str) -> None:
+def plot(doc: dict, png_path: str) -> None:
     """Left: median TTFT (p10..p90 bars) vs memory tokens, log y, one line per method.
     Right: each method's median over the documented prefix reuse's median, with the issue's 1.03x / 1.10x targets."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    doc = json.loads(Path(json_path).read_text())
+    plt = _common.pyplot()
     rows, facts = doc["rows"], doc["machine"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110, gridspec_kw={"width_ratios": [3, 2]})
     for method, (label, color, marker, ls) in STYLE.items():
@@ -52,7 +51,8 @@ def plot(json_path: str, png_path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     dev = facts.get("gpu") or f"{facts.get('cpu')}, {facts.get('torch_threads')} threads"
-    ax.set_title(f"TTFT, SmolLM2-135M-Instruct {facts.get('dtype', '').replace('torch.', '')}, "
+    model = str(facts.get("model", _common.MODEL_NAME)).split(" (")[0]
+    ax.set_title(f"TTFT, {model} {facts.get('dtype', '').replace('torch.', '')}, "
                  f"{facts.get('device')} ({dev})", fontsize=10)
     for level, text in ((1.03, "1.03x (target, cube in memory)"), (1.10, "1.10x (target, cube on disk)")):
         ax2.axhline(level, color="#444", linewidth=0.8, linestyle="--")
@@ -63,9 +63,7 @@ def plot(json_path: str, png_path: str) -> None:
     ax2.set_ylabel("median TTFT / median of prefix reuse")
     ax2.set_title("vs transformers' prefix reuse (lower is faster)", fontsize=10)
     ax2.grid(True, alpha=0.3)
-    fig.text(0.99, 0.01, f"kvmem {facts.get('kvmem')} @ {str(facts.get('git_sha'))[:10]}, torch {facts.get('torch')}, "
-             f"transformers {facts.get('transformers')}, {facts.get('date')}", ha="right", va="bottom",
-             fontsize=6, color="#555")
+    _common.stamp(fig, facts)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(png_path)
     plt.close(fig)
@@ -93,4 +91,4 @@ if __name__ == "__main__":
     if "--table" in sys.argv:
         print(markdown_table(src))
     else:
-        plot(src, args[1] if len(args) > 1 else str(Path(src).with_suffix(".png")))
+        plot(json.loads(Path(src).read_text()), args[1] if len(args) > 1 else str(Path(src).with_suffix(".png")))

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -93,7 +92,7 @@ def run_triton(case: Case):
 
 def run_batched(case: Case):
     """Per cube: stack its layers [layers, heads, n, dim], rotate them in one go (float32), copy once."""
-    from kvmem.kernels.splice import rotation_tables
+    from kvmem.kernels import rotation_tables
     cos, sin = rotation_tables(case.delta, case.inv_freq, case.dst_k.device)
     half = cos.shape[1]
     for c, (ks, vs) in enumerate(zip(case.src_k, case.src_v)):
@@ -123,26 +122,7 @@ IMPLS = {"splice_reference": run_reference, "torch_batched": run_batched, "slice
          "copy_ceiling": run_copy, "splice_triton": run_triton}
 
 
-# ---------------------------------------------------------------- timing
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_impl(fn, case: Case, device, reps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn(case)
-    sync(device)
-    out = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn(case)
-        sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
-
-
+# ---------------------------------------------------------------- correctness
 def check(case: Case, impl: str) -> float | None:
     """Max |impl - splice_reference| over dst K and V (None for the copy ceiling, which copies other data)."""
     if impl == "copy_ceiling":
@@ -158,13 +138,6 @@ def check(case: Case, impl: str) -> float | None:
                float((case.dst_v.float() - ref_v.float()).abs().max()))
 
 
-def _quantile(s, p):
-    s = sorted(s)
-    x = p * (len(s) - 1)
-    lo, hi = int(x), min(int(x) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (x - lo)
-
-
 def bench_device(device, args) -> list[dict]:
     impls = [i for i in args.impls if i != "splice_triton" or device.type == "cuda"]
     rows = []
@@ -172,26 +145,22 @@ def bench_device(device, args) -> list[dict]:
         for n_cubes, tokens in args.shapes:
             case = Case(args.layers, args.heads, args.dim, n_cubes, tokens, DTYPES[dname], device)
             diffs = {impl: check(case, impl) for impl in impls}
-            samples = {impl: time_impl(IMPLS[impl], case, device, 0, args.warmup) for impl in impls}
-            for _ in range(args.reps):  # round robin: drift and other load hit every implementation alike
-                for impl in impls:
-                    samples[impl] += time_impl(IMPLS[impl], case, device, 1, 0)
+            # round robin: drift and other load hit every implementation alike
+            series = _common.round_robin({impl: lambda fn=IMPLS[impl], c=case: fn(c) for impl in impls}, args.reps,
+                                         warmup=args.warmup, device=device)
             for impl in impls:
-                diff, s = diffs[impl], samples[impl]
-                med = statistics.median(s)
+                diff, t = diffs[impl], _common.spread(series[impl].seconds, keep=False)
+                gb = case.bytes_moved / 1e9
                 rows.append({"device": str(device), "impl": impl, "dtype": dname, "n_cubes": n_cubes,
                              "tokens_per_cube": tokens, "anchor_tokens": ANCHOR, "layers": args.layers,
                              "kv_heads": args.heads, "head_dim": args.dim, "bytes_moved": case.bytes_moved,
-                             "reps": len(s), "warmup": args.warmup, "median_s": med, "p10_s": _quantile(s, 0.1),
-                             "p90_s": _quantile(s, 0.9), "min_s": min(s), "max_s": max(s),
-                             "gbps": case.bytes_moved / med / 1e9,
-                             "gbps_p10_p90": [case.bytes_moved / _quantile(s, 0.9) / 1e9,
-                                              case.bytes_moved / _quantile(s, 0.1) / 1e9],
+                             "reps": args.reps, "warmup": args.warmup, **t, "gbps": gb / t["median_s"],
+                             "gbps_p10_p90": [gb / t["p90_s"], gb / t["p10_s"]],
                              "max_abs_diff_vs_reference": diff})
                 r = rows[-1]
-                print(f"{r['device']:<6} {dname:<5} {n_cubes}x{tokens:<5} {impl:<17} {1e3 * med:>8.2f} ms "
+                print(f"{r['device']:<6} {dname:<5} {n_cubes}x{tokens:<5} {impl:<17} {1e3 * t['median_s']:>8.2f} ms "
                       f"{r['gbps']:>7.2f} GB/s  diff {diff if diff is None else f'{diff:.1e}'}", flush=True)
-            del case
+            del case, series  # free the buffers before the next shape's
     base = {(r["device"], r["dtype"], r["n_cubes"], r["tokens_per_cube"]): r["gbps"] for r in rows
             if r["impl"] == "copy_ceiling"}
     for r in rows:
@@ -220,8 +189,6 @@ def interpret_check(args) -> dict:
 
 # ---------------------------------------------------------------- report
 def machine_facts() -> dict:
-    import torch
-
     facts = _common.machine_facts(packages=("torch", "transformers", "triton"),
                                   cuda_available=torch.cuda.is_available())
     if torch.cuda.is_available():
@@ -231,10 +198,7 @@ def machine_facts() -> dict:
 
 def plot(doc: dict, png: str) -> None:
     """GB/s per implementation, one panel per device x dtype, groups = shapes; dotted = copy ceiling."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     rows, facts = doc["rows"], doc["machine"]
     panels = list(dict.fromkeys((r["device"], r["dtype"]) for r in rows))
     impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
@@ -267,8 +231,7 @@ def plot(doc: dict, png: str) -> None:
     dev = facts.get("gpu") or f"{facts['cpu']}, {facts['torch_threads']} threads"
     fig.suptitle(f"kvmem splice throughput, {r0['layers']} layers x {r0['kv_heads']} kv heads x {r0['head_dim']} dim "
                  f"(SmolLM2-135M) on {dev}", fontsize=10)
-    fig.text(0.99, 0.005, f"git {str(facts['git_sha'])[:10]}, torch {facts['torch']}, {facts['date']}", ha="right",
-             va="bottom", fontsize=6, color="#555")
+    _common.stamp(fig, facts)
     fig.tight_layout(rect=(0, 0.02, 1, 0.89))
     fig.savefig(png)
     plt.close(fig)

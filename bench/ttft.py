@@ -1,10 +1,11 @@
 """TTFT benchmark: full prefill vs transformers' prefix reuse vs kvmem cubes (disk / CPU memory / device).
 
-One process, one model (SmolLM2-135M-Instruct, float32), medians after warm-up with p10/p90 and min/max.
-TTFT = from the call with the prompt ids in hand (cube in its tier) to the first new token id: one forward over
-the tokens that still need computing, then argmax of the last logits (device synchronised, see kvmem.timing).
+One process, one model (SmolLM2-135M-Instruct or Gemma 3, float32), medians after warm-up with p10/p90 and
+min/max. TTFT = from the call with the prompt ids in hand (cube in its tier) to the first new token id: one forward
+over the tokens that still need computing, then argmax of the last logits (device synchronised, see kvmem.timing).
 
     .venv/bin/python bench/ttft.py                 # the full run (~12 min on 2 quiet CPU cores)
+    .venv/bin/python bench/ttft.py --model gemma3  # the same with Gemma 3 -> results/ttft_cpu_gemma3.json
     .venv/bin/python bench/ttft.py --quick         # smoke run, under a minute; writes nothing unless --out is given
 
 The machine may be shared: before each timed sample the script waits (up to --quiet-wait s) until other processes
@@ -43,113 +44,12 @@ sys.path.insert(0, str(ROOT / "bench"))  # bench/_common.py, also when imported 
 import kvmem  # noqa: E402
 import _common  # noqa: E402
 from kvmem.cache import cache_kwarg, output_cache  # noqa: E402
-from kvmem.memory_text import text_of_tokens  # noqa: E402
-from kvmem.real_model import load_smollm2  # noqa: E402
-from kvmem.timing import sync  # noqa: E402
+from workloads import memory_ids, query_ids  # noqa: E402
 
 METHODS = ("full_prefill", "prefix_reuse", "kvmem_disk", "kvmem_disk_cold", "kvmem_cpu", "kvmem_device")
-QUESTION = "\n\nQuestion: Where does Alice live, and what is the badge number of Alice? Answer:"
 
 
-# ---------------------------------------------------------------- inputs
-def memory_ids(tok, n: int) -> torch.Tensor:
-    """LongTensor [1, n]: a memory text of exactly n tokens."""
-    ids = tok(text_of_tokens(tok, n), add_special_tokens=False).input_ids
-    if len(ids) != n:  # decode/encode round trips can merge tokens; keep the length exact
-        print(f"note: memory text re-encodes to {len(ids)} tokens, using the first {n}", flush=True)
-    return torch.tensor([ids[:n]])
-
-
-def query_ids(tok, n: int) -> torch.Tensor:
-    """LongTensor [1, n]: other notes (another seed), trimmed, then a question; exactly n tokens."""
-    q = tok(QUESTION, add_special_tokens=False).input_ids
-    filler = tok(text_of_tokens(tok, max(n - len(q), 1), seed=101), add_special_tokens=False).input_ids
-    ids = (filler[: max(n - len(q), 0)] + q)[-n:]
-    assert len(ids) == n
-    return torch.tensor([ids])
-
-
-# ---------------------------------------------------------------- other load on the machine
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_seconds() -> tuple[float, float, float] | None:
-    """CPU seconds so far: (normal-priority busy time of the machine, niced busy time, this process); None without
-    /proc. Niced processes are counted apart only for the record: they disturb the timings just as much (measured
-    here: a nice-19 job slowed a nice -10 benchmark ~10x: with sched_autogroup, nice only ranks a session's own jobs)."""
-    try:
-        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = f
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        own_s = (int(own[11]) + int(own[12])) / _TICK  # utime + stime over all threads
-        normal, niced = (user + system + irq + softirq + steal) / _TICK, nice / _TICK
-        if int(own[16]) > 0:  # this process is niced itself: its user time is in the nice column
-            niced -= own_s
-        else:
-            normal -= own_s
-        return normal, niced, own_s
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class ForeignLoad:
-    """CPU other processes used between start() and stop(): they compete with the timed work."""
-
-    def start(self):
-        self._t0, self._c0 = time.perf_counter(), _cpu_seconds()
-        return self
-
-    def stop(self) -> tuple[float, float] | None:
-        """(all, niced) CPU use of other processes in cores (0 = quiet, 1 = one core busy)."""
-        c1 = _cpu_seconds()
-        if c1 is None or self._c0 is None:
-            return None
-        dt = max(time.perf_counter() - self._t0, 1e-3)
-        niced = max(0.0, c1[1] - self._c0[1]) / dt
-        return max(0.0, c1[0] - self._c0[0]) / dt + niced, niced
-
-
-def wait_quiet(max_wait_s: float, *, threshold: float = 0.1, window_s: float = 0.3) -> float:
-    """Wait (up to ``max_wait_s``) until other processes use under ``threshold`` cores.
-
-    Other jobs on a shared 2-core machine would otherwise land inside the timed region. Returns seconds waited.
-    """
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < max_wait_s:
-        mon = ForeignLoad().start()
-        time.sleep(window_s)
-        load = mon.stop()
-        if load is None or load[0] < threshold:
-            break
-    return time.perf_counter() - t0
-
-
-# ---------------------------------------------------------------- timing
-def clock(fn, device) -> tuple[float, int, torch.Tensor, tuple[float, float] | None]:
-    """Seconds for fn() up to the first token id on the host; returns (seconds, token id, last logits, other load)."""
-    sync(device)
-    mon = ForeignLoad().start()
-    t0 = time.perf_counter()
-    logits = fn()                 # [vocab]: logits of the last position
-    token = int(logits.argmax())  # .item()-style read: the first new token id is available
-    sync(device)
-    dt = time.perf_counter() - t0
-    return dt, token, logits, mon.stop()
-
-
-def summary(samples: list[float]) -> dict:
-    s = sorted(samples)
-
-    def q(p):  # linear interpolation quantile
-        x = p * (len(s) - 1)
-        lo = int(x)
-        hi = min(lo + 1, len(s) - 1)
-        return s[lo] + (s[hi] - s[lo]) * (x - lo)
-
-    return {"median_s": statistics.median(s), "p10_s": q(0.1), "p90_s": q(0.9), "min_s": s[0], "max_s": s[-1],
-            "samples_s": samples}
-
-
+# ---------------------------------------------------------------- the page cache
 def drop_page_cache(path: Path) -> None:
     """Ask the kernel to evict ``path`` from the page cache (a hint: check with `resident_bytes`)."""
     fd = os.open(path, os.O_RDONLY)
@@ -171,7 +71,13 @@ def resident_bytes(path: Path) -> int | None:
 
 
 # ---------------------------------------------------------------- one memory length
-def bench_length(model, tok, device, n_mem: int, q: torch.Tensor, args, workdir: Path) -> tuple[list[dict], dict]:
+def first_token(logits: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(first new token id on the host, the logits [vocab]): the argmax is part of every timed region."""
+    return int(logits.argmax()), logits
+
+
+def bench_length(model, tok, device, n_mem: int, q: torch.Tensor, args, quiet: _common.Quiet,
+                 workdir: Path) -> tuple[list[dict], dict]:
     kw = cache_kwarg(model)
     from transformers import DynamicCache
 
@@ -195,80 +101,48 @@ def bench_length(model, tok, device, n_mem: int, q: torch.Tensor, args, workdir:
         extra = {kw: cache} if cache is not None else {}
         return model(input_ids=ids, use_cache=True, logits_to_keep=1, **extra).logits[0, -1]
 
-    def run_full():
-        return forward(full)
-
-    def run_prefix_reuse():
-        return forward(q, copy.deepcopy(prefix_cache))
-
     def run_disk():
-        c = kvmem.MemCube.load(path)
-        return forward(q, kvmem.prefill(model, c).cache)
+        return first_token(forward(q, kvmem.prefill(model, kvmem.MemCube.load(path)).cache))
 
-    def run_cpu():
-        return forward(q, kvmem.prefill(model, cube_cpu).cache)
-
-    def run_device():
-        return forward(q, kvmem.prefill(model, cube_dev).cache)
-
-    fns = {"full_prefill": run_full, "prefix_reuse": run_prefix_reuse, "kvmem_disk": run_disk,
-           "kvmem_disk_cold": run_disk, "kvmem_cpu": run_cpu, "kvmem_device": run_device}
-    methods = [m for m in METHODS if m in args.methods]
+    fns = {"full_prefill": lambda: first_token(forward(full)),
+           "prefix_reuse": lambda: first_token(forward(q, copy.deepcopy(prefix_cache))),
+           "kvmem_disk": run_disk, "kvmem_disk_cold": run_disk,
+           "kvmem_cpu": lambda: first_token(forward(q, kvmem.prefill(model, cube_cpu).cache)),
+           "kvmem_device": lambda: first_token(forward(q, kvmem.prefill(model, cube_dev).cache))}
+    fns = {m: fns[m] for m in METHODS if m in args.methods}
     long = n_mem >= args.long_from
-    reps = {m: (args.full_reps if long else args.reps) if m == "full_prefill" else args.reps for m in methods}
-    warm = {m: (args.full_warmup if long else args.warmup) if m == "full_prefill" else args.warmup for m in methods}
+    reps = {m: args.full_reps if m == "full_prefill" and long else args.reps for m in fns}
+    warm = {m: args.full_warmup if m == "full_prefill" and long else args.warmup for m in fns}
 
-    cold_info = {}
-    samples = {m: [] for m in methods}
-    foreign = {m: [] for m in methods}
-    discarded = {m: [] for m in methods}
-    waited = 0.0
-    outputs = {}
+    resident_before_load = []
+
+    def before(m):  # untimed, before every call: the cold row starts from an evicted file
+        if m == "kvmem_disk_cold":
+            drop_page_cache(path)
+            resident_before_load.append(resident_bytes(path))
+
+    waited0 = quiet.waited_s
     with torch.inference_mode():
-        for m in methods:  # warm-ups; the first outputs are the correctness check
-            for _ in range(warm[m]):
-                if m == "kvmem_disk_cold":
-                    drop_page_cache(path)
-                _, token, logits, _ = clock(fns[m], device)
-                outputs.setdefault(m, (token, logits.float().cpu()))
-        # timed reps, round robin over methods so slow drift (thermal, other load) hits all of them alike
-        for rep in range(max(reps.values())):
-            for m in methods:
-                if rep >= reps[m]:
-                    continue
-                if m == "kvmem_disk_cold":
-                    drop_page_cache(path)
-                    res = resident_bytes(path)
-                    cold_info.setdefault("resident_bytes_before_load", []).append(res)
-                for attempt in range(args.retries + 1):  # redo a sample that other processes disturbed
-                    waited += wait_quiet(args.quiet_wait)
-                    if m == "kvmem_disk_cold" and attempt:
-                        drop_page_cache(path)
-                    dt, token, logits, load = clock(fns[m], device)
-                    if load is None or load[0] <= args.busy or attempt == args.retries:
-                        break
-                    discarded[m].append(dt)
-                samples[m].append(dt)
-                foreign[m].append(load)
-                outputs.setdefault(m, (token, logits.float().cpu()))
+        series = _common.round_robin(fns, reps, warmup=warm, device=device, quiet=quiet, before=before)
 
-    ref_token, ref_logits = outputs.get("full_prefill", (None, None))
+    ref_token, ref_logits = series["full_prefill"].first if "full_prefill" in series else (None, None)
     rows = []
-    for m in methods:
-        token, logits = outputs[m]
+    for m, s in series.items():
+        token, logits = s.first  # the first call's output (a warm-up): the correctness check
+        logits = logits.float().cpu()
         row = {"memory_tokens": n_mem, "query_tokens": q.shape[1], "method": m, "device": str(device),
-               "reps": reps[m], "warmup": warm[m], **summary(samples[m]),
-               "other_processes_cpu_cores": [None if x is None else x[0] for x in foreign[m]],
-               "other_niced_processes_cpu_cores": [None if x is None else x[1] for x in foreign[m]],
-               "samples_with_other_load": sum(1 for x in foreign[m] if x is not None and x[0] > args.busy),
-               "discarded_disturbed_samples_s": discarded[m],
+               "reps": reps[m], "warmup": warm[m], **_common.spread(s.seconds),
+               "other_processes_cpu_cores": [None if x is None else x[0] for x in s.other],
+               "other_niced_processes_cpu_cores": [None if x is None else x[1] for x in s.other],
+               "samples_with_other_load": s.busy(args.busy),
+               "discarded_disturbed_samples_s": s.discarded_s,
                "first_token": token,
                "same_first_token_as_full": None if ref_token is None else token == ref_token,
-               "max_abs_logit_diff_vs_full": None if ref_logits is None else float((logits - ref_logits).abs().max())}
+               "max_abs_logit_diff_vs_full": None if ref_logits is None else float((logits - ref_logits.float().cpu()).abs().max())}
         if m.startswith("kvmem_disk"):
             row["cube_file_bytes"] = path.stat().st_size
         if m == "kvmem_disk_cold":
-            row["page_cache_resident_bytes_before_load"] = cold_info.get("resident_bytes_before_load")
+            row["page_cache_resident_bytes_before_load"] = resident_before_load
         if m == "kvmem_device" and device.type == "cpu":
             row["note"] = "on CPU the model's device is the CPU: same tier as kvmem_cpu"
         rows.append(row)
@@ -277,7 +151,7 @@ def bench_length(model, tok, device, n_mem: int, q: torch.Tensor, args, workdir:
         r["reduction_vs_full"] = 1 - r["median_s"] / base["full_prefill"] if "full_prefill" in base else None
         r["ratio_vs_prefix_reuse"] = r["median_s"] / base["prefix_reuse"] if "prefix_reuse" in base else None
 
-    print(f"(waited {waited:.0f} s in total for other processes to go quiet)", flush=True)
+    print(f"(waited {quiet.waited_s - waited0:.0f} s in total for other processes to go quiet)", flush=True)
     breakdown = profile_kvmem(model, path, cube_cpu, prefix_cache, q, forward, device, args.reps,
                               args.quiet_wait) if args.breakdown and n_mem == max(args.lengths) else {}
     path.unlink(missing_ok=True)
@@ -287,7 +161,7 @@ def bench_length(model, tok, device, n_mem: int, q: torch.Tensor, args, workdir:
 def profile_kvmem(model, path, cube_cpu, prefix_cache, q, forward, device, reps: int, quiet_wait: float) -> dict:
     """Median seconds of each piece of the kvmem path (and the prefix-reuse copy), to see where time goes.
 
-    Uses kvmem internals (cube_format, fingerprint); pieces that are missing in this kvmem are skipped.
+    Times kvmem's checksum and fingerprint functions directly; pieces missing in this kvmem are skipped.
     """
     from safetensors.torch import load_file
 
@@ -302,40 +176,18 @@ def profile_kvmem(model, path, cube_cpu, prefix_cache, q, forward, device, reps:
         from kvmem.cube_format import checksum
         tensors = load_file(str(path), device="cpu")
         pieces["checksum(xxh3 over tensors)"] = lambda: checksum("f", "1", "{}", tensors)
-    except Exception as exc:  # noqa: BLE001  (internals may move; the breakdown is best effort)
+    except Exception as exc:  # noqa: BLE001  (modules may move; the breakdown is best effort)
         print(f"breakdown: no checksum timing ({exc})")
     try:
         from kvmem.fingerprint import fingerprint_fields
         pieces["fingerprint_fields(model)"] = lambda: fingerprint_fields(model)
     except Exception as exc:  # noqa: BLE001
         print(f"breakdown: no fingerprint timing ({exc})")
-    out = {}
+    quiet = _common.Quiet(wait_s=quiet_wait)
     with torch.inference_mode():
-        for name, fn in pieces.items():
-            ts = []
-            for i in range(reps + 1):
-                wait_quiet(quiet_wait)
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                if i:
-                    ts.append(time.perf_counter() - t0)
-            out[name] = statistics.median(ts)
-    return out
-
-
-# ---------------------------------------------------------------- machine facts
-def _loadavg() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return None
-
-
-def machine_facts(model, device) -> dict:
-    return _common.machine_facts(model=model, device=str(device), nice=os.nice(0) if hasattr(os, "nice") else None,
-                                 loadavg_start=_loadavg())
+        return {name: statistics.median(_common.repeat(lambda i, fn=fn: fn(), reps, warmup=1, device=device,
+                                                       quiet=quiet).seconds)
+                for name, fn in pieces.items()}
 
 
 # ---------------------------------------------------------------- report
@@ -373,6 +225,7 @@ def check_targets(rows: list[dict], length: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_model_argument(p)
     p.add_argument("--lengths", type=int, nargs="+", default=None,
                    help="memory lengths in tokens (default 512 1024 2048 4096 6064)")
     p.add_argument("--query-tokens", type=int, default=None, help="default 167")
@@ -391,7 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--retries", type=int, default=2,
                    help="redo a disturbed sample up to this many times (the disturbed times are kept apart)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/ttft_<device>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default bench/results/ttft_<device>.json; ttft_<device>_<model>.json for others)")
     p.add_argument("--no-plot", dest="plot", action="store_false")
     p.add_argument("--quick", action="store_true", help="smoke run: short lengths, 1 rep, no files unless --out")
     args = p.parse_args(argv)
@@ -407,30 +261,31 @@ def main(argv=None) -> int:
     # a kill (SIGTERM) unwinds like Ctrl-C, so the scratch folder with the cube files is removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tok = load_smollm2(device=device, verbose=True)
-    facts = machine_facts(model, device)
+    model, tok = _common.load_model(args.model, device=device, verbose=True)
+    facts = _common.machine_facts(model=model, model_name=_common.MODELS[args.model][1], device=str(device))
     print(json.dumps({k: v for k, v in facts.items() if k != "git_dirty_paths"}), flush=True)
     q = query_ids(tok, args.query_tokens)
+    quiet = _common.Quiet(wait_s=args.quiet_wait, busy=args.busy, retries=args.retries)
 
-    out = args.out or (None if args.quick else str(ROOT / "bench" / "results" / f"ttft_{device.type}.json"))
+    out = args.out or (None if args.quick else _common.result_path("ttft", device=device.type, model=args.model))
 
     def write(complete: bool) -> None:  # after every length, so an interrupted run keeps what it measured
         if not out:
             return
         facts["bench_wall_s"] = time.perf_counter() - t_start
-        facts["loadavg_end"] = _loadavg()
+        facts["loadavg_end"] = _common.loadavg()
         doc = {"complete": complete, "machine": facts, "args": dict(vars(args)),
                "targets": check_targets(rows, max(r["memory_tokens"] for r in rows)) if rows else {},
                "breakdown_s": breakdowns, "rows": rows}
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(doc, indent=1) + "\n")
+        from plot import plot  # bench/plot.py
+        _common.write_results(doc, out, plot if complete and args.plot else None, quiet=not complete)
 
     t_start = time.perf_counter()
     rows, breakdowns = [], {}
     with tempfile.TemporaryDirectory(prefix="kvmem-bench-", dir=ROOT / "bench") as work:
         for n in args.lengths:
             t0 = time.perf_counter()
-            r, b = bench_length(model, tok, device, n, q, args, Path(work))
+            r, b = bench_length(model, tok, device, n, q, args, quiet, Path(work))
             rows += r
             if b:
                 breakdowns[str(n)] = b
@@ -440,19 +295,11 @@ def main(argv=None) -> int:
                 print("kvmem path breakdown (median ms): " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in b.items()))
             sys.stdout.flush()
             write(complete=False)
-    write(complete=True)
-    targets = check_targets(rows, max(args.lengths))
 
     print("\n== all lengths")
     print_table(rows)
-    print("\ntargets at", json.dumps(targets))
-    if out:
-        print(f"wrote {out}")
-        if args.plot:
-            from plot import plot  # bench/plot.py
-            png = str(Path(out).with_suffix(".png"))
-            plot(out, png)
-            print(f"wrote {png}")
+    print("\ntargets at", json.dumps(check_targets(rows, max(args.lengths))))
+    write(complete=True)
     return 0
 
 

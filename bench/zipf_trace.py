@@ -23,13 +23,13 @@ Scenarios: "static" (one popularity ranking for the whole trace, s = 1.0, 1.1, 1
 "drift" (s = 1.1, the ranking reshuffled every 2,000 requests: the hot set moves, as a user's topics do).
 
     .venv/bin/python bench/zipf_trace.py           # ~1 min; writes bench/results/zipf_trace_cpu.{json,png}
+    .venv/bin/python bench/zipf_trace.py --quick   # smoke run, seconds; writes nothing unless --out is given
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from collections import Counter
 from pathlib import Path
@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))  # bench/_common.py, also when imported 
 
 import _common  # noqa: E402
 from kvmem.scheduler import MemScheduler  # noqa: E402
+from workloads import make_memories, make_trace, zipf_probs  # noqa: E402
 
 BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4   # 46,080: SmolLM2-135M, float32 K and V
 TIERS = ("device", "cpu", "disk")
@@ -71,41 +72,6 @@ class FakeView:
             return None
         self.loads += 1
         return FakeCube(self.sizes[memory_id])
-
-
-# ---------------------------------------------------------------- the trace
-def make_memories(n: int, seed: int, lo: int, hi: int) -> dict:
-    rng = random.Random(seed)
-    return {f"m{i:03d}": rng.randint(lo, hi) for i in range(n)}  # id -> tokens
-
-
-def zipf_probs(ids: list, s: float, seed: int) -> dict:
-    """id -> request probability; ranks are a seeded shuffle of the ids (popularity unrelated to size)."""
-    rng = random.Random(seed + 1)
-    order = ids[:]
-    rng.shuffle(order)
-    w = [1 / (r + 1) ** s for r in range(len(order))]
-    total = sum(w)
-    return {m: x / total for m, x in zip(order, w)}
-
-
-def make_trace(probs: dict, n: int, seed: int, *, phases: int = 1) -> tuple[list, list]:
-    """n requests drawn from ``probs``; with phases > 1 the popularity ranks are reshuffled at the start of each
-    phase (the hot set drifts). Returns the trace and, per request, the probabilities it was drawn from."""
-    rng = random.Random(seed + 2)
-    ids, weights = list(probs), sorted(probs.values(), reverse=True)
-    trace, drawn_from = [], []
-    for p in range(phases):
-        if p == 0:
-            current = probs
-        else:
-            order = ids[:]
-            rng.shuffle(order)
-            current = dict(zip(order, weights))
-        k = n // phases + (p < n % phases)
-        trace += rng.choices(ids, weights=[current[m] for m in ids], k=k)
-        drawn_from += [current] * k
-    return trace, drawn_from
 
 
 # ---------------------------------------------------------------- policies
@@ -142,10 +108,10 @@ def replay(policy: str, trace: list, drawn_from: list, sizes_bytes: dict, device
                         "bytes_cpu_to_device": sum(sizes_bytes[m] for m, t in zip(trace, served) if t == "cpu")}
     sched = make_scheduler(policy, FakeView(sizes_bytes), device_budget, cpu_budget)
     served = []
-    for i, m in enumerate(trace):
-        before = {t: sched.counters[f"hits_{t}"] for t in TIERS}
-        assert sched.get(m) is not None
-        served.append(next(t for t in TIERS if sched.counters[f"hits_{t}"] > before[t]))
+    for m in trace:
+        cube, tier_served = sched.fetch(m)
+        assert cube is not None
+        served.append(tier_served)
         for tier in sched.tiers.values():  # the budgets are hard limits
             assert tier.used <= tier.budget
     return served, {k: sched.counters[k] for k in ("bytes_disk_read", "bytes_cpu_to_device")}
@@ -204,10 +170,6 @@ def summarise(served: list, trace: list, tokens: dict, table: dict, methods: dic
     return out
 
 
-def machine_facts() -> dict:
-    return _common.machine_facts(packages=("kvmem",))
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--memories", type=int, default=500)
@@ -217,8 +179,13 @@ def main(argv=None):
     ap.add_argument("--min-tokens", type=int, default=512, help="memory lengths: uniform in [min, max]; the default")
     ap.add_argument("--max-tokens", type=int, default=2048, help="is the range ttft.py measures (no extrapolation)")
     ap.add_argument("--ttft", default=str(ROOT / "bench/results/ttft_cpu.json"))
-    ap.add_argument("--out", default=str(ROOT / "bench/results/zipf_trace_cpu.json"))
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/zipf_trace_cpu.json)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 60 memories, 1,200 requests; writes nothing "
+                                                         "unless --out is given")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.memories, args.requests, args.warmup = 60, 1_200, 200
+    out = args.out or (None if args.quick else _common.result_path("zipf_trace"))
 
     tokens = make_memories(args.memories, args.seed, args.min_tokens, args.max_tokens)
     sizes = {m: n * BYTES_PER_TOKEN for m, n in tokens.items()}
@@ -266,13 +233,14 @@ def main(argv=None):
                       + (f"; device hit rate by phase {[round(x, 2) for x in row['hit_rate_device_by_phase']]}"
                          if phases > 1 else ""), flush=True)
 
-    doc = {"benchmark": "zipf_trace", "machine": machine_facts(), "ttft_source": source,
+    if out is None:
+        return 0
+    doc = {"benchmark": "zipf_trace", "machine": _common.machine_facts(packages=("kvmem",)), "ttft_source": source,
            "ttft_machine": ttft_machine, "bytes_per_token": BYTES_PER_TOKEN, "total_cube_bytes": total,
            "token_range": [min(tokens.values()), max(tokens.values())],
            "memories_outside_measured_lengths": outside, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     _common.write_results(doc, out, plot)
+    return 0
 
 
 # ---------------------------------------------------------------- plot
@@ -282,10 +250,7 @@ POLICY_COLORS = {"lru": "#9467bd", "lfu": "#17becf", "lfu_no_aging": "#8c564b",
 
 
 def plot(doc: dict, png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     rows = doc["rows"]
     pols = ["lru", "lfu", "lfu_no_aging", "static_oracle"]
     head = [r for r in rows if r["device_budget_frac"] == 0.05 and r["cpu_budget_frac"] == 0.20]
@@ -351,12 +316,11 @@ def plot(doc: dict, png: Path) -> None:
                  f"memories ({doc['total_cube_bytes'] / 2**30:.1f} GiB of SmolLM2 KV, {doc['token_range'][0]}.."
                  f"{doc['token_range'][1]} tokens each)\nTTFT costs: {doc['ttft_source']}; tiers -> "
                  f"{rows[0]['tier_methods']}", fontsize=8.5)
-    fig.text(0.99, 0.005, f"kvmem {m['kvmem']} @ {str(m['git_sha'])[:10]}, {m['cpu']}, {m['date']}", ha="right",
-             fontsize=6, color="#555")
+    _common.stamp(fig, m)
     fig.tight_layout(rect=(0, 0.02, 1, 0.93))
     fig.savefig(png)
     plt.close(fig)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
