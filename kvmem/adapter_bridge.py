@@ -1,4 +1,4 @@
-"""Hot-swapping AdapterCubes on a live model through PEFT, several resident within a byte budget (LRU).
+"""Hot-swapping AdapterCubes on a live model through PEFT, several resident up to a byte capacity (LRU).
 
 The first adapter wraps the base model in a ``peft.PeftModel`` (PEFT injects LoRA layers in place); later
 adapters are added beside it and switched with ``set_adapter``, which only flips flags: no reload of the base.
@@ -12,24 +12,32 @@ recompiled. That needs adapters with the same target modules and ranks no larger
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 
 from .adapter import AdapterCube, _peft
 from .errors import CubeError
 
-DEFAULT_BUDGET_BYTES = 256 * 2**20
+DEFAULT_CAPACITY_BYTES = 256 * 2**20
 
 
 class AdapterBridge:
     """Which adapters are resident on the model, which is active, and the swaps between them."""
 
-    def __init__(self, model, *, budget_bytes: int = DEFAULT_BUDGET_BYTES, hotswap: bool = False,
-                 max_rank: int | None = None):
-        if not isinstance(budget_bytes, int) or budget_bytes <= 0:
-            raise CubeError(f"adapter budget_bytes must be a positive int, got {budget_bytes!r}")
+    def __init__(self, model, *, capacity_bytes: int = DEFAULT_CAPACITY_BYTES, hotswap: bool = False,
+                 max_rank: int | None = None, **deprecated):
+        if "budget_bytes" in deprecated:
+            warnings.warn("AdapterBridge(budget_bytes=) is renamed capacity_bytes= ('budget' is only the "
+                          "recompute budget now)", DeprecationWarning, stacklevel=2)
+            capacity_bytes = deprecated.pop("budget_bytes")
+        if deprecated:
+            raise TypeError(f"AdapterBridge() got unexpected keyword arguments {sorted(deprecated)}")
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
+            raise CubeError(f"adapter capacity_bytes must be a positive int, got {capacity_bytes!r}")
         self.base = model
         self.peft = None
-        self.budget_bytes = budget_bytes
+        self.capacity_bytes = capacity_bytes
         self.hotswap, self.max_rank = hotswap, max_rank
         self.resident: OrderedDict[str, int] = OrderedDict()  # adapter slot name -> bytes, LRU first
         self.active: AdapterCube | None = None
@@ -45,6 +53,20 @@ class AdapterBridge:
     @property
     def resident_bytes(self) -> int:
         return sum(self.resident.values())
+
+    @contextmanager
+    def using(self, cube: AdapterCube | None | str = "keep"):
+        """``with bridge.using(cube):`` runs the block with ``cube`` active (None: the base model), then restores
+        the adapter that was active before, also when the block raises. "keep" changes nothing."""
+        if isinstance(cube, str) and cube == "keep":
+            yield
+            return
+        previous = self.active
+        self.use(cube)
+        try:
+            yield
+        finally:
+            self.use(previous)
 
     def use(self, cube: AdapterCube | None) -> None:
         """Make ``cube`` the active adapter (None: the base model, exactly)."""
@@ -113,7 +135,7 @@ class AdapterBridge:
 
     def _evict(self, keep: str) -> None:
         for slot in list(self.resident):
-            if self.resident_bytes <= self.budget_bytes:
+            if self.resident_bytes <= self.capacity_bytes:
                 break
             if slot != keep:
                 self.peft.delete_adapter(slot)

@@ -1,51 +1,50 @@
-"""kvmem.wrap: a model + tokenizer that injects memory cubes into chat prompts, around the model's own generate.
+"""kvmem.wrap: a model + tokenizer whose ``generate`` answers with memory.
 
-The memory goes into the system message. The chat template is split there: everything before the memory is
-the *anchor* (cubes are built after it, see `build_cube`), everything after it is the request's own tokens,
-the only ones a request with cubes prefills.
+`MemoryModel.generate` reads as: render the prompt (`kvmem.prompt.ChatLayout`), recall memories
+(`kvmem.recall.Recall`, for ``cubes="auto"``), prefill (`kvmem.prefill`, the one gate that validates cubes),
+generate (the model's own ``generate``), report (`GenerationReport` in ``mm.last``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
 
 import torch
 
 from .adapter import AdapterCube
-from .adapter_bridge import DEFAULT_BUDGET_BYTES, AdapterBridge
+from .adapter_bridge import DEFAULT_CAPACITY_BYTES, AdapterBridge
 from .cache import cache_kwarg
 from .cube import MemCube
 from .errors import CubeError
-from .index import check_meta
 from .modelinfo import model_device
 from .prefill import prefill
+from .prompt import ChatLayout
+from .recall import Recall
+from .report import GenerationReport
 from .timing import FirstTokenClock
 
-_SLOT = "\u2063kvmem-memory\u2063"  # marks where the memory sits when rendering the chat template
+
+def _renamed(kwargs: dict, old: str, new: str, value):
+    """Deprecation shim: ``old=`` still works (with a warning) for one release; ``new=`` is the name now."""
+    if old not in kwargs:
+        return value
+    warnings.warn(f"{old}= is renamed {new}= (one word per meaning: 'budget' is only the recompute budget now)",
+                  DeprecationWarning, stacklevel=3)
+    return kwargs.pop(old)
 
 
-@dataclass
-class GenerationReport:
-    """What the last `MemoryModel.generate` did."""
-
-    ttft_s: float | None = None
-    injected: bool = False
-    cube_names: list[str] = field(default_factory=list)
-    spans: list[tuple[int, int]] = field(default_factory=list)
-    prompt_tokens: int = 0       # all ids before the first new token
-    prefilled_tokens: int = 0    # of those, the ones this request ran through the model
-    memories: list[dict] = field(default_factory=list)  # cubes="auto": what was chosen, score, where it came from
-
-
-def wrap(model, tokenizer, *, system_prompt: str | None = None, adapter_budget_bytes: int = DEFAULT_BUDGET_BYTES,
-         hotswap: bool = False, max_rank: int | None = None) -> "MemoryModel":
+def wrap(model, tokenizer, *, system_prompt: str | None = None,
+         adapter_capacity_bytes: int = DEFAULT_CAPACITY_BYTES, hotswap: bool = False, max_rank: int | None = None,
+         **deprecated) -> "MemoryModel":
     """Wrap ``model`` and ``tokenizer`` so that ``generate(prompt, cubes=[...])`` injects memory cubes.
 
     Args:
         model: a transformers causal LM.
-        tokenizer: its tokenizer (a chat template is used when it has one).
+        tokenizer: its tokenizer (its chat template is used when it has one; else a plain layout, see
+            `kvmem.prompt.ChatLayout`).
         system_prompt: text that opens the system message, before the memory (part of the anchor).
-        adapter_budget_bytes: how many bytes of LoRA weights stay resident for instant swaps (LRU beyond).
+        adapter_capacity_bytes: how many bytes of LoRA weights stay resident for instant swaps (LRU beyond);
+            formerly ``adapter_budget_bytes``.
         hotswap: one adapter slot overwritten in place (no recompilation of a torch.compile'd model; adapters
             must target the same modules with rank <= the slot's, see ``max_rank``).
 
@@ -54,11 +53,15 @@ def wrap(model, tokenizer, *, system_prompt: str | None = None, adapter_budget_b
         >>> cube = mm.build_cube(open("notes.txt").read())
         >>> out = mm.generate("Where does Alice live?", cubes=[cube], max_new_tokens=32)
     """
+    adapter_capacity_bytes = _renamed(deprecated, "adapter_budget_bytes", "adapter_capacity_bytes",
+                                      adapter_capacity_bytes)
+    if deprecated:
+        raise TypeError(f"wrap() got unexpected keyword arguments {sorted(deprecated)}")
     if not hasattr(model, "generate"):
         raise CubeError(f"wrap needs a transformers generative model, got {type(model).__name__}")
     if not callable(tokenizer):
         raise CubeError(f"wrap needs a tokenizer, got {type(tokenizer).__name__}")
-    return MemoryModel(model, tokenizer, system_prompt=system_prompt, adapter_budget_bytes=adapter_budget_bytes,
+    return MemoryModel(model, tokenizer, system_prompt=system_prompt, adapter_capacity_bytes=adapter_capacity_bytes,
                        hotswap=hotswap, max_rank=max_rank)
 
 
@@ -66,13 +69,14 @@ class MemoryModel:
     """A model with memory: see `wrap`."""
 
     def __init__(self, model, tokenizer, *, system_prompt: str | None = None,
-                 adapter_budget_bytes: int = DEFAULT_BUDGET_BYTES, hotswap: bool = False, max_rank: int | None = None):
-        self.adapters = AdapterBridge(model, budget_bytes=adapter_budget_bytes, hotswap=hotswap, max_rank=max_rank)
+                 adapter_capacity_bytes: int = DEFAULT_CAPACITY_BYTES, hotswap: bool = False,
+                 max_rank: int | None = None):
+        self.adapters = AdapterBridge(model, capacity_bytes=adapter_capacity_bytes, hotswap=hotswap,
+                                      max_rank=max_rank)
         self.tokenizer = tokenizer
-        self.system_prompt = system_prompt
+        self.layout = ChatLayout(tokenizer, system_prompt)
         self.last = GenerationReport()
-        self.anchor, self._tail_template = self._split_template()
-        self.store = self.index = self.scheduler = None
+        self.recall: Recall | None = None
 
     @property
     def model(self):
@@ -80,8 +84,13 @@ class MemoryModel:
         return self.adapters.model
 
     @property
-    def _model(self):
-        return self.adapters.model
+    def system_prompt(self) -> str | None:
+        return self.layout.system_prompt
+
+    @property
+    def anchor(self) -> str:
+        """The text every cube of this model is built after (the chat template up to the memory)."""
+        return self.layout.anchor
 
     @property
     def adapter(self) -> AdapterCube | None:
@@ -92,59 +101,24 @@ class MemoryModel:
         """Hot-swap the active LoRA adapter; ``None`` restores the base model exactly.
 
         KV cubes record the adapter they were built under: injecting one under another adapter raises
-        FingerprintMismatch.
+        FingerprintMismatch. For one request only: ``with mm.adapters.using(cube): ...`` or
+        ``generate(..., adapter=cube)``.
         """
         self.adapters.use(cube)
 
-    # ---------------------------------------------------------------- prompts
-    def _render(self, memory: str, prompt: str) -> str:
-        system = f"{self.system_prompt}\n\n{memory}" if self.system_prompt else memory
-        if getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return f"{system}\n\n{prompt}\n"
-
-    def _split_template(self) -> tuple[str, str]:
-        text = self._render(_SLOT, _SLOT + "q")
-        head, _, tail = text.partition(_SLOT)
-        if not _SLOT + "q" in tail:
-            raise CubeError("the chat template does not place the system message before the user message; "
-                            "kvmem needs memory in the system message")
-        bos = getattr(self.tokenizer, "bos_token", None)
-        if not head and bos and self.tokenizer("", add_special_tokens=True).input_ids[:1] == [self.tokenizer.bos_token_id]:
-            head = bos
-        return head, tail
-
-    def _tail_ids(self, prompt: str) -> torch.Tensor:
-        tail = self._tail_template.replace(_SLOT + "q", prompt)
-        return torch.tensor(self.tokenizer(tail, add_special_tokens=False).input_ids, dtype=torch.long)
-
+    # ---------------------------------------------------------------- cubes and prompt ids
     def build_cube(self, text: str, name: str | None = None, **kwargs) -> MemCube:
         """A cube of ``text`` built after this model's anchor, ready for ``generate(..., cubes=[cube])``."""
-        return MemCube.from_text(self._model, self.tokenizer, text, name=name, anchor=self.anchor, **kwargs)
+        return MemCube.from_text(self.model, self.tokenizer, text, name=name, anchor=self.anchor, **kwargs)
 
-    def prompt_ids(self, prompt: str, cubes: list[MemCube]) -> torch.Tensor:
-        """LongTensor [1, n]: the ids a full prefill of ``prompt`` with ``cubes`` as memory would process."""
-        cubes = self._check_cubes(cubes)
-        anchor = cubes[0].anchor_ids[0] if cubes else torch.tensor(
-            self.tokenizer(self.anchor, add_special_tokens=False).input_ids, dtype=torch.long)
-        parts = [anchor] + [c.input_ids[0] for c in cubes] + [self._tail_ids(prompt)]
-        return torch.cat(parts)[None]
+    def request_ids(self, prompt: str) -> torch.Tensor:
+        """LongTensor [n]: the request's own ids, after the memory (the rest of the template, with ``prompt``)."""
+        return self.layout.request_ids(prompt)
 
-    def _check_cubes(self, cubes) -> list[MemCube]:
-        if cubes is None:
-            return []
-        if isinstance(cubes, MemCube):
-            cubes = [cubes]
-        cubes = list(cubes)
-        for c in cubes:
-            if not isinstance(c, MemCube):
-                raise CubeError(f"cubes must be MemCubes, got {type(c).__name__} (load files with MemCube.load)")
-            if c.anchor != self.anchor:
-                raise CubeError(f"cube {c.name!r} was built after the anchor {c.anchor!r}, but this model's chat "
-                                f"template puts memory after {self.anchor!r}; build it with mm.build_cube(text) "
-                                "or MemCube.from_text(..., anchor=mm.anchor)")
-        return cubes
+    def prompt_ids(self, prompt: str, cubes: list[MemCube], texts: list[str] = ()) -> torch.Tensor:
+        """LongTensor [1, n]: the ids a full prefill of ``prompt`` with ``cubes`` (then ``texts``) as memory
+        would process."""
+        return self.layout.prompt_ids(prompt, self.layout.fit(cubes), texts)
 
     # ---------------------------------------------------------------- memory that picks itself
     def attach(self, view, *, index=None, scheduler=None, **scheduler_kwargs) -> "MemoryModel":
@@ -152,99 +126,63 @@ class MemoryModel:
 
         Args:
             view: a `StoreView` (``kvmem.CubeStore(path).view(namespace, shared=...)``).
-            index: a `MemoryIndex` (default: built over everything the view sees).
+            index: a `MemoryIndex` to fill (default: a new one, embeddings cached in the store's folder). Its ids
+                are qualified ids ``namespace/id`` (a view sees several namespaces; ids may repeat across them).
             scheduler: a `MemScheduler` (default: one over the view, on the model's device).
-            **scheduler_kwargs: options for the default scheduler (budgets, policy, promote_after, background).
+            **scheduler_kwargs: options for the default scheduler (tier sizes, policy, promote_after, background).
         """
-        from .index import MemoryIndex
-        from .scheduler import MemScheduler
-
-        self.store = view
-        self.index = index if index is not None else MemoryIndex.from_store(view)
-        device = model_device(self._model)
-        self.scheduler = scheduler if scheduler is not None else MemScheduler(
-            view, device=device, builder=self._promote, **scheduler_kwargs)
+        self.recall = Recall.over(view, index=index, scheduler=scheduler, device=model_device(self.model),
+                                  build_cube=self.build_cube, count_tokens=lambda t: len(self.layout.memory_ids(t)),
+                                  **scheduler_kwargs)
         return self
 
-    def _require_store(self):
-        if self.store is None:
+    @property
+    def store(self):
+        """The attached `StoreView` (None before `attach`)."""
+        return self.recall.view if self.recall else None
+
+    @property
+    def index(self):
+        return self.recall.index if self.recall else None
+
+    @property
+    def scheduler(self):
+        return self.recall.scheduler if self.recall else None
+
+    def _require_store(self) -> Recall:
+        if self.recall is None:
             raise CubeError("this MemoryModel has no store: call mm.attach(kvmem.CubeStore(path).view(namespace)) "
                             "first, or pass cubes=[...] explicitly")
+        return self.recall
 
     def remember(self, text: str, memory_id: str | None = None, *, meta: dict | None = None, cube: bool = False):
-        """Add a plaintext memory to the attached store and index (and build its cube now if ``cube``)."""
-        import xxhash
-
-        self._require_store()
-        meta = check_meta(meta)  # before the store write, so a bad meta leaves store and index as they were
-        memory_id = memory_id or "m-" + xxhash.xxh3_64(text.encode()).hexdigest()[:12]
-        rec = self.store.add(memory_id, text, meta)
-        self.index.add(memory_id, text, rec.meta)
-        self.scheduler.forget(memory_id)
-        if cube:
-            self._promote(memory_id)
-        return memory_id
-
-    def _promote(self, memory_id: str) -> MemCube:
-        """Build the activation cube of a plaintext memory and store it (the plaintext -> activation path)."""
-        rec = self.store.get(memory_id)
-        cube = self.build_cube(rec.text, name=memory_id)
-        if rec.namespace == self.store.namespace:  # shared namespaces are read-only: keep the cube in memory only
-            self.store.put_cube(memory_id, cube, text=rec.text)
-        return cube
-
-    def _auto_cubes(self, prompt: str, budget_tokens: int, k: int) -> tuple[list[MemCube], list[dict]]:
-        """The best memories for ``prompt`` that fit ``budget_tokens``, as cubes, with a report of each."""
-        self._require_store()
-        if not isinstance(budget_tokens, int) or budget_tokens < 1:
-            raise CubeError(f"budget_tokens must be a positive int, got {budget_tokens!r}")
-        chosen, report, used = [], [], 0
-        hits = self.index.search(prompt, k=k)
-        self._prefetch_next = [m for m, _ in hits]
-        for memory_id, score in hits:
-            rec = self.store.get(memory_id)
-            if rec is None:  # deleted by another process since the index saw it
-                continue
-            tokens = rec.tokens or len(self.tokenizer(rec.text, add_special_tokens=False).input_ids)
-            if used + tokens > budget_tokens:
-                continue
-            has_cube = rec.path is not None
-            promoted = self.scheduler.retrieved(memory_id, has_cube)
-            before = dict(self.scheduler.counters)
-            cube = self.scheduler.get(memory_id) if has_cube or promoted else None
-            if cube is not None:
-                source = next((t for t in ("device", "cpu", "disk")
-                               if self.scheduler.counters[f"hits_{t}"] > before.get(f"hits_{t}", 0)), "promoted")
-                source = "promoted" if promoted and not has_cube else source
-            else:  # plaintext only: a cube for this request, not kept (promotion keeps it once it is popular)
-                cube, source = self.build_cube(rec.text, name=memory_id), "built"
-            self.store.touch(memory_id)
-            chosen.append(cube)
-            report.append({"id": memory_id, "namespace": rec.namespace, "score": round(score, 4), "tokens": tokens,
-                           "source": source})
-            used += tokens
-        return chosen, report
+        """Add a plaintext memory to the attached store and index (and build its cube now if ``cube``).
+        Returns its id (minted from the text when not given)."""
+        return self._require_store().remember(text, memory_id, meta=meta, cube=cube)
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompt: str, cubes=None, *, inject: bool = True, recompute: str | None = None,
-                 budget=None, adapter: AdapterCube | None | str = "keep", budget_tokens: int = 2048, k: int = 10,
-                 **kwargs):
+                 budget=None, adapter: AdapterCube | None | str = "keep", max_memory_tokens: int = 2048,
+                 k: int = 10, min_score: float | None = None, **kwargs):
         """Answer ``prompt`` with ``cubes`` as memory; returns what the model's own ``generate`` returns.
 
         Args:
             prompt: the user's message.
             cubes: MemCubes (built with `build_cube`) whose text forms the memory, in order; or "auto": the
-                attached store's index picks the best memories that fit ``budget_tokens`` (top ``k`` considered),
-                served from the scheduler's fastest tier (see `attach`; ``self.last.memories`` says which).
+                attached store's index picks the best memories (top ``k``, score >= ``min_score``) that fit
+                ``max_memory_tokens`` (formerly ``budget_tokens``); each comes from the scheduler's fastest tier
+                as a cube, or as text prefilled with the request when it has no cube yet or is shorter than
+                `kvmem.recall.TEXT_BELOW_TOKENS` (``self.last.memories`` / ``self.last.dropped`` say which).
             inject: True splices the cubes' KV and prefills only the request's own tokens; False prefills the
                 same ids in full (the baseline, same output up to float rounding).
-            recompute, budget: passed to `kvmem.prefill` (None: its default).
+            recompute, budget: passed to `kvmem.prefill` (None: its default); ``budget`` is the recompute budget.
             adapter: an AdapterCube (or None for the base model) for this request only; the previously active
                 adapter is restored afterwards. "keep" (default) uses whatever is active.
             **kwargs: passed to ``model.generate`` (max_new_tokens, do_sample, ...).
 
-        After the call, ``self.last`` reports TTFT, tokens prefilled and where each cube sat.
+        After the call, ``self.last`` (a `GenerationReport`) reports TTFT, tokens prefilled and where each cube sat.
         """
+        max_memory_tokens = _renamed(kwargs, "budget_tokens", "max_memory_tokens", max_memory_tokens)
         if not isinstance(prompt, str):
             raise CubeError(f"prompt must be a string, got {type(prompt).__name__}")
         for key in ("input_ids", "past_key_values", "cache"):
@@ -253,44 +191,51 @@ class MemoryModel:
                                 "(call model.generate yourself with kvmem.prefill for full control)")
         if isinstance(adapter, str) and adapter != "keep":
             raise CubeError(f"adapter must be an AdapterCube, None or 'keep', got {adapter!r}")
-        if adapter != "keep":
-            previous = self.adapters.active
-            self.use_adapter(adapter)
-            try:
-                return self.generate(prompt, cubes, inject=inject, recompute=recompute, budget=budget,
-                                     budget_tokens=budget_tokens, k=k, **kwargs)
-            finally:
-                self.use_adapter(previous)
-        clock = FirstTokenClock().start()
-        memories = []
-        if isinstance(cubes, str):
-            if cubes != "auto":
-                raise CubeError(f"cubes must be MemCubes, None or 'auto', got {cubes!r}")
-            cubes, memories = self._auto_cubes(prompt, budget_tokens, k)
-        cubes = self._check_cubes(cubes)
-        kwargs["logits_processor"] = list(kwargs.get("logits_processor") or []) + [clock]
-        device = model_device(self._model)
-        report = GenerationReport(cube_names=[c.name for c in cubes], memories=memories)
+        if isinstance(cubes, str) and cubes != "auto":
+            raise CubeError(f"cubes must be MemCubes, None or 'auto', got {cubes!r}")
+        with self.adapters.using(adapter):
+            clock = FirstTokenClock().start()
+            recalled = None
+            if isinstance(cubes, str):
+                recalled = self._require_store().recall(prompt, max_tokens=max_memory_tokens, k=k,
+                                                        min_score=min_score)
+                cubes = recalled.cubes
+            ids, report, options = self._prefill(prompt, cubes, recalled.texts if recalled else [], inject,
+                                                 recompute, budget)
+            out = self._generate(ids, clock, **options, **kwargs)
+            report.ttft_s = clock.ttft_s
+            if recalled is not None:
+                report.memories, report.dropped = recalled.memories, recalled.dropped
+            self.last = report
+        if recalled is not None:  # after the answer, not before its first token
+            self.recall.after_answer(recalled)
+        return out
+
+    def _prefill(self, prompt: str, cubes, texts: list[str], inject: bool, recompute, budget):
+        """The ids to generate from, the report so far, and generate's cache kwarg (when cubes are spliced)."""
+        cubes = self.layout.fit(cubes)
+        device = model_device(self.model)
+        report = GenerationReport(cube_names=[c.name for c in cubes])
+        options = {}
         if cubes and inject:
-            options = {name: v for name, v in (("recompute", recompute), ("budget", budget)) if v is not None}
-            prefix = prefill(self._model, cubes, tokenizer=self.tokenizer, **options)
-            ids = prefix.extend(self._tail_ids(prompt).to(device))
-            kwargs[cache_kwarg(self._model)] = prefix.cache
+            knobs = {name: v for name, v in (("recompute", recompute), ("budget", budget)) if v is not None}
+            prefix = prefill(self.model, cubes, tokenizer=self.tokenizer, **knobs)
+            own = [self.layout.memory_ids(t) for t in texts] + [self.request_ids(prompt)]
+            ids = prefix.extend(torch.cat(own).to(device))
+            options[cache_kwarg(self.model)] = prefix.cache
             report.injected, report.spans = True, prefix.spans
             report.prefilled_tokens = ids.shape[1] - prefix.num_tokens
         else:
-            ids = self.prompt_ids(prompt, cubes).to(device)
+            ids = self.prompt_ids(prompt, cubes, texts).to(device)
             report.prefilled_tokens = ids.shape[1]
         report.prompt_tokens = ids.shape[1]
-        if "pad_token_id" not in kwargs and getattr(self._model.generation_config, "pad_token_id", None) is None:
+        return ids, report, options
+
+    def _generate(self, ids: torch.Tensor, clock: FirstTokenClock, **kwargs):
+        kwargs["logits_processor"] = list(kwargs.get("logits_processor") or []) + [clock]
+        if "pad_token_id" not in kwargs and getattr(self.model.generation_config, "pad_token_id", None) is None:
             kwargs["pad_token_id"] = self.tokenizer.eos_token_id
-        out = self._model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        report.ttft_s = clock.ttft_s
-        self.last = report
-        if memories:  # after the answer, not before its first token: warm the CPU tier with the other top hits
-            used = {m["id"] for m in memories}
-            self.scheduler.prefetch([m for m in self._prefetch_next if m not in used])
-        return out
+        return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
 
     def answer(self, prompt: str, cubes=None, **kwargs) -> str:
         """`generate`, decoded: the new text only."""

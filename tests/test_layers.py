@@ -26,7 +26,7 @@ LAYERS = {
     "kvmem.kernels": INFRASTRUCTURE, "kvmem.patches": INFRASTRUCTURE,
     # operation: which memories, where they live, how a prompt is laid out, recompute, adapters
     "kvmem.index": OPERATION, "kvmem.scheduler": OPERATION, "kvmem.adapter_bridge": OPERATION,
-    "kvmem.recompute": OPERATION, "kvmem.recall": OPERATION, "kvmem.prompt": OPERATION,
+    "kvmem.recompute": OPERATION, "kvmem.recall": OPERATION, "kvmem.prompt": OPERATION, "kvmem.report": OPERATION,
     # interface: what users call
     "kvmem": INTERFACE, "kvmem.prefill": INTERFACE, "kvmem.memory_model": INTERFACE, "kvmem.cli": INTERFACE,
     "kvmem.demo": INTERFACE, "kvmem.integrations": INTERFACE,

@@ -1,0 +1,233 @@
+"""Recall: which memories a request gets, and in which form (a cube from a tier, or text in the prompt).
+
+For ``generate(prompt, cubes="auto")``: the index ranks the store's memories for the prompt; hits below the
+relevance threshold, gone from the store, or over the token allowance are dropped (and reported with the
+reason); each kept memory comes as a cube from the scheduler's fastest tier when it has one, or as plain text
+prefilled with the request when it has none (its cube is built after the answer, once the index keeps
+retrieving it: never on the request's path) or when it is so short that a cube cannot save anything.
+
+Ids: one store view sees several namespaces, and the same memory id may exist in more than one of them. The
+index and the scheduler therefore key every memory by its qualified id ``namespace/id``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .cube import MemCube
+from .errors import CubeError
+
+# A memory this short goes in as text: a later cube's first tokens are recomputed anyway (prefill's default
+# "leading" mode recomputes 32), so its cube saves nothing over prefilling the text.
+TEXT_BELOW_TOKENS = 32
+
+
+def qualify(namespace: str, memory_id: str) -> str:
+    """The id the index and the scheduler know a memory by: ``namespace/id`` (ids and namespaces hold no '/')."""
+    return f"{namespace}/{memory_id}"
+
+
+def split_qualified(qid: str) -> tuple[str, str]:
+    namespace, _, memory_id = qid.partition("/")
+    return namespace, memory_id
+
+
+@dataclass
+class Recalled:
+    """What `Recall.recall` chose for one request."""
+
+    cubes: list[MemCube] = field(default_factory=list)   # in rank order; they go first, after the anchor
+    texts: list[str] = field(default_factory=list)       # in rank order; prefilled with the request
+    memories: list[dict] = field(default_factory=list)   # one report per kept memory, in rank order
+    dropped: list[dict] = field(default_factory=list)    # one report per hit left out, with the reason
+    considered: list[str] = field(default_factory=list)  # qualified ids of every hit (for prefetch)
+    as_text: list[tuple[str, bool]] = field(default_factory=list)  # (qualified id, has a stored cube) of texts
+
+
+class _QualifiedView:
+    """The store view as the scheduler sees it: cubes looked up by qualified id, in exactly that namespace
+    (one of the view's own or granted ones; any other is invisible)."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def namespace_view(self, namespace: str):
+        if namespace not in self.view.namespaces:
+            return None
+        return self.view if namespace == self.view.namespace else self.view.store.view(namespace)
+
+    def load_cube(self, qid: str, *, device=None) -> MemCube | None:
+        namespace, memory_id = split_qualified(qid)
+        ns_view = self.namespace_view(namespace)
+        return ns_view.load_cube(memory_id, device=device) if ns_view is not None else None
+
+
+class Recall:
+    """Plaintext memory for one model: a store view, an index over it and the scheduler of its cubes.
+
+    Args:
+        view: a `StoreView`.
+        index: a `MemoryIndex` (its ids are qualified ids; new memories are added to it here).
+        scheduler_factory: ``factory(view_for_scheduler, builder) -> MemScheduler``.
+        build_cube: ``build_cube(text, name) -> MemCube`` (the model's own anchor).
+        count_tokens: ``count_tokens(text) -> int`` for memories stored without a cube.
+    """
+
+    def __init__(self, view, index, scheduler_factory: Callable, build_cube: Callable[[str, str], MemCube],
+                 count_tokens: Callable[[str], int]):
+        self.view, self.index = view, index
+        self.build_cube, self.count_tokens = build_cube, count_tokens
+        self._views = _QualifiedView(view)
+        self.scheduler = scheduler_factory(self._views, self.promote)
+        self._seen: dict[str, tuple] = {}  # qualified id -> what the index holds of it (to see changes)
+        self._version = None
+        self.sync()
+
+    @classmethod
+    def over(cls, view, *, index=None, scheduler=None, device="cpu", build_cube, count_tokens,
+             **scheduler_kwargs) -> "Recall":
+        """Recall over ``view`` with a default index (embeddings cached in the store's folder) and scheduler
+        (on ``device``, with ``scheduler_kwargs``) where none is given."""
+        from .index import MemoryIndex
+        from .scheduler import MemScheduler
+
+        if index is None:
+            root = getattr(getattr(view, "store", None), "root", None)
+            index = MemoryIndex(embedding_cache=Path(root) / "embeddings.sqlite" if root is not None else None)
+
+        def make_scheduler(scheduler_view, builder):
+            if scheduler is None:
+                return MemScheduler(scheduler_view, device=device, builder=builder, **scheduler_kwargs)
+            scheduler.view, scheduler.builder = scheduler_view, builder  # its tiers are keyed by qualified ids
+            return scheduler
+
+        return cls(view, index, make_scheduler, build_cube, count_tokens)
+
+    # ---------------------------------------------------------------- keeping up with the store
+    def sync(self) -> int:
+        """Bring the index and the tiers up to date with the store (other processes may have written to it).
+
+        Uses the store's change counter when it has one, else compares the listing. Returns how many memories
+        were added, replaced or removed."""
+        version_of = getattr(self.view, "version", None)
+        version = version_of() if callable(version_of) else None
+        if version is not None and version == self._version:
+            return 0
+        now = {qualify(r.namespace, r.id): r for r in self.view.ls()}
+        changed = 0
+        for qid in [q for q in self._seen if q not in now]:
+            self._drop(qid)
+            changed += 1
+        for qid, rec in now.items():
+            key = (rec.text, rec.path, rec.fingerprint, repr(sorted(rec.meta.items())))
+            if self._seen.get(qid) == key:
+                continue
+            if qid in self._seen:
+                self.scheduler.forget(qid)
+            self.index.add(qid, rec.text, {**rec.meta, "namespace": rec.namespace})
+            self._seen[qid] = key
+            changed += 1
+        self._version = version
+        return changed
+
+    def _drop(self, qid: str) -> None:
+        self.index.remove(qid)
+        self.scheduler.forget(qid)
+        self._seen.pop(qid, None)
+
+    # ---------------------------------------------------------------- writing
+    def remember(self, text: str, memory_id: str | None = None, *, meta: dict | None = None,
+                 cube: bool = False) -> str:
+        """Add a plaintext memory to the own namespace (and build its cube now if ``cube``). Returns its id."""
+        if memory_id is None:
+            memory_id = self.view.mint_id(text)
+        rec = self.view.add(memory_id, text, meta)  # checks id, text and meta before anything is written
+        qid = qualify(rec.namespace, rec.id)
+        self.scheduler.forget(qid)
+        self.index.add(qid, text, {**rec.meta, "namespace": rec.namespace})
+        if cube:
+            self.promote(qid)
+        rec = self.view.get(memory_id)
+        self._seen[qid] = (rec.text, rec.path, rec.fingerprint, repr(sorted(rec.meta.items())))
+        return memory_id
+
+    def promote(self, qid: str) -> MemCube:
+        """Build the cube of a plaintext memory; kept in the store when the memory is in the own namespace
+        (shared namespaces are read-only: then the cube lives in the memory tiers only)."""
+        namespace, memory_id = split_qualified(qid)
+        rec = self._get(namespace, memory_id)
+        if rec is None:
+            raise CubeError(f"memory {qid!r} is gone from the store")
+        cube = self.build_cube(rec.text, memory_id)
+        if namespace == self.view.namespace:
+            self.view.put_cube(memory_id, cube, text=rec.text)
+            rec = self.view.get(memory_id)
+            self._seen[qid] = (rec.text, rec.path, rec.fingerprint, repr(sorted(rec.meta.items())))
+        return cube
+
+    # ---------------------------------------------------------------- reading
+    def _get(self, namespace: str, memory_id: str):
+        ns_view = self._views.namespace_view(namespace)
+        return ns_view.get(memory_id) if ns_view is not None else None
+
+    def recall(self, prompt: str, *, max_tokens: int, k: int, min_score: float | None = None) -> Recalled:
+        """The memories for ``prompt``: the index's top ``k`` with a score of at least ``min_score``, in rank
+        order, while their tokens fit ``max_tokens``."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise CubeError(f"max_memory_tokens must be a positive int, got {max_tokens!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise CubeError(f"k must be a positive int, got {k!r}")
+        if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, (int, float))):
+            raise CubeError(f"min_score must be a number or None, got {min_score!r}")
+        self.sync()
+        out, used = Recalled(), 0
+        for qid, score in self.index.search(prompt, k=k):
+            out.considered.append(qid)
+            namespace, memory_id = split_qualified(qid)
+            entry = {"id": memory_id, "namespace": namespace, "score": round(float(score), 4)}
+            if min_score is not None and score < min_score:
+                out.dropped.append({**entry, "reason": f"score below min_score={min_score}"})
+                continue
+            rec = self._get(namespace, memory_id)
+            if rec is None:  # deleted by another process since the last sync
+                self._drop(qid)
+                out.dropped.append({**entry, "reason": "deleted from the store"})
+                continue
+            tokens = rec.tokens or self.count_tokens(rec.text)
+            entry["tokens"] = tokens
+            if used + tokens > max_tokens:
+                out.dropped.append({**entry, "reason": f"over max_memory_tokens={max_tokens} "
+                                                       f"({used} used, needs {tokens})"})
+                continue
+            cube, source = self._cube_of(qid, rec, tokens, entry)
+            if cube is not None:
+                out.cubes.append(cube)
+            else:
+                out.texts.append(rec.text)
+                out.as_text.append((qid, rec.path is not None))
+            self._views.namespace_view(namespace).touch(memory_id)
+            out.memories.append({**entry, "source": source})
+            used += tokens
+        return out
+
+    def _cube_of(self, qid: str, rec, tokens: int, entry: dict) -> tuple[MemCube | None, str]:
+        """The memory's cube and the tier that served it, or (None, "text") to prefill it as text."""
+        resident = any(qid in tier.items for tier in self.scheduler.tiers.values())
+        if not resident and (rec.path is None or tokens <= TEXT_BELOW_TOKENS):
+            return None, "text"
+        try:
+            cube, tier = self.scheduler.fetch(qid)
+        except CubeError as exc:  # a damaged or foreign cube: the text still answers, and says why
+            entry["note"] = f"cube unusable, prefilled as text: {exc}".splitlines()[0]
+            return None, "text"
+        return (cube, tier) if cube is not None else (None, "text")
+
+    def after_answer(self, recalled: Recalled) -> None:
+        """Work kept off the request's path: count the text memories' retrievals (promoting the ones retrieved
+        often enough into cubes: the scheduler's ``promote_after``), warm the CPU tier with the other top hits."""
+        for qid, has_cube in recalled.as_text:
+            self.scheduler.retrieved(qid, has_cube)
+        used = {qualify(m["namespace"], m["id"]) for m in recalled.memories}
+        self.scheduler.prefetch([q for q in recalled.considered if q not in used])

@@ -1,0 +1,30 @@
+"""GenerationReport: what one `MemoryModel.generate` call did, kept in ``mm.last``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationReport:
+    """What the last `MemoryModel.generate` did (``mm.last``).
+
+    Attributes:
+        ttft_s: seconds from the call to the first new token's logits (device synchronised).
+        injected: whether cubes were spliced (False: everything was prefilled).
+        cube_names, spans: the injected cubes, and where each sits in the prompt ids.
+        prompt_tokens: all ids before the first new token; prefilled_tokens: of those, the ones this request ran
+            through the model.
+        memories: ``cubes="auto"``: each memory used, in rank order: id, namespace, score, tokens and source
+            ("device", "cpu" or "disk": the tier its cube came from; "text": prefilled as text).
+        dropped: ``cubes="auto"``: each retrieved memory left out, with the reason.
+    """
+
+    ttft_s: float | None = None
+    injected: bool = False
+    cube_names: list[str] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0
+    memories: list[dict] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)
