@@ -19,7 +19,7 @@ from .rotation import rotation_tables
 def _splice_kernel(k_ptrs, v_ptrs, typed_src, dst_k, dst_v, cos_ptr, sin_ptr,
                    src_start_ptr, dst_start_ptr, length_ptr, src_len_ptr,
                    n_layers, n_heads, t_dst,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, HALF: tl.constexpr,
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, HALF: tl.constexpr,
                    INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr):
     pid = tl.program_id(0)                       # over cubes * layers * heads
     tb = tl.program_id(1)                        # token block
@@ -58,8 +58,9 @@ def _splice_kernel(k_ptrs, v_ptrs, typed_src, dst_k, dst_v, cos_ptr, sin_ptr,
     y = x * cos[None, :] + sign[None, :] * xp * sin[None, :]
     tl.store(dst_k + dst_row[:, None] * D + d[None, :], y.to(dst_k.dtype.element_ty), mask=mask)
 
-    v = tl.load(v_src + src_row[:, None] * D + d[None, :], mask=mask, other=0.0)
-    tl.store(dst_v + dst_row[:, None] * D + d[None, :], v.to(dst_v.dtype.element_ty), mask=mask)
+    mask_v = (t < length)[:, None] & (d < DV)[None, :]  # values have their own width (MLA)
+    v = tl.load(v_src + src_row[:, None] * DV + d[None, :], mask=mask_v, other=0.0)
+    tl.store(dst_v + dst_row[:, None] * DV + d[None, :], v.to(dst_v.dtype.element_ty), mask=mask_v)
 
 
 def launch(dst_k, dst_v, src_k, src_v, *, src_start, dst_start, length, delta, inv_freq, interleaved, block_t):
@@ -89,5 +90,6 @@ def launch(dst_k, dst_v, src_k, src_v, *, src_start, dst_start, length, delta, i
     _splice_kernel[grid](k_ptrs, v_ptrs, src_k[0][0], dst_k, dst_v, cos, sin,
                          ints(src_start), ints(dst_start), ints(length), src_len,
                          n_layers, n_heads, t_dst,
-                         D=dim, BLOCK_D=triton.next_power_of_2(dim), HALF=half,
+                         D=dim, DV=dst_v.shape[3], BLOCK_D=triton.next_power_of_2(max(dim, dst_v.shape[3])),
+                         HALF=half,
                          INTERLEAVED=interleaved, BLOCK_T=block_t)

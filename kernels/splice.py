@@ -2,7 +2,8 @@
 casting to the destination dtype: the reference (torch) implementation, and the launcher that picks Triton.
 
 Shapes (every function here):
-    dst_k, dst_v      [layers, kv_heads, T_dst, head_dim]   the composed cache, written in place
+    dst_k, dst_v      [layers, kv_heads, T_dst, head_dim]   the composed cache, written in place (values may have
+                      their own dim: MLA caches keys and values of different widths)
     src_k[c][l]       [kv_heads, T_c, head_dim]             cube c, layer l (contiguous), any float dtype
     src_start[c]      first token of cube c that is copied (skips an anchor already in dst)
     dst_start[c]      where that token lands in dst
@@ -44,10 +45,11 @@ def _check(dst_k, dst_v, src_k, src_v, src_start, dst_start, length, delta, inv_
     n = len(src_k)
     if not (len(src_v) == len(src_start) == len(dst_start) == len(length) == len(delta) == n):
         raise ValueError("src_k, src_v, src_start, dst_start, length and delta need one entry per cube")
-    if dst_k.shape != dst_v.shape or dst_k.dim() != 4:
+    if dst_k.shape[:3] != dst_v.shape[:3] or dst_k.dim() != 4 or dst_v.dim() != 4:
         raise ValueError(f"dst_k/dst_v must both be [layers, heads, T, head_dim], got {tuple(dst_k.shape)}, "
                          f"{tuple(dst_v.shape)}")
     layers, heads, t_dst, dim = dst_k.shape
+    dim_v = dst_v.shape[3]
     if inv_freq.dim() not in (1, 2) or (inv_freq.dim() == 2 and inv_freq.shape[0] != layers):
         raise ValueError(f"inv_freq must be [half] or [layers={layers}, half], got {tuple(inv_freq.shape)}")
     if inv_freq.shape[-1] * 2 > dim:
@@ -57,8 +59,9 @@ def _check(dst_k, dst_v, src_k, src_v, src_start, dst_start, length, delta, inv_
             raise ValueError(f"cube {c} has {len(src_k[c])} layers, dst has {layers}")
         t_c = src_k[c][0].shape[1]
         for k, v in zip(src_k[c], src_v[c]):
-            if k.shape != (heads, t_c, dim) or v.shape != (heads, t_c, dim):
-                raise ValueError(f"cube {c}: every layer must be [{heads}, {t_c}, {dim}], got {tuple(k.shape)}")
+            if k.shape != (heads, t_c, dim) or v.shape != (heads, t_c, dim_v):
+                raise ValueError(f"cube {c}: every layer's keys/values must be [{heads}, {t_c}, {dim}]/[{heads}, "
+                                 f"{t_c}, {dim_v}], got {tuple(k.shape)}/{tuple(v.shape)}")
         if not (0 <= src_start[c] and src_start[c] + length[c] <= t_c and 0 <= dst_start[c]
                 and dst_start[c] + length[c] <= t_dst and length[c] >= 0):
             raise ValueError(f"cube {c}: tokens [{src_start[c]}, +{length[c]}) -> [{dst_start[c]}, ...) "

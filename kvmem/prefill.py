@@ -179,11 +179,12 @@ def _compose(model, cubes: list[MemCube], device, dtype, mode: str, budget) -> P
                             f"({cubes[0].anchor_len} vs {c.anchor_len} tokens); build every cube you compose "
                             "with the same anchor (kvmem.wrap(...).build_cube does)")
     rope = rope_facts(model)  # CubeError naming family, layer and reason where moving cubes cannot be exact
-    shapes = {tuple(t.shape[::2]) for c in cubes for kv in c.kv for t in kv}
-    if len(shapes) != 1:
-        raise CubeError(f"composing cubes on this {rope.family} model is not supported: its layers cache keys and "
-                        f"values of different (heads, dim) {sorted(shapes)}, which kvmem's splice cannot lay into "
-                        "one buffer yet; inject one cube at a time")
+    k_shapes = {tuple(k.shape[::2]) for c in cubes for k, _ in c.kv}
+    v_shapes = {tuple(v.shape[::2]) for c in cubes for _, v in c.kv}
+    if len(k_shapes) != 1 or len(v_shapes) != 1 or next(iter(k_shapes))[0] != next(iter(v_shapes))[0]:
+        raise CubeError(f"composing cubes on this {rope.family} model is not supported: its layers cache keys of "
+                        f"(heads, dim) {sorted(k_shapes)} and values of {sorted(v_shapes)}, which kvmem's splice "
+                        "cannot lay into one buffer; inject one cube at a time")
     a = cubes[0].anchor_len
     src_start, dst_start, length, delta, spans = [], [], [], [], []
     offset = 0
@@ -195,10 +196,10 @@ def _compose(model, cubes: list[MemCube], device, dtype, mode: str, budget) -> P
         delta.append(offset - skip)
         offset += length[-1]
         spans.append((offset - c.num_tokens, offset))
-    heads, dim = next(iter(shapes))
+    (heads, dim), (_, dim_v) = next(iter(k_shapes)), next(iter(v_shapes))
     n_layers = len(cubes[0].kv)
     dst_k = torch.empty(n_layers, heads, offset, dim, dtype=dtype, device=device)
-    dst_v = torch.empty_like(dst_k)
+    dst_v = torch.empty(n_layers, heads, offset, dim_v, dtype=dtype, device=device)
     on_device = lambda c, j: [kv[j].to(device).contiguous() for kv in c.kv]  # noqa: E731  (no-op when already there)
     splice(dst_k, dst_v, [on_device(c, 0) for c in cubes], [on_device(c, 1) for c in cubes],
            src_start=src_start, dst_start=dst_start, length=length, delta=delta, inv_freq=rope.inv_freq,
