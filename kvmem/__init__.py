@@ -1,7 +1,10 @@
 """kvmem: persistent memory for HuggingFace transformers that cuts time-to-first-token.
 
-Activation memory (MemCube: a saved KV cache spliced into the model's cache at prefill), with parametric
-(LoRA AdapterCubes) and plaintext memory (an index choosing cubes) to follow. See README.md.
+Three kinds of memory: activation (MemCube: a saved KV cache spliced into the model's cache by `prefill`),
+parametric (AdapterCube: a LoRA adapter hot-swapped per request) and plaintext (CubeStore + MemoryIndex: the
+memories `wrap(...).generate(prompt, cubes="auto")` picks from). See README.md.
+
+Demo and test support, not API: `kvmem.real_model` (offline real models) and `kvmem.memory_text` (invented notes).
 """
 
 from ._version import __version__

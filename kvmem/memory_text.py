@@ -1,4 +1,5 @@
-"""Invented, seeded memory texts: team notes about people who do not exist (demo, tests, benchmarks).
+"""Demo and test support, not API: invented, seeded memory texts: team notes about people who do not exist
+(used by the demo, the tests and the benchmarks).
 
 Facts the model cannot know from pre-training, so a right answer shows the memory reached the model.
 """
