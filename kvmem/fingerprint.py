@@ -19,9 +19,12 @@ from .modelinfo import text_config
 
 FIELDS = ("model", "weights", "tokenizer", "adapter")
 
-# Per weight tensor, this many evenly spaced elements enter the digest. Enough to see any fine-tune that
-# touches a matrix (it moves nearly every element), cheap enough to recompute at every prefill (~ms).
+# Per weight tensor, this many evenly spaced elements are compared at every call against the values seen when
+# the tensor was last hashed in full: a cheap watch for edits that do not bump ``tensor._version``.
 _SAMPLES_PER_TENSOR = 2048
+_CHUNK = 1 << 24          # elements hashed (and converted) per step: bounds the temporary copies
+# canonical dtypes a checkpoint is compared in across dtypes (see `same_weights`)
+_CANONICAL = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Config keys that change the shape or the values of the KV cache.
 _CONFIG_KEYS = (
@@ -45,18 +48,19 @@ def _is_adapter_param(name: str) -> bool:
     return "lora_" in name or "modules_to_save" in name
 
 
-def _samples(tensors: list[torch.Tensor]) -> tuple[str, torch.Tensor]:
-    """Shapes as text, and an evenly spaced sample of every tensor. The samples are strided views gathered by
-    one ``torch.cat`` and fetched in one device->host copy: a few ms for a whole model, so prefill can afford to
-    recompute it every call rather than trust a cache that in-place edits through ``.data`` would not update."""
-    shapes, views = [], []
+def _samples(tensors: list[torch.Tensor]) -> tuple[str, list[torch.Tensor]]:
+    """Shapes as text, and an evenly spaced sample of every tensor (float32 on the CPU). The samples are strided
+    views gathered by one ``torch.cat`` and fetched in one device->host copy: a few ms for a whole model."""
+    shapes, views, counts = [], [], []
     for t in tensors:
         flat = t.detach().reshape(-1)
         stride = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        views.append(flat[::stride][:_SAMPLES_PER_TENSOR].to(torch.float32))
+        view = flat[::stride][:_SAMPLES_PER_TENSOR].to(torch.float32)
+        views.append(view)
+        counts.append(view.numel())
         shapes.append(f"{tuple(t.shape)}")
     values = torch.cat(views).cpu() if views else torch.zeros(0)
-    return ";".join(shapes), values
+    return ";".join(shapes), list(torch.split(values, counts)) if views else []
 
 
 def _hash(*parts: bytes) -> str:
@@ -66,22 +70,99 @@ def _hash(*parts: bytes) -> str:
     return h.hexdigest()
 
 
-def weights_digest(model) -> dict:
-    """Digests of the base weights (adapter weights excluded).
+def _bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor (viewing as uint8 works for dtypes numpy lacks, like bfloat16)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
-    ``exact`` hashes the sampled values as the model holds them: any fine-tune of a matrix changes it, and so
-    does running the same checkpoint in another dtype. ``bf16`` hashes them rounded to bfloat16: equal for one
-    checkpoint in any dtype, so a cube explicitly cast to a model's dtype (``MemCube.load(dtype=...)``) can
-    still be matched to it. ``dtype`` says which dtype ``exact`` was taken in.
+
+def _full_digests(t: torch.Tensor) -> dict[str, str]:
+    """xxh3-128 of every element of ``t``: as held ("exact"), and rounded to each canonical dtype. Chunked, so
+    a large matrix needs no full-size temporary copy."""
+    hashers = {name: xxhash.xxh3_128() for name in ("exact", *_CANONICAL)}
+    flat = t.detach().reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start:start + _CHUNK].to("cpu").contiguous()
+        raw = _bytes(part)
+        hashers["exact"].update(raw)
+        for name, dtype in _CANONICAL.items():
+            hashers[name].update(_bytes(part.to(dtype)) if part.is_floating_point() and part.dtype != dtype else raw)
+    return {name: h.hexdigest() for name, h in hashers.items()}
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's values short of reading them: storage, place, layout and version counter."""
+    try:
+        version = t._version
+    except RuntimeError:  # an inference-mode tensor: no version counter, and nothing outside that mode edits it
+        version = None
+    return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, str(t.device), version)
+
+
+def _digests(tensors: list[torch.Tensor]) -> dict[str, str]:
+    """Digests over every element of ``tensors`` ("exact" and one per canonical dtype), at a per-call cost of a
+    sample, not of the model's size.
+
+    Each tensor is hashed in full once; the digest is kept on the tensor with its key (storage pointer, shape,
+    stride, dtype, device, ``_version``) and a sample of its values. It is hashed again when the key changes
+    (a new tensor, ``.data = ...``, any in-place op through autograd's view: optimizers, ``no_grad`` edits) or
+    when the sample differs (in-place edits through ``.data``, which leave ``_version`` as it was, e.g. PEFT's
+    merge: they change nearly every element). What no cheap check sees is a ``.data`` edit of a few elements
+    that all miss the sample; after such an edit, call `forget_digests` (or edit without ``.data``).
+    """
+    shapes, samples = _samples(tensors)
+    per = []
+    for t, sample in zip(tensors, samples):
+        key, bits = _tensor_key(t), sample.view(torch.int32)
+        cached = getattr(t, "_kvmem_digests", None)
+        if cached is None or cached[0] != key or not torch.equal(cached[1], bits):
+            cached = (key, bits.clone(), _full_digests(t))
+            try:
+                t._kvmem_digests = cached
+            except (AttributeError, RuntimeError):  # a tensor type that takes no attributes: hash it every time
+                pass
+        per.append(cached[2])
+    names = ("exact", *_CANONICAL)
+    return {name: _hash(shapes.encode(), *(d[name].encode() for d in per)) for name in names}
+
+
+def forget_digests(model) -> None:
+    """Drop the cached weight digests of ``model``, so the next fingerprint hashes every weight again."""
+    for p in model.parameters():
+        if hasattr(p, "_kvmem_digests"):
+            del p._kvmem_digests
+
+
+def weights_digest(model) -> dict:
+    """Digests of every base weight (adapter weights excluded), over every element.
+
+    ``exact`` hashes the values as the model holds them: any change to any weight changes it, and so does
+    running the same checkpoint in another dtype. ``bf16`` and ``fp16`` hash them rounded to those dtypes: a
+    checkpoint held in float32 and the same checkpoint loaded in float16 agree on ``fp16`` (and in bfloat16, on
+    ``bf16``), so a cube explicitly cast to a model's dtype (``MemCube.load(path, dtype=...)``, recorded as
+    ``meta['cast_from']``) is matched to it (`same_weights`). ``dtype`` says which dtype ``exact`` was taken in;
+    ``coverage`` "full" tells these digests from the sampled ones older kvmem versions recorded.
     """
     params = [p for name, p in model.named_parameters() if not _is_adapter_param(name)]
-    shapes, values = _samples(params)
     dtypes = sorted({str(p.dtype) for p in params})
-    return {
-        "exact": _hash(shapes.encode(), values.numpy().tobytes()),
-        "bf16": _hash(shapes.encode(), values.to(torch.bfloat16).view(torch.int16).numpy().tobytes()),
-        "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
-    }
+    return {**_digests(params), "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes), "coverage": "full"}
+
+
+def same_weights(recorded, actual) -> bool:
+    """Whether two ``weights`` fields name the same checkpoint: equal ``exact`` digests in one dtype; across
+    dtypes, equal digests rounded to the 16-bit dtype involved (float16 before bfloat16: a bfloat16
+    checkpoint holds exactly in float16, so the two agree there too)."""
+    if not (isinstance(recorded, dict) and isinstance(actual, dict)):
+        return recorded == actual
+    if recorded.get("coverage") != actual.get("coverage"):
+        return False
+    if recorded.get("dtype") == actual.get("dtype"):
+        return recorded.get("exact") == actual.get("exact")
+    dtypes = {recorded.get("dtype"), actual.get("dtype")}
+    order = [name for name, dtype in (("fp16", "torch.float16"), ("bf16", "torch.bfloat16")) if dtype in dtypes]
+    for name in order or ["fp16", "bf16"]:
+        if recorded.get(name) is not None and recorded.get(name) == actual.get(name):
+            return True
+    return False
 
 
 def _tuner_layers(model) -> list:
@@ -126,8 +207,7 @@ def adapter_facts(model) -> dict | None:
     configs = getattr(model, "peft_config", None) or {}
     facts = [adapter_config_facts(configs.get(a)) if isinstance(configs, dict) and a in configs else None
              for a in active]
-    shapes, values = _samples(params)
-    return {"count": len(active), "digest": _hash(shapes.encode(), values.numpy().tobytes(),
+    return {"count": len(active), "digest": _hash(_digests(params)["exact"].encode(),
                                                    json.dumps(facts, sort_keys=True).encode())}
 
 
@@ -181,7 +261,8 @@ def _short(value: Any) -> str:
 
 _FIXES = {
     "model": "the cube comes from another model architecture or config",
-    "weights": "the weights differ (another checkpoint or a fine-tune)",
+    "weights": "the weights differ (another checkpoint or a fine-tune; a cube recorded with an older kvmem's "
+               "sampled digest must be rebuilt)",
     "tokenizer": "the tokenizer differs, so the cube's token ids mean other text",
     "adapter": "the active LoRA adapter differs from the one the cube was built under",
 }
@@ -200,10 +281,10 @@ def check_fields(recorded: dict, actual: dict, *, what: str = "cube") -> None:
         rec, act = recorded.get(field), actual.get(field)
         if field == "tokenizer" and (rec is None or act is None):
             continue
-        if field == "weights" and isinstance(rec, dict) and isinstance(act, dict) and rec.get("dtype") != act.get("dtype"):
-            # another dtype: the same checkpoint iff the bf16-rounded digests agree (the dtype check is separate)
-            rec, act = rec.get("bf16"), act.get("bf16")
-        if rec != act:
+        if field == "weights":  # across dtypes: the rounded digests (the dtype check itself is separate)
+            if not same_weights(rec, act):
+                differ.append(field)
+        elif rec != act:
             differ.append(field)
     if not differ:
         return
