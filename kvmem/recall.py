@@ -34,6 +34,11 @@ def split_qualified(qid: str) -> tuple[str, str]:
     return namespace, memory_id
 
 
+def _signature(rec) -> tuple:
+    """What the index and the tiers hold of a record: when it changes, both must be refreshed."""
+    return rec.text, rec.blob, rec.fingerprint, repr(sorted(rec.meta.items()))
+
+
 @dataclass
 class Recalled:
     """What `Recall.recall` chose for one request."""
@@ -44,24 +49,6 @@ class Recalled:
     dropped: list[dict] = field(default_factory=list)    # one report per hit left out, with the reason
     considered: list[str] = field(default_factory=list)  # qualified ids of every hit (for prefetch)
     as_text: list[tuple[str, bool]] = field(default_factory=list)  # (qualified id, has a stored cube) of texts
-
-
-class _QualifiedView:
-    """The store view as the scheduler sees it: cubes looked up by qualified id, in exactly that namespace
-    (one of the view's own or granted ones; any other is invisible)."""
-
-    def __init__(self, view):
-        self.view = view
-
-    def namespace_view(self, namespace: str):
-        if namespace not in self.view.namespaces:
-            return None
-        return self.view if namespace == self.view.namespace else self.view.store.view(namespace)
-
-    def load_cube(self, qid: str, *, device=None) -> MemCube | None:
-        namespace, memory_id = split_qualified(qid)
-        ns_view = self.namespace_view(namespace)
-        return ns_view.load_cube(memory_id, device=device) if ns_view is not None else None
 
 
 class Recall:
@@ -79,8 +66,7 @@ class Recall:
                  count_tokens: Callable[[str], int]):
         self.view, self.index = view, index
         self.build_cube, self.count_tokens = build_cube, count_tokens
-        self._views = _QualifiedView(view)
-        self.scheduler = scheduler_factory(self._views, self.promote)
+        self.scheduler = scheduler_factory(view, self.promote)  # the view reads qualified ids as they are
         self._seen: dict[str, tuple] = {}  # qualified id -> what the index holds of it (to see changes)
         self._version = None
         self.sync()
@@ -109,19 +95,21 @@ class Recall:
     def sync(self) -> int:
         """Bring the index and the tiers up to date with the store (other processes may have written to it).
 
-        Uses the store's change counter when it has one, else compares the listing. Returns how many memories
-        were added, replaced or removed."""
-        version_of = getattr(self.view, "version", None)
-        version = version_of() if callable(version_of) else None
-        if version is not None and version == self._version:
-            return 0
+        One small catalog query when nothing changed (the store's change log); else the listing is compared
+        with what the index holds. Returns how many memories were added, replaced or removed."""
+        if self._version is not None:
+            version, changes = self.view.changes_since(self._version)
+            if changes == []:
+                self._version = version
+                return 0
+        version = self.view.version()
         now = {qualify(r.namespace, r.id): r for r in self.view.ls()}
         changed = 0
         for qid in [q for q in self._seen if q not in now]:
             self._drop(qid)
             changed += 1
         for qid, rec in now.items():
-            key = (rec.text, rec.path, rec.fingerprint, repr(sorted(rec.meta.items())))
+            key = _signature(rec)
             if self._seen.get(qid) == key:
                 continue
             if qid in self._seen:
@@ -150,28 +138,24 @@ class Recall:
         if cube:
             self.promote(qid)
         rec = self.view.get(memory_id)
-        self._seen[qid] = (rec.text, rec.path, rec.fingerprint, repr(sorted(rec.meta.items())))
+        self._seen[qid] = _signature(rec)
         return memory_id
 
     def promote(self, qid: str) -> MemCube:
         """Build the cube of a plaintext memory; kept in the store when the memory is in the own namespace
         (shared namespaces are read-only: then the cube lives in the memory tiers only)."""
         namespace, memory_id = split_qualified(qid)
-        rec = self._get(namespace, memory_id)
+        rec = self.view.get(qid)
         if rec is None:
             raise CubeError(f"memory {qid!r} is gone from the store")
         cube = self.build_cube(rec.text, memory_id)
         if namespace == self.view.namespace:
             self.view.put_cube(memory_id, cube, text=rec.text)
             rec = self.view.get(memory_id)
-            self._seen[qid] = (rec.text, rec.path, rec.fingerprint, repr(sorted(rec.meta.items())))
+            self._seen[qid] = _signature(rec)
         return cube
 
     # ---------------------------------------------------------------- reading
-    def _get(self, namespace: str, memory_id: str):
-        ns_view = self._views.namespace_view(namespace)
-        return ns_view.get(memory_id) if ns_view is not None else None
-
     def recall(self, prompt: str, *, max_tokens: int, k: int, min_score: float | None = None) -> Recalled:
         """The memories for ``prompt``: the index's top ``k`` with a score of at least ``min_score``, in rank
         order, while their tokens fit ``max_tokens``."""
@@ -190,7 +174,7 @@ class Recall:
             if min_score is not None and score < min_score:
                 out.dropped.append({**entry, "reason": f"score below min_score={min_score}"})
                 continue
-            rec = self._get(namespace, memory_id)
+            rec = self.view.get(qid)
             if rec is None:  # deleted by another process since the last sync
                 self._drop(qid)
                 out.dropped.append({**entry, "reason": "deleted from the store"})
@@ -206,8 +190,8 @@ class Recall:
                 out.cubes.append(cube)
             else:
                 out.texts.append(rec.text)
-                out.as_text.append((qid, rec.path is not None))
-            self._views.namespace_view(namespace).touch(memory_id)
+                out.as_text.append((qid, rec.blob is not None))
+            self.view.touch(qid)
             out.memories.append({**entry, "source": source})
             used += tokens
         return out
@@ -215,7 +199,7 @@ class Recall:
     def _cube_of(self, qid: str, rec, tokens: int, entry: dict) -> tuple[MemCube | None, str]:
         """The memory's cube and the tier that served it, or (None, "text") to prefill it as text."""
         resident = any(qid in tier.items for tier in self.scheduler.tiers.values())
-        if not resident and (rec.path is None or tokens <= TEXT_BELOW_TOKENS):
+        if not resident and (rec.blob is None or tokens <= TEXT_BELOW_TOKENS):
             return None, "text"
         try:
             cube, tier = self.scheduler.fetch(qid)

@@ -105,7 +105,7 @@ def test_text_memories_are_promoted_after_the_answer_not_before(tmp_path, tokeni
 def test_a_damaged_cube_falls_back_to_text(tmp_path, tokenizer):
     mm = _mm(tmp_path, tokenizer, promote_after=0)
     mm.remember(LONG["beagle"], "beagle", cube=True)
-    path = mm.store.store.root / mm.store.get("beagle").path
+    path = mm.store.store.blobs.local_path(mm.store.get("beagle").blob)
     data = bytearray(path.read_bytes())
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -145,9 +145,7 @@ def test_changes_by_another_process_are_seen(tmp_path, tokenizer):
 def test_the_same_id_in_two_namespaces_stays_two_memories(tmp_path, tokenizer):
     store = kvmem.CubeStore(tmp_path / "s")
     store.view("family").add("pets", LONG["beagle"])
-    grant = getattr(store, "grant", None)
-    if callable(grant):
-        grant("family", "me")
+    store.grant("family", "me")
     mm = kvmem.wrap(tiny_model("llama"), tokenizer).attach(store.view("me", shared=["family"]),
                                                            index=kvmem.MemoryIndex(dense=False), promote_after=0)
     mm.remember(SHORT["cat"], "pets")
@@ -158,3 +156,33 @@ def test_the_same_id_in_two_namespaces_stays_two_memories(tmp_path, tokenizer):
     first = mm.last.memories[0]
     assert (first["namespace"], first["id"]) == ("me", "pets")
     assert {(m["namespace"], m["id"]) for m in mm.last.memories} == {("me", "pets"), ("family", "pets")}
+
+
+def test_a_revoked_grant_takes_the_shared_memories_away(tmp_path, tokenizer):
+    store = kvmem.CubeStore(tmp_path / "s")
+    store.view("family").add("pets", LONG["beagle"])
+    store.grant("family", "me")
+    mm = kvmem.wrap(tiny_model("llama"), tokenizer).attach(store.view("me", shared=["family"]),
+                                                           index=kvmem.MemoryIndex(dense=False), promote_after=0)
+    mm.remember(LONG["car"], "car")
+    mm.generate(QUESTION, cubes="auto", max_new_tokens=1)
+    assert ("family", "pets") in {(m["namespace"], m["id"]) for m in mm.last.memories}
+    store.revoke("family", "me")
+    mm.generate(QUESTION, cubes="auto", max_new_tokens=1)
+    assert {(m["namespace"], m["id"]) for m in mm.last.memories} == {("me", "car")}
+    assert "family/pets" not in mm.index
+
+
+def test_an_unchanged_store_is_not_listed_again(tmp_path, tokenizer, monkeypatch):
+    """Keeping up with the store costs one change-log query per request, not a listing."""
+    mm = _mm(tmp_path, tokenizer)
+    mm.remember(LONG["beagle"], "beagle")
+    mm.generate(QUESTION, cubes="auto", max_new_tokens=1)
+    listed = []
+    real_ls = type(mm.store).ls
+    monkeypatch.setattr(type(mm.store), "ls", lambda self, *a, **k: listed.append(1) or real_ls(self, *a, **k))
+    mm.generate(QUESTION, cubes="auto", max_new_tokens=1)
+    assert listed == []
+    kvmem.CubeStore(tmp_path / "s").view("me").add("car", LONG["car"])  # a change: now it looks again
+    mm.generate(QUESTION, cubes="auto", max_new_tokens=1)
+    assert listed == [1] and "me/car" in mm.index
