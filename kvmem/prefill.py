@@ -201,9 +201,12 @@ def _compose(model, cubes: list[MemCube], device, dtype, mode: str, budget) -> P
     dst_k = torch.empty(n_layers, heads, offset, dim, dtype=dtype, device=device)
     dst_v = torch.empty(n_layers, heads, offset, dim_v, dtype=dtype, device=device)
     on_device = lambda c, j: [kv[j].to(device).contiguous() for kv in c.kv]  # noqa: E731  (no-op when already there)
-    splice(dst_k, dst_v, [on_device(c, 0) for c in cubes], [on_device(c, 1) for c in cubes],
-           src_start=src_start, dst_start=dst_start, length=length, delta=delta, inv_freq=rope.inv_freq,
-           interleaved=rope.interleaved)
+    slots = ((dst_k, [on_device(c, 0) for c in cubes]), (dst_v, [on_device(c, 1) for c in cubes]))
+    if rope.rotated_slot == "values":  # transformers' MLA caches the latent as keys, the rotated part as values
+        slots = slots[::-1]
+    (rot_dst, rot_src), (copy_dst, copy_src) = slots
+    splice(rot_dst, copy_dst, rot_src, copy_src, src_start=src_start, dst_start=dst_start, length=length,
+           delta=delta, inv_freq=rope.inv_freq, interleaved=rope.interleaved)
     ids = torch.cat([anchor[0]] + [c.input_ids[0] for c in cubes])[None].to(device)
     n = _recompute(model, dst_k, dst_v, ids, spans, mode=mode, budget=budget)
     kv = [(dst_k[i][None], dst_v[i][None]) for i in range(n_layers)]

@@ -63,6 +63,7 @@ class RopeFacts:
     layers: tuple[LayerRope, ...]
     interleaved: bool
     rope_type: str
+    rotated_slot: str = "keys"  # "values" where the model caches its rotated part in the value slot (MLA)
 
     @property
     def inv_freq(self) -> torch.Tensor:
@@ -155,8 +156,9 @@ def _layer_inv_freq(model, kinds) -> list[torch.Tensor]:
     return out
 
 
-def _probe_keys(model, start: int) -> list[torch.Tensor]:
-    """Keys [kv_heads, n, head_dim] of every layer for fixed probe tokens at positions [start, start + n)."""
+def _probe_kv(model, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The two cache slots (keys, values) [kv_heads, n, dim] of every layer for fixed probe tokens at positions
+    [start, start + n)."""
     from transformers import DynamicCache
 
     from kvmem.cache import cache_kwarg, kv_from_cache, output_cache
@@ -175,39 +177,50 @@ def _probe_keys(model, start: int) -> list[torch.Tensor]:
                         **{cache_kwarg(model): DynamicCache()})
     finally:
         inner.train(was_training)
-    return [k[0].detach().double().cpu() for k, _ in kv_from_cache(output_cache(out))]
+    return [(k[0].detach().double().cpu(), v[0].detach().double().cpu()) for k, v in kv_from_cache(output_cache(out))]
 
 
-def _measure(model, freqs: list[torch.Tensor]) -> tuple[list[bool], bool]:
-    """Per layer: rotated or not; and whether the rotation is interleaved. CubeError when a layer matches neither."""
+def _errors(a: torch.Tensor, b: torch.Tensor, freq: torch.Tensor) -> dict[str, float]:
+    """Relative error of ``b`` (shifted run) against ``a`` unrotated, NeoX-rotated and interleaved-rotated."""
+    scale = max(b.abs().max().item(), 1e-12)
+    out = {"none": (b - a).abs().max().item() / scale}
+    if freq.numel() * 2 <= a.shape[-1]:
+        cos, sin = rotation_tables([_PROBE_SHIFT], freq.double())
+        for layout, inter in (("neox", False), ("interleaved", True)):
+            rotated = rotate(a, cos[0].double(), sin[0].double(), interleaved=inter)
+            out[layout] = (b - rotated).abs().max().item() / scale
+    return out
+
+
+def _measure(model, freqs: list[torch.Tensor]) -> tuple[list[bool], bool, str]:
+    """Per layer: rotated or not; whether the rotation is interleaved; which cache slot carries it ("keys", or
+    "values" where a model stores its rotated part there, as transformers' MLA does). CubeError when a layer
+    matches none of these."""
     family = text_config(model).model_type
     dtype, _ = dtype_device(model)
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 6e-2
-    k0, k1 = _probe_keys(model, 0), _probe_keys(model, _PROBE_SHIFT)
-    rotated, layouts = [], set()
-    for i, (a, b, freq) in enumerate(zip(k0, k1, freqs)):
-        if freq.numel() * 2 > a.shape[-1]:
-            raise CubeError(f"cannot move cubes on this {family} model: layer {i} has {freq.numel() * 2} rotary dims "
-                            f"but caches keys of dim {a.shape[-1]}; inject one cube at a time")
-        cos, sin = rotation_tables([_PROBE_SHIFT], freq.double())
-        cos, sin = cos[0].double(), sin[0].double()
-        scale = max(b.abs().max().item(), 1e-12)
-        errors = {"none": (b - a).abs().max().item() / scale}
-        for layout, inter in (("neox", False), ("interleaved", True)):
-            errors[layout] = (b - rotate(a, cos, sin, interleaved=inter)).abs().max().item() / scale
-        best = min(errors, key=errors.get)
-        if errors[best] > tol:
-            detail = ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
-            raise CubeError(f"cannot move cubes on this {family} model: in layer {i} the keys of tokens moved by "
-                            f"{_PROBE_SHIFT} positions are neither the same keys nor them rotated by the model's "
-                            f"RoPE (relative error {detail}), so its attention is not relative in position or "
-                            "kvmem does not know its rotary layout; inject one cube at a time")
-        rotated.append(best != "none")
-        if best != "none":
-            layouts.add(best)
-    if len(layouts) > 1:
-        raise CubeError(f"cannot move cubes on this {family} model: its layers mix NeoX and interleaved RoPE layouts")
-    return rotated, layouts == {"interleaved"}
+    before, after = _probe_kv(model, 0), _probe_kv(model, _PROBE_SHIFT)
+    rotated, layouts, slots = [], set(), set()
+    for i, ((k0, v0), (k1, v1), freq) in enumerate(zip(before, after, freqs)):
+        errors = {"keys": _errors(k0, k1, freq), "values": _errors(v0, v1, freq)}
+        best = {slot: min(e, key=e.get) for slot, e in errors.items()}
+        fits = {slot: errors[slot][best[slot]] <= tol for slot in errors}
+        moved = [slot for slot in errors if best[slot] != "none"]
+        if not all(fits.values()) or len(moved) > 1:
+            detail = "; ".join(f"{slot}: " + ", ".join(f"{k} {v:.1e}" for k, v in e.items())
+                               for slot, e in errors.items())
+            raise CubeError(f"cannot move cubes on this {family} model: in layer {i} the cache of tokens moved by "
+                            f"{_PROBE_SHIFT} positions is neither the same nor rotated by the model's RoPE "
+                            f"(relative error {detail}), so its attention is not relative in position or kvmem "
+                            "does not know its rotary layout; inject one cube at a time")
+        rotated.append(bool(moved))
+        if moved:
+            layouts.add(best[moved[0]])
+            slots.add(moved[0])
+    if len(layouts) > 1 or len(slots) > 1:
+        raise CubeError(f"cannot move cubes on this {family} model: its layers mix RoPE layouts or cache slots "
+                        f"({sorted(layouts)}, {sorted(slots)})")
+    return rotated, layouts == {"interleaved"}, next(iter(slots), "keys")
 
 
 _FACTS: "weakref.WeakKeyDictionary[object, RopeFacts | CubeError]" = weakref.WeakKeyDictionary()
@@ -244,8 +257,8 @@ def _read_facts(model) -> RopeFacts:
     freqs = _layer_inv_freq(model, kinds)
     if len({f.numel() for f in freqs}) != 1:
         raise CubeError(f"cannot move cubes on this {family} model: its layers rotate different numbers of dims")
-    rotated, interleaved = _measure(model, freqs)
+    rotated, interleaved, slot = _measure(model, freqs)
     layers = tuple(LayerRope(rotated=r, inv_freq=f if r else torch.zeros_like(f), attention=kind, window=window)
                    for r, f, (kind, window) in zip(rotated, freqs, kinds))
     return RopeFacts(family=family, layers=layers, interleaved=interleaved,
-                     rope_type="/".join(sorted(rope_types(model))))
+                     rope_type="/".join(sorted(rope_types(model))), rotated_slot=slot)
