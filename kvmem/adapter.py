@@ -79,6 +79,24 @@ def _check_fits(model, tensors: dict[str, torch.Tensor], source: str) -> None:
                             "it was trained for another model size")
 
 
+def _check_ranks(path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Every rank the metadata declares (PEFT allocates LoRA layers of that size when the adapter is used) must be
+    one the file's own LoRA tensors have: a forged ``r`` of 10**12 is refused here, not allocated later."""
+    ranks = {int(t.shape[0]) for key, t in tensors.items() if ".lora_A." in key and t.dim() == 2}
+    ranks |= {int(t.shape[1]) for key, t in tensors.items() if ".lora_B." in key and t.dim() == 2}
+    try:
+        config = meta["peft_config"]
+        declared = [meta["rank"], config.get("r", meta["rank"]), *dict(config.get("rank_pattern") or {}).values()]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CubeError(f"{path}: adapter metadata garbles its ranks ({exc}); rebuild the cube") from None
+    if not ranks:
+        raise CubeError(f"{path}: the adapter holds no 2-D lora_A / lora_B weights; rebuild the cube")
+    for value in declared:
+        if isinstance(value, bool) or not isinstance(value, int) or value not in ranks:
+            raise CubeError(f"{path}: the metadata declares LoRA rank {value!r:.40}, but the adapter's weights have "
+                            f"ranks {sorted(ranks)}; the cube is damaged or forged; rebuild it")
+
+
 class AdapterCube:
     """Parametric memory: a LoRA adapter with the base-model fingerprint it belongs to.
 
@@ -174,6 +192,7 @@ class AdapterCube:
             raise CubeError(f"{path}: adapter metadata lacks or garbles {exc}; rebuild the cube") from None
         if _digest(tensors, facts) != digest:
             raise CubeError(f"{path}: adapter weights do not match their recorded digest; rebuild the cube")
+        _check_ranks(path, meta, tensors)
         return cls(tensors, meta)
 
     def check_base(self, model) -> None:

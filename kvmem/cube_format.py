@@ -66,9 +66,10 @@ def write_cube_file(path: str | os.PathLike, fmt: str, meta: dict, tensors: dict
     try:
         save_file(tensors, tmp, metadata=header)
         with open(tmp, "rb+") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # not mkstemp's 0600: as readable as any file the user makes
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # disk full, interrupted: the OS error itself says it best; no partial file stays
         Path(tmp).unlink(missing_ok=True)
         raise
     try:  # make the rename itself durable
@@ -90,6 +91,7 @@ def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.dev
     metadata parses, and the checksum over metadata and tensors matches.
     """
     path = Path(path)
+    device = _check_device(device)
     if not path.exists():
         raise CubeError(f"no cube at {path}: check the path (build one with `kvmem build`)")
     if path.is_dir():
@@ -98,6 +100,7 @@ def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.dev
     if size < 8:
         raise CubeError(f"{path} is {'empty' if size == 0 else f'only {size} bytes'}: not a cube "
                         "(a save that never finished, or the wrong file); rebuild it")
+    _check_header_size(path, size)
     try:
         # load_file maps the file lazily: copy into private memory so the bytes checksummed here are the bytes
         # the model will read, whatever later happens to the file
@@ -106,6 +109,9 @@ def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.dev
             header = f.metadata() or {}
     except CubeError:
         raise
+    except PermissionError:
+        raise CubeError(f"permission denied reading {path}: the cube is not damaged, but this process may not "
+                        "read it; ask its owner for read access (e.g. chmod g+r)") from None
     except Exception as exc:  # safetensors raises several types for malformed files
         raise CubeError(f"{path} is not a valid safetensors file ({type(exc).__name__}: {exc}); it is truncated, "
                         "corrupted or another kind of file (kvmem never reads pickles); rebuild the cube") from None
@@ -134,9 +140,60 @@ def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.dev
     if device is not None:
         try:
             tensors = {name: t.to(device) for name, t in tensors.items()}
-        except (RuntimeError, TypeError, ValueError) as exc:
-            raise CubeError(f"cannot put the cube on device {device!r}: {exc}") from None
+        except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
+            raise CubeError(f"cannot put the cube on device {str(device)!r}: {exc}") from None
     return meta, tensors
+
+
+# safetensors refuses headers over 100 MB itself; a cube's header is a few KB to a few MB (its text, its ids'
+# metadata), so anything near this is a forgery or another kind of file
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _check_header_size(path: Path, size: int) -> None:
+    """Bound the header's declared length by the file's real size before anything is allocated for it."""
+    try:
+        with open(path, "rb") as f:
+            declared = int.from_bytes(f.read(8), "little")
+    except PermissionError:
+        raise CubeError(f"permission denied reading {path}: the cube is not damaged, but this process may not "
+                        "read it; ask its owner for read access (e.g. chmod g+r)") from None
+    if declared > size - 8 or declared > MAX_HEADER_BYTES:
+        raise CubeError(f"{path} is not a valid safetensors file (its header claims {declared} bytes, the file "
+                        f"has {size}): it is truncated, forged or another kind of file (kvmem never reads "
+                        "pickles); rebuild the cube")
+
+
+def _check_device(device):
+    """``device`` as a torch.device, checked against this build and machine (CubeError, not a raw assert)."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise CubeError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r} ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CubeError(f"device {str(device)!r}: this torch build or machine has no CUDA "
+                        f"(torch {torch.__version__}); load with device='cpu' (or None)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CubeError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CubeError(f"device {str(device)!r}: MPS is not available here; load with device='cpu'")
+    return device
+
+
+def _umask() -> int:
+    """The process umask (Linux: read without changing it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 
