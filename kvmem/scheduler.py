@@ -40,8 +40,8 @@ class _Tier:
         self.uses = uses  # the scheduler's: one count per request, shared by the tiers
 
     def add(self, key: str, cube, size: int) -> None:
+        self.used += size - self.sizes.get(key, 0)  # replacing a key counts only the difference
         self.items[key], self.sizes[key] = cube, size
-        self.used += size
 
     def touch(self, key: str) -> None:
         self.items.move_to_end(key)
@@ -75,6 +75,9 @@ class MemScheduler:
     def __init__(self, view, *, device="cpu", device_budget_bytes: int = 2 * 2**30, cpu_budget_bytes: int = 8 * 2**30,
                  policy: str = "lfu", lfu_halve_every: int = 1000, promote_after: int = 3,
                  builder: Callable | None = None, background: bool = False):
+        if not callable(getattr(view, "load_cube", None)):
+            raise CubeError(f"MemScheduler needs a store view (kvmem.CubeStore(path).view(namespace)) or an object "
+                            f"with load_cube(memory_id), got {type(view).__name__}")
         if policy not in POLICIES:
             raise CubeError(f"policy must be one of {POLICIES}, got {policy!r}")
         for name, b in (("device_budget_bytes", device_budget_bytes), ("cpu_budget_bytes", cpu_budget_bytes),
@@ -97,7 +100,13 @@ class MemScheduler:
 
     # ---------------------------------------------------------------- placement
     def _place(self, key: str, cube, size: int, start: str) -> str | None:
-        """Put ``cube`` in the fastest tier from ``start`` with room; returns the tier or None (disk only)."""
+        """Put ``cube`` in the fastest tier from ``start`` with room; returns the tier or None (disk only).
+
+        A key already held anywhere is taken out first: one key, one copy, counted once (a shared memory that
+        is promoted again, or a prefetch racing a fetch, must not add its bytes twice)."""
+        for tier in self.tiers.values():
+            if key in tier.items:
+                tier.pop(key)
         names = list(self.tiers)
         for name in names[names.index(start):]:
             tier = self.tiers[name]
