@@ -48,11 +48,8 @@ def connect(path: str | Path, *, synchronous: str | None = None, readonly: bool 
         what: name of the file for error messages; given, SQLite errors become `CubeError`.
     """
     try:
-        if readonly:
-            db = sqlite3.connect(f"file:{Path(path).absolute()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
-                                 isolation_level=None)
-        else:
-            db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        db = _open_readonly(path) if readonly else sqlite3.connect(path, timeout=BUSY_TIMEOUT_S,
+                                                                    isolation_level=None)
     except sqlite3.Error as exc:
         if what is None:
             raise
@@ -68,6 +65,22 @@ def connect(path: str | Path, *, synchronous: str | None = None, readonly: bool 
         raise explain(exc, what) from None
     finally:
         db.close()
+
+
+def _open_readonly(path) -> sqlite3.Connection:
+    """A read-only connection. A WAL database closed cleanly has no -shm file, and a reader that may not write
+    the folder cannot create one: SQLite then reads it only as ``immutable`` (safe: without a -wal file, the
+    main file is the whole database, and nobody without write access could be changing it through us)."""
+    uri = f"file:{Path(path).absolute()}"
+    db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+        if Path(f"{path}-wal").exists():
+            raise
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
 
 
 @contextmanager

@@ -51,9 +51,22 @@ def check_meta(meta: dict | None) -> dict:
         raise CubeError(f"meta['turn'] must be a number (the memory's order in its session), got {turn!r}")
     try:
         json.dumps(meta, allow_nan=False)
+        _check_keys(meta)
     except (TypeError, ValueError) as exc:
         raise CubeError(f"meta must be JSON (str keys; str, number, bool, None, list, dict values): {exc}") from None
     return meta
+
+
+def _check_keys(value) -> None:
+    """JSON turns every key into a string: refuse other keys rather than hand back a different dict."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"key {key!r} is a {type(key).__name__}, not a str")
+            _check_keys(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_keys(item)
 
 
 def split_id(memory_id: str) -> tuple[str | None, str]:
