@@ -64,19 +64,6 @@ def _blob(column) -> str | None:
     return str(column)
 
 
-def umask() -> int:
-    """The process umask, read without changing it where Linux allows."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 class SQLiteCatalog:
     """The embedded catalog: one SQLite file in WAL mode; every call its own short transaction."""
 
