@@ -26,6 +26,7 @@ def cube_file(tmp_path_factory):
 
 def test_store_round_trip_and_namespaces(tmp_path, cube_file):
     store = kvmem.CubeStore(tmp_path / "s")
+    store.grant("public", "bob")  # reading another namespace needs its owner's grant (issue 11 #8)
     alice, bob = store.view("alice"), store.view("bob", shared=["public"])
     public = store.view("public")
     cube = kvmem.MemCube.load(cube_file)
