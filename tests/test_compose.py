@@ -168,3 +168,31 @@ def test_rerotation_exact_in_every_layer(family, rope):
         for layer, (k, v) in enumerate(expected):
             torch.testing.assert_close(dst_k[layer], k[0], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(dst_v[layer], v[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode,budget", [("leading", 10_000), ("selective", 1.0)])
+@pytest.mark.parametrize("family,overrides", [
+    ("mistral", {"sliding_window": 16}),
+    ("qwen2", {"sliding_window": 16, "use_sliding_window": True, "max_window_layers": 1}),  # sliding + full layers
+])
+def test_sliding_window_composition_equals_full_prefill(family, overrides, mode, budget):
+    """Cubes longer than the window: the recompute forward must give each layer its own mask, and the composed
+    cache must hold, in every layer, what a full prefill of the same ids leaves there (sliding layers: the last
+    window - 1 tokens)."""
+    from transformers import DynamicCache
+
+    model = tiny_model(family, **overrides)
+    anchor, query = random_ids(3, seed=7), random_ids(6, seed=8)
+    cubes = [kvmem.MemCube.from_ids(model, random_ids(n, seed=s), anchor_ids=anchor) for n, s in ((21, 1), (19, 2), (23, 3))]
+    got, prefix = _composed_logits(model, cubes, query, recompute=mode, budget=budget)
+    full_cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        full = model(input_ids=prefix.extend(query)).logits[0, -1].float()
+        model(input_ids=prefix.input_ids, cache=full_cache)
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
+    fresh = kvmem.prefill(model, cubes, recompute=mode, budget=budget)
+    for layer, ((k, v), (k_full, v_full)) in enumerate(zip(kv_from_cache(fresh.cache), kv_from_cache(full_cache))):
+        assert k.shape == k_full.shape, f"layer {layer} holds {tuple(k.shape)}, a full prefill {tuple(k_full.shape)}"
+        torch.testing.assert_close(k, k_full, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v, v_full, rtol=1e-4, atol=1e-4)
+    assert any(k.shape[2] == 15 for k, _ in kv_from_cache(fresh.cache))  # a sliding layer really kept window - 1

@@ -72,6 +72,46 @@ def test_partial_rotary_and_odd_head_dim(impl):
     assert torch.equal(k[0, :, d:d + ln, 16:], src_k[last][0][:, s:s + ln, 16:])
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_per_layer_frequencies_and_nope_layers(impl, interleaved):
+    """A [layers, half] table: each layer rotated by its own frequencies (Gemma 3's local and global RoPE), and a
+    row of zeros leaves a NoPE layer's keys bit for bit as they were. 3 layers, head_dim 24 (not a power of 2)."""
+    src_k, src_v, dst, args = _case(dtype=torch.float32, dst_dtype=torch.float32, layers=3)
+    base = args["inv_freq"]
+    table = torch.stack([base, 1.0 / (1e6 ** (torch.arange(0, 24, 2, dtype=torch.float32) / 24)), torch.zeros(12)])
+    args = {**args, "inv_freq": table}
+    k, v = dst(), dst()
+    IMPLS[impl](k, v, src_k, src_v, interleaved=interleaved, **args)
+    n = sum(args["length"])
+    for layer in range(2):  # each rotated layer against the oracle run with that layer's own vector
+        one = {**args, "inv_freq": table[layer]}
+        k64, _ = _oracle(src_k, src_v, dst, one, interleaved)
+        torch.testing.assert_close(k[layer, :, :n].double(), k64[layer, :, :n], rtol=1e-6, atol=1e-6)
+    for c in range(len(src_k)):  # the NoPE layer: an exact copy
+        s, d, ln = args["src_start"][c], args["dst_start"][c], args["length"][c]
+        assert torch.equal(k[2, :, d:d + ln], src_k[c][2][:, s:s + ln])
+    assert not torch.equal(k[0, :, :n], k[1, :, :n])
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_values_of_their_own_width(impl):
+    """MLA caches keys and values of different widths: values [heads, T, 40] beside keys [heads, T, 24]."""
+    src_k, _, dst, args = _case(dtype=torch.float32, dst_dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    src_v = [[torch.randn(t.shape[0], t.shape[1], 40, generator=g) for t in cube] for cube in src_k]
+    k = dst()
+    v = torch.full((*k.shape[:3], 40), float("nan"))
+    IMPLS[impl](k, v, src_k, src_v, **args)
+    k64, _ = _oracle(src_k, [[t[..., :24] for t in cube] for cube in src_v], dst, args, False)
+    n = sum(args["length"])
+    torch.testing.assert_close(k[:, :, :n].double(), k64[:, :, :n], rtol=1e-6, atol=1e-6)
+    for c in range(len(src_k)):
+        s, d, ln = args["src_start"][c], args["dst_start"][c], args["length"][c]
+        assert torch.equal(v[1, :, d:d + ln], src_v[c][1][:, s:s + ln])
+    assert torch.isnan(v[:, :, n:]).all()
+
+
 def test_rotation_composes():
     """Rotating by a then by b equals rotating by a + b: what makes moving a cached key exact."""
     x = torch.randn(2, 9, 32, dtype=torch.float64)
@@ -89,13 +129,19 @@ def test_bad_arguments_are_refused():
         splice_reference(dst(), dst(), src_k, src_v, **{**args, "length": [100] + args["length"][1:]})
     with pytest.raises(ValueError, match="one entry per cube"):
         splice_reference(dst(), dst(), src_k, src_v, **{**args, "delta": [0]})
+    with pytest.raises(ValueError, match=r"inv_freq must be \[half\] or \[layers=2, half\]"):
+        splice_reference(dst(), dst(), src_k, src_v, **{**args, "inv_freq": torch.zeros(3, 12)})
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("per_layer", [False, True], ids=["shared", "per-layer+nope"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_triton_on_gpu(dtype):
+def test_triton_on_gpu(dtype, per_layer):
     src_k, src_v, dst, args = _case(dtype=dtype, dst_dtype=dtype, heads=8, dim=128, rot=128, layers=4,
                                     lens=(300, 129, 77), device="cuda")
+    if per_layer:  # layers 0/2 local theta, 1 global, 3 NoPE
+        glob = 1.0 / (1e6 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+        args["inv_freq"] = torch.stack([args["inv_freq"], glob, args["inv_freq"], torch.zeros(64)])
     k, v = dst(), dst()
     splice(k, v, src_k, src_v, **args)  # dispatches to Triton on CUDA
     k64, v64 = _oracle(src_k, src_v, dst, args, False)
