@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import kvmem
-from families_models import FAMILIES, VOCAB, WINDOW, family_model
+from families_models import BASE, FAMILIES, VOCAB, WINDOW, family_model
 from kvmem.cache import kv_from_cache, output_cache
 
 # family -> what the refusal must say (the reason kvmem gives is part of the contract: a user reads it)
@@ -236,7 +236,6 @@ def test_length_dependent_rope_warns_and_refuses_moving(rope):
     moving cubes is refused with the reason."""
     import importlib
 
-    from families_models import BASE
     from transformers import AutoConfig, AutoModelForCausalLM
 
     prefill_module = importlib.import_module("kvmem.prefill")
@@ -254,3 +253,23 @@ def test_length_dependent_rope_warns_and_refuses_moving(rope):
         kvmem.prefill(model, cubes[0])  # once per family and RoPE type, not on every call
     with pytest.raises(kvmem.CubeError, match="not linear in the position"):
         kvmem.prefill(model, cubes)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_layers", 10 ** 12, r"declares 1000000000000 KV layers but the file holds only 5 tensors"),
+    ("num_tokens", 10 ** 12, r"input_ids is torch\.int64 \(43,\), metadata says int64"),
+    ("anchor_len", 10 ** 12, r"input_ids is torch\.int64 \(43,\), metadata says int64"),
+])
+def test_forged_sizes_fail_before_anything_is_built(tmp_path, field, value, message):
+    """A header declaring absurd sizes, checksum recomputed: refused from what the file holds, not allocated."""
+    from helpers import forge, read_parts
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", **{**BASE, "num_hidden_layers": 2})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    path = kvmem.MemCube.from_ids(model, _ids(MEMORY, 3), anchor_ids=_ids(ANCHOR, 1)).save(tmp_path / "c.safetensors")
+    meta, tensors = read_parts(tmp_path / "c.safetensors")
+    meta[field] = value
+    with pytest.raises(kvmem.CubeError, match=message):
+        kvmem.MemCube.load(forge(tmp_path / "forged.safetensors", meta, tensors))
