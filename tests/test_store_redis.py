@@ -1,0 +1,154 @@
+"""The Redis store backend: the store conformance tests of test_store_backends.py run against a real Redis, plus
+what only a shared server has (two machines' caches, an unreachable server, a flushed database).
+
+Redis is Debian's ``redis-server`` (``apt-get install redis-server``; .ci/run installs it), started on a free
+loopback port without persistence and stopped by pid. Without the binary (or the redis client) these skip.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from contextlib import contextmanager
+
+import pytest
+
+import kvmem
+import test_store_backends as conformance
+from test_store_backends import cube, tiny_cube  # noqa: F401  (the conformance tests' fixture)
+
+REDIS_SERVER = shutil.which("redis-server")
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (apt-get install "
+                                "redis-server); CI installs it")
+redis = pytest.importorskip("redis", reason="the redis client is not installed (pip install 'kvmem[redis]')")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def redis_server(folder):
+    """A throwaway redis-server on a free loopback port (no persistence); yields its URL, stops it by pid."""
+    port = free_port()
+    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        client = redis.Redis(port=port)
+        deadline = time.time() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {port} (exit {proc.poll()})")
+                time.sleep(0.05)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+def store_url(redis_url: str, tmp_path, name: str = "s", *, machine: str = "m1", tag: str | None = None) -> str:
+    """A store of its own in the shared server (a fresh key prefix), with ``machine``'s local cache folder."""
+    return f"{redis_url}?prefix=t{tag or uuid.uuid4().hex[:10]}{name}&cache={tmp_path / ('cache-' + machine)}"
+
+
+@pytest.fixture
+def make_store(redis_url, tmp_path):
+    tag = uuid.uuid4().hex[:10]
+    return lambda name="s": kvmem.CubeStore(store_url(redis_url, tmp_path, name, tag=tag))
+
+
+# every conformance test, against Redis
+globals().update({name: getattr(conformance, name) for name in dir(conformance) if name.startswith("test_")})
+
+
+# ---------------------------------------------------------------- what only a shared server has
+def test_two_machines_share_cubes_through_one_redis(redis_url, tmp_path, cube):  # noqa: F811
+    tag = uuid.uuid4().hex[:10]
+    one = kvmem.CubeStore(store_url(redis_url, tmp_path, tag=tag, machine="one"))
+    two = kvmem.CubeStore(store_url(redis_url, tmp_path, tag=tag, machine="two"))
+    assert one.blobs.cache != two.blobs.cache
+    rec = one.view("team").put_cube("notes", cube)
+    got = two.view("team").load_cube("notes")  # fetched into machine two's own folder, then validated
+    assert got is not None and got.fingerprint == cube.fingerprint
+    assert (two.blobs.cache / f"{rec.blob}.safetensors").is_file()
+    assert two.view("other").load_cube("notes") is None  # namespaces hold across machines
+    # replaced through machine two: machine one reads the new version
+    other = tiny_cube("another text", seed=1)
+    two.view("team").put_cube("notes", other)
+    assert one.view("team").load_cube("notes").fingerprint == other.fingerprint
+    assert one.view("team").get("notes").text == "another text"
+
+
+def test_every_read_is_validated(redis_url, tmp_path, cube):  # noqa: F811
+    store = kvmem.CubeStore(store_url(redis_url, tmp_path, machine="writer"))
+    rec = store.view("me").put_cube("m", cube)
+    key = store.blobs.db.key("blob", rec.blob)
+    client = store.blobs.db.client
+    data = bytearray(client.get(key))
+    data[-8] ^= 0xFF  # one flipped payload byte in Redis
+    client.set(key, bytes(data))
+    reader = kvmem.CubeStore(f"{store.blobs.db.url.split('?')[0]}?prefix={store.blobs.db.prefix}"
+                             f"&cache={tmp_path / 'reader'}")
+    with pytest.raises(kvmem.CubeError, match="checksum mismatch"):
+        reader.view("me").load_cube("m")
+    client.set(key, b"not a cube at all")
+    third = kvmem.CubeStore(f"{store.blobs.db.url.split('?')[0]}?prefix={store.blobs.db.prefix}"
+                            f"&cache={tmp_path / 'third'}")
+    with pytest.raises(kvmem.CubeError, match="not a valid safetensors file"):
+        third.view("me").load_cube("m")
+    # the writer's own copy holds the bytes it put (blob names are never reused), validated again on this read
+    assert store.view("me").load_cube("m").fingerprint == cube.fingerprint
+
+
+def test_unreachable_redis_is_a_clear_error(tmp_path):
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with pytest.raises(kvmem.CubeError, match=r"redis://127\.0\.0\.1:\d+/0 is unreachable"):
+        kvmem.CubeStore(url + f"?cache={tmp_path}")
+
+
+def test_server_gone_mid_use_is_a_clear_error(tmp_path, cube):  # noqa: F811
+    with redis_server(tmp_path) as url:
+        store = kvmem.CubeStore(f"{url}?cache={tmp_path / 'c'}")
+        store.view("me").put_cube("m", cube)
+    with pytest.raises(kvmem.CubeError, match="unreachable"):
+        store.view("me").load_cube("m")
+
+
+def test_missing_or_flushed_store_is_an_error_not_an_empty_store(redis_url, tmp_path, cube):  # noqa: F811
+    url = store_url(redis_url, tmp_path)
+    with pytest.raises(kvmem.CubeError, match="no kvmem store at"):
+        kvmem.CubeStore(url, create=False)
+    store = kvmem.CubeStore(url)
+    store.view("me").put_cube("m", cube)
+    client = store.blobs.db.client
+    client.delete(store.blobs.db.key("store"))  # the marker gone: flushed, or another database
+    with pytest.raises(kvmem.CubeError, match="marker"):
+        store.gc()
+    with pytest.raises(kvmem.CubeError, match="marker"):
+        kvmem.CubeStore(url)
+
+
+def test_bad_urls(tmp_path):
+    with pytest.raises(kvmem.CubeError, match="prefix"):
+        kvmem.CubeStore(f"redis://127.0.0.1:1/0?prefix=a:b&cache={tmp_path}")
