@@ -1,0 +1,183 @@
+"""KvmemConnector in an offline vLLM engine (``LLM()``, one process, float32): exactness against vLLM's own full
+prefill and kvmem's transformers splice, cached-token accounting, no prefix-cache leak, namespaces, bad cubes.
+
+One engine serves the whole module; every reference request carries its own cache salt so no test reads
+another's prefix cache unless it means to.
+"""
+
+from __future__ import annotations
+
+import gc
+import uuid
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed here (it runs in .venv-vllm; see .ci/run)")
+pytestmark = pytest.mark.vllm
+
+import kvmem  # noqa: E402
+from kvmem.integrations.serving import precompose  # noqa: E402
+
+MAX_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, memory, hf):
+    """A cube folder: default/{a,b,ab,corrupt,foreign}, other/secret."""
+    model, tok = hf
+    root = tmp_path_factory.mktemp("cubes")
+    memory["a"].save(root / "default" / "a.safetensors")
+    memory["b"].save(root / "default" / "b.safetensors")
+    precompose(model, [memory["a"], memory["b"]], recompute="leading", tokenizer=tok).save(
+        root / "default" / "ab.safetensors")
+    # corrupt: a's file with a few payload bytes flipped (same header, so the same ids: only the checksum tells)
+    raw = bytearray((root / "default" / "a.safetensors").read_bytes())
+    for i in range(len(raw) - 64, len(raw) - 32):
+        raw[i] ^= 0xFF
+    (root / "default" / "corrupt.safetensors").write_bytes(bytes(raw))
+    # foreign: the same ids through a fine-tuned copy of the model (other weights)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        saved = emb.clone()
+        emb.mul_(1.01)
+        try:
+            a = memory["a"]
+            kvmem.MemCube.from_ids(model, a.input_ids, name="foreign", anchor_ids=a.anchor_ids, tokenizer=tok).save(
+                root / "default" / "foreign.safetensors")
+        finally:
+            emb.copy_(saved)
+    # another namespace's memory, whose ids also start the test prompts
+    memory["a"].to().save(root / "other" / "secret.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt, folder):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    engine = LLM(model=str(ckpt), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+                 kv_transfer_config=KVTransferConfig(
+                     kv_connector="KvmemConnector", kv_connector_module_path="kvmem.integrations.vllm",
+                     kv_role="kv_consumer", kv_load_failure_policy="recompute",
+                     kv_connector_extra_config={"folder": str(folder), "namespaces": ["default", "other"]}))
+    yield engine
+    del engine
+    gc.collect()
+
+
+def run(llm, ids, kvmem_params=None, *, salt: str | None = "fresh"):
+    """(greedy token ids, logprobs of them, num_cached_tokens) of one request. ``salt="fresh"``: a unique cache
+    salt, so the request never reads blocks another request left in vLLM's prefix cache."""
+    from vllm import SamplingParams
+
+    extra = {"kv_transfer_params": {"kvmem": kvmem_params}} if kvmem_params is not None else None
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=0, extra_args=extra)
+    prompt = {"prompt_token_ids": list(ids)}
+    if salt is not None:
+        prompt["cache_salt"] = uuid.uuid4().hex if salt == "fresh" else salt
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    tokens = list(out.outputs[0].token_ids)
+    logprobs = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)]
+    return tokens, torch.tensor(logprobs), out.num_cached_tokens
+
+
+def prompt_of(memory, *names):
+    ids = memory["a"].all_ids[0].tolist() if names[0] == "a" else memory[names[0]].all_ids[0].tolist()
+    for n in names[1:]:
+        ids += memory[n].input_ids[0].tolist()
+    return ids + memory["query"]
+
+
+NO_AUTO = {"auto": False}
+
+
+def test_one_cube_equals_vllm_full_prefill_and_counts_as_cached(llm, memory):
+    ids = prompt_of(memory, "a")
+    full, full_lp, full_cached = run(llm, ids, NO_AUTO)
+    got, got_lp, cached = run(llm, ids, {"cubes": ["a"]})
+    assert full_cached == 0
+    assert cached == memory["a"].all_ids.shape[1] == 256  # the cube's tokens, block-aligned, reported as cached
+    assert got == full
+    torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)  # float32: the same logits up to rounding
+
+
+def test_plain_request_gets_the_longest_exact_cube(llm, memory):
+    ids = prompt_of(memory, "a", "b")  # starts with a's ids (and with ab's and secret's: neither may match)
+    full, _, _ = run(llm, ids, NO_AUTO)
+    got, _, cached = run(llm, ids)  # no kv_transfer_params at all
+    assert cached == 256, "the plain request should get exact cube 'a' (not precomposed 'ab', not other/secret)"
+    assert got == full
+
+
+def test_two_cubes_equal_kvmem_pure_splice(llm, memory, hf):
+    model, _ = hf
+    ids = prompt_of(memory, "a", "b")
+    prefix = kvmem.prefill(model, [memory["a"], memory["b"]], recompute="none")
+    assert prefix.input_ids[0].tolist() == ids[:384]
+    with torch.no_grad():
+        ref = model.generate(prefix.extend(torch.tensor([memory["query"]])), past_key_values=prefix.cache,
+                             max_new_tokens=MAX_NEW, do_sample=False)[0, len(ids):].tolist()
+    got, _, cached = run(llm, ids, {"cubes": ["a", "b"]})
+    assert cached == 384
+    assert got == ref
+
+
+def test_precomposed_cube_equals_kvmem_leading_recompute(llm, memory, hf):
+    model, _ = hf
+    ids = prompt_of(memory, "a", "b")
+    prefix = kvmem.prefill(model, [memory["a"], memory["b"]], recompute="leading")
+    with torch.no_grad():
+        ref = model.generate(prefix.extend(torch.tensor([memory["query"]])), past_key_values=prefix.cache,
+                             max_new_tokens=MAX_NEW, do_sample=False)[0, len(ids):].tolist()
+    got, _, cached = run(llm, ids, {"cubes": ["ab"]})
+    assert cached == 384
+    assert got == ref
+
+
+def test_composed_prefix_never_reaches_the_plain_prefix_cache(llm, memory, kvmem_log):
+    ids = prompt_of(memory, "a", "b")
+    full, full_lp, _ = run(llm, ids, NO_AUTO)
+    # composed and precomposed requests without a salt of their own: kvmem salts them
+    run(llm, ids, {"cubes": ["a", "b"]}, salt=None)
+    run(llm, ids, {"cubes": ["ab"]}, salt=None)
+    assert "cache salt kvmem-" in kvmem_log.text()
+    # the same tokens, no cubes, no salt: vLLM's prefix cache must not hand back the approximate KV
+    got, got_lp, cached = run(llm, ids, NO_AUTO, salt=None)
+    assert cached == 0
+    assert got == full
+    torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)
+    # an exact cube may share the prefix cache: a second plain request reuses the first one's blocks
+    _, _, cached_again = run(llm, ids, NO_AUTO, salt=None)
+    assert cached_again == 384
+
+
+@pytest.mark.parametrize("name, why", [
+    ("corrupt", "checksum mismatch"),
+    ("foreign", "weights"),
+    ("missing", "no cube 'missing'"),
+    ("secret", "no cube 'secret' in namespace 'default'"),  # it lives in namespace 'other'
+])
+def test_bad_cube_is_prefilled_normally_and_logged(llm, memory, kvmem_log, name, why):
+    ids = prompt_of(memory, "a")
+    full, full_lp, _ = run(llm, ids, NO_AUTO)
+    before = len(kvmem_log.lines)
+    got, got_lp, cached = run(llm, ids, {"cubes": [name]})
+    assert cached == 0
+    assert got == full
+    torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)
+    logged = "\n".join(kvmem_log.lines[before:])
+    assert "prefilled without cubes" in logged and why in logged
+
+
+def test_namespaces_hold(llm, memory, kvmem_log):
+    ids = prompt_of(memory, "a")
+    # namespace 'other' holds only 'secret' (a's ids): it matches there, and default's 'a' is never offered
+    _, _, cached = run(llm, ids, {"namespace": "other", "cubes": ["a"]})
+    assert cached == 0 and "no cube 'a' in namespace 'other'" in kvmem_log.text()
+    _, _, cached = run(llm, ids, {"namespace": "other"})
+    assert cached == 256  # other/secret, by automatic match inside 'other'
+    before = len(kvmem_log.lines)
+    _, _, cached = run(llm, ids, {"namespace": "nobody", "cubes": ["a"]})
+    assert cached == 0 and "namespace 'nobody' is not served here" in "\n".join(kvmem_log.lines[before:])
