@@ -22,6 +22,10 @@ from .errors import CubeError
 # A memory this short goes in as text: a later cube's first tokens are recomputed anyway (prefill's default
 # "leading" mode recomputes 32), so its cube saves nothing over prefilling the text.
 TEXT_BELOW_TOKENS = 32
+# Per request: cubes are used only when they spare the request at least this many tokens of prefill (their tokens
+# less the 32 recomputed at the start of every later cube); below it, one forward over the text is cheaper than
+# loading, splicing and recomputing. See bench/auto_overhead.py.
+MIN_SAVED_TOKENS = 64
 
 
 def qualify(namespace: str, memory_id: str) -> str:
@@ -166,7 +170,7 @@ class Recall:
         if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, (int, float))):
             raise CubeError(f"min_score must be a number or None, got {min_score!r}")
         self.sync()
-        out, used = Recalled(), 0
+        out, used, kept = Recalled(), 0, []
         for qid, score in self.index.search(prompt, k=k):
             out.considered.append(qid)
             namespace, memory_id = split_qualified(qid)
@@ -179,13 +183,22 @@ class Recall:
                 self._drop(qid)
                 out.dropped.append({**entry, "reason": "deleted from the store"})
                 continue
-            tokens = rec.tokens or self.count_tokens(rec.text)
-            entry["tokens"] = tokens
+            entry["tokens"] = tokens = rec.tokens or self.count_tokens(rec.text)
             if used + tokens > max_tokens:
                 out.dropped.append({**entry, "reason": f"over max_memory_tokens={max_tokens} "
                                                        f"({used} used, needs {tokens})"})
                 continue
-            cube, source = self._cube_of(qid, rec, tokens, entry)
+            kept.append((qid, rec, entry))
+            used += tokens
+        with_cube = {qid for qid, rec, entry in kept if self._worth_a_cube(qid, rec, entry["tokens"])}
+        saved = sum(e["tokens"] for q, _, e in kept if q in with_cube) - TEXT_BELOW_TOKENS * max(0, len(with_cube) - 1)
+        if with_cube and saved < MIN_SAVED_TOKENS:  # composing would cost more than prefilling the text
+            for qid, _, entry in kept:
+                if qid in with_cube:
+                    entry["note"] = f"prefilled as text: its cube would save {saved} tokens (< {MIN_SAVED_TOKENS})"
+            with_cube = set()
+        for qid, rec, entry in kept:
+            cube, source = self._fetch(qid, entry) if qid in with_cube else (None, "text")
             if cube is not None:
                 out.cubes.append(cube)
             else:
@@ -193,14 +206,16 @@ class Recall:
                 out.as_text.append((qid, rec.blob is not None))
             self.view.touch(qid)
             out.memories.append({**entry, "source": source})
-            used += tokens
         return out
 
-    def _cube_of(self, qid: str, rec, tokens: int, entry: dict) -> tuple[MemCube | None, str]:
+    def _worth_a_cube(self, qid: str, rec, tokens: int) -> bool:
+        """Whether the memory has a cube (resident or stored) long enough to save anything over its text."""
+        if tokens <= TEXT_BELOW_TOKENS:
+            return False
+        return rec.blob is not None or any(qid in tier.items for tier in self.scheduler.tiers.values())
+
+    def _fetch(self, qid: str, entry: dict) -> tuple[MemCube | None, str]:
         """The memory's cube and the tier that served it, or (None, "text") to prefill it as text."""
-        resident = any(qid in tier.items for tier in self.scheduler.tiers.values())
-        if not resident and (rec.blob is None or tokens <= TEXT_BELOW_TOKENS):
-            return None, "text"
         try:
             cube, tier = self.scheduler.fetch(qid)
         except CubeError as exc:  # a damaged or foreign cube: the text still answers, and says why

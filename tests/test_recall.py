@@ -12,7 +12,8 @@ import torch
 
 import kvmem
 from conftest import tiny_model
-from kvmem.recall import TEXT_BELOW_TOKENS
+import kvmem.recall
+from kvmem.recall import MIN_SAVED_TOKENS, TEXT_BELOW_TOKENS
 
 # long enough (> TEXT_BELOW_TOKENS tokens) that a cube can save something
 LONG = {
@@ -23,6 +24,9 @@ LONG = {
     "garden": "The vegetable garden has six raised beds: tomatoes, beans, courgettes, leeks, carrots and a "
               "strawberry patch that the blackbirds raid every June despite the netting over it.",
 }
+EXTRA = (" Everyone in the house knows this, and the neighbours have heard the story at least twice, usually over "
+         "dinner on a Sunday when the conversation turns to pets, cars and gardens and who forgot what last year.")
+LONG = {name: text + EXTRA for name, text in LONG.items()}
 SHORT = {"cat": "Miso the cat hates the vacuum cleaner.", "bike": "The bike has a flat rear tyre."}
 QUESTION = "Where does Toast the beagle sleep?"
 
@@ -39,7 +43,8 @@ def test_long_memories_come_as_cubes_short_ones_as_text(tmp_path, tokenizer):
         mm.remember(text, memory_id, cube=True)
     for memory_id, text in SHORT.items():
         mm.remember(text, memory_id, cube=True)
-    assert all(len(tokenizer(t).input_ids) > TEXT_BELOW_TOKENS for t in LONG.values())
+    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in LONG.values()]
+    assert min(lengths) > TEXT_BELOW_TOKENS and min(lengths) >= MIN_SAVED_TOKENS  # one cube alone is worth it
     out = mm.generate(QUESTION, cubes="auto", k=10, max_new_tokens=3, do_sample=False)
     chosen = {m["id"]: m["source"] for m in mm.last.memories}
     assert chosen["beagle"] == "disk" and mm.last.memories[0]["id"] == "beagle"
@@ -186,3 +191,20 @@ def test_an_unchanged_store_is_not_listed_again(tmp_path, tokenizer, monkeypatch
     kvmem.CubeStore(tmp_path / "s").view("me").add("car", LONG["car"])  # a change: now it looks again
     mm.generate(QUESTION, cubes="auto", max_new_tokens=1)
     assert listed == [1] and "me/car" in mm.index
+
+
+def test_cubes_that_would_save_too_little_go_in_as_text(tmp_path, tokenizer, monkeypatch):
+    """The per-request decision: composing costs recompute and a forward of its own, so cubes that spare fewer
+    than MIN_SAVED_TOKENS tokens of prefill are not worth it, and the memories are prefilled as text."""
+    mm = _mm(tmp_path, tokenizer, promote_after=0)
+    mm.remember(LONG["beagle"], "beagle", cube=True)
+    mm.remember(LONG["garden"], "garden", cube=True)
+    tokens = {m: mm.store.get(m).tokens for m in ("beagle", "garden")}
+    monkeypatch.setattr(kvmem.recall, "MIN_SAVED_TOKENS", sum(tokens.values()))
+    out = mm.generate(QUESTION, cubes="auto", max_new_tokens=1)
+    assert [m["source"] for m in mm.last.memories] == ["text", "text"] and not mm.last.injected
+    assert all("would save" in m["note"] for m in mm.last.memories)
+    monkeypatch.setattr(kvmem.recall, "MIN_SAVED_TOKENS", 1)
+    out2 = mm.generate(QUESTION, cubes="auto", max_new_tokens=1)
+    assert [m["source"] for m in mm.last.memories] == ["disk", "disk"] and mm.last.injected
+    assert torch.equal(out[:, :-1], out2[:, :-1])  # the same ids either way: cubes first, then texts (none here)
