@@ -92,6 +92,7 @@ def test_store_commands(tmp_path):
     (tmp_path / "faq.txt").write_text("The office opens at nine.")
     assert runner.invoke(app, ["add", "--file", str(tmp_path / "faq.txt"), "--id", "faq", "-n", "public", *store]
                          ).exit_code == 0
+    assert runner.invoke(app, ["share", "alice", "-n", "public", *store]).exit_code == 0  # an explicit grant
     listed = runner.invoke(app, ["ls", "-n", "alice", "--shared", "public", *store]).output
     assert "alice/a1" in listed and "public/faq" in listed and "b1" not in listed
     found = runner.invoke(app, ["search", "Oslo", "--lexical", "-n", "alice", *store]).output
