@@ -1,0 +1,327 @@
+"""Issue 13's bench: kvmem's fast path (static prefix cache + kvmem_sdpa) against transformers' own prefix reuse.
+
+One process, SmolLM2-135M float32, medians after warm-up (methods interleaved round robin), JSON + PNG.
+
+    .venv/bin/python bench/ttft_fast.py           # full run -> bench/results/ttft_fast_cpu.json / .png
+    .venv/bin/python bench/ttft_fast.py --quick   # smoke run, short lengths, writes nothing unless --out
+
+Three parts:
+  ttft    memory 512..6,064 tokens + a 167-token query; timed region = [make the cache; forward(query); argmax]
+            full_prefill          forward(memory + query)
+            prefix_reuse          deepcopy(DynamicCache of the memory)      transformers' documented recipe
+            prefix_reuse_static   deepcopy(StaticCache of the memory)       the same with a static cache
+            kvmem                 kvmem.prefill(cube)                       today's default (DynamicCache, sdpa)
+            kvmem_gqa             kvmem.prefill(cube), kvmem_sdpa           attention alone
+            kvmem_static          static_prefix(kvmem.prefill(cube)), sdpa  static cache alone
+            kvmem_fast            static_prefix(kvmem.prefill(cube)), kvmem_sdpa
+  decode  128 new tokens after the 6,064-token memory with model.generate; tokens/s over the 127 decode steps
+          (each step stamped by a logits processor, so the query forward is not in it)
+  batch   B = 1, 4, 8 requests, each its own cube (different lengths) and query; one generate over
+          prefill_batch vs B sequential static_prefix + generate calls; new tokens per second
+
+Every method's tokens are checked against a full prefill's (first token for ttft, all 128 for decode, each row
+against its own sequential call for batch). The machine may be shared: load averages are recorded per part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import kvmem  # noqa: E402
+import _common  # noqa: E402
+from kvmem.attention import use_gqa_attention  # noqa: E402
+from kvmem.batch import prefill_batch  # noqa: E402
+from kvmem.cache import cache_kwarg, output_cache  # noqa: E402
+from kvmem.prefix_cache import static_prefix  # noqa: E402
+from kvmem.real_model import load_smollm2  # noqa: E402
+from workloads import memory_ids, query_ids  # noqa: E402
+
+TTFT_METHODS = ("full_prefill", "prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_gqa", "kvmem_static",
+                "kvmem_fast")
+DECODE_METHODS = ("prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_fast")
+GQA = {"kvmem_gqa", "kvmem_fast"}  # methods that run with kvmem_sdpa; the rest with stock sdpa
+
+
+def _loadavg():
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+class _Setup:
+    """Untimed per memory length: the memory's caches (both kinds) and its cube."""
+
+    def __init__(self, model, tok, n_mem: int, room: int):
+        from transformers import DynamicCache, StaticCache
+
+        kw = cache_kwarg(model)
+        self.mem = memory_ids(tok, n_mem)
+        with torch.inference_mode():
+            self.dynamic = output_cache(model(input_ids=self.mem, logits_to_keep=1,
+                                              **{kw: DynamicCache(config=model.config)}))
+            self.static = StaticCache(config=model.config, max_cache_len=n_mem + room)
+            model(input_ids=self.mem, logits_to_keep=1, **{kw: self.static})
+        self.cube = kvmem.MemCube.from_ids(model, self.mem, progress=False)
+
+    def cache(self, method: str, model, room: int):
+        """The cache a method's request starts from (this is the copy / splice inside the timed region)."""
+        if method == "prefix_reuse":
+            return copy.deepcopy(self.dynamic)
+        if method == "prefix_reuse_static":
+            return copy.deepcopy(self.static)
+        prefix = kvmem.prefill(model, self.cube)
+        if method in ("kvmem_static", "kvmem_fast"):
+            return static_prefix(model, prefix, max_new_tokens=room, query_len=0).cache
+        return prefix.cache
+
+
+def _switch(model, method: str) -> None:
+    use_gqa_attention(model, enabled=method in GQA)
+
+
+def bench_ttft(model, tok, n_mem: int, q: torch.Tensor, args) -> list[dict]:
+    kw = cache_kwarg(model)
+    s = _Setup(model, tok, n_mem, room=q.shape[1] + 1)
+    full = torch.cat([s.mem, q], -1)
+
+    def forward(ids, cache=None):
+        logits = model(input_ids=ids, logits_to_keep=1, **({kw: cache} if cache is not None else {})).logits[0, -1]
+        return int(logits.argmax()), logits.float()
+
+    fns = {m: (lambda: forward(full)) if m == "full_prefill" else
+           (lambda m=m: forward(q, s.cache(m, model, q.shape[1] + 1))) for m in args.methods}
+    long = n_mem >= 2048
+    reps = {m: (args.full_reps if m == "full_prefill" and long else args.reps) for m in fns}
+    load0 = _loadavg()
+    with torch.inference_mode():
+        series = _common.round_robin(fns, reps, warmup=args.warmup, before=lambda m: _switch(model, m))
+    _switch(model, "kvmem")
+    ref_token, ref_logits = series["full_prefill"].first if "full_prefill" in series else (None, None)
+    rows = []
+    for m, ser in series.items():
+        token, logits = ser.first
+        rows.append({"part": "ttft", "memory_tokens": n_mem, "query_tokens": q.shape[1], "method": m,
+                     "reps": reps[m], "warmup": args.warmup, **_common.spread(ser.seconds),
+                     "first_token": token, "same_first_token_as_full": None if ref_token is None else token == ref_token,
+                     "max_abs_logit_diff_vs_full": None if ref_logits is None else
+                     float((logits - ref_logits).abs().max()),
+                     "loadavg_before": load0, "loadavg_after": _loadavg()})
+    base = {r["method"]: r["median_s"] for r in rows}
+    for r in rows:
+        r["ratio_vs_prefix_reuse"] = r["median_s"] / base["prefix_reuse"] if "prefix_reuse" in base else None
+        r["reduction_vs_full"] = 1 - r["median_s"] / base["full_prefill"] if "full_prefill" in base else None
+    return rows
+
+
+class _Stamps:
+    """A logits processor that only records when each generation step's logits arrive."""
+
+    def __init__(self):
+        self.t: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.t.append(time.perf_counter())
+        return scores
+
+
+def bench_decode(model, tok, n_mem: int, q: torch.Tensor, args) -> list[dict]:
+    from transformers import LogitsProcessorList
+
+    kw = cache_kwarg(model)
+    n_new = args.new_tokens
+    s = _Setup(model, tok, n_mem, room=q.shape[1] + n_new)
+    ids = torch.cat([s.mem, q], -1)
+    gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+               pad_token_id=tok.eos_token_id)
+    with torch.inference_mode():
+        truth = model.generate(ids, **gen)[0, ids.shape[1]:]  # the full prefill's tokens
+    rows = []
+    load0 = _loadavg()
+    for m in args.decode_methods:
+        _switch(model, m)
+        tok_s, same = [], None
+        for i in range(args.warmup + args.decode_reps):
+            stamps = _Stamps()
+            with torch.inference_mode():
+                out = model.generate(ids, logits_processor=LogitsProcessorList([stamps]),
+                                     **{kw: s.cache(m, model, q.shape[1] + n_new)}, **gen)[0, ids.shape[1]:]
+            same = torch.equal(out, truth) if same is None else same and torch.equal(out, truth)
+            if i >= args.warmup:
+                tok_s.append((len(stamps.t) - 1) / (stamps.t[-1] - stamps.t[0]))
+        secs = [1 / x for x in tok_s]  # seconds per decode step
+        rows.append({"part": "decode", "memory_tokens": n_mem, "query_tokens": q.shape[1], "method": m,
+                     "new_tokens": n_new, "reps": args.decode_reps, "tokens_per_s_samples": tok_s,
+                     "median_tokens_per_s": sorted(tok_s)[len(tok_s) // 2], **_common.spread(secs, unit="ms",
+                                                                                             prefix="step_"),
+                     "same_tokens_as_full": same, "loadavg_before": load0, "loadavg_after": _loadavg()})
+    _switch(model, "kvmem")
+    base = {r["method"]: r["median_tokens_per_s"] for r in rows}
+    for r in rows:
+        r["speedup_vs_prefix_reuse"] = r["median_tokens_per_s"] / base["prefix_reuse"] if "prefix_reuse" in base \
+            else None
+    return rows
+
+
+def bench_batch(model, tok, args) -> list[dict]:
+    kw = cache_kwarg(model)
+    n_new = args.batch_new_tokens
+    biggest = max(args.batch_sizes)
+    cubes = [kvmem.MemCube.from_ids(model, memory_ids(tok, args.batch_memory + 37 * i), progress=False)
+             for i in range(biggest)]
+    queries = [query_ids(tok, 24 + 3 * i)[0] for i in range(biggest)]
+    gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=tok.eos_token_id)
+    use_gqa_attention(model)
+
+    def one(i):
+        prefix = static_prefix(model, kvmem.prefill(model, cubes[i]), max_new_tokens=n_new,
+                               query_len=queries[i].numel())
+        ids = prefix.extend(queries[i])
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **{kw: prefix.cache}, **gen)[0, ids.shape[1]:]
+
+    def batched(b):
+        batch = prefill_batch(model, [[c] for c in cubes[:b]], queries[:b], max_new_tokens=n_new,
+                              pad_token_id=tok.eos_token_id)
+        return batch.new_tokens(model.generate(**batch.generate_kwargs(model), **gen))
+
+    rows = []
+    for b in args.batch_sizes:
+        load0 = _loadavg()
+        fns = {"sequential": lambda b=b: [one(i) for i in range(b)], "batched": lambda b=b: batched(b)}
+        with torch.inference_mode():
+            series = _common.round_robin(fns, args.batch_reps, warmup=1)
+        seq = series["sequential"].first
+        same = all(torch.equal(x, y) for x, y in zip(series["batched"].first, seq))
+        for m, ser in series.items():
+            med = sorted(ser.seconds)[len(ser.seconds) // 2]
+            rows.append({"part": "batch", "batch": b, "method": m, "new_tokens_per_request": n_new,
+                         "memory_tokens": [args.batch_memory + 37 * i for i in range(b)],
+                         **_common.spread(ser.seconds), "tokens_per_s": b * n_new / med,
+                         "same_tokens_as_sequential": same, "loadavg_before": load0, "loadavg_after": _loadavg()})
+        rows[-1]["speedup_vs_sequential"] = rows[-2]["median_s"] / rows[-1]["median_s"]
+    use_gqa_attention(model, enabled=False)
+    return rows
+
+
+def targets(rows: list[dict], n_mem: int, b: int) -> dict:
+    """The issue's targets: kvmem TTFT <= 0.85x prefix reuse, decode >= 1.3x, batched B=8 >= 3x."""
+    t = {}
+    tt = {r["method"]: r for r in rows if r["part"] == "ttft" and r["memory_tokens"] == n_mem}
+    if "kvmem_fast" in tt and "prefix_reuse" in tt:
+        t["ttft_ratio_vs_prefix_reuse"] = tt["kvmem_fast"]["ratio_vs_prefix_reuse"]
+        t["ttft_le_0.85x"] = t["ttft_ratio_vs_prefix_reuse"] <= 0.85
+    if "kvmem_fast" in tt and "full_prefill" in tt:
+        t["ttft_reduction_vs_full"] = tt["kvmem_fast"]["reduction_vs_full"]
+    dd = {r["method"]: r for r in rows if r["part"] == "decode"}
+    if "kvmem_fast" in dd and "prefix_reuse" in dd:
+        t["decode_speedup_vs_prefix_reuse"] = dd["kvmem_fast"]["speedup_vs_prefix_reuse"]
+        t["decode_ge_1.3x"] = t["decode_speedup_vs_prefix_reuse"] >= 1.3
+    bb = [r for r in rows if r["part"] == "batch" and r["batch"] == b and r["method"] == "batched"]
+    if bb:
+        t[f"batch{b}_speedup_vs_sequential"] = bb[0]["speedup_vs_sequential"]
+        t[f"batch{b}_ge_3x"] = bb[0]["speedup_vs_sequential"] >= 3
+    return t
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        if r["part"] == "ttft":
+            print(f"ttft   {r['memory_tokens']:>5} {r['method']:<20} {1e3 * r['median_s']:>9.1f} ms  "
+                  f"x{r['ratio_vs_prefix_reuse'] or 0:.3f} of prefix_reuse  same={r['same_first_token_as_full']}")
+        elif r["part"] == "decode":
+            print(f"decode {r['memory_tokens']:>5} {r['method']:<20} {r['median_tokens_per_s']:>9.2f} tok/s "
+                  f"x{r['speedup_vs_prefix_reuse'] or 0:.2f}  same={r['same_tokens_as_full']}")
+        else:
+            print(f"batch  B={r['batch']:<3} {r['method']:<20} {r['tokens_per_s']:>9.2f} tok/s "
+                  f"{1e3 * r['median_s']:>9.0f} ms  same={r['same_tokens_as_sequential']}")
+
+
+def plot(doc: dict, png: str) -> None:
+    plt = _common.pyplot()
+    rows = doc["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    ax = axes[0]
+    for m in TTFT_METHODS:
+        pts = sorted((r["memory_tokens"], r["median_s"]) for r in rows if r["part"] == "ttft" and r["method"] == m)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    ax.set(xlabel="memory tokens (+167 query)", ylabel="TTFT median (s)", yscale="log", title="time to first token")
+    ax.legend(fontsize=7)
+    dec = [r for r in rows if r["part"] == "decode"]
+    axes[1].bar([r["method"] for r in dec], [r["median_tokens_per_s"] for r in dec], color="#4a7")
+    axes[1].set(ylabel="tokens/s", title=f"decode after {dec[0]['memory_tokens'] if dec else '?'} memory tokens")
+    axes[1].tick_params(axis="x", labelrotation=20, labelsize=7)
+    bat = [r for r in rows if r["part"] == "batch"]
+    for m, off in (("sequential", -0.2), ("batched", 0.2)):
+        pts = [(r["batch"], r["tokens_per_s"]) for r in bat if r["method"] == m]
+        if pts:
+            axes[2].bar([i + off for i in range(len(pts))], [p[1] for p in pts], width=0.4, label=m)
+            axes[2].set_xticks(range(len(pts)), [f"B={p[0]}" for p in pts])
+    axes[2].set(ylabel="new tokens/s", title="B requests, own cubes")
+    axes[2].legend(fontsize=7)
+    _common.stamp(fig, doc["machine"])
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="+", default=["ttft", "decode", "batch"], choices=["ttft", "decode", "batch"])
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 6064])
+    p.add_argument("--query-tokens", type=int, default=167)
+    p.add_argument("--methods", nargs="+", default=list(TTFT_METHODS), choices=TTFT_METHODS)
+    p.add_argument("--decode-methods", nargs="+", default=list(DECODE_METHODS), choices=TTFT_METHODS[1:])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--full-reps", type=int, default=2, help="timed full prefills from 2,048 memory tokens")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--decode-reps", type=int, default=2)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--batch-memory", type=int, default=512, help="row i's memory: this + 37 i tokens")
+    p.add_argument("--batch-new-tokens", type=int, default=32)
+    p.add_argument("--batch-reps", type=int, default=3)
+    p.add_argument("--out", default=None, help="default bench/results/ttft_fast_cpu.json")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 1 rep, no files unless --out")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.lengths, args.query_tokens, args.new_tokens = [64, 128], 16, 8
+        args.reps = args.full_reps = args.decode_reps = args.batch_reps = 1
+        args.batch_sizes, args.batch_memory, args.batch_new_tokens = [1, 3], 40, 4
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    model, tok = load_smollm2(verbose=False)
+    q = query_ids(tok, args.query_tokens)
+    facts = _common.machine_facts(model=model, loadavg_start=_loadavg())
+    rows = []
+    if "ttft" in args.parts:
+        for n in args.lengths:
+            rows += bench_ttft(model, tok, n, q, args)
+            print_rows([r for r in rows if r["part"] == "ttft" and r["memory_tokens"] == n])
+    if "decode" in args.parts:
+        rows += bench_decode(model, tok, max(args.lengths), q, args)
+        print_rows([r for r in rows if r["part"] == "decode"])
+    if "batch" in args.parts:
+        rows += bench_batch(model, tok, args)
+        print_rows([r for r in rows if r["part"] == "batch"])
+    t = targets(rows, max(args.lengths), max(args.batch_sizes))
+    print(t)
+    facts["loadavg_end"] = _loadavg()
+    out = args.out or (None if args.quick else _common.ROOT / "bench" / "results" / "ttft_fast_cpu.json")
+    if out:
+        _common.write_results({"machine": facts, "args": vars(args), "targets": t, "rows": rows}, out, plot=plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
