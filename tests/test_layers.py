@@ -25,7 +25,8 @@ LAYERS = {
     "kvmem.store_backend": INFRASTRUCTURE, "kvmem.store_sqlite": INFRASTRUCTURE, "kvmem.store_redis": INFRASTRUCTURE,
     "kvmem.kernels": INFRASTRUCTURE, "kvmem.patches": INFRASTRUCTURE,
     # operation: which memories, where they live, how a prompt is laid out, recompute, adapters
-    "kvmem.index": OPERATION, "kvmem.scheduler": OPERATION, "kvmem.adapter_bridge": OPERATION,
+    "kvmem.index": OPERATION, "kvmem.lexical": OPERATION, "kvmem.fusion": OPERATION,
+    "kvmem.retrieval_text": OPERATION, "kvmem.scheduler": OPERATION, "kvmem.adapter_bridge": OPERATION,
     "kvmem.recompute": OPERATION, "kvmem.recall": OPERATION, "kvmem.prompt": OPERATION, "kvmem.report": OPERATION,
     # interface: what users call
     "kvmem": INTERFACE, "kvmem.prefill": INTERFACE, "kvmem.memory_model": INTERFACE, "kvmem.cli": INTERFACE,
