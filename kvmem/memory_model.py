@@ -187,9 +187,11 @@ class MemoryModel:
         """
         max_memory_tokens = _renamed(kwargs, "budget_tokens", "max_memory_tokens", max_memory_tokens)
         if isinstance(prompt, (list, tuple)):
-            return self._generate_batch(list(prompt), cubes, inject=inject, recompute=recompute, budget=budget,
-                                        adapter=adapter, recall_options=dict(max_tokens=max_memory_tokens, k=k,
-                                                                             min_score=min_score), **kwargs)
+            from .batch_generate import generate_batch
+
+            return generate_batch(self, list(prompt), cubes, inject=inject, recompute=recompute, budget=budget,
+                                  adapter=adapter, recall_options=dict(max_tokens=max_memory_tokens, k=k,
+                                                                       min_score=min_score), **kwargs)
         if not isinstance(prompt, str):
             raise CubeError(f"prompt must be a string, got {type(prompt).__name__}")
         for key in ("input_ids", "past_key_values", "cache"):
@@ -216,56 +218,6 @@ class MemoryModel:
             self.last = report
         if recalled is not None:  # after the answer, not before its first token
             self.recall.after_answer(recalled)
-        return out
-
-    def _generate_batch(self, prompts: list[str], cubes, *, inject: bool, recompute, budget, adapter,
-                        recall_options: dict, **kwargs):
-        """`generate` for a list of prompts: one ``model.generate`` call (see kvmem.batch.prefill_batch)."""
-        from .batch import prefill_batch
-
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise CubeError("a batch is a non-empty list of prompt strings")
-        rows = [None] * len(prompts) if cubes is None else ["auto"] * len(prompts) if cubes == "auto" else cubes
-        if isinstance(rows, str) or not isinstance(rows, (list, tuple)) or len(rows) != len(prompts):
-            raise CubeError(f"with {len(prompts)} prompts, cubes is None, 'auto' or a list of {len(prompts)} entries "
-                            "(each a MemCube, a list of MemCubes or None)")
-        with self.adapters.using(adapter):
-            clock = FirstTokenClock().start()
-            recalled = [self._require_store().recall(p, **recall_options) if isinstance(r, str) and r == "auto"
-                        else None for p, r in zip(prompts, rows)]
-            rows = [r.cubes if r is not None else self.layout.fit(c) for r, c in zip(recalled, rows)]
-            texts = [r.texts if r is not None else [] for r in recalled]
-            queries = [torch.cat([self.layout.memory_ids(t) for t in ts] + [self.request_ids(p)])
-                       for p, ts in zip(prompts, texts)]
-            pad = self._pad_id(kwargs)
-            reports = [GenerationReport(cube_names=[c.name for c in cubes], memories=r.memories if r else [],
-                                        dropped=r.dropped if r else []) for cubes, r in zip(rows, recalled)]
-            if inject and all(rows):
-                knobs = {name: v for name, v in (("recompute", recompute), ("budget", budget)) if v is not None}
-                new = kwargs.get("max_new_tokens", self.model.generation_config.max_new_tokens)
-                batch = prefill_batch(self.model, rows, queries, max_new_tokens=new or 1, static=bool(new),
-                                      pad_token_id=pad, tokenizer=self.tokenizer, **knobs)
-                ids, mask, cache = batch.input_ids, batch.attention_mask, {cache_kwarg(self.model): batch.cache}
-                for b, report in enumerate(reports):
-                    report.injected, report.spans = True, batch.spans[b]
-                    report.prefilled_tokens = queries[b].numel()
-                    report.prompt_tokens = int(mask[b].sum())
-            else:  # a row without cubes (or inject=False): every row prefilled in full, left-padded
-                full = [self.layout.prompt_ids(p, c, t)[0] for p, c, t in zip(prompts, rows, texts)]
-                ids = torch.full((len(full), max(map(len, full))), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for b, row in enumerate(full):
-                    ids[b, ids.shape[1] - len(row):], mask[b, ids.shape[1] - len(row):] = row, 1
-                    reports[b].prompt_tokens = reports[b].prefilled_tokens = len(row)
-                device = model_device(self.model)
-                ids, mask, cache = ids.to(device), mask.to(device), {}
-            kwargs["logits_processor"] = list(kwargs.get("logits_processor") or []) + [clock]
-            out = self.model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad, **cache, **kwargs)
-            self.last = GenerationReport(ttft_s=clock.ttft_s, injected=all(r.injected for r in reports),
-                                         prompt_tokens=ids.shape[1], rows=reports)
-        for r in recalled:
-            if r is not None:
-                self.recall.after_answer(r)
         return out
 
     def _pad_id(self, kwargs: dict) -> int:

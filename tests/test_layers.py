@@ -25,14 +25,14 @@ LAYERS = {
     "kvmem.store_backend": INFRASTRUCTURE, "kvmem.store_sqlite": INFRASTRUCTURE, "kvmem.store_redis": INFRASTRUCTURE,
     "kvmem.kernels": INFRASTRUCTURE, "kvmem.patches": INFRASTRUCTURE,
     # operation: which memories, where they live, how a prompt is laid out, recompute, adapters
-    "kvmem.index": OPERATION, "kvmem.lexical": OPERATION, "kvmem.fusion": OPERATION,
+    "kvmem.index": OPERATION, "kvmem.lexical": OPERATION, "kvmem.fusion": OPERATION, "kvmem.encoder": OPERATION,
     "kvmem.retrieval_text": OPERATION, "kvmem.scheduler": OPERATION, "kvmem.adapter_bridge": OPERATION,
     "kvmem.recompute": OPERATION, "kvmem.recall": OPERATION, "kvmem.prompt": OPERATION, "kvmem.report": OPERATION,
     # interface: what users call
     "kvmem": INTERFACE, "kvmem.prefill": INTERFACE, "kvmem.memory_model": INTERFACE, "kvmem.cli": INTERFACE,
     "kvmem.demo": INTERFACE, "kvmem.integrations": INTERFACE,
     # issue 13's fast path: static prefix cache (cache glue), GQA attention, batched prefill over kvmem.prefill
-    "kvmem.prefix_cache": INFRASTRUCTURE, "kvmem.attention": OPERATION, "kvmem.batch": INTERFACE,
+    "kvmem.prefix_cache": INFRASTRUCTURE, "kvmem.attention": OPERATION, "kvmem.batch": INTERFACE, "kvmem.batch_generate": INTERFACE,
     # demo and test support (real models, generated memory texts): may use anything, nothing imports them
     "kvmem.real_model": INTERFACE, "kvmem.memory_text": INTERFACE,
 }
