@@ -1,0 +1,303 @@
+"""The GPU check: one command, under 10 minutes on one CUDA card, JSON + PNG with the card and versions.
+
+    python bench/gpu_check.py          # on CUDA -> bench/results/gpu_check_<card>.json / .png
+    python bench/gpu_check.py --dry    # CPU, tiny shapes, seconds: CI runs this so the script keeps working
+
+Steps (each row of the JSON says which, how long it took and whether it passed):
+  pytest    `pytest -m gpu` (every GPU-gated test of the suite); --dry only collects them
+  splice    kvmem's splice kernel (Triton on CUDA) vs a plain device copy of the same bytes: GB/s, target >= 80%
+            of the copy's; and one launch for all layers vs one launch per layer (an 8B-like KV shape)
+  ttft      random-weight 1B- and 8B-like configs with a few layers, bf16, 8,192 memory + 167 query tokens:
+            full prefill, transformers' prefix reuse (deepcopy of a DynamicCache), kvmem (today), kvmem fast
+            (static prefix + kvmem_sdpa); under sdpa and, where flash-attn is installed, flash_attention_2
+  decode    tokens/s over 64 new tokens after that memory: prefix reuse vs kvmem fast
+Every TTFT method's first token is compared with the full prefill's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import _common  # noqa: E402
+
+# few layers, real widths: what one layer of a 1B / 8B llama costs, attention and splice shapes included
+CONFIGS = {
+    "llama-1B-like": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                          head_dim=64, vocab_size=128256, num_hidden_layers=4),
+    "llama-8B-like": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                          head_dim=128, vocab_size=128256, num_hidden_layers=4),
+}
+DRY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  vocab_size=1000, num_hidden_layers=2)
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("transformers", "triton", "flash_attn", "accelerate", "kvmem"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001  (absent or broken: record that)
+            out[name] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        out.update(card=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1))
+        try:
+            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            out["driver"] = None
+    return out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_s(fn, device, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+# ---------------------------------------------------------------- pytest -m gpu
+def step_pytest(dry: bool, timeout: int) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu"] + (["--co"] if dry else [])
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        tail, rc = (r.stdout + r.stderr).strip().splitlines()[-15:], r.returncode
+    except subprocess.TimeoutExpired:
+        tail, rc = [f"timed out after {timeout} s"], None
+    summary = next((line for line in reversed(tail) if re.search(r"passed|failed|error|selected|collected", line)),
+                   tail[-1] if tail else "")
+    return {"step": "pytest", "cmd": " ".join(cmd[1:]), "rc": rc, "summary": summary, "tail": tail,
+            "seconds": time.perf_counter() - t0, "passed": rc == 0}
+
+
+# ---------------------------------------------------------------- splice vs copy
+def step_splice(device, dtype, *, layers, heads, dim, cubes, tokens, reps) -> list[dict]:
+    from kvmem.kernels.splice import splice, triton_usable
+
+    g = torch.Generator().manual_seed(0)
+    src_k = [[torch.randn(heads, tokens, dim, generator=g).to(device, dtype) for _ in range(layers)]
+             for _ in range(cubes)]
+    src_v = [[torch.randn(heads, tokens, dim, generator=g).to(device, dtype) for _ in range(layers)]
+             for _ in range(cubes)]
+    total = cubes * tokens
+    dst_k = torch.empty(layers, heads, total, dim, dtype=dtype, device=device)
+    dst_v = torch.empty_like(dst_k)
+    args = dict(src_start=[0] * cubes, dst_start=[c * tokens for c in range(cubes)], length=[tokens] * cubes,
+                delta=[c * tokens for c in range(cubes)],
+                inv_freq=1.0 / (500000.0 ** (torch.arange(0, dim, 2, device=device).float() / dim)))
+    flat_k, flat_v = torch.randn_like(dst_k), torch.randn_like(dst_v)
+    moved = 2 * 2 * dst_k.numel() * dst_k.element_size()  # read + write, keys + values
+
+    def all_layers():
+        splice(dst_k, dst_v, src_k, src_v, **args)
+
+    def per_layer():
+        for layer in range(layers):
+            splice(dst_k[layer:layer + 1], dst_v[layer:layer + 1], [[c[layer]] for c in src_k],
+                   [[c[layer]] for c in src_v], **args)
+
+    def plain_copy():
+        dst_k.copy_(flat_k)
+        dst_v.copy_(flat_v)
+
+    t = {name: _median_s(fn, device, reps) for name, fn in
+         (("copy", plain_copy), ("splice_all_layers", all_layers), ("splice_per_layer", per_layer))}
+    gbs = {name: moved / s / 1e9 for name, s in t.items()}
+    shape = dict(layers=layers, kv_heads=heads, head_dim=dim, cubes=cubes, tokens_per_cube=tokens, dtype=str(dtype))
+    kernel = "triton" if triton_usable(device) else "torch reference"
+    return [{"step": "splice", "what": name, "kernel": kernel if name != "copy" else "copy_", **shape,
+             "median_s": t[name], "GB_per_s": gbs[name], "fraction_of_copy": gbs[name] / gbs["copy"],
+             **({"passed": gbs[name] / gbs["copy"] >= 0.8, "target": ">= 0.80 of copy"}
+                if name == "splice_all_layers" and device.type == "cuda" else {})}
+            for name in t] + [{"step": "splice", "what": "launch", **shape,
+                               "per_layer_over_all_layers": t["splice_per_layer"] / t["splice_all_layers"]}]
+
+
+# ---------------------------------------------------------------- TTFT and decode on a random-weight model
+def _model(config: dict, attn: str, device, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", max_position_embeddings=16384, tie_word_embeddings=False, **config)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
+    return model.eval()
+
+
+def step_model(name: str, config: dict, attn: str, device, dtype, *, n_mem: int, n_query: int, n_new: int,
+               reps: int) -> list[dict]:
+    import kvmem
+    from transformers import DynamicCache
+    from kvmem.attention import use_gqa_attention
+    from kvmem.cache import cache_kwarg, output_cache
+    from kvmem.prefix_cache import static_prefix
+
+    model = _model(config, attn, device, dtype)
+    kw = cache_kwarg(model)
+    g = torch.Generator().manual_seed(1)
+    mem = torch.randint(10, config["vocab_size"], (1, n_mem), generator=g).to(device)
+    q = torch.randint(10, config["vocab_size"], (1, n_query), generator=g).to(device)
+    ids = torch.cat([mem, q], -1)
+    with torch.inference_mode():
+        prefix_cache = output_cache(model(input_ids=mem, logits_to_keep=1, **{kw: DynamicCache(config=model.config)}))
+    cube = kvmem.MemCube.from_ids(model, mem.cpu(), progress=False).to(device)
+    gqa = attn == "sdpa"  # kvmem_sdpa replaces sdpa; flash-attention handles grouped heads itself
+
+    def cache_of(method, room):
+        if method == "prefix_reuse":
+            return copy.deepcopy(prefix_cache)
+        prefix = kvmem.prefill(model, cube)
+        return static_prefix(model, prefix, max_new_tokens=room, query_len=0).cache if method == "kvmem_fast" \
+            else prefix.cache
+
+    def first(method):
+        if gqa:
+            use_gqa_attention(model, enabled=method == "kvmem_fast")
+        if method == "full_prefill":
+            return lambda: int(model(input_ids=ids, logits_to_keep=1).logits[0, -1].argmax())
+        return lambda: int(model(input_ids=q, logits_to_keep=1, **{kw: cache_of(method, n_query + 1)})
+                           .logits[0, -1].argmax())
+
+    rows = []
+    with torch.inference_mode():
+        truth = first("full_prefill")()
+        for method in ("full_prefill", "prefix_reuse", "kvmem", "kvmem_fast"):
+            fn = first(method)
+            token = fn()
+            s = _median_s(fn, device, reps)
+            rows.append({"step": "ttft", "config": name, "attn": attn, "method": method, "memory_tokens": n_mem,
+                         "query_tokens": n_query, "dtype": str(dtype), "median_s": s, "first_token": token,
+                         "passed": token == truth})
+        gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                   do_sample=False, pad_token_id=0)
+        outs = {}
+        for method in ("prefix_reuse", "kvmem_fast"):
+            if gqa:
+                use_gqa_attention(model, enabled=method == "kvmem_fast")
+            run = lambda m=method: model.generate(ids, **{kw: cache_of(m, n_query + n_new)}, **gen)  # noqa: E731
+            outs[method] = run()
+            total = _median_s(run, device, max(1, reps // 2), warmup=0)
+            ttft = next(r["median_s"] for r in rows if r["method"] == method and r["config"] == name)
+            rows.append({"step": "decode", "config": name, "attn": attn, "method": method, "memory_tokens": n_mem,
+                         "new_tokens": n_new, "dtype": str(dtype), "generate_s": total,
+                         "decode_tokens_per_s": (n_new - 1) / max(total - ttft, 1e-9)})
+        same = torch.equal(outs["prefix_reuse"], outs["kvmem_fast"])
+        for r in rows[-2:]:
+            r["passed"] = same
+    del model, prefix_cache, cube
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------- report
+def _label(row: dict) -> str:
+    return f"{row['config'].replace('llama-', '').replace('-like', '')} {row['attn'][:5]}\n{row['method']}"
+
+
+def plot(doc: dict, png: str) -> None:
+    plt = _common.pyplot()
+    rows = doc["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    sp = [r for r in rows if r["step"] == "splice" and "GB_per_s" in r]
+    axes[0].bar([r["what"] for r in sp], [r["GB_per_s"] for r in sp], color=["#888", "#4a7", "#a74"][:len(sp)])
+    axes[0].set(ylabel="GB/s (read + write)", title="splice vs plain copy")
+    tt = [r for r in rows if r["step"] == "ttft"]
+    labels = [_label(r) for r in tt]
+    axes[1].bar(range(len(tt)), [r["median_s"] for r in tt], color="#47a")
+    axes[1].set_xticks(range(len(tt)), labels, fontsize=5, rotation=90)
+    axes[1].set(ylabel="TTFT median (s)", yscale="log", title="TTFT")
+    dd = [r for r in rows if r["step"] == "decode"]
+    axes[2].bar(range(len(dd)), [r["decode_tokens_per_s"] for r in dd], color="#7a4")
+    axes[2].set_xticks(range(len(dd)), [_label(r) for r in dd],
+                       fontsize=5, rotation=90)
+    axes[2].set(ylabel="tokens/s", title="decode")
+    card = doc["versions"].get("card") or "CPU (dry)"
+    fig.suptitle(f"kvmem GPU check: {card}, torch {doc['versions']['torch']}, "
+                 f"transformers {doc['versions']['transformers']}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry", action="store_true", help="CPU, tiny shapes, pytest only collects: what CI runs")
+    p.add_argument("--skip", nargs="*", default=[], choices=["pytest", "splice", "ttft"])
+    p.add_argument("--memory-tokens", type=int, default=8192)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--pytest-timeout", type=int, default=240)
+    p.add_argument("--out", default=None, help="default bench/results/gpu_check_<card>.json")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.dry
+    if not cuda and not args.dry:
+        print("no CUDA device: running the dry version (--dry)", flush=True)
+        args.dry = True
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    t0 = time.perf_counter()
+    versions = _versions()
+    rows = []
+    if "pytest" not in args.skip:
+        rows.append(step_pytest(args.dry, args.pytest_timeout))
+        print(f"pytest -m gpu: {rows[-1]['summary']}", flush=True)
+    if "splice" not in args.skip:
+        shape = dict(layers=32, heads=8, dim=128, cubes=4, tokens=2048, reps=args.reps) if cuda else \
+            dict(layers=2, heads=2, dim=16, cubes=2, tokens=16, reps=1)
+        rows += step_splice(device, dtype, **shape)
+        for r in rows:
+            if r["step"] == "splice" and "GB_per_s" in r:
+                print(f"splice {r['what']:<18} {r['GB_per_s']:8.1f} GB/s  {r['fraction_of_copy']:.2f} of copy")
+    if "ttft" not in args.skip:
+        configs = CONFIGS if cuda else {"dry": DRY_CONFIG}
+        attns = ["sdpa"] + (["flash_attention_2"] if cuda and importlib.util.find_spec("flash_attn") else [])
+        sizes = dict(n_mem=args.memory_tokens, n_query=167, n_new=64, reps=args.reps) if cuda else \
+            dict(n_mem=48, n_query=8, n_new=4, reps=1)
+        for name, config in configs.items():
+            for attn in attns:
+                got = step_model(name, config, attn, device, dtype, **sizes)
+                rows += got
+                for r in got:
+                    value = f"{r['median_s'] * 1e3:9.1f} ms" if r["step"] == "ttft" else \
+                        f"{r['decode_tokens_per_s']:9.1f} tok/s"
+                    print(f"{r['step']:<6} {name:<14} {attn:<18} {r['method']:<13} {value}  ok={r['passed']}",
+                          flush=True)
+    failed = [r for r in rows if r.get("passed") is False]
+    doc = {"versions": versions, "machine": _common.machine_facts(), "dry": args.dry,
+           "seconds": time.perf_counter() - t0, "failed": len(failed), "rows": rows}
+    slug = re.sub(r"[^a-z0-9]+", "_", (versions.get("card") or "cpu_dry").lower()).strip("_")
+    out = args.out or (None if args.dry else ROOT / "bench" / "results" / f"gpu_check_{slug}.json")
+    if out:
+        _common.write_results(doc, out, plot=plot)
+    print(f"done in {doc['seconds']:.0f} s, {len(failed)} failed checks", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""bench/gpu_check.py keeps working without a GPU: its dry run (CPU, tiny shapes) runs every step but pytest
+and writes JSON + PNG whose checks pass."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_writes_passing_checks(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--dry", "--skip", "pytest", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["dry"] and doc["failed"] == 0 and out.with_suffix(".png").stat().st_size > 0
+    steps = {(r["step"], r.get("what") or r.get("method")) for r in doc["rows"]}
+    for want in [("splice", "copy"), ("splice", "splice_all_layers"), ("splice", "splice_per_layer"),
+                 ("ttft", "full_prefill"), ("ttft", "kvmem_fast"), ("decode", "kvmem_fast")]:
+        assert want in steps
+    assert all(r["passed"] for r in doc["rows"] if r["step"] in ("ttft", "decode"))
+    assert {"torch", "transformers", "kvmem"} <= doc["versions"].keys()
+
+
+def test_pytest_step_reports_its_summary(monkeypatch):
+    """The pytest step runs `pytest -m gpu` and keeps its summary line (here: a stand-in that prints one)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    class Done:
+        returncode, stdout, stderr = 0, "....\n3 passed, 200 deselected in 1.0s\n", ""
+
+    calls = []
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
+    row = gpu_check.step_pytest(False, 10)
+    assert row["passed"] and row["summary"] == "3 passed, 200 deselected in 1.0s"
+    assert calls[0][-2:] == ["-m", "gpu"]
