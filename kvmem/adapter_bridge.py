@@ -12,10 +12,10 @@ recompiled. That needs adapters with the same target modules and ranks no larger
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 
+from ._deprecation import renamed
 from .adapter import AdapterCube, _peft
 from .errors import CubeError
 
@@ -27,10 +27,7 @@ class AdapterBridge:
 
     def __init__(self, model, *, capacity_bytes: int = DEFAULT_CAPACITY_BYTES, hotswap: bool = False,
                  max_rank: int | None = None, **deprecated):
-        if "budget_bytes" in deprecated:
-            warnings.warn("AdapterBridge(budget_bytes=) is renamed capacity_bytes= ('budget' is only the "
-                          "recompute budget now)", DeprecationWarning, stacklevel=2)
-            capacity_bytes = deprecated.pop("budget_bytes")
+        capacity_bytes = renamed(deprecated, "budget_bytes", "capacity_bytes", capacity_bytes, where="AdapterBridge()")
         if deprecated:
             raise TypeError(f"AdapterBridge() got unexpected keyword arguments {sorted(deprecated)}")
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:

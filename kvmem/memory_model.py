@@ -7,10 +7,9 @@ generate (the model's own ``generate``), report (`GenerationReport` in ``mm.last
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
+from ._deprecation import renamed
 from .adapter import AdapterCube
 from .adapter_bridge import DEFAULT_CAPACITY_BYTES, AdapterBridge
 from .cache import cache_kwarg
@@ -22,15 +21,6 @@ from .prompt import ChatLayout
 from .recall import Recall
 from .report import GenerationReport
 from .timing import FirstTokenClock
-
-
-def _renamed(kwargs: dict, old: str, new: str, value):
-    """Deprecation shim: ``old=`` still works (with a warning) for one release; ``new=`` is the name now."""
-    if old not in kwargs:
-        return value
-    warnings.warn(f"{old}= is renamed {new}= (one word per meaning: 'budget' is only the recompute budget now)",
-                  DeprecationWarning, stacklevel=3)
-    return kwargs.pop(old)
 
 
 def wrap(model, tokenizer, *, system_prompt: str | None = None,
@@ -53,8 +43,8 @@ def wrap(model, tokenizer, *, system_prompt: str | None = None,
         >>> cube = mm.build_cube(open("notes.txt").read())
         >>> out = mm.generate("Where does Alice live?", cubes=[cube], max_new_tokens=32)
     """
-    adapter_capacity_bytes = _renamed(deprecated, "adapter_budget_bytes", "adapter_capacity_bytes",
-                                      adapter_capacity_bytes)
+    adapter_capacity_bytes = renamed(deprecated, "adapter_budget_bytes", "adapter_capacity_bytes",
+                                     adapter_capacity_bytes, where="wrap()")
     if deprecated:
         raise TypeError(f"wrap() got unexpected keyword arguments {sorted(deprecated)}")
     if not hasattr(model, "generate"):
@@ -77,6 +67,7 @@ class MemoryModel:
         self.layout = ChatLayout(tokenizer, system_prompt)
         self.last = GenerationReport()
         self.recall: Recall | None = None
+        self.store = self.index = self.scheduler = None  # set by attach: the StoreView, MemoryIndex, MemScheduler
 
     @property
     def model(self):
@@ -134,20 +125,8 @@ class MemoryModel:
         self.recall = Recall.over(view, index=index, scheduler=scheduler, device=model_device(self.model),
                                   build_cube=self.build_cube, count_tokens=lambda t: len(self.layout.memory_ids(t)),
                                   **scheduler_kwargs)
+        self.store, self.index, self.scheduler = view, self.recall.index, self.recall.scheduler
         return self
-
-    @property
-    def store(self):
-        """The attached `StoreView` (None before `attach`)."""
-        return self.recall.view if self.recall else None
-
-    @property
-    def index(self):
-        return self.recall.index if self.recall else None
-
-    @property
-    def scheduler(self):
-        return self.recall.scheduler if self.recall else None
 
     def _require_store(self) -> Recall:
         if self.recall is None:
@@ -185,7 +164,8 @@ class MemoryModel:
 
         After the call, ``self.last`` (a `GenerationReport`) reports TTFT, tokens prefilled and where each cube sat.
         """
-        max_memory_tokens = _renamed(kwargs, "budget_tokens", "max_memory_tokens", max_memory_tokens)
+        max_memory_tokens = renamed(kwargs, "budget_tokens", "max_memory_tokens", max_memory_tokens,
+                                    where="MemoryModel.generate")
         if isinstance(prompt, (list, tuple)):
             from .batch_generate import generate_batch
 

@@ -18,7 +18,7 @@ PACKAGES = {"kvmem": ROOT / "kvmem", "kvmem.kernels": ROOT / "kernels", "kvmem.p
 INFRASTRUCTURE, OPERATION, INTERFACE = 0, 1, 2
 LAYERS = {
     # infrastructure: formats, validation, storage, kernels, model facts
-    "kvmem._version": INFRASTRUCTURE, "kvmem.errors": INFRASTRUCTURE, "kvmem.modelinfo": INFRASTRUCTURE,
+    "kvmem._version": INFRASTRUCTURE, "kvmem._deprecation": INFRASTRUCTURE, "kvmem.errors": INFRASTRUCTURE, "kvmem.modelinfo": INFRASTRUCTURE,
     "kvmem.sqlite_db": INFRASTRUCTURE, "kvmem.cube_format": INFRASTRUCTURE, "kvmem.fingerprint": INFRASTRUCTURE,
     "kvmem.cache": INFRASTRUCTURE, "kvmem.cube": INFRASTRUCTURE, "kvmem.adapter": INFRASTRUCTURE,
     "kvmem.store": INFRASTRUCTURE, "kvmem.embedding_cache": INFRASTRUCTURE, "kvmem.timing": INFRASTRUCTURE,
