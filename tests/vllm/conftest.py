@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from vllm_helpers import foreign_cube
+
 # vLLM on a CPU, small and in one process: a 1 GiB KV cache; offline LLM() runs its engine core in this process
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -59,7 +61,7 @@ def memory(hf):
     b = kvmem.MemCube.from_ids(model, b_ids, name="b", anchor_ids=anchor, tokenizer=tok)
     query = tok("\nQuestion: who are the people named above, and what do they work on?\nAnswer:",
                 add_special_tokens=False).input_ids
-    return {"a": a, "b": b, "anchor": anchor, "query": query}
+    return {"a": a, "b": b, "anchor": anchor, "query": query, "foreign": foreign_cube(model, tok, a)}
 
 
 class LogRecords(logging.Handler):

@@ -13,10 +13,12 @@ import uuid
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is not installed here (it runs in .venv-vllm; see .ci/run)")
+# vllm.config, not vllm: without vLLM, this very folder would import as an empty namespace package "vllm"
+pytest.importorskip("vllm.config", reason="vLLM is not installed here (it runs in .venv-vllm; see .ci/run)")
 pytestmark = pytest.mark.vllm
 
 import kvmem  # noqa: E402
+from vllm_helpers import corrupt_bytes  # noqa: E402
 from kvmem.integrations.serving import precompose  # noqa: E402
 
 MAX_NEW = 10
@@ -31,22 +33,9 @@ def folder(tmp_path_factory, memory, hf):
     memory["b"].save(root / "default" / "b.safetensors")
     precompose(model, [memory["a"], memory["b"]], recompute="leading", tokenizer=tok).save(
         root / "default" / "ab.safetensors")
-    # corrupt: a's file with a few payload bytes flipped (same header, so the same ids: only the checksum tells)
-    raw = bytearray((root / "default" / "a.safetensors").read_bytes())
-    for i in range(len(raw) - 64, len(raw) - 32):
-        raw[i] ^= 0xFF
-    (root / "default" / "corrupt.safetensors").write_bytes(bytes(raw))
-    # foreign: the same ids through a fine-tuned copy of the model (other weights)
-    with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        saved = emb.clone()
-        emb.mul_(1.01)
-        try:
-            a = memory["a"]
-            kvmem.MemCube.from_ids(model, a.input_ids, name="foreign", anchor_ids=a.anchor_ids, tokenizer=tok).save(
-                root / "default" / "foreign.safetensors")
-        finally:
-            emb.copy_(saved)
+    # corrupt: a's file with a few payload bytes flipped; foreign: a's ids through a fine-tuned copy of the model
+    (root / "default" / "corrupt.safetensors").write_bytes(corrupt_bytes((root / "default" / "a.safetensors").read_bytes()))
+    memory["foreign"].save(root / "default" / "foreign.safetensors")
     # another namespace's memory, whose ids also start the test prompts
     memory["a"].to().save(root / "other" / "secret.safetensors")
     return root

@@ -1,0 +1,116 @@
+"""Plain helpers for the vLLM tests (fixtures are in conftest.py)."""
+
+from __future__ import annotations
+
+
+def foreign_cube(model, tok, like):
+    """A cube of ``like``'s ids built by another model: a fine-tuned copy (other weights, same architecture)."""
+    import torch
+
+    import kvmem
+
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        saved = emb.clone()
+        emb.mul_(1.01)
+        try:
+            return kvmem.MemCube.from_ids(model, like.input_ids, name="foreign", anchor_ids=like.anchor_ids,
+                                          tokenizer=tok)
+        finally:
+            emb.copy_(saved)
+
+
+def corrupt_bytes(data: bytes) -> bytes:
+    """A cube file's bytes with a few payload bytes flipped (same header and ids: only the checksum tells)."""
+    raw = bytearray(data)
+    for i in range(len(raw) - 64, len(raw) - 32):
+        raw[i] ^= 0xFF
+    return bytes(raw)
+
+
+# ---------------------------------------------------------------- vLLM's OpenAI server
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connector_config(extra: dict) -> str:
+    import json
+
+    return json.dumps({"kv_connector": "KvmemConnector", "kv_connector_module_path": "kvmem.integrations.vllm",
+                       "kv_role": "kv_consumer", "kv_load_failure_policy": "recompute",
+                       "kv_connector_extra_config": extra})
+
+
+class Server:
+    """``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 and a free port, its output in a log file.
+
+    Started in its own process group and stopped by that id (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, ckpt, extra: dict, log_path, *, max_model_len: int = 1024):
+        import os
+        import subprocess
+        import sys
+
+        self.port, self.log_path, self.ckpt = free_port(), log_path, str(ckpt)
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's engine core runs in its own process
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.ckpt, "--host", "127.0.0.1",
+             "--port", str(self.port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
+             "--enable-prompt-tokens-details", "--kv-transfer-config", connector_config(extra)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 900) -> "Server":
+        import time
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited ({self.proc.returncode}):\n{self.text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"the vLLM server did not become ready in {timeout} s:\n{self.text()[-3000:]}")
+
+    def complete(self, body: dict) -> dict:
+        import json
+        import urllib.request
+
+        body = {"model": self.ckpt, "max_tokens": 10, "temperature": 0.0, **body}
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.loads(r.read())
+
+    def text(self) -> str:
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        try:  # the engine core, if it outlived the server
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
