@@ -100,7 +100,7 @@ class CubeSource:
             return MemCube.load(path)
         cube = self._view(namespace).load_cube(name)
         if cube is None:
-            raise Refused(f"no cube {name!r} in namespace {namespace!r} of {self.store.root if hasattr(self.store, 'root') else self.store}")
+            raise Refused(f"no cube {name!r} in namespace {namespace!r} of {self.store!r}")
         return cube
 
 
@@ -141,8 +141,9 @@ def compose_kv(cubes: Sequence[MemCube], rope, dtype: torch.dtype) -> tuple[torc
             raise Refused(f"cubes {cubes[0].name!r} and {c.name!r} were built after different anchors "
                           f"({cubes[0].anchor_len} vs {c.anchor_len} tokens): compose only cubes built after one anchor")
     shapes = {tuple(t.shape[::2]) for c in cubes for kv in c.kv for t in kv}
-    if len(shapes) != 1:
-        raise Refused(f"composing needs every layer's KV shaped alike (got heads x dim {sorted(shapes)})")
+    if len(shapes) != 1 or getattr(rope, "rotated_slot", "keys") != "keys":
+        raise Refused(f"composing needs every layer's keys and values shaped alike and RoPE on the keys (got heads x "
+                      f"dim {sorted(shapes)}); name one cube, or a precomposed one")
     a = cubes[0].anchor_len
     src_start, dst_start, length, delta = [], [], [], []
     offset = 0
@@ -258,7 +259,7 @@ class CubePlanner:
                 index[name] = (version, None)
         return index
 
-    def _auto_match(self, namespace: str, prompt: tuple[int, ...]) -> MemCube | None:
+    def _auto_match(self, namespace: str, prompt: tuple[int, ...]) -> tuple[str, MemCube] | None:
         best = None
         for name, (version, ids) in self._refresh(namespace).items():
             if ids is not None and len(ids) >= self.block_size and len(ids) <= len(prompt) and prompt[:len(ids)] == ids:
@@ -270,7 +271,7 @@ class CubePlanner:
         cube = self._just_loaded.get((namespace, name, version)) or self._load(namespace, name)
         if tuple(cube.all_ids[0].tolist()) != ids:  # replaced since it was indexed: match again next time
             return None
-        return cube
+        return name, cube
 
     # ---------------------------------------------------------------- the plan
     def plan(self, prompt_ids: Sequence[int], params: dict | None = None, *, salt: str | None = None) -> Plan | None:
@@ -286,8 +287,8 @@ class CubePlanner:
             namespace, names, auto = self._parse(params)
             prompt = tuple(int(t) for t in prompt_ids)
             if names is None:
-                cube = self._auto_match(namespace, prompt) if auto else None
-                cubes = [cube] if cube is not None else []
+                found = self._auto_match(namespace, prompt) if auto else None
+                names, cubes = ([found[0]], [found[1]]) if found is not None else ([], [])
             else:
                 cubes = [self._load(namespace, n) for n in names]
         finally:
@@ -309,11 +310,11 @@ class CubePlanner:
                 notes.append(f"cube {c.name!r} cast from {c.dtype} to the serving dtype {self.dtype}")
         n_ids = sum(c.num_tokens for c in cubes) + cubes[0].anchor_len
         if n_ids > len(prompt) or any(prompt[i] != t for i, t in enumerate(self._ids_of(cubes))):
-            raise Refused(f"the prompt does not start with the ids of {[c.name for c in cubes]} "
+            raise Refused(f"the prompt does not start with the ids of {names} "
                           f"({n_ids} tokens: anchor + cube tokens): build the prompt as cube text + query")
         n = min(n_ids, len(prompt) - 1) // self.block_size * self.block_size
         if n == 0:
-            raise Refused(f"{[c.name for c in cubes]} cover {n_ids} tokens, less than one KV block "
+            raise Refused(f"{names} cover {n_ids} tokens, less than one KV block "
                           f"({self.block_size}) before the last prompt token: nothing to load")
         if len(cubes) == 1:
             c = cubes[0]
@@ -322,7 +323,7 @@ class CubePlanner:
             keys, values, _ = compose_kv(cubes, self.rope, self.dtype)
             kv = [(keys[i, :, :n], values[i, :, :n]) for i in range(keys.shape[0])]
         exact = not notes
-        return Plan(tuple(c.name for c in cubes), namespace, n, kv, exact,
+        return Plan(tuple(names), namespace, n, kv, exact,
                     None if exact else composition_salt(cubes, self.dtype, salt), tuple(notes))
 
     @staticmethod
