@@ -63,6 +63,15 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    """A folder holding a saved tiny llama and SmolLM2's tokenizer, loadable with from_pretrained (for the CLI)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def tokenizer_pair():
     """Two tokenizers: SmolLM2's, and SmolLM2's with one token added (so the vocabularies differ)."""
     from transformers import AutoTokenizer

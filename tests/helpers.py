@@ -54,6 +54,24 @@ def random_ids(n: int, *, seed: int = 0, vocab: int = 49152) -> torch.Tensor:
     return torch.randint(100, vocab, (n,), generator=g)
 
 
+# ---------------------------------------------------------------------------------------------- exactness
+def logit_tol(dtype: torch.dtype, scale: float) -> float:
+    # Two prefill schedules sum the same products in another order: a few ulps of the logit scale per layer.
+    return 64 * torch.finfo(dtype).eps * max(1.0, scale)
+
+
+def last_logits(model, ids, **kw):
+    """Float32 logits of the last position of a forward pass over ``ids`` ([1, n])."""
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits[0, -1].float()
+
+
+def greedy(model, ids, n=8, **kw):
+    """``n`` greedily decoded tokens after ``ids`` (prompt included), as ``model.generate`` returns them."""
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                          pad_token_id=0, **kw)
+
+
 # ---------------------------------------------------------------------------------------------- file surgery
 def split_file(data: bytes) -> tuple[dict, bytes]:
     """(header JSON as a dict, tensor payload) of a safetensors file's bytes."""

@@ -14,14 +14,6 @@ from kvmem.cli import app
 runner = CliRunner(env={"COLUMNS": "400", "NO_COLOR": "1"})  # wide: rich must not wrap messages
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_build_then_inspect(checkpoint, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("Alice lives in Oslo. Bob lives in Lisbon.\n", encoding="utf-8")

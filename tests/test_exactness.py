@@ -8,22 +8,7 @@ import torch
 
 import kvmem
 from kvmem.memory_text import team_notes
-from helpers import FAMILIES, random_ids, tiny_model
-
-
-def _tol(dtype: torch.dtype, scale: float) -> float:
-    # Two prefill schedules sum the same products in another order: a few ulps of the logit scale per layer.
-    return 64 * torch.finfo(dtype).eps * max(1.0, scale)
-
-
-def _last_logits(model, ids, **kw):
-    with torch.no_grad():
-        return model(input_ids=ids, **kw).logits[0, -1].float()
-
-
-def _greedy(model, ids, n=8, **kw):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                          pad_token_id=0, **kw)
+from helpers import FAMILIES, greedy, last_logits, logit_tol, random_ids, tiny_model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -38,23 +23,23 @@ def test_single_cube_matches_full_prefill(family, attn, dtype):
     assert prefix.spans == [(3, 40)] and ids.shape == (1, 51)
     assert torch.equal(prefix.input_ids[0], torch.cat([anchor, memory]))
 
-    full = _last_logits(model, ids)
-    injected = _last_logits(model, query[None], cache=prefix.cache)
-    torch.testing.assert_close(injected, full, rtol=0, atol=_tol(dtype, full.abs().max().item()))
+    full = last_logits(model, ids)
+    injected = last_logits(model, query[None], cache=prefix.cache)
+    torch.testing.assert_close(injected, full, rtol=0, atol=logit_tol(dtype, full.abs().max().item()))
 
-    expected = _greedy(model, ids)
-    assert torch.equal(_greedy(model, ids, cache=kvmem.prefill(model, cube).cache), expected)
+    expected = greedy(model, ids)
+    assert torch.equal(greedy(model, ids, cache=kvmem.prefill(model, cube).cache), expected)
 
 
 def test_both_cache_kwargs_work(llama):
     """transformers 5 renamed past_key_values to cache; a user's generate() may use either."""
     cube = kvmem.MemCube.from_ids(llama, random_ids(20))
     ids = kvmem.prefill(llama, cube).extend(random_ids(5, seed=3))
-    expected = _greedy(llama, ids)
+    expected = greedy(llama, ids)
     with pytest.warns(Warning):  # transformers' own deprecation notice for the old name
-        old = _greedy(llama, ids, past_key_values=kvmem.prefill(llama, cube).cache)
+        old = greedy(llama, ids, past_key_values=kvmem.prefill(llama, cube).cache)
     assert torch.equal(old, expected)
-    assert torch.equal(_greedy(llama, ids, cache=kvmem.prefill(llama, cube).cache), expected)
+    assert torch.equal(greedy(llama, ids, cache=kvmem.prefill(llama, cube).cache), expected)
 
 
 def test_chunked_build_equals_one_pass(llama):
@@ -72,24 +57,24 @@ def test_sliding_window_model_is_exact():
     memory, query = random_ids(40), random_ids(9, seed=4)
     prefix = kvmem.prefill(model, kvmem.MemCube.from_ids(model, memory))
     ids = prefix.extend(query)
-    full = _last_logits(model, ids)
-    torch.testing.assert_close(_last_logits(model, query[None], cache=prefix.cache), full,
-                               rtol=0, atol=_tol(torch.float32, full.abs().max().item()))
-    assert torch.equal(_greedy(model, ids, cache=kvmem.prefill(model, kvmem.MemCube.from_ids(model, memory)).cache),
-                       _greedy(model, ids))
+    full = last_logits(model, ids)
+    torch.testing.assert_close(last_logits(model, query[None], cache=prefix.cache), full,
+                               rtol=0, atol=logit_tol(torch.float32, full.abs().max().item()))
+    assert torch.equal(greedy(model, ids, cache=kvmem.prefill(model, kvmem.MemCube.from_ids(model, memory)).cache),
+                       greedy(model, ids))
 
 
 def test_reuse_1000_times_without_drift(llama):
     cube = kvmem.MemCube.from_ids(llama, random_ids(30), anchor_ids=random_ids(2, seed=5))
     before = [(k.clone(), v.clone()) for k, v in cube.kv]
     query = random_ids(7, seed=6)[None]
-    first = _last_logits(llama, query, cache=kvmem.prefill(llama, cube).cache)
+    first = last_logits(llama, query, cache=kvmem.prefill(llama, cube).cache)
     for _ in range(1000):
-        assert torch.equal(_last_logits(llama, query, cache=kvmem.prefill(llama, cube).cache), first)
+        assert torch.equal(last_logits(llama, query, cache=kvmem.prefill(llama, cube).cache), first)
     ids = kvmem.prefill(llama, cube).extend(query)
-    tokens = _greedy(llama, ids, n=6, cache=kvmem.prefill(llama, cube).cache)
+    tokens = greedy(llama, ids, n=6, cache=kvmem.prefill(llama, cube).cache)
     for _ in range(20):  # generation appends to the cache: still never into the cube
-        assert torch.equal(_greedy(llama, ids, n=6, cache=kvmem.prefill(llama, cube).cache), tokens)
+        assert torch.equal(greedy(llama, ids, n=6, cache=kvmem.prefill(llama, cube).cache), tokens)
     for (k, v), (k0, v0) in zip(cube.kv, before):
         assert torch.equal(k, k0) and torch.equal(v, v0)
 
@@ -98,7 +83,7 @@ def test_prefix_cache_is_fresh_each_call(llama):
     cube = kvmem.MemCube.from_ids(llama, random_ids(12))
     a, b = kvmem.prefill(llama, cube), kvmem.prefill(llama, cube)
     assert a.cache is not b.cache
-    _greedy(llama, a.extend(random_ids(3)), cache=a.cache)
+    greedy(llama, a.extend(random_ids(3)), cache=a.cache)
     assert a.cache.get_seq_length() > b.cache.get_seq_length() == 12
 
 
@@ -112,9 +97,9 @@ def test_real_model_exact(smollm2, tmp_path):
     ids = mm.prompt_ids(question, [cube])
     prefix = kvmem.prefill(model, cube, tokenizer=tok)
     assert torch.equal(prefix.input_ids, ids[:, :prefix.num_tokens])
-    full = _last_logits(model, ids)
-    injected = _last_logits(model, ids[:, prefix.num_tokens:], cache=prefix.cache)
-    torch.testing.assert_close(injected, full, rtol=0, atol=_tol(torch.float32, full.abs().max().item()))
+    full = last_logits(model, ids)
+    injected = last_logits(model, ids[:, prefix.num_tokens:], cache=prefix.cache)
+    torch.testing.assert_close(injected, full, rtol=0, atol=logit_tol(torch.float32, full.abs().max().item()))
 
     with_cube = mm.generate(question, [cube], max_new_tokens=16, do_sample=False)
     assert mm.last.injected and mm.last.prefilled_tokens == ids.shape[1] - prefix.num_tokens
@@ -140,6 +125,6 @@ def test_cuda_exact(dtype, attn, tmp_path):
     for device in (None, "cuda"):  # from CPU memory (moved by prefill) and already on the device
         prefix = kvmem.prefill(model, kvmem.MemCube.load(path, device=device))
         ids = prefix.extend(query.cuda())
-        full = _last_logits(model, ids)
-        torch.testing.assert_close(_last_logits(model, query[None].cuda(), cache=prefix.cache), full,
-                                   rtol=0, atol=_tol(dtype, full.abs().max().item()))
+        full = last_logits(model, ids)
+        torch.testing.assert_close(last_logits(model, query[None].cuda(), cache=prefix.cache), full,
+                                   rtol=0, atol=logit_tol(dtype, full.abs().max().item()))
