@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvmem
-from conftest import tiny_model
+from helpers import tiny_model
 
 NOTES = ["Alice lives in Oslo and keeps bees on the roof of her building, three hives in all.",
          "Bruno is a pilot who flies cargo planes between Lisbon and Porto every Tuesday and Friday night.",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kvmem
-from conftest import tiny_model
+from helpers import tiny_model
 import kvmem.recall
 from kvmem.recall import MIN_SAVED_TOKENS, TEXT_BELOW_TOKENS
 
