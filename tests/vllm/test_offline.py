@@ -72,6 +72,18 @@ def run(llm, ids, kvmem_params=None, *, salt: str | None = "fresh"):
     return tokens, torch.tensor(logprobs), out.num_cached_tokens
 
 
+_FULL: dict = {}
+
+
+def full_prefill(llm, ids):
+    """vLLM's own full prefill of ``ids`` (no cubes, a fresh salt), computed once per prompt."""
+    key = tuple(ids)
+    if key not in _FULL:
+        _FULL[key] = run(llm, ids, NO_AUTO)
+        assert _FULL[key][2] == 0
+    return _FULL[key]
+
+
 def prompt_of(memory, *names):
     ids = memory["a"].all_ids[0].tolist() if names[0] == "a" else memory[names[0]].all_ids[0].tolist()
     for n in names[1:]:
@@ -84,9 +96,8 @@ NO_AUTO = {"auto": False}
 
 def test_one_cube_equals_vllm_full_prefill_and_counts_as_cached(llm, memory):
     ids = prompt_of(memory, "a")
-    full, full_lp, full_cached = run(llm, ids, NO_AUTO)
+    full, full_lp, _ = full_prefill(llm, ids)
     got, got_lp, cached = run(llm, ids, {"cubes": ["a"]})
-    assert full_cached == 0
     assert cached == memory["a"].all_ids.shape[1] == 256  # the cube's tokens, block-aligned, reported as cached
     assert got == full
     torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)  # float32: the same logits up to rounding
@@ -94,7 +105,7 @@ def test_one_cube_equals_vllm_full_prefill_and_counts_as_cached(llm, memory):
 
 def test_plain_request_gets_the_longest_exact_cube(llm, memory):
     ids = prompt_of(memory, "a", "b")  # starts with a's ids (and with ab's and secret's: neither may match)
-    full, _, _ = run(llm, ids, NO_AUTO)
+    full, _, _ = full_prefill(llm, ids)
     got, _, cached = run(llm, ids)  # no kv_transfer_params at all
     assert cached == 256, "the plain request should get exact cube 'a' (not precomposed 'ab', not other/secret)"
     assert got == full
@@ -127,7 +138,7 @@ def test_precomposed_cube_equals_kvmem_leading_recompute(llm, memory, hf):
 
 def test_composed_prefix_never_reaches_the_plain_prefix_cache(llm, memory, kvmem_log):
     ids = prompt_of(memory, "a", "b")
-    full, full_lp, _ = run(llm, ids, NO_AUTO)
+    full, full_lp, _ = full_prefill(llm, ids)
     # composed and precomposed requests without a salt of their own: kvmem salts them
     run(llm, ids, {"cubes": ["a", "b"]}, salt=None)
     run(llm, ids, {"cubes": ["ab"]}, salt=None)
@@ -150,7 +161,7 @@ def test_composed_prefix_never_reaches_the_plain_prefix_cache(llm, memory, kvmem
 ])
 def test_bad_cube_is_prefilled_normally_and_logged(llm, memory, kvmem_log, name, why):
     ids = prompt_of(memory, "a")
-    full, full_lp, _ = run(llm, ids, NO_AUTO)
+    full, full_lp, _ = full_prefill(llm, ids)
     before = len(kvmem_log.lines)
     got, got_lp, cached = run(llm, ids, {"cubes": [name]})
     assert cached == 0
