@@ -5,7 +5,7 @@
 - timing: one device-synchronised call (`measure`), warm-up + repeats (`repeat`), methods interleaved
   round robin so drift and other load hit all alike (`round_robin`), median with spread (`spread`);
 - which model a bench runs (`add_model_argument`, `load_model`, `result_path`);
-- writing results: JSON rows plus a PNG drawn from them (`write_results`, `pyplot`, `stamp`).
+- writing results: JSON rows plus a PNG drawn from them (`write_results`, `pyplot`, `save_figure`).
 
 Timing rules (STYLE.md 7): warm up, synchronise the device before and after the timed region, report the
 median with p10..p90 and min..max, compare against the baseline in the same process.
@@ -350,3 +350,13 @@ def stamp(fig, facts: dict) -> None:
     parts += [f"{name} {facts[name]}" for name in ("torch", "transformers", "peft") if facts.get(name)]
     parts.append(str(facts.get("date")))
     fig.text(0.99, 0.005, ", ".join(parts), ha="right", va="bottom", fontsize=6, color="#555")
+
+
+def save_figure(fig, png, facts: dict, *, top: float = 1.0) -> None:
+    """Stamp ``fig`` (see `stamp`), lay it out below ``top`` (room for a suptitle or legend), save it, close it."""
+    import matplotlib.pyplot as plt
+
+    stamp(fig, facts)
+    fig.tight_layout(rect=(0, 0.02, 1, top))
+    fig.savefig(png)
+    plt.close(fig)

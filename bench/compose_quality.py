@@ -1,4 +1,5 @@
-"""Compose several cubes: answer quality and TTFT of each recompute mode vs full prefill (SmolLM2-135M, fp32).
+"""Compose several cubes: answer quality and TTFT of each recompute mode vs full prefill (SmolLM2-135M or
+Gemma 3, fp32).
 
 Fact QA over invented people (kvmem.memory_text.person_notes), spread over 2, 4 and 8 cubes of ~250 tokens
 (3 people) each, every question's answer in exactly one cube, first names unique in a set. The prompt is what
@@ -9,6 +10,7 @@ directly, and the first answer token's distribution is the fact's.
 
     .venv/bin/python bench/compose_quality.py            # the full run (~25 min on 2 idle CPU cores)
     .venv/bin/python bench/compose_quality.py --quick    # smoke run; writes nothing unless --out is given
+    .venv/bin/python bench/compose_quality.py --model gemma3   # -> results/compose_quality_cpu_gemma3.json
 
 Methods (the cached part is built once per cube set; every question then prefills only its own tokens):
     full               the reference: anchor + all cube texts prefilled together in one forward (every token
@@ -35,7 +37,6 @@ import argparse
 import datetime
 import json
 import math
-import random
 import statistics
 import sys
 import time
@@ -52,45 +53,9 @@ import _common  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from kvmem.cache import cache_kwarg, kv_from_cache, new_cache, output_cache  # noqa: E402
-from kvmem.memory_text import FIRST, LAST, person_notes, text_of_tokens  # noqa: E402
+from kvmem.memory_text import text_of_tokens  # noqa: E402
 from kvmem.prefill import DEFAULT_RECOMPUTE, RECOMPUTE_MODES  # noqa: E402
-from kvmem.real_model import load_smollm2  # noqa: E402
-from kvmem.timing import sync  # noqa: E402
-
-QUESTIONS = {  # kind: (question, start of the assistant's answer, fact key)
-    "city": ("Where does {first} live?", "{name} lives in", "city"),
-    "job": ("What does {first} work as?", "{name} works as a", "job"),
-}
-
-
-# ---------------------------------------------------------------- data
-def cube_set(n_cubes: int, people_per_cube: int, seed: int) -> tuple[list[str], list[dict]]:
-    """(cube texts, facts): ``n_cubes`` texts of ``people_per_cube`` paragraphs; first names unique in the set.
-
-    Each fact dict gets ``cube``: the index of the cube that holds it.
-    """
-    rng = random.Random(seed)
-    if n_cubes * people_per_cube > len(FIRST):
-        raise SystemExit(f"{n_cubes} cubes x {people_per_cube} people needs more than {len(FIRST)} first names")
-    firsts = rng.sample(FIRST, n_cubes * people_per_cube)
-    texts, facts = [], []
-    for c in range(n_cubes):
-        parts = [f"Team notes, part {c + 1}. Each paragraph describes one colleague.\n"]
-        for first in firsts[c * people_per_cube:(c + 1) * people_per_cube]:
-            text, fact = person_notes(rng, first, rng.choice(LAST))
-            parts.append(text)
-            facts.append({**fact, "cube": c})
-        texts.append("".join(parts))
-    return texts, facts
-
-
-def questions_of(facts: list[dict], kinds: list[str], n: int, seed: int) -> list[dict]:
-    """Up to ``n`` questions (all kinds about all people, then a seeded sample)."""
-    qs = [{"kind": k, "question": QUESTIONS[k][0].format(first=f["first"]), "cue": QUESTIONS[k][1].format(name=f["name"]),
-           "answer": str(f[QUESTIONS[k][2]]), "cube": f["cube"], "person": f["name"]} for f in facts for k in kinds]
-    if n and len(qs) > n:
-        qs = random.Random(seed).sample(qs, n)
-    return qs
+from workloads import QUESTIONS, cube_set, questions_of  # noqa: E402
 
 
 # ---------------------------------------------------------------- composed caches
@@ -157,7 +122,7 @@ def correct(text: str, truth: str) -> bool:
 
 
 def run_accuracy(model, tok, mm, args) -> tuple[list[dict], list[dict]]:
-    """(summary rows per method and cube count, one record per question and method)."""
+    """(summary rows per method and cube count, one record per question and method, full-prefix checks)."""
     methods = method_list(args)
     records, checks = [], []
     for n_cubes in args.cube_counts:
@@ -235,7 +200,7 @@ def ttft_question(tok, mm, n_tokens: int) -> str:
     """A question whose user turn (chat template tail included) is about ``n_tokens`` tokens."""
     q = "Where does Alice live, which floor does Alice sit on, and what is the badge number of Alice?"
     filler = " Please answer briefly and precisely."
-    while len(mm._tail_ids(q + filler)) <= n_tokens and len(q) < 2000:
+    while len(mm.request_ids(q + filler)) <= n_tokens and len(q) < 2000:
         q += filler
         filler = " Thanks."
     return q
@@ -248,7 +213,7 @@ def run_ttft(model, tok, mm, args) -> list[dict]:
              for i in range(args.ttft_cubes)]
     q = ttft_question(tok, mm, args.ttft_question_tokens)
     full_ids = mm.prompt_ids(q, cubes).to(device)
-    n_prefix = full_ids.shape[1] - len(mm._tail_ids(q))
+    n_prefix = full_ids.shape[1] - len(mm.request_ids(q))
     tail = full_ids[:, n_prefix:]
 
     def forward(ids, cache=None):
@@ -258,55 +223,31 @@ def run_ttft(model, tok, mm, args) -> list[dict]:
     fns, budgets = {}, {}
     for label, mode, budget in method_list(args):
         if mode == "full":
-            fns[label] = lambda: forward(full_ids)
+            fns[label] = lambda: int(forward(full_ids).argmax())  # the first new token id is on the host
         elif mode == "naive":
-            fns[label] = lambda: forward(tail, new_cache(model, naive_kv(cubes)))
+            fns[label] = lambda: int(forward(tail, new_cache(model, naive_kv(cubes))).argmax())
         else:
-            fns[label] = lambda m=mode, b=budget: forward(tail, kvmem.prefill(model, cubes, recompute=m, budget=b).cache)
+            fns[label] = lambda m=mode, b=budget: int(
+                forward(tail, kvmem.prefill(model, cubes, recompute=m, budget=b).cache).argmax())
         budgets[label] = (mode, budget if budget is not None else RECOMPUTE_MODES.get(mode, (None,))[0])
     reps = {m: args.ttft_full_reps if m == "full" else args.ttft_reps for m in fns}
-    samples = {m: [] for m in fns}
-    first = {}
-    with torch.inference_mode():
-        for m, fn in fns.items():  # warm-up; its token is the agreement check
-            for _ in range(args.ttft_warmup):
-                first[m] = int(fn().argmax())
-        for rep in range(max(reps.values())):  # round robin: drift hits every method alike
-            for m, fn in fns.items():
-                if rep >= reps[m]:
-                    continue
-                sync(device)
-                t0 = time.perf_counter()
-                token = int(fn().argmax())  # the first new token id is on the host
-                sync(device)
-                samples[m].append(time.perf_counter() - t0)
-                first.setdefault(m, token)
+    with torch.inference_mode():  # warm-up (its token is the agreement check), then round robin
+        series = _common.round_robin(fns, reps, warmup=args.ttft_warmup, device=device)
+    first = {m: s.first for m, s in series.items()}
     rows = []
-    for m, s in samples.items():
-        s = sorted(s)
+    for m, s in series.items():
         rows.append({"method": m, "mode": budgets[m][0], "budget": budgets[m][1],
                      "n_cubes": args.ttft_cubes, "cube_tokens": [c.num_tokens for c in cubes],
                      "prompt_tokens": full_ids.shape[1], "question_tokens": tail.shape[1],
-                     "reps": len(s), "warmup": args.ttft_warmup, "median_s": statistics.median(s),
-                     "p10_s": _quantile(s, 0.1), "p90_s": _quantile(s, 0.9), "min_s": s[0], "max_s": s[-1],
-                     "samples_s": s, "first_token": first[m], "same_first_token_as_full": first[m] == first["full"]})
+                     "reps": len(s.seconds), "warmup": args.ttft_warmup, **_common.spread(s.seconds),
+                     "first_token": first[m], "same_first_token_as_full": first[m] == first["full"]})
     full = next(r["median_s"] for r in rows if r["method"] == "full")
     for r in rows:
         r["reduction_vs_full"] = 1 - r["median_s"] / full
     return rows
 
 
-def _quantile(s: list[float], p: float) -> float:
-    x = p * (len(s) - 1)
-    lo, hi = int(x), min(int(x) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (x - lo)
-
-
 # ---------------------------------------------------------------- report
-def machine_facts(model) -> dict:
-    return _common.machine_facts(model=model, kvmem_default_recompute=DEFAULT_RECOMPUTE)
-
-
 def print_tables(rows: list[dict], ttft: list[dict]) -> None:
     if rows:
         head = (f"{'cubes':>5} {'method':<15} {'acc':>5} {'95% CI':>11} {'rel':>6} {'later':>6} {'=full':>6} "
@@ -344,10 +285,7 @@ def targets(rows: list[dict], ttft: list[dict]) -> dict:
 
 def plot(doc: dict, png: str) -> None:
     """Accuracy and mean KL per method per cube count, and TTFT bars."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     rows, ttft, facts = doc["rows"], doc["ttft_rows"], doc["machine"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     counts = sorted({r["n_cubes"] for r in rows})
@@ -392,13 +330,10 @@ def plot(doc: dict, png: str) -> None:
         axes[2].set_title(f"TTFT, {t0['n_cubes']} cubes x ~{t0['cube_tokens'][0]} tokens + {t0['question_tokens']}-token "
                           f"question\nmedian ms, p10..p90 (log)", fontsize=9)
         axes[2].grid(True, axis="y", which="both", alpha=0.3)
-    fig.suptitle(f"kvmem: composing cubes, SmolLM2-135M-Instruct {facts['dtype'].replace('torch.', '')} on "
+    model = str(facts.get("model", _common.MODEL_NAME)).split(" (")[0]
+    fig.suptitle(f"kvmem: composing cubes, {model} {facts['dtype'].replace('torch.', '')} on "
                  f"{facts['device']} ({facts['cpu']}, {facts['torch_threads']} threads)", fontsize=10)
-    fig.text(0.99, 0.005, f"kvmem {facts['kvmem']} @ {str(facts['git_sha'])[:10]}, torch {facts['torch']}, "
-             f"transformers {facts['transformers']}, {facts['date']}", ha="right", va="bottom", fontsize=6, color="#555")
-    fig.tight_layout(rect=(0, 0.02, 1, 0.96))
-    fig.savefig(png)
-    plt.close(fig)
+    _common.save_figure(fig, png, facts, top=0.96)
 
 
 def redo_from_json(path: Path) -> int:
@@ -418,6 +353,7 @@ def redo_from_json(path: Path) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common.add_model_argument(p)
     p.add_argument("--cube-counts", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--questions", type=int, default=60, help="questions per cube count")
     p.add_argument("--min-sets", type=int, default=2,
@@ -435,7 +371,8 @@ def main(argv=None) -> int:
     p.add_argument("--ttft-warmup", type=int, default=1)
     p.add_argument("--no-accuracy", dest="accuracy", action="store_false")
     p.add_argument("--no-ttft", dest="ttft", action="store_false")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/compose_quality_cpu.json)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/compose_quality_cpu.json; "
+                                               "compose_quality_cpu_<model>.json for other models)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--show", type=int, default=0, help="print the first SHOW answers of every method")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes; writes nothing unless --out")
@@ -452,9 +389,10 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_smollm2(verbose=True)
+    model, tok = _common.load_model(args.model, verbose=True)
     mm = kvmem.wrap(model, tok)
-    facts = machine_facts(model)
+    facts = _common.machine_facts(model=model, model_name=_common.MODELS[args.model][1],
+                                  kvmem_default_recompute=DEFAULT_RECOMPUTE)
     print(json.dumps({k: v for k, v in facts.items() if k != "git_dirty_paths"}), flush=True)
     t0 = time.perf_counter()
     rows, records, checks = run_accuracy(model, tok, mm, args) if args.accuracy else ([], [], [])
@@ -474,7 +412,7 @@ def main(argv=None) -> int:
               f"{max(c['max_abs_logit_diff'] for c in checks):.2e}")
     tg = targets(rows, ttft)
     print("\ntargets (default budgets):", json.dumps(tg, indent=1))
-    out = args.out or (None if args.quick else str(ROOT / "bench" / "results" / "compose_quality_cpu.json"))
+    out = args.out or (None if args.quick else _common.result_path("compose_quality", model=args.model))
     if out:
         doc = {"machine": facts, "args": vars(args), "targets": tg, "rows": rows, "ttft_rows": ttft,
                "full_prefix_checks": checks, "questions": records}

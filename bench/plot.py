@@ -63,10 +63,7 @@ def plot(doc: dict, png_path: str) -> None:
     ax2.set_ylabel("median TTFT / median of prefix reuse")
     ax2.set_title("vs transformers' prefix reuse (lower is faster)", fontsize=10)
     ax2.grid(True, alpha=0.3)
-    _common.stamp(fig, facts)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    fig.savefig(png_path)
-    plt.close(fig)
+    _common.save_figure(fig, png_path, facts)
 
 
 def markdown_table(json_path: str) -> str:

@@ -231,10 +231,7 @@ def plot(doc: dict, png: str) -> None:
     dev = facts.get("gpu") or f"{facts['cpu']}, {facts['torch_threads']} threads"
     fig.suptitle(f"kvmem splice throughput, {r0['layers']} layers x {r0['kv_heads']} kv heads x {r0['head_dim']} dim "
                  f"(SmolLM2-135M) on {dev}", fontsize=10)
-    _common.stamp(fig, facts)
-    fig.tight_layout(rect=(0, 0.02, 1, 0.89))
-    fig.savefig(png)
-    plt.close(fig)
+    _common.save_figure(fig, png, facts, top=0.89)
 
 
 def print_table(rows: list[dict]) -> None:

@@ -316,10 +316,7 @@ def plot(doc: dict, png: Path) -> None:
                  f"memories ({doc['total_cube_bytes'] / 2**30:.1f} GiB of SmolLM2 KV, {doc['token_range'][0]}.."
                  f"{doc['token_range'][1]} tokens each)\nTTFT costs: {doc['ttft_source']}; tiers -> "
                  f"{rows[0]['tier_methods']}", fontsize=8.5)
-    _common.stamp(fig, m)
-    fig.tight_layout(rect=(0, 0.02, 1, 0.93))
-    fig.savefig(png)
-    plt.close(fig)
+    _common.save_figure(fig, png, m, top=0.93)
 
 
 if __name__ == "__main__":
