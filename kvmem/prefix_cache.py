@@ -73,13 +73,15 @@ def fill_static_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]]
         raise CubeError(f"max_cache_len={max_cache_len!r} cannot hold a {longest}-token prefix: pass at least "
                         "the prefix length plus the request and max_new_tokens")
     cache = StaticCache(config=base_model(model).config, max_cache_len=max_cache_len)
+    for b, row in enumerate(rows):
+        if len(row) != len(cache.layers):
+            raise CubeError(f"the model has {len(cache.layers)} cache layers, prefix {b} has {len(row)}: "
+                            "make each prefix with kvmem.prefill for this model")
     devices = layer_devices(model, len(cache.layers))
     for i, layer in enumerate(cache.layers):
         if type(layer) not in (StaticLayer, StaticSlidingWindowLayer):
             raise CubeError(f"cache layer {i} is a {type(layer).__name__}; kvmem fills only StaticLayer and "
                             "StaticSlidingWindowLayer: use kvmem.prefill's own cache for this model")
-        if len(rows[0]) != len(cache.layers):
-            raise CubeError(f"the model has {len(cache.layers)} cache layers, the prefix has {len(rows[0])}")
         _fill_layer(layer, [r[i] for r in rows], lengths, longest, devices[i])
     return cache
 
