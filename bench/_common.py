@@ -3,7 +3,8 @@
 - what the machine and the code were (`machine_facts`, `loadavg`);
 - how busy other processes keep the machine (`OtherLoad`), and waiting for them to go quiet (`Quiet`);
 - timing: one device-synchronised call (`measure`), warm-up + repeats (`repeat`), methods interleaved
-  round robin so drift and other load hit all alike (`round_robin`), median with spread (`spread`);
+  round robin so drift and other load hit all alike (`round_robin`), median with spread (`spread`), time spent
+  inside chosen callables (`time_inside`);
 - which model a bench runs (`add_model_argument`, `load_model`, `result_path`);
 - writing results: JSON rows plus a PNG drawn from them (`write_results`, `pyplot`, `save_figure`).
 
@@ -13,6 +14,7 @@ median with p10..p90 and min..max, compare against the baseline in the same proc
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -294,6 +296,43 @@ def spread(samples: list[float], *, unit: str = "s", prefix: str = "", keep: boo
     if keep:
         out[f"{prefix}samples_{unit}"] = [scale * x for x in samples]
     return out
+
+
+class Inside:
+    """Seconds spent inside chosen callables during a ``with time_inside(...)`` block."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {}  # label -> seconds; a call inside another timed one: "label (inside outer)"
+        self.outer = 0.0                    # seconds in outermost timed calls (nested time not counted twice)
+        self._open: list[str] = []
+
+    def wrap(self, original, label: str):
+        def call(*args, **kwargs):
+            key = f"{label} (inside {self._open[-1]})" if self._open else label
+            self._open.append(label)
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                self._open.pop()
+                self.spent[key] = self.spent.get(key, 0.0) + dt
+                if not self._open:
+                    self.outer += dt
+        return call
+
+
+@contextlib.contextmanager
+def time_inside(targets):
+    """Time every call of each ``(owner, attribute, label)`` in ``targets`` (module functions or methods of an
+    object) during the block, patched with unittest.mock and restored after; yields the `Inside` totals."""
+    from unittest import mock
+
+    inside = Inside()
+    with contextlib.ExitStack() as patches:
+        for owner, attr, label in targets:
+            patches.enter_context(mock.patch.object(owner, attr, inside.wrap(getattr(owner, attr), label)))
+        yield inside
 
 
 # ---------------------------------------------------------------- which model

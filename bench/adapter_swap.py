@@ -37,7 +37,6 @@ bit for bit.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
@@ -49,7 +48,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
-from unittest import mock
 
 import torch
 
@@ -139,34 +137,13 @@ def time_pieces(mm, cubes, n: int, *, hotswap: bool, clock: Clock) -> dict:
                   (pm, "eval", "peft_model.eval()")]
     pieces += [(pm, "set_adapter", "peft set_adapter"),
                (pm.base_model, "enable_adapter_layers", "peft enable_adapter_layers")]
-    spent: dict[str, float] = {}  # label -> seconds; a call inside another timed call: "label (inside outer)"
-    inside: list[str] = []
-    outer = [0.0]                 # seconds in outermost timed calls (nested time not counted twice)
-
-    def timed(original, label):
-        def call(*args, **kwargs):
-            key = f"{label} (inside {inside[-1]})" if inside else label
-            inside.append(label)
-            t0 = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                dt = time.perf_counter() - t0
-                inside.pop()
-                spent[key] = spent.get(key, 0.0) + dt
-                if not inside:
-                    outer[0] += dt
-        return call
-
-    with contextlib.ExitStack() as patches:
-        for owner, attr, label in pieces:
-            patches.enter_context(mock.patch.object(owner, attr, timed(getattr(owner, attr), label)))
+    with _common.time_inside(pieces) as inside:
         t0 = time.perf_counter()
         for i in range(n):
             mm.use_adapter(cubes[(i + 1) % 2])
         total = time.perf_counter() - t0
-    out = {k: 1e3 * v / n for k, v in spent.items()}
-    out["rest (kvmem: checks, bookkeeping, LoRA layer flags)"] = 1e3 * (total - outer[0]) / n
+    out = {k: 1e3 * v / n for k, v in inside.spent.items()}
+    out["rest (kvmem: checks, bookkeeping, LoRA layer flags)"] = 1e3 * (total - inside.outer) / n
     return {"swaps": n, "mean_ms_per_swap": 1e3 * total / n, "pieces_mean_ms": out}
 
 

@@ -101,3 +101,20 @@ def test_zipf_trace_runs_end_to_end(tmp_path):
     # no CPU tier: nothing is ever served from it; no device tier: nothing from there
     assert by[("lru", "static", 1.1, 0.05, 0.0)]["hit_rate_cpu"] == 0
     assert by[("lfu", "static", 1.1, 0.0, 0.2)]["hit_rate_device"] == 0
+
+
+def test_time_inside_counts_nested_calls_apart_and_restores():
+    import types
+
+    import _common
+
+    ns = types.SimpleNamespace()
+    ns.inner = lambda: "inner"
+    ns.outer = lambda: ns.inner() + "+outer"
+    original_inner = ns.inner
+    with _common.time_inside([(ns, "inner", "in"), (ns, "outer", "out")]) as inside:
+        assert ns.outer() == "inner+outer"   # the patched callables still return what the originals do
+        ns.inner()
+    assert set(inside.spent) == {"out", "in (inside out)", "in"}
+    assert inside.outer == pytest.approx(inside.spent["out"] + inside.spent["in"])  # nested time counted once
+    assert ns.inner is original_inner      # restored after the block
