@@ -38,10 +38,10 @@ def _rope(facts: dict) -> str:
     return ", ".join(parts)
 
 
-def _worst(cases: dict, check: str) -> str:
-    """'exact (<= worst diff)' over the cases, or the first outcome that is not exact."""
+def _worst(cases: dict, check: str, dtype: str = "float32") -> str:
+    """'exact (<= worst diff)' over the cases in ``dtype``, or the first outcome that is not exact."""
     diffs, other = [], None
-    for outcome in (c.get(check) for c in cases.values()):
+    for outcome in (c.get(check) for name, c in cases.items() if name.endswith("/" + dtype)):
         if outcome is None:
             continue
         m = re.match(r"exact \(([0-9.e+-]+)", outcome)
@@ -54,6 +54,17 @@ def _worst(cases: dict, check: str) -> str:
     return f"exact (≤ {max(diffs):.0e})" if diffs else "not run"
 
 
+def _short(outcome: str) -> str:
+    return outcome.split("; pure")[0] + (")" if "; pure" in outcome else "")
+
+
+def _bf16(cases: dict) -> str:
+    if not any(name.endswith("/bfloat16") for name in cases):
+        return "not run"
+    single, compose = _worst(cases, "single", "bfloat16"), _worst(cases, "compose", "bfloat16")
+    return f"{_short(single)} / {_short(compose)}"
+
+
 def _reason(text: str) -> str:
     m = re.search(r"model: (.*?)\. No re-rotation", text) or re.search(r"model: (.*?);", text)
     return "refused: " + (m.group(1) if m else text[:120])
@@ -61,8 +72,9 @@ def _reason(text: str) -> str:
 
 def render(results: dict) -> str:
     families, facts = results["families"], results["facts"]
-    rows = ["| family | layers (tiny test model) | RoPE as measured | one cube | save → load | several cubes, "
-            "full recompute budget | cases |", "|---|---|---|---|---|---|---|"]
+    rows = ["| family | layers (tiny test model) | RoPE as measured | one cube (float32) | save → load | several "
+            "cubes, full recompute budget (float32) | bfloat16: one cube / several | attention |",
+            "|---|---|---|---|---|---|---|---|"]
     exact = 0
     for family in sorted(families):
         cases, fact = families[family], facts.get(family, {})
@@ -74,13 +86,13 @@ def render(results: dict) -> str:
         trips = {c.get("round_trip") for c in cases.values()}
         rows.append(f"| {fact.get('model_type', family)} | {_layers(fact.get('layers', []))} | {_rope(fact)} | "
                     f"{_worst(cases, 'single')} | {'identical' if trips == {'identical'} else ', '.join(trips)} | "
-                    f"{compose.split('; pure')[0] + (')' if '; pure' in compose else '')} | "
-                    f"{', '.join(sorted(cases))} |")
+                    f"{_short(compose)} | {_bf16(cases)} | {', '.join(sorted({c.split('/')[0] for c in cases}))} |")
     head = (f"{exact} of {len(families)} families compose exactly with a full recompute budget; the rest are refused "
             f"with the reason shown, never silently wrong. transformers {results['transformers']}, random 4-layer "
             f"models, sliding windows / chunks of {results['window']} tokens with every memory longer than that. "
             "Differences are the largest |logit| difference to a full prefill (float32) or to transformers' own "
-            "prefix reuse (bfloat16: bit-identical there, 0e+00). In float32 one cube is exact to a few ulps; in "
+            "prefix reuse (bfloat16: one cube is bit-identical to it; a recompute forward over a subset of the tokens "
+            "rounds within a few bf16 ulps of it). In float32 one cube is exact to a few ulps; in "
             "bfloat16/float16 it equals transformers' own two-step prefill, so greedy tokens can differ from a "
             "one-pass prefill exactly as transformers' own cache reuse does. Dynamic-NTK and longrope RoPE (not "
             "in the table) warn that one cube is not exact past `original_max_position_embeddings` and refuse "
