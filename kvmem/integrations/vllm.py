@@ -93,7 +93,12 @@ class KvmemConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()    # worker: blocks whose write failed
         self.planner: CubePlanner | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.planner = self._make_planner(vllm_config)
+            groups = len(getattr(kv_cache_config, "kv_cache_groups", None) or [None])
+            if groups == 1:
+                self.planner = self._make_planner(vllm_config)
+            else:  # hybrid models (sliding-window groups, Mamba) keep several block tables: not handled yet
+                logger.warning("kvmem: this model has %d KV cache groups; KvmemConnector serves models with one "
+                               "only, so every request is prefilled normally", groups)
 
     # ---------------------------------------------------------------- scheduler side
     def _make_planner(self, vllm_config) -> CubePlanner:
@@ -115,6 +120,8 @@ class KvmemConnector(KVConnectorBase_V1):
     def on_new_request(self, request: "Request") -> None:
         """Plan the request as it arrives, before vLLM looks up its prefix cache: an approximate prefix gets its
         cache salt now, so its blocks are hashed apart from the same plain tokens."""
+        if self.planner is None:
+            return
         try:
             plan = self.planner.plan(request.prompt_token_ids or [], request.kv_transfer_params,
                                      salt=request.cache_salt)
