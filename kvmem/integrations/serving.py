@@ -63,14 +63,23 @@ class CubeSource:
                             "(a folder of <namespace>/<name>.safetensors files)")
         self._views = {}
         self.folder = Path(folder).expanduser() if folder is not None else None
-        self.store = None
-        if store is not None:
-            from kvmem.store import CubeStore
-
-            self.store = CubeStore(store)
+        self.location = store
+        self._store = None
 
     def __repr__(self) -> str:
-        return f"CubeSource(folder={str(self.folder)!r})" if self.folder else f"CubeSource(store={self.store!r})"
+        if self.folder is not None:
+            return f"CubeSource(folder={str(self.folder)!r})"
+        return f"CubeSource(store={self._store!r})" if self._store is not None else f"CubeSource(store={self.location!r})"
+
+    @property
+    def store(self):
+        """The `CubeStore`, opened on first use (and again after a failure: a server starts, and answers without
+        cubes, while its Redis is down; it serves cubes once Redis is back)."""
+        if self._store is None:
+            from kvmem.store import CubeStore
+
+            self._store = CubeStore(self.location)
+        return self._store
 
     def _view(self, namespace: str):
         if namespace not in self._views:

@@ -142,3 +142,21 @@ def test_precompose_is_kvmem_prefill_as_one_cube(model, folder, cubes, tmp_path)
     assert p.plan(ids_of(cubes, "a", "b")).names == ("a",)  # an approximate cube is never matched automatically
     with pytest.raises(kvmem.CubeError, match="at least two"):
         precompose(model, [cubes["a"]])
+
+
+def test_an_unreachable_store_refuses_requests_and_recovers(model, tmp_path, cubes):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    source = CubeSource(store=f"redis://127.0.0.1:{port}/0?cache={tmp_path / 'c'}")  # opening is lazy: no error yet
+    p = CubePlanner(source, fields=fingerprint_fields(model), dtype=torch.float32, block_size=BLOCK)
+    pytest.importorskip("redis")
+    with pytest.raises(kvmem.CubeError, match="unreachable"):
+        p.plan(ids_of(cubes, "a"), {"kvmem": {"cubes": ["a"]}})
+    with pytest.raises(kvmem.CubeError, match="unreachable"):
+        p.plan(ids_of(cubes, "a"))  # automatic matching too: the connector logs it and prefills normally
+    source.location = str(tmp_path / "store")  # "back up": the next request opens the store again
+    kvmem.CubeStore(source.location).view("default").put_cube("a", cubes["a"], text="a")
+    assert p.plan(ids_of(cubes, "a"), {"kvmem": {"cubes": ["a"]}}).names == ("a",)
