@@ -118,3 +118,44 @@ def test_time_inside_counts_nested_calls_apart_and_restores():
     assert set(inside.spent) == {"out", "in (inside out)", "in"}
     assert inside.outer == pytest.approx(inside.spent["out"] + inside.spent["in"])  # nested time counted once
     assert ns.inner is original_inner      # restored after the block
+
+
+class _NoTemplateTokenizer:
+    """Enough of a tokenizer for kvmem.wrap (no chat template, no BOS): adapter swaps never tokenize."""
+
+    chat_template = bos_token = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return type("Encoding", (), {"input_ids": [1, 2]})()
+
+
+def test_adapter_swap_methods_are_exact_on_a_tiny_model(tmp_path):
+    """Every method adapter_swap.py times swaps to the right adapter: its logits equal a freshly loaded PeftModel's,
+    and back to the base bit for bit (the bench's own untimed checks, run on a tiny llama)."""
+    import argparse
+
+    import torch
+
+    pytest.importorskip("peft")
+    from helpers import tiny_model
+
+    adapter_swap = importlib.import_module("adapter_swap")
+    import _common
+
+    model = tiny_model("llama", vocab_size=256)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    pair = adapter_swap.make_pair(model, "attn_r4", 0, tmp_path, ids)
+    args = argparse.Namespace(reps=3, warmup=1, cold_reps=2, peft_reps=2, peft_warmup=1, breakdown=True,
+                              breakdown_swaps=2)
+    clock = adapter_swap.Clock(_common.Quiet(), 0.0)
+    rows, breakdowns = adapter_swap.SpecBench("attn_r4", pair, model, _NoTemplateTokenizer(), ids,
+                                              adapter_swap.logits_of(model, ids), args, clock).run()
+    methods = [r["method"] for r in rows]
+    assert methods == ["kvmem_resident", "diag_flag_flip", "kvmem_cold", "kvmem_disk", "kvmem_hotswap",
+                       "peft_set_adapter", "peft_load_adapter", "peft_from_pretrained", "peft_unload"]
+    for r in rows:
+        assert r.get("max_abs_logit_diff_vs_fresh_peft") in (None, 0.0), r["method"]
+        assert r.get("base_bit_identical_after_none") in (None, True), r["method"]
+    assert set(breakdowns) == {"kvmem_resident", "kvmem_cold", "kvmem_hotswap"}
+    cold = breakdowns["kvmem_cold"]["pieces_mean_ms"]
+    assert any(k.startswith("peft add_adapter") for k in cold)  # a cold swap installs through PEFT
