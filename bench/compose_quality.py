@@ -184,15 +184,14 @@ def run_accuracy(model, tok, mm, args) -> tuple[list[dict], list[dict]]:
     return rows, records, checks
 
 
-def _wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of a proportion k/n."""
+def _wilson(k: int, n: int) -> list[float]:
+    """95% Wilson score interval of a proportion k/n (scipy's)."""
+    from scipy.stats import binomtest
+
     if n == 0:
         return [0.0, 1.0]
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [max(0.0, c - h), min(1.0, c + h)]
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
 
 
 # ---------------------------------------------------------------- TTFT
