@@ -122,6 +122,7 @@ class KvmemConnector(KVConnectorBase_V1):
         cache salt now, so its blocks are hashed apart from the same plain tokens."""
         if self.planner is None:
             return
+        t0 = time.perf_counter()
         try:
             plan = self.planner.plan(request.prompt_token_ids or [], request.kv_transfer_params,
                                      salt=request.cache_salt)
@@ -139,9 +140,10 @@ class KvmemConnector(KVConnectorBase_V1):
             request.block_hashes.clear()
             request.update_block_hashes()
         self._plans[request.request_id] = plan
-        logger.info("kvmem: request %s gets %s from namespace %r: %d tokens%s", request.request_id,
-                    list(plan.names), plan.namespace, plan.num_tokens,
-                    "" if plan.exact else f" (approximate: {'; '.join(plan.notes)}; cache salt {plan.salt})")
+        logger.info("kvmem: request %s gets %s from namespace %r: %d tokens%s, planned in %.0f ms",
+                    request.request_id, list(plan.names), plan.namespace, plan.num_tokens,
+                    "" if plan.exact else f" (approximate: {'; '.join(plan.notes)}; cache salt {plan.salt})",
+                    1e3 * (time.perf_counter() - t0))
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         plan = self._plans.get(request.request_id)
