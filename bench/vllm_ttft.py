@@ -1,0 +1,236 @@
+"""TTFT in vLLM with kvmem's KV connector, at 2k and 4k memory tokens (SmolLM2-135M, float32, CPU).
+
+Methods, per memory length, on prompts of ``memory + query`` (token ids, greedy, ``max_tokens=1``):
+    full prefill          vLLM computes the whole prompt (a fresh cache salt per call: its prefix cache cannot hit)
+    prefix cache (warm)   vLLM's own automatic prefix caching, the prompt's blocks already cached (the best case)
+    kvmem, local disk     the cube named per request, read by KvmemConnector from a local cube folder
+    kvmem, Redis          the same, from a Redis store, the local copy deleted before every call (a new replica)
+kvmem runs as a *fresh engine* would: a fresh cache salt per call, so vLLM's prefix cache never holds the memory
+(as after a restart or on a new replica), and the connector keeps no cube between requests: every call reads,
+validates (checksum, shapes) and writes the cube again.
+
+TTFT is the wall time of ``LLM.generate`` for one token: request in, prefill (or cube load), first token out.
+Timed calls of the methods are interleaved round robin after a warm-up; medians with p10..p90. Each cube source
+runs in its own process and engine (``--worker``); the parent builds the cubes (transformers), starts a throwaway
+``redis-server`` unless ``--redis`` names one, and writes bench/results/vllm_ttft_cpu.{json,png}.
+
+Run in the vLLM venv (see .ci/run): ``.venv-vllm/bin/python bench/vllm_ttft.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, loadavg, machine_facts, pyplot, round_robin, save_figure, spread, write_results  # noqa: E402
+
+NOTES = Path(__file__).resolve().parents[1] / "kvmem" / "data" / "team_notes.txt"
+QUERY = "\nQuestion: who leads the team, and which city do they live in?\nAnswer:"
+METHODS = ("full prefill", "prefix cache (warm)", "kvmem, local disk", "kvmem, Redis")
+TARGETS = {"kvmem_vs_warm_max": 1.2, "saving_vs_full_min": 0.70, "at_tokens": 4096}
+
+
+# ---------------------------------------------------------------- the parent: cubes, Redis, workers, results
+def build_cubes(lengths, folder: Path, store_url: str | None) -> dict:
+    """Cubes of ``L`` ids (anchor + memory) for each L, saved to ``folder/default`` and put into the Redis store."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import kvmem
+    from kvmem.real_model import smollm2_checkpoint
+
+    ckpt = smollm2_checkpoint()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    anchor = tok(kvmem.wrap(model, tok).anchor, add_special_tokens=False).input_ids
+    text_ids = tok(NOTES.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    query = tok(QUERY, add_special_tokens=False).input_ids
+    view = kvmem.CubeStore(store_url).view("default") if store_url else None
+    spec = {"ckpt": str(ckpt), "query": query, "cubes": {}}
+    for n in lengths:
+        ids = (text_ids * (n // len(text_ids) + 1))[:n - len(anchor)]  # the notes, repeated to length
+        t0 = time.perf_counter()
+        cube = kvmem.MemCube.from_ids(model, ids, name=f"mem{n}", anchor_ids=anchor, tokenizer=tok)
+        built_s = time.perf_counter() - t0
+        cube.save(folder / "default" / f"mem{n}.safetensors")
+        if view is not None:
+            view.put_cube(f"mem{n}", cube, text=f"team notes, {n} tokens")
+        spec["cubes"][str(n)] = {"name": f"mem{n}", "ids": cube.all_ids[0].tolist(), "build_s": built_s,
+                                 "bytes": (folder / "default" / f"mem{n}.safetensors").stat().st_size}
+        print(f"built mem{n}: {n} tokens in {built_s:.1f} s, {cube.nbytes / 1e6:.0f} MB", flush=True)
+    return spec
+
+
+def start_redis(folder: Path):
+    import socket
+
+    import redis
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    client, deadline = redis.Redis(port=port), time.time() + 30
+    while True:
+        try:
+            client.ping()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.exceptions.ConnectionError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"redis-server did not start (exit {proc.poll()})")
+            time.sleep(0.1)
+
+
+def plot(doc: dict, png: str) -> None:
+    plt = pyplot()
+    lengths = sorted({r["tokens"] for r in doc["rows"]})
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    width = 0.8 / len(METHODS)
+    for i, method in enumerate(METHODS):
+        rows = {r["tokens"]: r for r in doc["rows"] if r["method"] == method}
+        xs = [j + (i - (len(METHODS) - 1) / 2) * width for j, n in enumerate(lengths) if n in rows]
+        med = [rows[n]["median_ms"] for n in lengths if n in rows]
+        err = [[rows[n]["median_ms"] - rows[n]["p10_ms"] for n in lengths if n in rows],
+               [rows[n]["p90_ms"] - rows[n]["median_ms"] for n in lengths if n in rows]]
+        ax.bar(xs, med, width, yerr=err, capsize=3, label=method)
+        for x, m in zip(xs, med):
+            ax.text(x, m, f"{m:.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(lengths)), [f"{n} memory tokens" for n in lengths])
+    ax.set_yscale("log")
+    ax.set_ylabel("TTFT, ms (median, p10..p90; log scale)")
+    facts = doc["machine"]
+    ax.set_title(f"vLLM {facts.get('vllm')} on {facts.get('cpu_cores')} CPU cores: TTFT with kvmem's KV connector",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    save_figure(fig, png, facts)
+
+
+def parent(args) -> None:
+    work = Path(tempfile.mkdtemp(prefix="kvmem-bench-vllm-"))
+    redis_proc = None
+    try:
+        url = args.redis
+        if url is None:
+            redis_proc, url = start_redis(work)
+        store_url = f"{url}?prefix=bench{uuid.uuid4().hex[:6]}"
+        facts = machine_facts(packages=("torch", "transformers", "vllm", "kvmem", "redis"))
+        spec = build_cubes(args.tokens, work / "cubes", f"{store_url}&cache={work / 'writer'}")
+        spec.update(reps=args.reps, warmup=args.warmup, max_model_len=max(args.tokens) + 128)
+        rows = []
+        for source, config in (("disk", {"folder": str(work / "cubes")}),
+                               ("redis", {"store": f"{store_url}&cache={work / 'replica'}"})):
+            spec_path, out_path = work / f"spec-{source}.json", work / f"rows-{source}.json"
+            spec_path.write_text(json.dumps({**spec, "source": source, "config": config,
+                                             "cache": str(work / "replica")}))
+            subprocess.run([sys.executable, __file__, "--worker", str(spec_path), "--worker-out", str(out_path)],
+                           check=True)
+            rows += json.loads(out_path.read_text())
+        facts["loadavg_end"] = loadavg()
+        doc = {"bench": "vllm_ttft", "machine": facts, "targets": TARGETS, "rows": rows,
+               "summary": summarize(rows), "how": __doc__.split("\n\n")[1]}
+        print(json.dumps(doc["summary"], indent=1))
+        write_results(doc, args.out, plot)
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def summarize(rows) -> dict:
+    out = {}
+    for n in sorted({r["tokens"] for r in rows}):
+        med = {r["method"]: r["median_ms"] for r in rows if r["tokens"] == n}
+        s = {f"{m} (ms)": round(v, 1) for m, v in med.items()}
+        warm, full = med.get("prefix cache (warm)"), med.get("full prefill")
+        for m in ("kvmem, local disk", "kvmem, Redis"):
+            if m in med and warm and full:
+                s[f"{m} / warm prefix cache"] = round(med[m] / warm, 2)
+                s[f"{m}: saving vs full prefill"] = round(1 - med[m] / full, 3)
+        if n == TARGETS["at_tokens"] and "kvmem, local disk" in med and warm and full:
+            s["target: kvmem (disk) within 1.2x of warm"] = med["kvmem, local disk"] / warm <= TARGETS["kvmem_vs_warm_max"]
+            s["target: kvmem (disk) >= 70% below full"] = 1 - med["kvmem, local disk"] / full >= TARGETS["saving_vs_full_min"]
+        out[str(n)] = s
+    return out
+
+
+# ---------------------------------------------------------------- a worker: one engine, one cube source
+def worker(spec_path: str, out_path: str) -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    spec = json.loads(Path(spec_path).read_text())
+    source = spec["source"]
+    llm = LLM(model=spec["ckpt"], dtype="float32", enforce_eager=True, max_model_len=spec["max_model_len"], seed=0,
+              kv_transfer_config=KVTransferConfig(
+                  kv_connector="KvmemConnector", kv_connector_module_path="kvmem.integrations.vllm",
+                  kv_role="kv_consumer", kv_load_failure_policy="recompute",
+                  kv_connector_extra_config={**spec["config"], "auto": False}))
+
+    def generate(ids, *, salt, cubes=None):
+        params = {"kvmem": {"cubes": cubes} if cubes else {"auto": False}}
+        out = llm.generate([{"prompt_token_ids": ids, "cache_salt": salt}],
+                           SamplingParams(max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": params}),
+                           use_tqdm=False)[0]
+        return out.outputs[0].token_ids[0], out.num_cached_tokens
+
+    def drop_local_copies():  # a new replica has no local copy: every Redis call fetches the cube
+        for f in Path(spec["cache"]).glob("*.safetensors"):
+            f.unlink()
+
+    rows = []
+    for n, cube in spec["cubes"].items():
+        ids = cube["ids"] + spec["query"]
+        seen: dict[str, list] = {}
+
+        def call(method, **kw):
+            seen.setdefault(method, []).append(generate(ids, **kw))  # (first token, cached tokens) per call
+
+        kvmem_method = "kvmem, local disk" if source == "disk" else "kvmem, Redis"
+        fns = {kvmem_method: lambda: call(kvmem_method, salt=uuid.uuid4().hex, cubes=[cube["name"]])}
+        if source == "disk":
+            fns["full prefill"] = lambda: call("full prefill", salt=uuid.uuid4().hex)
+            fns["prefix cache (warm)"] = lambda: call("prefix cache (warm)", salt=f"warm-{n}")
+        before = (lambda name: drop_local_copies()) if source == "redis" else None
+        series = round_robin(fns, spec["reps"], warmup=spec["warmup"], before=before)
+        for method, s in series.items():
+            timed = seen[method][spec["warmup"]:]  # the timed calls (after the warm-up)
+            rows.append({"method": method, "tokens": int(n), "prompt_tokens": len(ids),
+                         "cached_tokens": [c for _, c in timed], "first_tokens": [t for t, _ in timed],
+                         "cube_bytes": cube["bytes"], "reps": len(s.seconds),
+                         "other_cores": [o[0] if o else None for o in s.other], **spread(s.seconds, unit="ms")})
+            print(f"{n:>5} tokens  {method:<22} {rows[-1]['median_ms']:9.1f} ms  (cached {timed[-1][1]})", flush=True)
+    Path(out_path).write_text(json.dumps(rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096], help="memory lengths (block multiples)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--redis", default=None, help="redis://host:port/db to use (default: start one)")
+    parser.add_argument("--out", default=str(RESULTS / "vllm_ttft_cpu.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.worker_out)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()
