@@ -44,7 +44,8 @@ from .store import check_meta
 
 COMPONENTS = ("lexical", "lexical_window", "dense", "dense_window", "date", "speaker")
 BOOSTS = ("date", "speaker")
-DEFAULT_WEIGHTS = {"lexical": 1.0, "lexical_window": 1.0, "dense": 1.0, "dense_window": 1.0, "date": 2.0,
+# from bench/retrieval_tune.py (results/retrieval_tune_cpu.json); speaker was not tunable there (a prior)
+DEFAULT_WEIGHTS = {"lexical": 0.5, "lexical_window": 0.5, "dense": 1.0, "dense_window": 0.5, "date": 2.0,
                    "speaker": 0.5}
 _warned_lexical_only = False
 
@@ -88,7 +89,7 @@ class MemoryIndex:
     """
 
     def __init__(self, *, dense: bool | str = "auto", device=None, weights: dict | None = None,
-                 fusion: str = "rrf", rrf_k: float = 60.0, window: int = 1, embedding_cache=None):
+                 fusion: str = "rrf", rrf_k: float = 10.0, window: int = 1, embedding_cache=None):
         if fusion not in FUSIONS:
             raise CubeError(f"fusion must be one of {', '.join(FUSIONS)}; got {fusion!r}")
         weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
