@@ -259,6 +259,10 @@ def tokenizer_digest(tokenizer) -> str:
 
 def fingerprint_fields(model, tokenizer=None) -> dict:
     """All fingerprint fields for ``model`` (and ``tokenizer``, which may be None: then it is not checked)."""
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "config")):
+        swapped = " (model and tokenizer swapped?)" if callable(getattr(model, "get_vocab", None)) else ""
+        raise CubeError(f"model must be a transformers model (a PreTrainedModel), got {type(model).__name__}"
+                        f"{swapped}")
     return {
         "model": model_facts(model),
         "weights": weights_digest(model),

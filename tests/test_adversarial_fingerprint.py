@@ -161,3 +161,10 @@ def test_old_sampled_digest_is_refused_with_a_reason(base, cube):
     fields["weights"] = {k: v for k, v in fields["weights"].items() if k != "coverage"}
     with pytest.raises(kvmem.FingerprintMismatch, match="sampled digest must be rebuilt"):
         kvmem.fingerprint.check_fields(fields, fingerprint_fields(base))
+
+
+def test_swapped_model_and_tokenizer_are_named(base, tokenizer):
+    with pytest.raises(kvmem.CubeError, match="swapped"):
+        fingerprint_fields(tokenizer, base)
+    with pytest.raises(kvmem.CubeError, match="tokenizer must be"):
+        fingerprint_fields(base, base)
