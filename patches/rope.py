@@ -175,6 +175,10 @@ def _probe_kv(model, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         with torch.inference_mode():
             out = model(input_ids=ids[None].to(device), position_ids=positions[None].to(device), use_cache=True,
                         **{cache_kwarg(model): DynamicCache()})
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
+        raise CubeError(f"cannot move cubes on this {config.model_type} model: measuring its RoPE needs a forward "
+                        f"with explicit position_ids and a DynamicCache, which failed ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); inject one cube at a time") from None
     finally:
         inner.train(was_training)
     return [(k[0].detach().double().cpu(), v[0].detach().double().cpu()) for k, v in kv_from_cache(output_cache(out))]
