@@ -142,7 +142,7 @@ class MemoryModel:
     # ---------------------------------------------------------------- generation
     def generate(self, prompt: str | list[str], cubes=None, *, inject: bool = True, recompute: str | None = None,
                  budget=None, adapter: AdapterCube | None | str = "keep", max_memory_tokens: int = 2048,
-                 k: int = 10, min_score: float | None = None, **kwargs):
+                 k: int = 10, min_score: float | None = None, evidence: bool = True, **kwargs):
         """Answer ``prompt`` with ``cubes`` as memory; returns what the model's own ``generate`` returns.
 
         Args:
@@ -151,7 +151,8 @@ class MemoryModel:
                 a batch; each row's greedy tokens equal the same request alone. Then ``self.last.rows`` holds one
                 report per prompt.
             cubes: MemCubes (built with `build_cube`) whose text forms the memory, in order; or "auto": the
-                attached store's index picks the best memories (top ``k``, score >= ``min_score``) that fit
+                attached store's index picks the best memories (top ``k``, score >= ``min_score``, and with
+                ``evidence`` some evidence of relevance: `kvmem.recall.relevant`) that fit
                 ``max_memory_tokens`` (formerly ``budget_tokens``); each comes from the scheduler's fastest tier
                 as a cube, or as text prefilled with the request when it has no cube yet or is shorter than
                 `kvmem.recall.TEXT_BELOW_TOKENS` (``self.last.memories`` / ``self.last.dropped`` say which).
@@ -171,7 +172,8 @@ class MemoryModel:
 
             return generate_batch(self, list(prompt), cubes, inject=inject, recompute=recompute, budget=budget,
                                   adapter=adapter, recall_options=dict(max_tokens=max_memory_tokens, k=k,
-                                                                       min_score=min_score), **kwargs)
+                                                                       min_score=min_score, evidence=evidence),
+                                  **kwargs)
         if not isinstance(prompt, str):
             raise CubeError(f"prompt must be a string, got {type(prompt).__name__}")
         for key in ("input_ids", "past_key_values", "cache"):
@@ -187,7 +189,7 @@ class MemoryModel:
             recalled = None
             if isinstance(cubes, str):
                 recalled = self._require_store().recall(prompt, max_tokens=max_memory_tokens, k=k,
-                                                        min_score=min_score)
+                                                        min_score=min_score, evidence=evidence)
                 cubes = recalled.cubes
             ids, report, options = self._prefill(prompt, cubes, recalled.texts if recalled else [], inject,
                                                  recompute, budget)

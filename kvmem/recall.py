@@ -26,6 +26,10 @@ TEXT_BELOW_TOKENS = 32
 # less the 32 recomputed at the start of every later cube); below it, one forward over the text is cheaper than
 # loading, splicing and recomputing. See bench/auto_overhead.py.
 MIN_SAVED_TOKENS = 64
+# A hit is relevant only with evidence of it: a word in common with the question (in the memory or its window of
+# neighbouring turns, BM25 > 0), a date the question names, or a MiniLM cosine of at least this much (unrelated
+# sentences sit around 0-0.15 with all-MiniLM-L6-v2). Rank fusion alone ranks every memory, related or not.
+MIN_DENSE_SIMILARITY = 0.2
 
 
 def qualify(namespace: str, memory_id: str) -> str:
@@ -36,6 +40,13 @@ def qualify(namespace: str, memory_id: str) -> str:
 def split_qualified(qid: str) -> tuple[str, str]:
     namespace, _, memory_id = qid.partition("/")
     return namespace, memory_id
+
+
+def relevant(scores: dict, i: int) -> bool:
+    """Whether memory ``i`` has evidence of relevance in `MemoryIndex.scores` output (see MIN_DENSE_SIMILARITY)."""
+    lexical = any(float(scores[c][i]) > 0 for c in ("lexical", "lexical_window", "date") if c in scores)
+    return lexical or any(float(scores[c][i]) >= MIN_DENSE_SIMILARITY for c in ("dense", "dense_window")
+                          if c in scores)
 
 
 def _signature(rec) -> tuple:
@@ -160,9 +171,11 @@ class Recall:
         return cube
 
     # ---------------------------------------------------------------- reading
-    def recall(self, prompt: str, *, max_tokens: int, k: int, min_score: float | None = None) -> Recalled:
-        """The memories for ``prompt``: the index's top ``k`` with a score of at least ``min_score``, in rank
-        order, while their tokens fit ``max_tokens``."""
+    def recall(self, prompt: str, *, max_tokens: int, k: int, min_score: float | None = None,
+               evidence: bool = True) -> Recalled:
+        """The memories for ``prompt``: the index's top ``k`` with a score of at least ``min_score`` and (with
+        ``evidence``) some evidence of relevance (`relevant`), in rank order, while their tokens fit
+        ``max_tokens``."""
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise CubeError(f"max_memory_tokens must be a positive int, got {max_tokens!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -171,12 +184,20 @@ class Recall:
             raise CubeError(f"min_score must be a number or None, got {min_score!r}")
         self.sync()
         out, used, kept = Recalled(), 0, []
-        for qid, score in self.index.search(prompt, k=k):
+        scores, ids = self.index.scores(prompt), self.index.ids
+        top = scores["fused"].topk(min(k, len(ids))) if ids else None
+        for score, i in zip(top.values.tolist(), top.indices.tolist()) if top is not None else ():
+            qid = ids[i]
             out.considered.append(qid)
             namespace, memory_id = split_qualified(qid)
             entry = {"id": memory_id, "namespace": namespace, "score": round(float(score), 4)}
             if min_score is not None and score < min_score:
                 out.dropped.append({**entry, "reason": f"score below min_score={min_score}"})
+                continue
+            if evidence and not relevant(scores, i):
+                out.dropped.append({**entry, "reason": "no evidence of relevance: no word in common with the "
+                                                       "question, no date it names, MiniLM similarity "
+                                                       f"< {MIN_DENSE_SIMILARITY}"})
                 continue
             rec = self.view.get(qid)
             if rec is None:  # deleted by another process since the last sync

@@ -27,7 +27,8 @@ LONG = {
 EXTRA = (" Everyone in the house knows this, and the neighbours have heard the story at least twice, usually over "
          "dinner on a Sunday when the conversation turns to pets, cars and gardens and who forgot what last year.")
 LONG = {name: text + EXTRA for name, text in LONG.items()}
-SHORT = {"cat": "Miso the cat hates the vacuum cleaner.", "bike": "The bike has a flat rear tyre."}
+SHORT = {"cat": "Miso the cat hates the vacuum cleaner.", "bike": "The bike has a flat rear tyre.",
+         "toast": "Toast the beagle snores."}
 QUESTION = "Where does Toast the beagle sleep?"
 
 
@@ -45,9 +46,9 @@ def test_long_memories_come_as_cubes_short_ones_as_text(tmp_path, tokenizer):
         mm.remember(text, memory_id, cube=True)
     lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in LONG.values()]
     assert min(lengths) > TEXT_BELOW_TOKENS and min(lengths) >= MIN_SAVED_TOKENS  # one cube alone is worth it
-    out = mm.generate(QUESTION, cubes="auto", k=10, max_new_tokens=3, do_sample=False)
+    out = mm.generate(QUESTION, cubes="auto", evidence=False, k=10, max_new_tokens=3, do_sample=False)
     chosen = {m["id"]: m["source"] for m in mm.last.memories}
-    assert chosen["beagle"] == "disk" and mm.last.memories[0]["id"] == "beagle"
+    assert chosen["beagle"] == "disk" and [m["id"] for m in mm.last.memories if m["source"] != "text"][0] == "beagle"
     assert all(chosen[m] == "text" for m in SHORT if m in chosen)
     assert all(chosen[m] in ("disk", "device", "cpu") for m in LONG if m in chosen)
     # the prompt holds the cubes, then the texts, then the request; and equals a full prefill's tokens
@@ -56,7 +57,7 @@ def test_long_memories_come_as_cubes_short_ones_as_text(tmp_path, tokenizer):
     ids = mm.prompt_ids(QUESTION, cubes, texts)
     assert torch.equal(out[0, :ids.shape[1]], ids[0])
     assert mm.last.prefilled_tokens == ids.shape[1] - (mm.last.spans[-1][1] if mm.last.spans else 0)
-    mm.generate(QUESTION, cubes="auto", k=10, max_new_tokens=1)
+    mm.generate(QUESTION, cubes="auto", evidence=False, k=10, max_new_tokens=1)
     assert {m["id"]: m["source"] for m in mm.last.memories}["beagle"] == "device"  # second time: fastest tier
 
 
@@ -64,7 +65,7 @@ def test_one_cube_plus_text_equals_a_full_prefill(tmp_path, tokenizer):
     """With one cube the splice is exact: the auto request's greedy tokens equal a full prefill of its ids."""
     mm = _mm(tmp_path, tokenizer, promote_after=0)
     mm.remember(LONG["beagle"], "beagle", cube=True)
-    mm.remember(SHORT["cat"], "cat")
+    mm.remember(SHORT["toast"], "toast")
     out = mm.generate(QUESTION, cubes="auto", max_new_tokens=8, do_sample=False)
     assert [m["source"] for m in mm.last.memories] == ["disk", "text"] and mm.last.injected
     ids = out[:, :mm.last.prompt_tokens]
@@ -78,13 +79,13 @@ def test_dropped_memories_say_why(tmp_path, tokenizer):
     for memory_id, text in LONG.items():
         mm.remember(text, memory_id)
     tokens = len(tokenizer(LONG["beagle"], add_special_tokens=False).input_ids)
-    mm.generate(QUESTION, cubes="auto", max_memory_tokens=tokens, max_new_tokens=1)
+    mm.generate(QUESTION, cubes="auto", max_memory_tokens=tokens, evidence=False, max_new_tokens=1)
     assert [m["id"] for m in mm.last.memories] == ["beagle"]
     reasons = {d["id"]: d["reason"] for d in mm.last.dropped}
     assert reasons and all("max_memory_tokens" in r for r in reasons.values())
 
     top = mm.index.search(QUESTION, k=1)[0][1]
-    mm.generate(QUESTION, cubes="auto", min_score=top + 1.0, max_new_tokens=1)
+    mm.generate(QUESTION, cubes="auto", min_score=top + 1.0, evidence=False, max_new_tokens=1)
     assert mm.last.memories == [] and not mm.last.injected
     assert all("min_score" in d["reason"] for d in mm.last.dropped) and len(mm.last.dropped) == len(LONG)
 
@@ -154,10 +155,10 @@ def test_the_same_id_in_two_namespaces_stays_two_memories(tmp_path, tokenizer):
     mm = kvmem.wrap(tiny_model("llama"), tokenizer).attach(store.view("me", shared=["family"]),
                                                            index=kvmem.MemoryIndex(dense=False), promote_after=0)
     mm.remember(SHORT["cat"], "pets")
-    mm.generate(QUESTION, cubes="auto", max_new_tokens=1)
+    mm.generate(QUESTION, cubes="auto", evidence=False, max_new_tokens=1)
     first = mm.last.memories[0]
     assert (first["namespace"], first["id"]) == ("family", "pets")  # the beagle text, from its own namespace
-    mm.generate("Which appliance does Miso the cat hate?", cubes="auto", max_new_tokens=1)
+    mm.generate("Which appliance does Miso the cat hate?", cubes="auto", evidence=False, max_new_tokens=1)
     first = mm.last.memories[0]
     assert (first["namespace"], first["id"]) == ("me", "pets")
     assert {(m["namespace"], m["id"]) for m in mm.last.memories} == {("me", "pets"), ("family", "pets")}
@@ -170,10 +171,10 @@ def test_a_revoked_grant_takes_the_shared_memories_away(tmp_path, tokenizer):
     mm = kvmem.wrap(tiny_model("llama"), tokenizer).attach(store.view("me", shared=["family"]),
                                                            index=kvmem.MemoryIndex(dense=False), promote_after=0)
     mm.remember(LONG["car"], "car")
-    mm.generate(QUESTION, cubes="auto", max_new_tokens=1)
+    mm.generate(QUESTION, cubes="auto", evidence=False, max_new_tokens=1)
     assert ("family", "pets") in {(m["namespace"], m["id"]) for m in mm.last.memories}
     store.revoke("family", "me")
-    mm.generate(QUESTION, cubes="auto", max_new_tokens=1)
+    mm.generate(QUESTION, cubes="auto", evidence=False, max_new_tokens=1)
     assert {(m["namespace"], m["id"]) for m in mm.last.memories} == {("me", "car")}
     assert "family/pets" not in mm.index
 
@@ -201,10 +202,24 @@ def test_cubes_that_would_save_too_little_go_in_as_text(tmp_path, tokenizer, mon
     mm.remember(LONG["garden"], "garden", cube=True)
     tokens = {m: mm.store.get(m).tokens for m in ("beagle", "garden")}
     monkeypatch.setattr(kvmem.recall, "MIN_SAVED_TOKENS", sum(tokens.values()))
-    out = mm.generate(QUESTION, cubes="auto", max_new_tokens=1)
+    out = mm.generate(QUESTION, cubes="auto", evidence=False, max_new_tokens=1)
     assert [m["source"] for m in mm.last.memories] == ["text", "text"] and not mm.last.injected
     assert all("would save" in m["note"] for m in mm.last.memories)
     monkeypatch.setattr(kvmem.recall, "MIN_SAVED_TOKENS", 1)
-    out2 = mm.generate(QUESTION, cubes="auto", max_new_tokens=1)
+    out2 = mm.generate(QUESTION, cubes="auto", evidence=False, max_new_tokens=1)
     assert [m["source"] for m in mm.last.memories] == ["disk", "disk"] and mm.last.injected
     assert torch.equal(out[:, :-1], out2[:, :-1])  # the same ids either way: cubes first, then texts (none here)
+
+
+def test_memories_without_evidence_of_relevance_are_dropped(tmp_path, tokenizer):
+    """Rank fusion ranks every memory; one that shares no word with the question (lexical index) is not injected."""
+    mm = _mm(tmp_path, tokenizer, promote_after=0)
+    mm.remember(LONG["beagle"], "beagle")
+    mm.remember("Quarterly invoices go to accounting before the fifth of each month.", "invoices")
+    mm.generate("Where does Toast the beagle sleep?", cubes="auto", max_new_tokens=1)
+    assert [m["id"] for m in mm.last.memories] == ["beagle"]
+    assert [(d["id"], "no evidence" in d["reason"]) for d in mm.last.dropped] == [("invoices", True)]
+    mm.generate("What is the capital of Peru?", cubes="auto", max_new_tokens=1)
+    assert mm.last.memories == [] and not mm.last.injected and len(mm.last.dropped) == 2
+    mm.generate("What is the capital of Peru?", cubes="auto", evidence=False, max_new_tokens=1)
+    assert len(mm.last.memories) == 2  # the caller may opt out: then rank alone decides
