@@ -92,15 +92,20 @@ def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.dev
     """
     path = Path(path)
     device = _check_device(device)
-    if not path.exists():
-        raise CubeError(f"no cube at {path}: check the path (build one with `kvmem build`)")
-    if path.is_dir():
-        raise CubeError(f"{path} is a folder, not a cube file")
-    size = path.stat().st_size
-    if size < 8:
-        raise CubeError(f"{path} is {'empty' if size == 0 else f'only {size} bytes'}: not a cube "
-                        "(a save that never finished, or the wrong file); rebuild it")
-    _check_header_size(path, size)
+    missing = CubeError(f"no cube at {path}: check the path (build one with `kvmem build`)")
+    try:  # the file may vanish between any two of these steps (a store replacing it): never a raw OSError
+        if path.is_dir():
+            raise CubeError(f"{path} is a folder, not a cube file")
+        size = path.stat().st_size
+        if size < 8:
+            raise CubeError(f"{path} is {'empty' if size == 0 else f'only {size} bytes'}: not a cube "
+                            "(a save that never finished, or the wrong file); rebuild it")
+        _check_header_size(path, size)
+    except FileNotFoundError:
+        raise missing from None
+    except PermissionError:
+        raise CubeError(f"permission denied reading {path}: the cube is not damaged, but this process may not "
+                        "read it; ask its owner for read access (e.g. chmod g+r)") from None
     try:
         # load_file maps the file lazily: copy into private memory so the bytes checksummed here are the bytes
         # the model will read, whatever later happens to the file
@@ -109,6 +114,8 @@ def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.dev
             header = f.metadata() or {}
     except CubeError:
         raise
+    except FileNotFoundError:
+        raise missing from None
     except PermissionError:
         raise CubeError(f"permission denied reading {path}: the cube is not damaged, but this process may not "
                         "read it; ask its owner for read access (e.g. chmod g+r)") from None
@@ -152,12 +159,8 @@ MAX_HEADER_BYTES = 100_000_000
 
 def _check_header_size(path: Path, size: int) -> None:
     """Bound the header's declared length by the file's real size before anything is allocated for it."""
-    try:
-        with open(path, "rb") as f:
-            declared = int.from_bytes(f.read(8), "little")
-    except PermissionError:
-        raise CubeError(f"permission denied reading {path}: the cube is not damaged, but this process may not "
-                        "read it; ask its owner for read access (e.g. chmod g+r)") from None
+    with open(path, "rb") as f:
+        declared = int.from_bytes(f.read(8), "little")
     if declared > size - 8 or declared > MAX_HEADER_BYTES:
         raise CubeError(f"{path} is not a valid safetensors file (its header claims {declared} bytes, the file "
                         f"has {size}): it is truncated, forged or another kind of file (kvmem never reads "
