@@ -132,6 +132,9 @@ class MemoryIndex:
         self._matrix = None                            # [memories, dim] in index order, grown on add
         self._neighbors = None                         # [memories, 2 * window] positions, memories = none
         self._window_norm = None                       # [memories] norm of each window's summed embedding
+        self._stale = None                             # neighbours before the last adds (None: recompute all)
+        self._changed_windows = None                   # positions whose window changed since `_stale`
+        self._buffer = None                            # [capacity, dim]: `_matrix` is its first rows
         self._date_arrays = None
 
     @property
@@ -185,7 +188,8 @@ class MemoryIndex:
         if speaker and speaker[0].isupper():  # a name ("Caroline"), not a role ("user", "me")
             self._speakers[speaker] = self._speakers.get(speaker, 0) + 1
         self._postings.append(tokens)
-        self._neighbors = self._window_norm = self._date_arrays = None
+        self._stale = self._stale if self._neighbors is None else self._neighbors  # to see which windows change
+        self._neighbors = self._date_arrays = None
 
     def remove(self, memory_id: str) -> bool:
         if memory_id not in self.meta:
@@ -204,7 +208,7 @@ class MemoryIndex:
         self._postings = Postings()
         for tokens in self._tokens:
             self._postings.append(tokens)
-        self._matrix = self._neighbors = self._window_norm = self._date_arrays = None
+        self._matrix = self._neighbors = self._window_norm = self._date_arrays = self._stale = None
         return True
 
     @classmethod
@@ -249,6 +253,14 @@ class MemoryIndex:
                     col = 2 * (k - 1) + side
                     out[order[same], col] = order[src[same]]
             self._neighbors = out
+            old, pending = self._stale, self._changed_windows
+            if old is not None and pending is not None and old.shape[1] == out.shape[1] and len(old) <= n:
+                remapped = np.where(old == len(old), n, old)  # the pad was len(old) then
+                changed = np.flatnonzero((out[:len(old)] != remapped).any(axis=1))
+                self._changed_windows = np.union1d(pending, np.concatenate([changed, np.arange(len(old), n)]))
+            else:
+                self._changed_windows = None  # unknown: every window norm is redone
+            self._stale = None
         return self._neighbors
 
     def _embedded(self, queries: list[str] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -267,7 +279,13 @@ class MemoryIndex:
             self._vectors.update(zip(fresh, vectors))
         if have < len(self._ids):
             rows = torch.stack([self._vectors[m] for m in self._ids[have:]])
-            self._matrix = rows if self._matrix is None else torch.cat([self._matrix, rows])
+            n = len(self._ids)
+            if self._buffer is None or self._buffer.shape[0] < n or have == 0:  # grow by doubling: no copy per add
+                buffer = rows.new_empty(max(2 * n, 64), rows.shape[1])
+                buffer[:have] = self._matrix if have else buffer[:0]
+                self._buffer = buffer
+            self._buffer[have:n] = rows
+            self._matrix = self._buffer[:n]
         if q is None and queries:
             q = self._encoder(list(queries))
         return self._matrix, q
@@ -301,10 +319,28 @@ class MemoryIndex:
         cos = q @ matrix.T                                         # [Q, n]
         out = {"dense": cos}
         if self.window and self.weights.get("dense_window"):
-            if self._window_norm is None:
-                self._window_norm = self._windowed(matrix.T).T.norm(dim=-1).clamp_min(1e-9)  # [n]
+            self._window_norm = self._window_norms(matrix)
             out["dense_window"] = self._windowed(cos) / self._window_norm
         return out
+
+    def _window_norms(self, matrix: torch.Tensor) -> torch.Tensor:
+        """[n] norm of each window's summed embedding; after adds, only the windows that changed are redone."""
+        nb = self.neighbors()
+        n = len(self._ids)
+        old, changed = self._window_norm, self._changed_windows
+        if old is not None and changed is not None and len(old) <= n:
+            if len(changed) == 0 and len(old) == n:
+                return old
+            rows = torch.as_tensor(changed, dtype=torch.long, device=matrix.device)
+        else:
+            old, rows = None, torch.arange(n, device=matrix.device)
+        idx = torch.as_tensor(nb, device=matrix.device)[rows]                       # [r, 2w]
+        present = (idx < n).unsqueeze(-1)
+        sums = matrix[rows] + (matrix[idx.clamp_max(n - 1)] * present).sum(1)    # [r, dim]
+        norms = torch.empty(n, device=matrix.device) if old is None else torch.cat([old, old.new_empty(n - len(old))])
+        norms[rows] = sums.norm(dim=-1).clamp_min(1e-9)
+        self._changed_windows = np.zeros(0, dtype=np.int64)  # all up to date
+        return norms
 
     def _date_scores(self, query: str) -> torch.Tensor | None:
         """[n] `date_match` of every memory for the dates ``query`` asks about; None when it names none."""

@@ -214,3 +214,17 @@ def test_a_query_is_embedded_on_one_thread_and_threads_are_restored(encoder):
     finally:
         encoder.model.encode = encode
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_windows_kept_up_to_date_across_adds_equal_a_fresh_build(encoder, window):
+    grown = _dense_index(encoder, window=window)
+    order = [CHAT[i] for i in (3, 1, 6, 0, 4, 2, 5, 7)]  # out of turn order: windows change in the middle
+    for row in order:
+        _fill(grown, [row])
+        grown.search("what happened?")  # norms of the windows are updated here, only where they changed
+    fresh = _fill(_dense_index(encoder, window=window), order)
+    for q in ("What did Maya make?", "When did Leo do the 10k?"):
+        a, b = grown.scores(q), fresh.scores(q)
+        for name in ("lexical_window", "dense_window", "dense"):
+            assert torch.allclose(a[name], b[name], atol=1e-5), name
