@@ -216,20 +216,26 @@ def worker(spec_path: str, out_path: str) -> None:
     Path(out_path).write_text(json.dumps(rows))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096], help="memory lengths (block multiples)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--redis", default=None, help="redis://host:port/db to use (default: start one)")
-    parser.add_argument("--out", default=str(RESULTS / "vllm_ttft_cpu.json"))
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 256 and 512 tokens, 1 rep, writes nothing unless --out is given")
+    parser.add_argument("--out", default=None, help="results JSON (default bench/results/vllm_ttft_cpu.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.worker_out)
-    else:
-        parent(args)
+        return
+    if args.quick:
+        args.tokens, args.reps, args.warmup = [256, 512], 1, 1
+    if args.out is None and args.quick:
+        args.out = str(Path(tempfile.mkdtemp(prefix="kvmem-bench-vllm-quick-")) / "vllm_ttft.json")
+    parent(args if args.out else argparse.Namespace(**{**vars(args), "out": str(RESULTS / "vllm_ttft_cpu.json")}))
 
 
 if __name__ == "__main__":
