@@ -9,6 +9,15 @@ import torch
 from kvmem.kernels.splice import _rotate, rotation_tables, splice, splice_reference, splice_triton
 
 
+@pytest.fixture(autouse=True)
+def _triton_interpreter(monkeypatch):
+    """Triton on CPU runs only under TRITON_INTERPRET=1, read when the kernel module is first imported (lazily, in
+    the first Triton test). conftest sets it, but another conftest may clear it at collection (tests/vllm does,
+    for vLLM's kernels), so set it for these tests alone."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 def _case(*, dtype, dst_dtype, heads=3, dim=24, layers=2, lens=(7, 13, 5), rot=24, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     src_k = [[torch.randn(heads, n, dim, generator=g).to(device, dtype) for _ in range(layers)] for n in lens]
