@@ -34,6 +34,7 @@ question + argmax (full: forward of the whole prompt + argmax); medians after wa
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -41,6 +42,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -50,9 +52,9 @@ sys.path.insert(0, str(ROOT / "bench"))  # bench/_common.py, also when imported 
 
 import kvmem  # noqa: E402
 import _common  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
+from transformers import Cache, DynamicCache  # noqa: E402
 
-from kvmem.cache import cache_kwarg, kv_from_cache, new_cache, output_cache  # noqa: E402
+from kvmem.cache import cache_kwarg, new_cache, output_cache  # noqa: E402
 from kvmem.memory_text import text_of_tokens  # noqa: E402
 from kvmem.prefill import DEFAULT_RECOMPUTE, RECOMPUTE_MODES  # noqa: E402
 from workloads import QUESTIONS, cube_set, questions_of  # noqa: E402
@@ -78,32 +80,34 @@ def method_list(args) -> list[tuple[str, str, object]]:
     return ms
 
 
-def composed(model, cubes, mode: str, budget) -> tuple[list, torch.Tensor, int]:
-    """(per-layer KV [1, heads, n, dim], ids [1, n] the KV holds, tokens recomputed) for a method.
+def composed(model, cubes, mode: str, budget) -> tuple[Callable[[], Cache], torch.Tensor, int]:
+    """(a maker of fresh caches holding the method's prefix, ids [1, n] the cache holds, tokens recomputed).
 
     "full": one forward over anchor + every cube's text, so every token attends to everything before it, the
-    same computation as prefilling the whole prompt (the question's tokens then run on top of it).
+    same computation as prefilling the whole prompt (the question's tokens then run on top of it). Each question
+    gets a deep copy of the built cache (transformers' prefix-reuse recipe), which also keeps what sliding-window
+    layers need (their caches hold only the window: the KV tensors alone cannot be put back).
     """
     if mode == "full":
         ids = torch.cat([cubes[0].anchor_ids[0]] + [c.input_ids[0] for c in cubes])[None]
         with torch.inference_mode():
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1,
                         **{cache_kwarg(model): DynamicCache(config=model.config)})
-        return kv_from_cache(output_cache(out)), ids, 0
+        cache = output_cache(out)
+        return (lambda: copy.deepcopy(cache)), ids, 0
     if mode == "naive":
         ids = torch.cat([cubes[0].anchor_ids[0]] + [c.input_ids[0] for c in cubes])[None]
-        return naive_kv(cubes), ids, 0
+        kv = naive_kv(cubes)  # every layer's whole KV: new_cache gives sliding layers what they keep
+        return (lambda: new_cache(model, kv)), ids, 0
     p = kvmem.prefill(model, cubes, recompute=mode, budget=budget)
-    return kv_from_cache(p.cache), p.input_ids, p.recomputed
+    return (lambda: copy.deepcopy(p.cache)), p.input_ids, p.recomputed
 
 
 # ---------------------------------------------------------------- answering
-def answer(model, tok, ids: torch.Tensor, kv, max_new: int) -> tuple[str, torch.Tensor]:
-    """(greedy answer text, logits [vocab] float64 of the first answer token). ``kv`` None: full prefill.
-
-    `new_cache` wraps the KV without copying; generation concatenates into new storage, so the KV is reusable.
-    """
-    extra = {cache_kwarg(model): new_cache(model, kv)} if kv is not None else {}
+def answer(model, tok, ids: torch.Tensor, cache, max_new: int) -> tuple[str, torch.Tensor]:
+    """(greedy answer text, logits [vocab] float64 of the first answer token). ``cache``: a fresh cache holding
+    a prefix of ``ids`` (generation extends it); None: full prefill."""
+    extra = {cache_kwarg(model): cache} if cache is not None else {}
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
                          do_sample=False, return_dict_in_generate=True, output_logits=True,
                          pad_token_id=tok.eos_token_id, **extra)
@@ -142,9 +146,9 @@ def run_accuracy(model, tok, mm, args) -> tuple[list[dict], list[dict]]:
                 ids = torch.cat([mm.prompt_ids(q["question"], cubes), torch.tensor([cue])], dim=-1)
                 results = {}
                 for label, mode, budget in methods:
-                    kv, prefix_ids, rec = caches[label]
+                    fresh_cache, prefix_ids, rec = caches[label]
                     assert torch.equal(ids[:, :prefix_ids.shape[1]], prefix_ids), "prefix ids differ from prompt"
-                    results[label] = (*answer(model, tok, ids, kv, args.max_new_tokens), rec)
+                    results[label] = (*answer(model, tok, ids, fresh_cache(), args.max_new_tokens), rec)
                 ref_text, ref_logits, _ = results["full"]
                 if i == 0:  # the cached full prefix against a one-pass prefill of the whole prompt
                     one_text, one_logits = answer(model, tok, ids, None, args.max_new_tokens)
