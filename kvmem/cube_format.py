@@ -64,7 +64,12 @@ def write_cube_file(path: str | os.PathLike, fmt: str, meta: dict, tensors: dict
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
+        try:
+            save_file(tensors, tmp, metadata=header)
+        except Exception as exc:  # safetensors reports I/O failures as its own error type: one kind for callers
+            if type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):
+                raise OSError(f"cannot write {tmp}: {exc}") from None
+            raise
         with open(tmp, "rb+") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # not mkstemp's 0600: as readable as any file the user makes
             os.fsync(f.fileno())
