@@ -21,7 +21,7 @@ from .cache import cache_kwarg, kv_from_cache, output_cache
 from .cube_format import read_cube_file, write_cube_file
 from .errors import CubeError
 from .fingerprint import fingerprint_fields, fingerprint_id
-from .modelinfo import model_device, text_config
+from .modelinfo import check_context, model_device, text_config
 
 FORMAT = "kvmem.memcube"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
@@ -129,6 +129,8 @@ class MemCube:
         if vocab and (int(all_ids.min()) < 0 or int(all_ids.max()) >= vocab):
             raise CubeError(f"token ids must lie in [0, {vocab}) for this model; got min {int(all_ids.min())}, "
                             f"max {int(all_ids.max())} (ids from another tokenizer?)")
+        check_context(model, all_ids.numel(), "the cube (anchor + memory)",
+                      "split the text into several memories and compose them")
         fields = fingerprint_fields(model, tokenizer)
         kv = compute_kv(model, all_ids, chunk_size=chunk_size, progress=progress)
         meta = {

@@ -15,7 +15,7 @@ from .adapter_bridge import DEFAULT_CAPACITY_BYTES, AdapterBridge
 from .cache import cache_kwarg
 from .cube import MemCube
 from .errors import CubeError
-from .modelinfo import model_device
+from .modelinfo import check_context, context_length, model_device
 from .prefill import prefill
 from .prompt import ChatLayout
 from .recall import Recall
@@ -124,9 +124,13 @@ class MemoryModel:
         """
         self.recall = Recall.over(view, index=index, scheduler=scheduler, device=model_device(self.model),
                                   build_cube=self.build_cube, count_tokens=lambda t: len(self.layout.memory_ids(t)),
-                                  **scheduler_kwargs)
+                                  cube_tokens=self._cube_tokens(), **scheduler_kwargs)
         self.store, self.index, self.scheduler = view, self.recall.index, self.recall.scheduler
         return self
+
+    def _cube_tokens(self) -> int | None:
+        limit = context_length(self.model)
+        return None if limit is None else limit - len(self.layout.anchor_ids())
 
     def _require_store(self) -> Recall:
         if self.recall is None:
@@ -228,6 +232,8 @@ class MemoryModel:
             ids = self.prompt_ids(prompt, cubes, texts).to(device)
             report.prefilled_tokens = ids.shape[1]
         report.prompt_tokens = ids.shape[1]
+        check_context(self.model, ids.shape[1], "the prompt (memory + request)",
+                      "pass fewer or shorter memories (max_memory_tokens= for cubes='auto')")
         return ids, report, options
 
     def _generate(self, ids: torch.Tensor, clock: FirstTokenClock, **kwargs):

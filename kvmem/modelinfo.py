@@ -26,3 +26,20 @@ def dtype_device(model) -> tuple[torch.dtype, torch.device]:
 def model_device(model) -> torch.device:
     """The device of ``model``'s first parameter."""
     return dtype_device(model)[1]
+
+
+def context_length(model) -> int | None:
+    """The positions the model was built for (``max_position_embeddings``), or None when its config has none."""
+    n = getattr(text_config(model), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_context(model, n_tokens: int, what: str, fix: str) -> None:
+    """CubeError when ``n_tokens`` positions would run past the model's context length (nothing is computed
+    there that the model was trained for): ``what`` names them, ``fix`` says what to do instead."""
+    limit = context_length(model)
+    if limit is not None and n_tokens > limit:
+        from .errors import CubeError
+
+        raise CubeError(f"{what} is {n_tokens} tokens, past this model's context of {limit} "
+                        f"(max_position_embeddings); {fix}")

@@ -23,7 +23,7 @@ from .cache import cache_layout, new_cache
 from .cube import MemCube
 from .errors import CubeError
 from .fingerprint import check_fields, fingerprint_fields
-from .modelinfo import dtype_device, text_config
+from .modelinfo import check_context, dtype_device, text_config
 from .recompute import recompute as _recompute
 
 # mode -> (default budget, what the budget means)
@@ -128,6 +128,8 @@ def prefill(model, cubes, *, recompute: str = DEFAULT_RECOMPUTE, budget: int | f
                             "(a cast is an approximation)")
         _check_layout(model, c)
     _warn_length_dependent(model)
+    check_context(model, cubes[0].anchor_len + sum(c.num_tokens for c in cubes), "the composed prefix",
+                  "inject fewer or shorter cubes")
 
     if len(cubes) == 1:
         c = cubes[0]

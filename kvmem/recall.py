@@ -75,11 +75,12 @@ class Recall:
         scheduler_factory: ``factory(view_for_scheduler, builder) -> MemScheduler``.
         build_cube: ``build_cube(text, name) -> MemCube`` (the model's own anchor).
         count_tokens: ``count_tokens(text) -> int`` for memories stored without a cube.
+        cube_tokens: the most memory tokens one cube may hold (the model's context less the anchor), if known.
     """
 
     def __init__(self, view, index, scheduler_factory: Callable, build_cube: Callable[[str, str], MemCube],
-                 count_tokens: Callable[[str], int]):
-        self.view, self.index = view, index
+                 count_tokens: Callable[[str], int], cube_tokens: int | None = None):
+        self.view, self.index, self.cube_tokens = view, index, cube_tokens
         self.build_cube, self.count_tokens = build_cube, count_tokens
         self.scheduler = scheduler_factory(view, self.promote)  # the view reads qualified ids as they are
         self._seen: dict[str, tuple] = {}  # qualified id -> what the index holds of it (to see changes)
@@ -87,7 +88,7 @@ class Recall:
         self.sync()
 
     @classmethod
-    def over(cls, view, *, index=None, scheduler=None, device="cpu", build_cube, count_tokens,
+    def over(cls, view, *, index=None, scheduler=None, device="cpu", build_cube, count_tokens, cube_tokens=None,
              **scheduler_kwargs) -> "Recall":
         """Recall over ``view`` with a default index (embeddings cached in the store's folder) and scheduler
         (on ``device``, with ``scheduler_kwargs``) where none is given."""
@@ -104,7 +105,7 @@ class Recall:
             scheduler.view, scheduler.builder = scheduler_view, builder  # its tiers are keyed by qualified ids
             return scheduler
 
-        return cls(view, index, make_scheduler, build_cube, count_tokens)
+        return cls(view, index, make_scheduler, build_cube, count_tokens, cube_tokens)
 
     # ---------------------------------------------------------------- keeping up with the store
     def sync(self) -> int:
@@ -146,6 +147,8 @@ class Recall:
         """Add a plaintext memory to the own namespace (and build its cube now if ``cube``). Returns its id."""
         if memory_id is None:
             memory_id = self.view.mint_id(text)
+        if cube and isinstance(text, str):  # before anything is written: a cube past the context is refused
+            self.check_cube_length(text)
         rec = self.view.add(memory_id, text, meta)  # checks id, text and meta before anything is written
         qid = qualify(rec.namespace, rec.id)
         self.scheduler.forget(qid)
@@ -155,6 +158,14 @@ class Recall:
         rec = self.view.get(memory_id)
         self._seen[qid] = _signature(rec)
         return memory_id
+
+    def check_cube_length(self, text: str) -> None:
+        """CubeError if a cube of ``text`` could not be built within the model's context (`MemCube.from_ids`
+        refuses it; checking first keeps the store unchanged)."""
+        n = self.count_tokens(text)
+        if self.cube_tokens is not None and n > self.cube_tokens:
+            raise CubeError(f"a cube of this memory would hold {n} tokens, past the {self.cube_tokens} the model's "
+                            "context leaves after the anchor; remember it as text (cube=False) or split it")
 
     def promote(self, qid: str) -> MemCube:
         """Build the cube of a plaintext memory; kept in the store when the memory is in the own namespace

@@ -223,3 +223,20 @@ def test_memories_without_evidence_of_relevance_are_dropped(tmp_path, tokenizer)
     assert mm.last.memories == [] and not mm.last.injected and len(mm.last.dropped) == 2
     mm.generate("What is the capital of Peru?", cubes="auto", evidence=False, max_new_tokens=1)
     assert len(mm.last.memories) == 2  # the caller may opt out: then rank alone decides
+
+
+def test_context_length_is_checked_before_anything_is_built_or_written(tmp_path, tokenizer):
+    mm = _mm(tmp_path, tokenizer)  # the tiny model's context: 2048 positions
+    huge = "The beagle sleeps in the basket. " * 400  # ~3,200 tokens
+    with pytest.raises(kvmem.CubeError, match="context"):
+        mm.remember(huge, "huge", cube=True)
+    assert mm.store.get("huge") is None  # nothing was written
+    with pytest.raises(kvmem.CubeError, match="max_position_embeddings"):
+        mm.build_cube(huge)
+    a = mm.build_cube(LONG["beagle"] * 6, name="a")
+    b = mm.build_cube(LONG["car"] * 6, name="b")
+    with pytest.raises(kvmem.CubeError, match="composed prefix"):
+        kvmem.prefill(mm.model, [a, b, a, b, a, b])
+    mm.remember(huge, "huge")  # as text it is fine; a request holding it in full is not
+    with pytest.raises(kvmem.CubeError, match="the prompt"):
+        mm.generate(QUESTION, cubes="auto", max_memory_tokens=10_000, max_new_tokens=1)
