@@ -107,6 +107,7 @@ class AdapterBridge:
             layer._disable_adapters = slot is None
         if slot is not None:
             self.peft.base_model.active_adapter = slot
+            self.peft.active_adapter = slot  # PeftModel keeps its own copy (what mm.model.active_adapter says)
 
     def _load(self, cube: AdapterCube) -> str:
         peft = _peft()

@@ -65,6 +65,10 @@ def test_every_swap_matches_a_fresh_peft_model(adapters, fresh_logits, tokenizer
     for name in order:
         mm.use_adapter(adapters[name][1] if name else None)
         assert (mm.adapter.name if mm.adapter else None) == name
+        if name is not None:  # PEFT's own view of which adapter is active agrees with the LoRA layers
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            lora = next(m for m in mm.model.modules() if isinstance(m, BaseTunerLayer))
+            assert mm.model.active_adapter == lora.active_adapters[0]
         got = _logits(mm, ids)
         if name is None:
             assert torch.equal(got, expected[None])  # the base model, bit for bit
