@@ -14,10 +14,26 @@ import pytest
 
 from vllm_helpers import foreign_cube
 
-# vLLM on a CPU, small and in one process: a 1 GiB KV cache; offline LLM() runs its engine core in this process
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.pop("TRITON_INTERPRET", None)  # the main tests' Triton interpreter must not reach vLLM's kernels
+
+
+def _vllm_installed() -> bool:
+    """Asked of the installed distributions: without vLLM, this very folder imports as a namespace package "vllm"."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            version(dist)
+            return True
+        except PackageNotFoundError:
+            pass
+    return False
+
+
+if _vllm_installed():  # only in the vLLM venv: the main tests' Triton kernels need TRITON_INTERPRET on a CPU
+    # vLLM on a CPU, small and in one process: a 1 GiB KV cache; offline LLM() runs its engine core in this process
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.pop("TRITON_INTERPRET", None)  # the main tests' Triton interpreter must not reach vLLM's kernels
 
 NOTES = Path(__file__).resolve().parents[2] / "kvmem" / "data" / "team_notes.txt"
 A_TOKENS, B_TOKENS = 256, 128  # anchor + a = 2 KV blocks, b = 1 more: composed prefixes end on a block boundary
