@@ -102,7 +102,7 @@ def plot(doc: dict, png: str) -> None:
     save_figure(fig, png, doc["machine"])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_argument(parser)
     parser.add_argument("--people", type=int, default=24)
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smoke run into a scratch folder")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.people, args.questions, args.reps = 4, 2, 1
     model, tok = load_model(args.model)

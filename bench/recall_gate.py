@@ -31,16 +31,20 @@ def _kept(matrix: dict, qi: int, k: int = 10) -> list[tuple[int, bool]]:
     return [(i, recall.relevant(row, i)) for i in row["fused"].topk(k).indices.tolist()]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--out", type=Path, default=result_path("recall_gate"))
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="one style, lexical index only, results to a scratch file")
+    args = ap.parse_args(argv)
+    styles, denses = (STYLES[:1], (False,)) if args.quick else (STYLES, (True, False))
+    if args.quick and args.out == result_path("recall_gate"):
+        args.out = Path("/tmp/kvmem-bench-recall-gate.json")
     rows = []
     default = recall.MIN_DENSE_SIMILARITY
-    for style in STYLES:
+    for style in styles:
         ds = importlib.import_module(f"datasets.{style}").generate(seed=args.seed)
-        for dense in (True, False):
+        for dense in denses:
             index = kvmem.MemoryIndex(dense=dense, device="cpu")
             for t in ds.turns:
                 index.add(t.id, t.text, t.meta())

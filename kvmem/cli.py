@@ -292,6 +292,9 @@ def search(
 
     view = _view(store, namespace, shared)
     index = MemoryIndex.from_store(view, dense=False if lexical else "auto")
+    why = index.describe().get("lexical_only_because")
+    if why and not lexical:
+        typer.echo(f"kvmem: searching with BM25 only: {why}", err=True)
     for memory_id, score in index.search(query, k=k):
         rec = view.get(memory_id)
         if rec is None:

@@ -213,13 +213,15 @@ class MemoryIndex:
 
     @classmethod
     def from_store(cls, view, **kwargs) -> "MemoryIndex":
-        """An index over every memory a `StoreView` can see; embeddings cached in the store's folder."""
+        """An index over every memory a `StoreView` can see, keyed by qualified ids ``namespace/id`` (the same id
+        may exist in several namespaces: `StoreView.get` reads either form); embeddings cached in the store's
+        folder."""
         root = getattr(getattr(view, "store", None), "root", None)
         if root is not None:
             kwargs.setdefault("embedding_cache", Path(root) / "embeddings.sqlite")
         index = cls(**kwargs)
         for rec in view.ls():
-            index.add(rec.id, rec.text, {**rec.meta, "namespace": rec.namespace})
+            index.add(rec.qualified, rec.text, {**rec.meta, "namespace": rec.namespace})
         return index
 
     def describe(self) -> dict:

@@ -38,6 +38,16 @@ CHANGES_KEPT = 100_000      # change-log entries gc keeps (a reader further behi
 _log = logging.getLogger("kvmem.store")
 
 
+def _is_iso_date(value) -> bool:
+    import datetime
+
+    try:
+        datetime.date.fromisoformat(value.strip()[:10])
+        return True
+    except (AttributeError, ValueError):
+        return False
+
+
 def check_meta(meta: dict | None) -> dict:
     """A copy of a memory's meta, checked where the index reads it (``turn`` orders a session's memories) and
     where the store writes it (JSON)."""
@@ -49,6 +59,13 @@ def check_meta(meta: dict | None) -> dict:
     turn = meta.get("turn")
     if turn is not None and (isinstance(turn, bool) or not isinstance(turn, (int, float))):
         raise CubeError(f"meta['turn'] must be a number (the memory's order in its session), got {turn!r}")
+    speaker = meta.get("speaker")
+    if speaker is not None and (not isinstance(speaker, str) or not speaker.strip()):
+        raise CubeError(f"meta['speaker'] must be a non-empty string (who said the memory), got {speaker!r}")
+    date = meta.get("date")
+    if date is not None and not _is_iso_date(date):
+        raise CubeError(f"meta['date'] must be an ISO date string like '2023-05-08' (the session's date), "
+                        f"got {date!r}")
     try:
         json.dumps(meta, allow_nan=False)
         _check_keys(meta)

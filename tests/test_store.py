@@ -127,3 +127,26 @@ def test_killed_writer_leaves_store_consistent(tmp_path, cube_file):
         os.utime(f, (0, 0))
     store.gc()
     assert {f"cubes/{f.name}" for f in (root / "cubes").iterdir()} == named
+
+
+@pytest.mark.parametrize("meta, match", [({"date": "last Tuesday"}, r"meta\['date'\]"), ({"date": 20230508}, "ISO"),
+                                         ({"speaker": ""}, r"meta\['speaker'\]"), ({"speaker": 7}, "speaker")])
+def test_store_refuses_meta_the_index_cannot_read(tmp_path, meta, match):
+    """A record the index would refuse at search time is refused at write time, so it never breaks a request."""
+    view = kvmem.CubeStore(tmp_path / "s").view("me")
+    with pytest.raises(kvmem.CubeError, match=match):
+        view.add("m", "Caroline went to the support group.", meta)
+    assert view.get("m") is None
+    view.add("m", "Caroline went to the support group.", {"date": "2023-05-08", "speaker": "Caroline"})
+
+
+def test_an_index_over_a_view_keeps_the_same_id_in_two_namespaces_apart(tmp_path):
+    store = kvmem.CubeStore(tmp_path / "s")
+    store.view("public").add("faq", "The office opens at nine.")
+    store.grant("public", "bob")
+    bob = store.view("bob", shared=["public"])
+    bob.add("faq", "Bob's own faq: the kettle is broken.")
+    index = kvmem.MemoryIndex.from_store(bob, dense=False)
+    assert set(index.ids) == {"bob/faq", "public/faq"}
+    (top, _), = index.search("When does the office open?", k=1)
+    assert top == "public/faq" and bob.get(top).text == "The office opens at nine."
