@@ -56,7 +56,7 @@ from transformers import Cache, DynamicCache  # noqa: E402
 
 from kvmem.cache import cache_kwarg, new_cache, output_cache  # noqa: E402
 from kvmem.memory_text import text_of_tokens  # noqa: E402
-from kvmem.prefill import DEFAULT_RECOMPUTE, RECOMPUTE_MODES  # noqa: E402
+from kvmem.prefix import DEFAULT_RECOMPUTE, RECOMPUTE_MODES  # noqa: E402
 from workloads import QUESTIONS, cube_set, questions_of  # noqa: E402
 
 

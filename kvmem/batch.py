@@ -20,7 +20,7 @@ import torch
 from .cache import cache_kwarg, kv_from_cache, new_cache
 from .errors import CubeError
 from .modelinfo import model_device
-from .prefill import DEFAULT_RECOMPUTE, prefill
+from .prefix import DEFAULT_RECOMPUTE, prefill
 from .prefix_cache import fill_static_cache
 
 

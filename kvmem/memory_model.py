@@ -16,7 +16,7 @@ from .cache import cache_kwarg
 from .cube import MemCube
 from .errors import CubeError
 from .modelinfo import check_context, context_length, model_device
-from .prefill import prefill
+from .prefix import prefill
 from .prompt import ChatLayout
 from .recall import Recall
 from .report import GenerationReport

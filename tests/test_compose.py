@@ -103,7 +103,7 @@ def test_full_recompute_budget_equals_full_prefill(family, mode, budget):
 
 
 def test_default_recompute_is_the_documented_leading_budget(llama):
-    from kvmem.prefill import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
+    from kvmem.prefix import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
 
     assert (DEFAULT_RECOMPUTE, RECOMPUTE_MODES[DEFAULT_RECOMPUTE][0]) == ("leading", 32)
     anchor = random_ids(2, seed=1)

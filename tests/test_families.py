@@ -238,7 +238,7 @@ def test_length_dependent_rope_warns_and_refuses_moving(rope):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    prefill_module = importlib.import_module("kvmem.prefill")
+    prefill_module = importlib.import_module("kvmem.prefix")
 
     torch.manual_seed(0)
     config = AutoConfig.for_model("phi3" if rope["rope_type"] == "longrope" else "llama",

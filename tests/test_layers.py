@@ -29,7 +29,7 @@ LAYERS = {
     "kvmem.retrieval_text": OPERATION, "kvmem.scheduler": OPERATION, "kvmem.adapter_bridge": OPERATION,
     "kvmem.recompute": OPERATION, "kvmem.recall": OPERATION, "kvmem.prompt": OPERATION, "kvmem.report": OPERATION,
     # interface: what users call
-    "kvmem": INTERFACE, "kvmem.prefill": INTERFACE, "kvmem.memory_model": INTERFACE, "kvmem.cli": INTERFACE,
+    "kvmem": INTERFACE, "kvmem.prefix": INTERFACE, "kvmem.memory_model": INTERFACE, "kvmem.cli": INTERFACE,
     "kvmem.demo": INTERFACE, "kvmem.integrations": INTERFACE,
     # issue 13's fast path: static prefix cache (cache glue), GQA attention, batched prefill over kvmem.prefill
     "kvmem.prefix_cache": INFRASTRUCTURE, "kvmem.attention": OPERATION, "kvmem.batch": INTERFACE, "kvmem.batch_generate": INTERFACE,

@@ -31,7 +31,7 @@ from kvmem.errors import CubeError
 from kvmem.fingerprint import check_fields, fingerprint_fields
 from kvmem.kernels.splice import splice
 from kvmem.patches import rope_facts
-from kvmem.prefill import prefill
+from kvmem.prefix import prefill
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")  # the store's rule for ids and namespaces
 
