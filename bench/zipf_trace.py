@@ -78,7 +78,7 @@ class FakeView:
 def make_scheduler(policy: str, view, device_budget: int, cpu_budget: int) -> MemScheduler:
     kwargs = {"lru": {"policy": "lru"}, "lfu": {"policy": "lfu"},
               "lfu_no_aging": {"policy": "lfu", "lfu_halve_every": 0}}[policy]
-    return MemScheduler(view, device_budget_bytes=device_budget, cpu_budget_bytes=cpu_budget, promote_after=0,
+    return MemScheduler(view, device_capacity_bytes=device_budget, cpu_capacity_bytes=cpu_budget, promote_after=0,
                         **kwargs)
 
 
@@ -113,7 +113,7 @@ def replay(policy: str, trace: list, drawn_from: list, sizes_bytes: dict, device
         assert cube is not None
         served.append(tier_served)
         for tier in sched.tiers.values():  # the budgets are hard limits
-            assert tier.used <= tier.budget
+            assert tier.used <= tier.capacity
     return served, {k: sched.counters[k] for k in ("bytes_disk_read", "bytes_cpu_to_device")}
 
 
@@ -214,7 +214,7 @@ def main(argv=None):
                 summary = summarise(served, trace, tokens, table, methods, args.warmup)
                 row = {"policy": policy, "scenario": scenario, "zipf_s": s, "phases": phases,
                        "device_budget_frac": dev_frac, "cpu_budget_frac": cpu_frac,
-                       "device_budget_bytes": dev_b, "cpu_budget_bytes": cpu_b, "n_memories": len(sizes),
+                       "device_capacity_bytes": dev_b, "cpu_capacity_bytes": cpu_b, "n_memories": len(sizes),
                        "n_requests": len(trace), "warmup_requests": args.warmup, "seed": args.seed,
                        "ttft_source": source, "tier_methods": methods,
                        **{k: v for k, v in summary["all"].items() if k != "n_requests"},

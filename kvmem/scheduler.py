@@ -1,4 +1,4 @@
-"""MemScheduler: where activation memories live. Tiers device / CPU / disk, each within a byte budget.
+"""MemScheduler: where activation memories live. Tiers device / CPU / disk, each within a byte capacity.
 
 A request asks for a memory's cube: a device hit is ready; a CPU hit is copied to the device (from pinned
 memory on CUDA); a disk hit is loaded and validated from the store. What is fetched is placed in the fastest
@@ -7,7 +7,7 @@ never exceeded: a cube too large for a tier skips it.
 
 LFU counts one use per request, shared by all tiers and kept when a cube is evicted or moves between tiers (so a
 popular cube demoted to CPU memory competes with its history); every ``lfu_halve_every`` requests all counts
-are halved, so popularity that has moved on fades. bench/zipf_trace.py (500 memories, device budget 5% of their
+are halved, so popularity that has moved on fades. bench/zipf_trace.py (500 memories, device capacity 5% of their
 bytes): on steady Zipf traces (s = 1.0-1.2) LFU serves 55-70% of requests from the device tier vs LRU's 40-60%;
 when popularity drifts, 0.53 vs LRU's 0.49 (the same LFU without halving: 0.42, falling phase by phase).
 
@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from ._deprecation import renamed
 from .errors import CubeError
 
 POLICIES = ("lru", "lfu")
@@ -32,8 +33,8 @@ TIERS = ("device", "cpu", "disk")
 
 
 class _Tier:
-    def __init__(self, name: str, budget: int, policy: str, uses: Counter):
-        self.name, self.budget, self.policy = name, budget, policy
+    def __init__(self, name: str, capacity: int, policy: str, uses: Counter):
+        self.name, self.capacity, self.policy = name, capacity, policy
         self.items: OrderedDict[str, object] = OrderedDict()  # least recently used first
         self.sizes: dict[str, int] = {}
         self.used = 0     # bytes held: sum(sizes.values()), kept as items come and go
@@ -63,7 +64,7 @@ class MemScheduler:
     Args:
         view: a `StoreView` (the disk tier), or any object with ``load_cube(memory_id, device=None)``.
         device: the model's device (the device tier).
-        device_budget_bytes, cpu_budget_bytes: tier budgets.
+        device_capacity_bytes, cpu_capacity_bytes: the bytes each memory tier may hold (formerly *_budget_bytes).
         policy: "lfu" (default: fewest uses, counts halved every ``lfu_halve_every`` requests) or "lru".
         lfu_halve_every: requests between halvings of the LFU counts (0: never; then old popularity never fades).
             About twice the number of memories in use is a good value (bench/zipf_trace.py).
@@ -72,23 +73,29 @@ class MemScheduler:
         background: promote in a worker thread instead of on the request's path.
     """
 
-    def __init__(self, view, *, device="cpu", device_budget_bytes: int = 2 * 2**30, cpu_budget_bytes: int = 8 * 2**30,
+    def __init__(self, view, *, device="cpu", device_capacity_bytes: int = 2 * 2**30, cpu_capacity_bytes: int = 8 * 2**30,
                  policy: str = "lfu", lfu_halve_every: int = 1000, promote_after: int = 3,
-                 builder: Callable | None = None, background: bool = False):
+                 builder: Callable | None = None, background: bool = False, **deprecated):
         if not callable(getattr(view, "load_cube", None)):
             raise CubeError(f"MemScheduler needs a store view (kvmem.CubeStore(path).view(namespace)) or an object "
                             f"with load_cube(memory_id), got {type(view).__name__}")
+        device_capacity_bytes = renamed(deprecated, "device_budget_bytes", "device_capacity_bytes",
+                                        device_capacity_bytes, where="MemScheduler()")
+        cpu_capacity_bytes = renamed(deprecated, "cpu_budget_bytes", "cpu_capacity_bytes", cpu_capacity_bytes,
+                                     where="MemScheduler()")
+        if deprecated:
+            raise TypeError(f"MemScheduler() got unexpected keyword arguments {sorted(deprecated)}")
         if policy not in POLICIES:
             raise CubeError(f"policy must be one of {POLICIES}, got {policy!r}")
-        for name, b in (("device_budget_bytes", device_budget_bytes), ("cpu_budget_bytes", cpu_budget_bytes),
+        for name, b in (("device_capacity_bytes", device_capacity_bytes), ("cpu_capacity_bytes", cpu_capacity_bytes),
                         ("lfu_halve_every", lfu_halve_every)):
             if isinstance(b, bool) or not isinstance(b, int) or b < 0:
                 raise CubeError(f"{name} must be an int >= 0, got {b!r}")
         self.view, self.device = view, torch.device(device)
         self.uses: Counter = Counter()
         self.lfu_halve_every, self._requests = lfu_halve_every, 0
-        self.tiers = {"device": _Tier("device", device_budget_bytes, policy, self.uses),
-                      "cpu": _Tier("cpu", cpu_budget_bytes, policy, self.uses)}
+        self.tiers = {"device": _Tier("device", device_capacity_bytes, policy, self.uses),
+                      "cpu": _Tier("cpu", cpu_capacity_bytes, policy, self.uses)}
         self.promote_after, self.builder = promote_after, builder
         self.retrievals: Counter = Counter()
         self.counters = Counter()
@@ -110,9 +117,9 @@ class MemScheduler:
         names = list(self.tiers)
         for name in names[names.index(start):]:
             tier = self.tiers[name]
-            if size > tier.budget:
+            if size > tier.capacity:
                 continue
-            while tier.used + size > tier.budget:
+            while tier.used + size > tier.capacity:
                 victim = tier.victim()
                 evicted = tier.pop(victim)
                 self.counters[f"evictions_{name}"] += 1
@@ -162,7 +169,7 @@ class MemScheduler:
                     cube = tier.items[memory_id]
                     if name == "cpu":  # promote to the device tier if it fits
                         size = tier.sizes[memory_id]
-                        if size <= self.tiers["device"].budget:
+                        if size <= self.tiers["device"].capacity:
                             tier.pop(memory_id)
                             cube = self._move(cube, "device")
                             self.counters["bytes_cpu_to_device"] += size
@@ -180,7 +187,7 @@ class MemScheduler:
             self.counters["hits_disk"] += 1
             size = tier_size(cube)
             self.counters["bytes_disk_read"] += size
-            placed = self._place(memory_id, self._move(cube, "device") if size <= self.tiers["device"].budget
+            placed = self._place(memory_id, self._move(cube, "device") if size <= self.tiers["device"].capacity
                                  else self._move(cube, "cpu"), size, "device")
             return (self.tiers[placed].items[memory_id].to(self.device) if placed else cube.to(self.device)), "disk"
 
@@ -255,7 +262,7 @@ class MemScheduler:
         with self._lock:
             out = dict(self.counters)
             for name, tier in self.tiers.items():
-                out[f"{name}_items"], out[f"{name}_bytes"], out[f"{name}_budget"] = len(tier.items), tier.used, tier.budget
+                out[f"{name}_items"], out[f"{name}_bytes"], out[f"{name}_capacity"] = len(tier.items), tier.used, tier.capacity
             lookups = sum(self.counters[f"hits_{t}"] for t in TIERS) + self.counters["misses"]
             for t in TIERS:
                 out[f"hit_rate_{t}"] = self.counters[f"hits_{t}"] / lookups if lookups else 0.0

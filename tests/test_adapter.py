@@ -96,7 +96,8 @@ def test_hundred_swaps_no_drift_no_growth(adapters, fresh_logits, tokenizer):
 def test_lru_budget_evicts_and_reloads(adapters, fresh_logits, tokenizer):
     ids, expected = fresh_logits
     small = adapters["qv4"][1].nbytes + adapters["mlp8"][1].nbytes
-    mm = kvmem.wrap(tiny_model("llama"), tokenizer, adapter_budget_bytes=small)
+    with pytest.warns(DeprecationWarning, match="adapter_capacity_bytes"):  # the old name still works
+        mm = kvmem.wrap(tiny_model("llama"), tokenizer, adapter_budget_bytes=small)
     for name in ("qv4", "mlp8", "all16", "qv4", "mlp8"):
         mm.use_adapter(adapters[name][1])
         assert mm.adapters.resident_bytes <= max(small, adapters[name][1].nbytes)

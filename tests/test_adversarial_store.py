@@ -379,7 +379,7 @@ def test_re_promoting_a_shared_memory_counts_its_bytes_once():
     """A shared memory's cube is never stored (the namespace is read-only), so it is promoted again and again:
     the CPU tier's byte count must stay the real size (issue: 2,995,200 counted vs 599,040 real after 6)."""
     size = 599_040
-    sched = MemScheduler(_View(), device_budget_bytes=0, cpu_budget_bytes=10 * size, promote_after=1,
+    sched = MemScheduler(_View(), device_capacity_bytes=0, cpu_capacity_bytes=10 * size, promote_after=1,
                          builder=lambda memory_id: _Cube(size))
     for _ in range(6):
         sched.retrieved("team/dog", has_cube=False)

@@ -17,13 +17,13 @@ from helpers import FakeCube, FakeView
 def test_budgets_hold_under_random_trace(policy):
     rng = random.Random(0)
     sizes = {f"m{i}": rng.randint(1, 40) for i in range(60)}
-    sched = MemScheduler(FakeView(sizes), device_budget_bytes=100, cpu_budget_bytes=250, policy=policy)
+    sched = MemScheduler(FakeView(sizes), device_capacity_bytes=100, cpu_capacity_bytes=250, policy=policy)
     for _ in range(3000):
         key = f"m{min(59, int(rng.paretovariate(1.2)) - 1)}" if rng.random() < 0.9 else "absent"
         cube = sched.get(key)
         assert (cube is None) == (key == "absent")
         for tier in sched.tiers.values():
-            assert tier.used == sum(tier.sizes.values()) <= tier.budget
+            assert tier.used == sum(tier.sizes.values()) <= tier.capacity
     stats = sched.stats()
     assert stats["hits_device"] > stats["hits_disk"] > 0 and stats["misses"] > 0
     assert abs(sum(stats[f"hit_rate_{t}"] for t in ("device", "cpu", "disk")) + stats["misses"] / 3000 - 1) < 1e-9
@@ -32,7 +32,7 @@ def test_budgets_hold_under_random_trace(policy):
 def test_lru_and_lfu_evict_what_they_should():
     sizes = {k: 10 for k in "abcd"}
     for policy, expected_gone in (("lru", "a"), ("lfu", "b")):
-        sched = MemScheduler(FakeView(sizes), device_budget_bytes=30, cpu_budget_bytes=0, policy=policy)
+        sched = MemScheduler(FakeView(sizes), device_capacity_bytes=30, cpu_capacity_bytes=0, policy=policy)
         for key in "aaab":
             sched.get(key)
         sched.get("c")
@@ -42,8 +42,8 @@ def test_lru_and_lfu_evict_what_they_should():
         gone = set("abcd") - set(sched.tiers["device"].items)
         assert gone == {"c"} if policy == "lru" else gone == {"c"}
     # a pure frequency/recency disagreement
-    lru = MemScheduler(FakeView(sizes), device_budget_bytes=20, cpu_budget_bytes=0, policy="lru")
-    lfu = MemScheduler(FakeView(sizes), device_budget_bytes=20, cpu_budget_bytes=0, policy="lfu")
+    lru = MemScheduler(FakeView(sizes), device_capacity_bytes=20, cpu_capacity_bytes=0, policy="lru")
+    lfu = MemScheduler(FakeView(sizes), device_capacity_bytes=20, cpu_capacity_bytes=0, policy="lfu")
     for sched in (lru, lfu):
         for key in "aaabc":  # a used 3x long ago, b once recently, then c arrives
             sched.get(key)
@@ -56,7 +56,7 @@ def test_lfu_counts_fade_and_follow_the_cube():
     trace = "a" * 8 + "bc" * 6
     kept = {}
     for halve_every in (0, 4):
-        sched = MemScheduler(FakeView(sizes), device_budget_bytes=20, cpu_budget_bytes=0, policy="lfu",
+        sched = MemScheduler(FakeView(sizes), device_capacity_bytes=20, cpu_capacity_bytes=0, policy="lfu",
                              lfu_halve_every=halve_every)
         for key in trace:
             sched.get(key)
@@ -64,7 +64,7 @@ def test_lfu_counts_fade_and_follow_the_cube():
     assert kept[0] == {"a", "c"}  # counts that never fade: a, hot long ago, holds its slot for ever
     assert kept[4] == {"b", "c"}  # halved counts: the slot goes to what is requested now
     # one count per request, shared by the tiers: a demoted cube keeps its history, misses count nothing
-    sched = MemScheduler(FakeView(sizes), device_budget_bytes=10, cpu_budget_bytes=20, policy="lfu",
+    sched = MemScheduler(FakeView(sizes), device_capacity_bytes=10, cpu_capacity_bytes=20, policy="lfu",
                          lfu_halve_every=0)
     for key in "aaab":
         sched.get(key)
@@ -76,7 +76,7 @@ def test_lfu_counts_fade_and_follow_the_cube():
     assert "absent" not in sched.uses
     sched.forget("a")
     assert "a" not in sched.uses
-    aged = MemScheduler(FakeView(sizes), device_budget_bytes=10, cpu_budget_bytes=0, lfu_halve_every=2)
+    aged = MemScheduler(FakeView(sizes), device_capacity_bytes=10, cpu_capacity_bytes=0, lfu_halve_every=2)
     for key in "abcdef":
         aged.get(key)
     assert len(aged.uses) <= 2  # counts halved to zero are dropped: the table stays small
@@ -86,7 +86,7 @@ def test_lfu_counts_fade_and_follow_the_cube():
 
 def test_demotion_and_oversized_items():
     view = FakeView({"huge": 100, "big": 50, "a": 10, "b": 10, "c": 10})
-    sched = MemScheduler(view, device_budget_bytes=20, cpu_budget_bytes=60)
+    sched = MemScheduler(view, device_capacity_bytes=20, cpu_capacity_bytes=60)
     sched.get("huge")  # fits no memory tier: served from disk, kept nowhere
     assert not any(t.items for t in sched.tiers.values())
     sched.get("big")  # too big for the device tier: lands in the CPU tier
