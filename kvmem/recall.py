@@ -236,7 +236,6 @@ class Recall:
             else:
                 out.texts.append(rec.text)
                 out.as_text.append((qid, rec.blob is not None))
-            self.view.touch(qid)
             out.memories.append({**entry, "source": source})
         return out
 
@@ -256,8 +255,10 @@ class Recall:
         return (cube, tier) if cube is not None else (None, "text")
 
     def after_answer(self, recalled: Recalled) -> None:
-        """Work kept off the request's path: count the text memories' retrievals (promoting the ones retrieved
+        """Work kept off the request's path: count each memory's use in the store, count the text memories' retrievals (promoting the ones retrieved
         often enough into cubes: the scheduler's ``promote_after``), warm the CPU tier with the other top hits."""
+        for memory in recalled.memories:  # use counts are a catalog write each: not before the first token
+            self.view.touch(qualify(memory["namespace"], memory["id"]))
         for qid, has_cube in recalled.as_text:
             self.scheduler.retrieved(qid, has_cube)
         used = {qualify(m["namespace"], m["id"]) for m in recalled.memories}
