@@ -171,6 +171,24 @@ def _warn_length_dependent(model) -> None:
                   "cubes are refused", stacklevel=3)
 
 
+def layout_plan(cubes: list[MemCube]):
+    """Where each of ``cubes`` (built after one shared anchor) lands when composed: the shared anchor once, then
+    each cube's own tokens end to end. Returns (src_start, dst_start, length, delta, spans) as `splice` takes them
+    (delta: how far each cube's keys move), with spans [(start, end)] of each cube's own tokens."""
+    a = cubes[0].anchor_len
+    src_start, dst_start, length, delta, spans = [], [], [], [], []
+    offset = 0
+    for i, c in enumerate(cubes):
+        skip = 0 if i == 0 else a  # the first cube brings the shared anchor
+        src_start.append(skip)
+        dst_start.append(offset)
+        length.append(c.anchor_len + c.num_tokens - skip)
+        delta.append(offset - skip)
+        offset += length[-1]
+        spans.append((offset - c.num_tokens, offset))
+    return src_start, dst_start, length, delta, spans
+
+
 def _compose(model, cubes: list[MemCube], device, dtype, mode: str, budget) -> Prefix:
     """Shared anchor once, then each cube's own tokens, spliced into one buffer with keys re-rotated to where
     they now sit (one kernel launch on CUDA), then the recompute mode's tokens refreshed in place."""
@@ -187,17 +205,8 @@ def _compose(model, cubes: list[MemCube], device, dtype, mode: str, budget) -> P
         raise CubeError(f"composing cubes on this {rope.family} model is not supported: its layers cache keys of "
                         f"(heads, dim) {sorted(k_shapes)} and values of {sorted(v_shapes)}, which kvmem's splice "
                         "cannot lay into one buffer; inject one cube at a time")
-    a = cubes[0].anchor_len
-    src_start, dst_start, length, delta, spans = [], [], [], [], []
-    offset = 0
-    for i, c in enumerate(cubes):
-        skip = 0 if i == 0 else a  # the first cube brings the shared anchor
-        src_start.append(skip)
-        dst_start.append(offset)
-        length.append(c.anchor_len + c.num_tokens - skip)
-        delta.append(offset - skip)
-        offset += length[-1]
-        spans.append((offset - c.num_tokens, offset))
+    src_start, dst_start, length, delta, spans = layout_plan(cubes)
+    offset = dst_start[-1] + length[-1]
     (heads, dim), (_, dim_v) = next(iter(k_shapes)), next(iter(v_shapes))
     n_layers = len(cubes[0].kv)
     dst_k = torch.empty(n_layers, heads, offset, dim, dtype=dtype, device=device)

@@ -13,7 +13,6 @@ import pytest
 from typer.testing import CliRunner
 
 import kvmem
-from helpers import tiny_model
 from kvmem.cli import app
 from test_store_backends import tiny_cube
 
@@ -88,14 +87,6 @@ def test_a_cube_error_inside_a_command_is_one_line(tmp_path):
         (root / f"catalog.sqlite{suffix}").unlink(missing_ok=True)
     _one_line_error(runner.invoke(app, ["search", "text", "--lexical", "--store", str(root)]), "kvmem:")
     _one_line_error(runner.invoke(app, ["rm", "../../etc/passwd", "--store", str(root)]), "kvmem:")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_ask_answers_with_memory_from_the_store(tmp_path, checkpoint):

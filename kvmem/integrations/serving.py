@@ -31,7 +31,7 @@ from kvmem.errors import CubeError
 from kvmem.fingerprint import check_fields, fingerprint_fields
 from kvmem.kernels.splice import splice
 from kvmem.patches import rope_facts
-from kvmem.prefix import prefill
+from kvmem.prefix import layout_plan, prefill
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")  # the store's rule for ids and namespaces
 
@@ -153,16 +153,8 @@ def compose_kv(cubes: Sequence[MemCube], rope, dtype: torch.dtype) -> tuple[torc
     if len(shapes) != 1 or getattr(rope, "rotated_slot", "keys") != "keys":
         raise Refused(f"composing needs every layer's keys and values shaped alike and RoPE on the keys (got heads x "
                       f"dim {sorted(shapes)}); name one cube, or a precomposed one")
-    a = cubes[0].anchor_len
-    src_start, dst_start, length, delta = [], [], [], []
-    offset = 0
-    for i, c in enumerate(cubes):
-        skip = 0 if i == 0 else a  # the first cube brings the shared anchor
-        src_start.append(skip)
-        dst_start.append(offset)
-        length.append(c.anchor_len + c.num_tokens - skip)
-        delta.append(offset - skip)
-        offset += length[-1]
+    src_start, dst_start, length, delta, _spans = layout_plan(cubes)
+    offset = dst_start[-1] + length[-1]
     heads, dim = next(iter(shapes))
     keys = torch.empty(len(cubes[0].kv), heads, offset, dim, dtype=dtype)
     values = torch.empty_like(keys)
