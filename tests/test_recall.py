@@ -148,12 +148,19 @@ def test_changes_by_another_process_are_seen(tmp_path, tokenizer):
     assert "car" not in {m["id"] for m in mm.last.memories}
 
 
-def test_the_same_id_in_two_namespaces_stays_two_memories(tmp_path, tokenizer):
+def _shared_with_family(tmp_path, tokenizer):
+    """A store where namespace "family" (memory "pets": the beagle text) granted "me" read access, and a model
+    attached to the view of "me" with "family" shared."""
     store = kvmem.CubeStore(tmp_path / "s")
     store.view("family").add("pets", LONG["beagle"])
     store.grant("family", "me")
     mm = kvmem.wrap(tiny_model("llama"), tokenizer).attach(store.view("me", shared=["family"]),
                                                            index=kvmem.MemoryIndex(dense=False), promote_after=0)
+    return store, mm
+
+
+def test_the_same_id_in_two_namespaces_stays_two_memories(tmp_path, tokenizer):
+    store, mm = _shared_with_family(tmp_path, tokenizer)
     mm.remember(SHORT["cat"], "pets")
     mm.generate(QUESTION, cubes="auto", evidence=False, max_new_tokens=1)
     first = mm.last.memories[0]
@@ -165,11 +172,7 @@ def test_the_same_id_in_two_namespaces_stays_two_memories(tmp_path, tokenizer):
 
 
 def test_a_revoked_grant_takes_the_shared_memories_away(tmp_path, tokenizer):
-    store = kvmem.CubeStore(tmp_path / "s")
-    store.view("family").add("pets", LONG["beagle"])
-    store.grant("family", "me")
-    mm = kvmem.wrap(tiny_model("llama"), tokenizer).attach(store.view("me", shared=["family"]),
-                                                           index=kvmem.MemoryIndex(dense=False), promote_after=0)
+    store, mm = _shared_with_family(tmp_path, tokenizer)
     mm.remember(LONG["car"], "car")
     mm.generate(QUESTION, cubes="auto", evidence=False, max_new_tokens=1)
     assert ("family", "pets") in {(m["namespace"], m["id"]) for m in mm.last.memories}
