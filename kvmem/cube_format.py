@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 import xxhash
+import safetensors.torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import CubeError
 
@@ -97,36 +98,18 @@ def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.dev
     """
     path = Path(path)
     device = _check_device(device)
-    missing = CubeError(f"no cube at {path}: check the path (build one with `kvmem build`)")
-    try:  # the file may vanish between any two of these steps (a store replacing it): never a raw OSError
-        if path.is_dir():
-            raise CubeError(f"{path} is a folder, not a cube file")
-        size = path.stat().st_size
-        if size < 8:
-            raise CubeError(f"{path} is {'empty' if size == 0 else f'only {size} bytes'}: not a cube "
-                            "(a save that never finished, or the wrong file); rebuild it")
-        _check_header_size(path, size)
-    except FileNotFoundError:
-        raise missing from None
-    except PermissionError:
-        raise CubeError(f"permission denied reading {path}: the cube is not damaged, but this process may not "
-                        "read it; ask its owner for read access (e.g. chmod g+r)") from None
+    data = _read_file(path)
     try:
-        # load_file maps the file lazily: copy into private memory so the bytes checksummed here are the bytes
-        # the model will read, whatever later happens to the file
-        tensors = {name: t.clone() for name, t in load_file(str(path), device="cpu").items()}
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except CubeError:
-        raise
-    except FileNotFoundError:
-        raise missing from None
-    except PermissionError:
-        raise CubeError(f"permission denied reading {path}: the cube is not damaged, but this process may not "
-                        "read it; ask its owner for read access (e.g. chmod g+r)") from None
+        # one read() and safetensors' bytes loader, not a mmap: under memory pressure faulting a mapped file in
+        # page by page cost seconds where one sequential read costs milliseconds. The tensors come out in fresh
+        # private buffers (copies out of ``data``), so the bytes checksummed here are the bytes the model reads,
+        # whatever later happens to the file
+        tensors = safetensors.torch.load(data)
+        header = _header_metadata(data)
     except Exception as exc:  # safetensors raises several types for malformed files
         raise CubeError(f"{path} is not a valid safetensors file ({type(exc).__name__}: {exc}); it is truncated, "
                         "corrupted or another kind of file (kvmem never reads pickles); rebuild the cube") from None
+    del data
     found = header.get("format")
     if found != fmt:
         kind = {"kvmem.memcube": "a MemCube (MemCube.load)", "kvmem.adaptercube": "an AdapterCube (AdapterCube.load)"}
@@ -162,14 +145,38 @@ def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.dev
 MAX_HEADER_BYTES = 100_000_000
 
 
-def _check_header_size(path: Path, size: int) -> None:
-    """Bound the header's declared length by the file's real size before anything is allocated for it."""
-    with open(path, "rb") as f:
-        declared = int.from_bytes(f.read(8), "little")
-    if declared > size - 8 or declared > MAX_HEADER_BYTES:
-        raise CubeError(f"{path} is not a valid safetensors file (its header claims {declared} bytes, the file "
-                        f"has {size}): it is truncated, forged or another kind of file (kvmem never reads "
-                        "pickles); rebuild the cube")
+def _read_file(path: Path) -> bytes:
+    """The whole file, read in one go once its header's declared length is bounded by the file's real size (a
+    forged length is refused before anything is allocated for it). CubeError for every way the read can fail."""
+    try:  # the file may vanish or be replaced at any moment (a store swapping it): never a raw OSError
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CubeError(f"{path} is {'empty' if size == 0 else f'only {size} bytes'}: not a cube "
+                                "(a save that never finished, or the wrong file); rebuild it")
+            declared = int.from_bytes(f.read(8), "little")
+            if declared > size - 8 or declared > MAX_HEADER_BYTES:
+                raise CubeError(f"{path} is not a valid safetensors file (its header claims {declared} bytes, the "
+                                f"file has {size}): it is truncated, forged or another kind of file (kvmem never "
+                                "reads pickles); rebuild the cube")
+            f.seek(0)
+            return f.read()
+    except FileNotFoundError:
+        raise CubeError(f"no cube at {path}: check the path (build one with `kvmem build`)") from None
+    except IsADirectoryError:
+        raise CubeError(f"{path} is a folder, not a cube file") from None
+    except PermissionError:
+        raise CubeError(f"permission denied reading {path}: the cube is not damaged, but this process may not "
+                        "read it; ask its owner for read access (e.g. chmod g+r)") from None
+    except OSError as exc:
+        raise CubeError(f"cannot read {path} ({exc}); check the disk and the path, then retry") from None
+
+
+def _header_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` strings of a safetensors file's header (call after safetensors validated it)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    return header.get("__metadata__") or {}
 
 
 def _check_device(device):
