@@ -8,7 +8,8 @@ import torch
 import transformers.integrations.sdpa_attention as hf_sdpa
 
 import kvmem
-from kvmem.attention import NAME, attend_grouped, register_gqa_attention, use_gqa_attention
+from kvmem.attention import (NAME, Visible, attend_grouped, attend_split, gqa_sdpa_forward, register_gqa_attention,
+                             use_gqa_attention)
 from conftest import FAMILIES, random_ids, tiny_model
 
 
@@ -107,3 +108,94 @@ def test_model_without_registry_support_is_refused():
 
     with pytest.raises(kvmem.CubeError, match="cannot switch its attention"):
         use_gqa_attention(NoRegistry())
+
+
+# ---------------------------------------------------------------- what the mask lets kvmem_sdpa skip
+def _masks():
+    """Boolean masks [b, 1, q, n] of the kinds transformers builds, with their (end, full)."""
+    causal = torch.ones(5, 30, dtype=torch.bool).tril(25)[None, None]  # a request of 5 after a 25-token memory
+    room = torch.cat([causal, torch.zeros(1, 1, 5, 8, dtype=torch.bool)], -1)  # a static cache's unused room
+    window = causal & ~torch.ones(5, 30, dtype=torch.bool).tril(25 - 8)[None, None]  # sliding window of 8
+    padded = causal.repeat(2, 1, 1, 1)
+    padded[1, ..., :4] = False  # row 1 left-padded
+    decode = torch.ones(1, 1, 1, 30, dtype=torch.bool)
+    nothing = torch.zeros(1, 1, 3, 10, dtype=torch.bool)
+    return {"causal": (causal, 30, 26), "room": (room, 30, 26), "window": (window, 30, 0),
+            "padded": (padded, 30, 0), "decode": (decode, 30, 30), "nothing": (nothing, 0, 0)}
+
+
+@pytest.mark.parametrize("kind", list(_masks()))
+def test_visible_reads_the_mask(kind):
+    mask, end, full = _masks()[kind]
+    seen = Visible.of(mask)
+    assert (seen.end, seen.full) == (end, full)
+    # the definition, column by column
+    cols = mask.flatten(0, -2)
+    assert not cols[:, seen.end:].any() and (seen.end == 0 or cols[:, seen.end - 1].any())
+    assert cols[:, :seen.full].all() and (seen.full == seen.end or not cols[:, seen.full].all())
+
+
+def test_visible_reads_an_edited_mask_again():
+    mask = torch.ones(1, 1, 2, 6, dtype=torch.bool)
+    assert Visible.of(mask).full == 6
+    mask[..., 3] = False
+    assert (Visible.of(mask).end, Visible.of(mask).full) == (6, 3)
+
+
+@pytest.mark.parametrize("kind", ["causal", "room", "window", "padded", "decode"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_skipping_what_the_mask_hides_is_exact(kind, dtype):
+    """gqa_sdpa_forward over each mask (sliced room, mask dropped, memory split off) == stock sdpa."""
+    mask = _masks()[kind][0]
+    g = torch.Generator().manual_seed(2)
+    b, q_len, n = mask.shape[0], mask.shape[2], mask.shape[3]
+    q = torch.randn(b, 6, q_len, 16, generator=g).to(dtype)
+    k, v = (torch.randn(b, 2, n, 16, generator=g).to(dtype) for _ in range(2))
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    got, _ = gqa_sdpa_forward(module, q, k, v, mask, scaling=0.25)
+    want, _ = hf_sdpa.sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=_tol(dtype) * 4)
+
+
+def test_split_merges_queries_that_see_none_of_the_tail():
+    """Row 0's queries see only the memory: the kernel reports a log-sum-exp of 0 (not -inf) for them over the
+    tail, which must not enter the merge."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 4, 8, generator=g)
+    k, v = (torch.randn(1, 2, 12, 8, generator=g) for _ in range(2))
+    mask = torch.ones(4, 12, dtype=torch.bool).tril(8)[None, None]
+    mask[..., 0, 8:] = False
+    mask[..., 1, 9:] = False
+    torch.testing.assert_close(attend_split(q, k, v, mask, 8, scale=None), _reference(q, k, v, mask), rtol=0,
+                               atol=_tol(torch.float32))
+
+
+def test_a_request_after_a_prefix_takes_the_split_and_decoding_takes_no_mask(llama, monkeypatch):
+    """On the CPU in float32: the request's forward over a spliced memory runs the split (memory unmasked), and
+    each decode step from a static prefix runs without a mask and without the cache's unused room."""
+    import kvmem.attention as attention
+    from kvmem.prefix_cache import static_prefix
+
+    splits, plain = [], []
+    real_split, real_sdpa = attention.attend_split, torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention, "attend_split", lambda *a, **kw: splits.append(a[4]) or real_split(*a, **kw))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: plain.append((k.shape[2], kw.get("attn_mask") is None))
+                        or real_sdpa(q, k, v, **kw))
+    use_gqa_attention(llama)
+    cube = kvmem.MemCube.from_ids(llama, random_ids(40))
+    query = random_ids(7, seed=4)
+    prefix = static_prefix(llama, kvmem.prefill(llama, cube), max_new_tokens=5, query_len=7)
+    ids = prefix.extend(query)
+    out = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                         pad_token_id=0, cache=prefix.cache)
+    use_gqa_attention(llama, enabled=False)
+    want = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, want)
+    n = prefix.input_ids.shape[1]
+    assert splits and set(splits) == {n + 1}  # the memory (anchor + cube) split off, every layer; the request's
+    # first token is seen by all of the request too
+    decode_calls = [c for c in plain if c[0] > n + 7]
+    assert decode_calls and all(no_mask for _, no_mask in decode_calls)
+    assert max(length for length, _ in decode_calls) == n + 7 + 4  # never the room past the last written token
