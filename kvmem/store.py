@@ -326,13 +326,21 @@ class StoreView:
         catalog.reserve(name, time.time())
         staged = blobs.stage(name)
         try:
-            cube.save(staged)
-            size = blobs.put(name, staged)
+            try:
+                cube.save(staged)
+                size = blobs.put(name, staged)
+            except CubeError:  # already says what and why (a Redis that cannot be reached, a folder path)
+                raise
+            except Exception as exc:  # an OSError, safetensors' own error type, anything from the staged file
+                raise CubeError(f"writing the cube of {self._own}/{memory_id} failed ({type(exc).__name__}: {exc}); "
+                                "nothing was committed: write it again (if a gc with no grace ran beside this "
+                                "write, it removed the unfinished file: give gc a grace, e.g. the default "
+                                "`kvmem gc` keeps 10 minutes)") from None
             now = time.time()
             rec = Record(self._own, memory_id, text, "memcube", meta, cube.fingerprint, cube.num_tokens, size, name,
                          now, now)
             replaced = catalog.upsert(rec)
-        except OSError as exc:  # e.g. gc with no grace removed the unfinished file
+        except OSError as exc:  # the catalog's own files
             self._undo_put(name, staged)
             raise CubeError(f"writing the cube of {self._own}/{memory_id} failed ({exc}); nothing was committed: "
                             "write it again") from None
