@@ -361,6 +361,51 @@ def test_a_read_only_store_can_still_be_listed(shared_tmp, cube):
     assert "CubeError:" in result.stdout and "read-only" in result.stdout
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["no-embedding-cache", "owners-embedding-cache"])
+def test_a_read_only_store_can_be_searched_densely(shared_tmp, cached):
+    """Dense search of a store this process may only read: the owner's embedding cache (if any) is read, what
+    it lacks is embedded and not written; the CLI's search works without --lexical."""
+    from kvmem.encoder import dense_missing
+    from kvmem.index import MemoryIndex
+
+    if dense_missing():
+        pytest.skip(f"dense retrieval needs {dense_missing()}")
+    root = shared_tmp / "s"
+    view = kvmem.CubeStore(root).view("me")
+    view.add("a", "Alice lives in Oslo and works as a carpenter.")
+    view.add("b", "Bob owns a red bicycle with twelve gears.")
+    cache = root / "embeddings.sqlite"
+    if cached:
+        assert MemoryIndex.from_store(view, dense=True).search("Where does Alice live?", k=1)[0][0] == "me/a"
+    view.add("c", "Carol keeps three grey cats in her flat.")  # never embedded by the owner: not in any cache
+    before = cache.read_bytes() if cached else None
+    if os.geteuid() != 0:  # as root, the other user already lacks write access to root's 0644 / 0755 files
+        for path in [root, root / "cubes", *root.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~0o222)
+    result = _run_as_other_user(f"""
+        import kvmem
+        from typer.testing import CliRunner
+        from kvmem.cli import app
+        from kvmem.index import MemoryIndex
+        view = kvmem.CubeStore({str(root)!r}, create=False).view("me")
+        index = MemoryIndex.from_store(view, dense=True)
+        print("dense", index.describe()["dense"], "readonly", index._encoder.cache.readonly)
+        print("top", index.search("Who has cats?", k=1)[0][0], index.search("Where does Alice live?", k=1)[0][0])
+        out = CliRunner().invoke(app, ["search", "Who has cats?", "-k", "1", "--store", {str(root)!r},
+                                       "--namespace", "me"])
+        print("cli", out.exit_code, out.output.strip().splitlines()[-1:])
+    """, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dense True readonly True" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "top me/c me/a" in result.stdout
+    assert "cli 0" in result.stdout and "me/c" in result.stdout.split("cli 0", 1)[1], result.stdout
+    assert "BM25 only" not in result.stdout
+    if cached:
+        assert cache.read_bytes() == before and not Path(f"{cache}-wal").exists()  # nothing was written
+    else:
+        assert not cache.exists()
+
+
 # ---------------------------------------------------------------- scheduler: tier byte counts
 class _Cube:
     def __init__(self, nbytes):
