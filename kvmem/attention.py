@@ -183,6 +183,15 @@ def register_gqa_attention() -> str:
     return NAME
 
 
+def grouped_sdpa(model) -> bool:
+    """Whether ``model`` runs transformers' stock ``sdpa`` and groups its key/value heads (where kvmem_sdpa pays)."""
+    target = base_model(model)
+    config = getattr(target, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    return any(getattr(m, "num_key_value_groups", 1) > 1 for m in target.modules())
+
+
 def use_gqa_attention(model, *, enabled: bool = True) -> str:
     """Switch ``model`` to ``kvmem_sdpa`` (or, with ``enabled=False``, back to stock ``sdpa``).
 

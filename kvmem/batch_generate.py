@@ -10,6 +10,7 @@ from .batch import prefill_batch
 from .cache import cache_kwarg
 from .errors import CubeError
 from .modelinfo import model_device
+from .prefix_cache import sequences_per_prompt, static_capable, static_room
 from .report import GenerationReport
 from .timing import FirstTokenClock
 
@@ -36,9 +37,16 @@ def generate_batch(mm, prompts: list[str], cubes, *, inject: bool, recompute, bu
                                     dropped=r.dropped if r else []) for cubes, r in zip(rows, recalled)]
         if inject and all(rows):
             knobs = {name: v for name, v in (("recompute", recompute), ("budget", budget)) if v is not None}
-            new = kwargs.get("max_new_tokens", mm.model.generation_config.max_new_tokens)
-            batch = prefill_batch(mm.model, rows, queries, max_new_tokens=new or 1, static=bool(new),
+            width = (max(r[0].anchor_len + sum(c.num_tokens for c in r) for r in rows)
+                     + max(q.numel() for q in queries))  # the padded prompt generate starts from
+            room = static_room(mm.model, width, kwargs) if mm.cache == "auto" else None
+            static = room is not None and static_capable(mm.model)
+            batch = prefill_batch(mm.model, rows, queries, max_new_tokens=room if static else 1, static=static,
                                   pad_token_id=pad, tokenizer=mm.tokenizer, **knobs)
+            if static:
+                kwargs["disable_compile"] = kwargs.pop("disable_compile", "compile_config" not in kwargs)
+            elif sequences_per_prompt(mm.model, kwargs) > 1:  # beams / several sequences: one copy per row
+                batch.cache.batch_repeat_interleave(sequences_per_prompt(mm.model, kwargs))
             ids, mask, cache = batch.input_ids, batch.attention_mask, {cache_kwarg(mm.model): batch.cache}
             for b, report in enumerate(reports):
                 report.injected, report.spans = True, batch.spans[b]

@@ -12,11 +12,13 @@ import torch
 from ._deprecation import renamed
 from .adapter import AdapterCube
 from .adapter_bridge import DEFAULT_CAPACITY_BYTES, AdapterBridge
+from .attention import grouped_sdpa, use_gqa_attention
 from .cache import cache_kwarg
 from .cube import MemCube
 from .errors import CubeError
 from .modelinfo import check_context, context_length, model_device
 from .prefix import prefill
+from .prefix_cache import sequences_per_prompt, static_capable, static_prefix, static_room
 from .prompt import ChatLayout
 from .recall import Recall
 from .report import GenerationReport
@@ -25,7 +27,7 @@ from .timing import FirstTokenClock
 
 def wrap(model, tokenizer, *, system_prompt: str | None = None,
          adapter_capacity_bytes: int = DEFAULT_CAPACITY_BYTES, hotswap: bool = False, max_rank: int | None = None,
-         **deprecated) -> "MemoryModel":
+         attention: str = "auto", cache: str = "auto", **deprecated) -> "MemoryModel":
     """Wrap ``model`` and ``tokenizer`` so that ``generate(prompt, cubes=[...])`` injects memory cubes.
 
     Args:
@@ -37,6 +39,13 @@ def wrap(model, tokenizer, *, system_prompt: str | None = None,
             formerly ``adapter_budget_bytes``.
         hotswap: one adapter slot overwritten in place (no recompilation of a torch.compile'd model; adapters
             must target the same modules with rank <= the slot's, see ``max_rank``).
+        attention: "auto" switches a model on stock ``sdpa`` whose layers group key/value heads (GQA) to
+            ``kvmem_sdpa`` (`kvmem.attention`: same results, the memory's KV heads never expanded; this changes
+            ``model`` itself); "keep" leaves the model's attention as it is.
+        cache: "auto" moves the prefix into a static cache sized for the request and its new tokens when
+            generation has a length bound and one sequence per prompt (no copy of the memory per decode step;
+            transformers' auto-compile of static-cache decoding stays off unless you pass ``compile_config``),
+            else a DynamicCache; "dynamic" always uses a DynamicCache, as `kvmem.prefill` returns.
 
     Example:
         >>> mm = kvmem.wrap(model, tokenizer)
@@ -52,7 +61,7 @@ def wrap(model, tokenizer, *, system_prompt: str | None = None,
     if not callable(tokenizer):
         raise CubeError(f"wrap needs a tokenizer, got {type(tokenizer).__name__}")
     return MemoryModel(model, tokenizer, system_prompt=system_prompt, adapter_capacity_bytes=adapter_capacity_bytes,
-                       hotswap=hotswap, max_rank=max_rank)
+                       hotswap=hotswap, max_rank=max_rank, attention=attention, cache=cache)
 
 
 class MemoryModel:
@@ -60,7 +69,13 @@ class MemoryModel:
 
     def __init__(self, model, tokenizer, *, system_prompt: str | None = None,
                  adapter_capacity_bytes: int = DEFAULT_CAPACITY_BYTES, hotswap: bool = False,
-                 max_rank: int | None = None):
+                 max_rank: int | None = None, attention: str = "auto", cache: str = "auto"):
+        if attention not in ("auto", "keep") or cache not in ("auto", "dynamic"):
+            raise CubeError(f"attention must be 'auto' or 'keep' and cache 'auto' or 'dynamic', got {attention!r} "
+                            f"and {cache!r}")
+        if attention == "auto" and grouped_sdpa(model):
+            use_gqa_attention(model)
+        self.cache = cache
         self.adapters = AdapterBridge(model, capacity_bytes=adapter_capacity_bytes, hotswap=hotswap,
                                       max_rank=max_rank)
         self.tokenizer = tokenizer
@@ -180,10 +195,11 @@ class MemoryModel:
                                   **kwargs)
         if not isinstance(prompt, str):
             raise CubeError(f"prompt must be a string, got {type(prompt).__name__}")
-        for key in ("input_ids", "past_key_values", "cache"):
+        for key in ("input_ids", "past_key_values", "cache", "cache_implementation"):
             if key in kwargs:
-                raise CubeError(f"do not pass {key}= to MemoryModel.generate: it builds them from prompt and cubes "
-                                "(call model.generate yourself with kvmem.prefill for full control)")
+                raise CubeError(f"do not pass {key}= to MemoryModel.generate: it builds the inputs and the cache "
+                                "from prompt and cubes (wrap(..., cache='dynamic') for a DynamicCache; call "
+                                "model.generate yourself with kvmem.prefill for full control)")
         if isinstance(adapter, str) and adapter != "keep":
             raise CubeError(f"adapter must be an AdapterCube, None or 'keep', got {adapter!r}")
         if isinstance(cubes, str) and cubes != "auto":
@@ -196,7 +212,7 @@ class MemoryModel:
                                                         min_score=min_score, evidence=evidence)
                 cubes = recalled.cubes
             ids, report, options = self._prefill(prompt, cubes, recalled.texts if recalled else [], inject,
-                                                 recompute, budget)
+                                                 recompute, budget, kwargs)
             out = self._generate(ids, clock, **options, **kwargs)
             report.ttft_s = clock.ttft_s
             if recalled is not None:
@@ -214,8 +230,8 @@ class MemoryModel:
                 return int(value)
         return 0
 
-    def _prefill(self, prompt: str, cubes, texts: list[str], inject: bool, recompute, budget):
-        """The ids to generate from, the report so far, and generate's cache kwarg (when cubes are spliced)."""
+    def _prefill(self, prompt: str, cubes, texts: list[str], inject: bool, recompute, budget, gen_kwargs: dict):
+        """The ids to generate from, the report so far, and generate's cache options (when cubes are spliced)."""
         cubes = self.layout.fit(cubes)
         device = model_device(self.model)
         report = GenerationReport(cube_names=[c.name for c in cubes])
@@ -225,6 +241,13 @@ class MemoryModel:
             prefix = prefill(self.model, cubes, tokenizer=self.tokenizer, **knobs)
             own = [self.layout.memory_ids(t) for t in texts] + [self.request_ids(prompt)]
             ids = prefix.extend(torch.cat(own).to(device))
+            room = static_room(self.model, ids.shape[1], gen_kwargs) if self.cache == "auto" else None
+            if room is not None and static_capable(self.model):
+                prefix = static_prefix(self.model, prefix, max_new_tokens=room,
+                                       query_len=ids.shape[1] - prefix.num_tokens)
+                options["disable_compile"] = gen_kwargs.pop("disable_compile", "compile_config" not in gen_kwargs)
+            elif sequences_per_prompt(self.model, gen_kwargs) > 1:  # beams / several sequences: one copy per row
+                prefix.cache.batch_repeat_interleave(sequences_per_prompt(self.model, gen_kwargs))
             options[cache_kwarg(self.model)] = prefix.cache
             report.injected, report.spans = True, prefix.spans
             report.prefilled_tokens = ids.shape[1] - prefix.num_tokens

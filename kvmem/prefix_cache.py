@@ -109,6 +109,50 @@ def _fill_layer(layer: StaticLayer, kv: list[tuple[torch.Tensor, torch.Tensor]],
         layer.cumulative_length_int = longest
 
 
+# generate options under which a cache sized for one sequence of known length is not what generate needs
+_OWN_CACHE = ("assistant_model", "prompt_lookup_num_tokens", "cache_implementation", "return_legacy_cache")
+
+
+def static_room(model, prompt_len: int, generate_kwargs: dict) -> int | None:
+    """How many new tokens a static prefix cache must leave room for, given the options ``model.generate`` will
+    get; None when a static cache is not the right one: beams or several sequences per prompt (generate grows
+    the batch), assisted/lookup decoding, a cache implementation of the caller's, or no length bound.
+
+    Args:
+        model: the transformers model (its generation_config fills in what ``generate_kwargs`` leaves out).
+        prompt_len: tokens of the prompt (prefix + request) generate starts from.
+        generate_kwargs: the keyword arguments for ``model.generate``.
+    """
+    config = getattr(model, "generation_config", None)
+    if sequences_per_prompt(model, generate_kwargs) != 1:
+        return None
+    if any(generate_kwargs.get(name) is not None for name in _OWN_CACHE) or generate_kwargs.get("generation_config"):
+        return None
+    new = generate_kwargs.get("max_new_tokens")
+    if new is None and generate_kwargs.get("max_length") is not None:
+        new = generate_kwargs["max_length"] - prompt_len
+    if new is None:
+        new = getattr(config, "max_new_tokens", None)
+    if new is None and getattr(config, "max_length", None) is not None:
+        new = config.max_length - prompt_len
+    return new if isinstance(new, int) and not isinstance(new, bool) and new >= 1 else None
+
+
+def sequences_per_prompt(model, generate_kwargs: dict) -> int:
+    """How many rows ``model.generate`` makes of each prompt row (beams, returned sequences): a cache passed in
+    must be repeated that many times, since generate expands the inputs but not a cache of the caller's."""
+    config = getattr(model, "generation_config", None)
+    option = lambda name: generate_kwargs.get(name) or getattr(config, name, None) or 1  # noqa: E731
+    return max(option("num_beams"), option("num_return_sequences"))
+
+
+def static_capable(model) -> bool:
+    """Whether every cache layer transformers' StaticCache makes for ``model`` is one `fill_static_cache` fills
+    (full or sliding-window attention; not linear-attention or other hybrid layers)."""
+    layers = StaticCache(config=base_model(model).config, max_cache_len=1).layers  # storage allocated lazily
+    return all(type(layer) in (StaticLayer, StaticSlidingWindowLayer) for layer in layers)
+
+
 def layer_devices(model, n_layers: int) -> list[torch.device]:
     """Per cache layer, the device its attention computes keys on: accelerate's execution device when the model
     is dispatched with hooks (``device_map``, CPU/disk offload; the hook may sit on the attention, a module inside

@@ -65,3 +65,17 @@ def test_bad_batches_are_refused(mm):
         mm.generate(PROMPTS[:2], [None], max_new_tokens=1)
     with pytest.raises(kvmem.CubeError, match="non-empty list"):
         mm.generate([], None, max_new_tokens=1)
+
+
+def test_beams_and_max_length_in_a_batch(mm):
+    """Beam search repeats each row's cache (DynamicCache path); max_length sizes the static cache's room."""
+    cubes = [mm.build_cube(t, name=f"n{i}") for i, t in enumerate(NOTES[:2])]
+    out = mm.generate(PROMPTS[:2], [[cubes[0]], [cubes[1]]], max_new_tokens=4, num_beams=2, do_sample=False)
+    width = mm.last.prompt_tokens
+    for b in range(2):
+        assert torch.equal(out[b, width:], _alone(mm, PROMPTS[b], [cubes[b]], new=4, num_beams=2, inject=False))
+    out = mm.generate(PROMPTS[:2], [[cubes[0]], [cubes[1]]], max_length=mm.last.prompt_tokens + 5, do_sample=False)
+    width = mm.last.prompt_tokens
+    assert out.shape[1] == width + 5
+    for b in range(2):
+        assert torch.equal(out[b, width:], _alone(mm, PROMPTS[b], [cubes[b]], new=5))
