@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import torch
 import xxhash
 
 from .errors import CubeError, FingerprintMismatch
-from .modelinfo import text_config
+from .modelinfo import base_model, text_config
 
 FIELDS = ("model", "weights", "tokenizer", "adapter")
 
@@ -48,19 +49,18 @@ def _is_adapter_param(name: str) -> bool:
     return "lora_" in name or "modules_to_save" in name
 
 
-def _samples(tensors: list[torch.Tensor]) -> tuple[str, list[torch.Tensor]]:
-    """Shapes as text, and an evenly spaced sample of every tensor (float32 on the CPU). The samples are strided
-    views gathered by one ``torch.cat`` and fetched in one device->host copy: a few ms for a whole model."""
-    shapes, views, counts = [], [], []
-    for t in tensors:
-        flat = t.detach().reshape(-1)
-        stride = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        view = flat[::stride][:_SAMPLES_PER_TENSOR].to(torch.float32)
-        views.append(view)
-        counts.append(view.numel())
-        shapes.append(f"{tuple(t.shape)}")
-    values = torch.cat(views).cpu() if views else torch.zeros(0)
-    return ";".join(shapes), list(torch.split(values, counts)) if views else []
+def _samples(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """An evenly spaced sample of every tensor (float32 on the CPU). The samples are strided views gathered by
+    one ``torch.cat`` per device and fetched in one device->host copy each: a few ms for a whole model."""
+    views = [t.detach().reshape(-1)[::max(1, t.numel() // _SAMPLES_PER_TENSOR)][:_SAMPLES_PER_TENSOR]
+             .to(torch.float32) for t in tensors]
+    out: list[torch.Tensor | None] = [None] * len(views)
+    for device in {v.device for v in views}:  # a model split across devices (accelerate's device_map)
+        idx = [i for i, v in enumerate(views) if v.device == device]
+        values = torch.cat([views[i] for i in idx]).cpu()
+        for i, sample in zip(idx, torch.split(values, [views[i].numel() for i in idx])):
+            out[i] = sample
+    return out
 
 
 def _hash(*parts: bytes) -> str:
@@ -111,7 +111,40 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, str(t.device), version)
 
 
-def _digests(tensors: list[torch.Tensor]) -> dict[str, str]:
+class _OffloadedFile:
+    """A weight accelerate keeps on disk (``offload_folder``): read through its ``OffloadedWeightsLoader`` when it
+    must be hashed, and otherwise identified by the file's stat, so the per-call check reads no weight bytes."""
+
+    def __init__(self, loader, key: str, param: torch.Tensor):
+        self.loader, self.key, self.shape, self.dtype = loader, key, tuple(param.shape), param.dtype
+
+    def stamp(self) -> tuple:
+        entry = self.loader.index[self.key]
+        if entry.get("safetensors_file") is not None:
+            path, inner = entry["safetensors_file"], entry.get("weight_name", self.key)
+        else:
+            path, inner = os.path.join(self.loader.save_folder, f"{self.key}.dat"), None
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise CubeError(f"the disk-offloaded weight {self.key!r} cannot be read ({e}): its offload folder was "
+                            "removed or moved; dispatch the model again (accelerate.dispatch_model / "
+                            "from_pretrained(device_map=..., offload_folder=...))") from None
+        return (path, inner, st.st_ino, st.st_size, st.st_mtime_ns, entry.get("dtype"), self.shape, self.dtype)
+
+    def digests(self) -> dict[str, str | None]:
+        """The weight's full digests: cached on the loader under the file's stat; hashed in full when it moves."""
+        cache = self.loader.__dict__.setdefault("_kvmem_digests", {})
+        stamp = self.stamp()
+        cached = cache.get(self.key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        digests = _full_digests([_as_held(self.loader[self.key], self.dtype)])[0]
+        cache[self.key] = (stamp, digests)
+        return digests
+
+
+def _digests(tensors: list) -> dict[str, str]:
     """Digests over every element of ``tensors`` ("exact" and one per canonical dtype), at a per-call cost of a
     sample, not of the model's size.
 
@@ -121,16 +154,23 @@ def _digests(tensors: list[torch.Tensor]) -> dict[str, str]:
     when the sample differs (in-place edits through ``.data``, which leave ``_version`` as it was, e.g. PEFT's
     merge: they change nearly every element). What no cheap check sees is a ``.data`` edit of a few elements
     that all miss the sample; after such an edit, call `forget_digests` (or edit without ``.data``).
+    A disk-offloaded weight (an `_OffloadedFile`) is hashed again when its file's stat changes (path, inode,
+    size, modification time); nothing of it is read otherwise.
     """
+    in_memory = [i for i, t in enumerate(tensors) if isinstance(t, torch.Tensor)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # hundreds of tiny gathers: a thread pool only adds barrier waits
     try:
-        shapes, samples = _samples(tensors)
+        samples = dict(zip(in_memory, _samples([tensors[i] for i in in_memory])))
     finally:
         torch.set_num_threads(threads)
+    shapes = ";".join(f"{tuple(t.shape)}" for t in tensors)
     per, stale = [], []
-    for i, (t, sample) in enumerate(zip(tensors, samples)):
-        key, bits = _tensor_key(t), sample.view(torch.int32)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            per.append(t.digests())
+            continue
+        key, bits = _tensor_key(t), samples[i].view(torch.int32)
         cached = getattr(t, "_kvmem_digests", None)
         if cached is None or cached[0] != key or not torch.equal(cached[1], bits):
             stale.append((i, key, bits.clone()))
@@ -150,11 +190,93 @@ def _digests(tensors: list[torch.Tensor]) -> dict[str, str]:
     return out
 
 
+def _hooks(module) -> list:
+    """accelerate's hooks on ``module`` (a SequentialHook's members one by one)."""
+    hook = getattr(module, "_hf_hook", None)
+    return [] if hook is None else list(getattr(hook, "hooks", [hook]))
+
+
+def _as_held(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` in the dtype the model holds it in (accelerate casts an offloaded float weight so on loading)."""
+    return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+
+
+def _offloaded_value(weights_map, key: str, param: torch.Tensor):
+    """What an accelerate offload hook's ``weights_map`` holds under ``key``: a tensor in memory (CPU offload),
+    an `_OffloadedFile` (disk offload), or None. Read without loading a disk-offloaded weight."""
+    from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
+
+    while isinstance(weights_map, PrefixedDataset):
+        key, weights_map = weights_map.prefix + key, weights_map.dataset
+    if isinstance(weights_map, OffloadedWeightsLoader):
+        if key in weights_map.state_dict:
+            return _as_held(weights_map.state_dict[key], param.dtype)
+        return _OffloadedFile(weights_map, key, param) if key in weights_map.index else None
+    try:
+        value = weights_map[key]
+    except (KeyError, TypeError):
+        return None
+    return _as_held(value, param.dtype) if isinstance(value, torch.Tensor) else None
+
+
+def _real_weight(modules: dict, name: str, param: torch.Tensor):
+    """The real value of the offloaded (meta) parameter ``name``, from the accelerate hook that loads it before
+    each forward (on its module or, with ``place_submodules``, on an ancestor); None when no hook holds it."""
+    parts = name.split(".")
+    for j in range(len(parts) - 1, -1, -1):  # nearest module first
+        for hook in _hooks(modules.get(".".join(parts[:j]))):
+            if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
+                value = _offloaded_value(hook.weights_map, ".".join(parts[j:]), param)
+                if value is not None:
+                    return value
+    return None
+
+
+def _weights(model, adapter: bool) -> list[tuple[str, object]]:
+    """(name, weight) of every base (or, with ``adapter``, adapter) weight of ``model`` as the model computes with
+    it: the parameter, or for one accelerate offloaded (held as ``meta``), the value its hook loads before each
+    forward. A weight tied to one listed before it is listed once, as the model does when it is not offloaded."""
+    base = base_model(model)
+    named = [(n, p) for n, p in base.named_parameters() if _is_adapter_param(n) == adapter]
+    offloaded = {n for n, p in named if p.device.type == "meta"}
+    if not offloaded:
+        return named
+    modules = dict(base.named_modules())
+    tied = getattr(base, "all_tied_weights_keys", None) or {}
+    tied = {**tied, **{source: target for target, source in tied.items()}}  # both ways
+    out, seen = [], set()
+    for name, p in named:
+        partner = tied.get(name)
+        if partner in seen and offloaded & {name, partner}:  # offloading unties them; the plain model lists one
+            continue
+        if name in offloaded:
+            p = _real_weight(modules, name, p)
+            if p is None:
+                raise CubeError(f"weight {name!r} is on the meta device and no accelerate offload hook holds its "
+                                "value, so kvmem cannot fingerprint it: load the model's weights (from_pretrained "
+                                "without init_empty_weights, or dispatch it with accelerate: dispatch_model, "
+                                "cpu_offload, device_map=...) before building or injecting cubes")
+        seen.add(name)
+        out.append((name, p))
+    return out
+
+
 def forget_digests(model) -> None:
-    """Drop the cached weight digests of ``model``, so the next fingerprint hashes every weight again."""
+    """Drop the cached weight digests of ``model``, so the next fingerprint hashes every weight again (offloaded
+    ones included: after editing an offload folder's files in place, call this)."""
     for p in model.parameters():
         if hasattr(p, "_kvmem_digests"):
             del p._kvmem_digests
+    for module in base_model(model).modules():
+        for hook in _hooks(module):
+            weights_map = getattr(hook, "weights_map", None)
+            while hasattr(weights_map, "dataset"):
+                weights_map = weights_map.dataset
+            for value in [*getattr(weights_map, "state_dict", {}).values(),
+                          *(weights_map.values() if isinstance(weights_map, dict) else [])]:
+                if hasattr(value, "_kvmem_digests"):
+                    del value._kvmem_digests
+            getattr(weights_map, "__dict__", {}).pop("_kvmem_digests", None)
 
 
 def weights_digest(model) -> dict:
@@ -166,8 +288,11 @@ def weights_digest(model) -> dict:
     ``bf16``), so a cube explicitly cast to a model's dtype (``MemCube.load(path, dtype=...)``, recorded as
     ``meta['cast_from']``) is matched to it (`same_weights`). ``dtype`` says which dtype ``exact`` was taken in;
     ``coverage`` "full" tells these digests from the sampled ones older kvmem versions recorded.
+
+    A model dispatched with accelerate is hashed as it computes: offloaded weights (``meta`` in the model) are
+    read through their hooks, so the digest equals the same checkpoint's when it is not offloaded.
     """
-    params = [p for name, p in model.named_parameters() if not _is_adapter_param(name)]
+    params = [p for _, p in _weights(model, adapter=False)]
     dtypes = sorted({str(p.dtype) for p in params})
     return {**_digests(params), "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes), "coverage": "full"}
 
@@ -227,8 +352,7 @@ def adapter_facts(model) -> dict | None:
     active = list(layers[0].active_adapters)
     if not active:
         return None
-    params = [p for name, p in model.named_parameters()
-              if _is_adapter_param(name) and any(f".{a}." in f"{name}." for a in active)]
+    params = [p for name, p in _weights(model, adapter=True) if any(f".{a}." in f"{name}." for a in active)]
     configs = getattr(model, "peft_config", None) or {}
     facts = [adapter_config_facts(configs.get(a)) if isinstance(configs, dict) and a in configs else None
              for a in active]

@@ -135,3 +135,80 @@ def test_fp32_cube_on_bf16_model(cube):
     bf16 = tiny_model("llama", dtype=torch.bfloat16)
     with pytest.raises(CubeError, match=r"dtype"):
         kvmem.prefill(bf16, cube)
+
+
+# ---------------------------------------------------------------------------------------------- accelerate offload
+# layer 1 and (with ``embed``) the embeddings on disk, the rest in memory: both offload kinds in one model
+OFFLOAD_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+               "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+
+
+def _dispatched(how: str, folder, **overrides):
+    from accelerate import cpu_offload, dispatch_model
+
+    model = tiny_model("llama", **overrides)
+    if how == "cpu":
+        return cpu_offload(model, execution_device=torch.device("cpu"))
+    device_map = dict(OFFLOAD_MAP, **({"model.embed_tokens": "disk"} if how == "disk+embed" else {}))
+    return dispatch_model(model, device_map=device_map, offload_dir=str(folder))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("how", ["cpu", "disk", "disk+embed"])
+def test_offloaded_weights_hash_as_the_plain_checkpoint(how, tied, tmp_path):
+    """Offloaded weights are meta in the model: the digest reads them through accelerate's hooks, so it equals
+    the same checkpoint's when not offloaded (tied embeddings, which offloading unties, counted once)."""
+    from kvmem.fingerprint import fingerprint_fields, fingerprint_id, weights_digest
+
+    model = _dispatched(how, tmp_path, tie_word_embeddings=tied)
+    assert any(p.device.type == "meta" for p in model.parameters())
+    plain = tiny_model("llama", tie_word_embeddings=tied)
+    assert weights_digest(model) == weights_digest(plain)
+    assert fingerprint_id(fingerprint_fields(model)) == fingerprint_id(fingerprint_fields(plain))
+    other = tiny_model("llama", seed=1, tie_word_embeddings=tied)
+    assert weights_digest(_dispatched(how, tmp_path / "other", seed=1, tie_word_embeddings=tied)) \
+        == weights_digest(other) != weights_digest(plain)
+
+
+def test_disk_offloaded_weights_are_read_once(tmp_path, monkeypatch):
+    """The per-call check of a disk-offloaded weight is its file's stat: no byte of the offload folder is read
+    again until a file changes, and then only that weight is hashed again."""
+    import numpy as np
+    from accelerate.utils.offload import OffloadedWeightsLoader
+
+    from kvmem.fingerprint import forget_digests, weights_digest
+
+    model = _dispatched("disk", tmp_path)
+    reads = []
+    loader_get = OffloadedWeightsLoader.__getitem__
+    monkeypatch.setattr(OffloadedWeightsLoader, "__getitem__", lambda self, key: reads.append(key) or
+                        loader_get(self, key))
+    first = weights_digest(model)
+    n_disk = len(reads)
+    assert n_disk == 9  # layer 1: q, k, v, o, gate, up, down and two norms, each read once
+    assert weights_digest(model) == first and len(reads) == n_disk  # the second call reads nothing
+    name = "model.layers.1.mlp.down_proj.weight"
+    data = np.memmap(tmp_path / f"{name}.dat", dtype=np.float32, mode="r+")
+    data[7] += 1e-3  # one element of one offloaded matrix, edited in the offload folder
+    data.flush()
+    del data
+    import os
+
+    os.utime(tmp_path / f"{name}.dat", ns=(1, 1))  # a new modification time, even on a coarse-clock file system
+    edited = weights_digest(model)
+    assert edited != first and reads[n_disk:] == [name]
+    forget_digests(model)
+    assert weights_digest(model) == edited and len(reads) == n_disk + 1 + n_disk
+
+
+def test_meta_weights_no_hook_holds_are_refused():
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_config
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    with pytest.raises(CubeError, match=r"meta device and no accelerate offload hook holds its value.*load the "
+                                        r"model's weights"):
+        kvmem.MemCube.from_ids(empty, random_ids(4))
