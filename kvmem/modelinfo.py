@@ -18,9 +18,35 @@ def text_config(model):
 
 
 def dtype_device(model) -> tuple[torch.dtype, torch.device]:
-    """The dtype and device of ``model``'s first parameter (PEFT-wrapped or not): where its KV is computed."""
-    p = next(base_model(model).parameters())
-    return p.dtype, p.device
+    """The dtype and device of ``model``'s first parameter (PEFT-wrapped or not): where its KV is computed.
+
+    For a model dispatched with accelerate whose first weight is offloaded (``meta``), the device is the execution
+    device of accelerate's hooks (the model's own first, else that of the module holding the weight): where the
+    model takes its inputs."""
+    base = base_model(model)
+    p = next(base.parameters())
+    if p.device.type != "meta":
+        return p.dtype, p.device
+    holder = next((m for m in base.modules() if any(q is p for q in m.parameters(recurse=False))), None)
+    for module in (base, holder):
+        device = _execution_device(module)
+        if device is not None:
+            return p.dtype, device
+    from .errors import CubeError
+
+    raise CubeError("the model's weights are on the meta device and no accelerate hook says where it runs: load "
+                    "its weights (from_pretrained without init_empty_weights) or dispatch it with accelerate "
+                    "(dispatch_model, cpu_offload, device_map=...)")
+
+
+def _execution_device(module) -> torch.device | None:
+    """The execution device of accelerate's hook on ``module`` (a SequentialHook's first that has one)."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return None
 
 
 def model_device(model) -> torch.device:

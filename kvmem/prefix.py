@@ -23,7 +23,8 @@ from .cache import cache_layout, new_cache
 from .cube import MemCube
 from .errors import CubeError
 from .fingerprint import check_fields, fingerprint_fields
-from .modelinfo import check_context, dtype_device, text_config
+from .modelinfo import base_model, check_context, dtype_device, text_config
+from .prefix_cache import layer_devices
 from .recompute import recompute as _recompute
 
 # mode -> (default budget, what the budget means)
@@ -131,12 +132,22 @@ def prefill(model, cubes, *, recompute: str = DEFAULT_RECOMPUTE, budget: int | f
     check_context(model, cubes[0].anchor_len + sum(c.num_tokens for c in cubes), "the composed prefix",
                   "inject fewer or shorter cubes")
 
+    devices = _kv_devices(model, len(cubes[0].kv), device)
     if len(cubes) == 1:
         c = cubes[0]
-        kv = [(k.to(device, non_blocking=True)[None], v.to(device, non_blocking=True)[None]) for k, v in c.kv]
+        kv = [(k.to(d, non_blocking=True)[None], v.to(d, non_blocking=True)[None]) for (k, v), d in zip(c.kv, devices)]
         ids = c.all_ids.to(device)
         return Prefix(new_cache(model, kv), ids, [(c.anchor_len, c.anchor_len + c.num_tokens)], [c.name])
-    return _compose(model, cubes, device, dtype, recompute, budget)
+    return _compose(model, cubes, device, devices, dtype, recompute, budget)
+
+
+def _kv_devices(model, n_layers: int, device: torch.device) -> list[torch.device]:
+    """Where each of ``n_layers`` cache layers' KV must sit: ``device`` (the model's) for a model in one place; for
+    one dispatched with accelerate (device_map, CPU/disk offload), the device each layer's attention runs on."""
+    base = base_model(model)
+    if not (hasattr(base, "_hf_hook") or getattr(base, "hf_device_map", None)):
+        return [device] * n_layers  # not dispatched: skip the module walk (about 1 ms for 30 layers)
+    return [device if d.type == "meta" else d for d in layer_devices(model, n_layers)]
 
 
 def _check_layout(model, cube: MemCube) -> None:
@@ -189,9 +200,15 @@ def layout_plan(cubes: list[MemCube]):
     return src_start, dst_start, length, delta, spans
 
 
-def _compose(model, cubes: list[MemCube], device, dtype, mode: str, budget) -> Prefix:
-    """Shared anchor once, then each cube's own tokens, spliced into one buffer with keys re-rotated to where
-    they now sit (one kernel launch on CUDA), then the recompute mode's tokens refreshed in place."""
+def _compose(model, cubes: list[MemCube], device, devices, dtype, mode: str, budget) -> Prefix:
+    """Shared anchor once, then each cube's own tokens, spliced into one buffer on the model's ``device`` with keys
+    re-rotated to where they now sit (one kernel launch on CUDA), then the recompute mode's tokens refreshed in
+    place; each layer's KV is then moved to its own device (``devices``: where a dispatched model runs it)."""
+    if mode != "none" and any(d != device for d in devices):
+        raise CubeError(f"recompute={mode!r} on a model whose layers run on several devices "
+                        f"({', '.join(sorted({str(d) for d in devices}))}) is not supported yet: the recompute pass "
+                        "writes every layer's KV into one buffer on the model's device; compose with "
+                        "recompute='none', or inject one cube at a time")
     anchor = cubes[0].anchor_ids
     for c in cubes[1:]:
         if not torch.equal(c.anchor_ids, anchor):
@@ -220,5 +237,5 @@ def _compose(model, cubes: list[MemCube], device, dtype, mode: str, budget) -> P
            delta=delta, inv_freq=rope.inv_freq, interleaved=rope.interleaved)
     ids = torch.cat([anchor[0]] + [c.input_ids[0] for c in cubes])[None].to(device)
     n = _recompute(model, dst_k, dst_v, ids, spans, mode=mode, budget=budget)
-    kv = [(dst_k[i][None], dst_v[i][None]) for i in range(n_layers)]
+    kv = [(dst_k[i][None].to(d), dst_v[i][None].to(d)) for i, d in zip(range(n_layers), devices)]
     return Prefix(new_cache(model, kv), ids, spans, [c.name for c in cubes], recomputed=n)
