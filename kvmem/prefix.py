@@ -204,7 +204,7 @@ def _compose(model, cubes: list[MemCube], device, devices, dtype, mode: str, bud
     """Shared anchor once, then each cube's own tokens, spliced into one buffer on the model's ``device`` with keys
     re-rotated to where they now sit (one kernel launch on CUDA), then the recompute mode's tokens refreshed in
     place; each layer's KV is then moved to its own device (``devices``: where a dispatched model runs it)."""
-    if mode != "none" and any(d != device for d in devices):
+    if mode != "none" and len({(d.type, d.index or 0) for d in [device, *devices]}) > 1:  # "cuda" is "cuda:0"
         raise CubeError(f"recompute={mode!r} on a model whose layers run on several devices "
                         f"({', '.join(sorted({str(d) for d in devices}))}) is not supported yet: the recompute pass "
                         "writes every layer's KV into one buffer on the model's device; compose with "

@@ -44,18 +44,29 @@ def _where(prefix) -> list[torch.device]:
     return [layer.keys.device for layer in prefix.cache.layers]
 
 
+def _same_cube(a, b) -> bool:
+    return a.fingerprint_fields == b.fingerprint_fields and torch.equal(a.all_ids, b.all_ids) and \
+        all(torch.equal(k, k2) and torch.equal(v, v2) for (k, v), (k2, v2) in zip(a.kv, b.kv))
+
+
+@pytest.mark.parametrize("how", ["disk", "cpu"])
+def test_cubes_built_on_an_offloaded_model_are_the_plain_models(how, tmp_path, tokenizer_pair):
+    """MemCube.from_ids / from_text on an offloaded model: the same fingerprint and the same KV, bit for bit."""
+    model, plain, tokenizer = _offloaded(how, tmp_path), tiny_model("llama"), tokenizer_pair[0]
+    assert _same_cube(kvmem.MemCube.from_ids(model, random_ids(25)), kvmem.MemCube.from_ids(plain, random_ids(25)))
+    text, anchor = "Alice lives in Oslo.", "<|im_start|>system"
+    assert _same_cube(kvmem.MemCube.from_text(model, tokenizer, text, anchor=anchor),
+                      kvmem.MemCube.from_text(plain, tokenizer, text, anchor=anchor))
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "kvmem_sdpa"])
 @pytest.mark.parametrize("how", HOWS)
 def test_one_cube_on_an_offloaded_model_is_exact(how, attn, tmp_path):
-    """A cube built on the plain model and one built on the offloaded model are the same cube, and either
-    continues exactly as the offloaded model's own full prefill does."""
+    """A cube built on the plain model continues exactly as the offloaded model's own full prefill does, and one
+    built on the offloaded model loads into the plain one."""
     model = _offloaded(how, tmp_path, attn)
-    ids = random_ids(25)
-    plain_cube = kvmem.MemCube.from_ids(tiny_model("llama"), ids)
-    cube = kvmem.MemCube.from_ids(model, ids)  # built on the offloaded model
-    assert cube.fingerprint == plain_cube.fingerprint
-    assert all(torch.equal(k, pk) and torch.equal(v, pv) for (k, v), (pk, pv) in zip(cube.kv, plain_cube.kv))
-    kvmem.prefill(tiny_model("llama"), cube)  # and it loads into the plain model
+    plain_cube = kvmem.MemCube.from_ids(tiny_model("llama"), random_ids(25))
+    kvmem.prefill(tiny_model("llama"), kvmem.MemCube.from_ids(model, random_ids(25)))
     prefix = kvmem.prefill(model, plain_cube)
     assert _where(prefix) == layer_devices(model, 2)
     ids = prefix.extend(random_ids(6, seed=3))
