@@ -365,6 +365,34 @@ def gc(
 
 @app.command()
 @_friendly
+def repair(
+    folder: Optional[str] = typer.Argument(None, help="Store folder (or give --store)."),
+    store: Optional[str] = StoreOpt,
+):
+    """Rebuild a lost, emptied or damaged catalog from the store's cube files (the old catalog is moved aside).
+    Memories without a cube file, grants and use counts lived only in the catalog and cannot come back."""
+    from .store import CubeStore
+
+    if folder is not None and store is not None and folder != store:
+        raise typer.BadParameter(f"two stores given ({folder} and --store {store}): give one")
+    location = str(folder or store or _default_store())
+    if not location.startswith(("redis://", "rediss://", "unix://")):
+        location = Path(location).expanduser()
+    report = CubeStore.rebuild_catalog(location)
+    for name in report.moved_aside:
+        typer.echo(f"moved the old catalog file aside: {name}")
+    for qualified in report.rebuilt:
+        typer.echo(f"rebuilt {qualified}")
+    for qualified in report.recovered:
+        typer.echo(f"recovered {qualified}: its cube file does not record its memory id (written by an older kvmem)")
+    for why in report.skipped:
+        typer.echo(f"skipped {why}")
+    typer.echo(f"repair: {len(report.rebuilt) + len(report.recovered)} memories rebuilt from cube files, "
+               f"{len(report.skipped)} files skipped (the next gc removes them). Not recoverable: {report.lost}")
+
+
+@app.command()
+@_friendly
 def share(
     reader: str = typer.Argument(..., help="Namespace that may read (or '*' for every namespace)."),
     store: Optional[str] = StoreOpt,

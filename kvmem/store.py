@@ -7,7 +7,8 @@
 Safe to share: writes are atomic and ordered (reserve the blob name, put the bytes, commit the row) so a reader
 never sees a partial cube, a killed writer leaves the store consistent, and `gc` can never delete a live or
 committed cube. Cube files are found by names the store derives and checks, never by paths the catalog holds.
-A lost, emptied or replaced catalog is an error, not an empty store.
+A lost, emptied or replaced catalog is an error, not an empty store; `CubeStore.rebuild_catalog` (`kvmem repair`)
+rebuilds it from the cube files, each of which records its memory.
 
 Namespaces and grants: every read goes through a `StoreView` of one namespace plus the namespaces that granted
 it read access (``store.grant(owner, reader)``, revocable); rows of any other namespace are invisible to it,
@@ -29,13 +30,17 @@ from .errors import CubeError
 from .store_backend import (EVERYONE, BlobBackend, CatalogBackend, Record, check_blob, check_name,
                             new_blob_name)
 
-__all__ = ["CubeStore", "StoreView", "Record", "CatalogBackend", "BlobBackend", "GCReport", "check_meta",
-           "split_id"]
+__all__ = ["CubeStore", "StoreView", "Record", "CatalogBackend", "BlobBackend", "GCReport", "RebuildReport",
+           "check_meta", "split_id"]
 
 KINDS = ("text", "memcube")
 GC_GRACE_S = 600.0          # unreferenced files and unfinished writes younger than this are left to their writer
 CHANGES_KEPT = 100_000      # change-log entries gc keeps (a reader further behind rereads everything)
 _log = logging.getLogger("kvmem.store")
+MEMORY_KEY = "memory"       # cube meta written by put_cube: the memory the file belongs to (namespace, id, meta)
+RECOVERED = "recovered"     # namespace of cubes rebuilt from files that do not record their memory
+LOST = ("text-only memories (no cube file), grants, use counts and the change log lived only in the catalog: they "
+        "are gone unless the old catalog is restored from a backup")
 
 
 def _is_iso_date(value) -> bool:
@@ -108,6 +113,20 @@ class GCReport:
 
     def __len__(self):
         return len(self.removed)
+
+
+@dataclass
+class RebuildReport:
+    """What `CubeStore.rebuild_catalog` did: memories back in the catalog (``"namespace/id"``; those from cube
+    files that do not record their memory are ``recovered/<blob>``), files it could not use (``"cubes/<file>:
+    why"``; left in place, and the next gc removes them as files no memory names), the old catalog files it moved
+    aside, and what no cube file holds."""
+
+    rebuilt: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    moved_aside: list[str] = field(default_factory=list)
+    lost: str = LOST
 
 
 def open_backends(location, *, create: bool) -> tuple[CatalogBackend, BlobBackend]:
@@ -238,6 +257,77 @@ class CubeStore:
         self.catalog.trim_changes(CHANGES_KEPT)
         return report
 
+    @classmethod
+    def rebuild_catalog(cls, location) -> RebuildReport:
+        """Rebuild a lost, emptied, damaged or replaced catalog of a store folder from its cube files.
+
+        Each cube file written by `StoreView.put_cube` records its memory (namespace, id, text, meta); a cube from
+        an older kvmem becomes ``recovered/<blob>`` with the cube's own text. Every file is fully validated
+        (`MemCube.load`) first; where two files claim one memory, the newer wins. The old catalog is moved aside,
+        not deleted. What only the catalog held (text-only memories, grants, use counts) cannot come back.
+
+        Returns:
+            RebuildReport.
+
+        Raises:
+            CubeError: not a local store folder, no write access, or the catalog is intact (nothing to rebuild).
+        """
+        if isinstance(location, str) and location.startswith(("redis://", "rediss://", "unix://")):
+            raise CubeError(f"{location}: rebuild_catalog rebuilds store folders; a Redis store's catalog lives in "
+                            "Redis itself: restore it from a Redis backup (RDB or AOF)")
+        if not isinstance(location, (str, os.PathLike)):
+            raise CubeError(f"a store location is a folder path, got {type(location).__name__}")
+        from .store_sqlite import fresh_local_catalog
+
+        catalog, blobs, moved = fresh_local_catalog(location)
+        report = RebuildReport(moved_aside=moved)
+        chosen: dict[tuple[str, str], tuple[Record, str]] = {}
+        for name, mtime in sorted(blobs.names().items()):
+            where = f"cubes/{name}.safetensors"
+            try:
+                path = blobs.local_path(name)
+                if path is None:
+                    continue  # removed while listing
+                rec = _record_from_cube(MemCube.load(path), name, mtime, path.stat().st_size)
+            except (CubeError, OSError) as exc:
+                report.skipped.append(f"{where}: {exc}")
+                continue
+            before = chosen.get((rec.namespace, rec.id))
+            if before is not None:
+                older, newer = sorted((before, (rec, where)), key=lambda pair: pair[0].last_used)
+                report.skipped.append(f"{older[1]}: an older version of {rec.qualified} (kept {newer[1]})")
+                rec, where = newer
+            chosen[(rec.namespace, rec.id)] = (rec, where)
+        for rec, _ in sorted(chosen.values(), key=lambda pair: pair[0].created):
+            catalog.reserve(rec.blob, time.time())
+            catalog.upsert(rec)
+            (report.recovered if rec.namespace == RECOVERED and rec.id == rec.blob else report.rebuilt).append(
+                rec.qualified)
+        return report
+
+
+def _record_from_cube(cube: MemCube, blob: str, mtime: float, size: int) -> Record:
+    """The catalog row a cube file of the store stands for (CubeError when the file cannot say)."""
+    memory = cube.meta.get(MEMORY_KEY)
+    if memory is None:  # put by a kvmem from before files recorded their memory
+        namespace, memory_id, text, meta, created, written = RECOVERED, blob, cube.text, {}, mtime, mtime
+    elif not isinstance(memory, dict):
+        raise CubeError(f"its {MEMORY_KEY!r} metadata is damaged ({type(memory).__name__}, not an object)")
+    else:
+        namespace = check_name(memory.get("namespace"), "namespace")
+        memory_id = check_name(memory.get("id"), "memory id")
+        text, meta = memory.get("text") or cube.text, check_meta(memory.get("meta"))
+        created, written = (_seconds(memory.get(key), mtime) for key in ("created", "written"))
+    if not isinstance(text, str) or not text.strip():
+        raise CubeError("the cube records no text (it was built from ids and its text lived only in the catalog): "
+                        "move the file out of cubes/ before the next gc if you want to keep it")
+    return Record(namespace, memory_id, text, "memcube", meta, cube.fingerprint, cube.num_tokens, size, blob,
+                  created, written)  # last_used: when this version was written (the newer of two copies wins)
+
+
+def _seconds(value, default: float) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
 
 class StoreView:
     """The store as one namespace sees it (own + granted shared namespaces); writes go to the own namespace.
@@ -323,11 +413,18 @@ class StoreView:
         meta = check_meta(meta if meta is not None else (old.meta if old else None))
         catalog, blobs = self.store.catalog, self.store.blobs
         name = new_blob_name()  # a new blob per version: readers of the old one are safe
+        # the file records which memory it is, so a lost catalog can be rebuilt from the files (rebuild_catalog)
+        now = time.time()
+        record = {"namespace": self._own, "id": memory_id, "meta": meta, "created": old.created if old else now,
+                  "written": now}
+        if text != cube.text:
+            record["text"] = text
+        stamped = MemCube(cube.kv, cube.all_ids[0], {**cube.meta, MEMORY_KEY: record})
         catalog.reserve(name, time.time())
         staged = blobs.stage(name)
         try:
             try:
-                cube.save(staged)
+                stamped.save(staged)
                 size = blobs.put(name, staged)
             except CubeError:  # already says what and why (a Redis that cannot be reached, a folder path)
                 raise

@@ -95,29 +95,43 @@ class SQLiteCatalog:
     def check(self, *, thorough: bool = False) -> None:
         if not self.path.is_file():
             raise CubeError(f"{self.describe()} is missing, but {self.path.parent / MARKER} says a store was "
-                            "created here: the catalog was deleted or moved. Restore it from a backup; the cube "
-                            "files in cubes/ are untouched. Nothing was deleted (gc refuses to run).")
+                            "created here: the catalog was deleted or moved. Restore it from a backup, or rebuild "
+                            f"it from the cube files with `kvmem repair {self.path.parent}`; the cube files in "
+                            "cubes/ are untouched. Nothing was deleted (gc refuses to run).")
         if self.path.stat().st_size == 0:
             raise CubeError(f"{self.describe()} is empty (0 bytes): it was truncated or replaced. Restore it from "
-                            "a backup; the cube files are untouched (gc refuses to run)")
+                            f"a backup, or rebuild it from the cube files with `kvmem repair {self.path.parent}`; "
+                            "the cube files are untouched (gc refuses to run)")
+        try:
+            self._check_tables(thorough)
+        except CubeError as exc:
+            if not str(exc).startswith(f"{self.describe()} is damaged"):
+                raise
+            raise CubeError(f"{exc}; or rebuild it from the cube files with `kvmem repair {self.path.parent}`") \
+                from None
+
+    def _check_tables(self, thorough: bool) -> None:
         with self._connect() as db:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             # without a marker (store_id None): a store from before markers needs only its memories (see adopt)
             missing = [t for t in (_TABLES if self.store_id is not None else ("memories",)) if t not in tables]
             if missing:
                 raise CubeError(f"{self.describe()} lacks the tables {missing}: it is damaged or not a kvmem "
-                                "catalog. Restore it from a backup (gc refuses to run)")
+                                "catalog. Restore it from a backup, or rebuild it from the cube files with "
+                                f"`kvmem repair {self.path.parent}` (gc refuses to run)")
             if self.store_id is not None and "store" in tables:
                 row = db.execute("SELECT value FROM store WHERE key='id'").fetchone()
                 if row is None or row[0] != self.store_id:
                     raise CubeError(f"{self.describe()} belongs to another store (id {row[0] if row else None!r}, "
                                     f"the folder's marker says {self.store_id!r}): it was replaced. Restore the "
-                                    "right catalog from a backup (gc refuses to run)")
+                                    "right catalog from a backup, or rebuild it from the cube files with "
+                                    f"`kvmem repair {self.path.parent}` (gc refuses to run)")
             if thorough:
                 result = db.execute("PRAGMA quick_check").fetchone()
                 if not result or result[0] != "ok":
                     raise CubeError(f"{self.describe()} fails SQLite's integrity check ({result}): restore it "
-                                    "from a backup (gc refuses to run)")
+                                    "from a backup, or rebuild it from the cube files with "
+                                    f"`kvmem repair {self.path.parent}` (gc refuses to run)")
 
     def adopt(self, store_id: str) -> None:
         """Bring a catalog written by an older kvmem up to this schema, under ``store_id``."""
@@ -428,7 +442,53 @@ def open_local_backends(root: str | os.PathLike, *, create: bool = False) -> tup
     cube_files = list(cubes.glob("*.safetensors")) if cubes.is_dir() else []
     if cube_files or catalog_path.exists():
         raise CubeError(f"{root} has {len(cube_files)} cube files but {'an empty' if catalog_path.exists() else 'no'} "
-                        f"{CATALOG}: the catalog was lost. Restore it from a backup; nothing was deleted (gc "
-                        "refuses to run on a store without its catalog)")
+                        f"{CATALOG}: the catalog was lost. Restore it from a backup, or rebuild it from the cube "
+                        f"files with `kvmem repair {root}`; nothing was deleted (gc refuses to run on a store "
+                        "without its catalog)")
     raise CubeError(f"{root} is not empty and is not a kvmem store (no {MARKER}, no {CATALOG}): pick an empty or "
                     "new folder for a store")
+
+
+def fresh_local_catalog(root: str | os.PathLike) -> tuple[SQLiteCatalog, LocalBlobs, list[str]]:
+    """A new, empty catalog for the store folder ``root`` whose catalog is lost, emptied, damaged or another
+    store's (`CubeStore.rebuild_catalog` then fills it from the cube files). The old catalog files are moved
+    aside, never deleted. Returns (catalog, blobs, the names the old files were moved to).
+
+    Raises:
+        CubeError: ``root`` is no store folder, this process may not write it, or its catalog is intact.
+    """
+    root = Path(root).expanduser()
+    cubes, catalog_path = root / "cubes", root / CATALOG
+    if not root.is_dir() or not ((root / MARKER).exists() or cubes.is_dir()):
+        raise CubeError(f"no kvmem store at {root} (no {MARKER}, no cubes/ folder): check the path")
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise CubeError(f"rebuilding the catalog of {root} needs write access to that folder; run it as the "
+                        "store's owner")
+    try:
+        catalog, _ = open_local_backends(root)
+        catalog.check(thorough=True)
+    except CubeError:
+        pass  # lost, emptied, damaged, replaced: rebuilt below
+    else:
+        raise CubeError(f"{catalog.describe()} is intact: nothing to rebuild (`kvmem gc` repairs memories whose "
+                        "cube file is missing)")
+    try:
+        store_id = _read_marker(root)
+    except CubeError:  # damaged too: the folder gets a new identity with its new catalog
+        store_id = uuid.uuid4().hex
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    moved = []
+    try:
+        for suffix in ("", "-wal", "-shm"):  # the WAL files keep their database's name, so the pair still opens
+            old = Path(f"{catalog_path}{suffix}")
+            if old.exists():
+                aside = root / f"catalog.lost-{stamp}.sqlite{suffix}"
+                os.replace(old, aside)
+                moved.append(aside.name)
+        cubes.mkdir(exist_ok=True)
+        catalog = SQLiteCatalog(catalog_path, store_id=store_id, create=True)
+        _write_marker(root, store_id)
+    except OSError as exc:
+        raise CubeError(f"cannot write a new catalog in {root} ({exc}); check write access and free space, then "
+                        "run the repair again") from None
+    return catalog, LocalBlobs(cubes), moved
