@@ -173,6 +173,8 @@ def test_offloaded_weights_hash_as_the_plain_checkpoint(how, tied, tmp_path):
 def test_disk_offloaded_weights_are_read_once(tmp_path, monkeypatch):
     """The per-call check of a disk-offloaded weight is its file's stat: no byte of the offload folder is read
     again until a file changes, and then only that weight is hashed again."""
+    import os
+
     import numpy as np
     from accelerate.utils.offload import OffloadedWeightsLoader
 
@@ -192,8 +194,6 @@ def test_disk_offloaded_weights_are_read_once(tmp_path, monkeypatch):
     data[7] += 1e-3  # one element of one offloaded matrix, edited in the offload folder
     data.flush()
     del data
-    import os
-
     os.utime(tmp_path / f"{name}.dat", ns=(1, 1))  # a new modification time, even on a coarse-clock file system
     edited = weights_digest(model)
     assert edited != first and reads[n_disk:] == [name]
