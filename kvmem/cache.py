@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .modelinfo import base_model
+from .modelinfo import base_model, model_device
 
 
 def cache_kwarg(model) -> str:
@@ -65,13 +65,12 @@ def cache_layout(model) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     inner = base_model(model)
     layout = _LAYOUTS.get(inner)
     if layout is None:
-        p = next(inner.parameters())
         was_training = inner.training
         inner.eval()
         try:
             with torch.inference_mode():
-                out = model(input_ids=torch.ones(1, 1, dtype=torch.long, device=p.device), use_cache=True,
-                            **{cache_kwarg(model): DynamicCache()})
+                out = model(input_ids=torch.ones(1, 1, dtype=torch.long, device=model_device(model)),
+                            use_cache=True, **{cache_kwarg(model): DynamicCache()})
         finally:
             inner.train(was_training)
         layout = [((k.shape[1], k.shape[3]), (v.shape[1], v.shape[3])) for k, v in kv_from_cache(output_cache(out))]

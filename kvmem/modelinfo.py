@@ -50,7 +50,8 @@ def _execution_device(module) -> torch.device | None:
 
 
 def model_device(model) -> torch.device:
-    """The device of ``model``'s first parameter."""
+    """Where ``model`` takes its inputs: its first parameter's device, or accelerate's execution device when that
+    weight is offloaded (see `dtype_device`)."""
     return dtype_device(model)[1]
 
 

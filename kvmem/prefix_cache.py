@@ -23,7 +23,7 @@ from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from .cache import kv_from_cache
 from .errors import CubeError
-from .modelinfo import base_model
+from .modelinfo import base_model, model_device
 
 
 def static_prefix(model, prefix, *, max_new_tokens: int, query_len: int):
@@ -158,7 +158,7 @@ def layer_devices(model, n_layers: int) -> list[torch.device]:
     is dispatched with hooks (``device_map``, CPU/disk offload; the hook may sit on the attention, a module inside
     it or the decoder layer around it), else where the layer's weights live."""
     named = dict(base_model(model).named_modules())
-    fallback = next(base_model(model).parameters()).device
+    fallback = model_device(model)  # an offloaded first weight is meta: where the model takes its inputs
     found: dict[int, torch.device] = {}
     for name, module in named.items():
         idx = getattr(module, "layer_idx", None)
