@@ -13,9 +13,13 @@ Three parts:
             kvmem                 kvmem.prefill(cube)                       today's default (DynamicCache, sdpa)
             kvmem_gqa             kvmem.prefill(cube), kvmem_sdpa           attention alone
             kvmem_static          static_prefix(kvmem.prefill(cube)), sdpa  static cache alone
-            kvmem_fast            static_prefix(kvmem.prefill(cube)), kvmem_sdpa
+            kvmem_fast            static_prefix(kvmem.prefill(cube)), kvmem_sdpa  (what kvmem.wrap does by default)
+            query_alone           forward(query) with no memory at all: the part no method can remove (a bound)
   decode  128 new tokens after the 6,064-token memory with model.generate; tokens/s over the 127 decode steps
-          (each step stamped by a logits processor, so the query forward is not in it)
+          (each step stamped by a logits processor, so the query forward is not in it); the *_compiled methods
+          decode through transformers' compiled forward (CompileConfig, inductor, fullgraph, static shapes; the
+          compile is in the warm-up, not in the timed calls); no_memory decodes after the query alone: the bound
+          (the weights' reads) no cache can beat
   batch   B = 1, 4, 8 requests, each its own cube (different lengths) and query; one generate over
           prefill_batch vs B sequential static_prefix + generate calls; new tokens per second
 
@@ -47,9 +51,11 @@ from kvmem.real_model import load_smollm2  # noqa: E402
 from workloads import memory_ids, query_ids  # noqa: E402
 
 TTFT_METHODS = ("full_prefill", "prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_gqa", "kvmem_static",
-                "kvmem_fast")
-DECODE_METHODS = ("prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_fast")
-GQA = {"kvmem_gqa", "kvmem_fast"}  # methods that run with kvmem_sdpa; the rest with stock sdpa
+                "kvmem_fast", "query_alone")
+DECODE_METHODS = ("prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_fast", "prefix_reuse_static_compiled",
+                  "kvmem_fast_compiled", "no_memory")
+GQA = {"kvmem_gqa", "kvmem_fast", "kvmem_fast_compiled"}  # methods that run with kvmem_sdpa; the rest stock sdpa
+COMPILED = {"prefix_reuse_static_compiled": "prefix_reuse_static", "kvmem_fast_compiled": "kvmem_fast"}
 
 
 def _loadavg():
@@ -76,6 +82,7 @@ class _Setup:
 
     def cache(self, method: str, model, room: int):
         """The cache a method's request starts from (this is the copy / splice inside the timed region)."""
+        method = COMPILED.get(method, method)
         if method == "prefix_reuse":
             return copy.deepcopy(self.dynamic)
         if method == "prefix_reuse_static":
@@ -99,7 +106,7 @@ def bench_ttft(model, tok, n_mem: int, q: torch.Tensor, args) -> list[dict]:
         logits = model(input_ids=ids, logits_to_keep=1, **({kw: cache} if cache is not None else {})).logits[0, -1]
         return int(logits.argmax()), logits.float()
 
-    fns = {m: (lambda: forward(full)) if m == "full_prefill" else
+    fns = {m: (lambda: forward(full)) if m == "full_prefill" else (lambda: forward(q)) if m == "query_alone" else
            (lambda m=m: forward(q, s.cache(m, model, q.shape[1] + 1))) for m in args.methods}
     long = n_mem >= 2048
     reps = {m: (args.full_reps if m == "full_prefill" and long else args.reps) for m in fns}
@@ -121,7 +128,18 @@ def bench_ttft(model, tok, n_mem: int, q: torch.Tensor, args) -> list[dict]:
     for r in rows:
         r["ratio_vs_prefix_reuse"] = r["median_s"] / base["prefix_reuse"] if "prefix_reuse" in base else None
         r["reduction_vs_full"] = 1 - r["median_s"] / base["full_prefill"] if "full_prefill" in base else None
+        if r["method"] == "query_alone":  # not a method: its first token is another answer (no memory)
+            r["same_first_token_as_full"] = r["max_abs_logit_diff_vs_full"] = None
     return rows
+
+
+def _compile_config():
+    """Compiled decoding as transformers does it on CUDA by itself, asked for on the CPU too (no CUDA graphs)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    config._compile_all_devices = True
+    return config
 
 
 class _Stamps:
@@ -150,14 +168,24 @@ def bench_decode(model, tok, n_mem: int, q: torch.Tensor, args) -> list[dict]:
     load0 = _loadavg()
     tok_s = {m: [] for m in args.decode_methods}
     same = dict.fromkeys(args.decode_methods, True)
+    compile_s = {}
     for i in range(args.warmup + args.decode_reps):  # round robin: load drift hits every method alike
         for m in args.decode_methods:
             _switch(model, m)
             stamps = _Stamps()
+            extra = {"compile_config": _compile_config()} if m in COMPILED else {"disable_compile": True}
+            t0 = time.perf_counter()
             with torch.inference_mode():
-                out = model.generate(ids, logits_processor=LogitsProcessorList([stamps]),
-                                     **{kw: s.cache(m, model, q.shape[1] + n_new)}, **gen)[0, ids.shape[1]:]
-            same[m] = same[m] and torch.equal(out, truth)
+                if m == "no_memory":  # the same query and 128 tokens, no memory: not compared with the truth
+                    out = None
+                    model.generate(q, logits_processor=LogitsProcessorList([stamps]), **extra,
+                                   **{**gen, "attention_mask": torch.ones_like(q)})
+                else:
+                    out = model.generate(ids, logits_processor=LogitsProcessorList([stamps]), **extra,
+                                         **{kw: s.cache(m, model, q.shape[1] + n_new)}, **gen)[0, ids.shape[1]:]
+            if i == 0 and m in COMPILED:
+                compile_s[m] = time.perf_counter() - t0  # the first call compiles
+            same[m] = None if out is None else same[m] and torch.equal(out, truth)
             if i >= args.warmup:
                 tok_s[m].append((len(stamps.t) - 1) / (stamps.t[-1] - stamps.t[0]))
     for m, rates in tok_s.items():
@@ -166,7 +194,8 @@ def bench_decode(model, tok, n_mem: int, q: torch.Tensor, args) -> list[dict]:
                      "new_tokens": n_new, "reps": args.decode_reps, "tokens_per_s_samples": rates,
                      "median_tokens_per_s": sorted(rates)[len(rates) // 2],
                      **_common.spread(secs, unit="ms", prefix="step_"),
-                     "same_tokens_as_full": same[m], "loadavg_before": load0, "loadavg_after": _loadavg()})
+                     "same_tokens_as_full": same[m], "first_call_s_incl_compile": compile_s.get(m),
+                     "loadavg_before": load0, "loadavg_after": _loadavg()})
     _switch(model, "kvmem")
     base = {r["method"]: r["median_tokens_per_s"] for r in rows}
     for r in rows:
@@ -225,9 +254,12 @@ def targets(rows: list[dict], n_mem: int, b: int) -> dict:
     if "kvmem_fast" in tt and "full_prefill" in tt:
         t["ttft_reduction_vs_full"] = tt["kvmem_fast"]["reduction_vs_full"]
     dd = {r["method"]: r for r in rows if r["part"] == "decode"}
-    if "kvmem_fast" in dd and "prefix_reuse" in dd:
-        t["decode_speedup_vs_prefix_reuse"] = dd["kvmem_fast"]["speedup_vs_prefix_reuse"]
-        t["decode_ge_1.3x"] = t["decode_speedup_vs_prefix_reuse"] >= 1.3
+    for m in ("kvmem_fast", "kvmem_fast_compiled"):
+        if m in dd and "prefix_reuse" in dd:
+            t[f"decode_speedup_vs_prefix_reuse[{m}]"] = dd[m]["speedup_vs_prefix_reuse"]
+            t[f"decode_ge_1.3x[{m}]"] = dd[m]["speedup_vs_prefix_reuse"] >= 1.3
+    if "no_memory" in dd and "prefix_reuse" in dd:
+        t["decode_bound_no_memory_vs_prefix_reuse"] = dd["no_memory"]["speedup_vs_prefix_reuse"]
     bb = [r for r in rows if r["part"] == "batch" and r["batch"] == b and r["method"] == "batched"]
     if bb:
         t[f"batch{b}_speedup_vs_sequential"] = bb[0]["speedup_vs_sequential"]
