@@ -18,8 +18,10 @@ Three parts:
   decode  128 new tokens after the 6,064-token memory with model.generate; tokens/s over the 127 decode steps
           (each step stamped by a logits processor, so the query forward is not in it); the *_compiled methods
           decode through transformers' compiled forward (CompileConfig, inductor, fullgraph, static shapes; the
-          compile is in the warm-up, not in the timed calls); no_memory decodes after the query alone: the bound
-          (the weights' reads) no cache can beat
+          compile is in the warm-up, not in the timed calls); *_frozen adds inductor's freezing (weights folded
+          into the graph as constants and prepacked: only for a model whose weights never change afterwards, no
+          adapter swaps, which is why kvmem never turns it on); no_memory decodes after the query alone: the
+          bound (the weights' reads) no cache can beat
   batch   B = 1, 4, 8 requests, each its own cube (different lengths) and query; one generate over
           prefill_batch vs B sequential static_prefix + generate calls; new tokens per second
 
@@ -53,9 +55,10 @@ from workloads import memory_ids, query_ids  # noqa: E402
 TTFT_METHODS = ("full_prefill", "prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_gqa", "kvmem_static",
                 "kvmem_fast", "query_alone")
 DECODE_METHODS = ("prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_fast", "prefix_reuse_static_compiled",
-                  "kvmem_fast_compiled", "no_memory")
-GQA = {"kvmem_gqa", "kvmem_fast", "kvmem_fast_compiled"}  # methods that run with kvmem_sdpa; the rest stock sdpa
-COMPILED = {"prefix_reuse_static_compiled": "prefix_reuse_static", "kvmem_fast_compiled": "kvmem_fast"}
+                  "kvmem_fast_compiled", "kvmem_fast_compiled_frozen", "no_memory")
+GQA = {"kvmem_gqa", "kvmem_fast", "kvmem_fast_compiled", "kvmem_fast_compiled_frozen"}  # kvmem_sdpa; else stock
+COMPILED = {"prefix_reuse_static_compiled": "prefix_reuse_static", "kvmem_fast_compiled": "kvmem_fast",
+            "kvmem_fast_compiled_frozen": "kvmem_fast"}
 
 
 def _loadavg():
@@ -133,11 +136,12 @@ def bench_ttft(model, tok, n_mem: int, q: torch.Tensor, args) -> list[dict]:
     return rows
 
 
-def _compile_config():
+def _compile_config(frozen: bool = False):
     """Compiled decoding as transformers does it on CUDA by itself, asked for on the CPU too (no CUDA graphs)."""
     from transformers import CompileConfig
 
-    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    config = CompileConfig(fullgraph=True, dynamic=False, mode=None if frozen else "default",
+                           options={"freezing": True} if frozen else None)
     config._compile_all_devices = True
     return config
 
@@ -173,7 +177,8 @@ def bench_decode(model, tok, n_mem: int, q: torch.Tensor, args) -> list[dict]:
         for m in args.decode_methods:
             _switch(model, m)
             stamps = _Stamps()
-            extra = {"compile_config": _compile_config()} if m in COMPILED else {"disable_compile": True}
+            extra = {"compile_config": _compile_config(frozen=m.endswith("_frozen"))} if m in COMPILED else \
+                {"disable_compile": True}
             t0 = time.perf_counter()
             with torch.inference_mode():
                 if m == "no_memory":  # the same query and 128 tokens, no memory: not compared with the truth
@@ -254,7 +259,7 @@ def targets(rows: list[dict], n_mem: int, b: int) -> dict:
     if "kvmem_fast" in tt and "full_prefill" in tt:
         t["ttft_reduction_vs_full"] = tt["kvmem_fast"]["reduction_vs_full"]
     dd = {r["method"]: r for r in rows if r["part"] == "decode"}
-    for m in ("kvmem_fast", "kvmem_fast_compiled"):
+    for m in ("kvmem_fast", "kvmem_fast_compiled", "kvmem_fast_compiled_frozen"):
         if m in dd and "prefix_reuse" in dd:
             t[f"decode_speedup_vs_prefix_reuse[{m}]"] = dd[m]["speedup_vs_prefix_reuse"]
             t[f"decode_ge_1.3x[{m}]"] = dd[m]["speedup_vs_prefix_reuse"] >= 1.3
@@ -317,7 +322,8 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 6064])
     p.add_argument("--query-tokens", type=int, default=167)
     p.add_argument("--methods", nargs="+", default=list(TTFT_METHODS), choices=TTFT_METHODS)
-    p.add_argument("--decode-methods", nargs="+", default=list(DECODE_METHODS), choices=TTFT_METHODS[1:])
+    p.add_argument("--decode-methods", nargs="+", default=list(DECODE_METHODS),
+                   choices=sorted(set(DECODE_METHODS) | set(TTFT_METHODS[1:]) - {"query_alone"}))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--full-reps", type=int, default=2, help="timed full prefills from 2,048 memory tokens")
     p.add_argument("--warmup", type=int, default=1)

@@ -85,9 +85,10 @@ class Visible:
     """Which keys a boolean mask [batch or 1, 1, q_len, kv_len] lets its queries see, per key column:
     ``end`` = 1 + the last column any query sees (0: none), ``full`` = how many leading columns every query sees.
     Read once per mask object (and version: an in-place edit is read again, except on an inference tensor, which
-    keeps no version: transformers builds a fresh mask per forward); the layers of one forward share it."""
+    keeps no version: transformers builds a fresh mask per forward); the layers of one forward share it (the last
+    four masks are remembered: sliding-window and full-attention layers get one each)."""
 
-    _last: tuple | None = None  # (weakref to the mask, its _version, the Visible)
+    _recent: list[tuple] = []  # (weakref to a mask, its _version, its Visible): one per layer type of a forward
 
     def __init__(self, end: int, full: int):
         self.end, self.full = end, full
@@ -95,15 +96,15 @@ class Visible:
     @classmethod
     def of(cls, mask: torch.Tensor) -> "Visible":
         version = None if mask.is_inference() else mask._version  # inference tensors keep no version counter
-        last = cls._last
-        if last is not None and last[0]() is mask and last[1] == version:
-            return last[2]
+        for ref, seen_version, seen in cls._recent:
+            if ref() is mask and seen_version == version:
+                return seen
         cols = mask.flatten(0, -2)
         seen_any, seen_all = cols.any(0), cols.all(0)
         end = int(seen_any.nonzero()[-1]) + 1 if bool(seen_any.any()) else 0
         full = int((~seen_all).int().argmax()) if not bool(seen_all.all()) else mask.shape[-1]
         found = cls(end, min(full, end))
-        cls._last = (weakref.ref(mask), version, found)
+        cls._recent = [(weakref.ref(mask), version, found)] + [e for e in cls._recent if e[0]() is not None][:3]
         return found
 
 

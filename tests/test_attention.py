@@ -199,3 +199,11 @@ def test_a_request_after_a_prefix_takes_the_split_and_decoding_takes_no_mask(lla
     decode_calls = [c for c in plain if c[0] > n + 7]
     assert decode_calls and all(no_mask for _, no_mask in decode_calls)
     assert max(length for length, _ in decode_calls) == n + 7 + 4  # never the room past the last written token
+
+
+def test_visible_remembers_one_mask_per_layer_type():
+    """Sliding and full layers alternate two masks within one forward: each is read once, not once per layer."""
+    full, window = _masks()["causal"][0].clone(), _masks()["window"][0].clone()
+    first = (Visible.of(full), Visible.of(window))
+    assert (Visible.of(full), Visible.of(window)) == first  # the same objects: remembered, not read again
+    assert Visible.of(full.clone()) is not first[0]  # another mask object is read anew
