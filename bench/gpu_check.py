@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -216,6 +217,17 @@ def step_model(name: str, config: dict, attn: str, device, dtype, *, n_mem: int,
     return rows
 
 
+def _guarded(step: str, fn, **where) -> list[dict]:
+    """Run one step; a step that raises becomes one failed row with its traceback, and the next step still runs."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001  (a GPU check reports every failure; it does not stop at the first)
+        print(f"{step} {where or ''} raised {type(exc).__name__}: {exc}", flush=True)
+        traceback.print_exc()
+        return [{"step": step, **where, "error": f"{type(exc).__name__}: {exc}",
+                 "traceback": traceback.format_exc().splitlines()[-12:], "passed": False}]
+
+
 # ---------------------------------------------------------------- report
 def _label(row: dict) -> str:
     return f"{row['config'].replace('llama-', '').replace('-like', '')} {row['attn'][:5]}\n{row['method']}"
@@ -228,12 +240,12 @@ def plot(doc: dict, png: str) -> None:
     sp = [r for r in rows if r["step"] == "splice" and "GB_per_s" in r]
     axes[0].bar([r["what"] for r in sp], [r["GB_per_s"] for r in sp], color=["#888", "#4a7", "#a74"][:len(sp)])
     axes[0].set(ylabel="GB/s (read + write)", title="splice vs plain copy")
-    tt = [r for r in rows if r["step"] == "ttft"]
+    tt = [r for r in rows if r["step"] == "ttft" and "median_s" in r]
     labels = [_label(r) for r in tt]
     axes[1].bar(range(len(tt)), [r["median_s"] for r in tt], color="#47a")
     axes[1].set_xticks(range(len(tt)), labels, fontsize=5, rotation=90)
     axes[1].set(ylabel="TTFT median (s)", yscale="log", title="TTFT")
-    dd = [r for r in rows if r["step"] == "decode"]
+    dd = [r for r in rows if r["step"] == "decode" and "decode_tokens_per_s" in r]
     axes[2].bar(range(len(dd)), [r["decode_tokens_per_s"] for r in dd], color="#7a4")
     axes[2].set_xticks(range(len(dd)), [_label(r) for r in dd],
                        fontsize=5, rotation=90)
@@ -270,7 +282,7 @@ def main(argv=None) -> int:
     if "splice" not in args.skip:
         shape = dict(layers=32, heads=8, dim=128, cubes=4, tokens=2048, reps=args.reps) if cuda else \
             dict(layers=2, heads=2, dim=16, cubes=2, tokens=16, reps=1)
-        rows += step_splice(device, dtype, **shape)
+        rows += _guarded("splice", lambda: step_splice(device, dtype, **shape))
         for r in rows:
             if r["step"] == "splice" and "GB_per_s" in r:
                 print(f"splice {r['what']:<18} {r['GB_per_s']:8.1f} GB/s  {r['fraction_of_copy']:.2f} of copy")
@@ -281,9 +293,12 @@ def main(argv=None) -> int:
             dict(n_mem=48, n_query=8, n_new=4, reps=1)
         for name, config in configs.items():
             for attn in attns:
-                got = step_model(name, config, attn, device, dtype, **sizes)
+                got = _guarded("ttft", lambda: step_model(name, config, attn, device, dtype, **sizes),
+                               config=name, attn=attn)
                 rows += got
                 for r in got:
+                    if "error" in r:
+                        continue
                     value = f"{r['median_s'] * 1e3:9.1f} ms" if r["step"] == "ttft" else \
                         f"{r['decode_tokens_per_s']:9.1f} tok/s"
                     print(f"{r['step']:<6} {name:<14} {attn:<18} {r['method']:<13} {value}  ok={r['passed']}",

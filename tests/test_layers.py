@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# installed name -> source folder (setup.py maps kernels/ and patches/ into the kvmem namespace)
-PACKAGES = {"kvmem": ROOT / "kvmem", "kvmem.kernels": ROOT / "kernels", "kvmem.patches": ROOT / "patches"}
+# installed name -> source folder
+PACKAGES = {"kvmem": ROOT / "kvmem", "kvmem.kernels": ROOT / "kvmem" / "kernels",
+            "kvmem.patches": ROOT / "kvmem" / "patches"}
 
 INFRASTRUCTURE, OPERATION, INTERFACE = 0, 1, 2
 LAYERS = {
