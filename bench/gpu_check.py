@@ -70,8 +70,14 @@ def _sync(device):
 
 
 def _median_s(fn, device, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+    """Median seconds of ``fn`` over ``reps`` calls. On CUDA the warm-up also runs for at least 0.2 s: a GPU left
+    idle (a compile, a model load) runs at idle clocks for a while, and the first timed calls would measure that."""
+    t_end = time.perf_counter() + (0.2 if device.type == "cuda" else 0.0)
+    done = 0
+    while done < warmup or (done < 50 and time.perf_counter() < t_end):
         fn()
+        _sync(device)
+        done += 1
     times = []
     for _ in range(reps):
         _sync(device)
@@ -80,6 +86,16 @@ def _median_s(fn, device, reps: int, warmup: int = 1) -> float:
         _sync(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def _kernel_s(fn, device, reps: int) -> float:
+    """Median seconds of a kernel call: Triton's do_bench on CUDA (warm-up, L2 flushed between calls), else
+    `_median_s`."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=50, rep=200, return_mode="median") / 1e3
+    return _median_s(fn, device, reps)
 
 
 # ---------------------------------------------------------------- pytest -m gpu
@@ -99,7 +115,7 @@ def step_pytest(dry: bool, timeout: int) -> dict:
 
 # ---------------------------------------------------------------- splice vs copy
 def step_splice(device, dtype, *, layers, heads, dim, cubes, tokens, reps) -> list[dict]:
-    from kvmem.kernels.splice import splice, triton_usable
+    from kvmem.kernels.splice import splice, splice_triton, triton_usable
 
     g = torch.Generator().manual_seed(0)
     src_k = [[torch.randn(heads, tokens, dim, generator=g).to(device, dtype) for _ in range(layers)]
@@ -118,6 +134,9 @@ def step_splice(device, dtype, *, layers, heads, dim, cubes, tokens, reps) -> li
     def all_layers():
         splice(dst_k, dst_v, src_k, src_v, **args)
 
+    def tuned(block_t, num_warps):
+        return lambda: splice_triton(dst_k, dst_v, src_k, src_v, block_t=block_t, num_warps=num_warps, **args)
+
     def per_layer():
         for layer in range(layers):
             splice(dst_k[layer:layer + 1], dst_v[layer:layer + 1], [[c[layer]] for c in src_k],
@@ -127,8 +146,12 @@ def step_splice(device, dtype, *, layers, heads, dim, cubes, tokens, reps) -> li
         dst_k.copy_(flat_k)
         dst_v.copy_(flat_v)
 
-    t = {name: _median_s(fn, device, reps) for name, fn in
-         (("copy", plain_copy), ("splice_all_layers", all_layers), ("splice_per_layer", per_layer))}
+    fns = [("copy", plain_copy), ("splice_all_layers", all_layers), ("splice_per_layer", per_layer)]
+    if device.type == "cuda" or triton_usable(device):  # the kernel's tile and warp counts, for its defaults
+        fns += [(f"tune_block{b}_warps{w}", tuned(b, w)) for b, w in
+                ((16, 4), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8), (256, 8))] if device.type == "cuda" else \
+            [("tune_block8_warps4", tuned(8, 4))]
+    t = {name: _kernel_s(fn, device, reps) for name, fn in fns}
     gbs = {name: moved / s / 1e9 for name, s in t.items()}
     shape = dict(layers=layers, kv_heads=heads, head_dim=dim, cubes=cubes, tokens_per_cube=tokens, dtype=str(dtype))
     kernel = "triton" if triton_usable(device) else "torch reference"
@@ -152,7 +175,7 @@ def _model(config: dict, attn: str, device, dtype):
 
 
 def step_model(name: str, config: dict, attn: str, device, dtype, *, n_mem: int, n_query: int, n_new: int,
-               reps: int) -> list[dict]:
+               reps: int, profile_dir=None) -> list[dict]:
     import kvmem
     from transformers import DynamicCache
     from kvmem.attention import use_gqa_attention
@@ -187,6 +210,33 @@ def step_model(name: str, config: dict, attn: str, device, dtype, *, n_mem: int,
 
     rows = []
     with torch.inference_mode():
+        if gqa:
+            use_gqa_attention(model, enabled=False)
+        from kvmem.fingerprint import fingerprint_fields
+        parts = {
+            "fingerprint_fields": lambda: fingerprint_fields(model),
+            "kvmem.prefill": lambda: kvmem.prefill(model, cube),
+            "deepcopy(prefix cache)": lambda: copy.deepcopy(prefix_cache),
+            "static_prefix(kvmem.prefill)": lambda: static_prefix(model, kvmem.prefill(model, cube),
+                                                                  max_new_tokens=n_query + 1, query_len=0),
+            "query forward, no cache": lambda: model(input_ids=q, logits_to_keep=1),
+        }
+        for what, fn in parts.items():
+            rows.append({"step": "breakdown", "config": name, "attn": attn, "what": what, "memory_tokens": n_mem,
+                         "median_s": _median_s(fn, device, reps)})
+        if profile_dir is not None:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            for method in ("prefix_reuse", "kvmem"):
+                fn = first(method)
+                fn()
+                with profile(activities=acts) as prof:
+                    for _ in range(3):
+                        fn()
+                    _sync(device)
+                table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=45)
+                (Path(profile_dir) / f"profile_{name}_{attn}_{method}.txt").write_text(table)
         truth = first("full_prefill")()
         for method in ("full_prefill", "prefix_reuse", "kvmem", "kvmem_fast"):
             fn = first(method)
@@ -197,6 +247,12 @@ def step_model(name: str, config: dict, attn: str, device, dtype, *, n_mem: int,
                          "passed": token == truth})
         gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
                    do_sample=False, pad_token_id=0)
+        scored = {}
+        for method in ("prefix_reuse", "kvmem_fast"):
+            if gqa:
+                use_gqa_attention(model, enabled=method == "kvmem_fast")
+            scored[method] = model.generate(ids, **{kw: cache_of(method, n_query + n_new)}, **gen,
+                                            output_scores=True, return_dict_in_generate=True)
         outs = {}
         for method in ("prefix_reuse", "kvmem_fast"):
             if gqa:
@@ -204,13 +260,12 @@ def step_model(name: str, config: dict, attn: str, device, dtype, *, n_mem: int,
             run = lambda m=method: model.generate(ids, **{kw: cache_of(m, n_query + n_new)}, **gen)  # noqa: E731
             outs[method] = run()
             total = _median_s(run, device, max(1, reps // 2), warmup=0)
-            ttft = next(r["median_s"] for r in rows if r["method"] == method and r["config"] == name)
+            ttft = next(r["median_s"] for r in rows if r["step"] == "ttft" and r["method"] == method)
             rows.append({"step": "decode", "config": name, "attn": attn, "method": method, "memory_tokens": n_mem,
                          "new_tokens": n_new, "dtype": str(dtype), "generate_s": total,
                          "decode_tokens_per_s": (n_new - 1) / max(total - ttft, 1e-9)})
-        same = torch.equal(outs["prefix_reuse"], outs["kvmem_fast"])
-        for r in rows[-2:]:
-            r["passed"] = same
+        rows[-2:] = [{**r, **_agreement(scored["prefix_reuse"], scored["kvmem_fast"], ids.shape[-1], dtype)}
+                     for r in rows[-2:]]
     del model, prefix_cache, cube
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -228,6 +283,25 @@ def _guarded(step: str, fn, **where) -> list[dict]:
                  "traceback": traceback.format_exc().splitlines()[-12:], "passed": False}]
 
 
+def _agreement(ref, got, prompt_len: int, dtype) -> dict:
+    """Greedy tokens of two caches: equal, or diverging first where the reference's own top two logits tie within
+    ``dtype``'s rounding (bfloat16 attention kernels sum in another order; transformers' prefix reuse itself
+    diverges so). Also the first step's largest logit difference, relative to the logits' scale."""
+    a, b = ref.sequences[0, prompt_len:], got.sequences[0, prompt_len:]
+    s0, g0 = ref.scores[0][0].float(), got.scores[0][0].float()
+    finite = torch.isfinite(s0) & torch.isfinite(g0)  # min_new_tokens masks EOS with -inf
+    out = {"same_tokens": bool(torch.equal(a, b)),
+           "first_step_max_logit_diff": (s0 - g0)[finite].abs().max().item(),
+           "logit_scale": s0[finite].abs().max().item()}
+    if out["same_tokens"]:
+        return {**out, "passed": True}
+    i = int((a != b).nonzero()[0])
+    step = ref.scores[i][0].float()
+    margin = (step[a[i]] - step[b[i]]).abs().item()
+    tol = 16 * torch.finfo(dtype).eps * step[torch.isfinite(step)].abs().max().item()
+    return {**out, "diverged_at": i, "reference_margin_there": margin, "tie_tolerance": tol, "passed": margin <= tol}
+
+
 # ---------------------------------------------------------------- report
 def _label(row: dict) -> str:
     return f"{row['config'].replace('llama-', '').replace('-like', '')} {row['attn'][:5]}\n{row['method']}"
@@ -238,8 +312,10 @@ def plot(doc: dict, png: str) -> None:
     rows = doc["rows"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     sp = [r for r in rows if r["step"] == "splice" and "GB_per_s" in r]
-    axes[0].bar([r["what"] for r in sp], [r["GB_per_s"] for r in sp], color=["#888", "#4a7", "#a74"][:len(sp)])
-    axes[0].set(ylabel="GB/s (read + write)", title="splice vs plain copy")
+    colors = {"copy": "#888", "splice_all_layers": "#4a7", "splice_per_layer": "#a74"}
+    axes[0].bar(range(len(sp)), [r["GB_per_s"] for r in sp], color=[colors.get(r["what"], "#7ab") for r in sp])
+    axes[0].set_xticks(range(len(sp)), [r["what"].replace("tune_", "") for r in sp], fontsize=6, rotation=90)
+    axes[0].set(ylabel="GB/s (read + write)", title="splice vs plain copy (tune_*: tokens per program, warps)")
     tt = [r for r in rows if r["step"] == "ttft" and "median_s" in r]
     labels = [_label(r) for r in tt]
     axes[1].bar(range(len(tt)), [r["median_s"] for r in tt], color="#47a")
@@ -266,6 +342,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--pytest-timeout", type=int, default=240)
     p.add_argument("--out", default=None, help="default bench/results/gpu_check_<card>.json")
+    p.add_argument("--profile-dir", default=None, help="write torch.profiler tables of the TTFT paths here")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.dry
     if not cuda and not args.dry:
@@ -293,11 +370,15 @@ def main(argv=None) -> int:
             dict(n_mem=48, n_query=8, n_new=4, reps=1)
         for name, config in configs.items():
             for attn in attns:
-                got = _guarded("ttft", lambda: step_model(name, config, attn, device, dtype, **sizes),
+                got = _guarded("ttft", lambda: step_model(name, config, attn, device, dtype, **sizes,
+                                                          profile_dir=args.profile_dir),
                                config=name, attn=attn)
                 rows += got
                 for r in got:
                     if "error" in r:
+                        continue
+                    if r["step"] == "breakdown":
+                        print(f"part   {name:<14} {attn:<18} {r['what']:<30} {r['median_s'] * 1e3:9.2f} ms", flush=True)
                         continue
                     value = f"{r['median_s'] * 1e3:9.1f} ms" if r["step"] == "ttft" else \
                         f"{r['decode_tokens_per_s']:9.1f} tok/s"

@@ -50,16 +50,17 @@ def _is_adapter_param(name: str) -> bool:
 
 
 def _samples(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """An evenly spaced sample of every tensor (float32 on the CPU). The samples are strided views gathered by
-    one ``torch.cat`` per device and fetched in one device->host copy each: a few ms for a whole model."""
+    """An evenly spaced sample of every tensor, as raw bytes (uint8) on the CPU. The samples are strided views
+    gathered, in their own dtype, by one ``torch.cat`` per (device, dtype) and fetched in one device->host copy
+    each: on a GPU a handful of kernels for a whole model, not one cast per weight."""
     views = [t.detach().reshape(-1)[::max(1, t.numel() // _SAMPLES_PER_TENSOR)][:_SAMPLES_PER_TENSOR]
-             .to(torch.float32) for t in tensors]
+             for t in tensors]
     out: list[torch.Tensor | None] = [None] * len(views)
-    for device in {v.device for v in views}:  # a model split across devices (accelerate's device_map)
-        idx = [i for i, v in enumerate(views) if v.device == device]
+    for device, dtype in {(v.device, v.dtype) for v in views}:  # a model split across devices (device_map)
+        idx = [i for i, v in enumerate(views) if v.device == device and v.dtype == dtype]
         values = torch.cat([views[i] for i in idx]).cpu()
         for i, sample in zip(idx, torch.split(values, [views[i].numel() for i in idx])):
-            out[i] = sample
+            out[i] = sample.contiguous().view(torch.uint8)
     return out
 
 
@@ -170,7 +171,7 @@ def _digests(tensors: list) -> dict[str, str]:
         if not isinstance(t, torch.Tensor):
             per.append(t.digests())
             continue
-        key, bits = _tensor_key(t), samples[i].view(torch.int32)
+        key, bits = _tensor_key(t), samples[i]
         cached = getattr(t, "_kvmem_digests", None)
         if cached is None or cached[0] != key or not torch.equal(cached[1], bits):
             stale.append((i, key, bits.clone()))

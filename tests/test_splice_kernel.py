@@ -67,6 +67,26 @@ def test_splice_matches_float64_oracle(impl, dtype, dst_dtype, interleaved):
     assert torch.isnan(k[:, :, sum(args["length"]):]).all()  # nothing written past the spliced tokens
 
 
+@pytest.mark.parametrize("block_t", [4, 32])
+@pytest.mark.parametrize("dtype,dst_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
+                         ids=["f32", "bf16"])
+def test_triton_neox_full_rotary_fast_path(dtype, dst_dtype, block_t):
+    """NeoX halves over a power-of-two head (Llama, Qwen, Mistral, Gemma): the kernel's half-tile path. Cubes of
+    uneven lengths over several token blocks (block_t=4) and within one (32)."""
+    src_k, src_v, dst, args = _case(dtype=dtype, dst_dtype=dst_dtype, dim=16, rot=16, lens=(9, 21, 6))
+    per_layer = torch.stack([args["inv_freq"], torch.zeros(8)])  # layer 1 NoPE: the zero row leaves it as it is
+    for inv_freq in (args["inv_freq"], per_layer):
+        a = {**args, "inv_freq": inv_freq}
+        k, v = dst(), dst()
+        splice_triton(k, v, src_k, src_v, block_t=block_t, **a)
+        k64, v64 = _oracle(src_k, src_v, dst, a, False)
+        n = sum(a["length"])
+        tol = _tol(dtype, dst_dtype) * 8
+        torch.testing.assert_close(k[:, :, :n].double(), k64[:, :, :n], rtol=tol, atol=tol)
+        torch.testing.assert_close(v[:, :, :n].double(), v64[:, :, :n], rtol=tol, atol=tol)
+        assert torch.isnan(k[:, :, n:]).all() and torch.isnan(v[:, :, n:]).all()
+
+
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 def test_partial_rotary_and_odd_head_dim(impl):
     """head_dim 40 (BLOCK_D pads to 64), only 16 dims rotated: the other 24 are copied untouched."""

@@ -16,11 +16,15 @@ def rotation_tables(delta: Sequence[int], inv_freq: Tensor, device=None) -> tupl
     """cos, sin float32 of delta[c] * inv_freq, computed in float64 (exact angles).
 
     ``inv_freq`` [half] gives tables [N, half]; a per-layer table [layers, half] gives [N, layers, half].
+    Computed on the CUDA device when ``inv_freq`` is there (so a splice never waits on a device->host copy),
+    on the CPU otherwise (float64 everywhere: MPS has none); returned on ``device`` (default: where computed).
     """
-    d = torch.as_tensor(list(delta), dtype=torch.float64)
-    freq = inv_freq.detach().to("cpu", torch.float64)
+    where = inv_freq.device if inv_freq.device.type == "cuda" else torch.device("cpu")
+    freq = inv_freq.detach().to(where, torch.float64)
+    d = torch.tensor(list(delta), dtype=torch.float64).to(freq.device, non_blocking=True)
     angle = d.reshape(-1, *([1] * freq.dim())) * freq[None]
-    return angle.cos().float().to(device), angle.sin().float().to(device)
+    cos, sin = angle.cos().float(), angle.sin().float()
+    return (cos, sin) if device is None else (cos.to(device), sin.to(device))
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool) -> Tensor:
