@@ -74,8 +74,11 @@ def gqa_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             elif _split_here(query, seen):
                 out = attend_split(query, key, value, attention_mask, seen.full, scale=scaling)
                 return out.transpose(1, 2).contiguous(), None
-    # CUDA's GQA kernels take no mask (a masked enable_gqa call falls back to the math kernel): pack there.
-    pack = attention_mask is not None and query.device.type != "cpu"
+    # CUDA's GQA kernels take no mask (a masked enable_gqa call falls back to the math kernel): pack there. On the
+    # CPU, a call with no mask (a decode step over what it sees) packs too: the flash kernel then runs one pass per
+    # KV head, 1.5x faster than its own enable_gqa (0.37 vs 0.57 ms a layer at 6k keys, SmolLM2's 9/3 heads).
+    pack = (attention_mask is not None and query.device.type != "cpu") or \
+        (attention_mask is None and not is_causal and query.device.type == "cpu")
     out = attend_grouped(query, key, value, attention_mask, scale=scaling, dropout=dropout, is_causal=is_causal,
                          pack=pack)
     return out.transpose(1, 2).contiguous(), None

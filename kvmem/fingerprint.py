@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -62,6 +63,16 @@ def _samples(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         for i, sample in zip(idx, torch.split(values, [views[i].numel() for i in idx])):
             out[i] = sample.contiguous().view(torch.uint8)
     return out
+
+
+def _quiet_samples(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`_samples` on one thread: hundreds of tiny gathers, where a thread pool only adds barrier waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _samples(tensors)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _hash(*parts: bytes) -> str:
@@ -145,7 +156,7 @@ class _OffloadedFile:
         return digests
 
 
-def _digests(tensors: list) -> dict[str, str]:
+def _digests(tensors: list, samples: list | None = None) -> dict[str, str]:
     """Digests over every element of ``tensors`` ("exact" and one per canonical dtype), at a per-call cost of a
     sample, not of the model's size.
 
@@ -159,12 +170,7 @@ def _digests(tensors: list) -> dict[str, str]:
     size, modification time); nothing of it is read otherwise.
     """
     in_memory = [i for i, t in enumerate(tensors) if isinstance(t, torch.Tensor)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # hundreds of tiny gathers: a thread pool only adds barrier waits
-    try:
-        samples = dict(zip(in_memory, _samples([tensors[i] for i in in_memory])))
-    finally:
-        torch.set_num_threads(threads)
+    samples = dict(zip(in_memory, samples if samples is not None else _quiet_samples([tensors[i] for i in in_memory])))
     shapes = ";".join(f"{tuple(t.shape)}" for t in tensors)
     per, stale = [], []
     for i, t in enumerate(tensors):
@@ -265,6 +271,7 @@ def _weights(model, adapter: bool) -> list[tuple[str, object]]:
 def forget_digests(model) -> None:
     """Drop the cached weight digests of ``model``, so the next fingerprint hashes every weight again (offloaded
     ones included: after editing an offload folder's files in place, call this)."""
+    _WEIGHTS_MEMO.pop(base_model(model), None)
     for p in model.parameters():
         if hasattr(p, "_kvmem_digests"):
             del p._kvmem_digests
@@ -278,6 +285,11 @@ def forget_digests(model) -> None:
                 if hasattr(value, "_kvmem_digests"):
                     del value._kvmem_digests
             getattr(weights_map, "__dict__", {}).pop("_kvmem_digests", None)
+
+
+# base model -> (keys, sample bytes, weak refs to its weights, digests) of weights_digest's last answer. Kept out
+# of the model, so pickling or deep-copying a model never meets it.
+_WEIGHTS_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def weights_digest(model) -> dict:
@@ -295,7 +307,26 @@ def weights_digest(model) -> dict:
     """
     params = [p for _, p in _weights(model, adapter=False)]
     dtypes = sorted({str(p.dtype) for p in params})
-    return {**_digests(params), "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes), "coverage": "full"}
+    if not all(isinstance(p, torch.Tensor) for p in params):  # disk-offloaded weights: checked by file stat
+        return {**_digests(params), "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes), "coverage": "full"}
+    # The per-call check, for the whole model at once: when every weight's key and every sample equal the last
+    # call's, `_digests` would take every cached digest and hash the same parts again, so its last answer is kept
+    # with them (one comparison instead of one per weight: on a GPU host this is most of kvmem's per-call time).
+    keys = tuple(_tensor_key(p) for p in params)
+    samples = _quiet_samples(params)
+    blob = b"".join(bytes(_bytes(sample)) for sample in samples)
+    base = base_model(model)
+    memo = _WEIGHTS_MEMO.get(base)
+    if (memo is not None and memo[0] == keys and memo[1] == blob and len(memo[2]) == len(params)
+            and all(ref() is p for ref, p in zip(memo[2], params))):  # the same tensor objects, not a new one
+        return dict(memo[3])                                          # that reuses a freed one's address
+    out = {**_digests(params, samples), "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
+           "coverage": "full"}
+    try:
+        _WEIGHTS_MEMO[base] = (keys, blob, tuple(weakref.ref(p) for p in params), dict(out))
+    except TypeError:  # a model or tensor type that takes no weak reference: no memo, every call checks per weight
+        pass
+    return out
 
 
 def same_weights(recorded, actual) -> bool:

@@ -9,6 +9,9 @@ memories. Per case:
   prefill of the same ids, or kvmem refuses with a CubeError that names why; a family kvmem is known to refuse
   (REFUSED) must be refused for that reason, and every other family must compose exactly;
 - the default mode gives finite logits (or the same refusal);
+- wrap's default fast path (``kvmem_sdpa`` where the model groups KV heads, a static prefix cache where every
+  cache layer is one kvmem fills) generates the greedy tokens of transformers' own full prefill on stock sdpa,
+  for one cube and for three composed with a full recompute budget (or refuses as above);
 - moving a cube by ``delta`` with kvmem's rotation gives, in every layer, the keys transformers computes for the
   same tokens at positions shifted by ``delta`` (NoPE layers unrotated).
 
@@ -273,3 +276,43 @@ def test_forged_sizes_fail_before_anything_is_built(tmp_path, field, value, mess
     meta[field] = value
     with pytest.raises(kvmem.CubeError, match=message):
         kvmem.MemCube.load(forge(tmp_path / "forged.safetensors", meta, tensors))
+
+
+NEW = 5  # greedy tokens generated on the fast path
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in SDPA_UNSUPPORTED])
+def test_fast_path_generates_the_tokens_of_stock_sdpa(family):
+    from kvmem.attention import grouped_sdpa, use_gqa_attention
+    from kvmem.prefix_cache import static_capable, static_prefix
+
+    stock = _model(family, "sdpa", "float32")
+    fast = family_model(family, attn="sdpa")  # the same seeded weights, switched the way wrap switches them
+    grouped = grouped_sdpa(fast)
+    if grouped:
+        use_gqa_attention(fast)
+    static = static_capable(fast)
+    single, composed = _cubes(family, "sdpa", "float32")  # built on the stock model: the same weights
+    query = _ids(QUERY, 2)
+    outcomes = []
+    for name, cubes, options in (("single", [single], {}),
+                                 ("composed", composed, dict(recompute="leading", budget=10 ** 6))):
+        try:
+            prefix = kvmem.prefill(fast, cubes, **options)
+        except kvmem.CubeError as exc:
+            assert family in REFUSED and REFUSED[family] in str(exc), f"{family}: unexpected refusal: {exc}"
+            outcomes.append(f"{name}: refused")
+            continue
+        ids = prefix.extend(query)
+        with torch.no_grad():
+            want = stock.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                                  min_new_tokens=NEW)
+        if static:
+            prefix = static_prefix(fast, prefix, max_new_tokens=NEW, query_len=QUERY)
+        with torch.no_grad():
+            got = fast.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=prefix.cache,
+                                max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
+        assert torch.equal(got, want), f"{family} ({name}, kvmem_sdpa={grouped}, static={static}): other tokens"
+        outcomes.append(f"{name}: equal")
+    _record(family, "sdpa", "float32", "fast_path",
+            f"{'kvmem_sdpa' if grouped else 'sdpa'}+{'static' if static else 'dynamic'}: {', '.join(outcomes)}")

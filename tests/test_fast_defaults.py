@@ -37,12 +37,20 @@ def test_wrap_switches_grouped_sdpa_models_only(family, groups, tokenizer):
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_generate_uses_a_static_prefix_and_matches_a_full_prefill(family, tokenizer):
-    mm = kvmem.wrap(tiny_model(family, **({"sliding_window": 8} if family == "mistral" else {})), tokenizer)
+    overrides = {"sliding_window": 8} if family == "mistral" else {}
+    mm = kvmem.wrap(tiny_model(family, **overrides), tokenizer)
     cube = mm.build_cube(NOTE)
     got, cache = _run(mm, cube, max_new_tokens=6)
     assert isinstance(cache, StaticCache) and mm.last.injected
     want, _ = _run(mm, cube, max_new_tokens=6, inject=False)
     assert torch.equal(got, want)
+    # the reference kvmem did not touch: the same weights on stock sdpa, transformers' own full prefill
+    stock = tiny_model(family, **overrides)
+    assert stock.config._attn_implementation == "sdpa"
+    ids = mm.prompt_ids("Where is the bicycle?", [cube])
+    with torch.no_grad():
+        plain = stock.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, plain)
     if family == "llama":  # full attention: room for exactly the request and its new tokens
         assert cache.layers[0].max_cache_len == got.shape[1]
 

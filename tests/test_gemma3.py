@@ -80,3 +80,34 @@ def test_cubes_composed_past_the_window(gemma3):
     default = mm.generate(question, cubes, max_new_tokens=4, do_sample=False)
     assert mm.last.injected and mm.last.cube_names == [c.name for c in cubes]
     assert default.shape[1] == ids.shape[1] + 4
+
+
+def test_wrap_defaults_equal_stock_sdpa_past_the_window(gemma3):
+    """What wrap sets up by default on a sliding-window GQA model (kvmem_sdpa, a static prefix cache whose
+    sliding layers keep only the window) generates the tokens of transformers' own full prefill on stock sdpa,
+    with a memory longer than the 512-token window."""
+    from transformers import StaticCache
+
+    from kvmem.attention import NAME, use_gqa_attention
+
+    model, tok, mm = gemma3
+    assert model.config._attn_implementation == NAME
+    notes, people = team_notes(14, seed=21)
+    cube = mm.build_cube(notes, name="long")
+    assert cube.num_tokens > model.config.sliding_window
+    question = f"Where does {people[3]['first']} live?"
+    ids = mm.prompt_ids(question, [cube])
+    use_gqa_attention(model, enabled=False)
+    try:
+        assert model.config._attn_implementation == "sdpa"
+        with torch.no_grad():
+            want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+        full = _last_logits(model, ids)
+    finally:
+        use_gqa_attention(model)
+    out = mm.generate(question, [cube], max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    assert mm.last.injected and isinstance(out.past_key_values, StaticCache)
+    assert torch.equal(out.sequences, want)
+    prefix = kvmem.prefill(model, cube, tokenizer=tok)
+    got = _last_logits(model, ids[:, prefix.num_tokens:], cache=prefix.cache)
+    torch.testing.assert_close(got, full, rtol=0, atol=_tol(full.abs().max().item()))
