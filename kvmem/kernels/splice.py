@@ -92,8 +92,9 @@ def splice_triton(dst_k: Tensor, dst_v: Tensor, src_k, src_v, *, src_start, dst_
     """The same as `splice_reference`, in one Triton launch. All tensors on one device (CPU only under
     TRITON_INTERPRET=1); sources contiguous and of one dtype. ``block_t`` tokens per program and ``num_warps``
     (Triton's default, 4, when None) tune it; bench/gpu_check.py measures them. The default, 64 tokens and 4 warps,
-    was the fastest measured on an H200 (bf16, 32 layers x 8 heads x 128 dims, 4 cubes of 2,048 tokens: 0.86 of
-    a plain device copy's bandwidth; 32 tokens 0.82, 256 tokens 0.76)."""
+    was the fastest in the first measured sweep on an H200 (bf16, 32 layers x 8 heads x 128 dims, 4 cubes of 2,048
+    tokens: 0.86 of a plain device copy's bandwidth; 32 tokens 0.82, 256 tokens 0.76), and again in a second
+    sweep that ran lower overall (0.70; 32 tokens 0.69, 256 tokens 0.62)."""
     from ._splice_triton import launch  # lazy: importing kvmem never imports Triton
 
     _check(dst_k, dst_v, src_k, src_v, src_start, dst_start, length, delta, inv_freq)
