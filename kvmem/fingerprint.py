@@ -50,27 +50,38 @@ def _is_adapter_param(name: str) -> bool:
     return "lora_" in name or "modules_to_save" in name
 
 
+def _sample_views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """An evenly spaced sample of every tensor, as strided views of it (they see in-place edits of its storage)."""
+    return [t.detach().reshape(-1)[::max(1, t.numel() // _SAMPLES_PER_TENSOR)][:_SAMPLES_PER_TENSOR]
+            for t in tensors]
+
+
+def _gather(views: list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """The views' values as raw bytes on the CPU: one ``torch.cat`` per (device, dtype) and one device->host copy
+    each (on a GPU a handful of kernels for a whole model, not one per weight). [(view indices, uint8 bytes)]."""
+    groups = {}
+    for i, v in enumerate(views):  # a model split across devices (device_map), or of mixed dtypes
+        groups.setdefault((v.device, v.dtype), []).append(i)
+    return [(idx, torch.cat([views[i] for i in idx]).cpu().view(torch.uint8)) for idx in groups.values()]
+
+
 def _samples(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """An evenly spaced sample of every tensor, as raw bytes (uint8) on the CPU. The samples are strided views
-    gathered, in their own dtype, by one ``torch.cat`` per (device, dtype) and fetched in one device->host copy
-    each: on a GPU a handful of kernels for a whole model, not one cast per weight."""
-    views = [t.detach().reshape(-1)[::max(1, t.numel() // _SAMPLES_PER_TENSOR)][:_SAMPLES_PER_TENSOR]
-             for t in tensors]
+    """`_sample_views`' values per tensor, as raw bytes (uint8) on the CPU."""
+    views = _sample_views(tensors)
     out: list[torch.Tensor | None] = [None] * len(views)
-    for device, dtype in {(v.device, v.dtype) for v in views}:  # a model split across devices (device_map)
-        idx = [i for i, v in enumerate(views) if v.device == device and v.dtype == dtype]
-        values = torch.cat([views[i] for i in idx]).cpu()
-        for i, sample in zip(idx, torch.split(values, [views[i].numel() for i in idx])):
-            out[i] = sample.contiguous().view(torch.uint8)
+    for idx, values in _gather(views):
+        sizes = [views[i].numel() * views[i].element_size() for i in idx]
+        for i, sample in zip(idx, torch.split(values, sizes)):
+            out[i] = sample
     return out
 
 
-def _quiet_samples(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`_samples` on one thread: hundreds of tiny gathers, where a thread pool only adds barrier waits."""
+def _quiet(fn, *args):
+    """``fn(*args)`` on one thread: hundreds of tiny gathers, where a thread pool only adds barrier waits."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _samples(tensors)
+        return fn(*args)
     finally:
         torch.set_num_threads(threads)
 
@@ -170,7 +181,7 @@ def _digests(tensors: list, samples: list | None = None) -> dict[str, str]:
     size, modification time); nothing of it is read otherwise.
     """
     in_memory = [i for i, t in enumerate(tensors) if isinstance(t, torch.Tensor)]
-    samples = dict(zip(in_memory, samples if samples is not None else _quiet_samples([tensors[i] for i in in_memory])))
+    samples = dict(zip(in_memory, samples if samples is not None else _quiet(_samples, [tensors[i] for i in in_memory])))
     shapes = ";".join(f"{tuple(t.shape)}" for t in tensors)
     per, stale = [], []
     for i, t in enumerate(tensors):
@@ -287,8 +298,8 @@ def forget_digests(model) -> None:
             getattr(weights_map, "__dict__", {}).pop("_kvmem_digests", None)
 
 
-# base model -> (keys, sample bytes, weak refs to its weights, digests) of weights_digest's last answer. Kept out
-# of the model, so pickling or deep-copying a model never meets it.
+# base model -> (keys, weak refs to its weights, their gathered sample bytes, digests): weights_digest's last
+# answer. Kept out of the model, so pickling or deep-copying a model never meets it.
 _WEIGHTS_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -309,21 +320,30 @@ def weights_digest(model) -> dict:
     dtypes = sorted({str(p.dtype) for p in params})
     if not all(isinstance(p, torch.Tensor) for p in params):  # disk-offloaded weights: checked by file stat
         return {**_digests(params), "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes), "coverage": "full"}
-    # The per-call check, for the whole model at once: when every weight's key and every sample equal the last
-    # call's, `_digests` would take every cached digest and hash the same parts again, so its last answer is kept
-    # with them (one comparison instead of one per weight: on a GPU host this is most of kvmem's per-call time).
+    # The per-call check, for the whole model at once: when every weight is the same tensor object with the same
+    # key and the same sampled bytes as at the last call, `_digests` would take every cached digest and hash the
+    # same parts again, so its last answer is kept with them. One gather and one comparison per (device, dtype),
+    # not a split, a comparison and a lookup per weight: on a GPU host this check is most of what kvmem adds to a
+    # request's time. (The memo keeps bytes, not views: a view would keep a replaced weight's storage alive.)
     keys = tuple(_tensor_key(p) for p in params)
-    samples = _quiet_samples(params)
-    blob = b"".join(bytes(_bytes(sample)) for sample in samples)
+    views = _sample_views(params)
+    gathered = _gather(views)
     base = base_model(model)
     memo = _WEIGHTS_MEMO.get(base)
-    if (memo is not None and memo[0] == keys and memo[1] == blob and len(memo[2]) == len(params)
-            and all(ref() is p for ref, p in zip(memo[2], params))):  # the same tensor objects, not a new one
-        return dict(memo[3])                                          # that reuses a freed one's address
+    if (memo is not None and memo[0] == keys and len(memo[1]) == len(params)
+            and all(ref() is p for ref, p in zip(memo[1], params))  # not a new tensor at a freed one's address
+            and len(gathered) == len(memo[2])
+            and all(ia == ib and a.numpy().tobytes() == b.numpy().tobytes()
+                    for (ia, a), (ib, b) in zip(gathered, memo[2]))):
+        return dict(memo[3])
+    samples: list[torch.Tensor | None] = [None] * len(params)
+    for idx, values in gathered:
+        for i, sample in zip(idx, torch.split(values, [views[i].numel() * views[i].element_size() for i in idx])):
+            samples[i] = sample
     out = {**_digests(params, samples), "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
            "coverage": "full"}
     try:
-        _WEIGHTS_MEMO[base] = (keys, blob, tuple(weakref.ref(p) for p in params), dict(out))
+        _WEIGHTS_MEMO[base] = (keys, tuple(weakref.ref(p) for p in params), gathered, dict(out))
     except TypeError:  # a model or tensor type that takes no weak reference: no memo, every call checks per weight
         pass
     return out
