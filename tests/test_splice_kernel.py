@@ -88,6 +88,21 @@ def test_triton_neox_full_rotary_fast_path(dtype, dst_dtype, block_t):
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_no_rotary_dims_is_an_exact_copy(impl):
+    """A model with no rotary dims at all (inv_freq empty): keys are copied bit for bit, inf and NaN included (the
+    kernel must not touch a partner element it would multiply by a zero sine)."""
+    src_k, src_v, dst, args = _case(dtype=torch.float32, dst_dtype=torch.float32, rot=0)
+    for cube in src_k:
+        cube[0][0, 0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.0])
+    k, v = dst(), dst()
+    IMPLS[impl](k, v, src_k, src_v, **args)
+    for c, (s, d, n) in enumerate(zip(args["src_start"], args["dst_start"], args["length"])):
+        for layer in range(len(src_k[c])):
+            torch.testing.assert_close(k[layer, :, d:d + n], src_k[c][layer][:, s:s + n], rtol=0, atol=0,
+                                       equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
 def test_partial_rotary_and_odd_head_dim(impl):
     """head_dim 40 (BLOCK_D pads to 64), only 16 dims rotated: the other 24 are copied untouched."""
     src_k, src_v, dst, args = _case(dtype=torch.float32, dst_dtype=torch.float32, dim=40, rot=16, heads=5)

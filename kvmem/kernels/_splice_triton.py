@@ -1,12 +1,14 @@
 """The Triton splice kernel (imported lazily by kernels/splice.py: importing kvmem never imports Triton).
 
-One program per (cube, layer, head, block of tokens). Each program reads a [BLOCK_T, head_dim] tile of keys
-and values from its cube's layer (found through a table of data pointers, so N cubes need no gather copy),
+One program per (cube, layer, head, block of tokens), on one flat grid. Each program reads a [BLOCK_T, head_dim]
+tile of keys and values from its cube's layer (found through a table of data pointers, so N cubes need no gather copy),
 rotates the keys by the cube's delta with precomputed cos/sin of that layer's own frequencies (a zero row leaves
 a NoPE layer's keys as they are), casts, and writes the tile into dst.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -17,14 +19,17 @@ from .rotation import rotation_tables
 
 @triton.jit
 def _splice_kernel(meta_ptr, typed_src, dst_k, dst_v, table_ptr,
-                   n_cubes, n_layers, n_heads, t_dst,
+                   n_cubes, n_layers, n_heads, t_dst, n_blocks,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   HALF: tl.constexpr, SPLIT: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr):
-    pid = tl.program_id(0)                       # over cubes * layers * heads
-    tb = tl.program_id(1)                        # token block
-    h = pid % n_heads
-    layer = (pid // n_heads) % n_layers
-    c = pid // (n_heads * n_layers)
+                   HALF: tl.constexpr, ROT: tl.constexpr, SPLIT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
+    # one flat grid (no per-axis launch limit): token blocks vary fastest, then heads, layers, cubes
+    pid = tl.program_id(0).to(tl.int64)
+    tb = pid % n_blocks
+    rest = pid // n_blocks
+    h = rest % n_heads
+    layer = (rest // n_heads) % n_layers
+    c = rest // (n_heads * n_layers)
     # meta: [k pointers (cubes * layers) | v pointers (cubes * layers) | src_start | dst_start | length | src_len]
     ints = meta_ptr + 2 * n_cubes * n_layers
     src_start = tl.load(ints + c)
@@ -36,8 +41,8 @@ def _splice_kernel(meta_ptr, typed_src, dst_k, dst_v, table_ptr,
 
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)     # [BLOCK_T] token index within the copied range
     in_range = t < length
-    src_row = (h * src_len + src_start + t).to(tl.int64)
-    dst_row = ((layer * n_heads + h) * t_dst + dst_start + t).to(tl.int64)
+    src_row = h * src_len + src_start + t        # int64 throughout: pid is, and so is every product with it
+    dst_row = (layer * n_heads + h) * t_dst + dst_start + t
     table = (c * n_layers + layer) * HALF        # this cube's and layer's row of the [cubes, layers, HALF] tables
     sin_ptr = table_ptr + n_cubes * n_layers * HALF  # table: [cos | sin], each [cubes, layers, HALF]
 
@@ -66,7 +71,7 @@ def _splice_kernel(meta_ptr, typed_src, dst_k, dst_v, table_ptr,
             partner = tl.where(d < HALF, d + HALF, d - HALF)
             sign = tl.where(d < HALF, -1.0, 1.0)
             f = d % HALF
-        rot = d < 2 * HALF
+        rot = d < ROT                            # the rotary dims (none for NoPE: then an exact copy)
         cos = tl.load(table_ptr + table + f, mask=rot, other=1.0)
         sin = tl.load(sin_ptr + table + f, mask=rot, other=0.0)
         x = tl.load(k_src + src_row[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -100,18 +105,24 @@ def launch(dst_k, dst_v, src_k, src_v, *, src_start, dst_start, length, delta, i
     n_cubes, max_len = len(src_k), max(list(length) + [0])
     if max_len == 0:
         return
-    cos, sin = rotation_tables(delta, freq, device)  # [cubes, layers, half], computed where inv_freq lives
-    if half == 0:  # no rotary dims: keep valid pointers for the (masked-off) loads
-        cos, sin = torch.ones(n_cubes, n_layers, 1, device=device), torch.zeros(n_cubes, n_layers, 1, device=device)
-    # one host->device copy of the integers (pointers and ranges), none that waits for the device
-    meta = [t.data_ptr() for cube in src_k for t in cube] + [t.data_ptr() for cube in src_v for t in cube]
-    meta += [*src_start, *dst_start, *length, *(cube[0].shape[1] for cube in src_k)]
-    meta = torch.tensor(meta, dtype=torch.int64).to(device, non_blocking=True)
-    table = torch.cat([cos.reshape(-1), sin.reshape(-1)]).to(device, non_blocking=True)
     split = not interleaved and half > 0 and 2 * half == dim and half == triton.next_power_of_2(half)
-    grid = (n_cubes * n_layers * n_heads, triton.cdiv(max_len, block_t))
-    _splice_kernel[grid](meta, src_k[0][0], dst_k, dst_v, table,
-                         n_cubes, n_layers, n_heads, t_dst,
-                         D=dim, DV=dim_v, BLOCK_D=triton.next_power_of_2(dim),
-                         BLOCK_DV=triton.next_power_of_2(dim_v), HALF=max(half, 1), SPLIT=split,
-                         INTERLEAVED=interleaved, BLOCK_T=block_t, **({"num_warps": num_warps} if num_warps else {}))
+    n_blocks = triton.cdiv(max_len, block_t)
+    grid = (n_cubes * n_layers * n_heads * n_blocks,)
+    # Triton launches on the current device's current stream: make dst's device current, so the kernel and the
+    # copies below run there, in order, also when the model lives on another GPU than the current one
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if half == 0:  # no rotary dims: valid pointers for the (masked-off) table loads
+            table = torch.zeros(2 * n_cubes * n_layers, device=device)
+        else:  # [cos | sin], each [cubes, layers, half]: computed where inv_freq lives, sent in at most one copy
+            cos, sin = rotation_tables(delta, freq)
+            table = torch.cat([cos.reshape(-1), sin.reshape(-1)]).to(device, non_blocking=True)
+        # one host->device copy of the integers (pointers and ranges)
+        meta = [t.data_ptr() for cube in src_k for t in cube] + [t.data_ptr() for cube in src_v for t in cube]
+        meta += [*src_start, *dst_start, *length, *(cube[0].shape[1] for cube in src_k)]
+        meta = torch.tensor(meta, dtype=torch.int64).to(device, non_blocking=True)
+        _splice_kernel[grid](meta, src_k[0][0], dst_k, dst_v, table,
+                             n_cubes, n_layers, n_heads, t_dst, n_blocks,
+                             D=dim, DV=dim_v, BLOCK_D=triton.next_power_of_2(dim),
+                             BLOCK_DV=triton.next_power_of_2(dim_v), HALF=max(half, 1), ROT=2 * half, SPLIT=split,
+                             INTERLEAVED=interleaved, BLOCK_T=block_t,
+                             **({"num_warps": num_warps} if num_warps else {}))
