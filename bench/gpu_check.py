@@ -253,13 +253,11 @@ def step_model(name: str, config: dict, attn: str, device, dtype, *, n_mem: int,
                 use_gqa_attention(model, enabled=method == "kvmem_fast")
             scored[method] = model.generate(ids, **{kw: cache_of(method, n_query + n_new)}, **gen,
                                             output_scores=True, return_dict_in_generate=True)
-        outs = {}
         for method in ("prefix_reuse", "kvmem_fast"):
             if gqa:
                 use_gqa_attention(model, enabled=method == "kvmem_fast")
             run = lambda m=method: model.generate(ids, **{kw: cache_of(m, n_query + n_new)}, **gen)  # noqa: E731
-            outs[method] = run()
-            total = _median_s(run, device, max(1, reps // 2), warmup=0)
+            total = _median_s(run, device, max(1, reps // 2), warmup=1)
             ttft = next(r["median_s"] for r in rows if r["step"] == "ttft" and r["method"] == method)
             rows.append({"step": "decode", "config": name, "attn": attn, "method": method, "memory_tokens": n_mem,
                          "new_tokens": n_new, "dtype": str(dtype), "generate_s": total,

@@ -65,15 +65,20 @@ def _gather(views: list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
     return [(idx, torch.cat([views[i] for i in idx]).cpu().view(torch.uint8)) for idx in groups.values()]
 
 
-def _samples(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`_sample_views`' values per tensor, as raw bytes (uint8) on the CPU."""
-    views = _sample_views(tensors)
+def _per_tensor(views: list[torch.Tensor], gathered: list[tuple[list[int], torch.Tensor]]) -> list[torch.Tensor]:
+    """`_gather`'s bytes split back into one sample per view (in the views' order)."""
     out: list[torch.Tensor | None] = [None] * len(views)
-    for idx, values in _gather(views):
+    for idx, values in gathered:
         sizes = [views[i].numel() * views[i].element_size() for i in idx]
         for i, sample in zip(idx, torch.split(values, sizes)):
             out[i] = sample
     return out
+
+
+def _samples(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`_sample_views`' values per tensor, as raw bytes (uint8) on the CPU."""
+    views = _sample_views(tensors)
+    return _per_tensor(views, _gather(views))
 
 
 def _quiet(fn, *args):
@@ -318,8 +323,9 @@ def weights_digest(model) -> dict:
     """
     params = [p for _, p in _weights(model, adapter=False)]
     dtypes = sorted({str(p.dtype) for p in params})
+    facts = {"dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes), "coverage": "full"}
     if not all(isinstance(p, torch.Tensor) for p in params):  # disk-offloaded weights: checked by file stat
-        return {**_digests(params), "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes), "coverage": "full"}
+        return {**_digests(params), **facts}
     # The per-call check, for the whole model at once: when every weight is the same tensor object with the same
     # key and the same sampled bytes as at the last call, `_digests` would take every cached digest and hash the
     # same parts again, so its last answer is kept with them. One gather and one comparison per (device, dtype),
@@ -336,12 +342,7 @@ def weights_digest(model) -> dict:
             and all(ia == ib and a.numpy().tobytes() == b.numpy().tobytes()
                     for (ia, a), (ib, b) in zip(gathered, memo[2]))):
         return dict(memo[3])
-    samples: list[torch.Tensor | None] = [None] * len(params)
-    for idx, values in gathered:
-        for i, sample in zip(idx, torch.split(values, [views[i].numel() * views[i].element_size() for i in idx])):
-            samples[i] = sample
-    out = {**_digests(params, samples), "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
-           "coverage": "full"}
+    out = {**_digests(params, _per_tensor(views, gathered)), **facts}
     try:
         _WEIGHTS_MEMO[base] = (keys, tuple(weakref.ref(p) for p in params), gathered, dict(out))
     except TypeError:  # a model or tensor type that takes no weak reference: no memo, every call checks per weight
