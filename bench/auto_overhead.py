@@ -35,7 +35,7 @@ from _common import RESULTS, add_model_argument, load_model, machine_facts, pypl
     write_results  # noqa: E402
 
 import kvmem  # noqa: E402
-from kvmem.memory_text import FIRST, LAST, person_notes  # noqa: E402
+from memory_text import FIRST, LAST, person_notes  # noqa: E402
 
 QUESTIONS = ["Where does {first} {last} live?", "What does {first} {last} do for a living?",
              "Which pet does {first} {last} have?", "What is the badge number of {first} {last}?"]

@@ -1,7 +1,7 @@
 """Compose several cubes: answer quality and TTFT of each recompute mode vs full prefill (SmolLM2-135M or
 Gemma 3, fp32).
 
-Fact QA over invented people (kvmem.memory_text.person_notes), spread over 2, 4 and 8 cubes of ~250 tokens
+Fact QA over invented people (memory_text.person_notes), spread over 2, 4 and 8 cubes of ~250 tokens
 (3 people) each, every question's answer in exactly one cube, first names unique in a set. The prompt is what
 `kvmem.wrap(model, tok)` builds (the chat template's system header as the anchor, the cubes' texts in order, the
 user turn with the question "Where does <first name> live?" or "What does <first name> work as?"), followed by the
@@ -54,9 +54,9 @@ import kvmem  # noqa: E402
 import _common  # noqa: E402
 from transformers import Cache, DynamicCache  # noqa: E402
 
-from kvmem.cache import cache_kwarg, new_cache, output_cache  # noqa: E402
-from kvmem.memory_text import text_of_tokens  # noqa: E402
-from kvmem.prefix import DEFAULT_RECOMPUTE, RECOMPUTE_MODES  # noqa: E402
+from kvmem.model.cache import cache_kwarg, new_cache, output_cache  # noqa: E402
+from memory_text import text_of_tokens  # noqa: E402
+from kvmem.inject.prefill import DEFAULT_RECOMPUTE, RECOMPUTE_MODES  # noqa: E402
 from workloads import QUESTIONS, cube_set, questions_of  # noqa: E402
 
 

@@ -178,9 +178,9 @@ def step_model(name: str, config: dict, attn: str, device, dtype, *, n_mem: int,
                reps: int, profile_dir=None) -> list[dict]:
     import kvmem
     from transformers import DynamicCache
-    from kvmem.attention import use_gqa_attention
-    from kvmem.cache import cache_kwarg, output_cache
-    from kvmem.prefix_cache import static_prefix
+    from kvmem.model.attention import use_gqa_attention
+    from kvmem.model.cache import cache_kwarg, output_cache
+    from kvmem.model.static_cache import static_prefix
 
     model = _model(config, attn, device, dtype)
     kw = cache_kwarg(model)
@@ -212,7 +212,7 @@ def step_model(name: str, config: dict, attn: str, device, dtype, *, n_mem: int,
     with torch.inference_mode():
         if gqa:
             use_gqa_attention(model, enabled=False)
-        from kvmem.fingerprint import fingerprint_fields
+        from kvmem.cubes.fingerprint import fingerprint_fields
         parts = {
             "fingerprint_fields": lambda: fingerprint_fields(model),
             "kvmem.prefill": lambda: kvmem.prefill(model, cube),

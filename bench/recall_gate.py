@@ -1,4 +1,4 @@
-"""The recall evidence gate (kvmem.recall.relevant): what it keeps of the index's top 10, on- and off-topic.
+"""The recall evidence gate (kvmem.memory.recall.relevant): what it keeps of the index's top 10, on- and off-topic.
 
 On the cross-style conversation sets (bench/datasets, seed 5), per style and per MIN_DENSE_SIMILARITY: how many
 gold answer turns the index ranked in its top 10 the gate would drop (should be none), and how many top-10 hits
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_facts, result_path, write_results  # noqa: E402
 
 import kvmem  # noqa: E402
-import kvmem.recall as recall  # noqa: E402
+import kvmem.memory.recall as recall  # noqa: E402
 
 STYLES = ("casual", "team", "notes", "assistant")
 OFF_TOPIC = ["What is the capital of Peru?", "How many moons does Jupiter have?", "Explain the rules of cricket.",

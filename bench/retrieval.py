@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))  # bench/ is imported as a package, so bench/datas
 import kvmem  # noqa: E402
 from bench import _common  # noqa: E402
 from bench.datasets import assistant, casual, notes, team  # noqa: E402
-from kvmem.fusion import fuse  # noqa: E402
-from kvmem.index import DEFAULT_WEIGHTS  # noqa: E402
+from kvmem.memory.fusion import fuse  # noqa: E402
+from kvmem.memory.index import DEFAULT_WEIGHTS  # noqa: E402
 
 RRF_K = kvmem.MemoryIndex.__init__.__kwdefaults__["rrf_k"]
 

@@ -7,7 +7,7 @@ which is what has to hold on styles nobody tuned on; among settings within 0.005
 keeps the most components wins (then the mean). The speaker weight cannot be tuned here (these styles have no
 named speakers): it stays at its default. The component scores come from one
 `MemoryIndex.score_matrix` call per dataset and window; the winning setting is re-checked through
-`kvmem.fusion.fuse` itself.
+`kvmem.memory.fusion.fuse` itself.
 
     .venv/bin/python bench/retrieval_tune.py      # ~3 min on 2 busy cores -> bench/results/retrieval_tune_cpu.json
 """
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import _common  # noqa: E402
 from bench.retrieval import TUNED, build, gold_matrix, hits  # noqa: E402
-from kvmem.fusion import fuse, ranks, zscore  # noqa: E402
+from kvmem.memory.fusion import fuse, ranks, zscore  # noqa: E402
 
 SEEDS = (0, 1)
 GRID = {"lexical": [0, 0.5, 1], "lexical_window": [0, 0.5, 1], "dense": [0.5, 1, 2], "dense_window": [0, 0.5, 1, 2],

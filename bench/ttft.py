@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))  # bench/_common.py, also when imported 
 
 import kvmem  # noqa: E402
 import _common  # noqa: E402
-from kvmem.cache import cache_kwarg, output_cache  # noqa: E402
+from kvmem.model.cache import cache_kwarg, output_cache  # noqa: E402
 from workloads import memory_ids, query_ids  # noqa: E402
 
 METHODS = ("full_prefill", "prefix_reuse", "kvmem_disk", "kvmem_disk_cold", "kvmem_cpu", "kvmem_device")
@@ -173,13 +173,13 @@ def profile_kvmem(model, path, cube_cpu, prefix_cache, q, forward, device, reps:
         "forward(query, prefill cache)": lambda: forward(q, kvmem.prefill(model, cube_cpu).cache),
     }
     try:
-        from kvmem.cube_format import checksum
+        from kvmem.cubes.format import checksum
         tensors = load_file(str(path), device="cpu")
         pieces["checksum(xxh3 over tensors)"] = lambda: checksum("f", "1", "{}", tensors)
     except Exception as exc:  # noqa: BLE001  (modules may move; the breakdown is best effort)
         print(f"breakdown: no checksum timing ({exc})")
     try:
-        from kvmem.fingerprint import fingerprint_fields
+        from kvmem.cubes.fingerprint import fingerprint_fields
         pieces["fingerprint_fields(model)"] = lambda: fingerprint_fields(model)
     except Exception as exc:  # noqa: BLE001
         print(f"breakdown: no fingerprint timing ({exc})")

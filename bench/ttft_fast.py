@@ -45,11 +45,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import kvmem  # noqa: E402
 import _common  # noqa: E402
-from kvmem.attention import use_gqa_attention  # noqa: E402
-from kvmem.batch import prefill_batch  # noqa: E402
-from kvmem.cache import cache_kwarg, output_cache  # noqa: E402
-from kvmem.prefix_cache import static_prefix  # noqa: E402
-from kvmem.real_model import load_smollm2  # noqa: E402
+from kvmem.model.attention import use_gqa_attention  # noqa: E402
+from kvmem.inject.batch import prefill_batch  # noqa: E402
+from kvmem.model.cache import cache_kwarg, output_cache  # noqa: E402
+from kvmem.model.static_cache import static_prefix  # noqa: E402
+from kvmem.demo.models import load_smollm2  # noqa: E402
 from workloads import memory_ids, query_ids  # noqa: E402
 
 TTFT_METHODS = ("full_prefill", "prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_gqa", "kvmem_static",

@@ -46,7 +46,7 @@ def build_cubes(lengths, folder: Path, store_url: str | None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import kvmem
-    from kvmem.real_model import smollm2_checkpoint
+    from kvmem.demo.models import smollm2_checkpoint
 
     ckpt = smollm2_checkpoint()
     tok = AutoTokenizer.from_pretrained(ckpt)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kvmem.memory_text import FIRST, LAST, person_notes, text_of_tokens
+from memory_text import FIRST, LAST, person_notes, text_of_tokens
 
 # ---------------------------------------------------------------- TTFT: memory + query of exact lengths
 QUESTION = "\n\nQuestion: Where does Alice live, and what is the badge number of Alice? Answer:"

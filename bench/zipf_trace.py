@@ -1,4 +1,4 @@
-"""A Zipf request trace through kvmem.scheduler.MemScheduler: hit rate per tier, LRU vs LFU, and the TTFT it implies.
+"""A Zipf request trace through kvmem.memory.scheduler.MemScheduler: hit rate per tier, LRU vs LFU, and the TTFT it implies.
 
 500 memories with SmolLM2-135M KV sizes (30 layers x 2 (K, V) x 3 KV heads x 64 dims x 4 bytes = 46,080 bytes
 per token; lengths drawn uniformly from 512..2048 tokens, the range bench/ttft.py measures, so that no TTFT is
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))  # bench/_common.py, also when imported from elsewhere
 
 import _common  # noqa: E402
-from kvmem.scheduler import MemScheduler  # noqa: E402
+from kvmem.memory.scheduler import MemScheduler  # noqa: E402
 from workloads import make_memories, make_trace, zipf_probs  # noqa: E402
 
 BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4   # 46,080: SmolLM2-135M, float32 K and V

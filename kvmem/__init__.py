@@ -7,18 +7,28 @@ memories `wrap(...).generate(prompt, cubes="auto")` picks from). See README.md.
 The public names load on first use (PEP 562), so `import kvmem` and the `kvmem` command start without torch or
 transformers; `kvmem.MemCube` etc. behave as plain attributes.
 
-Demo and test support, not API: `kvmem.real_model` (offline real models) and `kvmem.memory_text` (invented notes).
+Sub-packages, one job each (imports point downward, in this order): kernels, model, cubes, store, inject, memory;
+then this face (memory_model: wrap / MemoryModel; prompt; report), cli, demo, integrations. Module paths of the
+flat layout (`kvmem.prefix`, `kvmem.attention`, ...) still import, with a DeprecationWarning naming the new path.
 """
 
+from ._deprecation import install_module_aliases
 from ._version import __version__
 from .errors import CubeError, FingerprintMismatch
+
+install_module_aliases()
 
 # public name -> the module that defines it (no public name equals a submodule's name, so importing a submodule
 # never hides a public name behind a module object)
 _PUBLIC = {
-    "MemCube": ".cube", "Prefix": ".prefix", "prefill": ".prefix", "AdapterCube": ".adapter",
+    "MemCube": ".cubes.memcube", "AdapterCube": ".cubes.adaptercube",
+    "Prefix": ".inject.prefill", "prefill": ".inject.prefill", "prefill_batch": ".inject.batch",
     "GenerationReport": ".report", "MemoryModel": ".memory_model", "wrap": ".memory_model",
-    "MemoryIndex": ".index", "MemScheduler": ".scheduler", "CubeStore": ".store", "StoreView": ".store",
+    "MemoryIndex": ".memory.index", "MemScheduler": ".memory.scheduler",
+    "CubeStore": ".store.cubestore", "StoreView": ".store.cubestore",
+    # the fast path and the weight check's reset, for models you drive yourself
+    "use_gqa_attention": ".model.attention", "static_prefix": ".model.static_cache",
+    "forget_digests": ".cubes.fingerprint",
 }
 
 __all__ = ["CubeError", "FingerprintMismatch", *_PUBLIC, "__version__"]

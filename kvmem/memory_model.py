@@ -1,4 +1,4 @@
-"""kvmem.wrap: a model + tokenizer whose ``generate`` answers with memory.
+"""kvmem.wrap / MemoryModel: a model + tokenizer whose ``generate`` answers with memory.
 
 `MemoryModel.generate` reads as: render the prompt (`kvmem.prompt.ChatLayout`), recall memories
 (`kvmem.recall.Recall`, for ``cubes="auto"``), prefill (`kvmem.prefill`, the one gate that validates cubes),
@@ -10,17 +10,17 @@ from __future__ import annotations
 import torch
 
 from ._deprecation import renamed
-from .adapter import AdapterCube
-from .adapter_bridge import DEFAULT_CAPACITY_BYTES, AdapterBridge
-from .attention import grouped_sdpa, use_gqa_attention
-from .cache import cache_kwarg
-from .cube import MemCube
+from .cubes.adaptercube import AdapterCube
+from .cubes.memcube import MemCube
 from .errors import CubeError
-from .modelinfo import check_context, context_length, model_device
-from .prefix import prefill
-from .prefix_cache import sequences_per_prompt, static_capable, static_prefix, static_room
+from .inject.adapters import DEFAULT_CAPACITY_BYTES, AdapterBridge
+from .inject.batch import prefill_batch
+from .memory.recall import Recall
+from .model.attention import grouped_sdpa, use_gqa_attention
+from .model.devices import model_device
+from .model.facts import check_context, context_length
+from .model.static_cache import sequences_per_prompt, static_capable, static_room
 from .prompt import ChatLayout
-from .recall import Recall
 from .report import GenerationReport
 from .timing import FirstTokenClock
 
@@ -138,7 +138,7 @@ class MemoryModel:
             **scheduler_kwargs: options for the default scheduler (tier sizes, policy, promote_after, background).
         """
         self.recall = Recall.over(view, index=index, scheduler=scheduler, device=model_device(self.model),
-                                  build_cube=self.build_cube, count_tokens=lambda t: len(self.layout.memory_ids(t)),
+                                  build_cube=self.build_cube, count_tokens=lambda t: len(self.layout.text_ids(t)),
                                   cube_tokens=self._cube_tokens(), **scheduler_kwargs)
         self.store, self.index, self.scheduler = view, self.recall.index, self.recall.scheduler
         return self
@@ -171,10 +171,10 @@ class MemoryModel:
                 report per prompt.
             cubes: MemCubes (built with `build_cube`) whose text forms the memory, in order; or "auto": the
                 attached store's index picks the best memories (top ``k``, score >= ``min_score``, and with
-                ``evidence`` some evidence of relevance: `kvmem.recall.relevant`) that fit
+                ``evidence`` some evidence of relevance: `kvmem.memory.recall.relevant`) that fit
                 ``max_memory_tokens`` (formerly ``budget_tokens``); each comes from the scheduler's fastest tier
                 as a cube, or as text prefilled with the request when it has no cube yet or is shorter than
-                `kvmem.recall.TEXT_BELOW_TOKENS` (``self.last.memories`` / ``self.last.dropped`` say which).
+                `kvmem.memory.recall.TEXT_BELOW_TOKENS` (``self.last.memories`` / ``self.last.dropped`` say which).
             inject: True splices the cubes' KV and prefills only the request's own tokens; False prefills the
                 same ids in full (the baseline, same output up to float rounding).
             recompute, budget: passed to `kvmem.prefill` (None: its default); ``budget`` is the recompute budget.
@@ -183,44 +183,60 @@ class MemoryModel:
             **kwargs: passed to ``model.generate`` (max_new_tokens, do_sample, ...).
 
         After the call, ``self.last`` (a `GenerationReport`) reports TTFT, tokens prefilled and where each cube sat.
+        One prompt and a list of them take the same path: a single prompt is a batch of one.
         """
         max_memory_tokens = renamed(kwargs, "budget_tokens", "max_memory_tokens", max_memory_tokens,
                                     where="MemoryModel.generate")
-        if isinstance(prompt, (list, tuple)):
-            from .batch_generate import generate_batch
-
-            return generate_batch(self, list(prompt), cubes, inject=inject, recompute=recompute, budget=budget,
-                                  adapter=adapter, recall_options=dict(max_tokens=max_memory_tokens, k=k,
-                                                                       min_score=min_score, evidence=evidence),
-                                  **kwargs)
-        if not isinstance(prompt, str):
-            raise CubeError(f"prompt must be a string, got {type(prompt).__name__}")
-        for key in ("input_ids", "past_key_values", "cache", "cache_implementation"):
+        prompts, rows = self._rows(prompt, cubes)
+        for key in ("input_ids", "attention_mask", "past_key_values", "cache", "cache_implementation"):
             if key in kwargs:
                 raise CubeError(f"do not pass {key}= to MemoryModel.generate: it builds the inputs and the cache "
                                 "from prompt and cubes (wrap(..., cache='dynamic') for a DynamicCache; call "
                                 "model.generate yourself with kvmem.prefill for full control)")
         if isinstance(adapter, str) and adapter != "keep":
             raise CubeError(f"adapter must be an AdapterCube, None or 'keep', got {adapter!r}")
-        if isinstance(cubes, str) and cubes != "auto":
-            raise CubeError(f"cubes must be MemCubes, None or 'auto', got {cubes!r}")
+        recall_options = dict(max_tokens=max_memory_tokens, k=k, min_score=min_score, evidence=evidence)
         with self.adapters.using(adapter):
             clock = FirstTokenClock().start()
-            recalled = None
-            if isinstance(cubes, str):
-                recalled = self._require_store().recall(prompt, max_tokens=max_memory_tokens, k=k,
-                                                        min_score=min_score, evidence=evidence)
-                cubes = recalled.cubes
-            ids, report, options = self._prefill(prompt, cubes, recalled.texts if recalled else [], inject,
-                                                 recompute, budget, kwargs)
-            out = self._generate(ids, clock, **options, **kwargs)
-            report.ttft_s = clock.ttft_s
-            if recalled is not None:
-                report.memories, report.dropped = recalled.memories, recalled.dropped
-            self.last = report
-        if recalled is not None:  # after the answer, not before its first token
-            self.recall.after_answer(recalled)
+            recalled = [self._require_store().recall(p, **recall_options) if isinstance(r, str) else None
+                        for p, r in zip(prompts, rows)]
+            rows = [r.cubes if r is not None else self.layout.fit(c) for r, c in zip(recalled, rows)]
+            texts = [r.texts if r is not None else [] for r in recalled]
+            pad = self._pad_id(kwargs)
+            reports = [GenerationReport(cube_names=[c.name for c in cubes], memories=r.memories if r else [],
+                                        dropped=r.dropped if r else []) for cubes, r in zip(rows, recalled)]
+            if inject and all(rows):
+                inputs = self._spliced(prompts, rows, texts, reports, pad, recompute, budget, kwargs)
+            else:  # a row without cubes (or inject=False): every row prefilled in full
+                inputs = self._full(prompts, rows, texts, reports, pad)
+            kwargs["logits_processor"] = list(kwargs.get("logits_processor") or []) + [clock]
+            out = self.model.generate(pad_token_id=pad, **inputs, **kwargs)
+            if isinstance(prompt, str):
+                self.last = reports[0]
+                self.last.ttft_s = clock.ttft_s
+            else:
+                self.last = GenerationReport(ttft_s=clock.ttft_s, injected=all(r.injected for r in reports),
+                                             prompt_tokens=inputs["input_ids"].shape[1], rows=reports)
+        for r in recalled:  # after the answer, not before its first token
+            if r is not None:
+                self.recall.after_answer(r)
         return out
+
+    @staticmethod
+    def _rows(prompt, cubes) -> tuple[list[str], list]:
+        """The prompts as a list, and per prompt its cubes (a list, None, or "auto")."""
+        if isinstance(cubes, str) and cubes != "auto":
+            raise CubeError(f"cubes must be MemCubes, None or 'auto', got {cubes!r}")
+        if isinstance(prompt, str):
+            return [prompt], [cubes]
+        if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
+            raise CubeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+        n = len(prompt)
+        rows = [cubes] * n if cubes is None or isinstance(cubes, str) else cubes
+        if not isinstance(rows, (list, tuple)) or len(rows) != n:
+            raise CubeError(f"with {n} prompts, cubes is None, 'auto' or a list of {n} entries (each a MemCube, a "
+                            "list of MemCubes or None)")
+        return list(prompt), list(rows)
 
     def _pad_id(self, kwargs: dict) -> int:
         """The pad id generate uses: the caller's, the model's, the tokenizer's, else EOS (popped from kwargs)."""
@@ -230,40 +246,45 @@ class MemoryModel:
                 return int(value)
         return 0
 
-    def _prefill(self, prompt: str, cubes, texts: list[str], inject: bool, recompute, budget, gen_kwargs: dict):
-        """The ids to generate from, the report so far, and generate's cache options (when cubes are spliced)."""
-        cubes = self.layout.fit(cubes)
-        device = model_device(self.model)
-        report = GenerationReport(cube_names=[c.name for c in cubes])
-        options = {}
-        if cubes and inject:
-            knobs = {name: v for name, v in (("recompute", recompute), ("budget", budget)) if v is not None}
-            prefix = prefill(self.model, cubes, tokenizer=self.tokenizer, **knobs)
-            own = [self.layout.memory_ids(t) for t in texts] + [self.request_ids(prompt)]
-            ids = prefix.extend(torch.cat(own).to(device))
-            room = static_room(self.model, ids.shape[1], gen_kwargs) if self.cache == "auto" else None
-            if room is not None and static_capable(self.model):
-                prefix = static_prefix(self.model, prefix, max_new_tokens=room,
-                                       query_len=ids.shape[1] - prefix.num_tokens)
-                options["disable_compile"] = gen_kwargs.pop("disable_compile", "compile_config" not in gen_kwargs)
-            elif sequences_per_prompt(self.model, gen_kwargs) > 1:  # beams / several sequences: one copy per row
-                prefix.cache.batch_repeat_interleave(sequences_per_prompt(self.model, gen_kwargs))
-            options[cache_kwarg(self.model)] = prefix.cache
-            report.injected, report.spans = True, prefix.spans
-            report.prefilled_tokens = ids.shape[1] - prefix.num_tokens
-        else:
-            ids = self.prompt_ids(prompt, cubes, texts).to(device)
-            report.prefilled_tokens = ids.shape[1]
-        report.prompt_tokens = ids.shape[1]
-        check_context(self.model, ids.shape[1], "the prompt (memory + request)",
+    def _check_length(self, tokens: int) -> None:
+        check_context(self.model, tokens, "the prompt (memory + request)",
                       "pass fewer or shorter memories (max_memory_tokens= for cubes='auto')")
-        return ids, report, options
 
-    def _generate(self, ids: torch.Tensor, clock: FirstTokenClock, **kwargs):
-        kwargs["logits_processor"] = list(kwargs.get("logits_processor") or []) + [clock]
-        if "pad_token_id" not in kwargs and getattr(self.model.generation_config, "pad_token_id", None) is None:
-            kwargs["pad_token_id"] = self.tokenizer.eos_token_id
-        return self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    def _spliced(self, prompts, rows, texts, reports, pad: int, recompute, budget, gen_kwargs: dict) -> dict:
+        """generate's inputs with every row's cubes spliced (`prefill_batch`; a batch of one is a plain prefix)."""
+        knobs = {name: v for name, v in (("recompute", recompute), ("budget", budget)) if v is not None}
+        queries = [torch.cat([self.layout.text_ids(t) for t in ts] + [self.request_ids(p)])
+                   for p, ts in zip(prompts, texts)]
+        for cubes, q in zip(rows, queries):
+            self._check_length(cubes[0].anchor_len + sum(c.num_tokens for c in cubes) + q.numel())
+        width = (max(r[0].anchor_len + sum(c.num_tokens for c in r) for r in rows)
+                 + max(q.numel() for q in queries))  # the padded prompt generate starts from
+        room = static_room(self.model, width, gen_kwargs) if self.cache == "auto" else None
+        static = room is not None and static_capable(self.model)
+        batch = prefill_batch(self.model, rows, queries, max_new_tokens=room if static else 1, static=static,
+                              pad_token_id=pad, tokenizer=self.tokenizer, **knobs)
+        if static:
+            gen_kwargs["disable_compile"] = gen_kwargs.pop("disable_compile", "compile_config" not in gen_kwargs)
+        elif sequences_per_prompt(self.model, gen_kwargs) > 1:  # beams / several sequences: one copy per row
+            batch.cache.batch_repeat_interleave(sequences_per_prompt(self.model, gen_kwargs))
+        for b, report in enumerate(reports):
+            report.injected, report.spans = True, batch.spans[b]
+            report.prefilled_tokens = queries[b].numel()
+            report.prompt_tokens = int(batch.attention_mask[b].sum())
+        return batch.generate_kwargs(self.model)
+
+    def _full(self, prompts, rows, texts, reports, pad: int) -> dict:
+        """generate's inputs with every row prefilled in full, left-padded as transformers pads a batch."""
+        full = [self.layout.prompt_ids(p, c, t)[0] for p, c, t in zip(prompts, rows, texts)]
+        for row in full:
+            self._check_length(len(row))
+        ids = torch.full((len(full), max(map(len, full))), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, row in enumerate(full):
+            ids[b, ids.shape[1] - len(row):], mask[b, ids.shape[1] - len(row):] = row, 1
+            reports[b].prompt_tokens = reports[b].prefilled_tokens = len(row)
+        device = model_device(self.model)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
     def answer(self, prompt: str | list[str], cubes=None, **kwargs) -> str | list[str]:
         """`generate`, decoded: the new text only (a list of them for a list of prompts)."""

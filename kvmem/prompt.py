@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .cube import MemCube
+from ._deprecation import renamed_function
+from .cubes.memcube import as_cubes
 from .errors import CubeError
 
 _SLOT = "\u2063kvmem-memory\u2063"  # marks where the memory sits when rendering the chat template
@@ -61,10 +62,8 @@ class ChatLayout:
         validation itself is `kvmem.prefill`'s."""
         if cubes is None:
             return []
-        cubes = [cubes] if isinstance(cubes, MemCube) else list(cubes)
+        cubes = as_cubes(cubes)
         for c in cubes:
-            if not isinstance(c, MemCube):
-                raise CubeError(f"cubes must be MemCubes, got {type(c).__name__} (load files with MemCube.load)")
             if c.anchor != self.anchor:
                 raise CubeError(f"cube {c.name!r} was built after the anchor {c.anchor!r}, but this model's chat "
                                 f"template puts memory after {self.anchor!r}; build it with mm.build_cube(text) "
@@ -74,7 +73,7 @@ class ChatLayout:
     def prompt_ids(self, prompt: str, cubes: list, texts=()) -> torch.Tensor:
         """LongTensor [1, n]: anchor, each cube's own ids, each text's ids, then the request's ids."""
         anchor = cubes[0].anchor_ids[0] if cubes else self.anchor_ids()
-        parts = ([anchor] + [c.input_ids[0] for c in cubes] + [self.memory_ids(t) for t in texts]
+        parts = ([anchor] + [c.input_ids[0] for c in cubes] + [self.text_ids(t) for t in texts]
                  + [self.request_ids(prompt)])
         return torch.cat(parts)[None]
 
@@ -88,9 +87,11 @@ class ChatLayout:
             raise CubeError(f"prompt must be a string, got {type(prompt).__name__}")
         return self._ids(self._tail.replace(_SLOT + "q", prompt))
 
-    def memory_ids(self, text: str) -> torch.Tensor:
+    def text_ids(self, text: str) -> torch.Tensor:
         """LongTensor [n]: a memory text's ids as they sit between anchor and request (a cube's input_ids)."""
         return self._ids(text)
+
+    memory_ids = renamed_function(text_ids, "memory_ids")  # the flat layout's name, for one release
 
     def _ids(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)

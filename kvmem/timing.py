@@ -1,4 +1,5 @@
-"""Time-to-first-token, measured the same way everywhere (demo, wrapper, benchmarks).
+"""Time: time-to-first-token, measured the same way everywhere (demo, wrapper, benchmarks), and `one_thread`,
+the one way kvmem keeps small CPU work off torch's thread pool.
 
 TTFT runs from the call with the prompt in hand (and the cubes in their tier) to the first new token id being
 available, device synchronised.
@@ -6,6 +7,7 @@ available, device synchronised.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -40,3 +42,20 @@ class FirstTokenClock(LogitsProcessor):
             sync(scores.device)
             self.ttft_s = time.perf_counter() - self.t0
         return scores
+
+
+@contextlib.contextmanager
+def one_thread(enabled: bool = True):
+    """torch on one CPU thread inside the block (when ``enabled``), then the caller's thread count again.
+
+    For work too small or too memory-bound to split (hundreds of tiny gathers, a few short texts embedded): a
+    thread pool's barriers then cost more than the work (measured: 10x on a busy 2-core CPU)."""
+    before = torch.get_num_threads()
+    if not enabled or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

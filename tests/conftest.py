@@ -7,12 +7,15 @@ Plain helpers (tiny_model, random_ids, file surgery, fakes) live in ``helpers.py
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bench/memory_text.py (invented memory texts) is support code the tests share with the benchmarks, not kvmem API
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 if not torch.cuda.is_available():
     # Triton kernels run on CPU through the interpreter (slow: tests use small shapes). Set before any kernel
     # module is imported, since @triton.jit reads it at decoration time.
@@ -40,7 +43,7 @@ def smollm2():
     """(model, tokenizer): the real SmolLM2-135M-Instruct in float32 on CPU (converted once, cached)."""
     from transformers.utils import logging
 
-    from kvmem.real_model import load_smollm2
+    from kvmem.demo.models import load_smollm2
 
     logging.set_verbosity_error()
     return load_smollm2(verbose=True)
@@ -77,7 +80,7 @@ def tokenizer_pair():
     from transformers import AutoTokenizer
 
     try:
-        from kvmem.real_model import smollm2_checkpoint
+        from kvmem.demo.models import smollm2_checkpoint
 
         folder = smollm2_checkpoint(verbose=False)
     except (ModuleNotFoundError, FileNotFoundError) as exc:
@@ -94,7 +97,7 @@ def tokenizer_pair():
 def cube_path(model, tmp_path_factory) -> Path:
     """A saved cube with text, anchor and non-ASCII metadata; its 'created' stamp pinned so bytes are stable."""
     from kvmem import MemCube
-    from kvmem.cube_format import write_cube_file
+    from kvmem.cubes.format import write_cube_file
 
     built = MemCube.from_ids(model, random_ids(NUM_TOKENS), name="validation",
                              anchor_ids=random_ids(ANCHOR_LEN, seed=1),

@@ -114,7 +114,7 @@ def read_parts(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def forge(path: Path, meta: dict, tensors: dict[str, torch.Tensor], *, fmt: str = FORMAT) -> Path:
     """Write a cube file whose checksum matches its (possibly inconsistent) contents: only validation can object."""
-    from kvmem.cube_format import checksum
+    from kvmem.cubes.format import checksum
 
     meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False)
     tensors = {k: t.contiguous() for k, t in tensors.items()}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvmem
-import kvmem.adapter_bridge
+import kvmem.inject.adapters
 from helpers import random_ids, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -141,7 +141,7 @@ def test_same_adapter_under_another_name_is_the_same_adapter(adapters):
     folder, cube = adapters["qv4"]
     own = peft.PeftModel.from_pretrained(tiny_model("llama"), folder).eval()
     kv = kvmem.MemCube.from_ids(own, random_ids(9))
-    bridge = kvmem.adapter_bridge.AdapterBridge(tiny_model("llama"))
+    bridge = kvmem.inject.adapters.AdapterBridge(tiny_model("llama"))
     bridge.use(cube)
     kvmem.prefill(bridge.model, kv)  # no FingerprintMismatch
 
@@ -149,11 +149,11 @@ def test_same_adapter_under_another_name_is_the_same_adapter(adapters):
 def test_wrong_base_model_refused(adapters):
     cube = adapters["qv4"][1]
     with pytest.raises(kvmem.FingerprintMismatch, match="weights"):
-        kvmem.adapter_bridge.AdapterBridge(tiny_model("llama", seed=5)).use(cube)
+        kvmem.inject.adapters.AdapterBridge(tiny_model("llama", seed=5)).use(cube)
     with pytest.raises(kvmem.CubeError, match="another model size|does not have"):
         kvmem.AdapterCube.from_peft(adapters["qv4"][0], base_model=tiny_model("llama", hidden_size=32, head_dim=8))
     with pytest.raises(kvmem.FingerprintMismatch, match="model"):
-        kvmem.adapter_bridge.AdapterBridge(tiny_model("llama", num_hidden_layers=3)).use(cube)
+        kvmem.inject.adapters.AdapterBridge(tiny_model("llama", num_hidden_layers=3)).use(cube)
 
 
 def test_bad_adapter_inputs(adapters, tmp_path):
@@ -171,7 +171,7 @@ def test_bad_adapter_inputs(adapters, tmp_path):
     with pytest.raises(kvmem.CubeError, match="PeftModel or a PEFT adapter folder"):
         kvmem.AdapterCube.from_peft(42)
     with pytest.raises(kvmem.CubeError, match="AdapterCube or None"):
-        kvmem.adapter_bridge.AdapterBridge(tiny_model("llama")).use("qv4")
+        kvmem.inject.adapters.AdapterBridge(tiny_model("llama")).use("qv4")
     ia3 = peft.get_peft_model(tiny_model("llama"), peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                                                     feedforward_modules=["down_proj"]))
     with pytest.raises(kvmem.CubeError, match="only LoRA"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvmem
-from kvmem.fingerprint import _SAMPLES_PER_TENSOR, fingerprint_fields, forget_digests, same_weights
+from kvmem.cubes.fingerprint import _SAMPLES_PER_TENSOR, fingerprint_fields, forget_digests, same_weights
 
 
 def _model(seed: int = 0, dtype=torch.float32):
@@ -160,7 +160,7 @@ def test_old_sampled_digest_is_refused_with_a_reason(base, cube):
     fields = copy.deepcopy(cube.fingerprint_fields)
     fields["weights"] = {k: v for k, v in fields["weights"].items() if k != "coverage"}
     with pytest.raises(kvmem.FingerprintMismatch, match="sampled digest must be rebuilt"):
-        kvmem.fingerprint.check_fields(fields, fingerprint_fields(base))
+        kvmem.cubes.fingerprint.check_fields(fields, fingerprint_fields(base))
 
 
 def test_swapped_model_and_tokenizer_are_named(base, tokenizer):

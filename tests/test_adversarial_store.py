@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import kvmem
-from kvmem.scheduler import MemScheduler
+from kvmem.memory.scheduler import MemScheduler
 from test_store_backends import tiny_cube
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,7 +303,7 @@ def test_a_header_claiming_more_than_the_file_holds(tmp_path, cube):
 
 def test_adapter_with_a_forged_rank_is_refused_before_allocating(tmp_path):
     peft = pytest.importorskip("peft")
-    from kvmem.cube_format import read_cube_file, write_cube_file
+    from kvmem.cubes.format import read_cube_file, write_cube_file
     from test_adversarial_fingerprint import _model
 
     model = peft.get_peft_model(_model(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
@@ -365,8 +365,8 @@ def test_a_read_only_store_can_still_be_listed(shared_tmp, cube):
 def test_a_read_only_store_can_be_searched_densely(shared_tmp, cached):
     """Dense search of a store this process may only read: the owner's embedding cache (if any) is read, what
     it lacks is embedded and not written; the CLI's search works without --lexical."""
-    from kvmem.encoder import dense_missing
-    from kvmem.index import MemoryIndex
+    from kvmem.memory.encoder import dense_missing
+    from kvmem.memory.index import MemoryIndex
 
     if dense_missing():
         pytest.skip(f"dense retrieval needs {dense_missing()}")
@@ -386,7 +386,7 @@ def test_a_read_only_store_can_be_searched_densely(shared_tmp, cached):
         import kvmem
         from typer.testing import CliRunner
         from kvmem.cli import app
-        from kvmem.index import MemoryIndex
+        from kvmem.memory.index import MemoryIndex
         view = kvmem.CubeStore({str(root)!r}, create=False).view("me")
         index = MemoryIndex.from_store(view, dense=True)
         print("dense", index.describe()["dense"], "readonly", index._encoder.cache.readonly)

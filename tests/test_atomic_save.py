@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import kvmem
-import kvmem.cube_format
+import kvmem.cubes.format
 from kvmem import MemCube
 
 from helpers import assert_same_cube
@@ -25,7 +25,7 @@ def test_save_leaves_no_temp_files(cube, other_cube, tmp_path):
 
 
 def _half_then_fail(exc: BaseException):
-    real = kvmem.cube_format.save_file
+    real = kvmem.cubes.format.save_file
 
     def save_file(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)
@@ -44,7 +44,7 @@ def test_failed_save_keeps_previous_cube(cube, other_cube, tmp_path, monkeypatch
     path = tmp_path / "memory.safetensors"
     cube.save(path)
     before = path.read_bytes()
-    monkeypatch.setattr(kvmem.cube_format, "save_file", _half_then_fail(FAILURES[failure]))
+    monkeypatch.setattr(kvmem.cubes.format, "save_file", _half_then_fail(FAILURES[failure]))
     with pytest.raises(type(FAILURES[failure])):
         other_cube.save(path)
     assert sorted(os.listdir(tmp_path)) == ["memory.safetensors"]
@@ -53,7 +53,7 @@ def test_failed_save_keeps_previous_cube(cube, other_cube, tmp_path, monkeypatch
 
 
 def test_failed_first_save_leaves_nothing(cube, tmp_path, monkeypatch):
-    monkeypatch.setattr(kvmem.cube_format, "save_file", _half_then_fail(OSError(28, "No space left on device")))
+    monkeypatch.setattr(kvmem.cubes.format, "save_file", _half_then_fail(OSError(28, "No space left on device")))
     with pytest.raises(OSError, match=r"No space left"):
         cube.save(tmp_path / "memory.safetensors")
     assert os.listdir(tmp_path) == []

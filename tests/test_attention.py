@@ -8,7 +8,7 @@ import torch
 import transformers.integrations.sdpa_attention as hf_sdpa
 
 import kvmem
-from kvmem.attention import (NAME, Visible, attend_grouped, attend_split, gqa_sdpa_forward, register_gqa_attention,
+from kvmem.model.attention import (NAME, Visible, attend_grouped, attend_split, gqa_sdpa_forward, register_gqa_attention,
                              use_gqa_attention)
 from conftest import FAMILIES, random_ids, tiny_model
 
@@ -174,8 +174,8 @@ def test_split_merges_queries_that_see_none_of_the_tail():
 def test_a_request_after_a_prefix_takes_the_split_and_decoding_takes_no_mask(llama, monkeypatch):
     """On the CPU in float32: the request's forward over a spliced memory runs the split (memory unmasked), and
     each decode step from a static prefix runs without a mask and without the cache's unused room."""
-    import kvmem.attention as attention
-    from kvmem.prefix_cache import static_prefix
+    import kvmem.model.attention as attention
+    from kvmem.model.static_cache import static_prefix
 
     splits, plain = [], []
     real_split, real_sdpa = attention.attend_split, torch.nn.functional.scaled_dot_product_attention

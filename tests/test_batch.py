@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import kvmem
-from kvmem.attention import use_gqa_attention
-from kvmem.batch import prefill_batch
-from kvmem.memory_text import team_notes
+from kvmem.model.attention import use_gqa_attention
+from kvmem.inject.batch import prefill_batch
+from memory_text import team_notes
 from conftest import random_ids, tiny_model
 
 

@@ -83,7 +83,7 @@ def test_missing_model_loader_is_a_clear_exit(monkeypatch):
     import _common
 
     monkeypatch.setitem(_common.MODELS, "nomodel", ("load_nomodel", "no such model"))
-    with pytest.raises(SystemExit, match="kvmem.real_model has no load_nomodel"):
+    with pytest.raises(SystemExit, match="kvmem.demo.models has no load_nomodel"):
         _common.load_model("nomodel")
     assert _common.result_path("ttft", model="gemma3").name == "ttft_cpu_gemma3.json"
     assert _common.result_path("ttft").name == "ttft_cpu.json"

@@ -8,9 +8,9 @@ import torch
 from transformers import CompileConfig
 
 import kvmem
-from kvmem.attention import use_gqa_attention
-from kvmem.batch import prefill_batch
-from kvmem.prefix_cache import static_prefix
+from kvmem.model.attention import use_gqa_attention
+from kvmem.inject.batch import prefill_batch
+from kvmem.model.static_cache import static_prefix
 from conftest import random_ids, tiny_model
 
 

@@ -10,7 +10,7 @@ import torch
 
 import kvmem
 from helpers import FAMILIES, random_ids, tiny_model
-from kvmem.cache import kv_from_cache
+from kvmem.model.cache import kv_from_cache
 
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
@@ -22,7 +22,7 @@ ROPES = {
 
 
 def _layer0_keys(model, ids):
-    cache = kvmem.cache.output_cache(model(input_ids=ids, use_cache=True))
+    cache = kvmem.model.cache.output_cache(model(input_ids=ids, use_cache=True))
     return kv_from_cache(cache)[0][0][0]
 
 
@@ -103,7 +103,7 @@ def test_full_recompute_budget_equals_full_prefill(family, mode, budget):
 
 
 def test_default_recompute_is_the_documented_leading_budget(llama):
-    from kvmem.prefix import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
+    from kvmem.inject.prefill import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
 
     assert (DEFAULT_RECOMPUTE, RECOMPUTE_MODES[DEFAULT_RECOMPUTE][0]) == ("leading", 32)
     anchor = random_ids(2, seed=1)
@@ -150,7 +150,7 @@ def test_rerotation_exact_in_every_layer(family, rope):
     same hidden states: their keys, in every layer, are the cube's keys rotated by d. kvmem's rotation must
     reproduce transformers' own RoPE at the new positions in all layers."""
     from kvmem.kernels.splice import splice_reference
-    from kvmem.patches import rope_facts
+    from kvmem.model.rope import rope_facts
 
     model = tiny_model(family, rope_parameters=dict(ROPES[rope]))
     ids = random_ids(19, seed=4)
@@ -159,7 +159,7 @@ def test_rerotation_exact_in_every_layer(family, rope):
     for delta in (7, 300):
         with torch.no_grad():
             out = model(input_ids=ids[None], position_ids=torch.arange(delta, delta + 19)[None], use_cache=True)
-        expected = kv_from_cache(kvmem.cache.output_cache(out))
+        expected = kv_from_cache(kvmem.model.cache.output_cache(out))
         n_layers, (heads, _, dim) = len(cube.kv), cube.kv[0][0].shape
         dst_k, dst_v = torch.empty(n_layers, heads, 19, dim), torch.empty(n_layers, heads, 19, dim)
         splice_reference(dst_k, dst_v, [[k for k, _ in cube.kv]], [[v for _, v in cube.kv]], src_start=[0],

@@ -19,7 +19,7 @@ def _no_mapping(*args, **kwargs):
 
 
 def test_load_never_maps_the_file(cube_bytes, cube, tmp_path, monkeypatch):
-    import kvmem.cube_format as cube_format
+    import kvmem.cubes.format as cube_format
 
     path = write(tmp_path, cube_bytes)
     for owner in (safetensors, safetensors.torch, cube_format):

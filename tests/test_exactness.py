@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvmem
-from kvmem.memory_text import team_notes
+from memory_text import team_notes
 from helpers import FAMILIES, greedy, last_logits, logit_tol, random_ids, tiny_model
 
 

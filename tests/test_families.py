@@ -32,7 +32,7 @@ import torch
 
 import kvmem
 from families_models import BASE, FAMILIES, VOCAB, WINDOW, family_model
-from kvmem.cache import kv_from_cache, output_cache
+from kvmem.model.cache import kv_from_cache, output_cache
 
 # family -> what the refusal must say (the reason kvmem gives is part of the contract: a user reads it)
 REFUSED = {
@@ -117,7 +117,7 @@ def _write_results():
 
 def _facts(family: str) -> dict:
     """Per-family layer facts for the table: attention kinds, NoPE layers, layout (or why kvmem cannot move)."""
-    from kvmem.patches import attention_kinds, rope_facts
+    from kvmem.model.rope import attention_kinds, rope_facts
 
     attn = "eager" if family in SDPA_UNSUPPORTED else "sdpa"
     model = _model(family, attn, "float32")
@@ -190,7 +190,7 @@ def test_rerotation_matches_transformers_in_every_layer(family):
     """kvmem's rotation of a cube's keys by ``delta`` equals transformers' own RoPE at the shifted positions in
     every layer, NoPE layers included (left as they are)."""
     from kvmem.kernels.splice import splice_reference
-    from kvmem.patches import rope_facts
+    from kvmem.model.rope import rope_facts
 
     attn = "eager" if family in SDPA_UNSUPPORTED else "sdpa"
     model = _model(family, attn, "float32")
@@ -213,7 +213,7 @@ def test_rerotation_matches_transformers_in_every_layer(family):
 
 def test_layer_facts_read_from_the_model():
     """Per-layer facts where families differ: NoPE layers, per-layer-type RoPE, interleaved pairs, partial rotary."""
-    from kvmem.patches import rope_facts
+    from kvmem.model.rope import rope_facts
 
     smollm3 = rope_facts(_model("smollm3", "sdpa", "float32"))
     assert [layer.rotated for layer in smollm3.layers] == [True, True, True, False]
@@ -241,7 +241,7 @@ def test_length_dependent_rope_warns_and_refuses_moving(rope):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    prefill_module = importlib.import_module("kvmem.prefix")
+    prefill_module = importlib.import_module("kvmem.inject.prefill")
 
     torch.manual_seed(0)
     config = AutoConfig.for_model("phi3" if rope["rope_type"] == "longrope" else "llama",
@@ -283,8 +283,8 @@ NEW = 5  # greedy tokens generated on the fast path
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in SDPA_UNSUPPORTED])
 def test_fast_path_generates_the_tokens_of_stock_sdpa(family):
-    from kvmem.attention import grouped_sdpa, use_gqa_attention
-    from kvmem.prefix_cache import static_capable, static_prefix
+    from kvmem.model.attention import grouped_sdpa, use_gqa_attention
+    from kvmem.model.static_cache import static_capable, static_prefix
 
     stock = _model(family, "sdpa", "float32")
     fast = family_model(family, attn="sdpa")  # the same seeded weights, switched the way wrap switches them

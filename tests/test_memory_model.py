@@ -11,7 +11,7 @@ from helpers import CONVERSATION, tiny_model
 
 
 def _long(text: str) -> str:
-    """``text`` grown past kvmem.recall's TEXT_BELOW_TOKENS and MIN_SAVED_TOKENS, so its cube is worth splicing."""
+    """``text`` grown past kvmem.memory.recall's TEXT_BELOW_TOKENS and MIN_SAVED_TOKENS, so its cube is worth splicing."""
     return text + " I wrote this down in my notebook on a rainy afternoon, between two phone calls and a coffee, so " \
                   "that I would not forget it again next week when someone asks me about it, as people tend to do at the " \
                   "end of long meetings, when everybody is tired and nobody remembers who said what to whom."

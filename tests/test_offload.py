@@ -9,14 +9,15 @@ import torch
 from accelerate import cpu_offload, dispatch_model
 
 import kvmem
-import kvmem.prefix
-from kvmem.attention import use_gqa_attention
-from kvmem.prefix_cache import layer_devices, static_prefix
+import kvmem.inject.prefill
+from kvmem.model.attention import use_gqa_attention
+from kvmem.model.devices import layer_devices
+from kvmem.model.static_cache import static_prefix
 from conftest import random_ids, tiny_model
 
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
               "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
-# cpu_offload leaves every weight meta; kvmem/cache.py's cache_layout probes the model with an input on its first
+# cpu_offload leaves every weight meta; kvmem/model/cache.py's kv_shapes probes the model with an input on its first
 # weight's device (meta there) instead of modelinfo.model_device: until that one line is changed, fails so
 HOWS = ["disk", "cpu"]
 ANCHOR = random_ids(3, seed=9)
@@ -120,10 +121,10 @@ def test_prefill_puts_each_layer_where_layer_devices_says(tmp_path, monkeypatch)
     """Each cache layer goes to its own device (a CPU-only machine has one: the second layer's is faked as meta,
     where tensors have a device but no data). Recompute, which runs every layer over one buffer, refuses."""
     model = _offloaded("disk", tmp_path)
-    assert kvmem.prefix._kv_devices(model, 2, torch.device("cpu")) == layer_devices(model, 2)
+    assert kvmem.inject.prefill._kv_devices(model, 2, torch.device("cpu")) == layer_devices(model, 2)
     # layer_devices' own meta (a layer it cannot place on a fully offloaded model) would be read as the model's
     # device, so the fake goes one step later
-    monkeypatch.setattr(kvmem.prefix, "_kv_devices", lambda m, n, d: [torch.device("cpu"), torch.device("meta")])
+    monkeypatch.setattr(kvmem.inject.prefill, "_kv_devices", lambda m, n, d: [torch.device("cpu"), torch.device("meta")])
     cubes = [kvmem.MemCube.from_ids(model, random_ids(9, seed=s), anchor_ids=ANCHOR) for s in (5, 6)]
     for prefix in (kvmem.prefill(model, cubes[0]), kvmem.prefill(model, cubes, recompute="none")):
         assert _where(prefix) == [torch.device("cpu"), torch.device("meta")]
@@ -134,14 +135,14 @@ def test_prefill_puts_each_layer_where_layer_devices_says(tmp_path, monkeypatch)
 
 def test_plain_models_skip_the_hook_walk(monkeypatch):
     """A model kvmem finds in one place never pays layer_devices' module walk."""
-    monkeypatch.setattr(kvmem.prefix, "layer_devices", lambda m, n: pytest.fail("walked a plain model"))
+    monkeypatch.setattr(kvmem.inject.prefill, "layer_devices", lambda m, n: pytest.fail("walked a plain model"))
     model = tiny_model("llama")
     assert _where(kvmem.prefill(model, kvmem.MemCube.from_ids(model, random_ids(9)))) == [torch.device("cpu")] * 2
 
 
 def test_execution_device_of_a_fully_offloaded_model():
     """cpu_offload leaves every weight meta: the model's device is its hook's execution device."""
-    from kvmem.modelinfo import dtype_device
+    from kvmem.model.devices import dtype_device
 
     model = cpu_offload(tiny_model("llama"), execution_device=torch.device("cpu"))
     assert next(model.parameters()).device.type == "meta"

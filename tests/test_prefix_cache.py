@@ -8,9 +8,9 @@ import torch
 from transformers import StaticCache
 
 import kvmem
-from kvmem.attention import use_gqa_attention
-from kvmem.memory_text import team_notes
-from kvmem.prefix_cache import fill_static_cache, static_prefix
+from kvmem.model.attention import use_gqa_attention
+from memory_text import team_notes
+from kvmem.model.static_cache import fill_static_cache, static_prefix
 from conftest import random_ids, tiny_model
 
 
@@ -101,7 +101,7 @@ def test_bad_sizes_are_refused(llama):
         static_prefix(llama, prefix, max_new_tokens=-1, query_len=3)
     with pytest.raises(kvmem.CubeError, match="query_len must be an int"):
         static_prefix(llama, prefix, max_new_tokens=2, query_len=2.5)
-    from kvmem.cache import kv_from_cache
+    from kvmem.model.cache import kv_from_cache
     with pytest.raises(kvmem.CubeError, match="cannot hold a 12-token prefix"):
         fill_static_cache(llama, [kv_from_cache(prefix.cache)], [12], max_cache_len=11)
     with pytest.raises(kvmem.CubeError, match="holds 12 entries for 13 tokens"):

@@ -12,8 +12,8 @@ import torch
 
 import kvmem
 from helpers import tiny_model
-import kvmem.recall
-from kvmem.recall import MIN_SAVED_TOKENS, TEXT_BELOW_TOKENS
+import kvmem.memory.recall
+from kvmem.memory.recall import MIN_SAVED_TOKENS, TEXT_BELOW_TOKENS
 
 # long enough (> TEXT_BELOW_TOKENS tokens) that a cube can save something
 LONG = {
@@ -204,11 +204,11 @@ def test_cubes_that_would_save_too_little_go_in_as_text(tmp_path, tokenizer, mon
     mm.remember(LONG["beagle"], "beagle", cube=True)
     mm.remember(LONG["garden"], "garden", cube=True)
     tokens = {m: mm.store.get(m).tokens for m in ("beagle", "garden")}
-    monkeypatch.setattr(kvmem.recall, "MIN_SAVED_TOKENS", sum(tokens.values()))
+    monkeypatch.setattr(kvmem.memory.recall, "MIN_SAVED_TOKENS", sum(tokens.values()))
     out = mm.generate(QUESTION, cubes="auto", evidence=False, max_new_tokens=1)
     assert [m["source"] for m in mm.last.memories] == ["text", "text"] and not mm.last.injected
     assert all("would save" in m["note"] for m in mm.last.memories)
-    monkeypatch.setattr(kvmem.recall, "MIN_SAVED_TOKENS", 1)
+    monkeypatch.setattr(kvmem.memory.recall, "MIN_SAVED_TOKENS", 1)
     out2 = mm.generate(QUESTION, cubes="auto", evidence=False, max_new_tokens=1)
     assert [m["source"] for m in mm.last.memories] == ["disk", "disk"] and mm.last.injected
     assert torch.equal(out[:, :-1], out2[:, :-1])  # the same ids either way: cubes first, then texts (none here)

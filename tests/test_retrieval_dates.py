@@ -1,4 +1,4 @@
-"""kvmem.retrieval_text: dates a turn speaks of (resolved against its session date) and dates a question asks."""
+"""kvmem.memory.dates: dates a turn speaks of (resolved against its session date) and dates a question asks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 import kvmem
-from kvmem.retrieval_text import date_match, event_spans, parse_date, query_spans, strip_dates
+from kvmem.memory.dates import date_match, event_spans, parse_date, query_spans, strip_dates
 
 D = dt.date
 MONDAY = D(2023, 5, 15)  # a Monday

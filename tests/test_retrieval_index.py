@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import kvmem
-import kvmem.index as index_module
-from kvmem.fusion import fuse, ranks
-from kvmem.lexical import Tokenizer, bm25
-from kvmem.retrieval_text import date_match, event_spans, query_spans
+import kvmem.memory.index as index_module
+from kvmem.memory.fusion import fuse, ranks
+from kvmem.memory.lexical import Tokenizer, bm25
+from kvmem.memory.dates import date_match, event_spans, query_spans
 
 CHAT = [  # (id, session, turn, speaker, date, text): a session written out of order on purpose
     ("a2", "s1", 2, "Leo", "2023-05-15", "Ooh, how did it go?"),

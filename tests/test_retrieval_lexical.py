@@ -1,4 +1,4 @@
-"""kvmem.lexical: incremental BM25 against bm25s itself, per memory and per window of neighbours."""
+"""kvmem.memory.lexical: incremental BM25 against bm25s itself, per memory and per window of neighbours."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import bm25s
 import numpy as np
 import pytest
 
-from kvmem.lexical import Postings, Tokenizer, bm25
+from kvmem.memory.lexical import Postings, Tokenizer, bm25
 
 WORDS = ("dog walk park rain coffee sister wedding pottery class bowl clay trail summit ticket concert band "
          "garden tomato recipe pasta train station").split()

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import kvmem
-from kvmem.scheduler import MemScheduler
+from kvmem.memory.scheduler import MemScheduler
 
 from helpers import FakeCube, FakeView
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kvmem
-from kvmem.store_backend import check_blob, new_blob_name
+from kvmem.store.records import check_blob, new_blob_name
 
 
 def tiny_cube(text: str = "sixteen random tokens", seed: int = 0) -> kvmem.MemCube:

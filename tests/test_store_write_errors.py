@@ -7,7 +7,7 @@ import pytest
 from safetensors import SafetensorError
 
 import kvmem
-import kvmem.cube_format
+import kvmem.cubes.format
 
 from test_store_backends import tiny_cube
 
@@ -41,7 +41,7 @@ def test_a_failed_staged_write_is_a_clean_cube_error(tmp_path, cube, monkeypatch
     view = store.view("me")
     kept = view.put_cube("kept", cube)
     if where == "save":
-        monkeypatch.setattr(kvmem.cube_format, "save_file", _fail(exc))
+        monkeypatch.setattr(kvmem.cubes.format, "save_file", _fail(exc))
     else:
         monkeypatch.setattr(store.blobs, "put", _fail(exc))
     with pytest.raises(kvmem.CubeError, match=rf"writing the cube of me/m failed \({type(exc).__name__}: .*"

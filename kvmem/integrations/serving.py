@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +24,14 @@ from typing import Sequence
 
 import torch
 
-from kvmem.cache import kv_from_cache
-from kvmem.cube import MemCube
-from kvmem.errors import CubeError
-from kvmem.fingerprint import check_fields, fingerprint_fields
-from kvmem.kernels.splice import splice
-from kvmem.patches import rope_facts
-from kvmem.prefix import layout_plan, prefill
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")  # the store's rule for ids and namespaces
+from ..cubes.fingerprint import check_fields, fingerprint_fields
+from ..cubes.memcube import MemCube
+from ..errors import CubeError
+from ..inject.prefill import compose_kv as compose
+from ..inject.prefill import prefill
+from ..model.cache import kv_from_cache
+from ..model.rope import rope_facts
+from ..store.records import NAME, check_name
 
 
 class Refused(CubeError):
@@ -42,10 +40,11 @@ class Refused(CubeError):
 
 
 def _check_name(value, what: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise Refused(f"{what} must be 1-128 characters of letters, digits and . _ : @ - (starting with a letter or "
-                      f"digit), got {value!r}")
-    return value
+    """The store's name rule (`kvmem.store.records.check_name`), a refusal when broken."""
+    try:
+        return check_name(value, what)
+    except CubeError as exc:
+        raise Refused(str(exc)) from None
 
 
 class CubeSource:
@@ -76,7 +75,7 @@ class CubeSource:
         """The `CubeStore`, opened on first use (and again after a failure: a server starts, and answers without
         cubes, while its Redis is down; it serves cubes once Redis is back)."""
         if self._store is None:
-            from kvmem.store import CubeStore
+            from ..store.cubestore import CubeStore
 
             self._store = CubeStore(self.location)
         return self._store
@@ -92,7 +91,7 @@ class CubeSource:
         if self.folder is not None:
             out = {}
             for f in sorted((self.folder / namespace).glob("*.safetensors")):
-                if _NAME.match(f.stem):
+                if NAME.match(f.stem):
                     st = f.stat()
                     out[f.stem] = (st.st_mtime_ns, st.st_size, st.st_ino)
             return out
@@ -138,30 +137,23 @@ class Plan:
 
 
 def compose_kv(cubes: Sequence[MemCube], rope, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lay ``cubes`` (built after one anchor) end to end, keys re-rotated to their new positions (kvmem's splice,
-    no recompute: what ``kvmem.prefill(..., recompute="none")`` holds).
+    """Lay ``cubes`` (built after one anchor) end to end, keys re-rotated to their new positions: kvmem's one
+    composer (`kvmem.inject.prefill.compose_kv`), no recompute: what ``kvmem.prefill(..., recompute="none")`` holds.
+    An engine's paged cache holds keys and values of one shape, rotated on the keys; anything else is refused.
 
     Returns:
         (keys, values) [layers, kv_heads, T, head_dim] in ``dtype``, and ids [T].
     """
-    anchor = cubes[0].anchor_ids
-    for c in cubes[1:]:
-        if not torch.equal(c.anchor_ids, anchor):
-            raise Refused(f"cubes {cubes[0].name!r} and {c.name!r} were built after different anchors "
-                          f"({cubes[0].anchor_len} vs {c.anchor_len} tokens): compose only cubes built after one anchor")
     shapes = {tuple(t.shape[::2]) for c in cubes for kv in c.kv for t in kv}
     if len(shapes) != 1 or getattr(rope, "rotated_slot", "keys") != "keys":
         raise Refused(f"composing needs every layer's keys and values shaped alike and RoPE on the keys (got heads x "
                       f"dim {sorted(shapes)}); name one cube, or a precomposed one")
-    src_start, dst_start, length, delta, _spans = layout_plan(cubes)
-    offset = dst_start[-1] + length[-1]
-    heads, dim = next(iter(shapes))
-    keys = torch.empty(len(cubes[0].kv), heads, offset, dim, dtype=dtype)
-    values = torch.empty_like(keys)
-    splice(keys, values, [[k for k, _ in c.kv] for c in cubes], [[v for _, v in c.kv] for c in cubes],
-           src_start=src_start, dst_start=dst_start, length=length, delta=delta, inv_freq=rope.inv_freq,
-           interleaved=rope.interleaved)
-    ids = torch.cat([anchor[0]] + [c.input_ids[0] for c in cubes])
+    try:
+        keys, values, ids, _ = compose(list(cubes), rope, dtype=dtype)
+    except Refused:
+        raise
+    except CubeError as exc:
+        raise Refused(str(exc)) from None
     return keys, values, ids
 
 

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -43,8 +42,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
-from kvmem.errors import CubeError
-from kvmem.integrations.serving import CubePlanner, CubeSource, Plan, served_model_facts
+from ..errors import CubeError
+from .serving import CubePlanner, CubeSource, Plan, served_model_facts
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

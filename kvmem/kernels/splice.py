@@ -22,6 +22,7 @@ layers and heads. `splice` picks Triton on CUDA when it is installed, the refere
 from __future__ import annotations
 
 import os
+
 import torch
 
 from .rotation import rotate, rotation_tables

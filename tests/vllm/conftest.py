@@ -46,7 +46,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def ckpt() -> Path:
     """The SmolLM2-135M-Instruct checkpoint folder vLLM serves (converted from the GGUF once, cached)."""
-    from kvmem.real_model import smollm2_checkpoint
+    from kvmem.demo.models import smollm2_checkpoint
 
     return smollm2_checkpoint()
 

@@ -8,9 +8,9 @@ import torch
 
 import kvmem
 from helpers import random_ids, tiny_model
-from kvmem.fingerprint import fingerprint_fields
+from kvmem.cubes.fingerprint import fingerprint_fields
 from kvmem.integrations.serving import CubePlanner, CubeSource, Refused, composition_salt, precompose
-from kvmem.patches import rope_facts
+from kvmem.model.rope import rope_facts
 
 BLOCK = 16
 

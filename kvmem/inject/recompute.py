@@ -1,0 +1,120 @@
+"""Recover the cross-attention that separately built cubes miss, by recomputing a few tokens' KV in place.
+
+Both modes run one forward over the chosen tokens, at their own positions, with a cache whose layers are the
+composed buffers: at each layer the chosen tokens' fresh K/V are written into the buffer first, then they attend
+to what that layer attends to in a full prefill, stale or fresh: everything before them for full attention, the
+last ``window`` positions for a sliding-window layer, their own chunk for chunked attention (4-D masks, one per
+layer type, passed as the dict the model's own forward builds). Deeper layers therefore see corrected inputs.
+
+- ``leading`` (EPIC / "LegoLink"): the first ``budget`` tokens of every cube after the first. Each cube
+  otherwise starts without context and its first tokens become attention sinks of their own.
+- ``selective`` (CacheBlend): the ``budget`` fraction of tokens whose layer-1 K/V deviate most once the
+  tokens see the full context (measured by one pass through the first layer only).
+The first cube (with the anchor) is exact and never recomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Cache
+from transformers.cache_utils import DynamicLayer
+
+from ..model.cache import cache_kwarg
+from ..model.rope import attention_kinds
+
+
+class _Stop(Exception):
+    """Raised from inside the forward once the probe layer's fresh K/V are in hand."""
+
+
+class _ScatterLayer(DynamicLayer):
+    """A cache layer over a preallocated [1, heads, T, dim] buffer: `update` writes the new tokens' K/V at
+    their positions and returns the whole buffer. With ``probe``, it records the fresh K/V and stops."""
+
+    def __init__(self, keys, values, positions, probe: list | None = None):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device, self.is_initialized = keys.device, True
+        self.positions, self.probe = positions, probe
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.probe is not None:
+            self.probe.extend([key_states, value_states])
+            raise _Stop
+        self.keys[:, :, self.positions] = key_states.to(self.keys.dtype)
+        self.values[:, :, self.positions] = value_states.to(self.values.dtype)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+
+def _forward(model, dst_k, dst_v, ids, positions, *, probe_layer: int | None = None):
+    """Run ``ids[positions]`` through the model over the composed buffers; returns probe K/V if asked."""
+    probe: list = []
+    layers = [_ScatterLayer(dst_k[i][None], dst_v[i][None], positions,
+                            probe if i == probe_layer else None) for i in range(dst_k.shape[0])]
+    cache = Cache(layers=layers)
+    dtype = dst_k.dtype if dst_k.dtype.is_floating_point else torch.float32
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids[:, positions], position_ids=positions[None],
+                  attention_mask=layer_masks(model, positions, dst_k.shape[2], dtype=dtype),
+                  use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+    except _Stop:
+        pass
+    return probe
+
+
+def _mask(kind: str, window: int | None, positions: torch.Tensor, length: int, dtype) -> torch.Tensor:
+    """[1, 1, m, T] additive mask: query ``positions[i]`` may see key ``j`` as a full prefill's layer of ``kind``
+    lets it (transformers' masking_utils: causal; sliding: q - k < window; chunked: same chunk)."""
+    q, k = positions[:, None], torch.arange(length, device=positions.device)[None, :]
+    allowed = k <= q
+    if kind == "sliding_attention" and window:
+        allowed &= k > q - window
+    elif kind == "chunked_attention" and window:
+        allowed &= torch.div(k, window, rounding_mode="floor") == torch.div(q, window, rounding_mode="floor")
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def layer_masks(model, positions: torch.Tensor, length: int, *, dtype) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The attention mask for recomputing ``positions`` over a buffer of ``length`` tokens: one 4-D mask when every
+    layer attends alike, else ``{layer_type: mask}``, the mapping models with mixed layers build for themselves."""
+    kinds = dict(attention_kinds(model))  # layer type -> window (one window per type in every transformers model)
+    masks = {kind: _mask(kind, window, positions, length, dtype) for kind, window in kinds.items()}
+    if len(masks) == 1:
+        return next(iter(masks.values()))
+    return masks
+
+
+def leading_positions(spans: list[tuple[int, int]], budget: int, device) -> torch.Tensor:
+    """The first ``budget`` positions of every span after the first."""
+    pos = [torch.arange(s, min(e, s + budget)) for s, e in spans[1:]]
+    return torch.cat(pos).to(device) if pos else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def selective_positions(model, dst_k, dst_v, ids, spans, fraction: float) -> torch.Tensor:
+    """The ``fraction`` of later-cube tokens whose layer-1 K/V change most with full context (CacheBlend)."""
+    candidates = torch.cat([torch.arange(s, e) for s, e in spans[1:]]).to(dst_k.device)
+    probe_layer = 1 if dst_k.shape[0] > 1 else 0
+    fresh_k, fresh_v = _forward(model, dst_k.clone(), dst_v.clone(), ids, candidates, probe_layer=probe_layer)
+    old_k, old_v = dst_k[probe_layer][:, candidates], dst_v[probe_layer][:, candidates]  # [heads, m, dim]
+    deviation = ((fresh_k[0].float() - old_k.float()).norm(dim=-1) +
+                 (fresh_v[0].float() - old_v.float()).norm(dim=-1)).sum(0)  # [m]
+    n = max(1, round(fraction * candidates.numel()))
+    return candidates[deviation.topk(min(n, candidates.numel())).indices.sort().values]
+
+
+def recompute(model, dst_k, dst_v, ids, spans, *, mode: str, budget) -> int:
+    """Recompute the chosen tokens' KV in ``dst_k``/``dst_v`` [layers, heads, T, dim] in place. Returns how many."""
+    if len(spans) < 2 or mode == "none":
+        return 0
+    if mode == "leading":
+        positions = leading_positions(spans, int(budget), dst_k.device)
+    else:
+        positions = selective_positions(model, dst_k, dst_v, ids, spans, float(budget))
+    if positions.numel():
+        _forward(model, dst_k, dst_v, ids, positions)
+    return int(positions.numel())

@@ -1,0 +1,27 @@
+"""kvmem.store: memories kept for many processes and machines.
+
+cubestore.py (CubeStore and StoreView: namespaces, grants, commit order, gc, repair), records.py (the record rules:
+names, ids, meta; the backend protocols), local.py (SQLite catalog + cube folder), redis_backend.py (one Redis every
+machine shares), sqlite_db.py (how kvmem opens SQLite files).
+
+Names load on first use, so importing the record rules never imports torch.
+"""
+
+_PUBLIC = {
+    "CubeStore": ".cubestore", "StoreView": ".cubestore", "GCReport": ".cubestore", "RebuildReport": ".cubestore",
+    "Record": ".records", "CatalogBackend": ".records", "BlobBackend": ".records", "check_meta": ".records",
+    "split_id": ".records",
+}
+
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvmem.store' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,243 @@
+"""The store's record rules (names, ids, meta) and its two backends, as protocols: a catalog (rows, grants, a change log) and blobs (cube file bytes).
+
+`CubeStore` (kvmem/store/cubestore.py) holds the rules (namespaces, grants, commit order, repair); a backend only keeps
+data. Two implementations: SQLite + a local folder (kvmem/store/local.py) and Redis (kvmem/store/redis_backend.py,
+the ``kvmem[redis]`` extra). Both are opened by ``CubeStore(location)``; a backend module imports this one and
+never kvmem/store/cubestore.py (the store imports the backends).
+
+The commit order that makes a store safe to share (any backend):
+
+1. ``catalog.reserve(blob, when)``: the new blob's name is recorded before any byte exists;
+2. ``blobs.put(blob, staged_file)``: the bytes become visible under that name, atomically;
+3. ``catalog.upsert(record)``: one atomic step that consumes the reservation and commits the row (it fails,
+   and the writer removes its blob, when the reservation is gone: gc expired a writer that stalled too long).
+
+So at every moment each blob is named by a row or by a reservation, and `gc` (which reads the references
+*after* listing the blobs) can never delete a live or committed cube, whatever the timing.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Protocol
+
+from ..errors import CubeError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")   # namespaces and memory ids: never a "/"
+BLOB = re.compile(r"^[0-9a-f]{32}$")                          # blob names: a uuid4's hex, nothing else
+EVERYONE = "*"                                                # grant reader meaning every namespace
+OPS = ("add", "cube", "rm", "repair", "grant", "revoke")      # what a change-log entry records
+
+
+def check_name(value, what: str) -> str:
+    """``value`` if it is a valid namespace / memory id, else a CubeError saying the rule."""
+    if not isinstance(value, str) or not NAME.match(value):
+        raise CubeError(f"{what} must be 1-128 characters of letters, digits and . _ : @ - (starting with a letter "
+                        f"or digit), got {value!r:.80}")
+    return value
+
+
+def _is_iso_date(value) -> bool:
+    import datetime
+
+    try:
+        datetime.date.fromisoformat(value.strip()[:10])
+        return True
+    except (AttributeError, ValueError):
+        return False
+
+
+def check_meta(meta: dict | None) -> dict:
+    """A copy of a memory's meta, checked where the index reads it (``turn`` orders a session's memories) and
+    where the store writes it (JSON)."""
+    import json
+
+    if meta is not None and not isinstance(meta, dict):
+        raise CubeError(f"meta must be a dict, got {type(meta).__name__}")
+    meta = dict(meta or {})
+    turn = meta.get("turn")
+    if turn is not None and (isinstance(turn, bool) or not isinstance(turn, (int, float))):
+        raise CubeError(f"meta['turn'] must be a number (the memory's order in its session), got {turn!r}")
+    speaker = meta.get("speaker")
+    if speaker is not None and (not isinstance(speaker, str) or not speaker.strip()):
+        raise CubeError(f"meta['speaker'] must be a non-empty string (who said the memory), got {speaker!r}")
+    date = meta.get("date")
+    if date is not None and not _is_iso_date(date):
+        raise CubeError(f"meta['date'] must be an ISO date string like '2023-05-08' (the session's date), "
+                        f"got {date!r}")
+    try:
+        json.dumps(meta, allow_nan=False)
+        _check_keys(meta)
+    except (TypeError, ValueError) as exc:
+        raise CubeError(f"meta must be JSON (str keys; str, number, bool, None, list, dict values): {exc}") from None
+    return meta
+
+
+def _check_keys(value) -> None:
+    """JSON turns every key into a string: refuse other keys rather than hand back a different dict."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"key {key!r} is a {type(key).__name__}, not a str")
+            _check_keys(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_keys(item)
+
+
+def qualify(namespace: str, memory_id: str) -> str:
+    """A memory's qualified id ``namespace/id``: one memory, unambiguously (names hold no '/'; `split_id` undoes it)."""
+    return f"{namespace}/{memory_id}"
+
+
+def split_id(memory_id: str) -> tuple[str | None, str]:
+    """``"ns/id"`` -> ``("ns", "id")``; a plain ``"id"`` -> ``(None, "id")``. Both parts are checked."""
+    if isinstance(memory_id, str) and "/" in memory_id:
+        namespace, _, plain = memory_id.partition("/")
+        return check_name(namespace, "the namespace part of a memory id"), check_name(plain, "memory id")
+    return None, check_name(memory_id, "memory id")
+
+
+def new_blob_name() -> str:
+    """A fresh blob name (never reused: a replaced cube gets a new one, so readers of the old one are safe)."""
+    return uuid.uuid4().hex
+
+
+def check_blob(name) -> str:
+    """``name`` if it is a valid blob name. Blob names come from the catalog, which is a shared file: a name
+    like ``../x`` must never become a path, so every backend checks it before touching anything."""
+    if not isinstance(name, str) or not BLOB.match(name):
+        raise CubeError(f"the catalog names an invalid cube file {name!r:.80} (not written by kvmem); "
+                        "run `kvmem gc` to make that memory text-only again")
+    return name
+
+
+@dataclass
+class Record:
+    """One memory in the catalog.
+
+    ``blob`` is the name of its cube's bytes in the blob backend (None: plaintext only). It is checked with
+    `check_blob` wherever it is used; a damaged catalog may hold anything here.
+    """
+
+    namespace: str
+    id: str
+    text: str
+    kind: str = "text"               # "text" (plaintext only) or "memcube" (with its activation cube)
+    meta: dict = field(default_factory=dict)
+    fingerprint: str | None = None
+    tokens: int = 0
+    bytes: int = 0
+    blob: str | None = None
+    created: float = 0.0
+    last_used: float = 0.0
+    hits: int = 0
+
+    @property
+    def qualified(self) -> str:
+        """``"namespace/id"``: names the memory unambiguously across namespaces."""
+        return qualify(self.namespace, self.id)
+
+    @property
+    def path(self) -> str | None:
+        """The cube file relative to a local store root (``cubes/<blob>.safetensors``), or None."""
+        return f"cubes/{self.blob}.safetensors" if self.blob else None
+
+
+class CatalogBackend(Protocol):
+    """The rows of a store: memories, reservations of blob names, share grants and a change log.
+
+    Every method is one atomic step; several processes (several hosts, for a server backend) call them at once.
+    Errors are `CubeError` saying what is wrong (damaged, unreachable, read-only), never a driver's exception.
+    """
+
+    def describe(self) -> str:
+        """Where the catalog lives, for messages (e.g. ``catalog /s/catalog.sqlite``)."""
+
+    def check(self, *, thorough: bool = False) -> None:
+        """CubeError unless the catalog is the one this store was created with, complete and readable.
+        ``thorough``: also verify its integrity (gc does, before deleting anything)."""
+
+    # ---- memories
+    def reserve(self, blob: str, when: float) -> None:
+        """Record that a writer is about to put ``blob`` (before any of its bytes exist)."""
+
+    def release(self, blob: str) -> None:
+        """Drop the reservation of ``blob`` (a write that failed before its commit)."""
+
+    def upsert(self, rec: Record) -> str | None:
+        """Insert or replace ``(rec.namespace, rec.id)``, keeping ``created`` and ``hits`` of a replaced row
+        (written back into ``rec``). If ``rec.blob`` is set, it must still be reserved: the reservation is
+        consumed in the same step, else CubeError (nothing changes). Logs a change ("cube" with a blob, else
+        "add"). Returns the blob the replaced row named, if it differs (the caller deletes it)."""
+
+    def get(self, namespaces: tuple[str, ...], memory_id: str) -> Record | None:
+        """The row ``memory_id`` of the first namespace in ``namespaces`` that has one."""
+
+    def list(self, namespaces: tuple[str, ...] | None, kind: str | None = None) -> list[Record]:
+        """Rows of ``namespaces`` (None: all), optionally of one kind, ordered by namespace, created, id."""
+
+    def delete(self, namespace: str, memory_id: str) -> Record | None:
+        """Delete a row (logs "rm"); returns it, or None if there was none."""
+
+    def touch(self, namespace: str, memory_id: str, when: float) -> None:
+        """Count a use of the row (``hits`` + 1, ``last_used``); not a change."""
+
+    def drop_blob(self, namespace: str, memory_id: str, blob: str | None) -> bool:
+        """Make the row text-only if it still names ``blob`` (logs "repair"); True if it did."""
+
+    def references(self, *, expire_before: float, expire: Iterable[str] = ()) -> tuple[set[str], set[str]]:
+        """For gc, in one step: first drop reservations made before ``expire_before`` or naming a blob in
+        ``expire``; then return (blobs named by rows, blobs still reserved)."""
+
+    # ---- share grants
+    def grant(self, owner: str, reader: str) -> None:
+        """Let ``reader`` (a namespace, or ``"*"``: every namespace) read ``owner``'s memories (logs "grant")."""
+
+    def revoke(self, owner: str, reader: str) -> bool:
+        """Withdraw a grant (logs "revoke"); True if there was one."""
+
+    def grants(self) -> list[tuple[str, str]]:
+        """Every ``(owner, reader)`` grant."""
+
+    # ---- change detection
+    def version(self) -> int:
+        """A number that grows with every change (add, cube, rm, repair, grant, revoke); 0 for a new store."""
+
+    def changes_since(self, version: int) -> tuple[int, list[tuple[str, str, str]] | None]:
+        """``(now, [(namespace, id, op), ...])`` for the changes after ``version``, oldest first; the list is
+        None when the log no longer reaches back that far (then reread everything). For grant/revoke the pair
+        is ``(owner, reader)``."""
+
+    def trim_changes(self, keep: int) -> None:
+        """Forget all but the latest ``keep`` change-log entries (gc calls it)."""
+
+
+class BlobBackend(Protocol):
+    """Where cube bytes live (a local folder here; Redis, object storage elsewhere). Names pass `check_blob`."""
+
+    def describe(self) -> str:
+        """Where the blobs live, for messages."""
+
+    def stage(self, name: str) -> Path:
+        """A local path to save the new blob ``name`` to (``MemCube.save``), before `put`."""
+
+    def put(self, name: str, staged: Path) -> int:
+        """Make the staged file visible as blob ``name``, atomically (all bytes or nothing). Returns its size."""
+
+    def local_path(self, name: str) -> Path | None:
+        """A local file with the blob's bytes, for ``MemCube.load``'s full validation; None if the blob does
+        not exist. CubeError if it exists but cannot be read (saying why: e.g. permission denied)."""
+
+    def delete(self, name: str) -> None:
+        """Delete a blob; no error if it is already gone."""
+
+    def names(self) -> dict[str, float]:
+        """``{name: modification time}`` of every blob (valid names only), for gc."""
+
+    def sweep(self, older_than: float) -> list[str]:
+        """Remove unfinished uploads (staged or temporary files) last modified before ``older_than``; returns
+        what it removed, for gc's report."""
