@@ -1,7 +1,7 @@
 """kvmem.wrap / MemoryModel: a model + tokenizer whose ``generate`` answers with memory.
 
 `MemoryModel.generate` reads as: render the prompt (`kvmem.prompt.ChatLayout`), recall memories
-(`kvmem.recall.Recall`, for ``cubes="auto"``), prefill (`kvmem.prefill`, the one gate that validates cubes),
+(`kvmem.memory.recall.Recall`, for ``cubes="auto"``), prefill (`kvmem.prefill`, the one gate that validates cubes),
 generate (the model's own ``generate``), report (`GenerationReport` in ``mm.last``).
 """
 
@@ -40,7 +40,7 @@ def wrap(model, tokenizer, *, system_prompt: str | None = None,
         hotswap: one adapter slot overwritten in place (no recompilation of a torch.compile'd model; adapters
             must target the same modules with rank <= the slot's, see ``max_rank``).
         attention: "auto" switches a model on stock ``sdpa`` whose layers group key/value heads (GQA) to
-            ``kvmem_sdpa`` (`kvmem.attention`: same results, the memory's KV heads never expanded; this changes
+            ``kvmem_sdpa`` (`kvmem.model.attention`: same results, the memory's KV heads never expanded; this changes
             ``model`` itself); "keep" leaves the model's attention as it is.
         cache: "auto" moves the prefix into a static cache sized for the request and its new tokens when
             generation has a length bound and one sequence per prompt (no copy of the memory per decode step;

@@ -179,7 +179,7 @@ class CubePlanner:
 
     Args:
         source: a `CubeSource`.
-        fields: the served model's fingerprint fields (`served_model_facts` or `kvmem.fingerprint.fingerprint_fields`).
+        fields: the served model's fingerprint fields (`served_model_facts` or `kvmem.cubes.fingerprint.fingerprint_fields`).
         dtype: the serving dtype (KV of cubes in another dtype is cast: an approximation, noted and salted).
         block_size: the engine's KV block size; a plan covers a multiple of it and leaves the last prompt token.
         rope: RoPE facts of the served model (needed to compose several cubes; None refuses composition).
