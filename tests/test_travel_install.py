@@ -202,3 +202,37 @@ def test_a_cube_of_another_memory_or_model_than_declared(packed, tmp_path, llama
     path = raw_bundle(tmp_path / "x.kvmem", manifest, units, key=key)
     with pytest.raises(CubeError, match="bound to model"):
         _install(path, kvmem.CubeStore(tmp_path / "dst"), trust=trust_of(key))
+
+
+def test_adapters_travel_with_their_bundle(packed, tmp_path, llama):
+    """AdapterCubes of the namespace's adapter folder are packed, installed into the new store's folder with their
+    provenance, replaced only by a later sequence of the same bundle, and refused for another base model."""
+    peft = pytest.importorskip("peft")
+    from kvmem.travel import PROVENANCE, pack_namespace
+
+    source, _, _, key = packed
+    torch.manual_seed(3)
+    lora = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                      init_lora_weights=False))
+    original = kvmem.AdapterCube.from_peft(lora, name="style")
+    original.save(source.root / "adapters" / "alice" / "style.safetensors")
+    bundle = pack_namespace(source, "alice", tmp_path / "a.kvmem", key=key, sequence=5)
+    assert [u.id for u in bundle.units if u.kind == "adaptercube"] == ["style"]
+    store = kvmem.CubeStore(tmp_path / "dst")
+    report = _install(bundle, store, trust=trust_of(key))
+    path = tmp_path / "dst" / "adapters" / "bob" / "style.safetensors"
+    assert report.adapters == [str(path)]
+    installed = kvmem.AdapterCube.load(path)
+    assert installed.digest == original.digest and installed.fingerprint == original.fingerprint
+    assert installed.meta[PROVENANCE]["bundle"] == "alice" and installed.meta[PROVENANCE]["sequence"] == 5
+    installed.check_base(llama)
+    newer = pack_namespace(source, "alice", tmp_path / "b.kvmem", key=key, sequence=6)
+    _install(newer, store, trust=trust_of(key))
+    assert kvmem.AdapterCube.load(path).meta[PROVENANCE]["sequence"] == 6
+    # a file of the same name that did not come from this bundle is never overwritten
+    other = kvmem.CubeStore(tmp_path / "other")
+    original.save(tmp_path / "other" / "adapters" / "bob" / "style.safetensors")
+    with pytest.raises(CubeError, match="did not come from bundle"):
+        _install(bundle, other, trust=trust_of(key))
+    with pytest.raises(FingerprintMismatch):
+        _install(bundle, kvmem.CubeStore(tmp_path / "third"), trust=trust_of(key), model=tiny_model("qwen2"))
