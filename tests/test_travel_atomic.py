@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import sys
 from kvmem.travel import TrustList, install_bundle, read_public_key
-install_bundle(sys.argv[1], sys.argv[2], "bob", trust=TrustList([read_public_key(sys.argv[3])]))
+install_bundle(sys.argv[1], sys.argv[2], sys.argv[4], trust=TrustList([read_public_key(sys.argv[3])]))
 """
 
 
@@ -60,10 +60,10 @@ def _journal(store) -> dict | None:
     return json.loads(recs[0].text) if recs else None
 
 
-def _run_and_kill(bundle, location, pub, when) -> bool:
+def _run_and_kill(bundle, location, pub, when, namespace="bob") -> bool:
     """Install in a child; SIGKILL it once ``when(store)`` is true. True if it was killed before finishing."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(bundle), str(location), str(pub)], env=env, cwd=ROOT,
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(bundle), str(location), str(pub), namespace], env=env, cwd=ROOT,
                              stderr=subprocess.PIPE)
     store = kvmem.CubeStore(location)
     try:
@@ -154,6 +154,11 @@ def test_install_of_1000_memories_is_atomic_under_sigkill(tmp_path, fast_tmp):
             shutil.rmtree(dst)
             install_bundle(v1.path, dst, "bob", trust=trust)
             store = kvmem.CubeStore(dst)
+    # into an empty namespace: a killed install's new memories are removed again
+    assert _run_and_kill(v1.path, dst, pub, _Writes("write", 300), namespace="carol")
+    assert _state(store, "carol") != {}  # the kill left part of it
+    recover_installs(store)
+    assert _state(store, "carol") == {} and _journal(store) is None
     killed = [name for name, (how, _, _) in outcomes.items() if how == "killed"]
     assert len(killed) >= 3, outcomes  # the kills landed inside the install, not after it
     assert outcomes["backing up"][1] == outcomes["writing, early"][1] == "before", outcomes
