@@ -71,6 +71,8 @@ def test_pack_publish_search_install_migrate(tmp_path, checkpoints):
     assert "already installed" in _ok(["install", out, "-n", "bob", "--store", dst, "--trusted-keys", trusted])
     listing = _ok(["ls", "-n", "bob", "--store", dst, "--provenance"])
     assert "team#7" in listing and "Alice" in listing
+    cube_file = dst / kvmem.CubeStore(dst).view("bob").get("m0").path
+    assert "bundle team#7 by Alice" in _ok(["inspect", cube_file])
     migrated = _ok(["migrate", "--to-model", gemma, "-n", "bob", "--store", dst])
     assert "2 cubes rebuilt" in migrated and "1 text-only" in migrated
     view = kvmem.CubeStore(dst).view("bob")

@@ -65,3 +65,11 @@ def describe_provenance(meta: dict) -> str:
     if prov.get("lineage"):
         parts.append(f"lineage: {len(prov['lineage'])} earlier unit(s)")
     return "; ".join(parts) or "unknown"
+
+
+def inspect_rows(cube_meta: dict) -> list[tuple[str, str]]:
+    """``[("provenance", line)]`` for `kvmem inspect` when a cube file records where it came from: an AdapterCube
+    installed from a bundle (its own meta), or a store's cube file (the memory's meta that `put_cube` records)."""
+    memory = cube_meta.get("memory")
+    meta = memory.get("meta") if isinstance(memory, dict) and isinstance(memory.get("meta"), dict) else cube_meta
+    return [("provenance", describe_provenance(meta))] if isinstance(meta.get(PROVENANCE), dict) else []
