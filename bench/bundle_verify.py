@@ -7,7 +7,7 @@ methods run interleaved, round robin. Page cache warm (the file was just read) a
 posix_fadvise(DONTNEED) before every call; a VM's disk cache below may still help).
 
     .venv/bin/python bench/bundle_verify.py            # ~1 min
-    .venv/bin/python bench/bundle_verify.py --quick    # smoke run, 10 MB; writes nothing unless --out
+    .venv/bin/python bench/bundle_verify.py --quick    # smoke run, 5 MB; writes nothing unless --out
 """
 
 from __future__ import annotations
@@ -116,11 +116,11 @@ def plot(doc: dict, png: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="10 MB, 3 repeats; writes nothing unless --out")
+    parser.add_argument("--quick", action="store_true", help="5 MB, 3 repeats; writes nothing unless --out")
     parser.add_argument("--out", help="JSON to write (default bench/results/bundle_verify_cpu.json)")
     parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
-    args.memories, args.tokens = (10, 2000) if args.quick else (100, 2000)
+    args.memories, args.tokens = (5, 2000) if args.quick else (100, 2000)
     if args.quick:
         args.reps = 3
     doc = run(args)

@@ -283,3 +283,20 @@ def test_keys_and_trust_list(tmp_path):
                                                          serialization.NoEncryption()))
     with pytest.raises(CubeError, match="not an Ed25519 key"):
         load_signing_key(tmp_path / "rsa")
+
+
+def test_the_verify_bench_runs(tmp_path):
+    """bench/bundle_verify.py --quick: builds, packs and verifies a real 5 MB bundle, and writes its rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bv.json"
+    done = subprocess.run([sys.executable, str(root / "bench" / "bundle_verify.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["method"], r["cache"]) for r in rows} == {(m, c) for m in ("kvmem_verify", "sha256_file", "read_file")
+                                                         for c in ("warm", "cold")}
+    assert all(r["bytes"] > 5e6 and r["median_s"] > 0 for r in rows) and (tmp_path / "bv.png").exists()
