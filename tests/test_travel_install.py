@@ -62,6 +62,12 @@ def test_installed_memories_equal_the_packed_ones(packed, tmp_path, llama):
         assert prov["author"] == "Alice" and prov["license"] == "CC-BY-4.0" and prov["digest"] == bundle.digest
         assert prov["source"] == "https://example.org/alice.kvmem"
         assert (prov.get("fingerprint") is not None) == (kind == "memcube")
+    # packed again by its new owner, each memory carries where it came from as lineage, not as its own provenance
+    from kvmem.travel import pack_namespace
+
+    again = pack_namespace(store, "bob", tmp_path / "bob.kvmem", key=make_key(tmp_path, "bob"))
+    for unit in again.memories():
+        assert unit.entry["lineage"][-1]["bundle"] == "alice" and unit.entry["lineage"][-1]["digest"] == bundle.digest
     # and the installed cube answers as a full prefill of the same ids does
     cube = store.view("bob").load_cube("m1")
     prefix = kvmem.prefill(llama, cube)
