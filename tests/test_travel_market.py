@@ -129,3 +129,42 @@ def test_a_folder_without_an_index(tmp_path):
     (tmp_path / "index.json").write_text('{"format": "something else"}')
     with pytest.raises(CubeError, match="not a kvmem market index"):
         read_index(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_real_model_pack_serve_install_generate(smollm2, tmp_path):
+    """The issue's scenario on SmolLM2: an author packs a namespace, a market serves it over HTTP, another user
+    installs it into a new store and generates with it, exactly as with the memory prefilled as text."""
+    from kvmem.travel import install_bundle, pack_namespace, publish_bundle
+    from kvmem.travel.market import local_copy
+
+    model, tok = smollm2
+    mm = kvmem.wrap(model, tok)
+    author = kvmem.CubeStore(tmp_path / "author")
+    facts = {"pavel": "Pavel lives in Brno and repairs old clocks.", "ines": "Ines lives in Porto and teaches chess."}
+    for memory_id, text in facts.items():
+        author.view("team").put_cube(memory_id, mm.build_cube(text, name=memory_id), text=text)
+    key = make_key(tmp_path)
+    bundle = pack_namespace(author, "team", tmp_path / "team.kvmem", key=key, description="where people live")
+    publish_bundle(bundle.path, str(tmp_path / "market"))
+    folder = tmp_path / "market"
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        path, label = local_copy(f"http://127.0.0.1:{server.server_address[1]}/team.kvmem", tmp_path)
+        store = kvmem.CubeStore(tmp_path / "reader")
+        install_bundle(path, store, "me", trust=trust_of(key), model=model, tokenizer=tok, label=label)
+    finally:
+        server.shutdown()
+        server.server_close()
+    cube = store.view("me").load_cube("pavel")
+    question = "Where does Pavel live?"
+    with_cube = mm.generate(question, [cube], max_new_tokens=12, do_sample=False)
+    assert mm.last.injected
+    without = mm.generate(question, [cube], inject=False, max_new_tokens=12, do_sample=False)
+    assert torch.equal(with_cube, without)
