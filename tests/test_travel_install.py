@@ -242,3 +242,30 @@ def test_adapters_travel_with_their_bundle(packed, tmp_path, llama):
         _install(bundle, other, trust=trust_of(key))
     with pytest.raises(FingerprintMismatch):
         _install(bundle, kvmem.CubeStore(tmp_path / "third"), trust=trust_of(key), model=tiny_model("qwen2"))
+
+
+def test_an_error_mid_install_undoes_what_was_written(packed, tmp_path, monkeypatch):
+    """A write that fails halfway (disk full, a store gone) leaves the namespace as it was, journal and backups
+    gone, without waiting for a recovery."""
+    from kvmem.store.cubestore import StoreView
+
+    source, _, bundle, key = packed
+    store = kvmem.CubeStore(tmp_path / "dst")
+    store.view("bob").add("m2", "an older text of m2", {"turn": 1})
+    before = snapshot(store, "bob")
+    real_add, calls = StoreView.add, []
+
+    def failing_add(self, memory_id, text, meta=None):
+        if self.namespace == "bob":
+            calls.append(memory_id)
+            if len(calls) == 2:
+                raise CubeError("writing failed: disk full (simulated)")
+        return real_add(self, memory_id, text, meta)
+
+    monkeypatch.setattr(StoreView, "add", failing_add)
+    with pytest.raises(CubeError, match="disk full"):
+        _install(bundle, store, trust=trust_of(key))
+    monkeypatch.undo()
+    assert snapshot(store, "bob") == before
+    assert store.view("kvmem.installs").ls() == [] and store.view("kvmem.rollback").ls() == []
+    assert len(_install(bundle, store, trust=trust_of(key)).installed) == 3

@@ -36,7 +36,7 @@ from ..cubes.memcube import MemCube
 from ..errors import CubeError
 from ..store.records import check_meta
 from .bundle import Bundle, Unit, check_units, open_bundle
-from .journal import BACKUPS, finish, ledger_entry, owner, recover_installs, save_journal
+from .journal import BACKUPS, finish, ledger_entry, owner, recover_installs, roll_back, save_journal
 from .provenance import PROVENANCE, adapter_folder, as_store, check_namespace
 from .signing import TrustList
 
@@ -274,6 +274,39 @@ def _write(store, bundle, view, memories, adapter_units, paths, folder, existing
                "new": [m.unit.id for m in memories if m.unit.id not in existing], "replaced": replaced,
                "adapters": adapters, "ledger": ledger, **owner()}
     save_journal(store, journal)
+    try:
+        _apply(store, _Plan(view, memories, adapter_units, paths, adapters, replaced, journal, provenance), report,
+               progress)
+    except BaseException:  # an error or Ctrl-C: undo now (a killed process is undone by the next recovery)
+        try:
+            roll_back(store, journal)
+        except Exception:  # noqa: BLE001  (the original error matters more; recover_installs finishes it later)
+            pass
+        raise
+    journal["state"] = "commit"
+    save_journal(store, journal)           # the commit point
+    finish(store, journal)
+
+
+@dataclass
+class _Plan:
+    """What `_apply` writes: the checked memories and adapter units, their private copies (``paths``), the adapter
+    slots, the memories replaced (with what a roll back restores), the journal and the provenance to record."""
+
+    view: object
+    memories: list
+    adapter_units: list
+    paths: dict
+    adapters: list
+    replaced: dict
+    journal: dict
+    provenance: dict
+
+
+def _apply(store, plan: _Plan, report: InstallReport, progress) -> None:
+    """Back up what will be replaced, then write every unit (the journal's states ``backup`` and ``write``)."""
+    view, memories, adapter_units, paths = plan.view, plan.memories, plan.adapter_units, plan.paths
+    replaced, journal, provenance = plan.replaced, plan.journal, plan.provenance
     backups = store.view(BACKUPS)
     for memory_id, old in replaced.items():
         cube = view.load_cube(memory_id) if old["cube"] else None
@@ -295,7 +328,7 @@ def _write(store, bundle, view, memories, adapter_units, paths, folder, existing
         if time.monotonic() - beat > _HEARTBEAT_S:
             save_journal(store, journal)
             beat = time.monotonic()
-    for unit, slot in zip(adapter_units, adapters):
+    for unit, slot in zip(adapter_units, plan.adapters):
         cube = AdapterCube.load(paths[unit.file])
         path = Path(slot["path"])
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,8 +336,3 @@ def _write(store, bundle, view, memories, adapter_units, paths, folder, existing
             os.replace(path, slot["backup"])
         AdapterCube(cube.state_dict, {**cube.meta, PROVENANCE: _unit_provenance(provenance, unit)}).save(path)
         report.adapters.append(str(path))
-    journal["state"] = "commit"
-    save_journal(store, journal)           # the commit point
-    finish(store, journal)
-
-

@@ -112,7 +112,8 @@ def _restore(view, backups, memory_id: str, old: dict) -> None:
         view.add(memory_id, old["text"], old["meta"])
 
 
-def _roll_back(store: CubeStore, journal: dict) -> None:
+def roll_back(store: CubeStore, journal: dict) -> None:
+    """Undo an install that did not reach its commit point (each step repeatable)."""
     view, backups = store.view(journal["namespace"]), store.view(BACKUPS)
     if journal["state"] == "write":  # in state "backup" the namespace was not touched yet
         for memory_id in journal.get("new", []):
@@ -151,7 +152,7 @@ def recover_installs(store, *, force: bool = False) -> list[str]:
             finish(store, journal)
             done.append(f"{journal.get('bundle')} into {journal['namespace']}: rolled forward (it had committed)")
         else:
-            _roll_back(store, journal)
+            roll_back(store, journal)
             done.append(f"{journal.get('bundle')} into {journal['namespace']}: rolled back (it was killed before "
                         "its commit point)")
     return done
