@@ -54,9 +54,9 @@ class PublicKey:
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         """True if ``signature`` is this key's Ed25519 signature of ``DOMAIN + message``."""
+        _, ed25519 = _crypto()
         from cryptography.exceptions import InvalidSignature
 
-        _, ed25519 = _crypto()
         try:
             ed25519.Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, DOMAIN + message)
             return True
