@@ -118,7 +118,8 @@ def test_fuzz_every_byte_region_is_refused(signed, tmp_path):
 
 
 def test_structured_tampering_is_refused(signed, tmp_path):
-    """Swapped units, a dropped unit, an edited manifest (re-canonicalised), appended data, a second tar appended."""
+    """A unit's bytes replaced, a unit dropped, two units traded, an edited manifest (still canonical), appended
+    data, a truncated file."""
     from kvmem.travel.bundle import BLOCK, open_bundle, verify_bundle
 
     bundle, _ = signed
@@ -138,7 +139,19 @@ def test_structured_tampering_is_refused(signed, tmp_path):
         third = tar.extractfile(bundle.units[2].file).read()
     if len(first) <= len(third):
         cases["unit swapped"] = data.replace(third, first.ljust(len(third), b" "), 1)
+    # a unit dropped whole (its header, bytes and padding), the rest of the file intact
+    start = next(s for what, s, _ in regions(bundle) if what == "text m1 header")
+    end = next(e for what, _, e in regions(bundle) if what in ("text m1 padding", "text m1") and e > start)
+    cases["unit dropped"] = data[:start] + data[end:] + bytes(end - start)
+    # two units of the same kind traded places, headers and all
+    a = [(s, e) for what, s, e in regions(bundle) if what.startswith("text m0")]
+    b = [(s, e) for what, s, e in regions(bundle) if what.startswith("text m2")]
+    (a0, a1), (b0, b1) = (a[0][0], a[-1][1]), (b[0][0], b[-1][1])
+    if a1 - a0 == b1 - b0:
+        cases["units traded"] = data[:a0] + data[b0:b1] + data[a1:b0] + data[a0:a1] + data[b1:]
+    assert {"unit dropped", "units traded", "manifest edited"} <= set(cases)
     for name, bad in cases.items():
+        assert bad != data, name
         path = tmp_path / "bad.kvmem"
         path.write_bytes(bad)
         with pytest.raises(CubeError):
