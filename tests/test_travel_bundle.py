@@ -124,7 +124,6 @@ def test_structured_tampering_is_refused(signed, tmp_path):
 
     bundle, _ = signed
     data = bundle.path.read_bytes()
-    # swap the bytes of the two text units of equal padded size (their headers stay canonical: names move too)
     cases = {}
     manifest = json.loads(bundle.manifest_bytes)
     manifest["units"][0]["text_sha256"] = "0" * 64
