@@ -7,7 +7,7 @@ message and exit status 1, not a traceback.
 One module per command group (cubes.py, store.py); each registers its commands on the one typer app (app.py).
 """
 
-from . import cubes, store  # noqa: F401  (registers the commands)
+from . import bundles, cubes, store  # noqa: F401  (registers the commands)
 from .app import app
 
 __all__ = ["app", "main"]

@@ -66,6 +66,7 @@ def build_adapter(
 
 def _inspect_adapter(cube_file: Path, as_json: bool):
     from ..cubes.adaptercube import AdapterCube
+    from ..travel.provenance import inspect_rows
 
     cube = _load_or_exit(AdapterCube.load, cube_file)
     meta = cube.meta
@@ -81,6 +82,7 @@ def _inspect_adapter(cube_file: Path, as_json: bool):
         ("base", f"{base.get('model_type')} {base.get('architectures')}, fingerprint {cube.fingerprint}"),
         ("provenance", f"{meta.get('provenance')} (peft {meta.get('peft_version')})"),
         ("created", f"{meta.get('created')} by kvmem {meta.get('kvmem_version')}"),
+        *inspect_rows(meta),  # installed from a bundle: by whom, from where
     ])
 
 
@@ -113,6 +115,7 @@ def inspect(
     not)."""
     from ..cubes.format import peek_format
     from ..cubes.memcube import MemCube
+    from ..travel.provenance import inspect_rows
 
     if cube_file.is_file() and peek_format(cube_file) == "kvmem.adaptercube":
         return _inspect_adapter(cube_file, as_json)
@@ -138,6 +141,7 @@ def inspect(
         ("tokenizer", meta["fingerprint_fields"].get("tokenizer") or "(not recorded)"),
         ("adapter", json.dumps(adapter) if adapter else "none"),
         ("created", f"{meta.get('created')} by kvmem {meta.get('kvmem_version')}"),
+        *inspect_rows(meta),  # where a store's cube came from (installed from a bundle, migrated)
     ])
 
 

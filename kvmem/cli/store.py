@@ -81,12 +81,18 @@ def ls_(
     store: Optional[str] = StoreOpt,
     namespace: str = NamespaceOpt,
     shared: list[str] = SharedOpt,
+    provenance: bool = typer.Option(False, "--provenance", help="Also show where each memory came from (bundle, "
+                                                                "signer, source, migrations)."),
 ):
     """List the memories a namespace can see."""
     for rec in open_view(store, namespace, shared).ls():
         text = rec.text.replace("\n", " ")
         cube = f"cube {rec.tokens} tok {rec.bytes / 1e6:.1f} MB" if rec.kind == "memcube" else "text only"
         typer.echo(f"{rec.namespace}/{rec.id:<24} {cube:<24} hits {rec.hits:<4} {text[:60]}")
+        if provenance:
+            from ..travel.provenance import describe_provenance
+
+            typer.echo(f"    from: {describe_provenance(rec.meta)}")
 
 
 @app.command()
