@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
 import kvmem
 from kvmem import MemCube

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -87,6 +86,16 @@ def test_request_parameters_are_validated(source, spec, match):
     with pytest.raises(Refused, match=match):
         planner.plan(list(range(40)), {"kvmem": spec})
     assert planner.plan(list(range(40)), {"kvmem": {"auto": False}}) is None
+
+
+def test_unknown_connector_options_are_named():
+    from kvmem.integrations.serving import check_connector_options
+
+    with pytest.raises(kvmem.CubeError, match=r"unknown keys \['namespcae'\]"):
+        check_connector_options({"store": "/s", "namespcae": "alice"})
+    with pytest.raises(kvmem.CubeError, match="JSON object"):
+        check_connector_options(["store"])
+    assert check_connector_options({"store": "/s", "auto": False}) == {"store": "/s", "auto": False}
 
 
 def test_the_cube_source_options_are_validated():

@@ -47,6 +47,20 @@ def _check_name(value, what: str) -> str:
         raise Refused(str(exc)) from None
 
 
+CONNECTOR_OPTIONS = ("store", "folder", "namespace", "namespaces", "auto")
+
+
+def check_connector_options(extra) -> dict:
+    """The connector's ``kv_connector_extra_config`` as a dict, every key one it knows (a typo is an error naming
+    the known ones, not an option silently ignored); the values are checked by `CubeSource` and `CubePlanner`."""
+    if not isinstance(extra, dict):
+        raise CubeError(f"kv_connector_extra_config must be a JSON object, got {type(extra).__name__}")
+    unknown = sorted(set(extra) - set(CONNECTOR_OPTIONS))
+    if unknown:
+        raise CubeError(f"kv_connector_extra_config has unknown keys {unknown} (known: {', '.join(CONNECTOR_OPTIONS)})")
+    return dict(extra)
+
+
 def _check_flag(value, what: str) -> bool:
     """A JSON boolean: the string "false" is truthy in Python, so anything but True/False is refused."""
     if not isinstance(value, bool):
