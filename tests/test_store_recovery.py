@@ -12,6 +12,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -186,7 +187,7 @@ def test_repair_beside_a_running_writer_keeps_its_memories(tmp_path, cube):
     code = (f"import sys, kvmem\nv = kvmem.CubeStore({str(root)!r}).view('w')\n"
             "for i in range(400):\n    v.add(f'x{i}', f'written by the writer {i}')\nprint('done')\n")
     env = {**os.environ, "PYTHONPATH": str(Path(kvmem.__file__).parents[1])}
-    writer = subprocess.Popen([os.sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env)
     try:
         deadline = time.time() + 60

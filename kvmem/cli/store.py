@@ -47,8 +47,9 @@ def add(
         built = wrap(m, tok).build_cube(text, name=rec.id, progress=True)
         try:
             rec = view.put_cube(rec.id, built, text=text)
-        except CubeError as exc:  # the text row is committed: say so, not "nothing was committed"
-            raise CubeError(f"{rec.qualified} was added as text, but its cube was not stored ({exc}); build it "
+        except CubeError as exc:  # the text row is committed: say so, not put_cube's "nothing was committed"
+            why = str(exc).split("; nothing was committed")[0]
+            raise CubeError(f"{rec.qualified} was added as text, but its cube was not stored ({why}); build it "
                             f"again with `kvmem add --cube --id {rec.id}`") from None
     typer.echo(f"added {rec.qualified}" + (f" with a {rec.tokens}-token cube ({rec.bytes / 1e6:.1f} MB)"
                                            if rec.kind == "memcube" else ""))

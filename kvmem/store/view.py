@@ -115,7 +115,7 @@ class StoreView:
                 raise
             except Exception as exc:  # an OSError, safetensors' own error type, anything from the staged file
                 raise CubeError(f"writing the cube of {self._own}/{memory_id} failed ({type(exc).__name__}: {exc}); "
-                                "the cube was not stored (the memory is as it was before this call): write it again (if a gc with no grace ran beside this "
+                                "nothing was committed: write it again (if a gc with no grace ran beside this "
                                 "write, it removed the unfinished file: give gc a grace, e.g. the default "
                                 "`kvmem gc` keeps 10 minutes)") from None
             now = time.time()
@@ -124,7 +124,7 @@ class StoreView:
             replaced = catalog.upsert(rec)
         except OSError as exc:  # the catalog's own files
             self._undo_put(name, staged)
-            raise CubeError(f"writing the cube of {self._own}/{memory_id} failed ({exc}); the cube was not stored (the memory is as it was before this call): "
+            raise CubeError(f"writing the cube of {self._own}/{memory_id} failed ({exc}); nothing was committed: "
                             "write it again") from None
         except BaseException:
             self._undo_put(name, staged)
