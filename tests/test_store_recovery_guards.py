@@ -267,3 +267,21 @@ def test_build_on_a_full_disk_is_one_line(tmp_path, checkpoint):
         result = runner.invoke(app, ["build", str(text), "--model", str(checkpoint), "-o", str(disk / "c.safetensors")])
         _one_line(result, "cannot write")
         assert [p.name for p in disk.iterdir()] == ["filler"]
+
+
+# ---------------------------------------------------------------- 11. permission tests from a private checkout
+def test_the_other_user_imports_a_readable_copy_of_the_kvmem_under_test():
+    """The permission tests' child (nobody, as root) never imports kvmem from the checkout itself, which may sit in
+    a mode-700 folder: it gets a world-readable copy of the very same package."""
+    import kvmem
+    from other_user import run_as_other_user
+
+    done = run_as_other_user("import kvmem, os; print(kvmem.__file__); print(os.getuid())")
+    assert done.returncode == 0, done.stderr[-2000:]
+    path, uid = done.stdout.split()[-2:]
+    assert os.path.dirname(path) != os.path.dirname(kvmem.__file__)
+    assert open(path).read() == open(kvmem.__file__).read()
+    for folder in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+        assert os.stat(folder).st_mode & 0o005 == 0o005  # others may list and enter it
+    if os.geteuid() == 0:
+        assert uid == "65534"
