@@ -83,7 +83,8 @@ class CubeSource:
                             "(a folder of <namespace>/<name>.safetensors files)")
         for what, value in (("store", store), ("folder", folder)):
             if value is not None and (not isinstance(value, (str, Path)) or not str(value).strip()):
-                raise CubeError(f"the cube source's {what} must be a non-empty string (a path or URL), got {value!r:.60}")
+                raise CubeError(f"the cube source's {what} must be a non-empty string (a path or URL), got "
+                                f"{value!r:.60}")
         self._views = {}
         self.folder = Path(folder).expanduser() if folder is not None else None
         self.location = store

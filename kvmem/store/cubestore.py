@@ -205,7 +205,8 @@ class CubeStore:
             return None  # unreadable: nothing a repair could rebuild from (`kvmem repair` skips it too)
         if stamp is None:
             return None  # records no memory: an older kvmem's leftover, or not a store file
-        if stamp.store and self.catalog.store_id and stamp.store != self.catalog.store_id:
+        ours = getattr(self.catalog, "store_id", None)  # (a custom catalog may not know its store's id)
+        if stamp.store and ours and stamp.store != ours:
             return f"it belongs to another store (id {stamp.store}): move it to that store, or delete it by hand"
         row = self.catalog.get((stamp.namespace,), stamp.id)
         if row is not None and row.blob is not None and is_valid_blob(row.blob):

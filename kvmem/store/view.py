@@ -102,8 +102,9 @@ class StoreView:
         name = new_blob_name()  # a new blob per version: readers of the old one are safe
         # the file records which memory it is, so a lost catalog can be rebuilt from the files (rebuild_catalog)
         now = time.time()
-        record = make_stamp(store=catalog.store_id, namespace=self._own, memory_id=memory_id, meta=meta,
-                            created=old.created if old else now, written=now, text=text if text != cube.text else None)
+        record = make_stamp(store=getattr(catalog, "store_id", None), namespace=self._own, memory_id=memory_id,
+                            meta=meta, created=old.created if old else now, written=now,
+                            text=text if text != cube.text else None)
         stamped = MemCube(cube.kv, cube.all_ids[0], {**cube.meta, MEMORY_KEY: record})
         catalog.reserve(name, time.time())
         staged = blobs.stage(name)
@@ -205,7 +206,7 @@ class StoreView:
     def _load_own(self, rec: Record, path, device) -> MemCube:
         """``MemCube.load(path)`` (fully validated), checked to be ``rec``'s own file."""
         cube = MemCube.load(path, device=device)
-        why = mismatch(read_stamp(cube.meta, fallback_time=0.0), store=self.store.catalog.store_id,
+        why = mismatch(read_stamp(cube.meta, fallback_time=0.0), store=getattr(self.store.catalog, "store_id", None),
                        namespace=rec.namespace, memory_id=rec.id, text=rec.text, fingerprint=rec.fingerprint,
                        cube_fingerprint=cube.fingerprint)
         if why is not None:
@@ -257,7 +258,7 @@ class StoreView:
             raise CubeError(f"version must be an int >= 0 (from view.version()), got {version!r}")
         now, changes = self.store.catalog.changes_since(version)
         epoch = getattr(version, "epoch", None)
-        if changes is None or version > now or (epoch is not None and epoch != now.epoch):
+        if changes is None or version > now or (epoch is not None and epoch != getattr(now, "epoch", epoch)):
             return now, None
         requested, visible = set(self._own_and_requested()), set(self.namespaces)
         out = []
