@@ -185,7 +185,7 @@ def test_repair_beside_a_running_writer_keeps_its_memories(tmp_path, cube):
     root = tmp_path / "s"
     store = _with_text_and_grants(root, cube)
     code = (f"import sys, kvmem\nv = kvmem.CubeStore({str(root)!r}).view('w')\n"
-            "for i in range(400):\n    v.add(f'x{i}', f'written by the writer {i}')\nprint('done')\n")
+            "for i in range(200):\n    v.add(f'x{i}', f'written by the writer {i}')\nprint('done')\n")
     env = {**os.environ, "PYTHONPATH": str(Path(kvmem.__file__).parents[1])}
     writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env)
@@ -199,7 +199,7 @@ def test_repair_beside_a_running_writer_keeps_its_memories(tmp_path, cube):
         out, err = writer.communicate(timeout=120)
     assert writer.returncode == 0 and "done" in out, err[-2000:]
     store = kvmem.CubeStore(root, create=False)
-    assert len(store.view("w").ls()) == 400 and len(store.view("me").ls()) == 21
+    assert len(store.view("w").ls()) == 200 and len(store.view("me").ls()) == 21
 
 
 # ---------------------------------------------------------------- 3. never adopt a file over a genuine memory

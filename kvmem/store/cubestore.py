@@ -30,7 +30,7 @@ from ..errors import CubeError
 from .records import (EVERYONE, BlobBackend, CatalogBackend, Record, StoreVersion, check_meta, check_name,
                       is_valid_blob, split_id)
 from .repair import RebuildReport
-from .stamp import peek_stamp
+from .stamp import MEMORY_KEY, RECOVERED, peek_stamp  # noqa: F401  (MEMORY_KEY, RECOVERED lived here)
 from .view import KINDS, StoreView  # noqa: F401  (StoreView and KINDS lived here)
 
 __all__ = ["CubeStore", "StoreView", "Record", "CatalogBackend", "BlobBackend", "GCReport", "RebuildReport",
