@@ -341,3 +341,17 @@ def test_two_repairs_in_one_second_keep_both_old_catalogs(tmp_path, cube):
         (root / "catalog.sqlite").write_bytes(damage)
         asides += kvmem.CubeStore.rebuild_catalog(root).moved_aside
     assert len(set(asides)) == 2 and all((root / name).read_bytes() in (b"", b"x" * 100) for name in asides)
+
+
+def test_a_catalog_deleted_under_a_running_process_is_an_error_not_a_new_file(tmp_path, cube):
+    root = tmp_path / "s"
+    store = kvmem.CubeStore(root)
+    view = store.view("me")
+    view.put_cube("a", cube)
+    _drop_catalog(root)
+    for call in (view.ls, lambda: view.add("b", "text"), lambda: view.get("a"), view.version):
+        with pytest.raises(kvmem.CubeError, match="is gone .*kvmem repair"):
+            call()
+    assert not (root / "catalog.sqlite").exists()  # SQLite never made an empty one behind the process's back
+    assert kvmem.CubeStore.rebuild_catalog(root).rebuilt == ["me/a"]
+    assert [r.id for r in view.ls()] == ["a"]  # the running process carries on with the rebuilt catalog
