@@ -138,7 +138,8 @@ def _claim_cache(cache: Path, *, adopt: bool) -> None:
                  or n.startswith(".") and _BLOB_IN_NAME.search(n) for n in entries)
     if entries and not (adopt and copies and not (cache.parent / "kvmem-store.json").exists()):
         raise CubeError(f"{cache} is not empty and is not a kvmem Redis cache (no {CACHE_MARKER}): pick an empty "
-                        "or new folder for ?cache=DIR (kvmem deletes stale files in its cache folder)")
+                        "or new folder for ?cache=DIR (kvmem deletes stale files in its cache folder; a cache an older "
+                        "kvmem filled holds only copies: empty it and it is used again)")
     tmp = cache / f".{CACHE_MARKER}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.write_text(json.dumps({"format": "kvmem.redis-cache"}) + "\n")
     os.replace(tmp, marker)
