@@ -193,6 +193,12 @@ class MemoryModel:
                 raise CubeError(f"do not pass {key}= to MemoryModel.generate: it builds the inputs and the cache "
                                 "from prompt and cubes (wrap(..., cache='dynamic') for a DynamicCache; call "
                                 "model.generate yourself with kvmem.prefill for full control)")
+        if kwargs.get("use_cache") is False and inject and any(r is not None for r in rows):
+            raise CubeError("use_cache=False cannot inject memory: kvmem hands the memory to generate as its KV "
+                            "cache. Pass inject=False to prefill the memory's text with the request instead")
+        new = kwargs.get("max_new_tokens")
+        if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < 1):
+            raise CubeError(f"max_new_tokens must be an int >= 1, got {new!r}")
         if isinstance(adapter, str) and adapter != "keep":
             raise CubeError(f"adapter must be an AdapterCube, None or 'keep', got {adapter!r}")
         recall_options = dict(max_tokens=max_memory_tokens, k=k, min_score=min_score, evidence=evidence)
@@ -208,7 +214,7 @@ class MemoryModel:
             if inject and all(rows):
                 inputs = self._spliced(prompts, rows, texts, reports, pad, recompute, budget, kwargs)
             else:  # a row without cubes (or inject=False): every row prefilled in full
-                inputs = self._full(prompts, rows, texts, reports, pad)
+                inputs = self._full(prompts, rows, texts, reports, pad, kwargs)
             kwargs["logits_processor"] = list(kwargs.get("logits_processor") or []) + [clock]
             out = self.model.generate(pad_token_id=pad, **inputs, **kwargs)
             if isinstance(prompt, str):
@@ -246,17 +252,24 @@ class MemoryModel:
                 return int(value)
         return 0
 
-    def _check_length(self, tokens: int) -> None:
-        check_context(self.model, tokens, "the prompt (memory + request)",
-                      "pass fewer or shorter memories (max_memory_tokens= for cubes='auto')")
+    def _check_length(self, tokens: int, gen_kwargs: dict, row: int, rows: int) -> None:
+        """The prompt, and the prompt with its new tokens, within the model's context (each row of a batch as
+        if it were alone)."""
+        what = "the prompt (memory + request)" if rows == 1 else f"row {row}'s prompt (memory + request)"
+        check_context(self.model, tokens, what, "pass fewer or shorter memories (max_memory_tokens= for cubes='auto')")
+        new = gen_kwargs.get("max_new_tokens")
+        if new is not None:
+            check_context(self.model, tokens + new, f"{what} with max_new_tokens={new}",
+                          "ask for fewer new tokens, or pass fewer or shorter memories")
 
     def _spliced(self, prompts, rows, texts, reports, pad: int, recompute, budget, gen_kwargs: dict) -> dict:
         """generate's inputs with every row's cubes spliced (`prefill_batch`; a batch of one is a plain prefix)."""
         knobs = {name: v for name, v in (("recompute", recompute), ("budget", budget)) if v is not None}
         queries = [torch.cat([self.layout.text_ids(t) for t in ts] + [self.request_ids(p)])
                    for p, ts in zip(prompts, texts)]
-        for cubes, q in zip(rows, queries):
-            self._check_length(cubes[0].anchor_len + sum(c.num_tokens for c in cubes) + q.numel())
+        for b, (cubes, q) in enumerate(zip(rows, queries)):
+            self._check_length(cubes[0].anchor_len + sum(c.num_tokens for c in cubes) + q.numel(), gen_kwargs, b,
+                               len(rows))
         width = (max(r[0].anchor_len + sum(c.num_tokens for c in r) for r in rows)
                  + max(q.numel() for q in queries))  # the padded prompt generate starts from
         room = static_room(self.model, width, gen_kwargs) if self.cache == "auto" else None
@@ -273,11 +286,11 @@ class MemoryModel:
             report.prompt_tokens = int(batch.attention_mask[b].sum())
         return batch.generate_kwargs(self.model)
 
-    def _full(self, prompts, rows, texts, reports, pad: int) -> dict:
+    def _full(self, prompts, rows, texts, reports, pad: int, gen_kwargs: dict) -> dict:
         """generate's inputs with every row prefilled in full, left-padded as transformers pads a batch."""
         full = [self.layout.prompt_ids(p, c, t)[0] for p, c, t in zip(prompts, rows, texts)]
-        for row in full:
-            self._check_length(len(row))
+        for b, row in enumerate(full):
+            self._check_length(len(row), gen_kwargs, b, len(full))
         ids = torch.full((len(full), max(map(len, full))), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for b, row in enumerate(full):

@@ -37,6 +37,10 @@ def build(
     except CubeError as exc:
         typer.echo(f"kvmem: {exc}", err=True)
         raise typer.Exit(1)
+    except OSError as exc:  # a full disk, a read-only folder: one line, nothing half-written (the save is atomic)
+        why = f"cannot write {out} ({exc.strerror})" if exc.strerror else str(exc)
+        typer.echo(f"kvmem: {why}: check free space and write access", err=True)
+        raise typer.Exit(1)
     typer.echo(f"wrote {path}: {cube.num_tokens} tokens (+{cube.anchor_len} anchor), {cube.nbytes / 1e6:.1f} MB, "
                f"fingerprint {cube.fingerprint}")
 
@@ -59,6 +63,10 @@ def build_adapter(
         path = cube.save(out)
     except CubeError as exc:
         typer.echo(f"kvmem: {exc}", err=True)
+        raise typer.Exit(1)
+    except OSError as exc:  # a full disk, a read-only folder: one line, nothing half-written (the save is atomic)
+        why = f"cannot write {out} ({exc.strerror})" if exc.strerror else str(exc)
+        typer.echo(f"kvmem: {why}: check free space and write access", err=True)
         raise typer.Exit(1)
     typer.echo(f"wrote {path}: LoRA rank {cube.rank} on {', '.join(cube.target_modules)}, "
                f"{cube.nbytes / 1e6:.2f} MB, base fingerprint {cube.fingerprint}")

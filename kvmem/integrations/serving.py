@@ -47,6 +47,27 @@ def _check_name(value, what: str) -> str:
         raise Refused(str(exc)) from None
 
 
+CONNECTOR_OPTIONS = ("store", "folder", "namespace", "namespaces", "auto")
+
+
+def check_connector_options(extra) -> dict:
+    """The connector's ``kv_connector_extra_config`` as a dict, every key one it knows (a typo is an error naming
+    the known ones, not an option silently ignored); the values are checked by `CubeSource` and `CubePlanner`."""
+    if not isinstance(extra, dict):
+        raise CubeError(f"kv_connector_extra_config must be a JSON object, got {type(extra).__name__}")
+    unknown = sorted(set(extra) - set(CONNECTOR_OPTIONS))
+    if unknown:
+        raise CubeError(f"kv_connector_extra_config has unknown keys {unknown} (known: {', '.join(CONNECTOR_OPTIONS)})")
+    return dict(extra)
+
+
+def _check_flag(value, what: str) -> bool:
+    """A JSON boolean: the string "false" is truthy in Python, so anything but True/False is refused."""
+    if not isinstance(value, bool):
+        raise Refused(f"{what} must be true or false (a JSON boolean), got {value!r:.40}")
+    return value
+
+
 class CubeSource:
     """Where served cubes come from. Give exactly one of:
 
@@ -60,6 +81,10 @@ class CubeSource:
         if (store is None) == (folder is None):
             raise CubeError("give the cube source one of store= (a kvmem store path or redis:// URL) or folder= "
                             "(a folder of <namespace>/<name>.safetensors files)")
+        for what, value in (("store", store), ("folder", folder)):
+            if value is not None and (not isinstance(value, (str, Path)) or not str(value).strip()):
+                raise CubeError(f"the cube source's {what} must be a non-empty string (a path or URL), got "
+                                f"{value!r:.60}")
         self._views = {}
         self.folder = Path(folder).expanduser() if folder is not None else None
         self.location = store
@@ -91,7 +116,7 @@ class CubeSource:
         if self.folder is not None:
             out = {}
             for f in sorted((self.folder / namespace).glob("*.safetensors")):
-                if NAME.match(f.stem):
+                if NAME.fullmatch(f.stem):
                     st = f.stat()
                     out[f.stem] = (st.st_mtime_ns, st.st_size, st.st_ino)
             return out
@@ -190,14 +215,26 @@ class CubePlanner:
 
     def __init__(self, source: CubeSource, *, fields: dict, dtype: torch.dtype, block_size: int, rope=None,
                  namespace: str = "default", namespaces: Sequence[str] | None = None, auto: bool = True):
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise CubeError(f"block_size must be a positive int (the engine's KV block size), got {block_size!r}")
+        if not isinstance(dtype, torch.dtype):
+            raise CubeError(f"dtype must be a torch.dtype (the serving dtype), got {dtype!r}")
         self.source = source
         self.fields = fields
         self.dtype = dtype
         self.block_size = int(block_size)
         self.rope = rope
         self.namespace = _check_name(namespace, "namespace")
-        self.namespaces = tuple(_check_name(n, "namespace") for n in (namespaces or [namespace]))
-        self.auto = bool(auto)
+        if namespaces is None:
+            namespaces = [namespace]
+        if isinstance(namespaces, (str, bytes)) or not isinstance(namespaces, (list, tuple)) or not namespaces:
+            raise CubeError(f'namespaces must be a non-empty list of namespaces, e.g. ["alice", "bob"], got '
+                            f"{namespaces!r:.80} (a single string would be read letter by letter)")
+        self.namespaces = tuple(dict.fromkeys(_check_name(n, "namespace") for n in namespaces))
+        if self.namespace not in self.namespaces:
+            raise CubeError(f"the default namespace {self.namespace!r} is not among the served namespaces "
+                            f"{list(self.namespaces)}: add it to namespaces, or set namespace to one of them")
+        self.auto = _check_flag(auto, "auto")
         self._index: dict[str, dict[str, tuple[object, tuple[int, ...] | None]]] = {}  # ns -> name -> (version, ids)
         self._just_loaded: dict[tuple[str, str, object], MemCube] = {}
 
@@ -227,7 +264,7 @@ class CubePlanner:
             if not isinstance(names, list) or not names:
                 raise Refused(f'"cubes" must be a non-empty list of cube names, got {names!r}')
             names = [_check_name(n, "cube name") for n in names]
-        return namespace, names, bool(spec.get("auto", self.auto))
+        return namespace, names, _check_flag(spec.get("auto", self.auto), 'kv_transfer_params["kvmem"]["auto"]')
 
     def _load(self, namespace: str, name: str) -> MemCube:
         cube = self.source.load(namespace, name)
