@@ -103,10 +103,12 @@ def test_failing_model_is_prefilled_as_text(llama, cache_dir):
     _write(llama, [_row(4, "none", None, 0.5, 0.2, 0.05), _row(4, "leading", 8, 0.2, 0.6, 0.1)])
     query = random_ids(5, seed=7)
     prefix = kvmem.prefill(llama, cubes)
-    assert prefix.composition.startswith("text: calibrated: no composition meets the target at 4 cubes")
+    assert prefix.composition.startswith("text: calibrated: no composition meets the target faster than a full prefill at 4 cubes")
     assert "best leading@8: KL 0.200" in prefix.composition
     torch.testing.assert_close(_next_logits(llama, prefix, query), _full_logits(llama, prefix, query),
                                rtol=1e-4, atol=1e-4)
+    _write(llama, [_row(4, "none", None, 0.5, 0.2, 0.05), _row(4, "leading", 8, 0.01, 1.0, 1.2)])
+    assert kvmem.prefill(llama, cubes).composition.startswith("text:")  # meets the target, but slower than text
     more = kvmem.prefill(llama, _cubes(llama, (5,) * 6))  # more cubes than ever measured: text too
     assert more.composition.startswith("text: calibrated up to 4 cubes, not 6")
 
@@ -116,7 +118,7 @@ def test_memory_model_reports_the_choice(llama, tok, cache_dir):
     cubes = [mm.build_cube(f"Note {i}: the code word is {w}.") for i, w in enumerate(("apple", "birch"))]
     _write(llama, [_row(2, "none", None, 0.5, 0.2, 0.05)])
     mm.generate("What is the code word?", cubes=cubes, max_new_tokens=2, do_sample=False)
-    assert mm.last.composition.startswith("text: calibrated: no composition meets the target at 2 cubes")
+    assert mm.last.composition.startswith("text: calibrated: no composition meets the target faster than a full prefill at 2 cubes")
     mm.generate("What is the code word?", cubes=cubes[:1], max_new_tokens=2, do_sample=False)
     assert mm.last.composition == ""  # one cube is exact: no gate
 
@@ -133,8 +135,7 @@ def test_uncalibrated_keeps_default_and_notices_once(llama, cache_dir):
 
 def test_bad_arguments_and_files(llama, cache_dir):
     cubes = _cubes(llama)
-    with pytest.raises(kvmem.CubeError, match="budget=8 needs an explicit recompute mode"):
-        kvmem.prefill(llama, cubes, budget=8)
+    assert kvmem.prefill(llama, cubes, budget=8).recomputed == 16  # a budget alone: the default mode's, no gate
     calibration_path(llama).parent.mkdir(parents=True, exist_ok=True)
     calibration_path(llama).write_text("{not json")
     with pytest.raises(kvmem.CubeError, match="unreadable.*kvmem calibrate"):
@@ -154,3 +155,22 @@ def test_calibrate_measures_and_prefill_follows(llama, tok, cache_dir):
     expected = choose(saved, 2)
     prefix = kvmem.prefill(llama, _cubes(llama, (8, 8)))
     assert prefix.composition.startswith(f"{expected.mode}: {expected.reason}")
+
+
+def test_cli_calibrate(tmp_path, tok, cache_dir):
+    from typer.testing import CliRunner
+
+    from kvmem.cli import app
+
+    folder = tmp_path / "tiny"
+    model = tiny_model("llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    args = ["calibrate", "--model", str(folder), "--tokens-per-cube", "30", "--sets", "1", "--questions", "1",
+            "--folder", str(tmp_path / "store")]
+    result = CliRunner().invoke(app, args + ["--cubes", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2 cubes -> " in result.output and "wrote " in result.output
+    assert len(list((tmp_path / "store" / "calibration").glob("*.json"))) == 1
+    bad = CliRunner().invoke(app, args + ["--cubes", "1"])
+    assert bad.exit_code == 1 and bad.output.strip().splitlines()[-1].startswith("kvmem: cubes lists cube counts")

@@ -118,7 +118,8 @@ def choose(calibration: dict, n_cubes: int, *, target: Target = DEFAULT_TARGET) 
         return Choice("text", None, f"calibrated up to {max(counts, default=0)} cubes, not {n_cubes}: prefilled as "
                       "text (exact); calibrate with more cubes (kvmem calibrate --cubes ...) to compose", True)
     rows = [r for r in calibration["rows"] if r["cubes"] == at]
-    passing = sorted((r for r in rows if target.met_by(r)), key=lambda r: r["ttft_s"])
+    # a setting that meets the target but costs a full prefill's time or more saves nothing over text: not chosen
+    passing = sorted((r for r in rows if target.met_by(r) and r["ttft_saving"] > 0), key=lambda r: r["ttft_s"])
     if passing:
         r = passing[0]
         return Choice(r["mode"], r["budget"], f"calibrated: at {at} cubes {label(r['mode'], r['budget'])} measured KL "
@@ -128,9 +129,10 @@ def choose(calibration: dict, n_cubes: int, *, target: Target = DEFAULT_TARGET) 
     best = min(rows, key=lambda r: (r["kl_mean"], -r["agreement"]), default=None)
     why = ("nothing measured" if best is None else
            f"best {label(best['mode'], best['budget'])}: KL {best['kl_mean']:.3f} (target <= {target.kl:g}), "
-           f"agreement {best['agreement']:.0%} (target >= {target.agreement:.0%})")
-    return Choice("text", None, f"calibrated: no composition meets the target at {at} cubes on this model ({why}): "
-                  "prefilled as text (exact)", True)
+           f"agreement {best['agreement']:.0%} (target >= {target.agreement:.0%}), TTFT saved "
+           f"{best['ttft_saving']:.0%}")
+    return Choice("text", None, f"calibrated: no composition meets the target faster than a full prefill at {at} "
+                  f"cubes on this model ({why}): prefilled as text (exact)", True)
 
 
 _NOTICED: set[str] = set()

@@ -81,7 +81,8 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
             "selective" (recompute the ``budget`` fraction, default 0.15, of later cubes' tokens whose KV
             deviate most) or "blend" (per later cube its first ``budget``/2 tokens and its ``budget``/2
             highest-deviation ones, default 64). A single cube is exact and never recomputed.
-        budget: the recompute mode's knob (see above); None takes the mode's default (with "auto": the gate's).
+        budget: the recompute mode's knob (see above); None takes the mode's default (with "auto": the gate's); a
+            budget with "auto" is the default mode's ("leading") budget, no gate.
         tokenizer: if given, also checked against the tokenizer the cubes were built with.
 
     Returns:
@@ -108,12 +109,9 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
     cubes = as_cubes(cubes)
     if not cubes:
         raise CubeError("no cubes to inject: pass at least one MemCube (or call model.generate without kvmem)")
-    auto = recompute == "auto"
-    if auto:
-        if budget is not None:
-            raise CubeError(f"budget={budget!r} needs an explicit recompute mode; recompute='auto' takes the "
-                            "calibration's setting")
-        recompute = DEFAULT_RECOMPUTE  # validated below, replaced by the gate's choice once the cubes are checked
+    auto = recompute == "auto" and budget is None  # a budget alone is the default mode's knob, as before "auto"
+    if recompute == "auto":
+        recompute = DEFAULT_RECOMPUTE  # validated below; with auto, replaced by the gate's choice once cubes check
     if recompute not in RECOMPUTE_MODES:
         raise CubeError(f"recompute={recompute!r} is not a mode; choose 'auto' or one of {', '.join(RECOMPUTE_MODES)}")
     budget = RECOMPUTE_MODES[recompute][0] if budget is None else budget

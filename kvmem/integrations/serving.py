@@ -333,7 +333,7 @@ def composition_salt(cubes: Sequence[MemCube], dtype: torch.dtype, salt: str | N
     return "kvmem-" + hashlib.blake2b(desc.encode(), digest_size=12).hexdigest()
 
 
-def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "leading", budget=None, tokenizer=None,
+def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "auto", budget=None, tokenizer=None,
                name: str | None = None) -> MemCube:
     """Compose ``cubes`` with ``kvmem.prefill`` (any recompute mode) and keep the result as one cube.
 
@@ -345,7 +345,7 @@ def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "leading", b
     Args:
         model: the transformers model the cubes were built for (in the dtype you will serve).
         cubes: MemCubes built after one anchor, in order.
-        recompute, budget: as for `kvmem.prefill`.
+        recompute, budget: as for `kvmem.prefill` ("auto": the model's calibration picks, `kvmem.calibrate`).
         tokenizer: checked against the cubes' tokenizer, if given.
         name: the new cube's name (default: the names joined by "+").
 
@@ -370,7 +370,8 @@ def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "leading", b
         "dtype": str(kv[0][0].dtype),
         "kv_shapes": [[list(k.shape), list(v.shape)] for k, v in kv],
         "composed_from": [c.name for c in cubes],
-        "recompute": {"mode": recompute, "budget": budget, "recomputed_tokens": prefix.recomputed},
+        "recompute": {"mode": recompute, "budget": budget, "recomputed_tokens": prefix.recomputed,
+                      "composition": prefix.composition},  # "auto": the gate's choice and why
         "spans": [list(s) for s in prefix.spans],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
