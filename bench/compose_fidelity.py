@@ -120,10 +120,11 @@ def main(argv=None) -> int:
     runs = []
     for kind in args.texts:
         texts = None if kind == "notes" else chat_sessions(tok, max(args.cubes) * args.sets, args.tokens)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         doc = kvmem.calibrate(model, tok, texts=texts, cubes=tuple(args.cubes), tokens_per_cube=args.tokens,
                               sets=args.sets, questions=args.questions, anchor=anchor, target=target, save=False)
-        runs.append({"texts": kind, "seconds": time.perf_counter() - t0, "rows": doc["rows"],
+        runs.append({"texts": kind, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
+                     "rows": doc["rows"],
                      "choices": doc["choices"], "meets_issue_targets": [r["label"] + f"@{r['cubes']}"
                                                                         for r in doc["rows"] if meets(r)]})
         print(f"\n{kind}: {runs[-1]['seconds']:.0f} s")
