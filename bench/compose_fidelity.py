@@ -20,6 +20,7 @@ prefill's, and TTFT (kvmem.prefill + the question's forward vs the full prefill'
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ def plot(doc: dict, png: str) -> None:
             ax.set_yscale("log")
             ax.set_xlabel("TTFT saved vs full prefill (%)")
             ax.set_ylabel("mean next-token KL (nats)")
-            ax.set_title(f"{doc['facts'].get('model')}: {run['texts']}, {n} cubes "
+            ax.set_title(f"{str(doc['facts'].get('model')).split(' (')[0]}: {run['texts']}, {n} cubes "
                          f"(gate: {run['choices'].get(str(n), {}).get('mode')})", fontsize=9)
             ax.legend(fontsize=6, loc="upper left")
     fig.suptitle("Composed cubes vs full prefill: fidelity per TTFT (marker size: greedy 12-token agreement)",
@@ -105,7 +106,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes; writes nothing unless --out")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--from-json", default=None, help="redraw the PNG of a saved run without running")
     args = parser.parse_args(argv)
+    if args.from_json:
+        plot(json.loads(Path(args.from_json).read_text()), str(Path(args.from_json).with_suffix(".png")))
+        return 0
     if args.quick:
         args.tokens, args.cubes, args.sets, args.questions = 96, [2], 1, 2
     import torch
