@@ -174,3 +174,13 @@ def test_cli_calibrate(tmp_path, tok, cache_dir):
     assert len(list((tmp_path / "store" / "calibration").glob("*.json"))) == 1
     bad = CliRunner().invoke(app, args + ["--cubes", "1"])
     assert bad.exit_code == 1 and bad.output.strip().splitlines()[-1].startswith("kvmem: cubes lists cube counts")
+
+
+def test_calibrate_on_given_texts(llama, tok, cache_dir):
+    texts = [f"Session {i}. The user said the meeting moved to room {100 + i}. " * 3 for i in range(3)]
+    doc = kvmem.calibrate(llama, tok, texts=texts, cubes=(2, 3), settings=(("none", None),), sets=1, questions=1,
+                          answer_tokens=3, save=False, progress=False)
+    assert [(r["cubes"], r["label"], r["questions"]) for r in doc["rows"]] == [(2, "none", 1), (3, "none", 1)]
+    assert not calibration_path(llama).exists()  # save=False writes nothing
+    with pytest.raises(kvmem.CubeError, match="at least 4 texts"):
+        kvmem.calibrate(llama, tok, texts=texts, cubes=(4,), progress=False)
