@@ -184,3 +184,25 @@ def test_calibrate_on_given_texts(llama, tok, cache_dir):
     assert not calibration_path(llama).exists()  # save=False writes nothing
     with pytest.raises(kvmem.CubeError, match="at least 4 texts"):
         kvmem.calibrate(llama, tok, texts=texts, cubes=(4,), progress=False)
+
+
+def test_serving_connector_follows_the_calibration(llama, tmp_path, cache_dir):
+    from kvmem.cubes.fingerprint import fingerprint_fields
+    from kvmem.integrations.serving import CubePlanner, CubeSource, Refused
+    from kvmem.model.rope import rope_facts
+
+    anchor = random_ids(5, seed=1)
+    a = kvmem.MemCube.from_ids(llama, random_ids(27, seed=2), name="a", anchor_ids=anchor)
+    b = kvmem.MemCube.from_ids(llama, random_ids(16, seed=3), name="b", anchor_ids=anchor)
+    for cube in (a, b):
+        cube.save(tmp_path / "store" / "default" / f"{cube.name}.safetensors")
+    planner = CubePlanner(CubeSource(folder=str(tmp_path / "store")), fields=fingerprint_fields(llama),
+                          dtype=torch.float32, block_size=16, rope=rope_facts(llama))
+    prompt = torch.cat([a.all_ids[0], b.input_ids[0], random_ids(7, seed=9)]).tolist()
+    request = {"kvmem": {"cubes": ["a", "b"]}}
+    assert planner.plan(prompt, request) is not None  # no calibration: the splice, as before
+    _write(llama, [_row(2, "none", None, 0.4, 0.3, 0.05), _row(2, "leading", 8, 0.01, 1.0, 0.1)])
+    with pytest.raises(Refused, match="calibration measured the pure splice of 2 cubes below the fidelity target"):
+        planner.plan(prompt, request)  # leading passes, but an engine cannot recompute: refused
+    _write(llama, [_row(2, "none", None, 0.01, 1.0, 0.05)])
+    assert planner.plan(prompt, request) is not None

@@ -71,15 +71,16 @@ def calibration_folder(folder=None) -> Path:
     return Path(os.environ.get("KVMEM_CACHE") or Path.home() / ".cache" / "kvmem") / "calibration"
 
 
-def calibration_key(model, *, fields: dict | None = None) -> str:
-    """``<fingerprint>-<dtype>``: the calibration of these weights in this dtype (fidelity differs by dtype)."""
+def calibration_key(model, *, fields: dict | None = None, dtype=None) -> str:
+    """``<fingerprint>-<dtype>``: the calibration of these weights in this dtype (fidelity differs by dtype).
+    ``model`` may be None where ``fields`` and ``dtype`` are given (a serving engine holds no transformers model)."""
     fields = fingerprint_fields(model) if fields is None else fields
-    dtype, _ = dtype_device(model)
+    dtype = dtype_device(model)[0] if dtype is None else dtype
     return f"{fingerprint_id(fields)}-{str(dtype).removeprefix('torch.')}"
 
 
-def calibration_path(model, *, folder=None, fields: dict | None = None) -> Path:
-    return calibration_folder(folder) / f"{calibration_key(model, fields=fields)}.json"
+def calibration_path(model, *, folder=None, fields: dict | None = None, dtype=None) -> Path:
+    return calibration_folder(folder) / f"{calibration_key(model, fields=fields, dtype=dtype)}.json"
 
 
 _LOADED: dict[Path, tuple[float, dict]] = {}
@@ -103,21 +104,22 @@ def read_calibration(path) -> dict:
     return doc
 
 
-def load_calibration(model, *, folder=None, fields: dict | None = None) -> dict | None:
+def load_calibration(model, *, folder=None, fields: dict | None = None, dtype=None) -> dict | None:
     """This model's calibration (its fingerprint and dtype), or None when it has none."""
-    path = calibration_path(model, folder=folder, fields=fields)
+    path = calibration_path(model, folder=folder, fields=fields, dtype=dtype)
     return read_calibration(path) if path.is_file() else None
 
 
-def choose(calibration: dict, n_cubes: int, *, target: Target = DEFAULT_TARGET) -> Choice:
+def choose(calibration: dict, n_cubes: int, *, target: Target = DEFAULT_TARGET, modes=None) -> Choice:
     """The cheapest (lowest measured TTFT) setting meeting ``target`` at the smallest calibrated cube count
-    >= ``n_cubes`` (drift grows with the count); "text" where none meets it or the count was never measured."""
+    >= ``n_cubes`` (drift grows with the count); "text" where none meets it or the count was never measured.
+    ``modes``: only these recompute modes are possible (a serving engine can only splice: ``("none",)``)."""
     counts = sorted({row["cubes"] for row in calibration["rows"]})
     at = next((n for n in counts if n >= n_cubes), None)
     if at is None:
         return Choice("text", None, f"calibrated up to {max(counts, default=0)} cubes, not {n_cubes}: prefilled as "
                       "text (exact); calibrate with more cubes (kvmem calibrate --cubes ...) to compose", True)
-    rows = [r for r in calibration["rows"] if r["cubes"] == at]
+    rows = [r for r in calibration["rows"] if r["cubes"] == at and (modes is None or r["mode"] in modes)]
     # a setting that meets the target but costs a full prefill's time or more saves nothing over text: not chosen
     passing = sorted((r for r in rows if target.met_by(r) and r["ttft_saving"] > 0), key=lambda r: r["ttft_s"])
     if passing:

@@ -27,6 +27,7 @@ import torch
 from ..cubes.fingerprint import check_fields, fingerprint_fields
 from ..cubes.memcube import MemCube
 from ..errors import CubeError
+from ..inject.gate import choose, load_calibration
 from ..inject.prefill import compose_kv as compose
 from ..inject.prefill import prefill
 from ..model.cache import kv_from_cache
@@ -297,6 +298,12 @@ class CubePlanner:
             if self.rope is None:
                 raise Refused("composing several cubes needs re-rotating keys, which kvmem does not support for this "
                               "model's RoPE; name one cube (or a precomposed one)")
+            calibration = load_calibration(None, fields=self.fields, dtype=self.dtype)  # `kvmem calibrate`'s
+            choice = choose(calibration, len(cubes), modes=("none",)) if calibration else None
+            if choice is not None and choice.mode != "none":
+                raise Refused(f"this model's calibration measured the pure splice of {len(cubes)} cubes below the "
+                              f"fidelity target ({choice.reason}); name a precompose()d cube (recompute='auto') "
+                              "or one cube")
             notes.append(f"composed {len(cubes)} cubes by pure splice (re-rotated keys, no recompute)")
         for c in cubes:
             if c.dtype != self.dtype:
