@@ -2,8 +2,11 @@
 
 One cube is exact: its KV is what a full prefill of its ids computes. Several cubes built after the same anchor
 share that anchor once and are laid end to end, each re-rotated to its new positions. They never attended to
-each other, so that is an approximation, opt-in by passing several; by default the first 32 tokens of every
-later cube are recomputed with full context (`recompute="leading"`), chosen by bench/compose_quality.py:
+each other, so that is an approximation, opt-in by passing several. By default (`recompute="auto"`) the
+composition gate (`kvmem.inject.gate`) takes the cheapest setting this model's calibration (`kvmem.calibrate`)
+measured to answer like a full prefill, else recomputes every later token (exact, a full prefill's cost). Without
+a calibration, the first 32 tokens of every later cube are recomputed (`"leading"`), chosen by
+bench/compose_quality.py:
 on SmolLM2-135M fact QA over 2/4/8 cubes it halves or better the next-token KL against a full prefill
 (0.07/0.49/0.51 nats vs the pure splice's 0.40/1.00/1.15) at 93.4% less TTFT than a full prefill (pure splice:
 97.4%) for 4 cubes x 1.5k tokens on a CPU. `recompute="none"` is the fastest, `"selective"` the costliest.
