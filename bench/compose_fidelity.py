@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import _common  # noqa: E402
 import kvmem  # noqa: E402
 from kvmem.inject.calibrate import DEFAULT_SETTINGS  # noqa: E402
-from kvmem.inject.gate import Target, choose  # noqa: E402
+from kvmem.inject.gate import Target  # noqa: E402
 
 # the targets (CPU, 4 cubes): KL <= 0.10, greedy answer >= 80%, TTFT >= 85% below a full prefill;
 # 2 cubes: KL <= 0.05

@@ -34,7 +34,14 @@ from ..model.cache import cache_kwarg, output_cache
 from ..model.devices import dtype_device
 from ..model.facts import eval_mode
 from ..timing import FirstTokenClock, sync
-from .gate import CALIBRATION_VERSION, DEFAULT_TARGET, Target, calibration_path, choose, label
+from .gate import (
+    CALIBRATION_VERSION,
+    DEFAULT_TARGET,
+    Target,
+    calibration_path,
+    choose,
+    label,
+)
 from .prefill import prefill
 
 # (mode, budget) measured by default, cheapest first
@@ -254,7 +261,7 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
            "dtype": str(dtype).removeprefix("torch."), "model": getattr(model.config, "_name_or_path", "") or
            type(model).__name__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "texts": "given" if texts is not None else f"invented team notes, {tokens_per_cube} tokens per cube",
-           "anchor_tokens": int(len(tokenizer(anchor, add_special_tokens=False).input_ids)) if anchor else 0,
+           "anchor_tokens": len(tokenizer(anchor, add_special_tokens=False).input_ids) if anchor else 0,
            "answer_tokens": answer_tokens, "target": {"kl": target.kl, "agreement": target.agreement},
            "rows": per_count}
     doc["choices"] = {str(n): choose(doc, n, target=target).__dict__ for n in counts}
