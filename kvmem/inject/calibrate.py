@@ -34,14 +34,7 @@ from ..model.cache import cache_kwarg, output_cache
 from ..model.devices import dtype_device
 from ..model.facts import eval_mode
 from ..timing import FirstTokenClock, sync
-from .gate import (
-    CALIBRATION_VERSION,
-    DEFAULT_TARGET,
-    Target,
-    calibration_path,
-    choose,
-    label,
-)
+from .gate import CALIBRATION_VERSION, DEFAULT_TARGET, Target, calibration_path, choose, label
 from .prefill import prefill
 
 # (mode, budget) measured by default, cheapest first
