@@ -8,9 +8,9 @@ import warnings
 
 import pytest
 import torch
-from helpers import random_ids, tiny_model
 
 import kvmem
+from helpers import random_ids, tiny_model
 from kvmem.inject import gate as gate_module
 from kvmem.inject.gate import Target, calibration_path, choose
 from kvmem.model.cache import cache_kwarg
