@@ -15,6 +15,8 @@ from .cubes.memcube import MemCube
 from .errors import CubeError
 from .inject.adapters import DEFAULT_CAPACITY_BYTES, AdapterBridge
 from .inject.batch import prefill_batch
+from .inject.gate import gate
+from .inject.prefill import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
 from .memory.recall import Recall
 from .model.attention import grouped_sdpa, use_gqa_attention
 from .model.devices import model_device
@@ -177,7 +179,8 @@ class MemoryModel:
                 `kvmem.memory.recall.TEXT_BELOW_TOKENS` (``self.last.memories`` / ``self.last.dropped`` say which).
             inject: True splices the cubes' KV and prefills only the request's own tokens; False prefills the
                 same ids in full (the baseline, same output up to float rounding).
-            recompute, budget: passed to `kvmem.prefill` (None: its default); ``budget`` is the recompute budget.
+            recompute, budget: passed to `kvmem.prefill`; ``budget`` is the recompute budget. None: "auto", the
+                composition gate (this model's calibration; ``self.last.composition`` says what it chose and why).
             adapter: an AdapterCube (or None for the base model) for this request only; the previously active
                 adapter is restored afterwards. "keep" (default) uses whatever is active.
             **kwargs: passed to ``model.generate`` (max_new_tokens, do_sample, ...).
@@ -264,6 +267,8 @@ class MemoryModel:
 
     def _spliced(self, prompts, rows, texts, reports, pad: int, recompute, budget, gen_kwargs: dict) -> dict:
         """generate's inputs with every row's cubes spliced (`prefill_batch`; a batch of one is a plain prefix)."""
+        if recompute is None:  # the gate, unless a budget names the default mode's knob
+            recompute = "auto" if budget is None else DEFAULT_RECOMPUTE
         knobs = {name: v for name, v in (("recompute", recompute), ("budget", budget)) if v is not None}
         queries = [torch.cat([self.layout.text_ids(t) for t in ts] + [self.request_ids(p)])
                    for p, ts in zip(prompts, texts)]
@@ -282,6 +287,10 @@ class MemoryModel:
             batch.cache.batch_repeat_interleave(sequences_per_prompt(self.model, gen_kwargs))
         for b, report in enumerate(reports):
             report.injected, report.spans = True, batch.spans[b]
+            if recompute == "auto" and len(rows[b]) > 1:  # the choice prefill made (the gate is deterministic)
+                choice = gate(self.model, len(rows[b]), default=(DEFAULT_RECOMPUTE,
+                                                                  RECOMPUTE_MODES[DEFAULT_RECOMPUTE][0]))
+                report.composition = f"{choice.mode}: {choice.reason}"
             report.prefilled_tokens = queries[b].numel()
             report.prompt_tokens = int(batch.attention_mask[b].sum())
         return batch.generate_kwargs(self.model)

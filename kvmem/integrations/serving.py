@@ -27,6 +27,7 @@ import torch
 from ..cubes.fingerprint import check_fields, fingerprint_fields
 from ..cubes.memcube import MemCube
 from ..errors import CubeError
+from ..inject.gate import choose, load_calibration
 from ..inject.prefill import compose_kv as compose
 from ..inject.prefill import prefill
 from ..model.cache import kv_from_cache
@@ -334,6 +335,12 @@ class CubePlanner:
             if self.rope is None:
                 raise Refused("composing several cubes needs re-rotating keys, which kvmem does not support for this "
                               "model's RoPE; name one cube (or a precomposed one)")
+            calibration = load_calibration(None, fields=self.fields, dtype=self.dtype)  # `kvmem calibrate`'s
+            choice = choose(calibration, len(cubes), modes=("none",)) if calibration else None
+            if choice is not None and choice.mode != "none":
+                raise Refused(f"this model's calibration measured the pure splice of {len(cubes)} cubes below the "
+                              f"fidelity target ({choice.reason}); name a precompose()d cube (recompute='auto') "
+                              "or one cube")
             notes.append(f"composed {len(cubes)} cubes by pure splice (re-rotated keys, no recompute)")
         for c in cubes:
             if c.dtype != self.dtype:
@@ -370,7 +377,7 @@ def composition_salt(cubes: Sequence[MemCube], dtype: torch.dtype, salt: str | N
     return "kvmem-" + hashlib.blake2b(desc.encode(), digest_size=12).hexdigest()
 
 
-def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "leading", budget=None, tokenizer=None,
+def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "auto", budget=None, tokenizer=None,
                name: str | None = None) -> MemCube:
     """Compose ``cubes`` with ``kvmem.prefill`` (any recompute mode) and keep the result as one cube.
 
@@ -382,7 +389,7 @@ def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "leading", b
     Args:
         model: the transformers model the cubes were built for (in the dtype you will serve).
         cubes: MemCubes built after one anchor, in order.
-        recompute, budget: as for `kvmem.prefill`.
+        recompute, budget: as for `kvmem.prefill` ("auto": the model's calibration picks, `kvmem.calibrate`).
         tokenizer: checked against the cubes' tokenizer, if given.
         name: the new cube's name (default: the names joined by "+").
 
@@ -407,7 +414,8 @@ def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "leading", b
         "dtype": str(kv[0][0].dtype),
         "kv_shapes": [[list(k.shape), list(v.shape)] for k, v in kv],
         "composed_from": [c.name for c in cubes],
-        "recompute": {"mode": recompute, "budget": budget, "recomputed_tokens": prefix.recomputed},
+        "recompute": {"mode": recompute, "budget": budget, "recomputed_tokens": prefix.recomputed,
+                      "composition": prefix.composition},  # "auto": the gate's choice and why
         "spans": [list(s) for s in prefix.spans],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
