@@ -13,7 +13,7 @@ import torch
 import kvmem
 from kvmem.cubes import weights as fp
 from kvmem.model import watch as watch_mod
-from kvmem.model.facts import resolve
+from kvmem.model.resolve import resolve
 
 from helpers import random_ids, tiny_model
 

@@ -3,7 +3,7 @@
 A fingerprint is a small dict of fields; `fingerprint_id` hashes it into the short id that `MemCube.fingerprint`
 shows. `check_fields` compares the fields a cube recorded with the ones of the model it is used with and
 raises `FingerprintMismatch` naming every field that differs. The weights digest itself is `kvmem.cubes.weights`'.
-Per request the fields of an unchanged model are taken from its resolved facts (`kvmem.model.facts.resolve`):
+Per request the fields of an unchanged model are taken from its resolved facts (`kvmem.model.resolve.resolve`):
 only the config facts and the tokenizer key are read again.
 """
 
@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ..errors import CubeError, FingerprintMismatch
-from ..model.facts import resolve, text_config
+from ..model.facts import text_config
+from ..model.resolve import resolve
 from ..model.watch import tuner_layers
 from .weights import (  # noqa: F401
     _CANONICAL,

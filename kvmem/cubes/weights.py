@@ -202,6 +202,7 @@ def _weights(model, adapter: bool) -> list[tuple[str, object]]:
 def forget_digests(model) -> None:
     """Drop the cached weight digests of ``model``, so the next fingerprint hashes every weight again (offloaded
     ones included: after editing an offload folder's files in place, call this)."""
+    mark_changed(model)  # the digests kept for the model's generation go too
     _WEIGHTS_MEMO.pop(base_model(model), None)
     for p in model.parameters():
         if hasattr(p, "_kvmem_digests"):
@@ -274,5 +275,4 @@ def verify_weights(model) -> dict:
         The weights field (`weights_digest`) of the model as it is now.
     """
     forget_digests(model)
-    mark_changed(model)
     return weights_digest(model)

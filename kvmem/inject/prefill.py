@@ -23,7 +23,8 @@ from ..errors import CubeError
 from ..kernels.splice import splice
 from ..model.cache import kv_shapes, new_cache
 from ..model.devices import layer_devices
-from ..model.facts import check_context, resolve, text_config
+from ..model.facts import check_context, text_config
+from ..model.resolve import resolve
 from ..model.rope import LENGTH_DEPENDENT, rope_facts, rope_types
 from .recompute import recompute as _recompute
 

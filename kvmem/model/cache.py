@@ -17,7 +17,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .._deprecation import renamed_function
 from .devices import model_device
-from .facts import base_model, eval_mode, resolve
+from .facts import base_model, eval_mode
+from .resolve import resolve
 
 
 def cache_kwarg(model) -> str:

@@ -1,12 +1,10 @@
 """Facts every layer asks of a model, read one way: the model under a PEFT wrapper, its text config, its context
-length; `ModelFacts`, all of that and more resolved once per model generation (`resolve`); and `eval_mode`, the
-one way kvmem runs a forward of its own. Devices are `kvmem.model.devices`'."""
+length; and `eval_mode`, the one way kvmem runs a forward of its own. Devices are `kvmem.model.devices`'; all of
+it resolved once per model generation, `kvmem.model.resolve`'s."""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import weakref
 
 
 def base_model(model):
@@ -47,60 +45,3 @@ def eval_mode(module):
     finally:
         module.train(was_training)
 
-
-class ModelFacts:
-    """What kvmem reads of a model, resolved once per model generation (`resolve`) and passed down a request.
-
-    Attributes:
-        generation: the model's `kvmem.model.watch.Watch` generation these facts were read at.
-        base: the transformers model under a PEFT wrapper.
-        config: its decoder's text config.
-        dtype, device: where its KV is computed (`kvmem.model.devices.dtype_device`).
-        cache_kwarg: "cache" or "past_key_values", whichever its forward takes.
-        dispatched: whether accelerate hooks place its layers (device_map, CPU/disk offload).
-        memo: what other modules keep for this model and generation (weights and adapter digests, per-layer
-            devices, a cache template); a new generation starts with an empty one.
-    """
-
-    __slots__ = ("generation", "_base", "config", "dtype", "device", "cache_kwarg", "dispatched", "memo",
-                 "__weakref__")
-
-    def __init__(self, model, generation: int):
-        from .devices import dtype_device  # devices reads base_model from here
-
-        base = base_model(model)
-        self.generation = generation
-        self._base = weakref.ref(base)  # kept beside the model, never keeping it alive
-        self.config = base.config.get_text_config(decoder=True)
-        self.dtype, self.device = dtype_device(model)
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-        self.dispatched = hasattr(base, "_hf_hook") or bool(getattr(base, "hf_device_map", None))
-        self.memo: dict = {}
-
-    @property
-    def base(self):
-        return self._base()
-
-    def remember(self, key, make):
-        """``memo[key]``, made by ``make()`` on its first use in this generation."""
-        try:
-            return self.memo[key]
-        except KeyError:
-            value = self.memo[key] = make()
-            return value
-
-
-_FACTS: "weakref.WeakKeyDictionary[object, ModelFacts]" = weakref.WeakKeyDictionary()
-
-
-def resolve(model) -> ModelFacts:
-    """``model``'s `ModelFacts`, read on first use and again only after its watch saw a change (a weight replaced,
-    edited in place through autograd, cast or moved; a module replaced; an adapter swapped or merged): per call,
-    one pass over the watch's references (`kvmem.model.watch`), no weight read."""
-    from .watch import watch  # the watch reads base_model from here
-
-    generation = watch(model).refresh()
-    facts = _FACTS.get(model)
-    if facts is None or facts.generation != generation:
-        facts = _FACTS[model] = ModelFacts(model, generation)
-    return facts
