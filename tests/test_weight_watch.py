@@ -203,3 +203,32 @@ def test_move_to_gpu_and_back_is_seen(base, cube):
     assert prefix.cache.layers[0].keys.device.type == "cuda"
     model.to("cpu")
     assert resolve(model).device.type == "cpu"
+
+
+def _adapter_cube(tmp_path, name, seed):
+    base = tiny_model("llama")
+    torch.manual_seed(seed)
+    peft.get_peft_model(base, _lora()).save_pretrained(tmp_path / name)
+    return kvmem.AdapterCube.from_peft(tmp_path / name, name=name, base_model=tiny_model("llama"))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_hot_swapped_adapter_is_refused(tmp_path, tokenizer, monkeypatch, skip):
+    """kvmem's hot swap overwrites the adapter slot through .data (peft's hotswap_adapter): the bridge marks the
+    model changed. Skipping that mark lets a cube built under the old adapter through."""
+    a, b = _adapter_cube(tmp_path, "a", 1), _adapter_cube(tmp_path, "b", 2)
+    mm = kvmem.wrap(tiny_model("llama"), tokenizer, hotswap=True)
+    mm.use_adapter(a)
+    cube = mm.build_cube("Alice lives in Oslo.")
+    mm.generate("Where does Alice live?", [cube], max_new_tokens=1)
+    if skip:
+        from kvmem.inject import adapters
+
+        monkeypatch.setattr(adapters, "mark_changed", lambda model: None)
+    mm.use_adapter(b)
+    if skip:
+        mm.generate("Where does Alice live?", [cube], max_new_tokens=1)  # wrongly accepted without the mark
+        return
+    with pytest.raises(kvmem.FingerprintMismatch) as e:
+        mm.generate("Where does Alice live?", [cube], max_new_tokens=1)
+    assert e.value.fields == ["adapter"]
