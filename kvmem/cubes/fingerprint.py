@@ -9,6 +9,7 @@ only the config facts and the tokenizer key are read again.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
@@ -139,11 +140,24 @@ def fingerprint_fields(model, tokenizer=None, *, facts=None) -> dict:
                         f"{swapped}")
     facts = facts if facts is not None else resolve(model)
     return {
-        "model": model_facts(model),  # read each time: a config edit starts no new generation
+        "model": _current_model_facts(model, facts),
         "weights": dict(facts.remember("weights", lambda: weights_digest(model))),
         "tokenizer": tokenizer_digest(tokenizer) if tokenizer is not None else None,
         "adapter": facts.remember("adapter", lambda: adapter_facts(model)),
     }
+
+
+def _current_model_facts(model, facts) -> dict:
+    """`model_facts`, kept for the generation while the raw config values are equal to those it was read from
+    (a config edit starts no new generation, so they are compared at every call: 16 reads, no JSON)."""
+    config = text_config(model)
+    raw = tuple(getattr(config, key, None) for key in _CONFIG_KEYS)
+    kept = facts.memo.get("model_facts")
+    if kept is not None and kept[0] == raw:
+        return kept[1]
+    out = model_facts(model)
+    facts.memo["model_facts"] = (copy.deepcopy(raw), out)  # a copy: an edit inside a dict value must show
+    return out
 
 
 def fingerprint_id(fields: dict) -> str:

@@ -127,7 +127,7 @@ def prefill(model, cubes, *, recompute: str = DEFAULT_RECOMPUTE, budget: int | f
                   "inject fewer or shorter cubes")
 
     n_layers = len(cubes[0].kv)
-    devices = facts.remember(("kv_devices", n_layers), lambda: _kv_devices(model, n_layers, facts))
+    devices = facts.remember(("kv_devices", n_layers), lambda: _kv_devices(model, n_layers, device))
     if len(cubes) == 1:
         c = cubes[0]
         # the cube's own tensors (a view with a batch axis; no copy where they already sit on the layer's device):
@@ -139,12 +139,12 @@ def prefill(model, cubes, *, recompute: str = DEFAULT_RECOMPUTE, budget: int | f
     return _compose(model, cubes, facts, devices, recompute, budget)
 
 
-def _kv_devices(model, n_layers: int, facts) -> list[torch.device]:
-    """Where each of ``n_layers`` cache layers' KV must sit: the model's device for a model in one place; for
+def _kv_devices(model, n_layers: int, device: torch.device) -> list[torch.device]:
+    """Where each of ``n_layers`` cache layers' KV must sit: ``device`` (the model's) for a model in one place; for
     one dispatched with accelerate (device_map, CPU/disk offload), the device each layer's attention runs on."""
-    if not facts.dispatched:
-        return [facts.device] * n_layers  # not dispatched: no module walk
-    return [facts.device if d.type == "meta" else d for d in layer_devices(model, n_layers)]
+    if not resolve(model).dispatched:
+        return [device] * n_layers  # not dispatched: no module walk
+    return [device if d.type == "meta" else d for d in layer_devices(model, n_layers)]
 
 
 def _check_kv_shapes(model, cube: MemCube) -> None:

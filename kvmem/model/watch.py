@@ -44,10 +44,6 @@ for _register in ("register_module_module_registration_hook", "register_module_p
     getattr(torch.nn.modules.module, _register)(_registered)
 
 
-def _version(t: torch.Tensor):
-    return None if t.is_inference() else t._version  # an inference tensor keeps no version counter
-
-
 def _tuner_state(layer) -> tuple:
     return (tuple(layer.active_adapters), tuple(getattr(layer, "merged_adapters", ())),
             bool(getattr(layer, "disable_adapters", False)))
@@ -79,16 +75,20 @@ class Watch:
         base = base_model(self._model())
         self.epoch = _EPOCH[0]
         self.marked = False
-        entries, self.offloaded = [], False
+        slots, params, self.offloaded = [], [], False
         for module in base.modules():
             _WATCHED.add(module)
-            slots = module._parameters  # the dict a module keeps its parameters in: compared by identity below
-            for name, p in slots.items():
-                if p is None:
-                    continue
-                self.offloaded |= p.device.type == "meta"
-                entries.append((slots, name, weakref.ref(p), weakref.ref(p.untyped_storage()), _version(p)))
-        self._entries = entries
+            for name, p in module._parameters.items():  # the dict a module keeps its parameters in
+                if p is not None:
+                    slots.append((module._parameters, name))
+                    params.append(p)
+                    self.offloaded |= p.device.type == "meta"
+        self._slots = slots
+        self._params = [weakref.ref(p) for p in params]
+        self._storages = [weakref.ref(p.untyped_storage()) for p in params]
+        self._versioned = [p for p in params if not p.is_inference()]  # inference tensors keep no version counter
+        self._versions = [p._version for p in self._versioned]
+        self._versioned = [weakref.ref(p) for p in self._versioned]
         self._tuners = [(weakref.ref(layer), _tuner_state(layer)) for layer in tuner_layers(base)]
 
     def unchanged(self) -> bool:
@@ -96,10 +96,14 @@ class Watch:
         over the recorded references (no weight is read, nothing is synchronised with a device)."""
         if self.marked or self.offloaded or _EPOCH[0] != self.epoch or self._model() is None:
             return False
-        for slots, name, p_ref, s_ref, version in self._entries:
-            p = slots.get(name)
-            if p is None or p is not p_ref() or p.untyped_storage() is not s_ref() or _version(p) != version:
-                return False
+        # a few flat passes (each a comprehension: this runs per request and is most of kvmem's host work)
+        params = [slots.get(name) for slots, name in self._slots]
+        if any(p is None or p is not ref() for p, ref in zip(params, self._params)):
+            return False  # a parameter replaced (or gone)
+        if any(p.untyped_storage() is not ref() for p, ref in zip(params, self._storages)):
+            return False  # new storage: cast, move, ``.data = ...``
+        if [ref()._version for ref in self._versioned] != self._versions:
+            return False  # an in-place write autograd saw
         for layer_ref, state in self._tuners:
             layer = layer_ref()
             if layer is None or _tuner_state(layer) != state:
