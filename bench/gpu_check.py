@@ -52,7 +52,7 @@ MEMORY_TOKENS = (2048, 8192, 32768)
 DECODE_MEMORY = 8192  # the decode part runs at this memory length only (the 10-minute budget)
 DRY_WIDTH = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  vocab_size=1000)
-DRY_DEPTHS, DRY_MEMORY = (2, 3), (32, 48)
+DRY_DEPTHS, DRY_MEMORY = (2,), (32, 48)
 
 
 def configs(widths: dict, depths) -> dict[str, dict]:
