@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 
+
+@pytest.mark.slow  # loads SmolLM2
 def test_quick_run_writes_rows(tmp_path):
     import host_overhead  # bench/ is on sys.path (conftest)
 
