@@ -150,8 +150,7 @@ def fingerprint_fields(model, tokenizer=None, *, facts=None) -> dict:
 def _current_model_facts(model, facts) -> dict:
     """`model_facts`, kept for the generation while the raw config values are equal to those it was read from
     (a config edit starts no new generation, so they are compared at every call: 16 reads, no JSON)."""
-    config = text_config(model)
-    raw = tuple(getattr(config, key, None) for key in _CONFIG_KEYS)
+    raw = tuple(getattr(facts.config, key, None) for key in _CONFIG_KEYS)
     kept = facts.memo.get("model_facts")
     if kept is not None and kept[0] == raw:
         return kept[1]

@@ -75,20 +75,16 @@ class Watch:
         base = base_model(self._model())
         self.epoch = _EPOCH[0]
         self.marked = False
-        slots, params, self.offloaded = [], [], False
+        entries, self.offloaded = [], False
         for module in base.modules():
             _WATCHED.add(module)
-            for name, p in module._parameters.items():  # the dict a module keeps its parameters in
+            slots = module._parameters  # the dict a module keeps its parameters in: read by identity below
+            for name, p in slots.items():
                 if p is not None:
-                    slots.append((module._parameters, name))
-                    params.append(p)
                     self.offloaded |= p.device.type == "meta"
-        self._slots = slots
-        self._params = [weakref.ref(p) for p in params]
-        self._storages = [weakref.ref(p.untyped_storage()) for p in params]
-        self._versioned = [p for p in params if not p.is_inference()]  # inference tensors keep no version counter
-        self._versions = [p._version for p in self._versioned]
-        self._versioned = [weakref.ref(p) for p in self._versioned]
+                    version = None if p.is_inference() else p._version  # inference tensors keep no counter
+                    entries.append((slots, name, weakref.ref(p), weakref.ref(p.untyped_storage()), version))
+        self._entries = entries
         self._tuners = [(weakref.ref(layer), _tuner_state(layer)) for layer in tuner_layers(base)]
 
     def unchanged(self) -> bool:
@@ -96,14 +92,12 @@ class Watch:
         over the recorded references (no weight is read, nothing is synchronised with a device)."""
         if self.marked or self.offloaded or _EPOCH[0] != self.epoch or self._model() is None:
             return False
-        # a few flat passes (each a comprehension: this runs per request and is most of kvmem's host work)
-        params = [slots.get(name) for slots, name in self._slots]
-        if any(p is None or p is not ref() for p, ref in zip(params, self._params)):
-            return False  # a parameter replaced (or gone)
-        if any(p.untyped_storage() is not ref() for p, ref in zip(params, self._storages)):
-            return False  # new storage: cast, move, ``.data = ...``
-        if [ref()._version for ref in self._versioned] != self._versions:
-            return False  # an in-place write autograd saw
+        # one plain loop with an early exit: measured as fast as flat map() passes over the 272 weights of SmolLM2
+        for slots, name, p_ref, s_ref, version in self._entries:
+            p = slots.get(name)
+            if (p is None or p is not p_ref() or p.untyped_storage() is not s_ref()
+                    or (version is not None and p._version != version)):
+                return False
         for layer_ref, state in self._tuners:
             layer = layer_ref()
             if layer is None or _tuner_state(layer) != state:
