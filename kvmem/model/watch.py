@@ -34,8 +34,9 @@ _WATCHED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # every module
 def _registered(parent, *_args) -> None:
     # Registrations on modules no model of kvmem's holds are not changes: transformers' forward slices its
     # ModuleList of layers (``layers[:n]``: a new container, its members registered again) at every call.
-    # Returning None leaves the registration as it was.
-    if parent in _WATCHED:
+    # Returning None leaves the registration as it was. Under torch.compile tracing (the forward's own slicing)
+    # it does nothing: traced, the set lookup would become a guard on the set's contents.
+    if not torch.compiler.is_compiling() and parent in _WATCHED:
         _EPOCH[0] += 1
 
 
