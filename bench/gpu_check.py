@@ -7,11 +7,15 @@ Steps (each row of the JSON says which, how long it took and whether it passed):
   pytest    `pytest -m gpu` (every GPU-gated test of the suite); --dry only collects them
   splice    kvmem's splice kernel (Triton on CUDA) vs a plain device copy of the same bytes: GB/s, target >= 80%
             of the copy's; and one launch for all layers vs one launch per layer (an 8B-like KV shape)
-  ttft      random-weight 1B- and 8B-like configs with a few layers, bf16, 8,192 memory + 167 query tokens:
-            full prefill, transformers' prefix reuse (deepcopy of a DynamicCache), kvmem (today), kvmem fast
-            (static prefix + kvmem_sdpa); under sdpa and, where flash-attn is installed, flash_attention_2
-  decode    tokens/s over 64 new tokens after that memory: prefix reuse vs kvmem fast
-Every TTFT method's first token is compared with the full prefill's.
+  ttft      random-weight 1B- and 8B-like widths at 4, 16 and 32 layers (--layers), bf16, 2,048 / 8,192 / 32,768
+            memory tokens (--memory-tokens) + 167 query tokens: full prefill, transformers' prefix reuse (deepcopy
+            of a DynamicCache), kvmem (kvmem.prefill: the plain loop), kvmem fast (static prefix + kvmem_sdpa);
+            under sdpa and, where flash-attn is installed, flash_attention_2. Each method's request is also split
+            into its cache setup and its query forward, each timed to the call's return (host) and after a device
+            synchronisation (total): where host ~ total, the request waits on Python, not on the GPU
+  decode    tokens/s over 64 new tokens after the 8,192-token memory: prefix reuse vs kvmem vs kvmem fast
+Every TTFT method's first token is compared with the full prefill's. The cubes' one-time weight digest converts
+on the device and hashes on the host (about 10 s for 16 GB of bf16 weights); it is not in any timed call.
 """
 
 from __future__ import annotations
@@ -35,15 +39,25 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import _common  # noqa: E402
 
-# few layers, real widths: what one layer of a 1B / 8B llama costs, attention and splice shapes included
-CONFIGS = {
+# real widths of a 1B / 8B llama, at the depths --layers asks for (4: one layer's costs; 16 / 32: real depth, where
+# per-layer host work adds up)
+WIDTHS = {
     "llama-1B-like": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
-                          head_dim=64, vocab_size=128256, num_hidden_layers=4),
+                          head_dim=64, vocab_size=128256),
     "llama-8B-like": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                          head_dim=128, vocab_size=128256, num_hidden_layers=4),
+                          head_dim=128, vocab_size=128256),
 }
-DRY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  vocab_size=1000, num_hidden_layers=2)
+DEPTHS = (4, 16, 32)
+MEMORY_TOKENS = (2048, 8192, 32768)
+DECODE_MEMORY = 8192  # the decode part runs at this memory length only (the 10-minute budget)
+DRY_WIDTH = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 vocab_size=1000)
+DRY_DEPTHS, DRY_MEMORY = (2,), (32, 48)
+
+
+def configs(widths: dict, depths) -> dict[str, dict]:
+    """name -> llama config fields, one per width and depth ("llama-8B-like-32L")."""
+    return {f"{name}-{n}L": {**width, "num_hidden_layers": n} for name, width in widths.items() for n in depths}
 
 
 def _versions() -> dict:
@@ -168,21 +182,60 @@ def _model(config: dict, attn: str, device, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("llama", max_position_embeddings=16384, tie_word_embeddings=False, **config)
+    cfg = AutoConfig.for_model("llama", max_position_embeddings=40960, tie_word_embeddings=False, **config)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
     return model.eval()
 
 
-def step_model(name: str, config: dict, attn: str, device, dtype, *, n_mem: int, n_query: int, n_new: int,
-               reps: int, profile_dir=None) -> list[dict]:
+def _phases_s(setup, forward, device, reps: int) -> dict:
+    """One request in two phases, each timed to its call's return (host) and after a synchronisation (total):
+    ``cache = setup()``, then ``forward(cache)``. Medians over ``reps`` calls after one warm-up, in ms."""
+    setup_host, setup_total, fwd_host, fwd_total = [], [], [], []
+    for i in range(reps + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        cache = setup()
+        t1 = time.perf_counter()
+        _sync(device)
+        t2 = time.perf_counter()
+        out = forward(cache)
+        t3 = time.perf_counter()
+        _sync(device)
+        t4 = time.perf_counter()
+        del out, cache
+        if i:
+            setup_host.append(t1 - t0), setup_total.append(t2 - t0), fwd_host.append(t3 - t2), fwd_total.append(t4 - t2)
+    med = lambda xs: 1e3 * sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"setup_host_ms": med(setup_host), "setup_total_ms": med(setup_total),
+            "forward_host_ms": med(fwd_host), "forward_total_ms": med(fwd_total)}
+
+
+def step_model(name: str, config: dict, attn: str, device, dtype, *, memory_tokens, n_query: int, n_new: int,
+               reps: int, decode_memory: int, profile_dir=None) -> list[dict]:
+    """TTFT (with its host/device breakdown) at every length of ``memory_tokens`` on one random-weight model;
+    decode at ``decode_memory``."""
+    model = _model(config, attn, device, dtype)
+    rows = []
+    for n_mem in memory_tokens:
+        rows += _guarded("ttft", lambda n_mem=n_mem: _one_length(
+            model, name, config, attn, device, dtype, n_mem=n_mem, n_query=n_query, n_new=n_new, reps=reps,
+            decode=n_mem == decode_memory, profile_dir=profile_dir), config=name, attn=attn, memory_tokens=n_mem)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _one_length(model, name: str, config: dict, attn: str, device, dtype, *, n_mem: int, n_query: int, n_new: int,
+                reps: int, decode: bool, profile_dir=None) -> list[dict]:
     import kvmem
     from transformers import DynamicCache
+    from kvmem.cubes.fingerprint import fingerprint_fields
     from kvmem.model.attention import use_gqa_attention
     from kvmem.model.cache import cache_kwarg, output_cache
     from kvmem.model.static_cache import static_prefix
 
-    model = _model(config, attn, device, dtype)
     kw = cache_kwarg(model)
     g = torch.Generator().manual_seed(1)
     mem = torch.randint(10, config["vocab_size"], (1, n_mem), generator=g).to(device)
@@ -192,27 +245,34 @@ def step_model(name: str, config: dict, attn: str, device, dtype, *, n_mem: int,
         prefix_cache = output_cache(model(input_ids=mem, logits_to_keep=1, **{kw: DynamicCache(config=model.config)}))
     cube = kvmem.MemCube.from_ids(model, mem.cpu(), progress=False).to(device)
     gqa = attn == "sdpa"  # kvmem_sdpa replaces sdpa; flash-attention handles grouped heads itself
+    where = {"config": name, "layers": config["num_hidden_layers"], "attn": attn, "memory_tokens": n_mem}
 
     def cache_of(method, room):
         if method == "prefix_reuse":
             return copy.deepcopy(prefix_cache)
+        if method == "full_prefill":
+            return None
         prefix = kvmem.prefill(model, cube)
         return static_prefix(model, prefix, max_new_tokens=room, query_len=0).cache if method == "kvmem_fast" \
             else prefix.cache
 
-    def first(method):
+    def forward(method):
+        if method == "full_prefill":
+            return lambda cache: model(input_ids=ids, logits_to_keep=1).logits[0, -1].argmax()
+        return lambda cache: model(input_ids=q, logits_to_keep=1, **{kw: cache}).logits[0, -1].argmax()
+
+    def switch(method):
         if gqa:
             use_gqa_attention(model, enabled=method == "kvmem_fast")
-        if method == "full_prefill":
-            return lambda: int(model(input_ids=ids, logits_to_keep=1).logits[0, -1].argmax())
-        return lambda: int(model(input_ids=q, logits_to_keep=1, **{kw: cache_of(method, n_query + 1)})
-                           .logits[0, -1].argmax())
+
+    def first(method):
+        switch(method)
+        step = forward(method)
+        return lambda: int(step(cache_of(method, n_query + 1)))
 
     rows = []
     with torch.inference_mode():
-        if gqa:
-            use_gqa_attention(model, enabled=False)
-        from kvmem.cubes.fingerprint import fingerprint_fields
+        switch("kvmem")
         parts = {
             "fingerprint_fields": lambda: fingerprint_fields(model),
             "kvmem.prefill": lambda: kvmem.prefill(model, cube),
@@ -222,8 +282,7 @@ def step_model(name: str, config: dict, attn: str, device, dtype, *, n_mem: int,
             "query forward, no cache": lambda: model(input_ids=q, logits_to_keep=1),
         }
         for what, fn in parts.items():
-            rows.append({"step": "breakdown", "config": name, "attn": attn, "what": what, "memory_tokens": n_mem,
-                         "median_s": _median_s(fn, device, reps)})
+            rows.append({"step": "breakdown", **where, "what": what, "median_s": _median_s(fn, device, reps)})
         if profile_dir is not None:
             from torch.profiler import ProfilerActivity, profile
 
@@ -236,37 +295,48 @@ def step_model(name: str, config: dict, attn: str, device, dtype, *, n_mem: int,
                         fn()
                     _sync(device)
                 table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=45)
-                (Path(profile_dir) / f"profile_{name}_{attn}_{method}.txt").write_text(table)
+                (Path(profile_dir) / f"profile_{name}_{attn}_{n_mem}_{method}.txt").write_text(table)
         truth = first("full_prefill")()
         for method in ("full_prefill", "prefix_reuse", "kvmem", "kvmem_fast"):
             fn = first(method)
             token = fn()
             s = _median_s(fn, device, reps)
-            rows.append({"step": "ttft", "config": name, "attn": attn, "method": method, "memory_tokens": n_mem,
-                         "query_tokens": n_query, "dtype": str(dtype), "median_s": s, "first_token": token,
-                         "passed": token == truth})
-        gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
-                   do_sample=False, pad_token_id=0)
-        scored = {}
-        for method in ("prefix_reuse", "kvmem_fast"):
-            if gqa:
-                use_gqa_attention(model, enabled=method == "kvmem_fast")
-            scored[method] = model.generate(ids, **{kw: cache_of(method, n_query + n_new)}, **gen,
-                                            output_scores=True, return_dict_in_generate=True)
-        for method in ("prefix_reuse", "kvmem_fast"):
-            if gqa:
-                use_gqa_attention(model, enabled=method == "kvmem_fast")
-            run = lambda m=method: model.generate(ids, **{kw: cache_of(m, n_query + n_new)}, **gen)  # noqa: E731
-            total = _median_s(run, device, max(1, reps // 2), warmup=1)
-            ttft = next(r["median_s"] for r in rows if r["step"] == "ttft" and r["method"] == method)
-            rows.append({"step": "decode", "config": name, "attn": attn, "method": method, "memory_tokens": n_mem,
-                         "new_tokens": n_new, "dtype": str(dtype), "generate_s": total,
-                         "decode_tokens_per_s": (n_new - 1) / max(total - ttft, 1e-9)})
-        rows[-2:] = [{**r, **_agreement(scored["prefix_reuse"], scored["kvmem_fast"], ids.shape[-1], dtype)}
-                     for r in rows[-2:]]
-    del model, prefix_cache, cube
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+            switch(method)
+            phases = _phases_s(lambda m=method: cache_of(m, n_query + 1), forward(method), device, reps)
+            rows.append({"step": "ttft", **where, "method": method, "query_tokens": n_query, "dtype": str(dtype),
+                         "median_s": s, **phases, "first_token": token, "passed": token == truth})
+        full = next(r["median_s"] for r in rows if r.get("method") == "full_prefill")
+        reuse = next(r["median_s"] for r in rows if r.get("method") == "prefix_reuse")
+        for r in rows:
+            if r["step"] == "ttft":
+                r["ratio_vs_prefix_reuse"], r["reduction_vs_full"] = r["median_s"] / reuse, 1 - r["median_s"] / full
+        if decode:
+            rows += _decode(model, kw, ids, n_query, n_new, cache_of, switch, where, dtype, device, reps)
+    del prefix_cache, cube
+    return rows
+
+
+def _decode(model, kw, ids, n_query, n_new, cache_of, switch, where, dtype, device, reps) -> list[dict]:
+    """tokens/s over ``n_new`` new tokens: prefix reuse, kvmem's plain loop and kvmem fast; greedy tokens compared."""
+    gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+               do_sample=False, pad_token_id=0)
+    methods = ("prefix_reuse", "kvmem", "kvmem_fast")
+    scored = {}
+    for method in methods:
+        switch(method)
+        scored[method] = model.generate(ids, **{kw: cache_of(method, n_query + n_new)}, **gen,
+                                        output_scores=True, return_dict_in_generate=True)
+    rows = []
+    for method in methods:
+        switch(method)
+        run = lambda m=method: model.generate(ids, **{kw: cache_of(m, n_query + n_new)}, **gen)  # noqa: E731
+        one = lambda m=method: model.generate(ids, **{kw: cache_of(m, n_query + 1)},  # noqa: E731
+                                              **{**gen, "max_new_tokens": 1, "min_new_tokens": 1})
+        total = _median_s(run, device, max(1, reps // 2), warmup=1)
+        first = _median_s(one, device, max(1, reps // 2), warmup=1)
+        rows.append({"step": "decode", **where, "method": method, "new_tokens": n_new, "dtype": str(dtype),
+                     "generate_s": total, "decode_tokens_per_s": (n_new - 1) / max(total - first, 1e-9),
+                     **_agreement(scored["prefix_reuse"], scored[method], ids.shape[-1], dtype)})
     return rows
 
 
@@ -302,13 +372,14 @@ def _agreement(ref, got, prompt_len: int, dtype) -> dict:
 
 # ---------------------------------------------------------------- report
 def _label(row: dict) -> str:
-    return f"{row['config'].replace('llama-', '').replace('-like', '')} {row['attn'][:5]}\n{row['method']}"
+    return (f"{row['config'].replace('llama-', '').replace('-like', '')} {row['memory_tokens']} {row['attn'][:5]}"
+            f"\n{row['method']}")
 
 
 def plot(doc: dict, png: str) -> None:
     plt = _common.pyplot()
     rows = doc["rows"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5))
     sp = [r for r in rows if r["step"] == "splice" and "GB_per_s" in r]
     colors = {"copy": "#888", "splice_all_layers": "#4a7", "splice_per_layer": "#a74"}
     axes[0].bar(range(len(sp)), [r["GB_per_s"] for r in sp], color=[colors.get(r["what"], "#7ab") for r in sp])
@@ -324,6 +395,16 @@ def plot(doc: dict, png: str) -> None:
     axes[2].set_xticks(range(len(dd)), [_label(r) for r in dd],
                        fontsize=5, rotation=90)
     axes[2].set(ylabel="tokens/s", title="decode")
+    # host vs total per phase: a request waits on Python where the host bar reaches the total
+    x = range(len(tt))
+    axes[3].bar(x, [r["setup_total_ms"] for r in tt], color="#cbd", label="setup: total")
+    axes[3].bar(x, [r["setup_host_ms"] for r in tt], color="#a47", label="setup: host")
+    bottom = [r["setup_total_ms"] for r in tt]
+    axes[3].bar(x, [r["forward_total_ms"] for r in tt], bottom=bottom, color="#bdc", label="query forward: total")
+    axes[3].bar(x, [r["forward_host_ms"] for r in tt], bottom=bottom, color="#4a7", label="query forward: host")
+    axes[3].set_xticks(x, labels, fontsize=5, rotation=90)
+    axes[3].set(ylabel="ms (median)", yscale="log", title="request = setup + forward: host time vs total")
+    axes[3].legend(fontsize=6)
     card = doc["versions"].get("card") or "CPU (dry)"
     fig.suptitle(f"kvmem GPU check: {card}, torch {doc['versions']['torch']}, "
                  f"transformers {doc['versions']['transformers']}", fontsize=9)
@@ -336,7 +417,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry", action="store_true", help="CPU, tiny shapes, pytest only collects: what CI runs")
     p.add_argument("--skip", nargs="*", default=[], choices=["pytest", "splice", "ttft"])
-    p.add_argument("--memory-tokens", type=int, default=8192)
+    p.add_argument("--memory-tokens", type=int, nargs="+", default=list(MEMORY_TOKENS))
+    p.add_argument("--layers", type=int, nargs="+", default=list(DEPTHS), help="depths of the random models")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--pytest-timeout", type=int, default=240)
     p.add_argument("--out", default=None, help="default bench/results/gpu_check_<card>.json")
@@ -362,11 +444,12 @@ def main(argv=None) -> int:
             if r["step"] == "splice" and "GB_per_s" in r:
                 print(f"splice {r['what']:<18} {r['GB_per_s']:8.1f} GB/s  {r['fraction_of_copy']:.2f} of copy")
     if "ttft" not in args.skip:
-        configs = CONFIGS if cuda else {"dry": DRY_CONFIG}
+        todo = configs(WIDTHS, args.layers) if cuda else configs({"dry": DRY_WIDTH}, DRY_DEPTHS)
         attns = ["sdpa"] + (["flash_attention_2"] if cuda and importlib.util.find_spec("flash_attn") else [])
-        sizes = dict(n_mem=args.memory_tokens, n_query=167, n_new=64, reps=args.reps) if cuda else \
-            dict(n_mem=48, n_query=8, n_new=4, reps=1)
-        for name, config in configs.items():
+        sizes = dict(memory_tokens=args.memory_tokens, n_query=167, n_new=64, reps=args.reps,
+                     decode_memory=DECODE_MEMORY) if cuda else \
+            dict(memory_tokens=DRY_MEMORY, n_query=8, n_new=4, reps=1, decode_memory=DRY_MEMORY[-1])
+        for name, config in todo.items():
             for attn in attns:
                 got = _guarded("ttft", lambda: step_model(name, config, attn, device, dtype, **sizes,
                                                           profile_dir=args.profile_dir),
@@ -375,13 +458,18 @@ def main(argv=None) -> int:
                 for r in got:
                     if "error" in r:
                         continue
+                    at = f"{name:<18} {r['memory_tokens']:>6} {attn:<18}"
                     if r["step"] == "breakdown":
-                        print(f"part   {name:<14} {attn:<18} {r['what']:<30} {r['median_s'] * 1e3:9.2f} ms", flush=True)
-                        continue
-                    value = f"{r['median_s'] * 1e3:9.1f} ms" if r["step"] == "ttft" else \
-                        f"{r['decode_tokens_per_s']:9.1f} tok/s"
-                    print(f"{r['step']:<6} {name:<14} {attn:<18} {r['method']:<13} {value}  ok={r['passed']}",
-                          flush=True)
+                        print(f"part   {at} {r['what']:<30} {r['median_s'] * 1e3:9.2f} ms", flush=True)
+                    elif r["step"] == "ttft":
+                        print(f"ttft   {at} {r['method']:<13} {r['median_s'] * 1e3:9.1f} ms "
+                              f"({r['ratio_vs_prefix_reuse']:.2f}x prefix reuse; setup host/total "
+                              f"{r['setup_host_ms']:.2f}/{r['setup_total_ms']:.2f} ms, forward host/total "
+                              f"{r['forward_host_ms']:.2f}/{r['forward_total_ms']:.2f} ms)  ok={r['passed']}",
+                              flush=True)
+                    else:
+                        print(f"decode {at} {r['method']:<13} {r['decode_tokens_per_s']:9.1f} tok/s  "
+                              f"ok={r['passed']}", flush=True)
     failed = [r for r in rows if r.get("passed") is False]
     doc = {"versions": versions, "machine": _common.machine_facts(), "dry": args.dry,
            "seconds": time.perf_counter() - t0, "failed": len(failed), "rows": rows}

@@ -10,7 +10,7 @@ Three parts:
             full_prefill          forward(memory + query)
             prefix_reuse          deepcopy(DynamicCache of the memory)      transformers' documented recipe
             prefix_reuse_static   deepcopy(StaticCache of the memory)       the same with a static cache
-            kvmem                 kvmem.prefill(cube)                       today's default (DynamicCache, sdpa)
+            kvmem                 kvmem.prefill(cube)                       the plain loop (its growing cache, sdpa)
             kvmem_gqa             kvmem.prefill(cube), kvmem_sdpa           attention alone
             kvmem_static          static_prefix(kvmem.prefill(cube)), sdpa  static cache alone
             kvmem_fast            static_prefix(kvmem.prefill(cube)), kvmem_sdpa  (what kvmem.wrap does by default)
@@ -21,7 +21,8 @@ Three parts:
           compile is in the warm-up, not in the timed calls); *_frozen adds inductor's freezing (weights folded
           into the graph as constants and prepacked: only for a model whose weights never change afterwards, no
           adapter swaps, which is why kvmem never turns it on); no_memory decodes after the query alone: the
-          bound (the weights' reads) no cache can beat
+          bound (the weights' reads) no cache can beat; each decode row also gives the bound an exact method has
+          with the memory (the no-memory step plus reading the memory's KV at the rate the weights were read)
   batch   B = 1, 4, 8 requests, each its own cube (different lengths) and query; one generate over
           prefill_batch vs B sequential static_prefix + generate calls; new tokens per second
 
@@ -203,10 +204,25 @@ def bench_decode(model, tok, n_mem: int, q: torch.Tensor, args) -> list[dict]:
                      "loadavg_before": load0, "loadavg_after": _loadavg()})
     _switch(model, "kvmem")
     base = {r["method"]: r["median_tokens_per_s"] for r in rows}
+    bound = _exact_bound(model, s.cube, base.get("no_memory"))
     for r in rows:
         r["speedup_vs_prefix_reuse"] = r["median_tokens_per_s"] / base["prefix_reuse"] if "prefix_reuse" in base \
             else None
+        if bound is not None:
+            r.update(bound, fraction_of_exact_bound=r["median_tokens_per_s"] / bound["exact_bound_tokens_per_s"])
     return rows
+
+
+def _exact_bound(model, cube, no_memory_tok_s: float | None) -> dict | None:
+    """The decode rate no exact method beats on this machine: a step with no memory reads the weights once; with
+    the memory it must also read the memory's KV, at the rate the no-memory step read the weights:
+    step = no_memory_step * (1 + KV bytes / weight bytes)."""
+    if not no_memory_tok_s:
+        return None
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in cube.kv)
+    step = (1 / no_memory_tok_s) * (1 + kv_bytes / weight_bytes)
+    return {"exact_bound_tokens_per_s": 1 / step, "memory_kv_bytes": kv_bytes, "weight_bytes": weight_bytes}
 
 
 def bench_batch(model, tok, args) -> list[dict]:

@@ -28,7 +28,7 @@ _PUBLIC = {
     "CubeStore": ".store.cubestore", "StoreView": ".store.cubestore",
     # the fast path and the weight check's reset, for models you drive yourself
     "use_gqa_attention": ".model.attention", "static_prefix": ".model.static_cache",
-    "forget_digests": ".cubes.fingerprint",
+    "forget_digests": ".cubes.weights", "verify_weights": ".cubes.weights", "mark_changed": ".model.watch",
     "calibrate": ".inject.calibrate",  # the composition gate's measurement (kvmem.inject.gate reads it)
 }
 

@@ -22,9 +22,14 @@ def test_dry_run_writes_passing_checks(tmp_path):
     assert doc["dry"] and doc["failed"] == 0 and out.with_suffix(".png").stat().st_size > 0
     steps = {(r["step"], r.get("what") or r.get("method")) for r in doc["rows"]}
     for want in [("splice", "copy"), ("splice", "splice_all_layers"), ("splice", "splice_per_layer"),
-                 ("ttft", "full_prefill"), ("ttft", "kvmem_fast"), ("decode", "kvmem_fast")]:
+                 ("ttft", "full_prefill"), ("ttft", "kvmem"), ("ttft", "kvmem_fast"), ("decode", "kvmem"),
+                 ("decode", "kvmem_fast")]:
         assert want in steps
     assert all(r["passed"] for r in doc["rows"] if r["step"] in ("ttft", "decode"))
+    ttft = [r for r in doc["rows"] if r["step"] == "ttft"]
+    assert {r["memory_tokens"] for r in ttft} == {32, 48}  # every memory length of the dry run
+    for r in ttft:  # the host / total breakdown of each request's two phases
+        assert 0 <= r["setup_host_ms"] <= r["setup_total_ms"] and 0 < r["forward_host_ms"] <= r["forward_total_ms"]
     assert {"torch", "transformers", "kvmem"} <= doc["versions"].keys()
 
 

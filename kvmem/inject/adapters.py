@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from .._deprecation import renamed
 from ..cubes.adaptercube import AdapterCube, _peft
 from ..errors import CubeError
+from ..model.watch import mark_changed
 
 DEFAULT_CAPACITY_BYTES = 256 * 2**20
 
@@ -170,6 +171,7 @@ class AdapterBridge:
                             "same target modules and a rank no larger than the slot's (wrap(..., max_rank=R)), "
                             "or use wrap(..., hotswap=False)") from None
         self.peft.peft_config[slot] = cube.config  # keeps the fingerprint of KV cubes built under it right
+        mark_changed(self.peft)  # peft's hot swap writes the slot through .data: no version counter sees it
         self.resident[slot] = cube.nbytes
         self.stats["loads"] += 1
         return slot

@@ -25,8 +25,9 @@ from ..cubes.memcube import MemCube, as_cubes
 from ..errors import CubeError
 from ..kernels.splice import splice
 from ..model.cache import kv_shapes, new_cache
-from ..model.devices import dtype_device, layer_devices
-from ..model.facts import base_model, check_context, text_config
+from ..model.devices import layer_devices
+from ..model.facts import check_context, text_config
+from ..model.resolve import resolve
 from ..model.rope import LENGTH_DEPENDENT, rope_facts, rope_types
 from .gate import gate
 from .recompute import recompute as _recompute
@@ -124,8 +125,9 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
                                          and 0 < budget <= 1):
         raise CubeError(f"budget for recompute='selective' is a fraction in (0, 1], got {budget!r}")
 
-    actual = fingerprint_fields(model, tokenizer)
-    dtype, device = dtype_device(model)
+    facts = resolve(model)  # once per request: one pass over the model's watch, no weight read
+    actual = fingerprint_fields(model, tokenizer, facts=facts)
+    dtype, device = facts.dtype, facts.device
     for c in cubes:
         check_fields(c.fingerprint_fields, actual, what=f"cube {c.name!r}")
         if c.dtype != dtype:
@@ -133,22 +135,26 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
                             f"the model in {dtype}, or load it with MemCube.load(path, dtype={dtype}) "
                             "(a cast is an approximation)")
         _check_kv_shapes(model, c)
-    _warn_length_dependent(model)
+    facts.remember("length_warning", lambda: _warn_length_dependent(model))
     check_context(model, cubes[0].anchor_len + sum(c.num_tokens for c in cubes), "the composed prefix",
                   "inject fewer or shorter cubes")
 
-    devices = _kv_devices(model, len(cubes[0].kv), device)
+    n_layers = len(cubes[0].kv)
+    devices = facts.remember(("kv_devices", n_layers), lambda: _kv_devices(model, n_layers, device))
     if len(cubes) == 1:
         c = cubes[0]
+        # the cube's own tensors (a view with a batch axis; no copy where they already sit on the layer's device):
+        # the cache's first update copies them into storage of its own
         kv = [(k.to(d, non_blocking=True)[None], v.to(d, non_blocking=True)[None]) for (k, v), d in zip(c.kv, devices)]
         ids = c.all_ids.to(device)
-        return Prefix(new_cache(model, kv), ids, [(c.anchor_len, c.anchor_len + c.num_tokens)], [c.name])
+        return Prefix(new_cache(model, kv, facts=facts), ids, [(c.anchor_len, c.anchor_len + c.num_tokens)],
+                      [c.name])
     composition = ""
     if auto:
         choice = gate(model, len(cubes), default=(recompute, budget), fields=actual)
         recompute, budget = choice.prefill_args([c.num_tokens for c in cubes])
         composition = f"{choice.mode}: {choice.reason}"
-    prefix = _compose(model, cubes, device, devices, dtype, recompute, budget)
+    prefix = _compose(model, cubes, facts, devices, recompute, budget)
     prefix.composition = composition
     return prefix
 
@@ -156,9 +162,8 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
 def _kv_devices(model, n_layers: int, device: torch.device) -> list[torch.device]:
     """Where each of ``n_layers`` cache layers' KV must sit: ``device`` (the model's) for a model in one place; for
     one dispatched with accelerate (device_map, CPU/disk offload), the device each layer's attention runs on."""
-    base = base_model(model)
-    if not (hasattr(base, "_hf_hook") or getattr(base, "hf_device_map", None)):
-        return [device] * n_layers  # not dispatched: skip the module walk (about 1 ms for 30 layers)
+    if not resolve(model).dispatched:
+        return [device] * n_layers  # not dispatched: no module walk
     return [device if d.type == "meta" else d for d in layer_devices(model, n_layers)]
 
 
@@ -259,9 +264,10 @@ def compose_kv(cubes: list[MemCube], rope, *, dtype: torch.dtype, device=None):
     return dst_k, dst_v, ids, spans
 
 
-def _compose(model, cubes: list[MemCube], device, devices, dtype, mode: str, budget) -> Prefix:
-    """`compose_kv` on the model's ``device``, then the recompute mode's tokens refreshed in place; each layer's KV
+def _compose(model, cubes: list[MemCube], facts, devices, mode: str, budget) -> Prefix:
+    """`compose_kv` on the model's device, then the recompute mode's tokens refreshed in place; each layer's KV
     is then moved to its own device (``devices``: where a dispatched model runs it)."""
+    device, dtype = facts.device, facts.dtype
     if mode != "none" and len({(d.type, d.index or 0) for d in [device, *devices]}) > 1:  # "cuda" is "cuda:0"
         raise CubeError(f"recompute={mode!r} on a model whose layers run on several devices "
                         f"({', '.join(sorted({str(d) for d in devices}))}) is not supported yet: the recompute pass "
@@ -272,7 +278,7 @@ def _compose(model, cubes: list[MemCube], device, devices, dtype, mode: str, bud
     ids = ids[None].to(device)
     n = _recompute(model, dst_k, dst_v, ids, spans, mode=mode, budget=budget)
     kv = [(dst_k[i][None].to(d), dst_v[i][None].to(d)) for i, d in zip(range(dst_k.shape[0]), devices)]
-    return Prefix(new_cache(model, kv), ids, spans, [c.name for c in cubes], recomputed=n)
+    return Prefix(new_cache(model, kv, facts=facts), ids, spans, [c.name for c in cubes], recomputed=n)
 
 
 layout_plan = renamed_function(splice_plan, "layout_plan")  # the flat layout's name, for one release

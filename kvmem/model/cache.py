@@ -1,4 +1,5 @@
-"""Glue to transformers' Cache objects: read KV out of a prefilled cache, build a fresh cache from KV.
+"""Glue to transformers' Cache objects: read KV out of a prefilled cache, build a fresh cache from KV (a
+`GrowingCache`: a DynamicCache whose full-attention layers grow with room instead of copying at every step).
 
 transformers 5.x renamed the forward/generate kwarg `past_key_values` to `cache`; `cache_kwarg` picks the
 name the installed model understands so kvmem works on both sides of the rename.
@@ -6,16 +7,18 @@ name the installed model understands so kvmem works on both sides of the rename.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import weakref
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .._deprecation import renamed_function
 from .devices import model_device
 from .facts import base_model, eval_mode
+from .resolve import resolve
 
 
 def cache_kwarg(model) -> str:
@@ -38,23 +41,92 @@ def kv_from_cache(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in layers]
 
 
-def new_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A fresh DynamicCache for ``model`` holding ``kv`` (per layer keys/values [1, kv_heads, seq, head_dim]).
+# Room a growing layer adds when it runs out, beyond what the update needs: an eighth of its length (at least 256
+# tokens). A 6k-token memory then decodes 758 tokens before the next copy, and each copy's cost is paid back
+# over the n/8 steps that follow it (amortized O(1) per token), for at most 12.5% more memory than a DynamicLayer.
+_ROOM_MIN, _ROOM_FRACTION = 256, 8
 
-    Plain full-attention layers take the tensors as they are, without a copy: DynamicLayer.update always
-    concatenates into new storage, so generation never writes into them (that is what keeps cubes immutable).
-    Other layer kinds (sliding window) get them through their own `update`, which keeps what they need.
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer that writes new tokens in place into storage with room, grown by amortized
+    steps: a DynamicLayer copies its whole storage at every update (``torch.cat``), so every decode step after a
+    long memory copies the memory again; this one copies it once, when it first grows (the query forward), and
+    then about once per n/8 new tokens.
+
+    ``keys`` / ``values`` are [batch, kv_heads, seq, dim] views of the first ``seq`` slots of its storage (what
+    DynamicLayer holds, with the same values). Anything that assigns ``keys`` / ``values`` itself (``crop``, beam
+    reordering, a caller's own tensors as kvmem.prefill sets them) is taken as the new contents: the next update
+    copies them into fresh storage, never into the tensors it was given (a cube's KV is never written).
     """
-    cache = DynamicCache(config=base_model(model).config)
-    if len(cache.layers) != len(kv):
-        raise ValueError(f"the model has {len(cache.layers)} cache layers, the KV has {len(kv)}")
-    for layer, (k, v) in zip(cache.layers, kv):
-        if type(layer) is DynamicLayer:
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v
+
+    _store_k = _store_v = _view_k = _view_v = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append [batch, kv_heads, new, dim] keys/values; returns the layer's keys/values [batch, kv_heads, seq, dim]."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.keys, self.values
+        n, new = (keys.shape[-2] if keys.dim() == 4 else 0), key_states.shape[-2]
+        store_k = self._store_k
+        if (keys is not self._view_k or values is not self._view_v or store_k is None
+                or n + new > store_k.shape[-2]):
+            store_k = self._grow(keys, values, key_states, value_states, n, n + new)
+        store_k[:, :, n:n + new].copy_(key_states)
+        self._store_v[:, :, n:n + new].copy_(value_states)
+        self.keys = self._view_k = store_k[:, :, :n + new]
+        self.values = self._view_v = self._store_v[:, :, :n + new]
+        return self.keys, self.values
+
+    def _grow(self, keys, values, key_states, value_states, n: int, need: int) -> torch.Tensor:
+        """Fresh storage for ``need`` tokens and room, holding the layer's first ``n`` entries."""
+        room = need + max(_ROOM_MIN, need // _ROOM_FRACTION)
+        batch = key_states.shape[0]
+        store_k = key_states.new_empty(batch, key_states.shape[1], room, key_states.shape[-1])
+        store_v = value_states.new_empty(batch, value_states.shape[1], room, value_states.shape[-1])
+        if n:
+            store_k[:, :, :n].copy_(keys)
+            store_v[:, :, :n].copy_(values)
+        self._store_k, self._store_v = store_k, store_v
+        return store_k
+
+    def reset(self) -> None:
+        self._store_k = self._store_v = self._view_k = self._view_v = None
+        super().reset()
+
+
+class GrowingCache(DynamicCache):
+    """A DynamicCache (generate treats it as one) whose full-attention layers are `GrowingLayer`s; made by
+    `new_cache` with its layers ready."""
+
+    def __init__(self, layers: list | None = None, **kwargs):
+        if layers is None:  # made the DynamicCache way (from_legacy_cache and the like): plain layers
+            DynamicCache.__init__(self, **kwargs)
         else:
+            Cache.__init__(self, layers=layers)
+
+
+def new_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]], *, facts=None) -> GrowingCache:
+    """A fresh cache for ``model`` holding ``kv`` (per layer keys/values [1, kv_heads, seq, head_dim]).
+
+    Full-attention layers (`GrowingLayer`) take the tensors as they are, without a copy; their first update copies
+    them into storage with room, so generation never writes into them (that is what keeps cubes immutable) and
+    decoding never copies the memory again. Other layer kinds (sliding window) get them through their own
+    `update`, which keeps what they need. ``facts``: the model's `resolve`d facts, when the caller has them.
+    """
+    facts = facts if facts is not None else resolve(model)
+    template = facts.remember("cache_template", lambda: DynamicCache(config=facts.config).layers)
+    if len(template) != len(kv):
+        raise ValueError(f"the model has {len(template)} cache layers, the KV has {len(kv)}")
+    layers = []
+    for plain, (k, v) in zip(template, kv):
+        if type(plain) is DynamicLayer:
+            layer = GrowingLayer()
+            layer.is_initialized, layer.device, layer.keys, layer.values = True, k.device, k, v
+        else:
+            layer = copy.deepcopy(plain)  # an empty layer of the model's own kind, with its options
             layer.update(k, v)
-    return cache
+        layers.append(layer)
+    return GrowingCache(layers)
 
 
 _LAYOUTS: "weakref.WeakKeyDictionary[object, list]" = weakref.WeakKeyDictionary()

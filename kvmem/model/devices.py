@@ -71,3 +71,70 @@ def layer_devices(model, n_layers: int) -> list[torch.device]:
 
 def _weight_device(module: torch.nn.Module) -> torch.device | None:
     return next((p.device for p in module.parameters() if p.device.type != "meta"), None)
+
+
+# ---------------------------------------------------------------- offloaded weights, read through the hooks
+class DiskWeight:
+    """A weight accelerate keeps on disk (``offload_folder``): identified by its file's stat (`stamp`), read
+    through its ``OffloadedWeightsLoader`` only when asked (`read`)."""
+
+    def __init__(self, loader, key: str, param: torch.Tensor):
+        self.loader, self.key, self.shape, self.dtype = loader, key, tuple(param.shape), param.dtype
+
+    def stamp(self) -> tuple:
+        """(path, inner name, inode, size, mtime, stored dtype, shape, dtype): what changes when the file does."""
+        import os
+
+        entry = self.loader.index[self.key]
+        if entry.get("safetensors_file") is not None:
+            path, inner = entry["safetensors_file"], entry.get("weight_name", self.key)
+        else:
+            path, inner = os.path.join(self.loader.save_folder, f"{self.key}.dat"), None
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise CubeError(f"the disk-offloaded weight {self.key!r} cannot be read ({e}): its offload folder was "
+                            "removed or moved; dispatch the model again (accelerate.dispatch_model / "
+                            "from_pretrained(device_map=..., offload_folder=...))") from None
+        return (path, inner, st.st_ino, st.st_size, st.st_mtime_ns, entry.get("dtype"), self.shape, self.dtype)
+
+    def read(self) -> torch.Tensor:
+        """The weight's values, in the dtype the model holds it in."""
+        return as_held(self.loader[self.key], self.dtype)
+
+
+def as_held(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` in the dtype the model holds it in (accelerate casts an offloaded float weight so on loading)."""
+    return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+
+
+def offloaded_value(weights_map, key: str, param: torch.Tensor):
+    """What an accelerate offload hook's ``weights_map`` holds under ``key``: a tensor in memory (CPU offload),
+    a `DiskWeight` (disk offload), or None. Read without loading a disk-offloaded weight."""
+    from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
+
+    while isinstance(weights_map, PrefixedDataset):
+        key, weights_map = weights_map.prefix + key, weights_map.dataset
+    if isinstance(weights_map, OffloadedWeightsLoader):
+        if key in weights_map.state_dict:
+            return as_held(weights_map.state_dict[key], param.dtype)
+        return DiskWeight(weights_map, key, param) if key in weights_map.index else None
+    try:
+        value = weights_map[key]
+    except (KeyError, TypeError):
+        return None
+    return as_held(value, param.dtype) if isinstance(value, torch.Tensor) else None
+
+
+def real_weight(modules: dict, name: str, param: torch.Tensor):
+    """The real value of the offloaded (meta) parameter ``name`` (a tensor or a `DiskWeight`), from the accelerate
+    hook that loads it before each forward (on its module or, with ``place_submodules``, on an ancestor); None when
+    no hook holds it. ``modules``: the model's ``dict(named_modules())``."""
+    parts = name.split(".")
+    for j in range(len(parts) - 1, -1, -1):  # nearest module first
+        for hook in hooks(modules.get(".".join(parts[:j]))):
+            if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
+                value = offloaded_value(hook.weights_map, ".".join(parts[j:]), param)
+                if value is not None:
+                    return value
+    return None

@@ -1,5 +1,6 @@
 """Facts every layer asks of a model, read one way: the model under a PEFT wrapper, its text config, its context
-length; and `eval_mode`, the one way kvmem runs a forward of its own. Devices are `kvmem.model.devices`'."""
+length; and `eval_mode`, the one way kvmem runs a forward of its own. Devices are `kvmem.model.devices`'; all of
+it resolved once per model generation, `kvmem.model.resolve`'s."""
 
 from __future__ import annotations
 
@@ -43,3 +44,4 @@ def eval_mode(module):
         yield module
     finally:
         module.train(was_training)
+

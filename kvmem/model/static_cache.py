@@ -16,6 +16,7 @@ StaticSlidingWindowLayer that had seen the whole prefix would hold them.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 from transformers import StaticCache
@@ -25,6 +26,7 @@ from ..errors import CubeError
 from .cache import kv_from_cache
 from .devices import layer_devices
 from .facts import base_model
+from .resolve import resolve
 
 
 def static_prefix(model, prefix, *, max_new_tokens: int, query_len: int):
@@ -73,18 +75,78 @@ def fill_static_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]]
     if not isinstance(max_cache_len, int) or max_cache_len < longest:
         raise CubeError(f"max_cache_len={max_cache_len!r} cannot hold a {longest}-token prefix: pass at least "
                         "the prefix length plus the request and max_new_tokens")
-    cache = StaticCache(config=base_model(model).config, max_cache_len=max_cache_len)
+    facts = resolve(model)
+    cache = StaticCache(config=facts.config, max_cache_len=max_cache_len)
     for b, row in enumerate(rows):
         if len(row) != len(cache.layers):
             raise CubeError(f"the model has {len(cache.layers)} cache layers, prefix {b} has {len(row)}: "
                             "make each prefix with kvmem.prefill for this model")
-    devices = layer_devices(model, len(cache.layers))
+    devices = facts.remember(("layer_devices", len(cache.layers)), lambda: layer_devices(model, len(cache.layers)))
+    pool = facts.remember("static_pool", StaticPool)
+    pooled = [type(layer) is StaticLayer for layer in cache.layers]  # sliding layers keep their own storage
+    stores = pool.lease(cache, [r[0] for r in zip(*rows)], len(rows), max_cache_len, devices, pooled)
     for i, layer in enumerate(cache.layers):
         if type(layer) not in (StaticLayer, StaticSlidingWindowLayer):
             raise CubeError(f"cache layer {i} is a {type(layer).__name__}; kvmem fills only StaticLayer and "
                             "StaticSlidingWindowLayer: use kvmem.prefill's own cache for this model")
+        if stores is not None and type(layer) is StaticLayer:
+            _adopt(layer, *stores[i], max_cache_len)
         _fill_layer(layer, [r[i] for r in rows], lengths, longest, devices[i])
     return cache
+
+
+class StaticPool:
+    """The storage of one model's static prefix caches, reused between requests: one [batch, kv_heads, room, dim]
+    keys/values pair per full-attention layer, as large as the largest request asked for, lent to one cache at a
+    time (a request while the last cache is still alive gets fresh storage, as transformers would allocate it).
+    No request then allocates or zero-fills its cache: the fill's one copy of the memory is all it writes.
+
+    The storage is lent to the cache object: once the cache is gone (no reference to it or to the Prefix holding
+    it), the next request writes into the same storage, so keep the cache, not tensors taken out of it, for as long
+    as you read them. `free_static_pool(model)` drops the storage.
+    """
+
+    def __init__(self):
+        self.stores: list | None = None
+        self.key: tuple | None = None
+        self._room = 0
+        self._lent = None  # weak reference to the cache holding the storage
+
+    def lease(self, cache, first_kv: list, batch: int, room: int, devices: list, pooled: list) -> list | None:
+        """Per layer (keys, values) storage with at least ``room`` slots for ``cache`` ((None, None) for layers not
+        ``pooled``), or None when the storage is still lent to a live cache (then the caller's cache allocates its
+        own, as transformers does). ``first_kv``: per layer the first row's (keys, values), for shapes and dtype."""
+        if self._lent is not None and self._lent() is not None:
+            return None
+        key = (batch, tuple((k.shape[1], k.shape[-1], v.shape[1], v.shape[-1], k.dtype, str(d), p)
+                            for (k, v), d, p in zip(first_kv, devices, pooled)))
+        if self.stores is None or key != self.key or self._room < room:
+            self.stores = None  # the old storage goes before the new one is allocated
+            self.stores = [(torch.zeros(batch, k.shape[1], room, k.shape[-1], dtype=k.dtype, device=d),
+                            torch.zeros(batch, v.shape[1], room, v.shape[-1], dtype=v.dtype, device=d))
+                           if p else (None, None) for (k, v), d, p in zip(first_kv, devices, pooled)]
+            self.key, self._room = key, room
+        self._lent = weakref.ref(cache)
+        return self.stores
+
+
+def free_static_pool(model) -> None:
+    """Drop the storage kvmem keeps for ``model``'s static prefix caches (the next request allocates again)."""
+    resolve(model).memo.pop("static_pool", None)
+
+
+def _adopt(layer: StaticLayer, store_k: torch.Tensor, store_v: torch.Tensor, max_cache_len: int) -> None:
+    """What StaticLayer.lazy_initialization sets up, with the pool's storage instead of fresh zeros (its first
+    ``max_cache_len`` slots: a view; the fill overwrites the prefix's slots, the mask hides the rest)."""
+    layer.device = store_k.device
+    layer.batch_size, layer.num_heads = store_k.shape[:2]
+    layer.k_head_dim, layer.v_head_dim = store_k.shape[-1], store_v.shape[-1]
+    layer.keys, layer.values = store_k[:, :, :max_cache_len], store_v[:, :, :max_cache_len]
+    layer.cumulative_length = layer.cumulative_length.to(layer.device)
+    if not torch.compiler.is_compiling():  # as transformers does: fixed addresses for CUDA graphs
+        for t in (layer.keys, layer.values, layer.cumulative_length):
+            torch._dynamo.mark_static_address(t)
+    layer.is_initialized = True
 
 
 def _fill_layer(layer: StaticLayer, kv: list[tuple[torch.Tensor, torch.Tensor]], lengths: list[int], longest: int,
@@ -92,8 +154,9 @@ def _fill_layer(layer: StaticLayer, kv: list[tuple[torch.Tensor, torch.Tensor]],
     k0, v0 = kv[0]
     heads, dim, vdim = k0.shape[1], k0.shape[-1], v0.shape[-1]
     batch = len(kv)
-    layer.lazy_initialization(torch.empty(batch, heads, 0, dim, dtype=k0.dtype, device=device),
-                              torch.empty(batch, heads, 0, vdim, dtype=v0.dtype, device=device))  # zeros, once
+    if not layer.is_initialized:  # no pooled storage: transformers' own zeros
+        layer.lazy_initialization(torch.empty(batch, heads, 0, dim, dtype=k0.dtype, device=device),
+                                  torch.empty(batch, heads, 0, vdim, dtype=v0.dtype, device=device))
     sliding = isinstance(layer, StaticSlidingWindowLayer)
     # where position `longest - 1` sits: slot longest - 1, or the last slot of a sliding layer already full
     end = min(longest, layer.max_cache_len)
@@ -150,5 +213,8 @@ def sequences_per_prompt(model, generate_kwargs: dict) -> int:
 def static_capable(model) -> bool:
     """Whether every cache layer transformers' StaticCache makes for ``model`` is one `fill_static_cache` fills
     (full or sliding-window attention; not linear-attention or other hybrid layers)."""
-    layers = StaticCache(config=base_model(model).config, max_cache_len=1).layers  # storage allocated lazily
-    return all(type(layer) in (StaticLayer, StaticSlidingWindowLayer) for layer in layers)
+    def read() -> bool:
+        layers = StaticCache(config=base_model(model).config, max_cache_len=1).layers  # storage allocated lazily
+        return all(type(layer) in (StaticLayer, StaticSlidingWindowLayer) for layer in layers)
+
+    return resolve(model).remember("static_capable", read)
