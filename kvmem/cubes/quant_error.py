@@ -27,6 +27,11 @@ def probe_windows(n_memory: int, *, probes: int = PROBES, probe_tokens: int = PR
     return [(s, s + width) for s in starts]
 
 
+def _sig(x: torch.Tensor) -> float:
+    """Four significant digits: enough to compare, short in the metadata (an int8 error can be 1e-7 nats)."""
+    return float(f"{float(x):.4g}")
+
+
 def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(p || q) in nats per row of two [n, vocab] logit tensors (float64)."""
     lp, lq = torch.log_softmax(p_logits.double(), -1), torch.log_softmax(q_logits.double(), -1)
@@ -47,8 +52,8 @@ def _run(model, kv, probe: torch.Tensor, greedy_tokens: int) -> tuple[torch.Tens
     return logits, tokens
 
 
-def measure_error(model, exact_kv, approx_kv, ids: torch.Tensor, *, anchor_len: int, probes: int = PROBES,
-                  probe_tokens: int = PROBE_TOKENS, greedy_tokens: int = GREEDY_TOKENS) -> dict:
+def measure_error(model, exact_kv, approx_kv, ids: torch.Tensor, *, anchor_len: int, probes: int | None = None,
+                  probe_tokens: int | None = None, greedy_tokens: int | None = None) -> dict:
     """What ``approx_kv`` changes against ``exact_kv`` (per layer (keys, values) [kv_heads, T, head_dim] of
     ``ids`` [T], on the model's device and in its dtype), measured on windows of the memory ``ids[anchor_len:]``.
 
@@ -56,6 +61,9 @@ def measure_error(model, exact_kv, approx_kv, ids: torch.Tensor, *, anchor_len: 
         {"kl_mean", "kl_max": nats over every probed position, "greedy_same": the fraction of probes whose
         greedy continuation is unchanged, "probes", "probe_tokens", "greedy_tokens"}.
     """
+    probes = PROBES if probes is None else probes  # read at call time: tests make them smaller
+    probe_tokens = PROBE_TOKENS if probe_tokens is None else probe_tokens
+    greedy_tokens = GREEDY_TOKENS if greedy_tokens is None else greedy_tokens
     device = exact_kv[0][0].device
     memory = ids[anchor_len:].to(device)
     kls, same = [], []
@@ -67,6 +75,6 @@ def measure_error(model, exact_kv, approx_kv, ids: torch.Tensor, *, anchor_len: 
             kls.append(_kl(p_logits, q_logits).clamp_min(0))
             same.append(p_tokens == q_tokens)
     kl = torch.cat(kls)
-    return {"kl_mean": round(float(kl.mean()), 6), "kl_max": round(float(kl.max()), 6),
+    return {"kl_mean": _sig(kl.mean()), "kl_max": _sig(kl.max()),
             "greedy_same": round(sum(same) / len(same), 4), "probes": len(same), "probe_tokens": int(probe.numel()),
             "greedy_tokens": greedy_tokens}
