@@ -339,3 +339,41 @@ def test_fuzzed_quantized_files_raise_cube_error(quantized, tmp_path, scheme):
         if not (mutated == data or same_cube(loaded, original)):
             escaped.append(f"#{i} {desc}: loaded a cube that differs from the original")
     assert not escaped, "\n".join(escaped[:10])
+
+
+# ---------------------------------------------------------------- CLI, store, scheduler
+def test_cli_build_quantize_then_inspect(checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvmem.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "400", "NO_COLOR": "1"})
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Alice lives in Oslo. Bob lives in Lisbon. Carol works as a baker in Porto.\n", encoding="utf-8")
+    out = tmp_path / "notes.safetensors"
+    result = runner.invoke(app, ["build", str(notes), "-o", str(out), "--model", str(checkpoint), "--quantize", "int4"])
+    assert result.exit_code == 0, result.output
+    cube = MemCube.load(out)
+    assert cube.quantization["scheme"] == "int4" and "next-token KL" in result.output
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "int4:" in shown.output and "greedy continuation unchanged" in shown.output
+    bad = runner.invoke(app, ["build", str(notes), "-o", str(out), "--model", str(checkpoint), "--quantize", "int3"])
+    assert bad.exit_code != 0 and "int8 or int4" in bad.output
+
+
+def test_store_keeps_packed_bytes_and_scheduler_counts_them(model, cube, tmp_path):
+    from kvmem.memory.scheduler import MemScheduler
+    from kvmem.store import CubeStore
+
+    view = CubeStore(tmp_path / "store").view("ns")
+    full = view.put_cube("full", cube)
+    small = view.put_cube("small", cube, quantize="int8")
+    assert small.bytes < 0.45 * full.bytes  # the file holds packed bytes
+    loaded = view.load_cube("small")
+    assert loaded.quantization["scheme"] == "int8" and loaded.packed is not None
+    scheduler = MemScheduler(view, device_capacity_bytes=10**9)
+    scheduler.fetch("small")
+    scheduler.fetch("full")
+    stats = scheduler.stats()
+    assert stats["bytes_disk_read"] == loaded.nbytes + cube.nbytes and stats["device_bytes"] == loaded.nbytes + cube.nbytes
+    assert loaded.nbytes < 0.45 * cube.nbytes

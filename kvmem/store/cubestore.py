@@ -352,11 +352,15 @@ class StoreView:
         self._delete_blob(self.store.catalog.upsert(rec))
         return rec
 
-    def put_cube(self, memory_id: str, cube: MemCube, *, text: str | None = None, meta: dict | None = None) -> Record:
-        """Store ``cube`` as the activation memory of ``memory_id`` (its text defaults to the cube's text)."""
+    def put_cube(self, memory_id: str, cube: MemCube, *, text: str | None = None, meta: dict | None = None,
+                 quantize: str | None = None) -> Record:
+        """Store ``cube`` as the activation memory of ``memory_id`` (its text defaults to the cube's text).
+        ``quantize``: "int8" / "int4" stores it quantized, with its measured error (`MemCube.quantize`)."""
         memory_id = self._own_id(memory_id)
         if not isinstance(cube, MemCube):
             raise CubeError(f"put_cube takes a MemCube, got {type(cube).__name__}")
+        if quantize is not None:
+            cube = cube.quantize(quantize)
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise CubeError(f"text must be a non-empty string, got {text!r:.40}")
         old = self.store.catalog.get((self._own,), memory_id)
@@ -372,7 +376,7 @@ class StoreView:
                   "written": now}
         if text != cube.text:
             record["text"] = text
-        stamped = MemCube(cube.kv, cube.all_ids[0], {**cube.meta, MEMORY_KEY: record})
+        stamped = cube.with_meta({MEMORY_KEY: record})  # a quantized cube stays packed
         catalog.reserve(name, time.time())
         staged = blobs.stage(name)
         try:
