@@ -377,3 +377,51 @@ def test_store_keeps_packed_bytes_and_scheduler_counts_them(model, cube, tmp_pat
     stats = scheduler.stats()
     assert stats["bytes_disk_read"] == loaded.nbytes + cube.nbytes and stats["device_bytes"] == loaded.nbytes + cube.nbytes
     assert loaded.nbytes < 0.45 * cube.nbytes
+
+
+# ---------------------------------------------------------------- cubes="auto", mm.last, serving
+BEAGLE = ("Toast the beagle sleeps in a wicker basket by the kitchen door, under a blue blanket that Grandma knitted, "
+          "and she will not sleep anywhere else, not even on the sofa in winter. Everyone in the house knows this, "
+          "and the neighbours have heard the story at least twice, usually over dinner on a Sunday.")
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_auto_uses_quantized_cubes_only_when_allowed(tmp_path, tokenizer, allow):
+    mm = kvmem.wrap(tiny_model("llama"), tokenizer)
+    view = kvmem.CubeStore(tmp_path / "s").view("me")
+    view.put_cube("beagle", mm.build_cube(BEAGLE, name="beagle"), quantize="int8")
+    mm.attach(view, index=kvmem.MemoryIndex(dense=False), allow_quantized=allow, promote_after=0)
+    mm.generate("Where does Toast the beagle sleep?", cubes="auto", evidence=False, max_new_tokens=1)
+    (memory,) = mm.last.memories
+    if allow:
+        assert memory["source"] == "disk" and mm.last.injected
+        assert [q["name"] for q in mm.last.quantized] == ["beagle"] and mm.last.quantized[0]["scheme"] == "int8"
+    else:
+        assert memory["source"] == "text" and "quantized (int8" in memory["note"] and not mm.last.quantized
+
+
+def test_mm_last_reports_explicit_quantized_cubes(tokenizer):
+    mm = kvmem.wrap(tiny_model("llama"), tokenizer)
+    full = mm.build_cube(BEAGLE, name="beagle")
+    mm.generate("Where?", cubes=[full], max_new_tokens=1)
+    assert mm.last.quantized == []
+    mm.generate("Where?", cubes=[full.quantize("int4")], max_new_tokens=1)
+    (report,) = mm.last.quantized
+    assert report["name"] == "beagle" and report["scheme"] == "int4" and 0 <= report["kl_mean"] <= report["kl_max"]
+
+
+def test_serving_salts_quantized_cubes_and_never_auto_matches_them(model, cube, tmp_path):
+    from kvmem.cubes.fingerprint import fingerprint_fields
+    from kvmem.integrations.serving import CubePlanner, CubeSource
+    from kvmem.model.rope import rope_facts
+
+    cube.save(tmp_path / "default" / "q.safetensors", quantize="int8")
+    planner = CubePlanner(CubeSource(folder=str(tmp_path)), fields=fingerprint_fields(model), dtype=torch.float32,
+                          block_size=16, rope=rope_facts(model))
+    prompt = cube.all_ids[0].tolist() + [1, 2, 3]
+    plan = planner.plan(prompt, {"kvmem": {"cubes": ["q"]}})
+    assert not plan.exact and plan.salt and any("quantized int8" in n for n in plan.notes)
+    loaded = MemCube.load(tmp_path / "default" / "q.safetensors")
+    for (k, v), (dk, dv) in zip(plan.kv, loaded.kv):
+        assert torch.equal(k, dk[:, :plan.num_tokens]) and torch.equal(v, dv[:, :plan.num_tokens])
+    assert planner.plan(prompt) is None  # a plain request never gets an approximate cube by automatic match
