@@ -3,11 +3,11 @@
 Keys after RoPE carry a few channels of large magnitude whatever the token (outlier channels), so their scale is
 per channel, shared by a group of ``KEY_GROUP`` tokens; values have no such channels, and one scale per token and
 head serves them (KIVI, Liu et al. 2024). Both are asymmetric, ``x = q * scale + min`` with a float16 scale and
-min: on SmolLM2 fact QA a symmetric int8 scheme had 5x the next-token KL and changed 8% of greedy answers, the
-asymmetric one none (the study: bench/README.md, "Quantized cubes"). Key groups restart where the memory starts,
-so the anchor (an attention sink, with outlier keys) never shares a scale with the memory, and a later cube of a
-composition, whose anchor is skipped, starts on a group boundary. kvmem.kernels.dequant_splice documents the
-packed layout and reads it: `kvmem.prefill` dequantizes inside the splice, never into a full-width copy first.
+min: symmetric scales measured worse (bench/README.md, "Quantized cubes": the design study). Key groups restart
+where the memory starts, so the anchor (an attention sink, with outlier keys) never shares a scale with the
+memory, and a later cube of a composition, whose anchor is skipped, starts on a group boundary.
+kvmem.kernels.dequant_splice documents the packed layout and reads it: `kvmem.prefill` dequantizes inside the
+splice, never into a full-width copy first.
 
 Every quantized cube carries its measured error (kvmem.cubes.quant_error): `quantization_meta`.
 """
@@ -42,10 +42,10 @@ class PackedLayer:
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.k_q, self.k_scale, self.k_min, self.v_q, self.v_scale, self.v_min)
 
-    def to(self, device) -> "PackedLayer":
+    def to(self, device) -> PackedLayer:
         return PackedLayer(*(t.to(device) for t in self.tensors()))
 
-    def pin_memory(self) -> "PackedLayer":
+    def pin_memory(self) -> PackedLayer:
         return PackedLayer(*(t.pin_memory() for t in self.tensors()))
 
     @property

@@ -25,9 +25,9 @@ def splice_cubes(dst_k: torch.Tensor, dst_v: torch.Tensor, cubes: list[MemCube],
     for i, c in enumerate(cubes):
         kinds.setdefault(c.quantization["scheme"] if c.packed is not None else None, []).append(i)
     for scheme, idx in kinds.items():
-        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        plan = dict(src_start=pick(src_start), dst_start=pick(dst_start), length=pick(length), delta=pick(delta),
-                    inv_freq=inv_freq, interleaved=interleaved)
+        plan = {"inv_freq": inv_freq, "interleaved": interleaved}
+        for key, values in (("src_start", src_start), ("dst_start", dst_start), ("length", length), ("delta", delta)):
+            plan[key] = [values[i] for i in idx]
         if scheme is None:
             k_src = [[k.to(device).contiguous() for k, _ in cubes[i].kv] for i in idx]
             v_src = [[v.to(device).contiguous() for _, v in cubes[i].kv] for i in idx]

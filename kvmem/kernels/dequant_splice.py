@@ -122,7 +122,9 @@ def dequant_splice_triton(dst_k: Tensor, dst_v: Tensor, src, *, n_tokens, anchor
                           block_t: int = 64, num_warps: int | None = None) -> None:
     """The same as `dequant_splice_reference` in one Triton launch: the kernel reads the packed bytes and scales
     and writes dst's dtype, re-rotation included. All tensors on one device (CPU only under TRITON_INTERPRET=1)."""
-    from ._dequant_splice_triton import launch  # lazy: importing kvmem never imports Triton
+    from ._dequant_splice_triton import (
+        launch,  # lazy: importing kvmem never imports Triton
+    )
 
     _check(dst_k, dst_v, src, n_tokens, anchor_len, bits, group, src_start, dst_start, length, delta, inv_freq)
     launch(dst_k, dst_v, src, n_tokens=n_tokens, anchor_len=anchor_len, bits=bits, group=group,
