@@ -359,6 +359,14 @@ def test_cli_build_quantize_then_inspect(checkpoint, tmp_path):
     assert shown.exit_code == 0 and "int4:" in shown.output and "greedy continuation unchanged" in shown.output
     bad = runner.invoke(app, ["build", str(notes), "-o", str(out), "--model", str(checkpoint), "--quantize", "int3"])
     assert bad.exit_code != 0 and "int8 or int4" in bad.output
+    store = ["--store", str(tmp_path / "store")]
+    added = runner.invoke(app, ["add", "--file", str(notes), "--id", "n1", "--cube", "--quantize", "int8",
+                                "--model", str(checkpoint), *store])
+    assert added.exit_code == 0 and "int8 cube" in added.output, added.output
+    stored = kvmem.CubeStore(tmp_path / "store").view("default").load_cube("n1")
+    assert stored.quantization["scheme"] == "int8" and stored.packed is not None
+    alone = runner.invoke(app, ["add", "x y z", "--quantize", "int8", *store])
+    assert alone.exit_code != 0 and "add --cube" in alone.output
 
 
 def test_store_keeps_packed_bytes_and_scheduler_counts_them(model, cube, tmp_path):
