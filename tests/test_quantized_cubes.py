@@ -433,3 +433,21 @@ def test_serving_salts_quantized_cubes_and_never_auto_matches_them(model, cube, 
     for (k, v), (dk, dv) in zip(plan.kv, loaded.kv):
         assert torch.equal(k, dk[:, :plan.num_tokens]) and torch.equal(v, dv[:, :plan.num_tokens])
     assert planner.plan(prompt) is None  # a plain request never gets an approximate cube by automatic match
+
+
+def test_redis_stores_packed_bytes(cube, tmp_path):
+    """A quantized cube put through a Redis store: Redis holds the packed file, another machine's copy loads it."""
+    pytest.importorskip("redis")
+    from test_store_redis import REDIS_SERVER, redis_server, store_url
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    (tmp_path / "redis").mkdir()
+    with redis_server(tmp_path / "redis") as url:
+        writer = kvmem.CubeStore(store_url(url, tmp_path, tag="q", machine="m1")).view("ns")
+        rec = writer.put_cube("q", cube, quantize="int4")
+        full = writer.put_cube("full", cube)
+        assert rec.bytes < 0.3 * full.bytes  # head_dim 16: the scales weigh more than on a real model
+        reader = kvmem.CubeStore(store_url(url, tmp_path, tag="q", machine="m2")).view("ns")
+        loaded = reader.load_cube("q")
+        assert loaded.quantization["scheme"] == "int4" and same_cube(loaded, writer.load_cube("q"))
