@@ -118,6 +118,26 @@ def test_dequant_splice_matches_float64_oracle(impl, dst_dtype, dim, rot, interl
     assert torch.isnan(k[:, :, written:].float()).all() and torch.isnan(v[:, :, written:].float()).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dst_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_dequant_splice_on_gpu(bits, dst_dtype):
+    """The kernel on a real GPU (dispatched by dequant_splice), Llama-like head, uneven lengths over many blocks."""
+    from kvmem.kernels.dequant_splice import dequant_splice
+
+    src, ref_k, ref_v, plan, quant, shape = _case(bits, dim=128, rot=128, lens=(300, 129, 77), heads=8, layers=4,
+                                                  group=32)
+    k64, v64 = torch.full(shape, float("nan"), dtype=torch.float64), torch.full(shape, float("nan"), dtype=torch.float64)
+    splice_reference(k64, v64, ref_k, ref_v, **plan)
+    cuda = [[tuple(t.cuda() for t in layer) for layer in cube] for cube in src]
+    k = torch.full(shape, float("nan"), dtype=dst_dtype, device="cuda")
+    v = torch.full(shape, float("nan"), dtype=dst_dtype, device="cuda")
+    dequant_splice(k, v, cuda, **quant, **plan)
+    n, tol = sum(plan["length"]), 8 * torch.finfo(dst_dtype).eps * 4
+    torch.testing.assert_close(k[:, :, :n].double().cpu(), k64[:, :, :n], rtol=tol, atol=tol)
+    torch.testing.assert_close(v[:, :, :n].double().cpu(), v64[:, :, :n], rtol=tol, atol=tol)
+
+
 def test_dequant_splice_rejects_bad_arguments():
     src, _, _, plan, quant, shape = _case(8, dim=16, rot=16)
     k, v = torch.empty(shape), torch.empty(shape)
