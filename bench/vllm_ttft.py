@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, loadavg, machine_facts, pyplot, round_robin, save_figure, spread, write_results  # noqa: E402
 
-NOTES = Path(__file__).resolve().parents[1] / "kvmem" / "data" / "team_notes.txt"
+NOTES = Path(__file__).resolve().parents[1] / "kvmem" / "demo" / "data" / "team_notes.txt"
 QUERY = "\nQuestion: who leads the team, and which city do they live in?\nAnswer:"
 METHODS = ("full prefill", "prefix cache (warm)", "kvmem, local disk", "kvmem, Redis")
 TARGETS = {"kvmem_vs_warm_max": 1.2, "saving_vs_full_min": 0.70, "at_tokens": 4096}

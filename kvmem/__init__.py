@@ -29,6 +29,7 @@ _PUBLIC = {
     # the fast path and the weight check's reset, for models you drive yourself
     "use_gqa_attention": ".model.attention", "static_prefix": ".model.static_cache",
     "forget_digests": ".cubes.fingerprint",
+    "calibrate": ".inject.calibrate",  # the composition gate's measurement (kvmem.inject.gate reads it)
 }
 
 __all__ = ["CubeError", "FingerprintMismatch", *_PUBLIC, "__version__"]

@@ -1,7 +1,7 @@
 """kvmem.wrap / MemoryModel: a model + tokenizer whose ``generate`` answers with memory.
 
 `MemoryModel.generate` reads as: render the prompt (`kvmem.prompt.ChatLayout`), recall memories
-(`kvmem.recall.Recall`, for ``cubes="auto"``), prefill (`kvmem.prefill`, the one gate that validates cubes),
+(`kvmem.memory.recall.Recall`, for ``cubes="auto"``), prefill (`kvmem.prefill`, the one gate that validates cubes),
 generate (the model's own ``generate``), report (`GenerationReport` in ``mm.last``).
 """
 
@@ -16,6 +16,8 @@ from .errors import CubeError
 from .inject.adapters import DEFAULT_CAPACITY_BYTES, AdapterBridge
 from .inject.batch import prefill_batch
 from .inject.splice_cubes import quantized_report
+from .inject.gate import gate
+from .inject.prefill import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
 from .memory.recall import Recall
 from .model.attention import grouped_sdpa, use_gqa_attention
 from .model.devices import model_device
@@ -41,7 +43,7 @@ def wrap(model, tokenizer, *, system_prompt: str | None = None,
         hotswap: one adapter slot overwritten in place (no recompilation of a torch.compile'd model; adapters
             must target the same modules with rank <= the slot's, see ``max_rank``).
         attention: "auto" switches a model on stock ``sdpa`` whose layers group key/value heads (GQA) to
-            ``kvmem_sdpa`` (`kvmem.attention`: same results, the memory's KV heads never expanded; this changes
+            ``kvmem_sdpa`` (`kvmem.model.attention`: same results, the memory's KV heads never expanded; this changes
             ``model`` itself); "keep" leaves the model's attention as it is.
         cache: "auto" moves the prefix into a static cache sized for the request and its new tokens when
             generation has a length bound and one sequence per prompt (no copy of the memory per decode step;
@@ -182,7 +184,8 @@ class MemoryModel:
                 `kvmem.memory.recall.TEXT_BELOW_TOKENS` (``self.last.memories`` / ``self.last.dropped`` say which).
             inject: True splices the cubes' KV and prefills only the request's own tokens; False prefills the
                 same ids in full (the baseline, same output up to float rounding).
-            recompute, budget: passed to `kvmem.prefill` (None: its default); ``budget`` is the recompute budget.
+            recompute, budget: passed to `kvmem.prefill`; ``budget`` is the recompute budget. None: "auto", the
+                composition gate (this model's calibration; ``self.last.composition`` says what it chose and why).
             adapter: an AdapterCube (or None for the base model) for this request only; the previously active
                 adapter is restored afterwards. "keep" (default) uses whatever is active.
             **kwargs: passed to ``model.generate`` (max_new_tokens, do_sample, ...).
@@ -198,6 +201,12 @@ class MemoryModel:
                 raise CubeError(f"do not pass {key}= to MemoryModel.generate: it builds the inputs and the cache "
                                 "from prompt and cubes (wrap(..., cache='dynamic') for a DynamicCache; call "
                                 "model.generate yourself with kvmem.prefill for full control)")
+        if kwargs.get("use_cache") is False and inject and any(r is not None for r in rows):
+            raise CubeError("use_cache=False cannot inject memory: kvmem hands the memory to generate as its KV "
+                            "cache. Pass inject=False to prefill the memory's text with the request instead")
+        new = kwargs.get("max_new_tokens")
+        if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < 1):
+            raise CubeError(f"max_new_tokens must be an int >= 1, got {new!r}")
         if isinstance(adapter, str) and adapter != "keep":
             raise CubeError(f"adapter must be an AdapterCube, None or 'keep', got {adapter!r}")
         recall_options = dict(max_tokens=max_memory_tokens, k=k, min_score=min_score, evidence=evidence)
@@ -213,7 +222,7 @@ class MemoryModel:
             if inject and all(rows):
                 inputs = self._spliced(prompts, rows, texts, reports, pad, recompute, budget, kwargs)
             else:  # a row without cubes (or inject=False): every row prefilled in full
-                inputs = self._full(prompts, rows, texts, reports, pad)
+                inputs = self._full(prompts, rows, texts, reports, pad, kwargs)
             kwargs["logits_processor"] = list(kwargs.get("logits_processor") or []) + [clock]
             out = self.model.generate(pad_token_id=pad, **inputs, **kwargs)
             if isinstance(prompt, str):
@@ -251,17 +260,26 @@ class MemoryModel:
                 return int(value)
         return 0
 
-    def _check_length(self, tokens: int) -> None:
-        check_context(self.model, tokens, "the prompt (memory + request)",
-                      "pass fewer or shorter memories (max_memory_tokens= for cubes='auto')")
+    def _check_length(self, tokens: int, gen_kwargs: dict, row: int, rows: int) -> None:
+        """The prompt, and the prompt with its new tokens, within the model's context (each row of a batch as
+        if it were alone)."""
+        what = "the prompt (memory + request)" if rows == 1 else f"row {row}'s prompt (memory + request)"
+        check_context(self.model, tokens, what, "pass fewer or shorter memories (max_memory_tokens= for cubes='auto')")
+        new = gen_kwargs.get("max_new_tokens")
+        if new is not None:
+            check_context(self.model, tokens + new, f"{what} with max_new_tokens={new}",
+                          "ask for fewer new tokens, or pass fewer or shorter memories")
 
     def _spliced(self, prompts, rows, texts, reports, pad: int, recompute, budget, gen_kwargs: dict) -> dict:
         """generate's inputs with every row's cubes spliced (`prefill_batch`; a batch of one is a plain prefix)."""
+        if recompute is None:  # the gate, unless a budget names the default mode's knob
+            recompute = "auto" if budget is None else DEFAULT_RECOMPUTE
         knobs = {name: v for name, v in (("recompute", recompute), ("budget", budget)) if v is not None}
         queries = [torch.cat([self.layout.text_ids(t) for t in ts] + [self.request_ids(p)])
                    for p, ts in zip(prompts, texts)]
-        for cubes, q in zip(rows, queries):
-            self._check_length(cubes[0].anchor_len + sum(c.num_tokens for c in cubes) + q.numel())
+        for b, (cubes, q) in enumerate(zip(rows, queries)):
+            self._check_length(cubes[0].anchor_len + sum(c.num_tokens for c in cubes) + q.numel(), gen_kwargs, b,
+                               len(rows))
         width = (max(r[0].anchor_len + sum(c.num_tokens for c in r) for r in rows)
                  + max(q.numel() for q in queries))  # the padded prompt generate starts from
         room = static_room(self.model, width, gen_kwargs) if self.cache == "auto" else None
@@ -275,15 +293,19 @@ class MemoryModel:
         for b, report in enumerate(reports):
             report.injected, report.spans = True, batch.spans[b]
             report.quantized = quantized_report(rows[b])  # approximate cubes are never silent
+            if recompute == "auto" and len(rows[b]) > 1:  # the choice prefill made (the gate is deterministic)
+                choice = gate(self.model, len(rows[b]), default=(DEFAULT_RECOMPUTE,
+                                                                  RECOMPUTE_MODES[DEFAULT_RECOMPUTE][0]))
+                report.composition = f"{choice.mode}: {choice.reason}"
             report.prefilled_tokens = queries[b].numel()
             report.prompt_tokens = int(batch.attention_mask[b].sum())
         return batch.generate_kwargs(self.model)
 
-    def _full(self, prompts, rows, texts, reports, pad: int) -> dict:
+    def _full(self, prompts, rows, texts, reports, pad: int, gen_kwargs: dict) -> dict:
         """generate's inputs with every row prefilled in full, left-padded as transformers pads a batch."""
         full = [self.layout.prompt_ids(p, c, t)[0] for p, c, t in zip(prompts, rows, texts)]
-        for row in full:
-            self._check_length(len(row))
+        for b, row in enumerate(full):
+            self._check_length(len(row), gen_kwargs, b, len(full))
         ids = torch.full((len(full), max(map(len, full))), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for b, row in enumerate(full):

@@ -22,6 +22,7 @@ import torch
 
 import kvmem
 from kvmem.memory.scheduler import MemScheduler
+from other_user import run_as_other_user
 from test_store_backends import tiny_cube
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,15 +44,9 @@ def shared_tmp():
 
 
 def _run_as_other_user(code: str, *, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh python as a user without write access to root's files (nobody, when we are root)."""
-    prefix = []
-    if os.geteuid() == 0:
-        if not shutil.which("setpriv"):
-            pytest.skip("running as root without setpriv: no other user to test permissions with")
-        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    env = {**os.environ, "HOME": "/tmp", "TRITON_CACHE_DIR": "/tmp/.kvmem-adv-triton"}
-    return subprocess.run([*prefix, PY, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, cwd="/tmp", env=env)
+    """Run ``code`` in a fresh python as a user without write access to root's files (nobody, when we are root),
+    with a readable copy of kvmem: a checkout in a private folder works too (tests/other_user.py)."""
+    return run_as_other_user(code, timeout=timeout)
 
 
 # ---------------------------------------------------------------- 1. gc beside a live writer

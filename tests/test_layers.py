@@ -28,6 +28,7 @@ LAYERS = {
     "kvmem.prompt": 6, "kvmem.report": 6,
     # interface: what users call
     "kvmem.memory_model": 7,   # wrap() / MemoryModel
+    "kvmem.travel": 7,         # signed bundles, installs, the market, migration to another model
     "kvmem.cli": 8, "kvmem.demo": 8, "kvmem.integrations": 8,
     "kvmem": 9,                # the package face re-exports every layer
 }

@@ -12,6 +12,7 @@ import warnings
 import pytest
 
 import kvmem
+from helpers import random_ids, tiny_model
 from kvmem._deprecation import MOVED_MODULES
 
 # the paths the README documented before the regrouping: they must never break silently
@@ -73,8 +74,6 @@ def test_renamed_functions_keep_their_old_names_with_a_warning(tiny_cube_pair):
 
 @pytest.fixture
 def tiny_cube_pair():
-    from conftest import random_ids, tiny_model
-
     model = tiny_model("llama")
     anchor = random_ids(3)
     return [kvmem.MemCube.from_ids(model, random_ids(5 + i), anchor_ids=anchor) for i in range(2)]

@@ -4,10 +4,10 @@ Fast to start: nothing heavy (torch, transformers) is imported until a command n
 progress bars and logs stay out of the output. A `CubeError` anywhere ends the command with its one-line
 message and exit status 1, not a traceback.
 
-One module per command group (cubes.py, store.py); each registers its commands on the one typer app (app.py).
+One module per command group (bundles.py, calibrate.py, cubes.py, store.py); each registers its commands on the one typer app (app.py).
 """
 
-from . import cubes, store  # noqa: F401  (registers the commands)
+from . import bundles, calibrate, cubes, store  # noqa: F401  (registers the commands)
 from .app import app
 
 __all__ = ["app", "main"]

@@ -43,6 +43,10 @@ def build(
     except CubeError as exc:
         typer.echo(f"kvmem: {exc}", err=True)
         raise typer.Exit(1)
+    except OSError as exc:  # a full disk, a read-only folder: one line, nothing half-written (the save is atomic)
+        why = f"cannot write {out} ({exc.strerror})" if exc.strerror else str(exc)
+        typer.echo(f"kvmem: {why}: check free space and write access", err=True)
+        raise typer.Exit(1)
     typer.echo(f"wrote {path}: {cube.num_tokens} tokens (+{cube.anchor_len} anchor), {cube.nbytes / 1e6:.1f} MB, "
                f"fingerprint {cube.fingerprint}" + (f"; {quantize}: {_error_line(cube.quantization)}" if quantize else ""))
 
@@ -74,12 +78,17 @@ def build_adapter(
     except CubeError as exc:
         typer.echo(f"kvmem: {exc}", err=True)
         raise typer.Exit(1)
+    except OSError as exc:  # a full disk, a read-only folder: one line, nothing half-written (the save is atomic)
+        why = f"cannot write {out} ({exc.strerror})" if exc.strerror else str(exc)
+        typer.echo(f"kvmem: {why}: check free space and write access", err=True)
+        raise typer.Exit(1)
     typer.echo(f"wrote {path}: LoRA rank {cube.rank} on {', '.join(cube.target_modules)}, "
                f"{cube.nbytes / 1e6:.2f} MB, base fingerprint {cube.fingerprint}")
 
 
 def _inspect_adapter(cube_file: Path, as_json: bool):
     from ..cubes.adaptercube import AdapterCube
+    from ..travel.provenance import inspect_rows
 
     cube = _load_or_exit(AdapterCube.load, cube_file)
     meta = cube.meta
@@ -95,6 +104,7 @@ def _inspect_adapter(cube_file: Path, as_json: bool):
         ("base", f"{base.get('model_type')} {base.get('architectures')}, fingerprint {cube.fingerprint}"),
         ("provenance", f"{meta.get('provenance')} (peft {meta.get('peft_version')})"),
         ("created", f"{meta.get('created')} by kvmem {meta.get('kvmem_version')}"),
+        *inspect_rows(meta),  # installed from a bundle: by whom, from where
     ])
 
 
@@ -127,6 +137,7 @@ def inspect(
     not)."""
     from ..cubes.format import peek_format
     from ..cubes.memcube import MemCube
+    from ..travel.provenance import inspect_rows
 
     if cube_file.is_file() and peek_format(cube_file) == "kvmem.adaptercube":
         return _inspect_adapter(cube_file, as_json)
@@ -154,6 +165,7 @@ def inspect(
         ("tokenizer", meta["fingerprint_fields"].get("tokenizer") or "(not recorded)"),
         ("adapter", json.dumps(adapter) if adapter else "none"),
         ("created", f"{meta.get('created')} by kvmem {meta.get('kvmem_version')}"),
+        *inspect_rows(meta),  # where a store's cube came from (installed from a bundle, migrated)
     ])
 
 

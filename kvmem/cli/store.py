@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import CubeError
 from .app import (
     NamespaceOpt,
     SharedOpt,
@@ -50,7 +51,12 @@ def add(
 
         m, tok = _load_model(model, "float32")
         built = wrap(m, tok).build_cube(text, name=rec.id, progress=True)
-        rec = view.put_cube(rec.id, built, text=text, quantize=quantize)
+        try:
+            rec = view.put_cube(rec.id, built, text=text, quantize=quantize)
+        except CubeError as exc:  # the text row is committed: say so, not put_cube's "nothing was committed"
+            why = str(exc).split("; nothing was committed")[0]
+            raise CubeError(f"{rec.qualified} was added as text, but its cube was not stored ({why}); build it "
+                            f"again with `kvmem add --cube --id {rec.id}`") from None
     typer.echo(f"added {rec.qualified}" + (f" with a {rec.tokens}-token {quantize + ' ' if quantize else ''}cube "
                                            f"({rec.bytes / 1e6:.1f} MB)" if rec.kind == "memcube" else ""))
 
@@ -87,12 +93,18 @@ def ls_(
     store: Optional[str] = StoreOpt,
     namespace: str = NamespaceOpt,
     shared: list[str] = SharedOpt,
+    provenance: bool = typer.Option(False, "--provenance", help="Also show where each memory came from (bundle, "
+                                                                "signer, source, migrations)."),
 ):
     """List the memories a namespace can see."""
     for rec in open_view(store, namespace, shared).ls():
         text = rec.text.replace("\n", " ")
         cube = f"cube {rec.tokens} tok {rec.bytes / 1e6:.1f} MB" if rec.kind == "memcube" else "text only"
         typer.echo(f"{rec.namespace}/{rec.id:<24} {cube:<24} hits {rec.hits:<4} {text[:60]}")
+        if provenance:
+            from ..travel.provenance import describe_provenance
+
+            typer.echo(f"    from: {describe_provenance(rec.meta)}")
 
 
 @app.command()
@@ -137,6 +149,8 @@ def gc(
         typer.echo(f"removed unfinished {name}")
     for qualified in report.repaired:
         typer.echo(f"repaired {qualified}: its cube file was missing; it is text-only now")
+    for why in report.kept:
+        typer.echo(f"kept {why}")
     typer.echo(f"gc: {len(report.removed) + len(report.swept)} files removed, {len(report.repaired)} memories "
                "repaired")
 
@@ -165,8 +179,12 @@ def repair(
         typer.echo(f"recovered {qualified}: its cube file does not record its memory id (written by an older kvmem)")
     for why in report.skipped:
         typer.echo(f"skipped {why}")
+    for why in report.conflicts:
+        typer.echo(f"conflict {why}")
     typer.echo(f"repair: {len(report.rebuilt) + len(report.recovered)} memories rebuilt from cube files, "
-               f"{len(report.skipped)} files skipped (the next gc removes them). Not recoverable: {report.lost}")
+               f"{len(report.skipped)} files skipped (the next gc removes them), {len(report.kept)} memories kept "
+               f"from the old catalog, {len(report.conflicts)} conflicts left in place (gc keeps those files). "
+               f"Not recoverable: {report.lost}")
 
 
 @app.command()

@@ -257,16 +257,27 @@ class MemCube:
         return cube.to(dtype=dtype) if dtype is not None else cube
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "MemCube":
-        """A copy of the cube on ``device`` and/or in ``dtype`` (this cube is left as it is)."""
+        """A copy of the cube on ``device`` and/or in ``dtype`` (this cube is left as it is); ``cube.to(dtype)``
+        works as for a tensor."""
+        if isinstance(device, torch.dtype) and dtype is None:
+            device, dtype = None, device
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise CubeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError, ValueError):
+                raise CubeError(f"device must be a torch device like 'cpu' or 'cuda:0', got {device!r}") from None
         meta = dict(self._meta)
         if dtype is not None and str(dtype) != meta["dtype"]:
             meta.setdefault("cast_from", meta["dtype"])
             meta["dtype"] = str(dtype)
         if self._packed is not None:  # the packed bytes move; dtype is what they dequantize to
             return MemCube((), self._ids, meta, packed=[layer.to(device) for layer in self._packed])
-        kv = [(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for k, v in self._kv]
+        try:
+            kv = [(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for k, v in self._kv]
+        except (RuntimeError, AssertionError) as exc:  # a device this torch build or machine lacks
+            raise CubeError(f"cannot move the cube to device {str(device)!r} ({exc})") from None
         return MemCube(kv, self._ids, meta)
 
     def with_meta(self, extra: dict) -> "MemCube":

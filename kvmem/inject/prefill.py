@@ -2,8 +2,11 @@
 
 One cube is exact: its KV is what a full prefill of its ids computes. Several cubes built after the same anchor
 share that anchor once and are laid end to end, each re-rotated to its new positions. They never attended to
-each other, so that is an approximation, opt-in by passing several; by default the first 32 tokens of every
-later cube are recomputed with full context (`recompute="leading"`), chosen by bench/compose_quality.py:
+each other, so that is an approximation, opt-in by passing several. By default (`recompute="auto"`) the
+composition gate (`kvmem.inject.gate`) takes the cheapest setting this model's calibration (`kvmem.calibrate`)
+measured to answer like a full prefill, else recomputes every later token (exact, a full prefill's cost). Without
+a calibration, the first 32 tokens of every later cube are recomputed (`"leading"`), chosen by
+bench/compose_quality.py:
 on SmolLM2-135M fact QA over 2/4/8 cubes it halves or better the next-token KL against a full prefill
 (0.07/0.49/0.51 nats vs the pure splice's 0.40/1.00/1.15) at 93.4% less TTFT than a full prefill (pure splice:
 97.4%) for 4 cubes x 1.5k tokens on a CPU. `recompute="none"` is the fastest, `"selective"` the costliest.
@@ -24,6 +27,7 @@ from ..model.cache import kv_shapes, new_cache
 from ..model.devices import dtype_device, layer_devices
 from ..model.facts import base_model, check_context, text_config
 from ..model.rope import LENGTH_DEPENDENT, rope_facts, rope_types
+from .gate import gate
 from .recompute import recompute as _recompute
 from .splice_cubes import dequantized_kv, quantized_report, splice_cubes
 
@@ -32,8 +36,9 @@ RECOMPUTE_MODES = {
     "none": (None, "pure splice: re-rotated keys, no recompute"),
     "leading": (32, "tokens recomputed at the start of every cube after the first (EPIC)"),
     "selective": (0.15, "fraction of later cubes' tokens recomputed, those whose KV deviate most (CacheBlend)"),
+    "blend": (64, "tokens recomputed per later cube: its first half-budget plus its highest-deviation ones"),
 }
-DEFAULT_RECOMPUTE = "leading"  # measured: see the module docstring and bench/README.md
+DEFAULT_RECOMPUTE = "leading"  # measured: see the module docstring and bench/README.md; "auto" without a calibration
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Prefix:
     names: list[str] = field(default_factory=list)
     recomputed: int = 0
     quantized: list[dict] = field(default_factory=list)
+    composition: str = ""  # recompute="auto": the gate's choice and why (kvmem.inject.gate)
 
     @property
     def num_tokens(self) -> int:
@@ -65,19 +71,23 @@ class Prefix:
         return torch.cat([self.input_ids, query_ids.reshape(1, -1)], dim=-1)
 
 
-def prefill(model, cubes, *, recompute: str = DEFAULT_RECOMPUTE, budget: int | float | None = None,
+def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None = None,
             tokenizer=None) -> Prefix:
     """Splice ``cubes`` into a fresh KV cache for ``model``.
 
     Args:
         model: the transformers model (PEFT-wrapped or not) the cubes were built for.
         cubes: a MemCube or a list of them, injected in order.
-        recompute: how several cubes recover the attention they never paid each other: "leading" (the default:
-            recompute each later cube's first ``budget`` tokens, default 32), "none" (pure splice, re-rotated
-            keys: the fastest) or
+        recompute: how several cubes recover the attention they never paid each other: "auto" (the default: the
+            cheapest setting this model's calibration (`kvmem.calibrate`) measured to meet the fidelity target,
+            else every later token recomputed, exact; without a calibration "leading" and a one-time notice;
+            ``Prefix.composition`` says which and why), "leading" (recompute each later cube's first ``budget``
+            tokens, default 32), "none" (pure splice, re-rotated keys: the fastest),
             "selective" (recompute the ``budget`` fraction, default 0.15, of later cubes' tokens whose KV
-            deviate most). A single cube is exact and never recomputed.
-        budget: the recompute mode's knob (see above); None takes the mode's default.
+            deviate most) or "blend" (per later cube its first ``budget``/2 tokens and its ``budget``/2
+            highest-deviation ones, default 64). A single cube is exact and never recomputed.
+        budget: the recompute mode's knob (see above); None takes the mode's default (with "auto": the gate's); a
+            budget with "auto" is the default mode's ("leading") budget, no gate.
         tokenizer: if given, also checked against the tokenizer the cubes were built with.
 
     Returns:
@@ -104,11 +114,14 @@ def prefill(model, cubes, *, recompute: str = DEFAULT_RECOMPUTE, budget: int | f
     cubes = as_cubes(cubes)
     if not cubes:
         raise CubeError("no cubes to inject: pass at least one MemCube (or call model.generate without kvmem)")
+    auto = recompute == "auto" and budget is None  # a budget alone is the default mode's knob, as before "auto"
+    if recompute == "auto":
+        recompute = DEFAULT_RECOMPUTE  # validated below; with auto, replaced by the gate's choice once cubes check
     if recompute not in RECOMPUTE_MODES:
-        raise CubeError(f"recompute={recompute!r} is not a mode; choose one of {', '.join(RECOMPUTE_MODES)}")
+        raise CubeError(f"recompute={recompute!r} is not a mode; choose one of {', '.join(['auto', *RECOMPUTE_MODES])}")
     budget = RECOMPUTE_MODES[recompute][0] if budget is None else budget
-    if recompute == "leading" and not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0):
-        raise CubeError(f"budget for recompute='leading' is a token count >= 0, got {budget!r}")
+    if recompute in ("leading", "blend") and not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0):
+        raise CubeError(f"budget for recompute={recompute!r} is a token count >= 0, got {budget!r}")
     if recompute == "selective" and not (isinstance(budget, (int, float)) and not isinstance(budget, bool)
                                          and 0 < budget <= 1):
         raise CubeError(f"budget for recompute='selective' is a fraction in (0, 1], got {budget!r}")
@@ -133,8 +146,15 @@ def prefill(model, cubes, *, recompute: str = DEFAULT_RECOMPUTE, budget: int | f
         kv = [(k.to(d, non_blocking=True)[None], v.to(d, non_blocking=True)[None]) for (k, v), d in zip(full, devices)]
         ids = c.all_ids.to(device)
         prefix = Prefix(new_cache(model, kv), ids, [(c.anchor_len, c.anchor_len + c.num_tokens)], [c.name])
-    else:
-        prefix = _compose(model, cubes, device, devices, dtype, recompute, budget)
+        prefix.quantized = quantized_report(cubes)
+        return prefix
+    composition = ""
+    if auto:
+        choice = gate(model, len(cubes), default=(recompute, budget), fields=actual)
+        recompute, budget = choice.prefill_args([c.num_tokens for c in cubes])
+        composition = f"{choice.mode}: {choice.reason}"
+    prefix = _compose(model, cubes, device, devices, dtype, recompute, budget)
+    prefix.composition = composition
     prefix.quantized = quantized_report(cubes)
     return prefix
 

@@ -10,6 +10,8 @@ layer type, passed as the dict the model's own forward builds). Deeper layers th
   otherwise starts without context and its first tokens become attention sinks of their own.
 - ``selective`` (CacheBlend): the ``budget`` fraction of tokens whose layer-1 K/V deviate most once the
   tokens see the full context (measured by one pass through the first layer only).
+- ``blend`` (EPIC + CacheBlend per cube): each later cube's first ``budget // 2`` tokens (its would-be sinks) plus
+  its ``budget - budget // 2`` highest-deviation other tokens, so every cube gets the same share of the budget.
 The first cube (with the anchor) is exact and never recomputed.
 """
 
@@ -95,16 +97,40 @@ def leading_positions(spans: list[tuple[int, int]], budget: int, device) -> torc
     return torch.cat(pos).to(device) if pos else torch.zeros(0, dtype=torch.long, device=device)
 
 
-def selective_positions(model, dst_k, dst_v, ids, spans, fraction: float) -> torch.Tensor:
-    """The ``fraction`` of later-cube tokens whose layer-1 K/V change most with full context (CacheBlend)."""
-    candidates = torch.cat([torch.arange(s, e) for s, e in spans[1:]]).to(dst_k.device)
+def deviation(model, dst_k, dst_v, ids, candidates: torch.Tensor) -> torch.Tensor:
+    """[m]: how far each of ``candidates``' layer-1 K/V move once they see the full context (one pass through the
+    first two layers only; CacheBlend's signal: tokens that deviate there keep deviating deeper)."""
     probe_layer = 1 if dst_k.shape[0] > 1 else 0
     fresh_k, fresh_v = _forward(model, dst_k.clone(), dst_v.clone(), ids, candidates, probe_layer=probe_layer)
     old_k, old_v = dst_k[probe_layer][:, candidates], dst_v[probe_layer][:, candidates]  # [heads, m, dim]
-    deviation = ((fresh_k[0].float() - old_k.float()).norm(dim=-1) +
-                 (fresh_v[0].float() - old_v.float()).norm(dim=-1)).sum(0)  # [m]
+    return ((fresh_k[0].float() - old_k.float()).norm(dim=-1) +
+            (fresh_v[0].float() - old_v.float()).norm(dim=-1)).sum(0)
+
+
+def selective_positions(model, dst_k, dst_v, ids, spans, fraction: float) -> torch.Tensor:
+    """The ``fraction`` of later-cube tokens whose layer-1 K/V change most with full context (CacheBlend)."""
+    candidates = torch.cat([torch.arange(s, e) for s, e in spans[1:]]).to(dst_k.device)
+    dev = deviation(model, dst_k, dst_v, ids, candidates)
     n = max(1, round(fraction * candidates.numel()))
-    return candidates[deviation.topk(min(n, candidates.numel())).indices.sort().values]
+    return candidates[dev.topk(min(n, candidates.numel())).indices.sort().values]
+
+
+def blend_positions(model, dst_k, dst_v, ids, spans, budget: int) -> torch.Tensor:
+    """Per later cube: its first ``budget // 2`` positions and its ``budget - budget // 2`` others that deviate
+    most (`deviation`); a cube no longer than ``budget`` is recomputed whole."""
+    lead = budget // 2
+    rest = [torch.arange(s + lead, e) for s, e in spans[1:] if e - s > budget]
+    dev = deviation(model, dst_k, dst_v, ids, torch.cat(rest).to(dst_k.device)) if rest else None
+    picked, offset = [], 0
+    for s, e in spans[1:]:
+        if e - s <= budget:
+            picked.append(torch.arange(s, e))
+            continue
+        n = e - s - lead
+        top = dev[offset:offset + n].topk(budget - lead).indices.cpu() + s + lead
+        offset += n
+        picked += [torch.arange(s, s + lead), top.sort().values]
+    return torch.cat(picked).to(dst_k.device) if picked else torch.zeros(0, dtype=torch.long, device=dst_k.device)
 
 
 def recompute(model, dst_k, dst_v, ids, spans, *, mode: str, budget) -> int:
@@ -113,6 +139,8 @@ def recompute(model, dst_k, dst_v, ids, spans, *, mode: str, budget) -> int:
         return 0
     if mode == "leading":
         positions = leading_positions(spans, int(budget), dst_k.device)
+    elif mode == "blend":
+        positions = blend_positions(model, dst_k, dst_v, ids, spans, int(budget))
     else:
         positions = selective_positions(model, dst_k, dst_v, ids, spans, float(budget))
     if positions.numel():

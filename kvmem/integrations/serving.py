@@ -27,6 +27,7 @@ import torch
 from ..cubes.fingerprint import check_fields, fingerprint_fields
 from ..cubes.memcube import MemCube
 from ..errors import CubeError
+from ..inject.gate import choose, load_calibration
 from ..inject.prefill import compose_kv as compose
 from ..inject.prefill import prefill
 from ..model.cache import kv_from_cache
@@ -47,6 +48,27 @@ def _check_name(value, what: str) -> str:
         raise Refused(str(exc)) from None
 
 
+CONNECTOR_OPTIONS = ("store", "folder", "namespace", "namespaces", "auto")
+
+
+def check_connector_options(extra) -> dict:
+    """The connector's ``kv_connector_extra_config`` as a dict, every key one it knows (a typo is an error naming
+    the known ones, not an option silently ignored); the values are checked by `CubeSource` and `CubePlanner`."""
+    if not isinstance(extra, dict):
+        raise CubeError(f"kv_connector_extra_config must be a JSON object, got {type(extra).__name__}")
+    unknown = sorted(set(extra) - set(CONNECTOR_OPTIONS))
+    if unknown:
+        raise CubeError(f"kv_connector_extra_config has unknown keys {unknown} (known: {', '.join(CONNECTOR_OPTIONS)})")
+    return dict(extra)
+
+
+def _check_flag(value, what: str) -> bool:
+    """A JSON boolean: the string "false" is truthy in Python, so anything but True/False is refused."""
+    if not isinstance(value, bool):
+        raise Refused(f"{what} must be true or false (a JSON boolean), got {value!r:.40}")
+    return value
+
+
 class CubeSource:
     """Where served cubes come from. Give exactly one of:
 
@@ -60,6 +82,10 @@ class CubeSource:
         if (store is None) == (folder is None):
             raise CubeError("give the cube source one of store= (a kvmem store path or redis:// URL) or folder= "
                             "(a folder of <namespace>/<name>.safetensors files)")
+        for what, value in (("store", store), ("folder", folder)):
+            if value is not None and (not isinstance(value, (str, Path)) or not str(value).strip()):
+                raise CubeError(f"the cube source's {what} must be a non-empty string (a path or URL), got "
+                                f"{value!r:.60}")
         self._views = {}
         self.folder = Path(folder).expanduser() if folder is not None else None
         self.location = store
@@ -91,7 +117,7 @@ class CubeSource:
         if self.folder is not None:
             out = {}
             for f in sorted((self.folder / namespace).glob("*.safetensors")):
-                if NAME.match(f.stem):
+                if NAME.fullmatch(f.stem):
                     st = f.stat()
                     out[f.stem] = (st.st_mtime_ns, st.st_size, st.st_ino)
             return out
@@ -179,7 +205,7 @@ class CubePlanner:
 
     Args:
         source: a `CubeSource`.
-        fields: the served model's fingerprint fields (`served_model_facts` or `kvmem.fingerprint.fingerprint_fields`).
+        fields: the served model's fingerprint fields (`served_model_facts` or `kvmem.cubes.fingerprint.fingerprint_fields`).
         dtype: the serving dtype (KV of cubes in another dtype is cast: an approximation, noted and salted).
         block_size: the engine's KV block size; a plan covers a multiple of it and leaves the last prompt token.
         rope: RoPE facts of the served model (needed to compose several cubes; None refuses composition).
@@ -190,14 +216,26 @@ class CubePlanner:
 
     def __init__(self, source: CubeSource, *, fields: dict, dtype: torch.dtype, block_size: int, rope=None,
                  namespace: str = "default", namespaces: Sequence[str] | None = None, auto: bool = True):
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise CubeError(f"block_size must be a positive int (the engine's KV block size), got {block_size!r}")
+        if not isinstance(dtype, torch.dtype):
+            raise CubeError(f"dtype must be a torch.dtype (the serving dtype), got {dtype!r}")
         self.source = source
         self.fields = fields
         self.dtype = dtype
         self.block_size = int(block_size)
         self.rope = rope
         self.namespace = _check_name(namespace, "namespace")
-        self.namespaces = tuple(_check_name(n, "namespace") for n in (namespaces or [namespace]))
-        self.auto = bool(auto)
+        if namespaces is None:
+            namespaces = [namespace]
+        if isinstance(namespaces, (str, bytes)) or not isinstance(namespaces, (list, tuple)) or not namespaces:
+            raise CubeError(f'namespaces must be a non-empty list of namespaces, e.g. ["alice", "bob"], got '
+                            f"{namespaces!r:.80} (a single string would be read letter by letter)")
+        self.namespaces = tuple(dict.fromkeys(_check_name(n, "namespace") for n in namespaces))
+        if self.namespace not in self.namespaces:
+            raise CubeError(f"the default namespace {self.namespace!r} is not among the served namespaces "
+                            f"{list(self.namespaces)}: add it to namespaces, or set namespace to one of them")
+        self.auto = _check_flag(auto, "auto")
         self._index: dict[str, dict[str, tuple[object, tuple[int, ...] | None]]] = {}  # ns -> name -> (version, ids)
         self._just_loaded: dict[tuple[str, str, object], MemCube] = {}
 
@@ -227,7 +265,7 @@ class CubePlanner:
             if not isinstance(names, list) or not names:
                 raise Refused(f'"cubes" must be a non-empty list of cube names, got {names!r}')
             names = [_check_name(n, "cube name") for n in names]
-        return namespace, names, bool(spec.get("auto", self.auto))
+        return namespace, names, _check_flag(spec.get("auto", self.auto), 'kv_transfer_params["kvmem"]["auto"]')
 
     def _load(self, namespace: str, name: str) -> MemCube:
         cube = self.source.load(namespace, name)
@@ -297,6 +335,12 @@ class CubePlanner:
             if self.rope is None:
                 raise Refused("composing several cubes needs re-rotating keys, which kvmem does not support for this "
                               "model's RoPE; name one cube (or a precomposed one)")
+            calibration = load_calibration(None, fields=self.fields, dtype=self.dtype)  # `kvmem calibrate`'s
+            choice = choose(calibration, len(cubes), modes=("none",)) if calibration else None
+            if choice is not None and choice.mode != "none":
+                raise Refused(f"this model's calibration measured the pure splice of {len(cubes)} cubes below the "
+                              f"fidelity target ({choice.reason}); name a precompose()d cube (recompute='auto') "
+                              "or one cube")
             notes.append(f"composed {len(cubes)} cubes by pure splice (re-rotated keys, no recompute)")
         for c in cubes:
             if c.dtype != self.dtype:
@@ -337,7 +381,7 @@ def composition_salt(cubes: Sequence[MemCube], dtype: torch.dtype, salt: str | N
     return "kvmem-" + hashlib.blake2b(desc.encode(), digest_size=12).hexdigest()
 
 
-def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "leading", budget=None, tokenizer=None,
+def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "auto", budget=None, tokenizer=None,
                name: str | None = None) -> MemCube:
     """Compose ``cubes`` with ``kvmem.prefill`` (any recompute mode) and keep the result as one cube.
 
@@ -349,7 +393,7 @@ def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "leading", b
     Args:
         model: the transformers model the cubes were built for (in the dtype you will serve).
         cubes: MemCubes built after one anchor, in order.
-        recompute, budget: as for `kvmem.prefill`.
+        recompute, budget: as for `kvmem.prefill` ("auto": the model's calibration picks, `kvmem.calibrate`).
         tokenizer: checked against the cubes' tokenizer, if given.
         name: the new cube's name (default: the names joined by "+").
 
@@ -374,7 +418,8 @@ def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "leading", b
         "dtype": str(kv[0][0].dtype),
         "kv_shapes": [[list(k.shape), list(v.shape)] for k, v in kv],
         "composed_from": [c.name for c in cubes],
-        "recompute": {"mode": recompute, "budget": budget, "recomputed_tokens": prefix.recomputed},
+        "recompute": {"mode": recompute, "budget": budget, "recomputed_tokens": prefix.recomputed,
+                      "composition": prefix.composition},  # "auto": the gate's choice and why
         "spans": [list(s) for s in prefix.spans],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })

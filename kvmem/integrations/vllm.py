@@ -43,7 +43,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from ..errors import CubeError
-from .serving import CubePlanner, CubeSource, Plan, served_model_facts
+from .serving import CubePlanner, CubeSource, Plan, check_connector_options, served_model_facts
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -101,7 +101,7 @@ class KvmemConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------------- scheduler side
     def _make_planner(self, vllm_config) -> CubePlanner:
-        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        extra = check_connector_options(self._kv_transfer_config.kv_connector_extra_config or {})
         model_config = vllm_config.model_config
         source = CubeSource(store=extra.get("store"), folder=extra.get("folder"))
         t0 = time.perf_counter()

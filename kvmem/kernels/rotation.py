@@ -1,6 +1,6 @@
 """The rotation every splice implementation shares: cos/sin tables of each cube's position delta times the
 model's RoPE inverse frequencies, and `rotate`, the rotation itself (torch). A module of its own so the Triton
-kernel, the torch reference and kvmem.patches (which measures a model's RoPE layout) import it without
+kernel, the torch reference and kvmem.model.rope (which measures a model's RoPE pair order) import it without
 importing each other."""
 
 from __future__ import annotations

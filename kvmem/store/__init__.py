@@ -1,14 +1,17 @@
 """kvmem.store: memories kept for many processes and machines.
 
-cubestore.py (CubeStore and StoreView: namespaces, grants, commit order, gc, repair), records.py (the record rules:
-names, ids, meta; the backend protocols), local.py (SQLite catalog + cube folder), redis_backend.py (one Redis every
-machine shares), sqlite_db.py (how kvmem opens SQLite files).
+cubestore.py (CubeStore: views, grants, gc), view.py (StoreView: reads, writes, change detection), repair.py
+(`kvmem repair`: a catalog rebuilt from what is left), stamp.py (what a cube file records about its memory),
+records.py (the record rules: names, ids, meta; the backend protocols), local.py (SQLite catalog), folder.py (a
+store folder's cube files and marker), redis_backend.py + redis_blobs.py (one Redis every machine shares),
+sqlite_db.py (how kvmem opens SQLite files).
 
 Names load on first use, so importing the record rules never imports torch.
 """
 
 _PUBLIC = {
-    "CubeStore": ".cubestore", "StoreView": ".cubestore", "GCReport": ".cubestore", "RebuildReport": ".cubestore",
+    "CubeStore": ".cubestore", "StoreView": ".view", "GCReport": ".cubestore", "RebuildReport": ".repair",
+    "StoreVersion": ".records",
     "Record": ".records", "CatalogBackend": ".records", "BlobBackend": ".records", "check_meta": ".records",
     "split_id": ".records",
 }

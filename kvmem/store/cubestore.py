@@ -7,8 +7,9 @@
 Safe to share: writes are atomic and ordered (reserve the blob name, put the bytes, commit the row) so a reader
 never sees a partial cube, a killed writer leaves the store consistent, and `gc` can never delete a live or
 committed cube. Cube files are found by names the store derives and checks, never by paths the catalog holds.
-A lost, emptied or replaced catalog is an error, not an empty store; `CubeStore.rebuild_catalog` (`kvmem repair`)
-rebuilds it from the cube files, each of which records its memory.
+A lost, emptied or replaced catalog is an error, not an empty store; `CubeStore.rebuild_catalog` (`kvmem repair`,
+kvmem/store/repair.py) rebuilds it from the cube files, each of which records its memory (kvmem/store/stamp.py),
+and gc never deletes a file that holds the last copy of a memory. `StoreView` (kvmem/store/view.py) reads and writes.
 
 Namespaces and grants: every read goes through a `StoreView` of one namespace plus the namespaces that granted
 it read access (``store.grant(owner, reader)``, revocable); rows of any other namespace are invisible to it,
@@ -25,61 +26,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ..cubes.memcube import MemCube
 from ..errors import CubeError
-from .records import (
-    EVERYONE,
-    BlobBackend,
-    CatalogBackend,
-    Record,
-    check_blob,
-    check_meta,
-    check_name,
-    new_blob_name,
-    split_id,
-)
+from .records import (EVERYONE, BlobBackend, CatalogBackend, Record, StoreVersion, check_meta, check_name,
+                      is_valid_blob, split_id)
+from .repair import RebuildReport
+from .stamp import MEMORY_KEY, RECOVERED, peek_stamp  # noqa: F401  (MEMORY_KEY, RECOVERED lived here)
+from .view import KINDS, StoreView  # noqa: F401  (StoreView and KINDS lived here)
 
 __all__ = ["CubeStore", "StoreView", "Record", "CatalogBackend", "BlobBackend", "GCReport", "RebuildReport",
            "check_meta", "split_id"]
 
-KINDS = ("text", "memcube")
 GC_GRACE_S = 600.0          # unreferenced files and unfinished writes younger than this are left to their writer
 CHANGES_KEPT = 100_000      # change-log entries gc keeps (a reader further behind rereads everything)
 _log = logging.getLogger("kvmem.store")
-MEMORY_KEY = "memory"       # cube meta written by put_cube: the memory the file belongs to (namespace, id, meta)
-RECOVERED = "recovered"     # namespace of cubes rebuilt from files that do not record their memory
-LOST = ("text-only memories (no cube file), grants, use counts and the change log lived only in the catalog: they "
-        "are gone unless the old catalog is restored from a backup")
 
 
 @dataclass
 class GCReport:
     """What `CubeStore.gc` did: files removed, memories made text-only because their cube file was missing or
-    misnamed (``"namespace/id"``), expired reservations of writers that never committed."""
+    misnamed (``"namespace/id"``), expired reservations of writers that never committed, and files no row names
+    that it kept because they may hold the last copy of a memory (``"cubes/<file>: why"``)."""
 
     removed: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
 
     def __iter__(self):  # older callers treated the result as the list of removed files
         return iter(self.removed)
 
     def __len__(self):
         return len(self.removed)
-
-
-@dataclass
-class RebuildReport:
-    """What `CubeStore.rebuild_catalog` did: memories back in the catalog (``"namespace/id"``; those from cube
-    files that do not record their memory are ``recovered/<blob>``), files it could not use (``"cubes/<file>:
-    why"``; left in place, and the next gc removes them as files no memory names), the old catalog files it moved
-    aside, and what no cube file holds."""
-
-    rebuilt: list[str] = field(default_factory=list)
-    recovered: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    moved_aside: list[str] = field(default_factory=list)
-    lost: str = LOST
 
 
 def open_backends(location, *, create: bool) -> tuple[CatalogBackend, BlobBackend]:
@@ -135,7 +112,7 @@ class CubeStore:
         if isinstance(shared, str) or not isinstance(shared, Iterable):
             raise CubeError(f"shared must be a list of namespaces, e.g. shared=['public'], got {shared!r:.60}")
         others = tuple(dict.fromkeys(check_name(s, "shared namespace") for s in shared if s != own))
-        granted = self._granted(own)
+        granted = self.granted(own)
         refused = [s for s in others if s not in granted]
         if refused:
             raise CubeError(f"namespace {refused[0]!r} has not shared its memories with {own!r}: the owner grants "
@@ -143,7 +120,7 @@ class CubeStore:
                             f"{refused[0]}`); grants are revocable (store.revoke / `kvmem unshare`)")
         return StoreView(self, own, others)
 
-    def _granted(self, reader: str) -> set[str]:
+    def granted(self, reader: str) -> set[str]:
         """Namespaces whose memories ``reader`` may read (besides its own)."""
         return {owner for owner, r in self.catalog.grants() if r in (reader, EVERYONE)}
 
@@ -168,8 +145,9 @@ class CubeStore:
         return self.catalog.grants()
 
     # ---------------------------------------------------------------- change detection
-    def version(self) -> int:
-        """A number that grows with every change to the store (see `StoreView.changes_since`)."""
+    def version(self) -> StoreVersion:
+        """A number that grows with every change to the store, with the catalog's epoch (see
+        `StoreView.changes_since`)."""
         return self.catalog.version()
 
     # ---------------------------------------------------------------- maintenance
@@ -177,7 +155,11 @@ class CubeStore:
         """Remove cube files no row names and repair rows whose cube file is missing; returns a `GCReport`.
 
         Never deletes a committed cube, nor one a live writer is putting (its name is reserved before its
-        bytes exist; see kvmem/store_backend.py). ``grace_s``: unreferenced files, unfinished uploads and
+        bytes exist; see kvmem/store/records.py), nor the last copy of a memory: a file no row names is removed
+        only when its memory has a later version or was removed after it was written (its stamp against the
+        catalog and its change log), when its writer never committed it, or when it records no memory of this
+        store that can be read; every other such file is kept and listed in ``kept`` (`kvmem repair` adopts the
+        ones whose memory the catalog lacks). ``grace_s``: unreferenced files, unfinished uploads and
         reservations younger than this are left alone (a writer that stalls longer gets a clean error at its
         commit instead). Refuses (CubeError) to run on a catalog it cannot trust.
         """
@@ -188,14 +170,18 @@ class CubeStore:
         report = GCReport(swept=self.blobs.sweep(now - grace_s))
         present = self.blobs.names()            # list the blobs first, then read who references them
         old = {name for name, mtime in present.items() if mtime < now - grace_s}
-        named, reserved = self.catalog.references(expire_before=now - grace_s, expire=old)
+        named, reserved, expired = self.catalog.references(expire_before=now - grace_s, expire=old)
         for name in sorted(old - named - reserved):
+            keep = None if name in expired else self._last_copy_of(name, present[name])
+            if keep is not None:
+                report.kept.append(f"cubes/{name}.safetensors: {keep}")
+                continue
             self.blobs.delete(name)
             report.removed.append(f"cubes/{name}.safetensors")
         for rec in self.catalog.list(None):
             if rec.blob is None and rec.kind != "memcube":
                 continue
-            if rec.blob is not None and _is_valid_blob(rec.blob):
+            if rec.blob is not None and is_valid_blob(rec.blob):
                 if rec.blob in present:
                     continue
                 try:
@@ -210,323 +196,52 @@ class CubeStore:
         self.catalog.trim_changes(CHANGES_KEPT)
         return report
 
+    def _last_copy_of(self, name: str, mtime: float) -> str | None:
+        """Why the unreferenced file ``name`` must be kept (it may hold the last copy of a memory), or None."""
+        try:
+            path = self.blobs.local_path(name)
+            stamp = peek_stamp(path, fallback_time=mtime) if path is not None else None
+        except CubeError:
+            return None  # unreadable: nothing a repair could rebuild from (`kvmem repair` skips it too)
+        if stamp is None:
+            return None  # records no memory: an older kvmem's leftover, or not a store file
+        ours = getattr(self.catalog, "store_id", None)  # (a custom catalog may not know its store's id)
+        if stamp.store and ours and stamp.store != ours:
+            return f"it belongs to another store (id {stamp.store}): move it to that store, or delete it by hand"
+        row = self.catalog.get((stamp.namespace,), stamp.id)
+        if row is not None and row.blob is not None and is_valid_blob(row.blob):
+            try:
+                current = self.blobs.local_path(row.blob)
+                newest = peek_stamp(current, fallback_time=0.0) if current is not None else None
+            except CubeError:
+                newest = None
+            if newest is not None and newest.written >= stamp.written:
+                return None  # an older version of a memory the catalog holds
+        changed = self.catalog.changed_at(stamp.namespace, stamp.id)
+        if changed is not None and changed >= stamp.written and (row is None or row.blob is None):
+            return None  # removed, or made text-only, after this file was written
+        if row is None:
+            return f"it holds {stamp.qualified}, which the catalog lacks: `kvmem repair` adopts it"
+        return (f"it holds a version of {stamp.qualified} newer than the catalog's: the catalog's stands "
+                "(move this file aside if it is not wanted)")
+
     @classmethod
     def rebuild_catalog(cls, location) -> RebuildReport:
-        """Rebuild a lost, emptied, damaged or replaced catalog of a store folder from its cube files.
+        """Rebuild a lost, emptied, damaged or replaced catalog of a store folder from what is left: every table
+        of the old catalog that can still be read, and the cube files (kvmem/store/repair.py has the rules).
 
-        Each cube file written by `StoreView.put_cube` records its memory (namespace, id, text, meta); a cube from
-        an older kvmem becomes ``recovered/<blob>`` with the cube's own text. Every file is fully validated
-        (`MemCube.load`) first; where two files claim one memory, the newer wins. The old catalog is moved aside,
-        not deleted. What only the catalog held (text-only memories, grants, use counts) cannot come back.
+        Atomic: the new catalog is built aside and swapped in only when complete (or, for a sound catalog that
+        lacks memories its files hold, changed in one transaction); a repair that fails changes nothing and can
+        be run again. Files it cannot read, files of another store and conflicting copies are reported, never
+        adopted over a genuine memory. The old catalog is moved aside, not deleted.
 
         Returns:
             RebuildReport.
 
         Raises:
-            CubeError: not a local store folder, no write access, or the catalog is intact (nothing to rebuild).
+            CubeError: not a local store folder, no write access, the repair could not complete (nothing
+                changed), or the catalog is intact and every file's memory is in it (nothing to rebuild).
         """
-        if isinstance(location, str) and location.startswith(("redis://", "rediss://", "unix://")):
-            raise CubeError(f"{location}: rebuild_catalog rebuilds store folders; a Redis store's catalog lives in "
-                            "Redis itself: restore it from a Redis backup (RDB or AOF)")
-        if not isinstance(location, (str, os.PathLike)):
-            raise CubeError(f"a store location is a folder path, got {type(location).__name__}")
-        from .local import fresh_local_catalog
+        from .repair import rebuild_catalog
 
-        catalog, blobs, moved = fresh_local_catalog(location)
-        report = RebuildReport(moved_aside=moved)
-        chosen: dict[tuple[str, str], tuple[Record, str]] = {}
-        for name, mtime in sorted(blobs.names().items()):
-            where = f"cubes/{name}.safetensors"
-            try:
-                path = blobs.local_path(name)
-                if path is None:
-                    continue  # removed while listing
-                rec = _record_from_cube(MemCube.load(path), name, mtime, path.stat().st_size)
-            except (CubeError, OSError) as exc:
-                report.skipped.append(f"{where}: {exc}")
-                continue
-            before = chosen.get((rec.namespace, rec.id))
-            if before is not None:
-                older, newer = sorted((before, (rec, where)), key=lambda pair: pair[0].last_used)
-                report.skipped.append(f"{older[1]}: an older version of {rec.qualified} (kept {newer[1]})")
-                rec, where = newer
-            chosen[(rec.namespace, rec.id)] = (rec, where)
-        for rec, _ in sorted(chosen.values(), key=lambda pair: pair[0].created):
-            catalog.reserve(rec.blob, time.time())
-            catalog.upsert(rec)
-            (report.recovered if rec.namespace == RECOVERED and rec.id == rec.blob else report.rebuilt).append(
-                rec.qualified)
-        return report
-
-
-def _record_from_cube(cube: MemCube, blob: str, mtime: float, size: int) -> Record:
-    """The catalog row a cube file of the store stands for (CubeError when the file cannot say)."""
-    memory = cube.meta.get(MEMORY_KEY)
-    if memory is None:  # put by a kvmem from before files recorded their memory
-        namespace, memory_id, text, meta, created, written = RECOVERED, blob, cube.text, {}, mtime, mtime
-    elif not isinstance(memory, dict):
-        raise CubeError(f"its {MEMORY_KEY!r} metadata is damaged ({type(memory).__name__}, not an object)")
-    else:
-        namespace = check_name(memory.get("namespace"), "namespace")
-        memory_id = check_name(memory.get("id"), "memory id")
-        text, meta = memory.get("text") or cube.text, check_meta(memory.get("meta"))
-        created, written = (_seconds(memory.get(key), mtime) for key in ("created", "written"))
-    if not isinstance(text, str) or not text.strip():
-        raise CubeError("the cube records no text (it was built from ids and its text lived only in the catalog): "
-                        "move the file out of cubes/ before the next gc if you want to keep it")
-    return Record(namespace, memory_id, text, "memcube", meta, cube.fingerprint, cube.num_tokens, size, blob,
-                  created, written)  # last_used: when this version was written (the newer of two copies wins)
-
-
-def _seconds(value, default: float) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
-
-
-class StoreView:
-    """The store as one namespace sees it (own + granted shared namespaces); writes go to the own namespace.
-
-    Ids: a plain ``"id"`` means the first visible namespace that has it (own first); ``"namespace/id"`` (as
-    `Record.qualified` gives) names one memory unambiguously. Records always carry their namespace.
-
-    Change detection (for a process that keeps an index or cubes of the store in memory):
-        >>> v = view.version()                        # remember where you looked
-        >>> v, changes = view.changes_since(v)        # later: what changed in the visible namespaces
-        >>> # changes: [(namespace, id, op), ...], op in add / cube / rm / repair; ("owner", "reader",
-        >>> # "grant"/"revoke") when what this view may read changed; None: too far behind, reread everything
-    Both are one small catalog query, cheap enough for every request.
-    """
-
-    def __init__(self, store: CubeStore, namespace: str, shared: tuple[str, ...] = ()):
-        self.store = store
-        self._own, self._shared = namespace, tuple(shared)
-
-    def __repr__(self) -> str:
-        return f"StoreView({self.namespace!r}, shared={list(self._shared)}, {self.store!r})"
-
-    @property
-    def namespace(self) -> str:
-        return self._own
-
-    @property
-    def namespaces(self) -> tuple[str, ...]:
-        """The own namespace, then the shared ones whose grants still stand (a revoke applies at once)."""
-        if not self._shared:
-            return (self._own,)
-        granted = self.store._granted(self._own)
-        return (self._own, *(s for s in self._shared if s in granted))
-
-    @staticmethod
-    def mint_id(text: str) -> str:
-        """The id a memory gets when the caller names none: ``m-`` and 12 hex digits of the text's xxh3 digest."""
-        import xxhash
-
-        return "m-" + xxhash.xxh3_64(str(text).encode()).hexdigest()[:12]
-
-    # ---------------------------------------------------------------- sharing
-    def share_with(self, reader: str) -> None:
-        """Grant ``reader`` read access to this view's own namespace (`CubeStore.grant`)."""
-        self.store.grant(self._own, reader)
-
-    def unshare(self, reader: str) -> bool:
-        """Revoke ``reader``'s read access to this view's own namespace."""
-        return self.store.revoke(self._own, reader)
-
-    # ---------------------------------------------------------------- writes
-    def _own_id(self, memory_id: str) -> str:
-        namespace, plain = split_id(memory_id)
-        if namespace is not None and namespace != self._own:
-            raise CubeError(f"memory id {memory_id!r} is in namespace {namespace!r}; this view writes only to "
-                            f"{self._own!r} (shared namespaces are read-only)")
-        return plain
-
-    def add(self, memory_id: str, text: str, meta: dict | None = None) -> Record:
-        """Add (or replace) a plaintext memory. Replacing the text drops a cube built from the old text.
-
-        ``meta`` is checked (`check_meta`) before anything is written. No id at hand: ``view.mint_id(text)``."""
-        memory_id = self._own_id(memory_id)
-        if not isinstance(text, str) or not text.strip():
-            raise CubeError(f"memory text must be a non-empty string, got {text!r:.40}")
-        meta = check_meta(meta)
-        now = time.time()
-        rec = Record(self._own, memory_id, text, "text", meta, created=now, last_used=now)
-        self._delete_blob(self.store.catalog.upsert(rec))
-        return rec
-
-    def put_cube(self, memory_id: str, cube: MemCube, *, text: str | None = None, meta: dict | None = None,
-                 quantize: str | None = None) -> Record:
-        """Store ``cube`` as the activation memory of ``memory_id`` (its text defaults to the cube's text).
-        ``quantize``: "int8" / "int4" stores it quantized, with its measured error (`MemCube.quantize`)."""
-        memory_id = self._own_id(memory_id)
-        if not isinstance(cube, MemCube):
-            raise CubeError(f"put_cube takes a MemCube, got {type(cube).__name__}")
-        if quantize is not None:
-            cube = cube.quantize(quantize)
-        if text is not None and (not isinstance(text, str) or not text.strip()):
-            raise CubeError(f"text must be a non-empty string, got {text!r:.40}")
-        old = self.store.catalog.get((self._own,), memory_id)
-        text = text or cube.text or (old.text if old else None)
-        if not text:
-            raise CubeError(f"memory {memory_id!r} needs a text (the cube was built from ids: pass text=...)")
-        meta = check_meta(meta if meta is not None else (old.meta if old else None))
-        catalog, blobs = self.store.catalog, self.store.blobs
-        name = new_blob_name()  # a new blob per version: readers of the old one are safe
-        # the file records which memory it is, so a lost catalog can be rebuilt from the files (rebuild_catalog)
-        now = time.time()
-        record = {"namespace": self._own, "id": memory_id, "meta": meta, "created": old.created if old else now,
-                  "written": now}
-        if text != cube.text:
-            record["text"] = text
-        stamped = cube.with_meta({MEMORY_KEY: record})  # a quantized cube stays packed
-        catalog.reserve(name, time.time())
-        staged = blobs.stage(name)
-        try:
-            try:
-                stamped.save(staged)
-                size = blobs.put(name, staged)
-            except CubeError:  # already says what and why (a Redis that cannot be reached, a folder path)
-                raise
-            except Exception as exc:  # an OSError, safetensors' own error type, anything from the staged file
-                raise CubeError(f"writing the cube of {self._own}/{memory_id} failed ({type(exc).__name__}: {exc}); "
-                                "nothing was committed: write it again (if a gc with no grace ran beside this "
-                                "write, it removed the unfinished file: give gc a grace, e.g. the default "
-                                "`kvmem gc` keeps 10 minutes)") from None
-            now = time.time()
-            rec = Record(self._own, memory_id, text, "memcube", meta, cube.fingerprint, cube.num_tokens, size, name,
-                         now, now)
-            replaced = catalog.upsert(rec)
-        except OSError as exc:  # the catalog's own files
-            self._undo_put(name, staged)
-            raise CubeError(f"writing the cube of {self._own}/{memory_id} failed ({exc}); nothing was committed: "
-                            "write it again") from None
-        except BaseException:
-            self._undo_put(name, staged)
-            raise
-        self._delete_blob(replaced)
-        return rec
-
-    def _undo_put(self, name: str, staged) -> None:
-        """Remove what a failed put left (staged file, blob, reservation); gc collects anything missed."""
-        catalog, blobs = self.store.catalog, self.store.blobs
-        for undo in (lambda: Path(staged).unlink(missing_ok=True), lambda: blobs.delete(name),
-                     lambda: catalog.release(name)):
-            try:
-                undo()
-            except Exception:  # the original error matters more; gc collects what is left
-                pass
-
-    def _delete_blob(self, name: str | None) -> None:
-        if not name:
-            return
-        try:
-            self.store.blobs.delete(check_blob(name))
-        except CubeError as exc:  # a misnamed blob is never touched; gc reports it
-            _log.warning("not deleting %r: %s", name, exc)
-
-    def rm(self, memory_id: str) -> bool:
-        """Delete ``memory_id`` from the own namespace (shared namespaces are read-only here)."""
-        rec = self.store.catalog.delete(self._own, self._own_id(memory_id))
-        if rec is None:
-            return False
-        self._delete_blob(rec.blob)
-        return True
-
-    # ---------------------------------------------------------------- reads
-    def _where(self, memory_id: str) -> tuple[str, ...]:
-        """The namespaces to look ``memory_id`` up in, own first; and the plain id."""
-        namespace, plain = split_id(memory_id)
-        visible = self.namespaces
-        return ((namespace,) if namespace in visible else ()) if namespace else visible, plain
-
-    def get(self, memory_id: str) -> Record | None:
-        """The record of ``memory_id`` (plain: own namespace first; or ``"namespace/id"``) visible to this view,
-        or None."""
-        namespaces, plain = self._where(memory_id)
-        return self.store.catalog.get(namespaces, plain) if namespaces else None
-
-    def load_cube(self, memory_id: str, *, device=None) -> MemCube | None:
-        """The validated cube of ``memory_id``, or None if it has none (or is not visible here).
-
-        A row whose cube file is gone (deleted by hand, an old gc) is repaired: the memory becomes text-only
-        and None is returned, so the request goes on with the text instead of failing every time."""
-        last = None
-        for _ in range(3):  # the file may be replaced between the catalog read and the open: read again
-            rec = self.get(memory_id)
-            if rec is None or rec.blob is None:
-                return None
-            if not _is_valid_blob(rec.blob):  # a damaged or forged row: its "file" is never opened
-                return self._repair(rec)
-            path = self.store.blobs.local_path(rec.blob)  # CubeError if it exists but may not be read
-            if path is not None:
-                try:
-                    return MemCube.load(path, device=device)
-                except CubeError:
-                    if self.store.blobs.local_path(rec.blob) is not None:
-                        raise
-            elif rec.blob == last:  # the row still names a file that is not there: not a race, a loss
-                return self._repair(rec)
-            last = rec.blob
-        raise CubeError(f"memory {memory_id!r}: its cube file keeps being replaced; is another process rewriting "
-                        "it in a loop?")
-
-    def _repair(self, rec: Record) -> None:
-        try:
-            if self.store.catalog.drop_blob(rec.namespace, rec.id, rec.blob):
-                _log.warning("memory %s named a missing or invalid cube file %r: it is text-only now",
-                             rec.qualified, rec.blob)
-        except CubeError as exc:  # a read-only reader cannot repair; it still answers from the text
-            _log.warning("memory %s names a missing or invalid cube file %r (%s)", rec.qualified, rec.blob, exc)
-        return None
-
-    def ls(self, kind: str | None = None) -> list[Record]:
-        """Every memory this view sees (records carry their namespace), optionally of one kind."""
-        if kind is not None and kind not in KINDS:
-            raise CubeError(f"kind must be one of {KINDS}, got {kind!r}")
-        return self.store.catalog.list(self.namespaces, kind)
-
-    def touch(self, memory_id: str) -> None:
-        """Count a use of ``memory_id`` (hits, last used)."""
-        rec = self.get(memory_id)
-        if rec is not None:
-            self.store.catalog.touch(rec.namespace, rec.id, time.time())
-
-    def stats(self) -> dict:
-        recs = self.ls()
-        return {"namespaces": list(self.namespaces), "memories": len(recs),
-                "cubes": sum(r.kind == "memcube" for r in recs), "cube_bytes": sum(r.bytes for r in recs),
-                "tokens": sum(r.tokens for r in recs), "hits": sum(r.hits for r in recs)}
-
-    # ---------------------------------------------------------------- change detection
-    def version(self) -> int:
-        """The store's change counter now (pass it to `changes_since` later)."""
-        return self.store.catalog.version()
-
-    def changes_since(self, version: int) -> tuple[int, list[tuple[str, str, str]] | None]:
-        """``(now, changes)``: what changed after ``version`` that this view can see, oldest first, as
-        ``(namespace, id, op)`` (op: add, cube, rm, repair), plus ``(owner, reader, "grant"/"revoke")`` for
-        grants that change what this view reads. ``changes`` is None when the change log no longer reaches
-        back to ``version``: reread everything."""
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise CubeError(f"version must be an int >= 0 (from view.version()), got {version!r}")
-        now, changes = self.store.catalog.changes_since(version)
-        if changes is None:
-            return now, None
-        visible = set(self._own_and_requested())
-        out = []
-        for namespace, memory_id, op in changes:
-            if op in ("grant", "revoke"):
-                if memory_id in (self._own, EVERYONE) and namespace in visible:
-                    out.append((namespace, memory_id, op))
-            elif namespace in visible:
-                out.append((namespace, memory_id, op))
-        return now, out
-
-    def _own_and_requested(self) -> tuple[str, ...]:
-        return (self._own, *self._shared)
-
-
-def _is_valid_blob(name) -> bool:
-    try:
-        check_blob(name)
-        return True
-    except CubeError:
-        return False
+        return rebuild_catalog(location)

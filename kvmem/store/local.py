@@ -20,14 +20,13 @@ import uuid
 from pathlib import Path
 
 from ..errors import CubeError
-from .records import BLOB, Record, check_blob
 from .sqlite_db import connect, transaction
+from .folder import MARKER, STORE_FORMAT, LocalBlobs, read_marker, write_marker  # noqa: F401 (old home)
+from .records import BLOB, Record, StoreVersion, check_blob
 
-MARKER = "kvmem-store.json"
 CATALOG = "catalog.sqlite"
-STORE_FORMAT = "kvmem.store"
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS memories (
     namespace TEXT NOT NULL, id TEXT NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL, meta TEXT NOT NULL,
     fingerprint TEXT, tokens INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0, path TEXT,
@@ -41,25 +40,25 @@ CREATE TABLE IF NOT EXISTS grants (owner TEXT NOT NULL, reader TEXT NOT NULL, cr
 CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, namespace TEXT NOT NULL,
                                     id TEXT NOT NULL, op TEXT NOT NULL, at REAL NOT NULL);
 """
-_TABLES = ("memories", "store", "reservations", "grants", "changes")
-_COLUMNS = ("namespace", "id", "kind", "text", "meta", "fingerprint", "tokens", "bytes", "path", "created",
+TABLES = ("memories", "store", "reservations", "grants", "changes")
+COLUMNS = ("namespace", "id", "kind", "text", "meta", "fingerprint", "tokens", "bytes", "path", "created",
             "last_used", "hits")
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM memories"
+SELECT = f"SELECT {', '.join(COLUMNS)} FROM memories"
 
 
-def _column(blob: str | None) -> str | None:
+def column_of(blob: str | None) -> str | None:
     """The ``path`` column's value for a blob (the column keeps the layout older stores wrote)."""
     return None if blob is None else f"cubes/{blob}.safetensors"
 
 
-def _blob(column) -> str | None:
+def blob_of(column) -> str | None:
     """The blob a ``path`` column names; anything not of the form kvmem writes is passed on as it is (and
     refused by `check_blob` wherever it would be used)."""
     if column is None:
         return None
     if isinstance(column, str) and column.startswith("cubes/") and column.endswith(".safetensors"):
         name = column[len("cubes/"):-len(".safetensors")]
-        if BLOB.match(name):
+        if BLOB.fullmatch(name):
             return name
     return str(column)
 
@@ -73,17 +72,21 @@ class SQLiteCatalog:
         self.readonly = self.path.exists() and not (os.access(self.path, os.W_OK)
                                                     and os.access(self.path.parent, os.W_OK))
         if create:
-            with self._connect() as db:
+            with connect(self.path, synchronous="FULL", what=self.describe()) as db:
                 db.execute("PRAGMA journal_mode=WAL")
-                db.executescript(_SCHEMA)
+                db.executescript(SCHEMA)
                 if store_id is not None:
                     db.execute("INSERT OR IGNORE INTO store VALUES ('id', ?)", (store_id,))
+                db.execute("INSERT OR IGNORE INTO store VALUES ('epoch', ?)", (uuid.uuid4().hex,))
 
     def describe(self) -> str:
         return f"catalog {self.path}"
 
     def _connect(self):
-        return connect(self.path, synchronous="FULL", readonly=self.readonly, what=self.describe())
+        if not self.path.is_file():  # never let SQLite create an empty catalog under a running process
+            raise CubeError(f"{self.describe()} is gone (deleted or moved while this process used it): restore it "
+                            f"from a backup, or rebuild it with `kvmem repair {self.path.parent}`")
+        return connect(self.path, synchronous="FULL", readonly=self.readonly, what=self.describe(), create=False)
 
     def _write(self):
         if self.readonly:
@@ -114,7 +117,7 @@ class SQLiteCatalog:
         with self._connect() as db:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             # without a marker (store_id None): a store from before markers needs only its memories (see adopt)
-            missing = [t for t in (_TABLES if self.store_id is not None else ("memories",)) if t not in tables]
+            missing = [t for t in (TABLES if self.store_id is not None else ("memories",)) if t not in tables]
             if missing:
                 raise CubeError(f"{self.describe()} lacks the tables {missing}: it is damaged or not a kvmem "
                                 "catalog. Restore it from a backup, or rebuild it from the cube files with "
@@ -133,18 +136,28 @@ class SQLiteCatalog:
                                     "from a backup, or rebuild it from the cube files with "
                                     f"`kvmem repair {self.path.parent}` (gc refuses to run)")
 
+    def recorded_id(self) -> str | None:
+        """The store id the catalog itself records (None: none, or unreadable)."""
+        try:
+            with connect(self.path, readonly=True, what=self.describe(), create=False) as db:
+                row = db.execute("SELECT value FROM store WHERE key='id'").fetchone()
+        except CubeError:
+            return None
+        return row[0] if row else None
+
     def adopt(self, store_id: str) -> None:
         """Bring a catalog written by an older kvmem up to this schema, under ``store_id``."""
         with self._write() as db, transaction(db):
-            for statement in _SCHEMA.split(";"):
+            for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
             db.execute("INSERT OR IGNORE INTO store VALUES ('id', ?)", (store_id,))
+            db.execute("INSERT OR IGNORE INTO store VALUES ('epoch', ?)", (uuid.uuid4().hex,))
         self.store_id = store_id
 
     # ---------------------------------------------------------------- memories
     def _record(self, row) -> Record:
-        values = dict(zip(_COLUMNS, row))
+        values = dict(zip(COLUMNS, row))
         try:
             values["meta"] = json.loads(values["meta"])
             if not isinstance(values["meta"], dict):
@@ -152,7 +165,7 @@ class SQLiteCatalog:
         except (TypeError, ValueError) as exc:
             raise CubeError(f"{self.describe()}: memory {values['namespace']}/{values['id']} has damaged meta "
                             f"({exc}); rewrite it (view.add) or restore the catalog") from None
-        values["blob"] = _blob(values.pop("path"))
+        values["blob"] = blob_of(values.pop("path"))
         return Record(**values)
 
     @staticmethod
@@ -181,23 +194,23 @@ class SQLiteCatalog:
                              (rec.namespace, rec.id)).fetchone()
             if old is not None:
                 rec.created, rec.hits = old[1], old[2]
-            db.execute(f"INSERT OR REPLACE INTO memories ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 12)})",
+            db.execute(f"INSERT OR REPLACE INTO memories ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * 12)})",
                        (rec.namespace, rec.id, rec.kind, rec.text, meta, rec.fingerprint, rec.tokens, rec.bytes,
-                        _column(rec.blob), rec.created, rec.last_used, rec.hits))
+                        column_of(rec.blob), rec.created, rec.last_used, rec.hits))
             self._log(db, rec.namespace, rec.id, "cube" if rec.blob else "add")
-        old_blob = _blob(old[0]) if old is not None else None
+        old_blob = blob_of(old[0]) if old is not None else None
         return old_blob if old_blob != rec.blob else None
 
     def get(self, namespaces, memory_id):
         with self._connect() as db:
             for ns in namespaces:  # own namespace first, then the shared ones in the order given
-                row = db.execute(f"{_SELECT} WHERE namespace=? AND id=?", (ns, memory_id)).fetchone()
+                row = db.execute(f"{SELECT} WHERE namespace=? AND id=?", (ns, memory_id)).fetchone()
                 if row:
                     return self._record(row)
             return None
 
     def list(self, namespaces, kind=None):
-        sql, args = _SELECT + " WHERE 1", []
+        sql, args = SELECT + " WHERE 1", []
         if namespaces is not None:
             sql += f" AND namespace IN ({', '.join('?' * len(namespaces))})"
             args += list(namespaces)
@@ -209,14 +222,14 @@ class SQLiteCatalog:
 
     def delete(self, namespace, memory_id):
         with self._write() as db, transaction(db):
-            row = db.execute(f"{_SELECT} WHERE namespace=? AND id=?", (namespace, memory_id)).fetchone()
+            row = db.execute(f"{SELECT} WHERE namespace=? AND id=?", (namespace, memory_id)).fetchone()
             if row is None:
                 return None
             db.execute("DELETE FROM memories WHERE namespace=? AND id=?", (namespace, memory_id))
             self._log(db, namespace, memory_id, "rm")
-        values = dict(zip(_COLUMNS, row))
+        values = dict(zip(COLUMNS, row))
         return Record(namespace, memory_id, values["text"], values["kind"], {}, values["fingerprint"],
-                      values["tokens"], values["bytes"], _blob(values["path"]), values["created"],
+                      values["tokens"], values["bytes"], blob_of(values["path"]), values["created"],
                       values["last_used"], values["hits"])
 
     def touch(self, namespace, memory_id, when):
@@ -227,7 +240,7 @@ class SQLiteCatalog:
                        (when, namespace, memory_id))
 
     def drop_blob(self, namespace, memory_id, blob):
-        columns = {_column(blob) if blob and BLOB.match(blob) else blob}
+        columns = {column_of(blob) if blob and BLOB.fullmatch(blob) else blob}
         with self._write() as db, transaction(db):
             row = db.execute("SELECT path FROM memories WHERE namespace=? AND id=?", (namespace, memory_id)).fetchone()
             if row is None or row[0] not in columns:
@@ -238,15 +251,22 @@ class SQLiteCatalog:
         return True
 
     def references(self, *, expire_before, expire=()):
-        expire = list(expire)
+        expire = set(expire)
         with self._write() as db, transaction(db):
-            db.execute("DELETE FROM reservations WHERE created < ?", (expire_before,))
-            for i in range(0, len(expire), 500):
-                chunk = expire[i:i + 500]
+            before = {r[0]: r[1] for r in db.execute("SELECT blob, created FROM reservations")}
+            expired = {blob for blob, when in before.items() if when < expire_before or blob in expire}
+            expired_list = sorted(expired)
+            for i in range(0, len(expired_list), 500):
+                chunk = expired_list[i:i + 500]
                 db.execute(f"DELETE FROM reservations WHERE blob IN ({', '.join('?' * len(chunk))})", chunk)
-            named = {_blob(r[0]) for r in db.execute("SELECT path FROM memories WHERE path IS NOT NULL")}
-            reserved = {r[0] for r in db.execute("SELECT blob FROM reservations")}
-        return named, reserved
+            named = {blob_of(r[0]) for r in db.execute("SELECT path FROM memories WHERE path IS NOT NULL")}
+        return named, set(before) - expired, expired
+
+    def changed_at(self, namespace, memory_id):
+        with self._connect() as db:
+            row = db.execute("SELECT MAX(at) FROM changes WHERE namespace=? AND id=? AND op IN ('add', 'rm')",
+                             (namespace, memory_id)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def paths(self) -> set[str]:
         """The cube files rows name, relative to the store root (``cubes/<blob>.safetensors``)."""
@@ -273,17 +293,21 @@ class SQLiteCatalog:
             return [tuple(r) for r in db.execute("SELECT owner, reader FROM grants ORDER BY owner, reader")]
 
     # ---------------------------------------------------------------- change detection
+    @staticmethod
+    def _version(db) -> StoreVersion:
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='changes'").fetchone() \
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name='sqlite_sequence'").fetchone() else None
+        epoch = db.execute("SELECT value FROM store WHERE key='epoch'").fetchone() \
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name='store'").fetchone() else None
+        return StoreVersion(int(row[0]) if row else 0, epoch[0] if epoch else "")
+
     def version(self):
         with self._connect() as db:
-            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='changes'").fetchone() \
-                if db.execute("SELECT 1 FROM sqlite_master WHERE name='sqlite_sequence'").fetchone() else None
-            return int(row[0]) if row else 0
+            return self._version(db)
 
     def changes_since(self, version):
         with self._connect() as db:
-            has_seq = db.execute("SELECT 1 FROM sqlite_master WHERE name='sqlite_sequence'").fetchone()
-            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='changes'").fetchone() if has_seq else None
-            now = int(row[0]) if row else 0
+            now = self._version(db)
             if version >= now:
                 return now, []
             oldest = db.execute("SELECT MIN(seq) FROM changes").fetchone()[0]
@@ -296,103 +320,6 @@ class SQLiteCatalog:
     def trim_changes(self, keep):
         with self._write() as db:
             db.execute("DELETE FROM changes WHERE seq <= (SELECT MAX(seq) FROM changes) - ?", (int(keep),))
-
-
-class LocalBlobs:
-    """Cube files in ``<root>/cubes``: ``<blob>.safetensors``, staged as hidden files beside them."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.root = self.folder.parent  # the store folder (the index keeps its embedding cache there)
-
-    def describe(self) -> str:
-        return f"cube folder {self.folder}"
-
-    def _path(self, name: str) -> Path:
-        return self.folder / f"{check_blob(name)}.safetensors"
-
-    def stage(self, name):
-        return self.folder / f".{check_blob(name)}.staged.safetensors"
-
-    def put(self, name, staged):
-        final = self._path(name)
-        try:
-            os.replace(staged, final)
-        except OSError as exc:
-            raise CubeError(f"cannot put a cube into {self.folder} ({exc.strerror}): check write access") from None
-        try:  # make the rename durable
-            fd = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-        return final.stat().st_size
-
-    def local_path(self, name):
-        path = self._path(name)
-        try:
-            with open(path, "rb"):
-                pass
-        except FileNotFoundError:
-            return None
-        except PermissionError:
-            raise CubeError(f"permission denied reading {path}: the cube is not damaged, but this process may "
-                            "not read it. Ask the store's owner for read access (e.g. chmod g+r, or a shared "
-                            "group with umask 002)") from None
-        return path
-
-    def delete(self, name):
-        try:
-            self._path(name).unlink(missing_ok=True)
-        except PermissionError:
-            raise CubeError(f"permission denied deleting {self._path(name)}: writes need write access to "
-                            f"{self.folder}") from None
-
-    def names(self):
-        out = {}
-        for f in self.folder.iterdir():
-            if f.suffix == ".safetensors" and BLOB.match(f.stem):
-                try:
-                    out[f.stem] = f.stat().st_mtime
-                except FileNotFoundError:  # deleted while listing
-                    pass
-        return out
-
-    def sweep(self, older_than):
-        removed = []
-        for f in self.folder.iterdir():
-            if not f.name.startswith("."):
-                continue  # kvmem's unfinished files are hidden; anything else that is not a blob is left alone
-            try:
-                if f.is_file() and f.stat().st_mtime < older_than:
-                    f.unlink()
-                    removed.append(f.name)
-            except FileNotFoundError:
-                pass
-        return removed
-
-
-def _write_marker(root: Path, store_id: str) -> None:
-    tmp = root / f".{MARKER}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.write_text(json.dumps({"format": STORE_FORMAT, "version": 1, "store_id": store_id,
-                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1) + "\n")
-    os.replace(tmp, root / MARKER)
-
-
-def _read_marker(root: Path) -> str:
-    path = root / MARKER
-    try:
-        marker = json.loads(path.read_text())
-        if marker.get("format") != STORE_FORMAT or not isinstance(marker.get("store_id"), str):
-            raise ValueError("not a kvmem store marker")
-        return marker["store_id"]
-    except PermissionError:
-        raise CubeError(f"permission denied reading {path}: ask the store's owner for read access") from None
-    except (OSError, ValueError, AttributeError) as exc:
-        raise CubeError(f"{path} is damaged ({exc}); it marks {root} as a kvmem store. Restore it from a backup "
-                        "(or, if catalog.sqlite is intact, delete it: the store is then adopted again)") from None
 
 
 def open_local_backends(root: str | os.PathLike, *, create: bool = False) -> tuple[SQLiteCatalog, LocalBlobs]:
@@ -414,16 +341,21 @@ def open_local_backends(root: str | os.PathLike, *, create: bool = False) -> tup
         if not create:
             raise CubeError(f"no kvmem store at {root}: check the path (--store / $KVMEM_STORE); create one with "
                             "`kvmem add` or CubeStore(path, create=True)")
+        existed = root.exists()
         try:
             cubes.mkdir(parents=True, exist_ok=True)  # modes: 0777 less the umask, like any folder
             store_id = uuid.uuid4().hex
             catalog = SQLiteCatalog(catalog_path, store_id=store_id, create=True)
-            _write_marker(root, store_id)
-        except PermissionError:
-            raise CubeError(f"permission denied creating a store at {root}: pick a folder you may write") from None
+            write_marker(root, store_id)
+        except (OSError, CubeError) as exc:
+            # a half-made store (a catalog without its marker) would read as a lost catalog: take it away
+            _remove_new_store(root, existed=existed)
+            why = "permission denied" if isinstance(exc, PermissionError) else getattr(exc, "strerror", None) or exc
+            raise CubeError(f"cannot create a store at {root} ({why}): pick a folder you may write, with free "
+                            "space; nothing was left behind") from None
         return catalog, LocalBlobs(cubes)
     if (root / MARKER).exists():
-        catalog = SQLiteCatalog(catalog_path, store_id=_read_marker(root))
+        catalog = SQLiteCatalog(catalog_path, store_id=read_marker(root))
         catalog.check()
         cubes.mkdir(exist_ok=True) if not catalog.readonly else None
         return catalog, LocalBlobs(cubes)
@@ -435,9 +367,9 @@ def open_local_backends(root: str | os.PathLike, *, create: bool = False) -> tup
             if not db.execute("SELECT 1 FROM sqlite_master WHERE name='memories'").fetchone():
                 raise CubeError(f"{catalog_path} is not a kvmem catalog (no memories table)")
         if not catalog.readonly:
-            store_id = uuid.uuid4().hex
+            store_id = catalog.recorded_id() or uuid.uuid4().hex  # a marker lost from a newer store: same id
             catalog.adopt(store_id)
-            _write_marker(root, store_id)
+            write_marker(root, store_id)
         return catalog, LocalBlobs(cubes)
     cube_files = list(cubes.glob("*.safetensors")) if cubes.is_dir() else []
     if cube_files or catalog_path.exists():
@@ -449,46 +381,15 @@ def open_local_backends(root: str | os.PathLike, *, create: bool = False) -> tup
                     "new folder for a store")
 
 
-def fresh_local_catalog(root: str | os.PathLike) -> tuple[SQLiteCatalog, LocalBlobs, list[str]]:
-    """A new, empty catalog for the store folder ``root`` whose catalog is lost, emptied, damaged or another
-    store's (`CubeStore.rebuild_catalog` then fills it from the cube files). The old catalog files are moved
-    aside, never deleted. Returns (catalog, blobs, the names the old files were moved to).
-
-    Raises:
-        CubeError: ``root`` is no store folder, this process may not write it, or its catalog is intact.
-    """
-    root = Path(root).expanduser()
-    cubes, catalog_path = root / "cubes", root / CATALOG
-    if not root.is_dir() or not ((root / MARKER).exists() or cubes.is_dir()):
-        raise CubeError(f"no kvmem store at {root} (no {MARKER}, no cubes/ folder): check the path")
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise CubeError(f"rebuilding the catalog of {root} needs write access to that folder; run it as the "
-                        "store's owner")
-    try:
-        catalog, _ = open_local_backends(root)
-        catalog.check(thorough=True)
-    except CubeError:
-        pass  # lost, emptied, damaged, replaced: rebuilt below
-    else:
-        raise CubeError(f"{catalog.describe()} is intact: nothing to rebuild (`kvmem gc` repairs memories whose "
-                        "cube file is missing)")
-    try:
-        store_id = _read_marker(root)
-    except CubeError:  # damaged too: the folder gets a new identity with its new catalog
-        store_id = uuid.uuid4().hex
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    moved = []
-    try:
-        for suffix in ("", "-wal", "-shm"):  # the WAL files keep their database's name, so the pair still opens
-            old = Path(f"{catalog_path}{suffix}")
-            if old.exists():
-                aside = root / f"catalog.lost-{stamp}.sqlite{suffix}"
-                os.replace(old, aside)
-                moved.append(aside.name)
-        cubes.mkdir(exist_ok=True)
-        catalog = SQLiteCatalog(catalog_path, store_id=store_id, create=True)
-        _write_marker(root, store_id)
-    except OSError as exc:
-        raise CubeError(f"cannot write a new catalog in {root} ({exc}); check write access and free space, then "
-                        "run the repair again") from None
-    return catalog, LocalBlobs(cubes), moved
+def _remove_new_store(root: Path, *, existed: bool) -> None:
+    """Undo a store creation that failed partway (only what creation makes; nothing else is touched)."""
+    for name in (CATALOG, f"{CATALOG}-wal", f"{CATALOG}-shm", MARKER):
+        try:
+            (root / name).unlink(missing_ok=True)
+        except OSError:
+            pass
+    for folder in (root / "cubes", *(() if existed else (root,))):
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            pass

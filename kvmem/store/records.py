@@ -34,7 +34,7 @@ OPS = ("add", "cube", "rm", "repair", "grant", "revoke")      # what a change-lo
 
 def check_name(value, what: str) -> str:
     """``value`` if it is a valid namespace / memory id, else a CubeError saying the rule."""
-    if not isinstance(value, str) or not NAME.match(value):
+    if not isinstance(value, str) or not NAME.fullmatch(value):  # fullmatch: "$" alone lets "alice\n" through
         raise CubeError(f"{what} must be 1-128 characters of letters, digits and . _ : @ - (starting with a letter "
                         f"or digit), got {value!r:.80}")
     return value
@@ -43,10 +43,10 @@ def check_name(value, what: str) -> str:
 def _is_iso_date(value) -> bool:
     import datetime
 
-    try:
-        datetime.date.fromisoformat(value.strip()[:10])
+    try:  # the whole string: a date, or a date with a time ("2023-05-08T14:00"); never a date and then garbage
+        datetime.datetime.fromisoformat(value.strip())
         return True
-    except (AttributeError, ValueError):
+    except (AttributeError, TypeError, ValueError):
         return False
 
 
@@ -71,6 +71,8 @@ def check_meta(meta: dict | None) -> dict:
     try:
         json.dumps(meta, allow_nan=False)
         _check_keys(meta)
+    except RecursionError:
+        raise CubeError("meta is nested too deeply to store as JSON: flatten it") from None
     except (TypeError, ValueError) as exc:
         raise CubeError(f"meta must be JSON (str keys; str, number, bool, None, list, dict values): {exc}") from None
     return meta
@@ -88,17 +90,17 @@ def _check_keys(value) -> None:
             _check_keys(item)
 
 
-def qualify(namespace: str, memory_id: str) -> str:
-    """A memory's qualified id ``namespace/id``: one memory, unambiguously (names hold no '/'; `split_id` undoes it)."""
-    return f"{namespace}/{memory_id}"
-
-
 def split_id(memory_id: str) -> tuple[str | None, str]:
     """``"ns/id"`` -> ``("ns", "id")``; a plain ``"id"`` -> ``(None, "id")``. Both parts are checked."""
     if isinstance(memory_id, str) and "/" in memory_id:
         namespace, _, plain = memory_id.partition("/")
         return check_name(namespace, "the namespace part of a memory id"), check_name(plain, "memory id")
     return None, check_name(memory_id, "memory id")
+
+
+def qualify(namespace: str, memory_id: str) -> str:
+    """A memory's qualified id ``namespace/id``: one memory, unambiguously (names hold no '/'; `split_id` undoes it)."""
+    return f"{namespace}/{memory_id}"
 
 
 def new_blob_name() -> str:
@@ -109,10 +111,31 @@ def new_blob_name() -> str:
 def check_blob(name) -> str:
     """``name`` if it is a valid blob name. Blob names come from the catalog, which is a shared file: a name
     like ``../x`` must never become a path, so every backend checks it before touching anything."""
-    if not isinstance(name, str) or not BLOB.match(name):
+    if not isinstance(name, str) or not BLOB.fullmatch(name):
         raise CubeError(f"the catalog names an invalid cube file {name!r:.80} (not written by kvmem); "
                         "run `kvmem gc` to make that memory text-only again")
     return name
+
+
+class StoreVersion(int):
+    """A position in a store's change log: an int that grows with every change, carrying the ``epoch`` of the
+    catalog it was read from. A rebuilt, recreated or flushed-and-recreated catalog gets a new epoch (and a
+    restored one may count lower), so a reader's old position is recognised as meaningless, not trusted."""
+
+    epoch: str
+
+    def __new__(cls, seq: int, epoch: str = ""):
+        version = super().__new__(cls, seq)
+        version.epoch = epoch
+        return version
+
+    def __repr__(self) -> str:
+        return f"StoreVersion({int(self)}, epoch={self.epoch!r})"
+
+
+def is_valid_blob(name) -> bool:
+    """Whether ``name`` passes `check_blob`."""
+    return isinstance(name, str) and BLOB.fullmatch(name) is not None
 
 
 @dataclass
@@ -152,7 +175,10 @@ class CatalogBackend(Protocol):
 
     Every method is one atomic step; several processes (several hosts, for a server backend) call them at once.
     Errors are `CubeError` saying what is wrong (damaged, unreachable, read-only), never a driver's exception.
+    ``store_id`` is the id of the store the catalog was opened as (cube files record it).
     """
+
+    store_id: str | None
 
     def describe(self) -> str:
         """Where the catalog lives, for messages (e.g. ``catalog /s/catalog.sqlite``)."""
@@ -189,9 +215,15 @@ class CatalogBackend(Protocol):
     def drop_blob(self, namespace: str, memory_id: str, blob: str | None) -> bool:
         """Make the row text-only if it still names ``blob`` (logs "repair"); True if it did."""
 
-    def references(self, *, expire_before: float, expire: Iterable[str] = ()) -> tuple[set[str], set[str]]:
+    def references(self, *, expire_before: float, expire: Iterable[str] = ()
+                   ) -> tuple[set[str], set[str], set[str]]:
         """For gc, in one step: first drop reservations made before ``expire_before`` or naming a blob in
-        ``expire``; then return (blobs named by rows, blobs still reserved)."""
+        ``expire``; then return (blobs named by rows, blobs still reserved, blobs whose reservation it dropped:
+        writes that never committed)."""
+
+    def changed_at(self, namespace: str, memory_id: str) -> float | None:
+        """When the change log last recorded an add (text replaced) or rm of ``namespace/id`` (None: not in the
+        log): a cube file of it written before that is superseded (gc and repair read it)."""
 
     # ---- share grants
     def grant(self, owner: str, reader: str) -> None:
@@ -204,10 +236,11 @@ class CatalogBackend(Protocol):
         """Every ``(owner, reader)`` grant."""
 
     # ---- change detection
-    def version(self) -> int:
-        """A number that grows with every change (add, cube, rm, repair, grant, revoke); 0 for a new store."""
+    def version(self) -> StoreVersion:
+        """A number that grows with every change (add, cube, rm, repair, grant, revoke); 0 for a new store;
+        with the catalog's epoch."""
 
-    def changes_since(self, version: int) -> tuple[int, list[tuple[str, str, str]] | None]:
+    def changes_since(self, version: int) -> tuple[StoreVersion, list[tuple[str, str, str]] | None]:
         """``(now, [(namespace, id, op), ...])`` for the changes after ``version``, oldest first; the list is
         None when the log no longer reaches back that far (then reread everything). For grant/revoke the pair
         is ``(owner, reader)``."""
@@ -231,6 +264,10 @@ class BlobBackend(Protocol):
     def local_path(self, name: str) -> Path | None:
         """A local file with the blob's bytes, for ``MemCube.load``'s full validation; None if the blob does
         not exist. CubeError if it exists but cannot be read (saying why: e.g. permission denied)."""
+
+    def refetch(self, name: str) -> Path | None:
+        """A fresh local copy of blob ``name`` from where the bytes truly live, when `local_path` gave a copy
+        (a Redis machine's cache) that failed validation; None where the local file is the only copy."""
 
     def delete(self, name: str) -> None:
         """Delete a blob; no error if it is already gone."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 import uuid
 from contextlib import contextmanager
@@ -34,10 +33,9 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import CubeError
-from .records import BLOB, Record, check_blob
+from .records import Record, StoreVersion, check_blob
+from .redis_blobs import RedisBlobs
 
-_COPY_GRACE_S = 60.0  # a local copy of a deleted blob outlives it this long: readers that just found it still load
-_BLOB_IN_NAME = re.compile(r"[0-9a-f]{32}")
 _ROW_FIELDS = ("text", "kind", "meta", "fingerprint", "tokens", "bytes", "blob", "created", "last_used", "hits")
 
 
@@ -104,32 +102,70 @@ class RedisCatalog:
 
     def _log(self, pipe, seq: int, namespace: str, memory_id: str, op: str) -> None:
         pipe.set(self.db.key("seq"), seq)
-        pipe.zadd(self.db.key("changes"), {json.dumps([seq, namespace, memory_id, op]): seq})
+        pipe.zadd(self.db.key("changes"), {json.dumps([seq, namespace, memory_id, op, time.time()]): seq})
+
+    def _verify(self, found) -> None:
+        """CubeError unless ``found`` (the value of the store's marker key) is this store's id. Every call checks
+        it in the same round trip as its own reads: a database flushed (or restarted without persistence) under
+        a running process is an error at its next request, never an empty store, and never written to."""
+        if found is None:
+            raise CubeError(f"{self.describe()}: the store's marker {self.db.key('store')} is gone: the database was "
+                            "flushed, restarted without persistence, or this URL names another database. Restore "
+                            "it from a Redis backup (RDB or AOF); nothing was written (gc refuses to run)")
+        if found.decode() != self.store_id:
+            raise CubeError(f"{self.describe()} now belongs to another store (id {found.decode()!r}, opened as "
+                            f"{self.store_id!r}): it was flushed and recreated, or replaced. Reopen the store "
+                            "(CubeStore(url)) to use the new one; nothing was written")
+
+    def _read(self, *calls):
+        """Results of ``calls`` (functions of a pipeline), run in one round trip after the marker check."""
+        with self.db.errors():
+            pipe = self.db.client.pipeline(transaction=False)
+            pipe.get(self.db.key("store"))
+            for call in calls:
+                call(pipe)
+            found, *results = pipe.execute()
+        self._verify(found)
+        return results
+
+    def _watched(self, pipe) -> None:
+        """Inside a transaction step (the marker key is watched): the marker check."""
+        self._verify(pipe.get(self.db.key("store")))
+
+    def _transaction(self, step, *keys):
+        """An optimistic transaction that also watches the store's marker (see `_verify`)."""
+        def checked(pipe):
+            self._watched(pipe)
+            return step(pipe)
+
+        return self.db.transaction(checked, self.db.key("store"), *keys)
 
     def _next_seq(self, pipe) -> int:
         return int(pipe.get(self.db.key("seq")) or 0) + 1
 
     # ---------------------------------------------------------------- trust
     def check(self, *, thorough: bool = False) -> None:
-        with self.db.errors():
-            found = self.db.client.get(self.db.key("store"))
-        if found is None:
-            raise CubeError(f"{self.describe()}: the store's marker {self.db.key('store')} is gone: the database was "
-                            "flushed or this URL names another database. Restore it (nothing was deleted; gc "
-                            "refuses to run)")
-        if found.decode() != self.store_id:
-            raise CubeError(f"{self.describe()} now belongs to another store (id {found.decode()!r}, opened as "
-                            f"{self.store_id!r}): it was replaced. Reopen the store (gc refuses to run)")
+        self._read()
 
     # ---------------------------------------------------------------- memories
     def reserve(self, blob, when):
         check_blob(blob)
-        with self.db.errors():
-            self.db.client.hset(self.db.key("reservations"), blob, when)
+        res = self.db.key("reservations")
+
+        def step(pipe):
+            pipe.multi()
+            pipe.hset(res, blob, when)
+
+        self._transaction(step)
 
     def release(self, blob):
-        with self.db.errors():
-            self.db.client.hdel(self.db.key("reservations"), blob)
+        res = self.db.key("reservations")
+
+        def step(pipe):
+            pipe.multi()
+            pipe.hdel(res, blob)
+
+        self._transaction(step)
 
     def upsert(self, rec: Record) -> str | None:
         if rec.blob is not None:
@@ -153,23 +189,21 @@ class RedisCatalog:
             self._log(pipe, seq, rec.namespace, rec.id, "cube" if rec.blob else "add")
             return old.blob if old is not None else None
 
-        old_blob = self.db.transaction(step, mem, res, seq_key)
+        old_blob = self._transaction(step, mem, res, seq_key)
         return old_blob if old_blob != rec.blob else None
 
     def get(self, namespaces, memory_id):
-        with self.db.errors():
-            for ns in namespaces:  # own namespace first, then the shared ones in the order given
-                raw = self.db.client.hget(self.db.key("mem", ns), memory_id)
-                if raw is not None:
-                    return self._record(ns, memory_id, raw)
+        found = self._read(*(lambda pipe, ns=ns: pipe.hget(self.db.key("mem", ns), memory_id) for ns in namespaces))
+        for ns, raw in zip(namespaces, found):  # own namespace first, then the shared ones in the order given
+            if raw is not None:
+                return self._record(ns, memory_id, raw)
         return None
 
     def list(self, namespaces, kind=None):
-        with self.db.errors():
-            if namespaces is None:
-                namespaces = sorted(n.decode() for n in self.db.client.smembers(self.db.key("namespaces")))
-            rows = [self._record(ns, k.decode(), v) for ns in namespaces
-                    for k, v in self.db.client.hgetall(self.db.key("mem", ns)).items()]
+        if namespaces is None:
+            namespaces = sorted(n.decode() for n in self._read(lambda p: p.smembers(self.db.key("namespaces")))[0])
+        found = self._read(*(lambda pipe, ns=ns: pipe.hgetall(self.db.key("mem", ns)) for ns in namespaces))
+        rows = [self._record(ns, k.decode(), v) for ns, hits in zip(namespaces, found) for k, v in hits.items()]
         rows = [r for r in rows if not kind or r.kind == kind]
         return sorted(rows, key=lambda r: (r.namespace, r.created, r.id))
 
@@ -187,7 +221,7 @@ class RedisCatalog:
             self._log(pipe, seq, namespace, memory_id, "rm")
             return rec
 
-        return self.db.transaction(step, mem, self.db.key("seq"))
+        return self._transaction(step, mem, self.db.key("seq"))
 
     def touch(self, namespace, memory_id, when):
         mem = self.db.key("mem", namespace)
@@ -201,7 +235,7 @@ class RedisCatalog:
             pipe.multi()
             pipe.hset(mem, memory_id, _row(rec))
 
-        self.db.transaction(step, mem)
+        self._transaction(step, mem)
 
     def drop_blob(self, namespace, memory_id, blob):
         mem = self.db.key("mem", namespace)
@@ -220,7 +254,7 @@ class RedisCatalog:
             self._log(pipe, seq, namespace, memory_id, "repair")
             return True
 
-        return self.db.transaction(step, mem, self.db.key("seq"))
+        return self._transaction(step, mem, self.db.key("seq"))
 
     def references(self, *, expire_before, expire=()):
         expire = set(expire)
@@ -244,9 +278,9 @@ class RedisCatalog:
             pipe.multi()
             if drop:
                 pipe.hdel(res, *drop)
-            return named, set(reserved) - set(drop)
+            return named, set(reserved) - set(drop), set(drop)
 
-        return self.db.transaction(step, res, spaces)
+        return self._transaction(step, res, spaces)
 
     # ---------------------------------------------------------------- grants
     def grant(self, owner, reader):
@@ -258,7 +292,7 @@ class RedisCatalog:
             pipe.hset(grants, json.dumps([owner, reader]), time.time())
             self._log(pipe, seq, owner, reader, "grant")
 
-        self.db.transaction(step, grants, self.db.key("seq"))
+        self._transaction(step, grants, self.db.key("seq"))
 
     def revoke(self, owner, reader):
         grants, field = self.db.key("grants"), json.dumps([owner, reader])
@@ -272,128 +306,47 @@ class RedisCatalog:
             self._log(pipe, seq, owner, reader, "revoke")
             return True
 
-        return self.db.transaction(step, grants, self.db.key("seq"))
+        return self._transaction(step, grants, self.db.key("seq"))
 
     def grants(self):
-        with self.db.errors():
-            pairs = [tuple(json.loads(k)) for k in self.db.client.hkeys(self.db.key("grants"))]
-        return sorted(pairs)
+        keys = self._read(lambda pipe: pipe.hkeys(self.db.key("grants")))[0]
+        return sorted(tuple(json.loads(k)) for k in keys)
 
     # ---------------------------------------------------------------- change detection
     def version(self):
-        with self.db.errors():
-            return int(self.db.client.get(self.db.key("seq")) or 0)
+        # the epoch is the store id: a flushed database recreated by another process is another store
+        return StoreVersion(int(self._read(lambda pipe: pipe.get(self.db.key("seq")))[0] or 0), self.store_id)
+
+    def changed_at(self, namespace, memory_id):
+        rows = self._read(lambda pipe: pipe.zrange(self.db.key("changes"), 0, -1))[0]
+        times = [entry[4] for entry in map(json.loads, rows)
+                 if len(entry) > 4 and entry[1:3] == [namespace, memory_id] and entry[3] in ("add", "rm")]
+        return max(times) if times else None
 
     def changes_since(self, version):
         changes = self.db.key("changes")
 
         def step(pipe):
-            now = int(pipe.get(self.db.key("seq")) or 0)
+            now = StoreVersion(int(pipe.get(self.db.key("seq")) or 0), self.store_id)
             if version >= now:
                 return now, []
             oldest = pipe.zrange(changes, 0, 0, withscores=True)
             if not oldest or oldest[0][1] > version + 1:
                 return now, None  # trimmed past ``version``: the caller rereads everything
-            rows = pipe.zrangebyscore(changes, f"({version}", now)
-            return now, [tuple(json.loads(r)[1:]) for r in rows]
+            rows = pipe.zrangebyscore(changes, f"({int(version)}", int(now))
+            return now, [tuple(json.loads(r)[1:4]) for r in rows]
 
-        return self.db.transaction(step, changes, self.db.key("seq"))
+        return self._transaction(step, changes, self.db.key("seq"))
 
     def trim_changes(self, keep):
-        with self.db.errors():
-            now = int(self.db.client.get(self.db.key("seq")) or 0)
-            self.db.client.zremrangebyscore(self.db.key("changes"), "-inf", now - int(keep))
+        changes = self.db.key("changes")
 
+        def step(pipe):
+            now = int(pipe.get(self.db.key("seq")) or 0)
+            pipe.multi()
+            pipe.zremrangebyscore(changes, "-inf", now - int(keep))
 
-class RedisBlobs:
-    """Cube bytes in Redis (``P:blob:<name>``), with a local folder of copies that `MemCube.load` validates."""
-
-    def __init__(self, db: _Redis, cache: Path):
-        self.db, self.cache = db, Path(cache)
-        self.cache.mkdir(parents=True, exist_ok=True)
-        self.root = self.cache  # a local folder for the store's caches (the index keeps embeddings there)
-        self._deleted: set[str] = set()  # blobs this process deleted (their local copies wait for sweep)
-
-    def describe(self) -> str:
-        return f"cube blobs in redis {self.db.url} (local copies in {self.cache})"
-
-    def _local(self, name: str) -> Path:
-        return self.cache / f"{check_blob(name)}.safetensors"
-
-    def stage(self, name):
-        return self.cache / f".{check_blob(name)}.staged.safetensors"
-
-    def put(self, name, staged):
-        check_blob(name)
-        data = Path(staged).read_bytes()
-        with self.db.errors():
-            pipe = self.db.client.pipeline(transaction=True)
-            pipe.set(self.db.key("blob", name), data)
-            pipe.hset(self.db.key("blobtime"), name, time.time())
-            pipe.execute()
-        os.replace(staged, self._local(name))  # this machine's copy: the bytes it just put
-        return len(data)
-
-    def local_path(self, name):
-        """This machine's copy of blob ``name``, fetched from Redis on first use. Blob names are never reused,
-        so a copy stays true to its name; `MemCube.load` still validates every byte of it on every load."""
-        local = self._local(name)
-        if name in self._deleted:
-            return None
-        if local.is_file():
-            return local
-        with self.db.errors():
-            data = self.db.client.get(self.db.key("blob", name))
-        if not data:  # not in Redis (kvmem never writes an empty blob): gone
-            return None
-        tmp = self.cache / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, local)
-        except FileNotFoundError:  # swept by a gc with no grace while downloading: fetch once more
-            return self.local_path(name)
-        return local
-
-    def delete(self, name):
-        with self.db.errors():
-            pipe = self.db.client.pipeline(transaction=True)
-            pipe.delete(self.db.key("blob", check_blob(name)))
-            pipe.hdel(self.db.key("blobtime"), name)
-            pipe.execute()
-        # the local copy itself goes at the next sweep, so a reader on this machine that found it a moment ago
-        # still loads the bytes it was promised; from now on this process no longer offers it
-        self._deleted.add(name)
-
-    def names(self):
-        with self.db.errors():
-            times = {k.decode(): float(v) for k, v in self.db.client.hgetall(self.db.key("blobtime")).items()}
-            found = [k.decode().rsplit(":", 1)[1] for k in self.db.client.scan_iter(match=self.db.key("blob", "*"),
-                                                                                   count=1000)]
-        return {n: times.get(n, 0.0) for n in found if BLOB.match(n)}
-
-    def sweep(self, older_than):
-        """Remove this machine's unfinished files (staged saves, partial downloads) older than ``older_than``,
-        except those of blobs still reserved: their writer is alive (gc expires stalled reservations itself)."""
-        with self.db.errors():
-            reserved = {k.decode() for k in self.db.client.hkeys(self.db.key("reservations"))}
-            present = set(self.names())
-        removed = []
-        copies_before = min(older_than, time.time() - _COPY_GRACE_S)
-        for f in self.cache.iterdir():
-            blob = _BLOB_IN_NAME.search(f.name)
-            if blob is not None and blob.group(0) in reserved:
-                continue
-            try:
-                # a file written in the last seconds belongs to a live writer on this machine, whatever the grace
-                unfinished = f.name.startswith(".") and f.stat().st_mtime < min(older_than, time.time() - 10)
-                stale_copy = (f.suffix == ".safetensors" and BLOB.match(f.stem) and f.stem not in present
-                              and f.stat().st_mtime < copies_before)  # the local copy of a deleted blob
-                if f.is_file() and (unfinished or stale_copy):
-                    f.unlink()
-                    removed.append(f.name)
-            except FileNotFoundError:
-                pass
-        return removed
+        self._transaction(step, self.db.key("seq"))
 
 
 def _default_cache(host: str, port, db: str, prefix: str) -> Path:
@@ -412,7 +365,11 @@ def open_redis_backends(url: str, *, create: bool = False) -> tuple[RedisCatalog
         CubeError: Redis is unreachable, or the database holds no (or a damaged) store.
     """
     redis = _redis()
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # parsed lazily: a bad port raises here
+    except ValueError as exc:
+        raise CubeError(f"{url!r} is not a Redis URL ({exc}); use redis://host:port/db") from None
     query = dict(parse_qsl(parts.query))
     prefix = query.pop("prefix", "kvmem")
     if not prefix or ":" in prefix:
@@ -420,7 +377,7 @@ def open_redis_backends(url: str, *, create: bool = False) -> tuple[RedisCatalog
     cache = query.pop("cache", None)
     client_url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
     host = parts.hostname or ""
-    shown = urlunsplit((parts.scheme, f"{host}:{parts.port}" if parts.port else host, parts.path, "", ""))  # no password
+    shown = urlunsplit((parts.scheme, f"{host}:{port}" if port else host, parts.path, "", ""))  # no password
     try:
         client = redis.Redis.from_url(client_url, socket_connect_timeout=3, socket_timeout=30)
     except ValueError as exc:
@@ -437,7 +394,6 @@ def open_redis_backends(url: str, *, create: bool = False) -> tuple[RedisCatalog
                                 "Restore it from a backup; nothing was deleted")
             client.set(db.key("store"), uuid.uuid4().hex, nx=True)
             found = client.get(db.key("store"))
-    cache_dir = Path(cache).expanduser() if cache else _default_cache(parts.hostname or "", parts.port,
-                                                                       parts.path.strip("/"), prefix)
+    cache_dir = Path(cache).expanduser() if cache else _default_cache(host, port, parts.path.strip("/"), prefix)
     catalog = RedisCatalog(db, found.decode())
-    return catalog, RedisBlobs(db, cache_dir)
+    return catalog, RedisBlobs(db, cache_dir, adopt=not cache)

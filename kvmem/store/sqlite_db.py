@@ -13,6 +13,7 @@ import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
 
 from ..errors import CubeError
 
@@ -40,16 +41,22 @@ def explain(exc: sqlite3.Error, what: str) -> CubeError:
 
 @contextmanager
 def connect(path: str | Path, *, synchronous: str | None = None, readonly: bool = False,
-            what: str | None = None) -> Iterator[sqlite3.Connection]:
+            what: str | None = None, create: bool = True) -> Iterator[sqlite3.Connection]:
     """A connection to ``path`` (autocommit, busy timeout), closed on exit.
 
     Args:
         readonly: open with ``mode=ro`` (a store someone else owns can still be read).
         what: name of the file for error messages; given, SQLite errors become `CubeError`.
+        create: False opens with ``mode=rw``: a file deleted meanwhile is an error, never a new empty database.
     """
     try:
-        db = _open_readonly(path) if readonly else sqlite3.connect(path, timeout=BUSY_TIMEOUT_S,
-                                                                    isolation_level=None)
+        if readonly:
+            db = _open_readonly(path)
+        elif create:
+            db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        else:
+            db = sqlite3.connect(f"file:{quote(str(Path(path).absolute()))}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_S,
+                                 isolation_level=None)
     except sqlite3.Error as exc:
         if what is None:
             raise

@@ -1,0 +1,268 @@
+"""kvmem.calibrate: measure how far composed cubes drift from a full prefill on one model, and save it for the gate.
+
+For 2, 4 and 8 cubes and each composition setting, on texts it generates (invented colleagues described over
+several paragraphs, one document per cube, as a user splits notes by document) or texts the user gives (one cube
+each), it measures against a full prefill of the same ids:
+
+- KL: mean next-token KL(full || composed) in nats, teacher-forced along the full prefill's greedy answer
+  (``answer_tokens`` tokens), averaged over questions;
+- agreement: the fraction of questions whose greedy answer equals the full prefill's, token for token;
+- TTFT: `kvmem.prefill` plus the question's forward, against the full prefill's forward over the same ids (the
+  memory's ids, then the question's: transformers' prefix reuse, the same computation; medians).
+
+The result is a JSON file keyed by the model's fingerprint and dtype (`kvmem.inject.gate.calibration_path`);
+`kvmem.prefill(recompute="auto")` (the default) and ``cubes="auto"`` then use the cheapest setting that meets the
+target and prefill as text where none does.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import random
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..cubes.fingerprint import fingerprint_fields, fingerprint_id
+from ..cubes.memcube import MemCube
+from ..errors import CubeError
+from ..model.cache import cache_kwarg, output_cache
+from ..model.devices import dtype_device
+from ..model.facts import eval_mode
+from ..timing import FirstTokenClock, sync
+from .gate import CALIBRATION_VERSION, DEFAULT_TARGET, Target, calibration_path, choose, label
+from .prefill import prefill
+
+# (mode, budget) measured by default, cheapest first
+DEFAULT_SETTINGS = (("none", None), ("leading", 32), ("blend", 64), ("leading", 128), ("selective", 0.15))
+
+_FIRST = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kavya", "Lars",
+          "Mina", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Sami", "Tove", "Umar", "Vera", "Wen", "Xavier", "Yara",
+          "Zeno", "Amara", "Bodil", "Cyril", "Dagny", "Emil", "Fiona", "Gustav", "Hanna", "Ivo", "Jule", "Kenji",
+          "Lotte", "Marek", "Nadia", "Oskar", "Priya", "Rafael", "Signe", "Tomas", "Ulla", "Viktor", "Wanda"]
+_LAST = ["Moreau", "Lindqvist", "Okafor", "Tanaka", "Rossi", "Novak", "Haddad", "Berg", "Silva", "Kowalski",
+         "Ivanova", "Fischer", "Nakamura", "Costa", "Dubois", "Horvath", "Jensen", "Kaur", "Larsen", "Mendes"]
+_CITIES = ["Oslo", "Lisbon", "Tallinn", "Porto", "Bergen", "Ghent", "Krakow", "Lyon", "Turin", "Graz", "Aarhus",
+           "Bilbao", "Utrecht", "Brno", "Tampere", "Split", "Malmo", "Leipzig", "Cork", "Basel"]
+_JOBS = ["baker", "marine biologist", "pilot", "violin maker", "data engineer", "beekeeper", "architect",
+         "glassblower", "nurse", "cartographer", "chef", "translator", "locksmith", "astronomer", "librarian"]
+_HOBBIES = ["climbing", "chess", "sailing", "pottery", "birdwatching", "running", "baking sourdough", "kayaking",
+            "restoring old radios", "playing the cello", "growing tomatoes", "painting lighthouses"]
+_PROJECTS = ["the harbour sensor network", "the new billing system", "the archive migration", "the winter survey",
+             "the mobile app redesign", "the supplier audit", "the solar roof pilot"]
+
+
+def _paragraph(rng: random.Random, first: str, last: str) -> tuple[str, dict]:
+    fact = {"name": f"{first} {last}", "city": rng.choice(_CITIES), "job": rng.choice(_JOBS)}
+    project, hobby, year = rng.choice(_PROJECTS), rng.choice(_HOBBIES), rng.randint(2009, 2024)
+    text = (f"{first} {last} lives in {fact['city']} and works as a {fact['job']}. Since joining in {year}, "
+            f"{first} has spent most of the time on {project}, and colleagues say the weekly notes of {first} are "
+            f"the clearest in the team. Outside work {first} likes {hobby}.\n\n")
+    return text, fact
+
+
+def invented_documents(tokenizer, n_docs: int, tokens_per_doc: int, *, seed: int = 0) -> list[tuple[str, list]]:
+    """``n_docs`` documents of about ``tokens_per_doc`` tokens each: a heading and paragraphs about invented
+    colleagues (facts no model knows), with first names unique across all documents. Returns [(text, facts)]."""
+    rng = random.Random(seed)
+    names = [(f, l) for f in _FIRST for l in _LAST]
+    rng.shuffle(names)
+    seen, people = set(), []
+    for f, l in names:
+        if f not in seen:
+            seen.add(f)
+            people.append((f, l))
+    docs = []
+    for d in range(n_docs):
+        text, facts = f"Team notes, part {d + 1}: {rng.choice(_CITIES)} office.\n\n", []
+        while len(tokenizer(text, add_special_tokens=False).input_ids) < tokens_per_doc:
+            first, last = people.pop() if people else (f"Person{rng.randint(100, 999)}", rng.choice(_LAST))
+            paragraph, fact = _paragraph(rng, first, last)
+            text += paragraph
+            facts.append(fact)
+        docs.append((text, facts))
+    return docs
+
+
+def _questions(sets_facts: list[list], rng: random.Random, n: int) -> list[str]:
+    """``n`` questions about a later cube (where composition can go wrong) and, every third, across two cubes."""
+    out = []
+    for i in range(n):
+        later = rng.randrange(1, len(sets_facts)) if len(sets_facts) > 1 else 0
+        facts = sets_facts[later] or [{"name": "the team"}]
+        person = rng.choice(facts)
+        if i % 3 == 2 and sets_facts[0]:
+            other = rng.choice(sets_facts[0])
+            out.append(f"Do {other['name']} and {person['name']} live in the same city?")
+        elif i % 2:
+            out.append(f"What does {person['name']} work as?")
+        else:
+            out.append(f"Where does {person['name']} live?")
+    return out
+
+
+def _query_ids(tokenizer, question: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(f"\nQuestion: {question}\nAnswer:", add_special_tokens=False).input_ids)
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over positions of KL(p || q) in nats between the rows' softmax distributions ([n, vocab] each)."""
+    lp, lq = torch.log_softmax(p_logits.double(), -1), torch.log_softmax(q_logits.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def _generate(model, ids: torch.Tensor, cache, n: int, pad: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(greedy tokens [n'], their logits [n', vocab], seconds to the first token's logits)."""
+    clock = FirstTokenClock().start()
+    extra = {cache_kwarg(model): cache} if cache is not None else {}
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True, pad_token_id=pad,
+                         logits_processor=[clock], **extra)
+    return out.sequences[0, ids.shape[1]:], torch.stack(out.logits)[:, 0], clock.ttft_s
+
+
+def _teacher_forced(model, cache, query: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """[len(answer), vocab]: the logits predicting each answer token, ``query`` then ``answer`` run over ``cache``."""
+    ids = torch.cat([query, answer[:-1]])[None]
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=answer.numel(), **{cache_kwarg(model): cache})
+    return out.logits[0]
+
+
+def _measure_set(model, cubes, queries, settings, *, answer_tokens: int, pad: int, device) -> list[dict]:
+    """Per setting, per question: KL, agreement and TTFT of the composed prefix against the full prefill."""
+    prefix_ids = torch.cat([cubes[0].anchor_ids[0]] + [c.input_ids[0] for c in cubes]).to(device)[None]
+    # the full prefill in two steps, the memory's ids then each question (transformers' own prefix reuse: the same
+    # computation up to float rounding), timed as the sum: one long forward per set instead of one per question
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        memory = output_cache(model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1))
+    sync(device)
+    memory_s = time.perf_counter() - t0
+    full = []
+    for q in queries:
+        tokens, logits, ttft = _generate(model, torch.cat([prefix_ids[0], q.to(device)])[None],
+                                         copy.deepcopy(memory), answer_tokens, pad)
+        full.append((tokens, logits, memory_s + ttft))
+    rows = []
+    for mode, budget in settings:
+        sync(device)
+        t0 = time.perf_counter()
+        prefix = prefill(model, cubes, recompute=mode, budget=budget)
+        sync(device)
+        prefill_s = time.perf_counter() - t0
+        for q, (tokens, logits, full_ttft) in zip(queries, full):
+            q = q.to(device)
+            got, got_logits, ttft = _generate(model, prefix.extend(q), copy.deepcopy(prefix.cache), answer_tokens, pad)
+            same = got.shape == tokens.shape and bool(torch.equal(got, tokens))
+            # the same answer: generate's own logits were teacher-forced along the full prefill's tokens already
+            forced = got_logits if same else _teacher_forced(model, copy.deepcopy(prefix.cache), q, tokens)
+            n = min(got.numel(), tokens.numel())
+            rows.append({"mode": mode, "budget": budget, "kl": _kl(logits, forced), "same": same,
+                         "token_agreement": float((got[:n] == tokens[:n]).float().mean()) if n else 0.0,
+                         "ttft_s": prefill_s + ttft, "full_ttft_s": full_ttft, "recomputed": prefix.recomputed,
+                         "tokens": prefix.num_tokens})
+    return rows
+
+
+def _summarise(n_cubes: int, per_question: list[dict], settings) -> list[dict]:
+    out = []
+    for mode, budget in settings:
+        rows = [r for r in per_question if r["mode"] == mode and r["budget"] == budget]
+        ttft, full = statistics.median(r["ttft_s"] for r in rows), statistics.median(r["full_ttft_s"] for r in rows)
+        out.append({"cubes": n_cubes, "mode": mode, "budget": budget, "label": label(mode, budget),
+                    "kl_mean": statistics.fmean(r["kl"] for r in rows), "kl_max": max(r["kl"] for r in rows),
+                    "agreement": statistics.fmean(r["same"] for r in rows),
+                    "token_agreement": statistics.fmean(r["token_agreement"] for r in rows),
+                    "ttft_s": ttft, "full_ttft_s": full, "ttft_saving": 1 - ttft / full if full else 0.0,
+                    "recomputed_tokens": statistics.median(r["recomputed"] for r in rows),
+                    "prefix_tokens": statistics.median(r["tokens"] for r in rows), "questions": len(rows)})
+    return out
+
+
+def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 8), settings=DEFAULT_SETTINGS,
+              tokens_per_cube: int = 384, sets: int = 2, questions: int = 3, answer_tokens: int = 12,
+              anchor: str | None = None, folder=None, target: Target = DEFAULT_TARGET, save: bool = True,
+              seed: int = 0, progress: bool = True) -> dict:
+    """Measure composed vs full prefill on ``model`` and save the calibration the composition gate reads.
+
+    Args:
+        model, tokenizer: the transformers model (in the dtype you serve it in) and its tokenizer.
+        texts: documents to compose, one cube each (split them where you would: by document, by chat session);
+            None: invented multi-paragraph team notes of ``tokens_per_cube`` tokens each. Questions are generic
+            for your texts and about a later cube's facts (some spanning two cubes) for the invented ones.
+        cubes: the cube counts to measure (the gate uses the smallest measured count >= a request's).
+        settings: (mode, budget) pairs of `kvmem.prefill` to measure.
+        sets, questions: cube sets per count, questions per set (agreement has 1/(sets*questions) resolution).
+        answer_tokens: length of the greedy answer compared (KL is teacher-forced along the full prefill's).
+        anchor: the text every cube continues; pass ``kvmem.wrap(model, tokenizer).anchor`` to calibrate the chat
+            layout `MemoryModel` uses (the CLI does). None: the tokenizer's own sequence start.
+        folder: where ``calibration/<fingerprint>-<dtype>.json`` goes (None: $KVMEM_CACHE or ~/.cache/kvmem).
+        target: the fidelity the summary's per-count choice reports against.
+        save: write the file (False: only return the document).
+
+    Returns:
+        The calibration document: {"version", "fingerprint", "dtype", "model", "created", "target", "rows": [one
+        per count and setting: cubes, mode, budget, kl_mean, kl_max, agreement, token_agreement, ttft_s,
+        full_ttft_s, ttft_saving, ...], "choices": {count: the gate's choice}, "path"}.
+    """
+    counts = sorted({int(n) for n in cubes})
+    if not counts or counts[0] < 2:
+        raise CubeError(f"cubes lists cube counts >= 2 to measure (one cube is exact), got {cubes!r}")
+    if texts is not None and (not texts or not all(isinstance(t, str) and t.strip() for t in texts)):
+        raise CubeError("texts must be a non-empty list of non-empty strings (one document per cube)")
+    if texts is not None and len(texts) < counts[-1]:
+        raise CubeError(f"composing {counts[-1]} cubes needs at least {counts[-1]} texts, got {len(texts)}: pass more "
+                        f"texts or smaller counts (cubes=...)")
+    rng = random.Random(seed)
+    _, device = dtype_device(model)
+    pad = next((v for v in (tokenizer.pad_token_id, tokenizer.eos_token_id) if v is not None), 0)
+    fields = fingerprint_fields(model, tokenizer)
+    built: dict[int, MemCube] = {}
+    per_count = []
+    bar = tqdm(total=len(counts) * sets, desc="kvmem: calibrate", unit="set", disable=not progress)
+    with eval_mode(model):
+        for n in counts:
+            per_question = []
+            for s in range(sets):
+                if texts is None:
+                    docs = invented_documents(tokenizer, n, tokens_per_cube, seed=seed * 1000 + n * 10 + s)
+                    qs = _questions([f for _, f in docs], rng, questions)
+                    chosen = [t for t, _ in docs]
+                    cube_set = [MemCube.from_text(model, tokenizer, t, anchor=anchor, progress=False) for t in chosen]
+                else:
+                    start = (s * n) % len(texts)
+                    idx = [(start + i) % len(texts) for i in range(n)]
+                    cube_set = [built.get(i) or built.setdefault(i, MemCube.from_text(
+                        model, tokenizer, texts[i], anchor=anchor, progress=False)) for i in idx]
+                    qs = ["What is the last document about?", "Summarise the first document in one sentence.",
+                          "Which details do the documents above share?"][:questions] * (1 + questions // 3)
+                    qs = qs[:questions]
+                queries = [_query_ids(tokenizer, q) for q in qs]
+                per_question += _measure_set(model, cube_set, queries, settings, answer_tokens=answer_tokens,
+                                             pad=pad, device=device)
+                bar.update(1)
+            per_count += _summarise(n, per_question, settings)
+    bar.close()
+    dtype, _ = dtype_device(model)
+    doc = {"version": CALIBRATION_VERSION, "fingerprint": fingerprint_id(fields),
+           "dtype": str(dtype).removeprefix("torch."), "model": getattr(model.config, "_name_or_path", "") or
+           type(model).__name__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "texts": "given" if texts is not None else f"invented team notes, {tokens_per_cube} tokens per cube",
+           "anchor_tokens": len(tokenizer(anchor, add_special_tokens=False).input_ids) if anchor else 0,
+           "answer_tokens": answer_tokens, "target": {"kl": target.kl, "agreement": target.agreement},
+           "rows": per_count}
+    doc["choices"] = {str(n): choose(doc, n, target=target).__dict__ for n in counts}
+    path = calibration_path(model, folder=folder, fields=fields)
+    if save:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(path)  # atomic: prefill never reads half a file
+    doc["path"] = str(path)
+    return doc

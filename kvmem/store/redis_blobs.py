@@ -1,0 +1,145 @@
+"""The cube bytes of a Redis store (``P:blob:<name>``, ``P:blobtime``; kvmem/store/redis_backend.py has the catalog
+and the key layout), with a local folder of copies that `MemCube.load` validates on every load.
+
+The folder is kvmem's own (a marker file says so): a ``?cache=`` naming any other non-empty folder is refused, so
+a sweep never deletes files it does not own. A copy that fails validation is fetched again from Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+
+from ..errors import CubeError
+from .records import BLOB, check_blob
+
+CACHE_MARKER = ".kvmem-redis-cache.json"  # marks a folder as a kvmem Redis cache (it holds copies only)
+_COPY_GRACE_S = 60.0  # a local copy of a deleted blob outlives it this long: readers that just found it still load
+_BLOB_IN_NAME = re.compile(r"[0-9a-f]{32}")
+
+
+class RedisBlobs:
+    """Cube bytes in Redis (``P:blob:<name>``), with a local folder of copies that `MemCube.load` validates."""
+
+    def __init__(self, db, cache: Path, *, adopt: bool = False):
+        self.db, self.cache = db, Path(cache)
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CubeError(f"cannot make the local cache folder {self.cache} of {db.url} ({exc.strerror}): give "
+                            "one you may write with ?cache=DIR") from None
+        _claim_cache(self.cache, adopt=adopt)
+        self.root = self.cache  # a local folder for the store's caches (the index keeps embeddings there)
+        self._deleted: set[str] = set()  # blobs this process deleted (their local copies wait for sweep)
+
+    def describe(self) -> str:
+        return f"cube blobs in redis {self.db.url} (local copies in {self.cache})"
+
+    def _local(self, name: str) -> Path:
+        return self.cache / f"{check_blob(name)}.safetensors"
+
+    def stage(self, name):
+        return self.cache / f".{check_blob(name)}.staged.safetensors"
+
+    def put(self, name, staged):
+        check_blob(name)
+        data = Path(staged).read_bytes()
+        with self.db.errors():
+            pipe = self.db.client.pipeline(transaction=True)
+            pipe.set(self.db.key("blob", name), data)
+            pipe.hset(self.db.key("blobtime"), name, time.time())
+            pipe.execute()
+        os.replace(staged, self._local(name))  # this machine's copy: the bytes it just put
+        return len(data)
+
+    def local_path(self, name):
+        """This machine's copy of blob ``name``, fetched from Redis on first use. Blob names are never reused,
+        so a copy stays true to its name; `MemCube.load` still validates every byte of it on every load."""
+        local = self._local(name)
+        if name in self._deleted:
+            return None
+        if local.is_file():
+            return local
+        with self.db.errors():
+            data = self.db.client.get(self.db.key("blob", name))
+        if not data:  # not in Redis (kvmem never writes an empty blob): gone
+            return None
+        tmp = self.cache / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, local)
+        except FileNotFoundError:  # swept by a gc with no grace while downloading: fetch once more
+            return self.local_path(name)
+        return local
+
+    def refetch(self, name):
+        """Drop this machine's copy of ``name`` (it failed validation) and fetch the bytes again from Redis."""
+        self._local(name).unlink(missing_ok=True)
+        return self.local_path(name)
+
+    def delete(self, name):
+        with self.db.errors():
+            pipe = self.db.client.pipeline(transaction=True)
+            pipe.delete(self.db.key("blob", check_blob(name)))
+            pipe.hdel(self.db.key("blobtime"), name)
+            pipe.execute()
+        # the local copy itself goes at the next sweep, so a reader on this machine that found it a moment ago
+        # still loads the bytes it was promised; from now on this process no longer offers it
+        self._deleted.add(name)
+
+    def names(self):
+        with self.db.errors():
+            times = {k.decode(): float(v) for k, v in self.db.client.hgetall(self.db.key("blobtime")).items()}
+            found = [k.decode().rsplit(":", 1)[1] for k in self.db.client.scan_iter(match=self.db.key("blob", "*"),
+                                                                                   count=1000)]
+        return {n: times.get(n, 0.0) for n in found if BLOB.fullmatch(n)}
+
+    def sweep(self, older_than):
+        """Remove this machine's unfinished files (staged saves, partial downloads) older than ``older_than``,
+        except those of blobs still reserved: their writer is alive (gc expires stalled reservations itself)."""
+        with self.db.errors():
+            reserved = {k.decode() for k in self.db.client.hkeys(self.db.key("reservations"))}
+            present = set(self.names())
+        removed = []
+        copies_before = min(older_than, time.time() - _COPY_GRACE_S)
+        for f in self.cache.iterdir():
+            blob = _BLOB_IN_NAME.search(f.name)
+            if blob is None or blob.group(0) in reserved:  # not kvmem's (the folder's marker), or a live write
+                continue
+            try:
+                # a file written in the last seconds belongs to a live writer on this machine, whatever the grace
+                unfinished = f.name.startswith(".") and f.stat().st_mtime < min(older_than, time.time() - 10)
+                stale_copy = (f.suffix == ".safetensors" and BLOB.fullmatch(f.stem) and f.stem not in present
+                              and f.stat().st_mtime < copies_before)  # the local copy of a deleted blob
+                if f.is_file() and (unfinished or stale_copy):
+                    f.unlink()
+                    removed.append(f.name)
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+def _claim_cache(cache: Path, *, adopt: bool) -> None:
+    """Make sure ``cache`` is a kvmem Redis cache folder before anything in it is swept.
+
+    The folder carries a marker; a folder without one is claimed only when it is empty (or, for the default
+    folder an older kvmem filled, when it holds nothing but cube copies). So a ``?cache=`` that points at a folder
+    store's ``cubes/`` (or any folder of other files) is refused, never swept. Stores may share a cache folder:
+    it only holds copies, each validated on every load and fetched again when it fails."""
+    marker = cache / CACHE_MARKER
+    if marker.is_file():
+        return
+    entries = [f.name for f in cache.iterdir()]
+    copies = all(n.endswith(".safetensors") and BLOB.fullmatch(n[:-len(".safetensors")])
+                 or n.startswith(".") and _BLOB_IN_NAME.search(n) for n in entries)
+    if entries and not (adopt and copies and not (cache.parent / "kvmem-store.json").exists()):
+        raise CubeError(f"{cache} is not empty and is not a kvmem Redis cache (no {CACHE_MARKER}): pick an empty "
+                        "or new folder for ?cache=DIR (kvmem deletes stale files in its cache folder; a cache an older "
+                        "kvmem filled holds only copies: empty it and it is used again)")
+    tmp = cache / f".{CACHE_MARKER}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.write_text(json.dumps({"format": "kvmem.redis-cache"}) + "\n")
+    os.replace(tmp, marker)

@@ -1,0 +1,338 @@
+"""Install a bundle into a store: check every byte, the signer, the model binding and replays, then write all of its
+units or none.
+
+Before anything is written the bundle is read once into a private folder, hashing every unit (kvmem/travel/
+bundle.py), and every unit is validated as it will be used (records parsed, cubes fully loaded): bad input installs
+nothing. The writes then go through the store's own API (the store's commit order protects each memory), framed by a
+journal kept in the store itself, so a killed install never leaves a half-installed namespace behind for long:
+
+1. the journal (namespace ``kvmem.installs``) records what will change: which memories are new, which are replaced
+   (the old text and meta are kept in the journal; an old cube gets a backup copy in ``kvmem.rollback`` first),
+   which adapter files are written;
+2. the units are written; 3. the journal is marked committed (one atomic write: the commit point);
+4. the ledger (``kvmem.ledger``: which sequence of which bundle a namespace holds) is updated, backups dropped,
+   the journal deleted.
+
+`recover_installs` (run by every install and migration) rolls an unfinished install whose process is gone back
+(before the commit point: new memories removed, replaced ones restored) or forward (after it). Until then readers of
+the namespace can see part of it, as with any sequence of writes: the store has no multi-memory transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..cubes.adaptercube import AdapterCube
+from ..cubes.fingerprint import check_fields, fingerprint_fields
+from ..cubes.memcube import MemCube
+from ..errors import CubeError
+from ..store.records import check_meta
+from .bundle import Bundle, Unit, check_units, open_bundle
+from .journal import BACKUPS, finish, ledger_entry, owner, recover_installs, roll_back, save_journal
+from .provenance import PROVENANCE, adapter_folder, as_store, check_namespace
+from .signing import TrustList
+
+_HEARTBEAT_S = 20.0
+
+
+@dataclass
+class InstallReport:
+    """What `install_bundle` did. ``already``: this exact bundle was installed before (nothing written)."""
+
+    bundle: str
+    sequence: int
+    digest: str
+    namespace: str
+    signer: str | None
+    installed: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
+    already: bool = False
+    recovered: list[str] = field(default_factory=list)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _trust(bundle: Bundle, trust: TrustList | None, allow_unsigned: bool) -> tuple[str | None, str | None, bool]:
+    """(signer key id, signer name, trusted) or a CubeError saying why the bundle may not be installed."""
+    if bundle.signer is None:
+        if not allow_unsigned:
+            raise CubeError(f"{bundle.path} is not signed: kvmem installs bundles signed by a key in your trust list; "
+                            "ask its author for a signed one, or pass --allow-unsigned (recorded in each memory's "
+                            "provenance)")
+        return None, None, False
+    trust = trust if trust is not None else TrustList.load()
+    entry = trust.find(bundle.signer)
+    if entry is None and not allow_unsigned:
+        where = trust.path or "the trust list"
+        raise CubeError(f"{bundle.path} is signed by {bundle.signer.describe()}, which is not in {where}: if you trust "
+                        f"that signer, add their public key (`kvmem trust KEY.pub`), or pass --allow-unsigned "
+                        "(recorded in each memory's provenance)")
+    return bundle.signer.key_id, (entry or bundle.signer).name, entry is not None
+
+
+@dataclass
+class _Memory:
+    unit: Unit
+    text: str
+    meta: dict
+    cube: Unit | None
+    paths: dict
+
+
+def _read_memory(unit: Unit, path: Path, cube: Unit | None, paths: dict) -> _Memory:
+    try:
+        record = json.loads(path.read_bytes())
+    except (ValueError, RecursionError, OSError) as exc:
+        raise CubeError(f"memory {unit.id!r} of the bundle is not a JSON record ({str(exc)[:80]})") from None
+    if not isinstance(record, dict) or set(record) - {"id", "text", "meta", "created"} or record.get("id") != unit.id:
+        raise CubeError(f"memory {unit.id!r} of the bundle is malformed (a record has the fields id, text, meta, "
+                        "created)")
+    text = record.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise CubeError(f"memory {unit.id!r} of the bundle has no text")
+    if _sha256(text) != unit.entry["text_sha256"]:
+        raise CubeError(f"memory {unit.id!r}: its text does not match the manifest's text_sha256")
+    meta = check_meta(record.get("meta"))
+    if PROVENANCE in meta:
+        raise CubeError(f"memory {unit.id!r} carries its own {PROVENANCE!r}: provenance is written by the installer, "
+                        "never taken from a bundle")
+    if cube is not None and cube.entry["text_sha256"] != unit.entry["text_sha256"]:
+        raise CubeError(f"the MemCube of {unit.id!r} was built from another text than the memory's")
+    return _Memory(unit, text, meta, cube, paths)
+
+
+def _check_cube(bundle: Bundle, memory: _Memory, target: dict | None, existing: set[str]) -> None:
+    unit = memory.cube
+    cube = MemCube.load(memory.paths[unit.file])  # full validation: format, checksum, shapes, dtypes
+    _check_binding(bundle, unit, cube.fingerprint)
+    if cube.text is not None and _sha256(cube.text) != unit.entry["text_sha256"]:
+        raise CubeError(f"the MemCube of {unit.id!r} holds another text than its memory's")
+    if target is not None:
+        check_fields(cube.fingerprint_fields, target, what=f"the MemCube of {unit.id!r}")
+    elif existing and cube.fingerprint not in existing:
+        raise CubeError(f"the MemCube of {unit.id!r} is bound to model {cube.fingerprint}, the namespace's cubes to "
+                        f"{', '.join(sorted(existing))}: install into another namespace, pass --model to check the "
+                        "bundle against the model you will use, or migrate (`kvmem migrate --to-model`)")
+
+
+def _check_binding(bundle: Bundle, unit: Unit, fingerprint: str) -> None:
+    if fingerprint != unit.entry["fingerprint"]:
+        raise CubeError(f"{unit.kind} {unit.id!r} is bound to model {fingerprint}, the manifest says "
+                        f"{unit.entry['fingerprint']}")
+    declared = (bundle.manifest.get("model") or {}).get("fingerprint")
+    if unit.kind == "memcube" and declared is not None and fingerprint != declared:
+        raise CubeError(f"MemCube {unit.id!r} is bound to another model ({fingerprint}) than the bundle's "
+                        f"({declared})")
+
+
+def _check_adapter(bundle: Bundle, unit: Unit, path: Path, model) -> AdapterCube:
+    cube = AdapterCube.load(path)
+    _check_binding(bundle, unit, cube.fingerprint)
+    if model is not None:
+        cube.check_base(model)
+    return cube
+
+
+def _check_replay(bundle: Bundle, before: dict | None) -> bool:
+    """True if this exact bundle is installed already; CubeError for an older (replayed) or conflicting one."""
+    if before is None:
+        return False
+    if before.get("sequence", -1) > bundle.sequence:
+        raise CubeError(f"{bundle.path} is sequence {bundle.sequence} of bundle {bundle.name!r}, but sequence "
+                        f"{before['sequence']} (installed {before.get('installed')}) is already installed here: an "
+                        "older bundle never replaces a newer one (to go back on purpose, `kvmem rm` its memories "
+                        "and install into a fresh namespace)")
+    if before.get("sequence") == bundle.sequence:
+        if before.get("digest") == bundle.digest:
+            return True
+        raise CubeError(f"sequence {bundle.sequence} of bundle {bundle.name!r} is installed here with another "
+                        "content: two different bundles carry the same sequence; ask the author for a new one")
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- install
+def install_bundle(source, store, namespace: str, *, trust: TrustList | None = None, allow_unsigned: bool = False,
+                   model=None, tokenizer=None, adapters=None, label: str | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> InstallReport:
+    """Verify ``source`` (a local bundle file) and install it into ``namespace`` of ``store``: all units or none.
+
+    Args:
+        source: the bundle file (`kvmem.travel.fetch_bundle` gets one from a URL first).
+        store: a `CubeStore` or its location.
+        namespace: the namespace to install into (memories keep their ids).
+        trust: the signers to accept (default: `TrustList.load()`, ``~/.kvmem/trusted_keys``).
+        allow_unsigned: install an unsigned bundle, or one whose signer is not trusted (recorded in provenance).
+        model, tokenizer: the model the memories will be used with: every cube's fingerprint is checked against
+            it. Without it, cubes must be bound to the model the namespace's cubes already are.
+        adapters: the folder for AdapterCubes (default ``<store>/adapters/<namespace>`` for a local store).
+        label: where the bundle came from, for provenance (default: its path).
+        progress: called as ``progress(stage, done, total)``.
+
+    Returns:
+        InstallReport.
+
+    Raises:
+        CubeError: an unsigned, untrusted, damaged or malformed bundle, a replayed older one, a unit bound to
+            another model, a name that escapes; nothing is installed.
+    """
+    store = as_store(store)
+    namespace = check_namespace(namespace)
+    recovered = recover_installs(store)
+    bundle = open_bundle(source)
+    signer, signer_name, trusted = _trust(bundle, trust, allow_unsigned)
+    report = InstallReport(bundle.name, bundle.sequence, bundle.digest, namespace, signer, recovered=recovered)
+    before = ledger_entry(store, namespace, signer, bundle.name)
+    if _check_replay(bundle, before):
+        report.already = True
+        return report
+    target = fingerprint_fields(model, tokenizer) if model is not None else None
+    view = store.view(namespace)
+    existing = {rec.id: rec for rec in view.ls()}
+    bound = {rec.fingerprint for rec in existing.values() if rec.kind == "memcube" and rec.fingerprint}
+    folder = adapter_folder(store, namespace, adapters)
+    with tempfile.TemporaryDirectory(prefix="kvmem-install-") as tmp:  # private (0700): nobody swaps a unit here
+        done = [0]
+
+        def read(n):
+            done[0] += n
+            if progress is not None:
+                progress("verify", done[0], bundle.size)
+
+        paths = check_units(bundle, extract_to=Path(tmp), progress=read)
+        memories = [_read_memory(u, paths[u.file], bundle.cube_of(u.id), paths) for u in bundle.memories()]
+        for memory in memories:
+            if memory.cube is not None:
+                _check_cube(bundle, memory, target, bound)
+        adapter_units = [u for u in bundle.units if u.kind == "adaptercube"]
+        if adapter_units and folder is None:
+            raise CubeError("the bundle holds AdapterCubes and this store has no folder for them: pass --adapters DIR")
+        for unit in adapter_units:
+            _check_adapter(bundle, unit, paths[unit.file], model)
+            _check_adapter_slot(folder / f"{unit.id}.safetensors", bundle, signer)
+        provenance = {"bundle": bundle.name, "sequence": bundle.sequence, "digest": bundle.digest, "signer": signer,
+                      "signer_name": signer_name, "trusted": trusted, "unsigned_allowed": bool(allow_unsigned),
+                      "author": bundle.manifest.get("author", ""), "license": bundle.manifest.get("license", ""),
+                      "source": label or str(Path(source)), "installed": _now()}
+        _write(store, bundle, view, memories, adapter_units, paths, folder, existing, provenance, report, progress)
+    return report
+
+
+def _check_adapter_slot(path: Path, bundle: Bundle, signer: str | None) -> None:
+    """An adapter file may only replace one an earlier sequence of the same bundle installed."""
+    if not path.exists():
+        return
+    try:
+        prov = AdapterCube.load(path).meta.get(PROVENANCE) or {}
+    except CubeError:
+        prov = {}
+    if prov.get("bundle") != bundle.name or prov.get("signer") != signer:
+        raise CubeError(f"{path} exists and did not come from bundle {bundle.name!r} by the same signer: remove it "
+                        "or install into another namespace")
+
+
+def _unit_provenance(provenance: dict, memory_or_unit) -> dict:
+    unit = memory_or_unit.unit if isinstance(memory_or_unit, _Memory) else memory_or_unit
+    out = {**provenance, "unit_sha256": unit.sha256, "created": unit.entry.get("created"),
+           "lineage": unit.entry.get("lineage", [])}
+    cube = getattr(memory_or_unit, "cube", None)
+    if cube is not None:
+        out.update(cube_sha256=cube.sha256, fingerprint=cube.entry["fingerprint"],
+                   lineage=out["lineage"] + cube.entry.get("lineage", []))
+    elif unit.kind == "adaptercube":
+        out["fingerprint"] = unit.entry["fingerprint"]
+    return out
+
+
+def _write(store, bundle, view, memories, adapter_units, paths, folder, existing, provenance, report, progress):
+    tx = uuid.uuid4().hex[:24]
+    # what a roll back puts back: old text and meta in the journal itself (one write, not one per memory), old
+    # cubes as backup copies (their bytes do not belong in a catalog row)
+    replaced = {m.unit.id: {"text": existing[m.unit.id].text, "meta": existing[m.unit.id].meta,
+                            "cube": f"{tx}.{i:06d}" if existing[m.unit.id].kind == "memcube" else None}
+                for i, m in enumerate(memories) if m.unit.id in existing}
+    adapters = [{"path": str(folder / f"{u.id}.safetensors"),
+                 "backup": str(folder / f".{u.id}.{tx}.bak")} for u in adapter_units]
+    ledger = {"namespace": view.namespace, "bundle": bundle.name, "signer": provenance["signer"],
+              "sequence": bundle.sequence, "digest": bundle.digest, "installed": provenance["installed"]}
+    journal = {"tx": tx, "namespace": view.namespace, "state": "backup", "bundle": bundle.name,
+               "new": [m.unit.id for m in memories if m.unit.id not in existing], "replaced": replaced,
+               "adapters": adapters, "ledger": ledger, **owner()}
+    save_journal(store, journal)
+    try:
+        _apply(store, _Plan(view, memories, adapter_units, paths, adapters, replaced, journal, provenance), report,
+               progress)
+    except BaseException:  # an error or Ctrl-C: undo now (a killed process is undone by the next recovery)
+        try:
+            roll_back(store, journal)
+        except Exception:  # noqa: BLE001  (the original error matters more; recover_installs finishes it later)
+            pass
+        raise
+    journal["state"] = "commit"
+    save_journal(store, journal)           # the commit point
+    finish(store, journal)
+
+
+@dataclass
+class _Plan:
+    """What `_apply` writes: the checked memories and adapter units, their private copies (``paths``), the adapter
+    slots, the memories replaced (with what a roll back restores), the journal and the provenance to record."""
+
+    view: object
+    memories: list
+    adapter_units: list
+    paths: dict
+    adapters: list
+    replaced: dict
+    journal: dict
+    provenance: dict
+
+
+def _apply(store, plan: _Plan, report: InstallReport, progress) -> None:
+    """Back up what will be replaced, then write every unit (the journal's states ``backup`` and ``write``)."""
+    view, memories, adapter_units, paths = plan.view, plan.memories, plan.adapter_units, plan.paths
+    replaced, journal, provenance = plan.replaced, plan.journal, plan.provenance
+    backups = store.view(BACKUPS)
+    for memory_id, old in replaced.items():
+        cube = view.load_cube(memory_id) if old["cube"] else None
+        if cube is not None:
+            backups.put_cube(old["cube"], cube, text=old["text"])
+    journal["state"] = "write"
+    save_journal(store, journal)
+    beat = time.monotonic()
+    total = len(memories) + len(adapter_units)
+    for i, memory in enumerate(memories):
+        meta = {**memory.meta, PROVENANCE: _unit_provenance(provenance, memory)}
+        if memory.cube is not None:
+            view.put_cube(memory.unit.id, MemCube.load(paths[memory.cube.file]), text=memory.text, meta=meta)
+        else:
+            view.add(memory.unit.id, memory.text, meta)
+        (report.replaced if memory.unit.id in replaced else report.installed).append(memory.unit.id)
+        if progress is not None:
+            progress("install", i + 1, total)
+        if time.monotonic() - beat > _HEARTBEAT_S:
+            save_journal(store, journal)
+            beat = time.monotonic()
+    for unit, slot in zip(adapter_units, plan.adapters):
+        cube = AdapterCube.load(paths[unit.file])
+        path = Path(slot["path"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            os.replace(path, slot["backup"])
+        AdapterCube(cube.state_dict, {**cube.meta, PROVENANCE: _unit_provenance(provenance, unit)}).save(path)
+        report.adapters.append(str(path))
