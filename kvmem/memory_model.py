@@ -15,6 +15,7 @@ from .cubes.memcube import MemCube
 from .errors import CubeError
 from .inject.adapters import DEFAULT_CAPACITY_BYTES, AdapterBridge
 from .inject.batch import prefill_batch
+from .inject.splice_cubes import quantized_report
 from .inject.gate import gate
 from .inject.prefill import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
 from .memory.recall import Recall
@@ -129,7 +130,8 @@ class MemoryModel:
         return self.layout.prompt_ids(prompt, self.layout.fit(cubes), texts)
 
     # ---------------------------------------------------------------- memory that picks itself
-    def attach(self, view, *, index=None, scheduler=None, **scheduler_kwargs) -> "MemoryModel":
+    def attach(self, view, *, index=None, scheduler=None, allow_quantized: bool = False,
+               **scheduler_kwargs) -> "MemoryModel":
         """Give this model a store: then ``generate(prompt, cubes="auto")`` picks memories itself.
 
         Args:
@@ -137,11 +139,14 @@ class MemoryModel:
             index: a `MemoryIndex` to fill (default: a new one, embeddings cached in the store's folder). Its ids
                 are qualified ids ``namespace/id`` (a view sees several namespaces; ids may repeat across them).
             scheduler: a `MemScheduler` (default: one over the view, on the model's device).
+            allow_quantized: let ``cubes="auto"`` use quantized cubes (approximate: their measured error shows in
+                ``mm.last.quantized``); by default a memory whose cube is quantized is prefilled as its text.
             **scheduler_kwargs: options for the default scheduler (tier sizes, policy, promote_after, background).
         """
         self.recall = Recall.over(view, index=index, scheduler=scheduler, device=model_device(self.model),
                                   build_cube=self.build_cube, count_tokens=lambda t: len(self.layout.text_ids(t)),
                                   cube_tokens=self._cube_tokens(), **scheduler_kwargs)
+        self.recall.allow_quantized = bool(allow_quantized)
         self.store, self.index, self.scheduler = view, self.recall.index, self.recall.scheduler
         return self
 
@@ -287,6 +292,7 @@ class MemoryModel:
             batch.cache.batch_repeat_interleave(sequences_per_prompt(self.model, gen_kwargs))
         for b, report in enumerate(reports):
             report.injected, report.spans = True, batch.spans[b]
+            report.quantized = quantized_report(rows[b])  # approximate cubes are never silent
             if recompute == "auto" and len(rows[b]) > 1:  # the choice prefill made (the gate is deterministic)
                 choice = gate(self.model, len(rows[b]), default=(DEFAULT_RECOMPUTE,
                                                                   RECOMPUTE_MODES[DEFAULT_RECOMPUTE][0]))

@@ -18,6 +18,8 @@ class GenerationReport:
         memories: ``cubes="auto"``: each memory used, in rank order: id, namespace, score, tokens and source
             ("device", "cpu" or "disk": the tier its cube came from; "text": prefilled as text).
         dropped: ``cubes="auto"``: each retrieved memory left out, with the reason.
+        quantized: each quantized cube injected: name, scheme and its measured error (kl_mean, kl_max nats of
+            next-token KL and greedy_same, against the full-width cube, measured when it was saved).
         composition: several cubes composed by the gate (``recompute="auto"``, the default): the setting it chose
             ("leading@32", "text", ...) and why (the calibration's measurement, or "uncalibrated").
         rows: for a batch (``generate([...])``), one report per prompt (the batch's own has its TTFT and padded
@@ -32,5 +34,6 @@ class GenerationReport:
     prefilled_tokens: int = 0
     memories: list[dict] = field(default_factory=list)
     dropped: list[dict] = field(default_factory=list)
+    quantized: list[dict] = field(default_factory=list)
     composition: str = ""
     rows: list["GenerationReport"] = field(default_factory=list)

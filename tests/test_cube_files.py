@@ -115,17 +115,24 @@ def test_adapter_cube_is_not_a_memcube(cube_bytes, tmp_path):
         MemCube.load(write(tmp_path, data))
 
 
-@pytest.mark.parametrize("version", ["2", "0", "1.0", ""])
+@pytest.mark.parametrize("version", ["3", "0", "1.0", ""])
 def test_format_version_changed(cube_bytes, tmp_path, version):
     data = with_header_meta(cube_bytes, format_version=version)
-    with pytest.raises(CubeError, match=rf"format version {version!r}; this kvmem reads version 1"):
+    with pytest.raises(CubeError, match=rf"format version {version!r}; this kvmem reads versions 1 and 2"):
         MemCube.load(write(tmp_path, data))
+
+
+def test_full_width_cube_relabelled_version_2_is_refused(cube_bytes, tmp_path):
+    """Version 2 is the quantized cubes: a full-width file claiming it fails its checksum (which covers the
+    version), and with a recomputed checksum its metadata (tests/test_quantized_cubes.py)."""
+    with pytest.raises(CubeError, match="checksum mismatch"):
+        MemCube.load(write(tmp_path, with_header_meta(cube_bytes, format_version="2")))
 
 
 def test_format_version_missing(cube_bytes, tmp_path):
     header, payload = split_file(cube_bytes)
     del header["__metadata__"]["format_version"]
-    with pytest.raises(CubeError, match=r"format version None; this kvmem reads version 1"):
+    with pytest.raises(CubeError, match=r"format version None; this kvmem reads versions 1 and 2"):
         MemCube.load(write(tmp_path, join_file(header, payload)))
 
 

@@ -30,12 +30,18 @@ def add(
     memory_id: Optional[str] = typer.Option(None, "--id", help="Memory id (default: a hash of the text)."),
     cube: bool = typer.Option(False, "--cube", help="Also build its activation cube now (loads the model)."),
     model: str = typer.Option("smollm2", help="Model for --cube: local checkpoint folder or 'smollm2'."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Store the cube quantized: int8 or int4 "
+                                           "(approximate; its measured error is kept with it)."),
     store: Optional[str] = StoreOpt,
     namespace: str = NamespaceOpt,
 ):
     """Add a plaintext memory (optionally with its cube) to a store namespace; creates the store if needed."""
     if (text is None) == (file is None):
         raise typer.BadParameter("give the memory text as an argument or with --file, not both")
+    if quantize is not None and not cube:
+        raise typer.BadParameter("--quantize applies to the cube: add --cube")
+    if quantize not in (None, "int8", "int4"):
+        raise typer.BadParameter(f"--quantize must be int8 or int4, got {quantize!r}")
     if file is not None:
         text = _read_text(file)
     view = open_view(store, namespace, [], create=True)
@@ -46,13 +52,13 @@ def add(
         m, tok = _load_model(model, "float32")
         built = wrap(m, tok).build_cube(text, name=rec.id, progress=True)
         try:
-            rec = view.put_cube(rec.id, built, text=text)
+            rec = view.put_cube(rec.id, built, text=text, quantize=quantize)
         except CubeError as exc:  # the text row is committed: say so, not put_cube's "nothing was committed"
             why = str(exc).split("; nothing was committed")[0]
             raise CubeError(f"{rec.qualified} was added as text, but its cube was not stored ({why}); build it "
                             f"again with `kvmem add --cube --id {rec.id}`") from None
-    typer.echo(f"added {rec.qualified}" + (f" with a {rec.tokens}-token cube ({rec.bytes / 1e6:.1f} MB)"
-                                           if rec.kind == "memcube" else ""))
+    typer.echo(f"added {rec.qualified}" + (f" with a {rec.tokens}-token {quantize + ' ' if quantize else ''}cube "
+                                           f"({rec.bytes / 1e6:.1f} MB)" if rec.kind == "memcube" else ""))
 
 
 @app.command()

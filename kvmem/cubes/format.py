@@ -2,7 +2,7 @@
 
 Layout of the safetensors header metadata (all strings):
     format          "kvmem.memcube" (or another cube kind)
-    format_version  "1"
+    format_version  "1"; "2" for quantized cubes (packed KV, scales and minimums: kvmem.cubes.quantize)
     meta            JSON: everything about the cube (fingerprint fields, positions, text, ...)
     checksum        xxh3-128 over format, version, meta and every tensor's name, dtype, shape and bytes
 
@@ -26,6 +26,9 @@ from safetensors.torch import save_file
 from ..errors import CubeError
 
 FORMAT_VERSION = 1
+# quantized cubes (kvmem.cubes.quantize) are version 2, so a kvmem that cannot dequantize refuses them by version
+# instead of misreading packed bytes; full-width cubes stay version 1, readable by every kvmem
+QUANTIZED_VERSION = 2
 
 
 def checksum(fmt: str, version: str, meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -44,8 +47,10 @@ def checksum(fmt: str, version: str, meta_json: str, tensors: dict[str, torch.Te
     return h.hexdigest()
 
 
-def write_cube_file(path: str | os.PathLike, fmt: str, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
+def write_cube_file(path: str | os.PathLike, fmt: str, meta: dict, tensors: dict[str, torch.Tensor], *,
+                    version: int = FORMAT_VERSION) -> Path:
     """Write ``tensors`` + ``meta`` to ``path`` atomically: temp file in the same folder, fsync, rename.
+    ``version``: the format version (`QUANTIZED_VERSION` for a quantized cube).
 
     No reader ever sees a partial file under ``path``; a crash leaves at most a hidden ``.*.tmp`` file.
     """
@@ -55,7 +60,7 @@ def write_cube_file(path: str | os.PathLike, fmt: str, meta: dict, tensors: dict
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False)
-    version = str(FORMAT_VERSION)
+    version = str(version)
     header = {
         "format": fmt,
         "format_version": version,
@@ -116,9 +121,10 @@ def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.dev
         hint = f"it is {kind[found]}" if found in kind else "it has no kvmem header"
         raise CubeError(f"{path} is a safetensors file but not a {fmt} ({hint})")
     version = header.get("format_version")
-    if version != str(FORMAT_VERSION):
-        raise CubeError(f"{path} has {fmt} format version {version!r}; this kvmem reads version {FORMAT_VERSION}. "
-                        "Rebuild the cube with this kvmem, or use the kvmem version that wrote it")
+    if version not in (str(FORMAT_VERSION), str(QUANTIZED_VERSION)):
+        raise CubeError(f"{path} has {fmt} format version {version!r}; this kvmem reads versions {FORMAT_VERSION} "
+                        f"and {QUANTIZED_VERSION} (quantized cubes). Rebuild the cube with this kvmem, or use the "
+                        "kvmem version that wrote it")
     meta_json = header.get("meta", "")
     try:
         meta = json.loads(meta_json)
@@ -132,6 +138,11 @@ def read_cube_file(path: str | os.PathLike, fmt: str, *, device: str | torch.dev
     if expected != actual:
         raise CubeError(f"{path}: checksum mismatch (stored {expected}, computed {actual}): the file was corrupted "
                         "or edited after it was saved; rebuild the cube")
+    if (version == str(QUANTIZED_VERSION)) != (meta.get("quantization") is not None):
+        raise CubeError(f"{path}: format version {version} but the metadata "
+                        f"{'declares no' if version == str(QUANTIZED_VERSION) else 'declares a'} quantization "
+                        "(version 2 is exactly the quantized cubes); the cube is damaged or was written by "
+                        "something else; rebuild it")
     if device is not None:
         try:
             tensors = {name: t.to(device) for name, t in tensors.items()}

@@ -7,8 +7,10 @@ it is what lets the cube drop into a real prompt exactly, and lets several cubes
 
 from __future__ import annotations
 
+import copy
 import os
 import time
+import weakref
 from typing import Sequence
 
 import torch
@@ -18,10 +20,11 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..errors import CubeError
 from ..model.cache import cache_kwarg, kv_from_cache, output_cache
-from ..model.devices import model_device
+from ..model.devices import dtype_device, model_device
 from ..model.facts import check_context, eval_mode, text_config
-from .fingerprint import fingerprint_fields, fingerprint_id
-from .format import read_cube_file, write_cube_file
+from .fingerprint import check_fields, fingerprint_fields, fingerprint_id
+from .format import QUANTIZED_VERSION, read_cube_file, write_cube_file
+from .quantize import PACKED_NAMES, SCHEMES, check_packed, dequantize_kv, packed_tensors, quantization_meta, quantize_kv
 
 FORMAT = "kvmem.memcube"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
@@ -79,10 +82,15 @@ class MemCube:
     result. Build with `from_text` / `from_ids`, persist with `save` / `load`, inject with `kvmem.prefill`.
     """
 
-    def __init__(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], ids: torch.Tensor, meta: dict):
-        self._kv = tuple((k, v) for k, v in kv)
+    def __init__(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], ids: torch.Tensor, meta: dict, *,
+                 packed=None):
+        # a quantized cube keeps only its packed KV (``packed``: per layer a kvmem.cubes.quantize.PackedLayer):
+        # the bytes it holds in memory, moves and splices are the packed ones
+        self._packed = tuple(packed) if packed is not None else None
+        self._kv = () if packed is not None else tuple((k, v) for k, v in kv)
         self._ids = ids
         self._meta = meta
+        self._source = None  # a weak reference to the model that built it (measures a quantization's error)
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -140,7 +148,9 @@ class MemCube:
         }
         if meta["name"] is None:
             meta["name"] = f"cube-{xxhash.xxh3_64(all_ids.numpy().tobytes()).hexdigest()[:12]}"
-        return cls(kv, all_ids, meta)
+        cube = cls(kv, all_ids, meta)
+        cube._source = weakref.ref(model)
+        return cube
 
     @classmethod
     def from_text(cls, model, tokenizer, text: str, name: str | None = None, anchor: str | None = None, **kwargs
@@ -171,12 +181,61 @@ class MemCube:
                             anchor=anchor, **kwargs)
 
     # ---------------------------------------------------------------- persistence
-    def save(self, path: str | os.PathLike) -> str:
-        """Save to one ``.safetensors`` file, atomically (a reader never sees a partial file). Returns the path."""
-        tensors = {"input_ids": self._ids}
-        for i, (k, v) in enumerate(self._kv):
+    def save(self, path: str | os.PathLike, *, quantize: str | None = None, model=None) -> str:
+        """Save to one ``.safetensors`` file, atomically (a reader never sees a partial file). Returns the path.
+
+        Args:
+            quantize: "int8" or "int4" to save the cube quantized (`quantize`): about 0.53x / 0.28x the bytes
+                of bfloat16, approximate, with its measured error in the file's metadata. None saves the cube as
+                it is (a quantized cube stays quantized).
+            model: the model the cube was built for, to measure the quantization's error (default: the model
+                that built this cube in this process).
+        """
+        cube = self.quantize(quantize, model=model) if quantize is not None else self
+        if cube._packed is not None:
+            tensors = {"input_ids": cube._ids, **packed_tensors(cube._packed)}
+            return str(write_cube_file(path, FORMAT, cube._meta, tensors, version=QUANTIZED_VERSION))
+        tensors = {"input_ids": cube._ids}
+        for i, (k, v) in enumerate(cube._kv):
             tensors[f"k.{i}"], tensors[f"v.{i}"] = k, v
-        return str(write_cube_file(path, FORMAT, self._meta, tensors))
+        return str(write_cube_file(path, FORMAT, cube._meta, tensors))
+
+    def quantize(self, scheme: str, *, model=None) -> "MemCube":
+        """A quantized copy of the cube: "int8" or "int4" KV (keys per channel, values per token; see
+        kvmem.cubes.quantize), which `kvmem.prefill` dequantizes inside the splice. Its measured error (mean and max
+        next-token KL against this cube over probes of its own tokens, and whether greedy continuations change) is
+        in ``meta['quantization']['error']``.
+
+        Args:
+            scheme: "int8" or "int4".
+            model: the model the cube was built for (default: the model that built it in this process); it runs
+                the probes.
+
+        Raises:
+            CubeError: an unknown scheme, no model to measure with, a cube already quantized another way.
+            FingerprintMismatch: ``model`` is not the model the cube was built for.
+        """
+        if scheme not in SCHEMES:
+            raise CubeError(f"quantize must be one of {', '.join(map(repr, SCHEMES))}, got {scheme!r}")
+        if self._packed is not None:
+            if self._meta["quantization"]["scheme"] == scheme:
+                return self
+            raise CubeError(f"cube {self.name!r} is already quantized ({self._meta['quantization']['scheme']}); "
+                            f"quantizing it to {scheme} would add a second error: quantize the full-width cube")
+        model = model if model is not None else (self._source() if self._source is not None else None)
+        if model is None:
+            raise CubeError(f"a quantized cube carries its measured error, which takes the model cube {self.name!r} "
+                            f"was built for: pass model=..., e.g. cube.save(path, quantize={scheme!r}, model=model)")
+        check_fields(self.fingerprint_fields, fingerprint_fields(model), what=f"cube {self.name!r}")
+        dtype, device = dtype_device(model)
+        if self.dtype != dtype:
+            raise CubeError(f"cube {self.name!r} holds {self.dtype} KV but the model runs in {dtype}: quantize the "
+                            f"cube with the model in {self.dtype}")
+        packed = quantize_kv(self._kv, scheme=scheme, anchor_len=self.anchor_len)
+        meta = dict(self._meta)
+        meta["quantization"] = quantization_meta(model, self._kv, packed, self._ids, scheme=scheme,
+                                                 anchor_len=self.anchor_len, dtype=dtype, device=device)
+        return MemCube((), self._ids, meta, packed=packed)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
@@ -193,8 +252,8 @@ class MemCube:
             CubeError: the file is missing, truncated, corrupted, edited, of another kind or version.
         """
         meta, tensors = read_cube_file(path, FORMAT, device=device)
-        kv, ids = _validated(path, meta, tensors)
-        cube = cls(kv, ids, meta)
+        kv, ids, packed = _validated(path, meta, tensors)
+        cube = cls(kv, ids, meta, packed=packed)
         return cube.to(dtype=dtype) if dtype is not None else cube
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "MemCube":
@@ -213,11 +272,17 @@ class MemCube:
         if dtype is not None and str(dtype) != meta["dtype"]:
             meta.setdefault("cast_from", meta["dtype"])
             meta["dtype"] = str(dtype)
+        if self._packed is not None:  # the packed bytes move; dtype is what they dequantize to
+            return MemCube((), self._ids, meta, packed=[layer.to(device) for layer in self._packed])
         try:
             kv = [(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for k, v in self._kv]
         except (RuntimeError, AssertionError) as exc:  # a device this torch build or machine lacks
             raise CubeError(f"cannot move the cube to device {str(device)!r} ({exc})") from None
         return MemCube(kv, self._ids, meta)
+
+    def with_meta(self, extra: dict) -> "MemCube":
+        """A copy of the cube (sharing its tensors, packed or not) whose metadata also holds ``extra``."""
+        return MemCube(self._kv, self._ids, {**self._meta, **extra}, packed=self._packed)
 
     # ---------------------------------------------------------------- views
     @property
@@ -267,29 +332,59 @@ class MemCube:
     @property
     def meta(self) -> dict:
         """A copy of the cube's metadata (the cube itself cannot be changed through it)."""
-        import copy
         return copy.deepcopy(self._meta)
 
     @property
     def kv(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        """Per layer (keys, values), each [kv_heads, anchor_len + num_tokens, head_dim]. Do not write into them."""
+        """Per layer (keys, values), each [kv_heads, anchor_len + num_tokens, head_dim]. Do not write into them.
+
+        A quantized cube dequantizes them on each access (a full-width copy: `kvmem.prefill` never makes one, it
+        dequantizes inside the splice)."""
+        if self._packed is not None:
+            return tuple(dequantize_kv(self._packed, scheme=self._meta["quantization"]["scheme"],
+                                       n_tokens=self._ids.numel(), anchor_len=self.anchor_len, dtype=self.dtype))
         return self._kv
 
     @property
+    def kv_shapes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Per layer the (keys, values) shapes of `kv`, without dequantizing a quantized cube."""
+        if self._packed is not None:
+            return [(tuple(k), tuple(v)) for k, v in self._meta["kv_shapes"]]
+        return [(tuple(k.shape), tuple(v.shape)) for k, v in self._kv]
+
+    @property
+    def quantization(self) -> dict | None:
+        """None for a full-width cube; for a quantized one its scheme, sizes and measured error (a copy)."""
+        q = self._meta.get("quantization")
+        return copy.deepcopy(q) if q is not None else None
+
+    @property
+    def packed(self) -> tuple | None:
+        """A quantized cube's packed KV: per layer a `kvmem.cubes.quantize.PackedLayer`; None for a full-width
+        cube. Do not write into it."""
+        return self._packed
+
+    @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the KV (a quantized cube's: the dtype it dequantizes to)."""
+        if self._packed is not None:
+            return _DTYPES[self._meta["dtype"]]
         return self._kv[0][0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self._kv[0][0].device
+        return self._packed[0].k_q.device if self._packed is not None else self._kv[0][0].device
 
     @property
     def nbytes(self) -> int:
+        """Bytes the cube's KV holds (a quantized cube's: its packed bytes, scales included)."""
+        if self._packed is not None:
+            return sum(layer.nbytes for layer in self._packed)
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self._kv)
 
     def __repr__(self) -> str:
         return (f"MemCube(name={self.name!r}, tokens={self.num_tokens}, anchor={self.anchor_len}, "
-                f"layers={len(self._kv)}, dtype={self.dtype}, fingerprint={self.fingerprint})")
+                f"layers={self._meta['num_layers']}, dtype={self.dtype}, fingerprint={self.fingerprint})")
 
 
 def as_cubes(cubes) -> list[MemCube]:
@@ -308,8 +403,9 @@ def as_cubes(cubes) -> list[MemCube]:
 
 
 def _validated(path, meta: dict, tensors: dict[str, torch.Tensor]):
-    """Check the cube's tensors and metadata against each other; returns (kv, ids). CubeError on any
-    inconsistency, including ones a forged checksum would let through."""
+    """Check the cube's tensors and metadata against each other; returns (kv, ids, packed): packed is None for a
+    full-width cube, kv empty for a quantized one. CubeError on any inconsistency, including ones a forged checksum
+    would let through."""
     def bad(why: str):
         return CubeError(f"{path}: {why}; the cube is damaged or was written by something else; rebuild it")
 
@@ -335,7 +431,9 @@ def _validated(path, meta: dict, tensors: dict[str, torch.Tensor]):
     ids = tensors.get("input_ids")
     if isinstance(ids, torch.Tensor) and not (0 <= anchor_len <= ids.numel() and 0 <= num_tokens <= ids.numel()):
         raise bad(f"input_ids is {ids.dtype} {tuple(ids.shape)}, metadata says int64 ({anchor_len + num_tokens},)")
-    expected = {"input_ids"} | {f"{p}.{i}" for i in range(n_layers) for p in "kv"}
+    quantized = meta.get("quantization") is not None
+    names = PACKED_NAMES if quantized else ("k", "v")
+    expected = {"input_ids"} | {f"{p}.{i}" for i in range(n_layers) for p in names}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise bad(f"tensor set differs from the metadata (missing {missing[:4]}, unexpected {extra[:4]})")
@@ -356,6 +454,8 @@ def _validated(path, meta: dict, tensors: dict[str, torch.Tensor]):
         raise bad(f"token ids outside [0, {vocab}) of the model the cube names")
     # Shapes are checked against each other here and against the cache the model really keeps at prefill
     # (kvmem.model.cache.kv_shapes): config fields do not describe every cache (multi-query Falcon, MLA).
+    if quantized:
+        return [], ids, check_packed(meta["quantization"], tensors, shapes, anchor_len=anchor_len, bad=bad)
     kv = []
     for i in range(n_layers):
         k, v = tensors[f"k.{i}"], tensors[f"v.{i}"]
@@ -364,4 +464,4 @@ def _validated(path, meta: dict, tensors: dict[str, torch.Tensor]):
                 raise bad(f"{name}.{i} is {t.dtype} {tuple(t.shape)}, metadata says {dtype} {tuple(shape)} "
                           f"with {total} tokens")
         kv.append((k, v))
-    return kv, ids
+    return kv, ids, None

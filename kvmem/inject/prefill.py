@@ -23,7 +23,6 @@ from .._deprecation import renamed_function
 from ..cubes.fingerprint import check_fields, fingerprint_fields
 from ..cubes.memcube import MemCube, as_cubes
 from ..errors import CubeError
-from ..kernels.splice import splice
 from ..model.cache import kv_shapes, new_cache
 from ..model.devices import layer_devices
 from ..model.facts import check_context, text_config
@@ -31,6 +30,7 @@ from ..model.resolve import resolve
 from ..model.rope import LENGTH_DEPENDENT, rope_facts, rope_types
 from .gate import gate
 from .recompute import recompute as _recompute
+from .splice_cubes import dequantized_kv, quantized_report, splice_cubes
 
 # mode -> (default budget, what the budget means)
 RECOMPUTE_MODES = {
@@ -51,6 +51,7 @@ class Prefix:
         input_ids: LongTensor [1, n] on the model's device, one id per KV entry, in order.
         spans: [(start, end), ...] the positions of each cube's own tokens in ``input_ids``.
         names: the cube names, in order.
+        quantized: for each quantized cube: name, scheme and its measured error (kl_mean, kl_max, greedy_same...).
     """
 
     cache: object
@@ -58,6 +59,7 @@ class Prefix:
     spans: list[tuple[int, int]] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     recomputed: int = 0
+    quantized: list[dict] = field(default_factory=list)
     composition: str = ""  # recompute="auto": the gate's choice and why (kvmem.inject.gate)
 
     @property
@@ -139,16 +141,19 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
     check_context(model, cubes[0].anchor_len + sum(c.num_tokens for c in cubes), "the composed prefix",
                   "inject fewer or shorter cubes")
 
-    n_layers = len(cubes[0].kv)
+    n_layers = len(cubes[0].kv_shapes)
     devices = facts.remember(("kv_devices", n_layers), lambda: _kv_devices(model, n_layers, device))
     if len(cubes) == 1:
         c = cubes[0]
         # the cube's own tensors (a view with a batch axis; no copy where they already sit on the layer's device):
-        # the cache's first update copies them into storage of its own
-        kv = [(k.to(d, non_blocking=True)[None], v.to(d, non_blocking=True)[None]) for (k, v), d in zip(c.kv, devices)]
+        # the cache's first update copies them into storage of its own; a quantized cube is dequantized here
+        full = c.kv if c.packed is None else dequantized_kv(c, device=device, dtype=dtype)
+        kv = [(k.to(d, non_blocking=True)[None], v.to(d, non_blocking=True)[None]) for (k, v), d in zip(full, devices)]
         ids = c.all_ids.to(device)
-        return Prefix(new_cache(model, kv, facts=facts), ids, [(c.anchor_len, c.anchor_len + c.num_tokens)],
-                      [c.name])
+        prefix = Prefix(new_cache(model, kv, facts=facts), ids, [(c.anchor_len, c.anchor_len + c.num_tokens)],
+                        [c.name])
+        prefix.quantized = quantized_report(cubes)
+        return prefix
     composition = ""
     if auto:
         choice = gate(model, len(cubes), default=(recompute, budget), fields=actual)
@@ -156,6 +161,7 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
         composition = f"{choice.mode}: {choice.reason}"
     prefix = _compose(model, cubes, facts, devices, recompute, budget)
     prefix.composition = composition
+    prefix.quantized = quantized_report(cubes)
     return prefix
 
 
@@ -170,11 +176,12 @@ def _kv_devices(model, n_layers: int, device: torch.device) -> list[torch.device
 def _check_kv_shapes(model, cube: MemCube) -> None:
     """The cube's per-layer KV shapes must be the ones this model really caches (measured, not read from config)."""
     layout = kv_shapes(model)
-    if len(cube.kv) != len(layout):
-        raise CubeError(f"cube {cube.name!r} holds {len(cube.kv)} KV layers but this model caches {len(layout)}: "
+    shapes = cube.kv_shapes  # from the metadata for a quantized cube: no dequantizing to check
+    if len(shapes) != len(layout):
+        raise CubeError(f"cube {cube.name!r} holds {len(shapes)} KV layers but this model caches {len(layout)}: "
                         "it was written for another cache shape of this model; rebuild it with this model")
-    for i, ((k, v), (k_shape, v_shape)) in enumerate(zip(cube.kv, layout)):
-        got = ((k.shape[0], k.shape[2]), (v.shape[0], v.shape[2]))
+    for i, ((k, v), (k_shape, v_shape)) in enumerate(zip(shapes, layout)):
+        got = ((k[0], k[2]), (v[0], v[2]))
         if got != (k_shape, v_shape):
             raise CubeError(f"cube {cube.name!r} layer {i} holds keys/values of (heads, dim) {got[0]}/{got[1]} "
                             f"but this model caches {k_shape}/{v_shape}: it was written for another cache shape of "
@@ -241,8 +248,8 @@ def compose_kv(cubes: list[MemCube], rope, *, dtype: torch.dtype, device=None):
             raise CubeError(f"cubes {cubes[0].name!r} and {c.name!r} were built after different anchors "
                             f"({cubes[0].anchor_len} vs {c.anchor_len} tokens); build every cube you compose "
                             "with the same anchor (kvmem.wrap(...).build_cube does)")
-    k_shapes = {tuple(k.shape[::2]) for c in cubes for k, _ in c.kv}
-    v_shapes = {tuple(v.shape[::2]) for c in cubes for _, v in c.kv}
+    k_shapes = {tuple(k[::2]) for c in cubes for k, _ in c.kv_shapes}
+    v_shapes = {tuple(v[::2]) for c in cubes for _, v in c.kv_shapes}
     if len(k_shapes) != 1 or len(v_shapes) != 1 or next(iter(k_shapes))[0] != next(iter(v_shapes))[0]:
         raise CubeError(f"composing cubes on this {rope.family} model is not supported: its layers cache keys of "
                         f"(heads, dim) {sorted(k_shapes)} and values of {sorted(v_shapes)}, which kvmem's splice "
@@ -250,16 +257,12 @@ def compose_kv(cubes: list[MemCube], rope, *, dtype: torch.dtype, device=None):
     src_start, dst_start, length, delta, spans = splice_plan(cubes)
     offset = dst_start[-1] + length[-1]
     (heads, dim), (_, dim_v) = next(iter(k_shapes)), next(iter(v_shapes))
-    n_layers = len(cubes[0].kv)
+    n_layers = len(cubes[0].kv_shapes)
     dst_k = torch.empty(n_layers, heads, offset, dim, dtype=dtype, device=device)
     dst_v = torch.empty(n_layers, heads, offset, dim_v, dtype=dtype, device=device)
-    on_device = lambda c, j: [kv[j].to(device).contiguous() for kv in c.kv]  # noqa: E731  (no-op when already there)
-    slots = ((dst_k, [on_device(c, 0) for c in cubes]), (dst_v, [on_device(c, 1) for c in cubes]))
-    if rope.rotated_slot == "values":  # transformers' MLA caches the latent as keys, the rotated part as values
-        slots = slots[::-1]
-    (rot_dst, rot_src), (copy_dst, copy_src) = slots
-    splice(rot_dst, copy_dst, rot_src, copy_src, src_start=src_start, dst_start=dst_start, length=length,
-           delta=delta, inv_freq=rope.inv_freq, interleaved=rope.interleaved)
+    # full-width cubes through the splice, quantized ones through the dequantizing splice (one launch per kind)
+    splice_cubes(dst_k, dst_v, cubes, src_start=src_start, dst_start=dst_start, length=length, delta=delta,
+                 inv_freq=rope.inv_freq, interleaved=rope.interleaved, rotated_slot=rope.rotated_slot)
     ids = torch.cat([anchor[0]] + [c.input_ids[0] for c in cubes])
     return dst_k, dst_v, ids, spans
 

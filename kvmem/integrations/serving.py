@@ -283,7 +283,7 @@ class CubePlanner:
                 continue
             try:
                 cube = self._load(namespace, name)
-                exact = not cube.meta.get("composed_from") and cube.dtype == self.dtype
+                exact = not cube.meta.get("composed_from") and not cube.quantization and cube.dtype == self.dtype
                 index[name] = (version, tuple(cube.all_ids[0].tolist()) if exact else None)
                 self._just_loaded = {(namespace, name, version): cube}
             except CubeError:  # unusable cubes are never matched; naming one explains why
@@ -345,6 +345,10 @@ class CubePlanner:
         for c in cubes:
             if c.dtype != self.dtype:
                 notes.append(f"cube {c.name!r} cast from {c.dtype} to the serving dtype {self.dtype}")
+            if c.quantization:  # approximate: salted like any approximate prefix, its measured error in the log
+                q = c.quantization
+                notes.append(f"cube {c.name!r} quantized {q['scheme']} (measured next-token KL mean "
+                             f"{q['error']['kl_mean']:.2g} nats)")
         n_ids = sum(c.num_tokens for c in cubes) + cubes[0].anchor_len
         if n_ids > len(prompt) or any(prompt[i] != t for i, t in enumerate(self._ids_of(cubes))):
             raise Refused(f"the prompt does not start with the ids of {names} "

@@ -76,6 +76,7 @@ class Recall:
         self.view, self.index, self.cube_tokens = view, index, cube_tokens
         self.build_cube, self.count_tokens = build_cube, count_tokens
         self.scheduler = scheduler_factory(view, self.build_memory_cube)  # the view reads qualified ids as they are
+        self.allow_quantized = False  # quantized cubes are approximate: used only when the caller allows it
         self._seen: dict[str, tuple] = {}  # qualified id -> what the index holds of it (to see changes)
         self._version = None
         self.sync()
@@ -245,6 +246,11 @@ class Recall:
             cube, tier = self.scheduler.fetch(qid)
         except CubeError as exc:  # a damaged or foreign cube: the text still answers, and says why
             entry["note"] = f"cube unusable, prefilled as text: {exc}".splitlines()[0]
+            return None, "text"
+        if cube is not None and cube.quantization and not self.allow_quantized:
+            q = cube.quantization
+            entry["note"] = (f"its cube is quantized ({q['scheme']}, measured next-token KL {q['error']['kl_mean']:.2g} "
+                             "nats): prefilled as text; mm.attach(..., allow_quantized=True) uses it")
             return None, "text"
         return (cube, tier) if cube is not None else (None, "text")
 

@@ -274,5 +274,6 @@ class MemScheduler:
 
 
 def tier_size(cube) -> int:
-    """Bytes a cube takes in a memory tier."""
+    """Bytes a cube takes in a memory tier: a quantized cube's packed bytes (scales included), which is what the
+    tier holds and what moves to the device; it is dequantized only where it is spliced."""
     return int(cube.nbytes)

@@ -86,11 +86,14 @@ class StoreView:
         self._delete_blob(self.store.catalog.upsert(rec))
         return rec
 
-    def put_cube(self, memory_id: str, cube: MemCube, *, text: str | None = None, meta: dict | None = None) -> Record:
+    def put_cube(self, memory_id: str, cube: MemCube, *, text: str | None = None, meta: dict | None = None,
+                 quantize: str | None = None) -> Record:
         """Store ``cube`` as the activation memory of ``memory_id`` (its text defaults to the cube's text)."""
         memory_id = self._own_id(memory_id)
         if not isinstance(cube, MemCube):
             raise CubeError(f"put_cube takes a MemCube, got {type(cube).__name__}")
+        if quantize is not None:  # "int8" / "int4": stored quantized, with its measured error (MemCube.quantize)
+            cube = cube.quantize(quantize)
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise CubeError(f"text must be a non-empty string, got {text!r:.40}")
         old = self.store.catalog.get((self._own,), memory_id)
@@ -105,7 +108,7 @@ class StoreView:
         record = make_stamp(store=getattr(catalog, "store_id", None), namespace=self._own, memory_id=memory_id,
                             meta=meta, created=old.created if old else now, written=now,
                             text=text if text != cube.text else None)
-        stamped = MemCube(cube.kv, cube.all_ids[0], {**cube.meta, MEMORY_KEY: record})
+        stamped = cube.with_meta({MEMORY_KEY: record})  # a quantized cube stays packed
         catalog.reserve(name, time.time())
         staged = blobs.stage(name)
         try:
