@@ -7,6 +7,7 @@ message and exit status 1, not a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -32,6 +33,18 @@ def _friendly(command):
             typer.echo(f"kvmem: {exc}", err=True)
             raise typer.Exit(1) from None
     return run
+
+
+@contextlib.contextmanager
+def writing(out):
+    """Saving a file to ``out``: an OSError (a full disk, a read-only folder) becomes one ``kvmem:`` line and exit
+    status 1; kvmem's saves are atomic, so nothing half-written is left behind."""
+    try:
+        yield
+    except OSError as exc:
+        why = f"cannot write {out} ({exc.strerror})" if exc.strerror else str(exc)
+        typer.echo(f"kvmem: {why}: check free space and write access", err=True)
+        raise typer.Exit(1) from None
 
 
 def _quiet_transformers() -> None:

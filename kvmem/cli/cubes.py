@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import CubeError
-from .app import _friendly, _load_model, _read_text, app
+from .app import _friendly, _load_model, _read_text, app, writing
 
 
 @app.command()
@@ -33,20 +33,13 @@ def build(
         raise typer.BadParameter(f"--quantize must be int8 or int4, got {quantize!r}")
     text = _read_text(text_file)
     m, tok = _load_model(model, dtype)
-    try:
+    with writing(out):
         if anchor is None and chat:
             anchor = wrap(m, tok).anchor
         cube = MemCube.from_text(m, tok, text, name=name or text_file.stem, anchor=anchor, progress=True)
         if quantize is not None:
             cube = cube.quantize(quantize)
         path = cube.save(out)
-    except CubeError as exc:
-        typer.echo(f"kvmem: {exc}", err=True)
-        raise typer.Exit(1)
-    except OSError as exc:  # a full disk, a read-only folder: one line, nothing half-written (the save is atomic)
-        why = f"cannot write {out} ({exc.strerror})" if exc.strerror else str(exc)
-        typer.echo(f"kvmem: {why}: check free space and write access", err=True)
-        raise typer.Exit(1)
     typer.echo(f"wrote {path}: {cube.num_tokens} tokens (+{cube.anchor_len} anchor), {cube.nbytes / 1e6:.1f} MB, "
                f"fingerprint {cube.fingerprint}" + (f"; {quantize}: {_error_line(cube.quantization)}" if quantize else ""))
 
@@ -72,16 +65,9 @@ def build_adapter(
     from ..cubes.adaptercube import AdapterCube
 
     m, _ = _load_model(model, dtype, tokenizer=False)
-    try:
+    with writing(out):
         cube = AdapterCube.from_peft(peft_dir, name=name, base_model=m)
         path = cube.save(out)
-    except CubeError as exc:
-        typer.echo(f"kvmem: {exc}", err=True)
-        raise typer.Exit(1)
-    except OSError as exc:  # a full disk, a read-only folder: one line, nothing half-written (the save is atomic)
-        why = f"cannot write {out} ({exc.strerror})" if exc.strerror else str(exc)
-        typer.echo(f"kvmem: {why}: check free space and write access", err=True)
-        raise typer.Exit(1)
     typer.echo(f"wrote {path}: LoRA rank {cube.rank} on {', '.join(cube.target_modules)}, "
                f"{cube.nbytes / 1e6:.2f} MB, base fingerprint {cube.fingerprint}")
 
