@@ -100,6 +100,9 @@ class CubeStore:
         self.location = location
         self.catalog, self.blobs = catalog, blobs
         self.root: Path | None = getattr(blobs, "root", None)  # a local folder (embedding cache), if any
+        from .batch import recover_on_open
+
+        recover_on_open(self)  # what a killed batch left (kvmem/store/batch.py): one small read when nothing
 
     def __repr__(self) -> str:
         return f"CubeStore({self.catalog.describe()}, {self.blobs.describe()})"

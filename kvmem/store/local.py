@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import CubeError
 from .sqlite_db import connect, transaction
 from .folder import MARKER, STORE_FORMAT, LocalBlobs, read_marker, write_marker  # noqa: F401 (old home)
-from .records import BLOB, Record, StoreVersion, check_blob
+from .records import BLOB, Record, StoreVersion, check_blob, check_name, check_unique
 
 CATALOG = "catalog.sqlite"
 
@@ -182,24 +182,45 @@ class SQLiteCatalog:
         with self._write() as db:
             db.execute("DELETE FROM reservations WHERE blob=?", (blob,))
 
-    def upsert(self, rec: Record) -> str | None:
-        meta = json.dumps(rec.meta)
-        with self._write() as db, transaction(db):
-            if rec.blob is not None:
-                check_blob(rec.blob)
-                if db.execute("DELETE FROM reservations WHERE blob=?", (rec.blob,)).rowcount != 1:
-                    raise CubeError(f"the write of {rec.namespace}/{rec.id} took so long that gc expired it "
-                                    "(its cube file may be gone): write it again")
-            old = db.execute("SELECT path, created, hits FROM memories WHERE namespace=? AND id=?",
-                             (rec.namespace, rec.id)).fetchone()
-            if old is not None:
-                rec.created, rec.hits = old[1], old[2]
-            db.execute(f"INSERT OR REPLACE INTO memories ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * 12)})",
-                       (rec.namespace, rec.id, rec.kind, rec.text, meta, rec.fingerprint, rec.tokens, rec.bytes,
-                        column_of(rec.blob), rec.created, rec.last_used, rec.hits))
-            self._log(db, rec.namespace, rec.id, "cube" if rec.blob else "add")
+    def _upsert_row(self, db, rec: Record) -> str | None:
+        """Inside a write transaction: consume ``rec``'s reservation, write its row, log it; the replaced blob."""
+        if rec.blob is not None:
+            check_blob(rec.blob)
+            if db.execute("DELETE FROM reservations WHERE blob=?", (rec.blob,)).rowcount != 1:
+                raise CubeError(f"the write of {rec.namespace}/{rec.id} took so long that gc expired it "
+                                "(its cube file may be gone): write it again")
+        old = db.execute("SELECT path, created, hits FROM memories WHERE namespace=? AND id=?",
+                         (rec.namespace, rec.id)).fetchone()
+        if old is not None:
+            rec.created, rec.hits = old[1], old[2]
+        db.execute(f"INSERT OR REPLACE INTO memories ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * 12)})",
+                   (rec.namespace, rec.id, rec.kind, rec.text, json.dumps(rec.meta), rec.fingerprint, rec.tokens,
+                    rec.bytes, column_of(rec.blob), rec.created, rec.last_used, rec.hits))
+        self._log(db, rec.namespace, rec.id, "cube" if rec.blob else "add")
         old_blob = blob_of(old[0]) if old is not None else None
         return old_blob if old_blob != rec.blob else None
+
+    def upsert(self, rec: Record) -> str | None:
+        json.dumps(rec.meta)  # unencodable meta fails before the write lock is taken
+        with self._write() as db, transaction(db):
+            return self._upsert_row(db, rec)
+
+    def upsert_many(self, records) -> list[str]:
+        records = list(records)
+        check_unique(records)
+        for rec in records:
+            json.dumps(rec.meta)
+        with self._write() as db, transaction(db):  # one transaction: WAL readers see all rows or none
+            replaced = [self._upsert_row(db, rec) for rec in records]
+        return [blob for blob in replaced if blob]
+
+    def lock(self, name: str, *, wait: float):
+        """A context manager holding the store-wide lock ``name`` (e.g. a namespace being installed into): an
+        fcntl lock on ``<root>/locks/<name>.lock``, released by the kernel if its process dies (never stale).
+        Waits up to ``wait`` seconds, then CubeError naming the holder."""
+        from .file_lock import hold_file_lock
+
+        return hold_file_lock(self.path.parent / "locks", check_name(name, "lock name"), wait=wait)
 
     def get(self, namespaces, memory_id):
         with self._connect() as db:
@@ -393,3 +414,4 @@ def _remove_new_store(root: Path, *, existed: bool) -> None:
             folder.rmdir()  # only if empty
         except OSError:
             pass
+

@@ -117,6 +117,15 @@ def check_blob(name) -> str:
     return name
 
 
+def check_unique(records) -> None:
+    """CubeError if two of ``records`` are the same memory (a batch writes each once)."""
+    seen = set()
+    for rec in records:
+        if (rec.namespace, rec.id) in seen:
+            raise CubeError(f"a batch writes {rec.namespace}/{rec.id} twice: write each memory once")
+        seen.add((rec.namespace, rec.id))
+
+
 class StoreVersion(int):
     """A position in a store's change log: an int that grows with every change, carrying the ``epoch`` of the
     catalog it was read from. A rebuilt, recreated or flushed-and-recreated catalog gets a new epoch (and a
@@ -199,6 +208,12 @@ class CatalogBackend(Protocol):
         (written back into ``rec``). If ``rec.blob`` is set, it must still be reserved: the reservation is
         consumed in the same step, else CubeError (nothing changes). Logs a change ("cube" with a blob, else
         "add"). Returns the blob the replaced row named, if it differs (the caller deletes it)."""
+
+    def upsert_many(self, records: list[Record]) -> list[str]:
+        """`upsert` of every record in ONE atomic step (a batch, kvmem/store/batch.py): readers see all of the
+        rows or none of them. Every record's blob must still be reserved (all are consumed, else CubeError and
+        nothing changes); a ``(namespace, id)`` twice is a CubeError. Logs one change per record. Returns the
+        blobs the replaced rows named that differ from the new ones (the caller deletes them)."""
 
     def get(self, namespaces: tuple[str, ...], memory_id: str) -> Record | None:
         """The row ``memory_id`` of the first namespace in ``namespaces`` that has one."""

@@ -33,7 +33,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import CubeError
-from .records import Record, StoreVersion, check_blob
+from .records import Record, StoreVersion, check_blob, check_name, check_unique
 from .redis_blobs import RedisBlobs
 
 _ROW_FIELDS = ("text", "kind", "meta", "fingerprint", "tokens", "bytes", "blob", "created", "last_used", "hits")
@@ -191,6 +191,55 @@ class RedisCatalog:
 
         old_blob = self._transaction(step, mem, res, seq_key)
         return old_blob if old_blob != rec.blob else None
+
+    def upsert_many(self, records) -> list[str]:
+        records = list(records)
+        check_unique(records)
+        blobs = [check_blob(rec.blob) for rec in records if rec.blob is not None]
+        res, seq_key = self.db.key("reservations"), self.db.key("seq")
+        by_ns: dict[str, list[Record]] = {}
+        for rec in records:
+            by_ns.setdefault(rec.namespace, []).append(rec)
+        mems = {ns: self.db.key("mem", ns) for ns in by_ns}
+
+        def step(pipe):
+            # reads under WATCH: a reservation gc drops, or a row another writer changes, before EXEC makes
+            # the transaction fail and run again (then the reservation check refuses it)
+            if blobs:
+                present = pipe.hmget(res, blobs)
+                gone = [b for b, when in zip(blobs, present) if when is None]
+                if gone:
+                    rec = next(r for r in records if r.blob == gone[0])
+                    raise CubeError(f"the write of {rec.namespace}/{rec.id} took so long that gc expired it (its "
+                                    "cube file may be gone): write it again")
+            replaced = []
+            for ns, recs in by_ns.items():
+                for rec, raw in zip(recs, pipe.hmget(mems[ns], [r.id for r in recs])):
+                    old = self._record(ns, rec.id, raw) if raw is not None else None
+                    if old is not None:
+                        rec.created, rec.hits = old.created, old.hits
+                        if old.blob and old.blob != rec.blob:
+                            replaced.append(old.blob)
+            seq = self._next_seq(pipe)
+            pipe.multi()  # from here one MULTI/EXEC: every row, or none
+            if blobs:
+                pipe.hdel(res, *blobs)
+            for ns, recs in by_ns.items():
+                pipe.hset(mems[ns], mapping={rec.id: _row(rec) for rec in recs})
+            pipe.sadd(self.db.key("namespaces"), *by_ns)
+            for i, rec in enumerate(records):
+                self._log(pipe, seq + i, rec.namespace, rec.id, "cube" if rec.blob else "add")
+            return replaced
+
+        return self._transaction(step, res, seq_key, *mems.values()) if records else []
+
+    def lock(self, name: str, *, wait: float):
+        """A context manager holding the store-wide lock ``name`` (e.g. a namespace being installed into): a
+        key ``P:lock:<name>`` set with a random token and an expiry (kvmem/store/redis_lock.py), renewed by its holder every
+        third of it; released only by its own token. A holder that dies stops renewing: its lock expires."""
+        from .redis_lock import RedisLock
+
+        return RedisLock(self.db, check_name(name, "lock name"), wait=wait)
 
     def get(self, namespaces, memory_id):
         found = self._read(*(lambda pipe, ns=ns: pipe.hget(self.db.key("mem", ns), memory_id) for ns in namespaces))
