@@ -1,15 +1,25 @@
-"""An install of a 1,000-memory bundle is all or nothing under SIGKILL: a child process installs, the test kills it at
-points spread over the install (while backing up, early and late in the writes, around the commit), and after
-`recover_installs` the namespace is exactly as before or exactly as fully installed."""
+"""An install of a 1,000-memory bundle is all or nothing, for readers and under SIGKILL, on both store backends.
+
+- A reader polling ``ls()`` (and loading a cube) in another process while a child installs sees the namespace as
+  before or as installed, never a mix; the same reader does see mixes when the child commits row by row (the store
+  before batches), so the check can fail.
+- A child killed with SIGKILL at points spread over the install (staging its first and last cube, just before and
+  just after the one commit, while deleting replaced cubes, and at a moment the parent picks) leaves a store whose
+  next open (a fresh `CubeStore`, nothing else) shows exactly the old or the new namespace, with no journal, no
+  reservation and no cube file left that no row names.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -21,147 +31,224 @@ from travel_helpers import make_key
 pytest.importorskip("cryptography")
 
 N = 1000
+CUBES = 20          # every 50th memory carries a MemCube
 ROOT = Path(__file__).resolve().parents[1]
-CHILD = """
-import sys
-from kvmem.travel import TrustList, install_bundle, read_public_key
-install_bundle(sys.argv[1], sys.argv[2], sys.argv[4], trust=TrustList([read_public_key(sys.argv[3])]))
-"""
+CHILD = Path(__file__).resolve().parent / "travel_kill.py"
+HAS_REDIS = shutil.which("redis-server") is not None and importlib.util.find_spec("redis") is not None
 
 
 def _fill(store, namespace: str, version: int, model) -> None:
-    view = store.view(namespace)
+    from kvmem.store.batch import Batch
+
+    batch = Batch(store)  # one commit (memory by memory, 1,000 fsynced transactions take a minute on a VM disk)
     for i in range(N):
         text = f"memory {i} of version {version}: " + "lorem ipsum " * (i % 7)
-        if i % 50 == 0:  # every 50th memory carries a MemCube
+        if i % (N // CUBES) == 0:
             cube = kvmem.MemCube.from_ids(model, random_ids(4 + i % 5, seed=i + version), text=text)
-            view.put_cube(f"m{i:04d}", cube, text=text, meta={"turn": i})
+            batch.put_cube(namespace, f"m{i:04d}", cube, text=text, meta={"turn": i})
         else:
-            view.add(f"m{i:04d}", text, {"turn": i, "v": version})
+            batch.add(namespace, f"m{i:04d}", text, {"turn": i, "v": version})
+    batch.commit()
 
 
-def _state(store, namespace: str) -> dict:
-    """{id: (kind, text, meta without the install time, fingerprint)} plus the install journals."""
+def _state(store, namespace: str = "bob") -> dict:
+    """{id: (kind, text, meta without the install time, fingerprint, the bundle's digest)}."""
     from kvmem.travel.provenance import PROVENANCE
 
     out = {}
     for rec in store.view(namespace).ls():
         meta = dict(rec.meta)
         prov = meta.pop(PROVENANCE, None)
-        out[rec.id] = (rec.kind, rec.text, json.dumps(meta, sort_keys=True), rec.fingerprint,
-                       prov and prov["digest"])
+        out[rec.id] = (rec.kind, rec.text, json.dumps(meta, sort_keys=True), rec.fingerprint, prov and prov["digest"])
     return out
 
 
-def _journal(store) -> dict | None:
-    from kvmem.travel.journal import JOURNALS
+def _leftovers(store) -> list[str]:
+    """What a finished or recovered install must not leave: journals, reservations, cube blobs no row names."""
+    named, reserved, _ = store.catalog.references(expire_before=0.0)
+    out = [f"journal {r.id}" for r in store.view("kvmem.batches").ls()]
+    out += [f"reservation {b}" for b in reserved]
+    out += [f"unnamed blob {b}" for b in set(store.blobs.names()) - named]
+    out += [f"missing blob {b}" for b in named - set(store.blobs.names())]
+    return out
 
-    recs = store.view(JOURNALS).ls()
-    return json.loads(recs[0].text) if recs else None
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    from kvmem.travel import pack_namespace
+
+    folder = tmp_path_factory.mktemp("bundles")
+    model = tiny_model("llama")
+    key = make_key(folder)
+    src = kvmem.CubeStore(folder / "src")
+    _fill(src, "alice", 1, model)
+    v1 = pack_namespace(src, "alice", folder / "v1.kvmem", key=key, sequence=1)
+    _fill(src, "alice", 2, model)
+    v2 = pack_namespace(src, "alice", folder / "v2.kvmem", key=key, sequence=2)
+    return v1.path, v2.path, key, folder / "alice.key.pub"
 
 
-def _run_and_kill(bundle, location, pub, when, namespace="bob") -> bool:
-    """Install in a child; SIGKILL it once ``when(store)`` is true. True if it was killed before finishing."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(bundle), str(location), str(pub), namespace], env=env, cwd=ROOT,
-                             stderr=subprocess.PIPE)
-    store = kvmem.CubeStore(location)
-    try:
-        while child.poll() is None:
-            if when(store):
-                child.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-    finally:
-        _, err = child.communicate(timeout=300)  # reaps the child: a killed install's process is gone
+@pytest.fixture(scope="module", params=["folder", "redis"])
+def backend(request, tmp_path_factory):
+    """``new()`` -> the location of a fresh, empty store of this backend."""
+    folder = Path(os.environ.get("KVMEM_FAST_TMP", "/dev/shm"))
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):
+        folder = tmp_path_factory.mktemp("stores")  # tmpfs where there is one: SIGKILL is not a power cut
+    if request.param == "folder":
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=folder, prefix="kvmem-test-") as tmp:
+            yield lambda: Path(tmp) / uuid.uuid4().hex[:8]
+        return
+    if not HAS_REDIS:
+        pytest.skip("redis-server or the redis client is not installed (CI installs both)")
+    from test_store_redis import redis_server, store_url
+
+    tmp = tmp_path_factory.mktemp("redis")
+    with redis_server(tmp) as url:
+        yield lambda: store_url(url, tmp)
+
+
+def _states(bundles, new):
+    """(before, after): the namespace with v1 installed, and with v2 installed over it (a reference store)."""
+    from kvmem.travel import TrustList, install_bundle
+
+    v1, v2, key, _ = bundles
+    reference = kvmem.CubeStore(new())
+    install_bundle(v1, reference, "bob", trust=TrustList([key.public]))
+    before = _state(reference)
+    install_bundle(v2, reference, "bob", trust=TrustList([key.public]))
+    after = _state(reference)
+    assert len(before) == len(after) == N and before != after
+    return before, after
+
+
+def _with_v1(bundles, new):
+    from kvmem.travel import TrustList, install_bundle
+
+    location = new()
+    install_bundle(bundles[0], location, "bob", trust=TrustList([bundles[2].public]))
+    return location
+
+
+def _child(bundles, location, points: str, log: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(CHILD.parent), os.environ.get("PYTHONPATH", "")])}
+    args = [sys.executable, str(CHILD), str(bundles[1]), str(location), str(bundles[3]), "bob", points]
+    return subprocess.Popen(args + ([str(log)] if log else []), env=env, cwd=ROOT, stderr=subprocess.PIPE)
+
+
+def _wait(child: subprocess.Popen) -> int:
+    _, err = child.communicate(timeout=300)  # reaps the child: a killed install's process is gone
     if child.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(err.decode()[-2000:])
-    return child.returncode == -signal.SIGKILL
+    return child.returncode
 
 
-class _Writes:
-    """Kill-point conditions read cheaply (the journal's state, the store's change counter), so polling does not
-    slow the child down: ``writes(store)`` counts the changes since the journal entered ``state``."""
-
-    def __init__(self, state: str, after: int):
-        self.state, self.after, self.start = state, after, None
-
-    def __call__(self, store) -> bool:
-        if (_journal(store) or {}).get("state") != self.state:
-            return False
-        if self.start is None:
-            self.start = store.version()
-        return store.version() - self.start >= self.after
-
-
-@pytest.fixture
-def fast_tmp(tmp_path):
-    """A folder on tmpfs where there is one: each catalog write of the store fsyncs, ~20 ms on a VM disk, and a
-    SIGKILL (unlike a power cut) loses nothing the kernel already has, so durability is not what is tested here."""
-    import tempfile
-
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    with tempfile.TemporaryDirectory(dir=shm, prefix="kvmem-test-") as folder:
-        yield Path(folder)
+@pytest.mark.parametrize("points", ["none", "rowwise"])
+def test_a_reader_never_sees_a_partial_install(bundles, backend, points):
+    before, after = _states(bundles, backend)
+    location = _with_v1(bundles, backend)
+    seen = {"before": 0, "after": 0, "mix": 0}
+    child = _child(bundles, location, points)
+    reader = kvmem.CubeStore(location)
+    while True:
+        done = child.poll() is not None
+        state = _state(reader)
+        kind = "before" if state == before else "after" if state == after else "mix"
+        seen[kind] += 1
+        cube = reader.view("bob").load_cube("m0000")  # the row's own cube file, whichever version the row is
+        assert cube is not None and cube.text == reader.view("bob").get("m0000").text or kind == "mix"
+        if done:
+            break
+        time.sleep(0.005)  # leave the child a core
+    assert _wait(child) == 0 and _state(reader) == after
+    assert seen["before"] and seen["after"], seen  # it read on both sides of the commit
+    if points == "none":
+        assert seen["mix"] == 0, seen
+    else:  # the control: one memory at a time, readers see part of an install
+        assert seen["mix"] > 0, seen
 
 
-def test_install_of_1000_memories_is_atomic_under_sigkill(tmp_path, fast_tmp):
-    from kvmem.travel import TrustList, install_bundle, pack_namespace, recover_installs
+KILLS = ["put:1", f"put:{CUBES}", "commit:before", "commit:after", "delete:3", "parent"]
 
-    tmp_path = fast_tmp
-    model = tiny_model("llama")
-    key = make_key(tmp_path)
-    src = kvmem.CubeStore(tmp_path / "src")
-    _fill(src, "alice", 1, model)
-    v1 = pack_namespace(src, "alice", tmp_path / "v1.kvmem", key=key, sequence=1)
-    _fill(src, "alice", 2, model)
-    v2 = pack_namespace(src, "alice", tmp_path / "v2.kvmem", key=key, sequence=2)
-    trust = TrustList([key.public])
 
-    # the two states the namespace may be in after a kill: v1 installed (before) or v2 installed (after)
-    reference = kvmem.CubeStore(tmp_path / "ref")
-    install_bundle(v1.path, reference, "bob", trust=trust)
-    before = _state(reference, "bob")
-    install_bundle(v2.path, reference, "bob", trust=trust)
-    after = _state(reference, "bob")
-    assert len(before) == len(after) == N and before != after
-
-    dst = tmp_path / "dst"
-    install_bundle(v1.path, dst, "bob", trust=trust)
-    store = kvmem.CubeStore(dst)
-    assert _state(store, "bob") == before
-    pub = tmp_path / "alice.key.pub"
-    kill_points = {  # fresh conditions each: they remember when their state began
-        "backing up": _Writes("backup", 5),
-        "writing, early": _Writes("write", 20),
-        "writing, late": _Writes("write", 900),
-        "committed": _Writes("commit", 1),
-    }
+def test_sigkill_anywhere_leaves_the_old_or_the_new_namespace(bundles, backend):
+    before, after = _states(bundles, backend)
     outcomes = {}
-    for name, when in kill_points.items():
-        killed = _run_and_kill(v2.path, dst, pub, when)
-        recovered = recover_installs(store)
-        state = _state(store, "bob")
-        assert state in (before, after), f"killed while {name}: the namespace is neither as before nor installed"
-        assert _journal(store) is None and store.view("kvmem.rollback").ls() == []
-        outcomes[name] = ("killed" if killed else "finished", "after" if state == after else "before", recovered)
-        if state == after:  # put v1 back for the next kill point (a fresh store: the ledger refuses a downgrade)
-            import shutil
+    for point in KILLS:
+        location = _with_v1(bundles, backend)
+        if point == "parent":  # killed from outside, at a moment the parent picks: once the install is staging
+            child, store = _child(bundles, location, "ttl:2"), kvmem.CubeStore(location)
+            while child.poll() is None and not store.view("kvmem.batches").ls():
+                time.sleep(0.002)
+            time.sleep(0.01)
+            child.send_signal(signal.SIGKILL)
+            killed = _wait(child) == -signal.SIGKILL
+        else:
+            # (ttl: a killed child's Redis lock expires 2 s after its last renewal, not 30 s: faster reinstalls)
+            killed = _wait(_child(bundles, location, f"{point},ttl:2")) == -signal.SIGKILL
+        store = kvmem.CubeStore(location)  # the next open: the only recovery step
+        state = _state(store)
+        assert state in (before, after), f"killed at {point}: the namespace is neither as before nor installed"
+        assert _leftovers(store) == [], f"killed at {point}"
+        outcomes[point] = ("killed" if killed else "finished", "after" if state == after else "before")
+        if state == before:  # a later install of the same bundle completes
+            from kvmem.travel import TrustList, install_bundle
 
-            shutil.rmtree(dst)
-            install_bundle(v1.path, dst, "bob", trust=trust)
-            store = kvmem.CubeStore(dst)
-    # into an empty namespace: a killed install's new memories are removed again
-    assert _run_and_kill(v1.path, dst, pub, _Writes("write", 300), namespace="carol")
-    assert _state(store, "carol") != {}  # the kill left part of it
-    recover_installs(store)
-    assert _state(store, "carol") == {} and _journal(store) is None
-    killed = [name for name, (how, _, _) in outcomes.items() if how == "killed"]
-    assert len(killed) >= 3, outcomes  # the kills landed inside the install, not after it
-    assert outcomes["backing up"][1] == outcomes["writing, early"][1] == "before", outcomes
-    # and a later install of the same bundle completes
-    install_bundle(v2.path, store, "bob", trust=trust)
-    assert _state(store, "bob") == after
+            install_bundle(bundles[1], store, "bob", trust=TrustList([bundles[2].public]))
+            assert _state(store) == after and _leftovers(store) == []
+    assert all(how == "killed" for how, _ in list(outcomes.values())[:-1]), outcomes
+    assert [outcomes[p][1] for p in KILLS[:3]] == ["before"] * 3, outcomes
+    assert [outcomes[p][1] for p in KILLS[3:5]] == ["after"] * 2, outcomes
+
+
+def _log(path: Path) -> list[tuple[str, int, float]]:
+    if not path.exists():
+        return []
+    return [(what, int(pid), float(t)) for what, pid, t in (line.split() for line in path.read_text().splitlines())]
+
+
+def test_two_installs_into_one_namespace_take_turns(bundles, backend, tmp_path):
+    """Two processes install into one namespace at once: the second reaches the namespace's lock while the first
+    holds it (the first pauses 5 s just before its commit) and waits; both land."""
+    from kvmem.travel import TrustList, install_bundle, pack_namespace
+
+    location = backend()
+    source = kvmem.CubeStore(tmp_path / "src")
+    source.view("carol").add("c1", "Carol's own memory.")
+    other = pack_namespace(source, "carol", tmp_path / "carol.kvmem", key=bundles[2], sequence=1)
+    log = tmp_path / "log"
+    first = _child(bundles, location, "pause:5", log)
+    while not any(what == "enter" for what, _, _ in _log(log)):
+        assert first.poll() is None
+        time.sleep(0.02)
+    second = _child((bundles[0], other.path, *bundles[2:]), location, "pause:0.1", log)
+    assert _wait(first) == 0 and _wait(second) == 0
+    lines = _log(log)
+    one, two = first.pid, second.pid
+    events = [(what, pid) for what, pid, _ in lines if what != "start"]
+    assert events == [("enter", one), ("exit", one), ("enter", two), ("exit", two)], lines  # never both inside
+    started = next(t for what, pid, t in lines if (what, pid) == ("start", two))
+    first_done = next(t for what, pid, t in lines if (what, pid) == ("exit", one))
+    assert started < first_done  # the second was running while the first held the lock: it had to wait
+    state = _state(kvmem.CubeStore(location))
+    assert len(state) == N + 1 and "c1" in state
+    assert install_bundle(other.path, location, "bob", trust=TrustList([bundles[2].public])).already
+
+
+def test_a_dead_installers_lock_does_not_block(bundles, backend, tmp_path):
+    """An installer SIGKILLed while it holds the namespace's lock: the next install goes ahead (a local lock dies
+    with its process; a Redis lock expires, here 1 s after its last renewal, well within the 10 s waited)."""
+    from kvmem.travel import TrustList, install_bundle
+
+    location = backend()
+    log = tmp_path / "log"
+    child = _child(bundles, location, "pause:120,ttl:1", log)
+    while not any(what == "enter" for what, _, _ in _log(log)):
+        assert child.poll() is None
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    assert _wait(child) == -signal.SIGKILL
+    install_bundle(bundles[0], location, "bob", trust=TrustList([bundles[2].public]), lock_wait=10)
+    store = kvmem.CubeStore(location)
+    assert len(_state(store)) == N and _leftovers(store) == []

@@ -244,28 +244,43 @@ def test_adapters_travel_with_their_bundle(packed, tmp_path, llama):
         _install(bundle, kvmem.CubeStore(tmp_path / "third"), trust=trust_of(key), model=tiny_model("qwen2"))
 
 
-def test_an_error_mid_install_undoes_what_was_written(packed, tmp_path, monkeypatch):
-    """A write that fails halfway (disk full, a store gone) leaves the namespace as it was, journal and backups
-    gone, without waiting for a recovery."""
-    from kvmem.store.cubestore import StoreView
+@pytest.mark.parametrize("where", ["staging a cube", "the commit"])
+def test_an_error_mid_install_undoes_what_was_written(packed, tmp_path, monkeypatch, where):
+    """A write that fails halfway (disk full, a store gone) leaves the namespace as it was, with no journal, no
+    staged cube file and no reservation left, without waiting for a recovery."""
+    import sqlite3
+
+    from kvmem.store.folder import LocalBlobs
+    from kvmem.store.local import SQLiteCatalog
 
     source, _, bundle, key = packed
     store = kvmem.CubeStore(tmp_path / "dst")
     store.view("bob").add("m2", "an older text of m2", {"turn": 1})
-    before = snapshot(store, "bob")
-    real_add, calls = StoreView.add, []
+    before, files = snapshot(store, "bob"), sorted((tmp_path / "dst" / "cubes").iterdir())
+    calls = []
+    if where == "staging a cube":
+        real_put = LocalBlobs.put
 
-    def failing_add(self, memory_id, text, meta=None):
-        if self.namespace == "bob":
-            calls.append(memory_id)
+        def failing(self, name, staged):
+            calls.append(name)
             if len(calls) == 2:
                 raise CubeError("writing failed: disk full (simulated)")
-        return real_add(self, memory_id, text, meta)
+            return real_put(self, name, staged)
 
-    monkeypatch.setattr(StoreView, "add", failing_add)
+        monkeypatch.setattr(LocalBlobs, "put", failing)
+    else:
+        def failing(self, records):
+            calls.append(len(records))
+            raise CubeError("writing failed: disk full (simulated)")
+
+        monkeypatch.setattr(SQLiteCatalog, "upsert_many", failing)
     with pytest.raises(CubeError, match="disk full"):
         _install(bundle, store, trust=trust_of(key))
     monkeypatch.undo()
+    assert calls  # the failure was reached
     assert snapshot(store, "bob") == before
-    assert store.view("kvmem.installs").ls() == [] and store.view("kvmem.rollback").ls() == []
+    assert sorted((tmp_path / "dst" / "cubes").iterdir()) == files  # staged cubes removed again
+    assert store.view("kvmem.batches").ls() == []
+    with sqlite3.connect(tmp_path / "dst" / "catalog.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM reservations").fetchone()[0] == 0
     assert len(_install(bundle, store, trust=trust_of(key)).installed) == 3

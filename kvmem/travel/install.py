@@ -1,31 +1,24 @@
 """Install a bundle into a store: check every byte, the signer, the model binding and replays, then write all of its
-units or none.
+units or none, in one step readers see whole.
 
 Before anything is written the bundle is read once into a private folder, hashing every unit (kvmem/travel/
 bundle.py), and every unit is validated as it will be used (records parsed, cubes fully loaded): bad input installs
-nothing. The writes then go through the store's own API (the store's commit order protects each memory), framed by a
-journal kept in the store itself, so a killed install never leaves a half-installed namespace behind for long:
-
-1. the journal (namespace ``kvmem.installs``) records what will change: which memories are new, which are replaced
-   (the old text and meta are kept in the journal; an old cube gets a backup copy in ``kvmem.rollback`` first),
-   which adapter files are written;
-2. the units are written; 3. the journal is marked committed (one atomic write: the commit point);
-4. the ledger (``kvmem.ledger``: which sequence of which bundle a namespace holds) is updated, backups dropped,
-   the journal deleted.
-
-`recover_installs` (run by every install and migration) rolls an unfinished install whose process is gone back
-(before the commit point: new memories removed, replaced ones restored) or forward (after it). Until then readers of
-the namespace can see part of it, as with any sequence of writes: the store has no multi-memory transaction.
+nothing. Installs into one namespace are serialised by the store's lock of that namespace (kvmem/store/batch.py:
+an fcntl lock on a local store, a Redis key with a token and an expiry); under it the replay check reads the
+ledger, and the write is one store batch: every cube blob is staged (reserved and put, named by no row), each
+AdapterCube is written under a hidden staged name in its folder, then ONE catalog commit writes every memory's row
+and the ledger entry (``kvmem.ledger``: which sequence of which bundle a namespace holds) together. A reader sees the
+namespace as before or as installed, never a mix. After the commit the replaced cubes are deleted and the adapter
+files renamed in. A killed install is rolled back (before the commit) or finished (after it) when the store is next
+opened (`CubeStore` runs the store's batch recovery), by the next install, or by `recover_installs`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,11 +29,11 @@ from ..cubes.memcube import MemCube
 from ..errors import CubeError
 from ..store.records import check_meta
 from .bundle import Bundle, Unit, check_units, open_bundle
-from .journal import BACKUPS, finish, ledger_entry, owner, recover_installs, roll_back, save_journal
+from ..store.batch import LOCK_WAIT_S, Batch, lock
+from .journal import LEDGER, ledger_entry, ledger_id, recover_installs
 from .provenance import PROVENANCE, adapter_folder, as_store, check_namespace
 from .signing import TrustList
 
-_HEARTBEAT_S = 20.0
 
 
 @dataclass
@@ -169,7 +162,8 @@ def _check_replay(bundle: Bundle, before: dict | None) -> bool:
 # ---------------------------------------------------------------------------------------------- install
 def install_bundle(source, store, namespace: str, *, trust: TrustList | None = None, allow_unsigned: bool = False,
                    model=None, tokenizer=None, adapters=None, label: str | None = None,
-                   progress: Callable[[str, int, int], None] | None = None) -> InstallReport:
+                   progress: Callable[[str, int, int], None] | None = None,
+                   lock_wait: float = LOCK_WAIT_S) -> InstallReport:
     """Verify ``source`` (a local bundle file) and install it into ``namespace`` of ``store``: all units or none.
 
     Args:
@@ -183,19 +177,29 @@ def install_bundle(source, store, namespace: str, *, trust: TrustList | None = N
         adapters: the folder for AdapterCubes (default ``<store>/adapters/<namespace>`` for a local store).
         label: where the bundle came from, for provenance (default: its path).
         progress: called as ``progress(stage, done, total)``.
+        lock_wait: seconds to wait for another install into ``namespace`` to finish (then CubeError).
 
     Returns:
         InstallReport.
 
     Raises:
         CubeError: an unsigned, untrusted, damaged or malformed bundle, a replayed older one, a unit bound to
-            another model, a name that escapes; nothing is installed.
+            another model, a name that escapes, a revoked signer; another install into ``namespace`` still
+            running after ``lock_wait`` seconds; nothing is installed.
     """
     store = as_store(store)
     namespace = check_namespace(namespace)
-    recovered = recover_installs(store)
     bundle = open_bundle(source)
     signer, signer_name, trusted = _trust(bundle, trust, allow_unsigned)
+    with lock(store, namespace, wait=lock_wait):  # one install into a namespace at a time (replay check included)
+        return _install(store, namespace, bundle, source, (signer, signer_name, trusted), allow_unsigned=allow_unsigned,
+                        model=model, tokenizer=tokenizer, adapters=adapters, label=label, progress=progress)
+
+
+def _install(store, namespace, bundle, source, signed, *, allow_unsigned, model, tokenizer, adapters, label,
+             progress) -> InstallReport:
+    signer, signer_name, trusted = signed
+    recovered = recover_installs(store)
     report = InstallReport(bundle.name, bundle.sequence, bundle.digest, namespace, signer, recovered=recovered)
     before = ledger_entry(store, namespace, signer, bundle.name)
     if _check_replay(bundle, before):
@@ -260,79 +264,26 @@ def _unit_provenance(provenance: dict, memory_or_unit) -> dict:
 
 
 def _write(store, bundle, view, memories, adapter_units, paths, folder, existing, provenance, report, progress):
-    tx = uuid.uuid4().hex[:24]
-    # what a roll back puts back: old text and meta in the journal itself (one write, not one per memory), old
-    # cubes as backup copies (their bytes do not belong in a catalog row)
-    replaced = {m.unit.id: {"text": existing[m.unit.id].text, "meta": existing[m.unit.id].meta,
-                            "cube": f"{tx}.{i:06d}" if existing[m.unit.id].kind == "memcube" else None}
-                for i, m in enumerate(memories) if m.unit.id in existing}
-    adapters = [{"path": str(folder / f"{u.id}.safetensors"),
-                 "backup": str(folder / f".{u.id}.{tx}.bak")} for u in adapter_units]
-    ledger = {"namespace": view.namespace, "bundle": bundle.name, "signer": provenance["signer"],
-              "sequence": bundle.sequence, "digest": bundle.digest, "installed": provenance["installed"]}
-    journal = {"tx": tx, "namespace": view.namespace, "state": "backup", "bundle": bundle.name,
-               "new": [m.unit.id for m in memories if m.unit.id not in existing], "replaced": replaced,
-               "adapters": adapters, "ledger": ledger, **owner()}
-    save_journal(store, journal)
-    try:
-        _apply(store, _Plan(view, memories, adapter_units, paths, adapters, replaced, journal, provenance), report,
-               progress)
-    except BaseException:  # an error or Ctrl-C: undo now (a killed process is undone by the next recovery)
-        try:
-            roll_back(store, journal)
-        except Exception:  # noqa: BLE001  (the original error matters more; recover_installs finishes it later)
-            pass
-        raise
-    journal["state"] = "commit"
-    save_journal(store, journal)           # the commit point
-    finish(store, journal)
-
-
-@dataclass
-class _Plan:
-    """What `_apply` writes: the checked memories and adapter units, their private copies (``paths``), the adapter
-    slots, the memories replaced (with what a roll back restores), the journal and the provenance to record."""
-
-    view: object
-    memories: list
-    adapter_units: list
-    paths: dict
-    adapters: list
-    replaced: dict
-    journal: dict
-    provenance: dict
-
-
-def _apply(store, plan: _Plan, report: InstallReport, progress) -> None:
-    """Back up what will be replaced, then write every unit (the journal's states ``backup`` and ``write``)."""
-    view, memories, adapter_units, paths = plan.view, plan.memories, plan.adapter_units, plan.paths
-    replaced, journal, provenance = plan.replaced, plan.journal, plan.provenance
-    backups = store.view(BACKUPS)
-    for memory_id, old in replaced.items():
-        cube = view.load_cube(memory_id) if old["cube"] else None
-        if cube is not None:
-            backups.put_cube(old["cube"], cube, text=old["text"])
-    journal["state"] = "write"
-    save_journal(store, journal)
-    beat = time.monotonic()
-    total = len(memories) + len(adapter_units)
-    for i, memory in enumerate(memories):
+    """Every memory, the ledger entry and the adapter files as one store batch (kvmem/store/batch.py)."""
+    namespace = view.namespace
+    batch = Batch(store, label=f"install of {bundle.name}#{bundle.sequence} into {namespace}")
+    for memory in memories:
         meta = {**memory.meta, PROVENANCE: _unit_provenance(provenance, memory)}
-        if memory.cube is not None:
-            view.put_cube(memory.unit.id, MemCube.load(paths[memory.cube.file]), text=memory.text, meta=meta)
+        if memory.cube is not None:  # loaded (and fully validated again) when staged: one cube in memory at a time
+            batch.put_cube(namespace, memory.unit.id, lambda path=paths[memory.cube.file]: MemCube.load(path),
+                           text=memory.text, meta=meta)
         else:
-            view.add(memory.unit.id, memory.text, meta)
-        (report.replaced if memory.unit.id in replaced else report.installed).append(memory.unit.id)
-        if progress is not None:
-            progress("install", i + 1, total)
-        if time.monotonic() - beat > _HEARTBEAT_S:
-            save_journal(store, journal)
-            beat = time.monotonic()
-    for unit, slot in zip(adapter_units, plan.adapters):
-        cube = AdapterCube.load(paths[unit.file])
-        path = Path(slot["path"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            os.replace(path, slot["backup"])
-        AdapterCube(cube.state_dict, {**cube.meta, PROVENANCE: _unit_provenance(provenance, unit)}).save(path)
+            batch.add(namespace, memory.unit.id, memory.text, meta)
+        (report.replaced if memory.unit.id in existing else report.installed).append(memory.unit.id)
+    for unit in adapter_units:
+        def write(staged, unit=unit):
+            cube = AdapterCube.load(paths[unit.file])
+            AdapterCube(cube.state_dict, {**cube.meta, PROVENANCE: _unit_provenance(provenance, unit)}).save(staged)
+
+        path = folder / f"{unit.id}.safetensors"
+        batch.put_file(path, write)
         report.adapters.append(str(path))
+    ledger = {"namespace": namespace, "bundle": bundle.name, "signer": provenance["signer"],
+              "sequence": bundle.sequence, "digest": bundle.digest, "installed": provenance["installed"]}
+    batch.add(LEDGER, ledger_id(namespace, ledger["signer"], bundle.name), json.dumps(ledger, sort_keys=True))
+    batch.commit(progress=None if progress is None else lambda done, total: progress("install", done, total))

@@ -1,18 +1,11 @@
-"""The install journal, backups and ledger: how `install_bundle` makes a multi-memory install all or nothing on a
-store that commits one memory at a time.
+"""The install ledger, and recovery of installs a killed process left.
 
-All three live in the store itself (reserved namespaces), so they work for every backend and every process that
-shares the store:
-
-- ``kvmem.installs``: one record per running install (its journal): state ``backup`` -> ``write`` -> ``commit``,
-  which memories are new, the old text and meta of those it replaces (old cubes are copied to ``kvmem.rollback``
-  before anything is overwritten), the adapter files it writes, and its owner (host, boot, pid + start time,
-  heartbeat) so a recovery never touches a live install;
-- ``kvmem.ledger``: per (namespace, signer, bundle name) the sequence and digest installed, for replay checks.
-
-`recover_installs` rolls a dead install back (state ``backup``/``write``: new memories removed, replaced ones
-restored, adapter files put back) or forward (``commit``: ledger written, backups and journal dropped); every step
-can be repeated, so a recovery that is itself killed is finished by the next one.
+- ``kvmem.ledger``: per (namespace, signer, bundle name) the sequence and digest installed, for replay checks. An
+  install writes its entry in the same atomic commit as its memories (kvmem/travel/install.py).
+- `recover_installs`: the store's batch recovery (kvmem/store/batch.py: a killed install is rolled back before its
+  commit, finished after it), plus the journals older kvmem versions wrote in ``kvmem.installs`` (their installs
+  wrote one memory at a time, backing up what they replaced in ``kvmem.rollback``): rolled back or forward as
+  those versions did, so a store left by one is still brought to the old or the new state.
 """
 
 from __future__ import annotations
@@ -20,16 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
 from ..errors import CubeError
+from ..store.batch import STALE_S, is_alive, recover_batches  # noqa: F401  (STALE_S lived here)
 from ..store.cubestore import CubeStore
 from .provenance import as_store
 
 JOURNALS, LEDGER, BACKUPS = "kvmem.installs", "kvmem.ledger", "kvmem.rollback"
-STALE_S = 600.0                     # a journal of another host untouched this long belongs to a dead install
 
 
 def ledger_id(namespace: str, signer: str | None, name: str) -> str:
@@ -49,45 +41,14 @@ def ledger_entry(store: CubeStore, namespace: str, signer: str | None, name: str
     return entry if isinstance(entry, dict) else None
 
 
-def owner() -> dict:
-    """Who runs this install: host, boot, pid and the process's start time (a reused pid is another process)."""
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "start": _start_time(os.getpid()),
-            "heartbeat": time.time()}
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _start_time(pid: int) -> str:
-    """The start time of process ``pid`` (clock ticks since boot; "" if it is gone or a zombie)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return "" if fields[0] in "ZX" else fields[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _alive(journal: dict) -> bool:
-    same_host = journal.get("host") == socket.gethostname()
-    if same_host and journal.get("boot") == _boot_id() and journal.get("start"):
-        return _start_time(int(journal.get("pid", -1))) == journal["start"]
-    if same_host and journal.get("boot") != _boot_id():
-        return False  # this machine rebooted since
-    return time.time() - float(journal.get("heartbeat", 0)) < STALE_S
-
-
 def save_journal(store: CubeStore, journal: dict) -> None:
-    """Write the journal (one atomic catalog write), with a fresh heartbeat."""
+    """Write an older-format journal (one atomic catalog write), with a fresh heartbeat (tests make dead ones)."""
     journal["heartbeat"] = time.time()
     store.view(JOURNALS).add(journal["tx"], json.dumps(journal, sort_keys=True))
 
 
 def finish(store: CubeStore, journal: dict) -> None:
-    """After the commit point: the ledger, then drop backups and the journal (each step repeatable)."""
+    """An older-format install after its commit point: the ledger, then drop backups and the journal."""
     ledger = journal["ledger"]
     store.view(LEDGER).add(ledger_id(ledger["namespace"], ledger["signer"], ledger["bundle"]),
                            json.dumps(ledger, sort_keys=True))
@@ -113,7 +74,7 @@ def _restore(view, backups, memory_id: str, old: dict) -> None:
 
 
 def roll_back(store: CubeStore, journal: dict) -> None:
-    """Undo an install that did not reach its commit point (each step repeatable)."""
+    """Undo an older-format install that did not reach its commit point (each step repeatable)."""
     view, backups = store.view(journal["namespace"]), store.view(BACKUPS)
     if journal["state"] == "write":  # in state "backup" the namespace was not touched yet
         for memory_id in journal.get("new", []):
@@ -131,14 +92,14 @@ def roll_back(store: CubeStore, journal: dict) -> None:
 
 
 def recover_installs(store, *, force: bool = False) -> list[str]:
-    """Finish what killed installs left: roll each back (before its commit point) or forward (after it).
+    """Finish what killed installs left: roll each back (before its commit) or forward (after it).
 
-    Journals of installs still running (same host: their process is alive; another host: a heartbeat within
-    `STALE_S`) are left alone unless ``force``. Returns ``"<bundle> into <namespace>: rolled back|forward"`` lines.
+    Installs still running (same host: their process is alive; another host: a heartbeat within `STALE_S`) are
+    left alone unless ``force``. Returns ``"<what> into <namespace>: rolled back|forward|finished"`` lines.
     """
     store = as_store(store)
-    done = []
-    for rec in store.view(JOURNALS).ls():
+    done = recover_batches(store, force=force)
+    for rec in store.view(JOURNALS).ls():  # journals of older kvmem versions
         try:
             journal = json.loads(rec.text)
             journal["tx"], journal["namespace"], journal["state"]
@@ -146,7 +107,7 @@ def recover_installs(store, *, force: bool = False) -> list[str]:
             raise CubeError(f"the install journal {JOURNALS}/{rec.id} is damaged: restore it from a backup of the "
                             f"store or remove it (`kvmem rm {rec.id} -n {JOURNALS}`) and check the namespace by "
                             "hand") from None
-        if journal.get("tx") != rec.id or (not force and _alive(journal)):
+        if journal.get("tx") != rec.id or (not force and is_alive(journal)):
             continue
         if journal["state"] == "commit":
             finish(store, journal)
