@@ -54,15 +54,27 @@ def keygen(
 @_friendly
 def trust(
     public_key: str = typer.Argument(..., help="A .pub file (or an 'ssh-ed25519 AAAA... name' line) to trust."),
+    revoke: bool = typer.Option(False, "--revoke", help="Revoke the key instead: bundles it signed are refused "
+                                                        "from now on, even with --allow-unsigned."),
+    expires: Optional[str] = typer.Option(None, "--expires", help="Trust the key until this UTC date "
+                                                                  "(YYYYMMDD[HHMM[SS]]), not after."),
     trusted_keys: Optional[Path] = TrustOpt,
 ):
-    """Add a signer's public key to your trust list: `kvmem install` accepts the bundles it signs."""
-    from ..travel.signing import TrustList, read_public_key
+    """Add a signer's public key to your trust list (`kvmem install` accepts the bundles it signs), or --revoke it."""
+    from ..travel.signing import TrustList, parse_expiry, read_public_key
 
     key = read_public_key(public_key)
     keys = TrustList.load(trusted_keys)
-    added = keys.add(key)
-    typer.echo(f"{'trusted' if added else 'already trusted'}: {key.describe()} ({keys.path})")
+    if revoke:
+        if expires is not None:
+            raise typer.BadParameter("--expires is for trusting a key; a revoked key has no expiry")
+        done = keys.revoke(key)
+        typer.echo(f"{'revoked' if done else 'already revoked'}: {key.describe()} ({keys.path})")
+        return
+    until = parse_expiry(expires) if expires is not None else None
+    added = keys.add(key, expires=until)
+    typer.echo(f"{'trusted' if added else 'already trusted'}: {key.describe()}"
+               + (f" until {until:%Y-%m-%d %H:%M:%S} UTC" if until else "") + f" ({keys.path})")
 
 
 @app.command()
@@ -122,12 +134,16 @@ def verify(
         check_units(bundle, progress=None)
         elapsed = time.perf_counter() - start
     m = bundle.manifest
-    trusted = bundle.signer is not None and TrustList.load(trusted_keys).find(bundle.signer) is not None
+    keys = TrustList.load(trusted_keys)
+    if bundle.signer is not None:  # exit 1: a revoked signer's bundle is refused like a damaged one
+        keys.refuse_revoked(bundle.signer, what=label)
+    status = keys.status(bundle.signer) if bundle.signer is not None else None
     model = m.get("model") or {}
     for key, value in [
         ("bundle", f"{m['name']} sequence {m['sequence']} ({m.get('created')}), {bundle.size / 1e6:.1f} MB"),
         ("valid", f"yes: every byte checked in {elapsed * 1e3:.0f} ms (manifest sha256 {bundle.digest[:16]})"),
-        ("signer", (bundle.signer.describe() + (" TRUSTED" if trusted else " NOT in your trust list"))
+        ("signer", (bundle.signer.describe() + (" TRUSTED" if status == "trusted" else " NOT in your trust list"
+                                                if status == "not trusted" else f" NOT trusted: {status}"))
          if bundle.signer else "UNSIGNED"),
         ("units", ", ".join(f"{sum(u.kind == k for u in bundle.units)} {k}" for k in ("text", "memcube",
                                                                                       "adaptercube"))),

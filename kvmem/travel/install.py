@@ -70,7 +70,14 @@ def _trust(bundle: Bundle, trust: TrustList | None, allow_unsigned: bool) -> tup
                             "provenance)")
         return None, None, False
     trust = trust if trust is not None else TrustList.load()
+    trust.refuse_revoked(bundle.signer, what=str(bundle.path))
     entry = trust.find(bundle.signer)
+    expired = trust.expired(bundle.signer) if entry is None else None
+    if expired is not None and not allow_unsigned:
+        raise CubeError(f"{bundle.path} is signed by {bundle.signer.describe()}, whose trust in "
+                        f"{trust.path or 'the trust list'} expired {expired:%Y-%m-%d %H:%M} UTC: trust it again "
+                        "with a new date (`kvmem trust KEY.pub --expires YYYYMMDD`) if you still do, or pass "
+                        "--allow-unsigned (recorded in each memory's provenance)")
     if entry is None and not allow_unsigned:
         where = trust.path or "the trust list"
         raise CubeError(f"{bundle.path} is signed by {bundle.signer.describe()}, which is not in {where}: if you trust "

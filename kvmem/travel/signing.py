@@ -3,7 +3,9 @@
 Keys are in OpenSSH's formats, so an existing ``ssh-keygen -t ed25519`` key works too: the private key file
 (``-----BEGIN OPENSSH PRIVATE KEY-----``, written mode 0600) and a one-line public key ``ssh-ed25519 AAAA... name``
 beside it (``<key>.pub``). The trust list is an authorized_keys-style file: one public key line per signer whose
-bundles `kvmem install` accepts (``$KVMEM_TRUSTED_KEYS``, default ``~/.kvmem/trusted_keys``).
+bundles `kvmem install` accepts (``$KVMEM_TRUSTED_KEYS``, default ``~/.kvmem/trusted_keys``), optionally with an
+``expiry-time="YYYYMMDD[HHMM[SS]]"`` option in front (UTC, as OpenSSH's authorized_keys writes it), and
+``@revoked ssh-ed25519 AAAA...`` lines (OpenSSH's known_hosts marker) for keys that must never be accepted again.
 
 The cryptography comes from `cryptography` (OpenSSL's Ed25519, which refuses non-canonical signatures); kvmem only
 chooses what is signed: ``DOMAIN + manifest bytes`` (see kvmem/travel/bundle.py).
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,18 +181,38 @@ def default_trust_file() -> Path:
     return Path(os.environ.get("KVMEM_TRUSTED_KEYS") or Path.home() / ".kvmem" / "trusted_keys").expanduser()
 
 
+REVOKED = "@revoked"
+EXPIRY = re.compile(r'^expiry-time="(\d{8}(?:\d{4}(?:\d{2})?)?)"$')
+
+
+def parse_expiry(value: str) -> datetime.datetime:
+    """``YYYYMMDD[HHMM[SS]]`` (UTC) -> an aware datetime; CubeError for anything else."""
+    digits = value.strip()
+    if not re.fullmatch(r"\d{8}(?:\d{4}(?:\d{2})?)?", digits):
+        raise CubeError(f"an expiry time is YYYYMMDD[HHMM[SS]] in UTC (e.g. 20271231), got {value!r:.40}")
+    try:
+        return datetime.datetime.strptime(digits.ljust(14, "0"), "%Y%m%d%H%M%S").replace(tzinfo=datetime.timezone.utc)
+    except ValueError:
+        raise CubeError(f"{value!r} is not a date (YYYYMMDD[HHMM[SS]], UTC)") from None
+
+
 class TrustList:
-    """The signers whose bundles may be installed: public keys, one ``ssh-ed25519 AAAA... name`` line each
-    (blank lines and ``#`` comments allowed).
+    """The signers whose bundles may be installed: public keys, one ``ssh-ed25519 AAAA... name`` line each, an
+    optional ``expiry-time="YYYYMMDD"`` in front (the key is not trusted after it), ``@revoked ssh-ed25519 ...``
+    lines for keys never to accept again (a revoked key is refused even where an untrusted one may be allowed),
+    blank lines and ``#`` comments.
 
     Example:
         >>> trust = TrustList.load()                     # ~/.kvmem/trusted_keys
         >>> trust = TrustList([read_public_key("alice.pub")])
+        >>> trust.revoke(read_public_key("mallory.pub"))  # rewrites the file: @revoked ssh-ed25519 ...
     """
 
-    def __init__(self, keys=(), *, path: Path | None = None):
+    def __init__(self, keys=(), *, path: Path | None = None, revoked=(), expires: dict | None = None):
         self.keys = list(keys)
         self.path = path
+        self.revoked = list(revoked)
+        self.expires = dict(expires or {})   # raw key -> datetime after which it is not trusted
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "TrustList":
@@ -200,28 +224,130 @@ class TrustList:
             return cls([], path=path)
         except (OSError, UnicodeDecodeError) as exc:
             raise CubeError(f"cannot read the trust list {path}: {exc}") from None
-        keys = []
+        keys, revoked, expires = [], [], {}
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             try:
-                keys.append(parse_public_key(line))
+                marker, key, expiry = _parse_line(line)
             except CubeError as exc:
                 raise CubeError(f"{path} line {number}: {exc}; fix or delete that line") from None
-        return cls(keys, path=path)
+            if marker == REVOKED:
+                revoked.append(key)
+            else:
+                keys.append(key)
+                if expiry is not None:
+                    expires[key.raw] = expiry
+        return cls(keys, path=path, revoked=revoked, expires=expires)
+
+    def is_revoked(self, key: PublicKey) -> bool:
+        """Whether ``key`` is revoked (an ``@revoked`` line): its bundles are never installed."""
+        return any(k.raw == key.raw for k in self.revoked)
+
+    def refuse_revoked(self, key: PublicKey, *, what: str) -> None:
+        """CubeError if ``key`` is revoked: what it signed (``what``, e.g. a bundle's path) is never used, whatever
+        else is allowed (a revoked key is one its owner lost, or one that signed what it should not have)."""
+        if self.is_revoked(key):
+            raise CubeError(f"{what} is signed by {key.describe()}, which is REVOKED in {self.path or 'the trust list'}:"
+                            " it is never installed (not even with --allow-unsigned); ask its author for a bundle "
+                            "signed with their new key")
+
+    def expired(self, key: PublicKey, *, now: datetime.datetime | None = None) -> datetime.datetime | None:
+        """When ``key``'s trust expired, if it has (None: no expiry, or not yet)."""
+        when = self.expires.get(key.raw)
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        return when if when is not None and when <= now else None
 
     def find(self, key: PublicKey) -> PublicKey | None:
-        """The trusted entry for ``key`` (its name as the trust list has it), or None."""
+        """The trusted entry for ``key`` (its name as the trust list has it), or None: not listed, revoked, or
+        past its expiry time."""
+        if self.is_revoked(key) or self.expired(key) is not None:
+            return None
         return next((k for k in self.keys if k.raw == key.raw), None)
 
-    def add(self, key: PublicKey) -> bool:
-        """Trust ``key`` and append it to the file; False if it was already trusted."""
-        if self.find(key) is not None:
+    def status(self, key: PublicKey) -> str:
+        """``"trusted"``, ``"revoked"``, ``"expired <date>"`` or ``"not trusted"``: for messages."""
+        if self.is_revoked(key):
+            return "revoked"
+        when = self.expired(key)
+        if when is not None and any(k.raw == key.raw for k in self.keys):
+            return f"expired {when:%Y-%m-%d %H:%M:%S} UTC"
+        return "trusted" if self.find(key) is not None else "not trusted"
+
+    def add(self, key: PublicKey, *, expires: datetime.datetime | None = None) -> bool:
+        """Trust ``key`` (until ``expires``, if given) and append it to the file; False if it was already trusted
+        just so. A revoked key is a CubeError: un-revoking is a decision made by editing the file."""
+        if self.is_revoked(key):
+            raise CubeError(f"{key.describe()} is revoked in {self.path or 'the trust list'}: if you are sure it is "
+                            f"safe again, delete its {REVOKED} line by hand")
+        current = next((k for k in self.keys if k.raw == key.raw), None)
+        if current is not None and self.expires.get(key.raw) == expires:
             return False
         if self.path is None:
             raise CubeError("this trust list has no file to write to")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(key.line() + "\n")
-        self.keys.append(key)
+        self.keys = [k for k in self.keys if k.raw != key.raw] + [key]
+        self.expires.pop(key.raw, None)
+        if expires is not None:
+            self.expires[key.raw] = expires
+        self._rewrite(lambda lines: [*(ln for ln in lines if not _names(ln, key)), _line(key, expires)])
         return True
+
+    def revoke(self, key: PublicKey) -> bool:
+        """Revoke ``key``: its trusting lines are removed and an ``@revoked`` line added (one atomic rewrite of
+        the file). False if it was revoked already."""
+        if self.is_revoked(key):
+            return False
+        if self.path is None:
+            raise CubeError("this trust list has no file to write to")
+        self._rewrite(lambda lines: [*(ln for ln in lines if not _names(ln, key)), f"{REVOKED} {key.line()}"])
+        self.keys = [k for k in self.keys if k.raw != key.raw]
+        self.expires.pop(key.raw, None)
+        self.revoked.append(key)
+        return True
+
+    def _rewrite(self, change) -> None:
+        """Replace the file with ``change(its lines)``: a temporary file beside it, then one rename."""
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text("".join(f"{ln}\n" for ln in change(lines)))
+            if self.path.exists():
+                os.chmod(tmp, self.path.stat().st_mode & 0o777)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _parse_line(line: str) -> tuple[str | None, PublicKey, datetime.datetime | None]:
+    """(marker, key, expiry) of one trust list line."""
+    parts = line.strip().split(None, 1)
+    marker = expiry = None
+    if parts and parts[0] == REVOKED:
+        marker, line = REVOKED, parts[1] if len(parts) > 1 else ""
+    elif parts and parts[0].startswith("@"):
+        raise CubeError(f"unknown marker {parts[0]!r} (the trust list knows {REVOKED})")
+    parts = line.strip().split(None, 1)
+    if parts and parts[0] != KEY_TYPE:
+        found = EXPIRY.fullmatch(parts[0])
+        if found is None:
+            raise CubeError(f"unknown option {parts[0]!r:.60} (the trust list knows expiry-time=\"YYYYMMDD\")")
+        expiry, line = parse_expiry(found.group(1)), parts[1] if len(parts) > 1 else ""
+    return marker, parse_public_key(line), expiry
+
+
+def _names(line: str, key: PublicKey) -> bool:
+    """Whether a trust list line (not a comment) trusts or revokes ``key``."""
+    if not line.strip() or line.lstrip().startswith("#"):
+        return False
+    try:
+        return _parse_line(line)[1].raw == key.raw
+    except CubeError:
+        return False
+
+
+def _line(key: PublicKey, expires: datetime.datetime | None) -> str:
+    return (f'expiry-time="{expires:%Y%m%d%H%M%S}" ' if expires is not None else "") + key.line()
