@@ -163,6 +163,26 @@ def test_a_live_batch_is_left_alone_and_a_damaged_journal_does_not_stop_an_open(
     kvmem.CubeStore(location)  # a warning, not a failed open
     with pytest.raises(CubeError, match="batch journal kvmem.batches/junk is damaged"):
         recover_batches(store)
+    store.view(BATCHES).rm("junk")
+
+
+@pytest.mark.parametrize("forged", [{"files": [["/tmp/.victim", "/tmp/victim"]]},
+                                    {"files": [["/tmp/x/.b.t.staged", "/tmp/y/b"]]},
+                                    {"blobs": ["../../etc/passwd"]}, {"replaces": ["not-a-blob"]}])
+def test_a_forged_journal_touches_nothing(new_store, tmp_path, forged):
+    """Recovery renames, deletes and unlinks only what a batch itself names: the hidden staged file beside each
+    target (named with the batch's id), and blobs by their checked names."""
+    location = new_store()
+    store = kvmem.CubeStore(location)
+    victim = tmp_path / ".victim"
+    victim.write_text("keep me")
+    journal = {"tx": "t", "label": "forged", "state": "commit", "blobs": [], "files": [], "replaces": [],
+               "host": "elsewhere", "boot": "", "pid": 1, "start": "", "heartbeat": 0, **forged}
+    journal["files"] = [[a.replace("/tmp/.victim", str(victim)), b] for a, b in journal["files"]]
+    store.catalog.upsert(Record(BATCHES, "t", json.dumps(journal)))
+    with pytest.raises(CubeError, match="batch journal kvmem.batches/t is damaged"):
+        recover_batches(store)
+    assert victim.read_text() == "keep me" and store.view(BATCHES).get("t") is not None
 
 
 def test_a_lock_is_held_against_every_other_holder(new_store):

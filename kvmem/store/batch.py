@@ -138,8 +138,8 @@ class Batch:
     def put_file(self, path, write: Callable[[Path], object]) -> None:
         """Write the file ``path`` with the memories: ``write(staged)`` writes it to a hidden name beside ``path``
         while the batch stages; it is renamed to ``path`` (replacing any file there) after the commit."""
-        path = Path(path)
-        self._files.append((path.parent / f".{path.name}.{self.tx}.staged", path, write))
+        path = Path(path).absolute()
+        self._files.append((_staged_path(path, self.tx), path, write))
 
     def _record(self, namespace, memory_id, text, meta, kind) -> Record:
         check_name(namespace, "namespace")
@@ -216,6 +216,10 @@ class Batch:
                 progress(len(self._writes) + j + 1, total)
 
 
+def _staged_path(final: Path, tx: str) -> Path:
+    return final.parent / f".{final.name}.{tx}.staged"
+
+
 def _current_rows(catalog, records: list[Record]) -> dict:
     """{(namespace, id): the row now} for the memories ``records`` will replace."""
     wanted = {(r.namespace, r.id) for r in records}
@@ -244,9 +248,9 @@ def _read_journal(rec: Record) -> dict:
             raise ValueError("not a batch journal")
         for blob in journal["blobs"] + journal["replaces"]:
             check_blob(blob)
-        for staged, final in journal["files"]:
-            if Path(staged).parent != Path(final).parent or not Path(staged).name.startswith("."):
-                raise ValueError("a staged file is not a hidden file beside its target")
+        for staged, final in journal["files"]:  # recovery renames and deletes only files this batch named
+            if Path(staged) != _staged_path(Path(final), journal["tx"]):
+                raise ValueError("a staged file is not the hidden file the batch writes beside its target")
     except (ValueError, KeyError, TypeError, CubeError):
         raise CubeError(f"the batch journal {BATCHES}/{rec.id} is damaged: restore the store from a backup, or "
                         f"remove it (`kvmem rm {rec.id} -n {BATCHES}`; `kvmem gc` then collects what it staged)") \
