@@ -14,6 +14,9 @@ The commit order that makes a store safe to share (any backend):
 
 So at every moment each blob is named by a row or by a reservation, and `gc` (which reads the references
 *after* listing the blobs) can never delete a live or committed cube, whatever the timing.
+
+A batch (kvmem/store/batch.py: an install of a bundle) keeps this order for many memories at once: it reserves and
+puts every blob, then commits every row with ONE ``catalog.upsert_many`` (readers see all of the rows or none).
 """
 
 from __future__ import annotations

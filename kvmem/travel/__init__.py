@@ -3,7 +3,8 @@ migration to another model.
 
 signing.py (Ed25519 keys, the trust list), bundle.py (the bundle file: canonical tar, manifest, every byte checked),
 manifest.py (its fields and their rules), pack.py (a namespace -> a bundle), install.py (verify, trust, replay and
-model checks, then all units or none), journal.py (what makes an install all or nothing, and recovery),
+model checks, then all units or none as one store batch under the namespace's lock), journal.py (the replay
+ledger, and recovery of killed installs),
 provenance.py (where each memory came from, reserved namespaces, adapter folders),
 market.py (index.json at any fsspec URL: publish, search, fetch), migrate.py (rebuild a namespace's cubes for
 another model from their texts).
