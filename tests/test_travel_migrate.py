@@ -130,6 +130,25 @@ def test_adapters_are_listed_as_not_migrated(tmp_path, models, tok):
     assert name == "style" and "base model" in why and report.text_only == ["m0"]
 
 
+def test_a_migration_waits_for_an_install_into_its_namespaces(tmp_path, models, tok):
+    """Installs and migrations of a namespace take turns (the store's lock of each namespace they write or read)."""
+    from kvmem.errors import CubeError
+    from kvmem.store.batch import lock
+    from kvmem.travel import migrate_namespace
+
+    llama, gemma = models
+    store = kvmem.CubeStore(tmp_path / "s")
+    _fill(store, "team", llama, tok)
+    before = {r.id: r.fingerprint for r in store.view("team").ls()}
+    for held in ("team", "copy"):
+        with lock(store, held, wait=1):  # an install into that namespace is running
+            with pytest.raises(CubeError, match=f"'{held}' is locked by pid"):
+                migrate_namespace(store, "team", gemma, tok, to_namespace="copy", lock_wait=0.2)
+    assert {r.id: r.fingerprint for r in store.view("team").ls()} == before and store.view("copy").ls() == []
+    assert sorted(migrate_namespace(store, "team", gemma, tok, to_namespace="copy", lock_wait=0.2).migrated) == \
+        ["m0", "m1", "m2"]
+
+
 @pytest.mark.slow
 def test_real_models_smollm2_to_gemma3_and_back(tmp_path):
     """The real pair: SmolLM2-135M's memories migrate to Gemma 3 270M, answer as Gemma's full prefill, and back."""

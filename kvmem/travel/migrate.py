@@ -8,11 +8,14 @@ prefill of the same prompt does). Ids, namespaces, meta and provenance are kept;
 
 An AdapterCube (LoRA weights) is trained for its base model and cannot be recomputed from text: it is listed as not
 migrated. A killed migration is resumed by running it again (memories already on the target model are skipped).
+A migration holds the store's lock of its namespaces (kvmem/store/batch.py), so it and an install into them take
+turns: a migration never writes an old text back over a memory an install just replaced.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,6 +25,7 @@ from ..cubes.memcube import MemCube
 from ..errors import CubeError
 from ..model.devices import model_device
 from ..prompt import ChatLayout
+from ..store.batch import LOCK_WAIT_S, lock
 from .journal import recover_installs
 from .provenance import PROVENANCE, adapter_folder, as_store, check_namespace
 
@@ -43,7 +47,8 @@ class MigrationReport:
 
 def migrate_namespace(store, namespace: str, model, tokenizer, *, to_namespace: str | None = None,
                       system_prompt: str | None = None, adapters=None,
-                      progress: Callable[[str, int, int], None] | None = None) -> MigrationReport:
+                      progress: Callable[[str, int, int], None] | None = None,
+                      lock_wait: float = LOCK_WAIT_S) -> MigrationReport:
     """Rebuild the MemCubes of ``namespace`` for ``model`` from their memories' texts.
 
     Args:
@@ -56,6 +61,7 @@ def migrate_namespace(store, namespace: str, model, tokenizer, *, to_namespace: 
         adapters: the namespace's AdapterCube folder (default ``<store>/adapters/<namespace>``), listed as not
             migrated.
         progress: called as ``progress("migrate", done, total)`` after each memory.
+        lock_wait: seconds to wait for an install into ``namespace`` or ``to_namespace`` to finish (then CubeError).
 
     Returns:
         MigrationReport.
@@ -63,6 +69,14 @@ def migrate_namespace(store, namespace: str, model, tokenizer, *, to_namespace: 
     store = as_store(store)
     namespace = check_namespace(namespace)
     to_namespace = check_namespace(to_namespace or namespace)
+    with ExitStack() as held:
+        for name in sorted({namespace, to_namespace}):  # one order everywhere: two migrations never deadlock
+            held.enter_context(lock(store, name, wait=lock_wait))
+        return _migrate(store, namespace, to_namespace, model, tokenizer, system_prompt=system_prompt,
+                        adapters=adapters, progress=progress)
+
+
+def _migrate(store, namespace, to_namespace, model, tokenizer, *, system_prompt, adapters, progress):
     recover_installs(store)
     fields = fingerprint_fields(model, tokenizer)
     target = fingerprint_id(fields)
