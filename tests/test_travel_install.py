@@ -284,3 +284,17 @@ def test_an_error_mid_install_undoes_what_was_written(packed, tmp_path, monkeypa
     with sqlite3.connect(tmp_path / "dst" / "catalog.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM reservations").fetchone()[0] == 0
     assert len(_install(bundle, store, trust=trust_of(key)).installed) == 3
+
+
+def test_pack_reads_a_namespace_between_installs(packed, tmp_path):
+    """Packing holds the namespace's lock, so it never pairs a memory's old text with the cube an install just
+    committed (or old memories with new adapter files)."""
+    from kvmem.store.batch import lock
+    from kvmem.travel import pack_namespace
+
+    source, _, _, key = packed
+    with lock(source, "alice", wait=1):  # an install into alice is running
+        with pytest.raises(CubeError, match="'alice' is locked by pid"):
+            pack_namespace(source, "alice", tmp_path / "x.kvmem", key=key, lock_wait=0.2)
+    assert not (tmp_path / "x.kvmem").exists()
+    assert pack_namespace(source, "alice", tmp_path / "x.kvmem", key=key, lock_wait=0.2).units

@@ -12,12 +12,14 @@ import hashlib
 import json
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from .._version import __version__
 from ..cubes.adaptercube import AdapterCube
 from ..cubes.memcube import MemCube
 from ..errors import CubeError
+from ..store.batch import LOCK_WAIT_S, lock
 from ..store.cubestore import MEMORY_KEY
 from ..store.records import check_name
 from .bundle import Bundle, write_bundle
@@ -43,7 +45,7 @@ def _format_version(path: Path) -> int:
 
 def pack_namespace(store, namespace: str, out, *, key: SigningKey | None = None, name: str | None = None,
                    description: str = "", author: str = "", license: str = "", sequence: int | None = None,
-                   adapters=None) -> Bundle:
+                   adapters=None, lock_wait: float = LOCK_WAIT_S) -> Bundle:
     """Write the memories of ``namespace`` (own memories only, not shared ones) into the bundle file ``out``.
 
     Args:
@@ -54,6 +56,7 @@ def pack_namespace(store, namespace: str, out, *, key: SigningKey | None = None,
         sequence: this bundle's version; an install refuses a bundle older than the one it holds (default: the
             current Unix time, so a later pack is newer).
         adapters: folder of AdapterCubes to include (default ``<store>/adapters/<namespace>`` if it exists).
+        lock_wait: seconds to wait for an install into ``namespace`` to finish (then CubeError).
 
     Returns:
         The written `Bundle`.
@@ -61,6 +64,16 @@ def pack_namespace(store, namespace: str, out, *, key: SigningKey | None = None,
     store = as_store(store)
     namespace = check_namespace(namespace)
     name = check_name(name or namespace, "the bundle name")
+    # under the namespace's lock, the memories, their cubes and the adapter files are read from one state: an
+    # install committing meanwhile could pair an old memory's text with its new cube (a store one may only read
+    # is packed without it)
+    readonly = getattr(store.catalog, "readonly", False)
+    with nullcontext() if readonly else lock(store, namespace, wait=lock_wait):
+        return _pack(store, namespace, out, key=key, name=name, description=description, author=author,
+                     license=license, sequence=sequence, adapters=adapters)
+
+
+def _pack(store, namespace, out, *, key, name, description, author, license, sequence, adapters) -> Bundle:
     view = store.view(namespace)
     records = view.ls()
     folder = adapter_folder(store, namespace, adapters)
