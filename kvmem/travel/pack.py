@@ -19,7 +19,7 @@ from .._version import __version__
 from ..cubes.adaptercube import AdapterCube
 from ..cubes.memcube import MemCube
 from ..errors import CubeError
-from ..store.batch import LOCK_WAIT_S, lock
+from ..store.batch import LOCK_WAIT_S, lock, recover_batches
 from ..store.cubestore import MEMORY_KEY
 from ..store.records import check_name
 from .bundle import Bundle, write_bundle
@@ -74,6 +74,7 @@ def pack_namespace(store, namespace: str, out, *, key: SigningKey | None = None,
 
 
 def _pack(store, namespace, out, *, key, name, description, author, license, sequence, adapters) -> Bundle:
+    recover_batches(store)  # an install killed after its commit: its adapter files are moved in before reading
     view = store.view(namespace)
     records = view.ls()
     folder = adapter_folder(store, namespace, adapters)
