@@ -126,7 +126,7 @@ def plot(doc: dict, png: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.2))
     rows = doc["rows"]
     for i, row in enumerate(rows):
-        label, color = STYLE[row["method"]]
+        color = STYLE[row["method"]][1]
         ax.barh(i, row["median_s"], xerr=[[row["median_s"] - row["p10_s"]], [row["p90_s"] - row["median_s"]]],
                 color=color)
         ax.text(row["median_s"], i, f"  {row['median_s']:.2f} s", va="center", fontsize=8)

@@ -100,7 +100,7 @@ def _invoke(*args):
 
 
 def test_trust_revoke_and_expires_on_the_command_line(signed, tmp_path):
-    path, alice, _ = signed
+    path = signed[0]
     trusted = tmp_path / "trusted_keys"
     pub = tmp_path / "alice.key.pub"
     assert "until 2099-12-31" in _invoke("trust", pub, "--expires", "20991231", "--trusted-keys", trusted).output
