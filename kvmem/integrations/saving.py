@@ -41,13 +41,15 @@ from .tenancy import request_namespace
 @dataclass(frozen=True)
 class SaveSpec:
     """What one request asked to keep: cube ``name`` in ``namespace``, the first ``len(ids)`` prompt tokens, of
-    which the first ``anchor`` are the anchor; ``text`` the memory's source text (None: not given)."""
+    which the first ``anchor`` are the anchor; ``text`` the memory's source text (None: not given);
+    ``record_text`` the text a store's memory record gets (``text``, else the memory's ids decoded)."""
 
     name: str
     namespace: str
     ids: tuple[int, ...]
     anchor: int
     text: str | None
+    record_text: str | None = None
 
     @property
     def tokens(self) -> int:
@@ -93,7 +95,10 @@ def parse_save(spec, prompt_ids: Sequence[int], *, default: str, served: Sequenc
             raise CubeError(f"the text tokenizes to {len(text_ids)} ids that are not the memory's {tokens - anchor} "
                             f"prompt ids after the {anchor}-token anchor: send the text's own ids as the prompt "
                             "(anchor ids + tokenizer(text) ids + the question) and tokens = anchor + len(text ids)")
-    return SaveSpec(name, namespace, ids, anchor, text)
+    record_text = text
+    if record_text is None and tokenizer is not None:
+        record_text = tokenizer.decode(list(ids[anchor:]))
+    return SaveSpec(name, namespace, ids, anchor, text, record_text if record_text and record_text.strip() else None)
 
 
 def build_cube(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], spec: SaveSpec, *, fields: dict,
@@ -125,11 +130,10 @@ def build_cube(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], spec: SaveSpec, 
     return MemCube(kv, torch.tensor(spec.ids, dtype=torch.long), meta)
 
 
-def write_cube(source, spec: SaveSpec, cube: MemCube, *, text: str | None = None) -> str:
+def write_cube(source, spec: SaveSpec, cube: MemCube) -> str:
     """Validate ``cube`` (written, then read back through `MemCube.load`) and publish it atomically in ``source``
     (a `kvmem.integrations.serving.CubeSource`): ``<folder>/<namespace>/<name>.safetensors``, or ``put_cube``
-    into the store with ``text`` (a store memory needs one: the request's text, else the decoded ids).
-    Returns where it went."""
+    into the store with ``spec.record_text`` (a store memory needs a text). Returns where it went."""
     if source.folder is not None:
         final = Path(source.folder) / spec.namespace / f"{spec.name}.safetensors"
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -148,5 +152,5 @@ def write_cube(source, spec: SaveSpec, cube: MemCube, *, text: str | None = None
         path = Path(tmp) / f"{spec.name}.safetensors"
         cube.save(path)
         checked = MemCube.load(path)
-        rec = source.store.view(spec.namespace).put_cube(spec.name, checked, text=text or spec.text)
+        rec = source.store.view(spec.namespace).put_cube(spec.name, checked, text=spec.record_text)
     return f"{source.location} {spec.namespace}/{rec.id}"
