@@ -50,7 +50,7 @@ def _check_name(value, what: str) -> str:
         raise Refused(str(exc)) from None
 
 
-CONNECTOR_OPTIONS = ("store", "folder", "namespace", "namespaces", "auto", "tenant_salt", "salt_secret")
+CONNECTOR_OPTIONS = ("store", "folder", "namespace", "namespaces", "auto", "tenant_salt", "salt_secret", "layerwise")
 # what a request's kv_transfer_params["kvmem"] may hold: loading (cubes, namespace, auto), saving (kvmem.integrations.saving)
 REQUEST_KEYS = ("cubes", "namespace", "auto", "save", "text", "tokens", "anchor")
 
@@ -91,6 +91,7 @@ class CubeSource:
                 raise CubeError(f"the cube source's {what} must be a non-empty string (a path or URL), got "
                                 f"{value!r:.60}")
         self._views = {}
+        self.loads, self.bytes_read = 0, 0  # cubes read and validated, and their KV bytes (for the metrics)
         self.folder = Path(folder).expanduser() if folder is not None else None
         self.location = store
         self._store = None
@@ -135,10 +136,12 @@ class CubeSource:
             path = self.folder / namespace / f"{name}.safetensors"
             if not path.is_file():
                 raise Refused(f"no cube {name!r} in namespace {namespace!r} ({path} does not exist)")
-            return MemCube.load(path)
-        cube = self._view(namespace).load_cube(name)
-        if cube is None:
-            raise Refused(f"no cube {name!r} in namespace {namespace!r} of {self.store!r}")
+            cube = MemCube.load(path)
+        else:
+            cube = self._view(namespace).load_cube(name)
+            if cube is None:
+                raise Refused(f"no cube {name!r} in namespace {namespace!r} of {self.store!r}")
+        self.loads, self.bytes_read = self.loads + 1, self.bytes_read + cube.nbytes
         return cube
 
 

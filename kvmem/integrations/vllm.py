@@ -12,7 +12,9 @@ Extra config: ``store`` (kvmem store folder or ``redis://`` URL) or ``folder`` (
 may name, default only ``namespace``); ``auto`` (default true: plain requests get the longest exact cube whose
 ids start their prompt); ``tenant_salt`` (default true: every request's prefix-cache blocks are keyed by its
 namespace, `kvmem.integrations.tenancy`) and ``salt_secret`` (default ``$KVMEM_SALT_SECRET`` or random per start;
-``"env:NAME"`` / ``"file:PATH"``; replicas behind a prefix-aware router share one).
+``"env:NAME"`` / ``"file:PATH"``; replicas behind a prefix-aware router share one); ``layerwise`` (default
+true: a loader thread writes cube KV layer by layer while earlier layers compute; false: all layers before the
+forward pass).
 
 A request names cubes in ``kv_transfer_params`` (``SamplingParams(extra_args={"kv_transfer_params": ...})`` in
 Python, a ``kv_transfer_params`` field in the OpenAI request body)::
@@ -37,6 +39,7 @@ extra pins.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,6 +57,7 @@ from ..errors import CubeError
 from .saving import SaveSpec, build_cube, parse_save, write_cube
 from .serving import CubePlanner, CubeSource, Plan, check_connector_options, served_model_facts
 from .tenancy import Tenancy, read_secret, request_namespace
+from .vllm_metrics import Counts, KvmemPromMetrics, KvmemStats, refusal_reason
 from .vllm_pages import PagedLayout
 
 if TYPE_CHECKING:
@@ -74,7 +78,7 @@ class _Load:
     """One request's KV to write this step: positions [start, start + n) of the plan, at ``slots``."""
 
     request_id: str
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [n, kv_heads, head_dim]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [kv_heads, n, head_dim] (views)
     slots: torch.Tensor                          # [n] int64: block_id * block_size + offset
     block_ids: list[int]
 
@@ -119,6 +123,14 @@ class KvmemConnector(KVConnectorBase_V1):
         self._collected: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # worker: saves, per layer
         self._layouts: dict[tuple, PagedLayout] = {}
         self._writer: ThreadPoolExecutor | None = None
+        self._loader: ThreadPoolExecutor | None = None  # worker: writes loaded KV layer by layer during the forward
+        self._loading = None
+        self._layer_done: dict[str, threading.Event] = {}
+        self._layerwise = self._extra.get("layerwise", True)
+        self._counts = Counts()  # this side's counters for vLLM's /metrics (kvmem.integrations.vllm_metrics)
+        self._salted: set[str] = set()
+        if not isinstance(self._layerwise, bool):
+            raise CubeError(f"layerwise must be true or false (a JSON boolean), got {self._layerwise!r:.40}")
         self._source: CubeSource | None = None
         self.planner: CubePlanner | None = None
         self.tenancy: Tenancy | None = None
@@ -173,6 +185,11 @@ class KvmemConnector(KVConnectorBase_V1):
                                      composition=plan.salt if plan else None, request_salt=own_salt)
         else:
             salt = plan.salt if plan is not None else None
+        if self.tenancy.enabled:
+            self._counts.count("vllm:kvmem_salted_requests_total")
+            if namespace is not None and namespace not in self._salted:
+                self._salted.add(namespace)
+                self._counts.gauge("vllm:kvmem_salted_namespaces", len(self._salted))
         if salt is not None and salt != own_salt:
             request.cache_salt = salt
             request.block_hashes.clear()
@@ -183,18 +200,27 @@ class KvmemConnector(KVConnectorBase_V1):
         if self.planner is None:
             return None
         t0 = time.perf_counter()
+        source = self.planner.source
+        loads, read = source.loads, source.bytes_read
         try:
             plan = self.planner.plan(request.prompt_token_ids or [], request.kv_transfer_params,
                                      salt=request.cache_salt)
         except CubeError as exc:
             logger.warning("kvmem: request %s is prefilled without cubes: %s", request.request_id, exc)
+            self._counts.count("vllm:kvmem_refusals_total", refusal_reason(str(exc)))
             return None
         except Exception as exc:  # never take the server down over a cube
             logger.exception("kvmem: request %s is prefilled without cubes: unexpected %s: %s",
                              request.request_id, type(exc).__name__, exc)
+            self._counts.count("vllm:kvmem_refusals_total", "unexpected")
             return None
+        finally:
+            if source.loads > loads:
+                self._counts.count("vllm:kvmem_cube_loads_total", n=source.loads - loads)
+                self._counts.count("vllm:kvmem_cube_bytes_read_total", n=source.bytes_read - read)
         if plan is None:
             return None
+        self._counts.count("vllm:kvmem_cubes_served_total", "exact" if plan.exact else "approximate")
         self._plans[request.request_id] = plan
         logger.info("kvmem: request %s gets %s from namespace %r: %d tokens%s, planned in %.0f ms",
                     request.request_id, list(plan.names), plan.namespace, plan.num_tokens,
@@ -223,6 +249,7 @@ class KvmemConnector(KVConnectorBase_V1):
                 why = str(exc)
         if why is not None:
             logger.warning("kvmem: request %s is served, but its cube is not saved: %s", request.request_id, why)
+            self._counts.count("vllm:kvmem_cubes_saved_total", "refused")
             return
         self._saves[request.request_id] = save
         logger.info("kvmem: request %s will save %d tokens as cube %r in namespace %r", request.request_id,
@@ -246,8 +273,7 @@ class KvmemConnector(KVConnectorBase_V1):
         pos = torch.arange(start, end)
         table = torch.as_tensor(block_ids, dtype=torch.long)
         slots = table[pos // bs] * bs + pos % bs
-        kv = [(k[:, start:end].transpose(0, 1).contiguous(), v[:, start:end].transpose(0, 1).contiguous())
-              for k, v in plan.kv]
+        kv = [(k[:, start:end], v[:, start:end]) for k, v in plan.kv]  # views: each layer is copied as it is written
         self._pending.append(_Load(request.request_id, kv, slots, block_ids[start // bs:(end + bs - 1) // bs]))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
@@ -293,28 +319,56 @@ class KvmemConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------------- worker side
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        """Write each planned request's KV into every attention layer, through the backend's own cache op."""
+        """Start writing each planned request's KV, layer by layer in model order, on a loader thread, through the
+        backend's own cache op: layer i's write runs while earlier layers compute (`wait_for_layer_load`)."""
         meta = self._get_connector_metadata()
+        self._finish_loads()
         if not isinstance(meta, KvmemConnectorMetadata) or not meta.loads:
             return
-        layers = [(name, layer) for name, layer in forward_context.no_compile_layers.items()
-                  if getattr(layer, "kv_cache", None) is not None and hasattr(getattr(layer, "impl", None),
-                                                                              "do_kv_cache_update")]
-        for load in meta.loads:
+        layers = sorted(((layer_index(name), name, layer) for name, layer in forward_context.no_compile_layers.items()
+                         if getattr(layer, "kv_cache", None) is not None
+                         and hasattr(getattr(layer, "impl", None), "do_kv_cache_update")), key=lambda t: t[0])
+        self._layer_done = {name: threading.Event() for _, name, _ in layers}
+        if not self._layerwise:
+            self._write_layers(meta.loads, layers)
+            return
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-load")
+        self._loading = self._loader.submit(self._write_layers, meta.loads, layers)
+
+    def _write_layers(self, loads: list[_Load], layers) -> None:
+        failed: set[str] = set()
+        for index, name, layer in layers:
             try:
-                for name, layer in layers:
-                    kv_cache = layer.kv_cache
-                    k, v = load.kv[layer_index(name)]
-                    slots = load.slots.to(kv_cache.device)
-                    layer.impl.do_kv_cache_update(layer, k.to(kv_cache.device, kv_cache.dtype),
-                                                  v.to(kv_cache.device, kv_cache.dtype), kv_cache, slots)
-            except Exception as exc:  # a failed write must not serve garbage: vLLM recomputes these blocks
-                logger.exception("kvmem: writing the KV of request %s failed (%s: %s); its blocks are reported "
-                                 "as load errors", load.request_id, type(exc).__name__, exc)
-                self._load_errors.update(load.block_ids)
+                for load in loads:
+                    if load.request_id in failed:
+                        continue
+                    try:
+                        kv_cache = layer.kv_cache
+                        k, v = load.kv[index]
+                        layer.impl.do_kv_cache_update(
+                            layer, k.transpose(0, 1).to(kv_cache.device, kv_cache.dtype).contiguous(),
+                            v.transpose(0, 1).to(kv_cache.device, kv_cache.dtype).contiguous(), kv_cache,
+                            load.slots.to(kv_cache.device))
+                    except Exception as exc:  # a failed write must not serve garbage: vLLM recomputes these blocks
+                        logger.exception("kvmem: writing the KV of request %s failed (%s: %s); its blocks are "
+                                         "reported as load errors", load.request_id, type(exc).__name__, exc)
+                        failed.add(load.request_id)
+                        self._load_errors.update(load.block_ids)
+            finally:
+                self._layer_done[name].set()  # never leave a layer's attention waiting
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return
+        done = self._layer_done.get(layer_name)
+        if done is not None:
+            done.wait()
+
+    def _finish_loads(self) -> None:
+        """Wait for the loader thread's last step (every layer written, errors recorded) before anything else."""
+        if self._loading is not None:
+            self._loading.result()
+            self._loading = None
+        self._layer_done = {}
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         """Copy this layer's KV of every request saved this step out of the paged cache (its blocks may be
@@ -338,10 +392,12 @@ class KvmemConnector(KVConnectorBase_V1):
                 logger.exception("kvmem: copying the KV of request %s failed (%s: %s): cube %r is not saved",
                                  save.request_id, type(exc).__name__, exc, save.spec.name)
                 self._collected[save.request_id] = None
+                self._counts.count("vllm:kvmem_cubes_saved_total", "failed")
 
     def wait_for_save(self):
-        """Hand this step's copied KV to the background writer: the cube is validated and written off the
-        request's path."""
+        """End of the step: the loader thread is done; hand this step's copied KV to the background writer (the
+        cube is validated and written off the request's path)."""
+        self._finish_loads()
         meta = self._get_connector_metadata()
         if not isinstance(meta, KvmemConnectorMetadata) or not meta.saves:
             return
@@ -352,6 +408,7 @@ class KvmemConnector(KVConnectorBase_V1):
             if sorted(got) != list(range(len(got))):
                 logger.error("kvmem: request %s: KV of layers %s copied, not every layer: cube %r is not saved",
                              save.request_id, sorted(got), save.spec.name)
+                self._counts.count("vllm:kvmem_cubes_saved_total", "failed")
                 continue
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-save")
@@ -368,14 +425,30 @@ class KvmemConnector(KVConnectorBase_V1):
         except Exception as exc:
             logger.error("kvmem: saving cube %r of request %s failed: %s: %s", save.spec.name, save.request_id,
                          type(exc).__name__, exc)
+            self._counts.count("vllm:kvmem_cubes_saved_total", "failed")
             return
+        self._counts.count("vllm:kvmem_cubes_saved_total", "saved")
         logger.info("kvmem: saved cube %r (%d tokens, %.1f MB) of request %s to %s in %.0f ms", save.spec.name,
                     save.spec.tokens, cube.nbytes / 1e6, save.request_id, where, 1e3 * (time.perf_counter() - t0))
 
+    # ---------------------------------------------------------------- metrics (vLLM's /metrics)
+    def get_kv_connector_stats(self) -> KvmemStats | None:
+        return self._counts.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvmemStats:
+        return KvmemStats(data=data) if data is not None else KvmemStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> KvmemPromMetrics:
+        return KvmemPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def shutdown(self):
+        self._finish_loads()
         if self._writer is not None:
             self._writer.shutdown(wait=True)  # cubes being written are finished, not lost
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._finish_loads()
         errors, self._load_errors = self._load_errors, set()
         return errors

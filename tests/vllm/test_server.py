@@ -211,3 +211,44 @@ def test_a_cube_saved_by_one_server_is_served_by_the_other(servers, memory):
         time.sleep(1)
     assert cached == 256 and got == full
     assert "saved cube 'from-vllm' (256 tokens" in one.text()
+
+
+def metrics(server) -> dict[str, float]:
+    """vLLM's /metrics as {sample line without its value: value}, kvmem's samples only."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=60) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:kvmem_"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def sample(found: dict[str, float], name: str, label: str = "") -> float:
+    """The sum of ``name``'s samples whose labels include ``label`` (e.g. 'kind="exact"')."""
+    return sum(v for k, v in found.items() if k.split("{")[0] == name and label in k)
+
+
+def test_kvmem_counters_are_in_vllm_prometheus_metrics(servers, memory):
+    import time
+
+    one, _ = servers
+    ask(one, prompt(memory), ["a"])         # one more exact cube, one more refusal, then let vLLM log its stats
+    ask(one, prompt(memory), ["missing"])
+    deadline = time.time() + 60
+    while True:
+        found = metrics(one)
+        if sample(found, "vllm:kvmem_refusals_total", 'reason="missing"') >= 1 or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert sample(found, "vllm:kvmem_cubes_served_total", 'kind="exact"') >= 2
+    for reason in ("corrupt", "foreign_model", "missing"):
+        assert sample(found, "vllm:kvmem_refusals_total", f'reason="{reason}"') >= 1, (reason, found)
+    assert sample(found, "vllm:kvmem_cube_loads_total") >= 2
+    assert sample(found, "vllm:kvmem_cube_bytes_read_total") >= 2 * memory["a"].nbytes
+    assert sample(found, "vllm:kvmem_cubes_saved_total", 'result="saved"') == 1
+    assert sample(found, "vllm:kvmem_salted_namespaces") == 5  # default, t0..t3
+    assert sample(found, "vllm:kvmem_salted_requests_total") >= 30
