@@ -39,7 +39,6 @@ extra pins.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ from .saving import SaveSpec, build_cube, parse_save, write_cube
 from .serving import CubePlanner, CubeSource, Plan, check_connector_options, served_model_facts
 from .tenancy import Tenancy, read_secret, request_namespace
 from .vllm_metrics import Counts, KvmemPromMetrics, KvmemStats, refusal_reason
-from .vllm_pages import PagedLayout
+from .vllm_pages import LayerWriter, Load, PagedLayout
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -74,16 +73,6 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
 @dataclass
-class _Load:
-    """One request's KV to write this step: positions [start, start + n) of the plan, at ``slots``."""
-
-    request_id: str
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [kv_heads, n, head_dim] (views)
-    slots: torch.Tensor                          # [n] int64: block_id * block_size + offset
-    block_ids: list[int]
-
-
-@dataclass
 class _Save:
     """One request's prompt KV to copy out this step: ``spec``'s tokens, held in ``block_ids``."""
 
@@ -95,7 +84,7 @@ class _Save:
 
 @dataclass
 class KvmemConnectorMetadata(KVConnectorMetadata):
-    loads: list[_Load] = field(default_factory=list)
+    loads: list[Load] = field(default_factory=list)
     saves: list[_Save] = field(default_factory=list)
 
 
@@ -116,21 +105,16 @@ class KvmemConnector(KVConnectorBase_V1):
         self._block_size = vllm_config.cache_config.block_size
         self._extra = check_connector_options(self._kv_transfer_config.kv_connector_extra_config or {})
         self._plans: dict[str, Plan] = {}      # scheduler: request id -> its plan, until it finishes
-        self._pending: list[_Load] = []        # scheduler: loads for the next build_connector_meta
+        self._pending: list[Load] = []        # scheduler: loads for the next build_connector_meta
         self._saves: dict[str, SaveSpec] = {}  # scheduler: request id -> its save, until its prompt is computed
         self._save_blocks: dict[str, list[int]] = {}
         self._load_errors: set[int] = set()    # worker: blocks whose write failed
         self._collected: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # worker: saves, per layer
         self._layouts: dict[tuple, PagedLayout] = {}
         self._writer: ThreadPoolExecutor | None = None
-        self._loader: ThreadPoolExecutor | None = None  # worker: writes loaded KV layer by layer during the forward
-        self._loading = None
-        self._layer_done: dict[str, threading.Event] = {}
-        self._layerwise = self._extra.get("layerwise", True)
+        self._layers_writer = LayerWriter(layerwise=self._extra.get("layerwise", True))  # worker: cube KV in
         self._counts = Counts()  # this side's counters for vLLM's /metrics (kvmem.integrations.vllm_metrics)
         self._salted: set[str] = set()
-        if not isinstance(self._layerwise, bool):
-            raise CubeError(f"layerwise must be true or false (a JSON boolean), got {self._layerwise!r:.40}")
         self._source: CubeSource | None = None
         self.planner: CubePlanner | None = None
         self.tenancy: Tenancy | None = None
@@ -274,7 +258,7 @@ class KvmemConnector(KVConnectorBase_V1):
         table = torch.as_tensor(block_ids, dtype=torch.long)
         slots = table[pos // bs] * bs + pos % bs
         kv = [(k[:, start:end], v[:, start:end]) for k, v in plan.kv]  # views: each layer is copied as it is written
-        self._pending.append(_Load(request.request_id, kv, slots, block_ids[start // bs:(end + bs - 1) // bs]))
+        self._pending.append(Load(request.request_id, kv, slots, block_ids[start // bs:(end + bs - 1) // bs]))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = KvmemConnectorMetadata(loads=self._pending, saves=self._due_saves(scheduler_output))
@@ -319,8 +303,8 @@ class KvmemConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------------- worker side
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        """Start writing each planned request's KV, layer by layer in model order, on a loader thread, through the
-        backend's own cache op: layer i's write runs while earlier layers compute (`wait_for_layer_load`)."""
+        """Start writing each planned request's KV, layer by layer in model order, through the backend's own cache
+        op (`kvmem.integrations.vllm_pages.LayerWriter`): layer i's write runs while earlier layers compute."""
         meta = self._get_connector_metadata()
         self._finish_loads()
         if not isinstance(meta, KvmemConnectorMetadata) or not meta.loads:
@@ -328,47 +312,14 @@ class KvmemConnector(KVConnectorBase_V1):
         layers = sorted(((layer_index(name), name, layer) for name, layer in forward_context.no_compile_layers.items()
                          if getattr(layer, "kv_cache", None) is not None
                          and hasattr(getattr(layer, "impl", None), "do_kv_cache_update")), key=lambda t: t[0])
-        self._layer_done = {name: threading.Event() for _, name, _ in layers}
-        if not self._layerwise:
-            self._write_layers(meta.loads, layers)
-            return
-        if self._loader is None:
-            self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-load")
-        self._loading = self._loader.submit(self._write_layers, meta.loads, layers)
-
-    def _write_layers(self, loads: list[_Load], layers) -> None:
-        failed: set[str] = set()
-        for index, name, layer in layers:
-            try:
-                for load in loads:
-                    if load.request_id in failed:
-                        continue
-                    try:
-                        kv_cache = layer.kv_cache
-                        k, v = load.kv[index]
-                        layer.impl.do_kv_cache_update(
-                            layer, k.transpose(0, 1).to(kv_cache.device, kv_cache.dtype).contiguous(),
-                            v.transpose(0, 1).to(kv_cache.device, kv_cache.dtype).contiguous(), kv_cache,
-                            load.slots.to(kv_cache.device))
-                    except Exception as exc:  # a failed write must not serve garbage: vLLM recomputes these blocks
-                        logger.exception("kvmem: writing the KV of request %s failed (%s: %s); its blocks are "
-                                         "reported as load errors", load.request_id, type(exc).__name__, exc)
-                        failed.add(load.request_id)
-                        self._load_errors.update(load.block_ids)
-            finally:
-                self._layer_done[name].set()  # never leave a layer's attention waiting
+        self._layers_writer.start(meta.loads, layers)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        done = self._layer_done.get(layer_name)
-        if done is not None:
-            done.wait()
+        self._layers_writer.wait(layer_name)
 
     def _finish_loads(self) -> None:
-        """Wait for the loader thread's last step (every layer written, errors recorded) before anything else."""
-        if self._loading is not None:
-            self._loading.result()
-            self._loading = None
-        self._layer_done = {}
+        """Wait for the last step's writes (every layer written, failed blocks recorded) before anything else."""
+        self._load_errors.update(self._layers_writer.finish())
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         """Copy this layer's KV of every request saved this step out of the paged cache (its blocks may be
@@ -445,6 +396,7 @@ class KvmemConnector(KVConnectorBase_V1):
 
     def shutdown(self):
         self._finish_loads()
+        self._layers_writer.close()
         if self._writer is not None:
             self._writer.shutdown(wait=True)  # cubes being written are finished, not lost
 

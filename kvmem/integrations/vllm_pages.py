@@ -1,4 +1,5 @@
-"""Reading keys and values back out of vLLM's paged KV cache, whatever layout the attention backend packs them in.
+"""vLLM's paged KV cache: writing cube KV into it layer by layer (`LayerWriter`), and reading keys and values back
+out of it, whatever layout the attention backend packs them in (`PagedLayout`).
 
 vLLM writes a layer's KV through its backend's own op (``layer.impl.do_kv_cache_update``), and the CPU backend
 packs rows for the CPU's instruction set (AMX / VNNI pair dimensions), so indexing a block by hand reads the wrong
@@ -9,9 +10,16 @@ any backend whose op is a pure placement (no scaling: fp8 caches are refused).
 
 from __future__ import annotations
 
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import CubeError
+
+logger = logging.getLogger("vllm.kvmem")  # the connector's logger (vLLM's init_logger is logging.getLogger)
 
 _BASE = 128  # a number's digits in this base are exact in every float dtype a KV cache uses (bf16: up to 256)
 
@@ -82,3 +90,84 @@ class PagedLayout:
         keys = blocks[:, self.key_index].reshape(shape)[:num_tokens]
         values = blocks[:, self.value_index].reshape(shape)[:num_tokens]
         return keys.transpose(0, 1).to("cpu").contiguous(), values.transpose(0, 1).to("cpu").contiguous()
+
+
+@dataclass
+class Load:
+    """One request's KV to write this step: positions [start, start + n) of its plan, at ``slots``."""
+
+    request_id: str
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [kv_heads, n, head_dim] (views)
+    slots: torch.Tensor                          # [n] int64: block_id * block_size + offset
+    block_ids: list[int]
+
+
+class LayerWriter:
+    """Writes a step's `Load` s into every attention layer through the backend's own ``do_kv_cache_update``, in
+    model order, on a loader thread: the model's forward waits for a layer (`wait`) just before its attention, so
+    later layers are written while earlier ones compute. ``layerwise=False`` writes every layer in `start`.
+
+    A failed write never serves garbage: the request's blocks are returned by `finish` (vLLM recomputes them).
+    """
+
+    def __init__(self, *, layerwise: bool = True):
+        if not isinstance(layerwise, bool):
+            raise CubeError(f"layerwise must be true or false (a JSON boolean), got {layerwise!r:.40}")
+        self.layerwise = layerwise
+        self._pool: ThreadPoolExecutor | None = None
+        self._running: Future | None = None
+        self._done: dict[str, threading.Event] = {}
+        self._failed: set[int] = set()
+
+    def start(self, loads: list[Load], layers) -> None:
+        """Begin writing ``loads`` into ``layers`` ([(decoder layer index, name, attention layer)], in order)."""
+        self.finish()
+        self._done = {name: threading.Event() for _, name, _ in layers}
+        if not self.layerwise:
+            self._write(loads, layers)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-load")
+        self._running = self._pool.submit(self._write, loads, layers)
+
+    def wait(self, layer_name: str) -> None:
+        """Block until ``layer_name``'s KV is written (no-op for a layer with nothing to write)."""
+        done = self._done.get(layer_name)
+        if done is not None:
+            done.wait()
+
+    def finish(self) -> set[int]:
+        """Wait for the current writes to end; the blocks whose write failed since the last call."""
+        if self._running is not None:
+            self._running.result()
+            self._running = None
+        self._done = {}
+        failed, self._failed = self._failed, set()
+        return failed
+
+    def close(self) -> None:
+        self.finish()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _write(self, loads: list[Load], layers) -> None:
+        failed: set[str] = set()
+        for index, name, layer in layers:
+            try:
+                for load in loads:
+                    if load.request_id in failed:
+                        continue
+                    try:
+                        cache = layer.kv_cache
+                        k, v = load.kv[index]
+                        layer.impl.do_kv_cache_update(
+                            layer, k.transpose(0, 1).to(cache.device, cache.dtype).contiguous(),
+                            v.transpose(0, 1).to(cache.device, cache.dtype).contiguous(), cache,
+                            load.slots.to(cache.device))
+                    except Exception as exc:  # reported as load errors: vLLM recomputes these blocks
+                        logger.exception("kvmem: writing the KV of request %s failed (%s: %s); its blocks are "
+                                         "reported as load errors", load.request_id, type(exc).__name__, exc)
+                        failed.add(load.request_id)
+                        self._failed.update(load.block_ids)
+            finally:
+                self._done[name].set()  # never leave a layer's attention waiting

@@ -203,3 +203,38 @@ def test_a_precomposed_cube_derives_from_its_sources(model, anchor):
     c = precompose(model, [a, b], recompute="none")
     assert c.meta["derived_from"] == [{"memory": "d/a", "text_sha256": "1" * 64},
                                       {"memory": "d/b", "text_sha256": "2" * 64}]
+
+
+class RowsLayer:
+    """A fake attention layer with a plain [slots, H, D] x 2 cache, whose write can be made to fail."""
+
+    num_kv_heads, head_size = 2, 4
+
+    def __init__(self, fail=False):
+        self.kv_cache = torch.zeros(8, 2, 2, 4)  # 8 slots, keys/values, H, D
+        self.impl, self.fail = self, fail
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        if self.fail:
+            raise RuntimeError("disk on fire")
+        kv_cache[slot_mapping, 0], kv_cache[slot_mapping, 1] = key, value
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_the_layer_writer_writes_every_layer_and_reports_failed_blocks(layerwise):
+    from kvmem.integrations.vllm_pages import LayerWriter, Load
+
+    layers = [(i, f"model.layers.{i}.attn", RowsLayer(fail=(i == 2))) for i in range(3)]
+    kv = [(torch.randn(2, 3, 4), torch.randn(2, 3, 4)) for _ in layers]
+    writer = LayerWriter(layerwise=layerwise)
+    writer.start([Load("r1", kv, torch.tensor([5, 6, 7]), [1])], layers)
+    for _, name, _ in layers:
+        writer.wait(name)  # returns once that layer is written (or failed)
+    assert writer.finish() == {1}  # layer 2's write failed: the request's block is a load error, not garbage
+    for (i, _, layer), (k, v) in zip(layers[:2], kv[:2]):
+        assert torch.equal(layer.kv_cache[5:8, 0], k.transpose(0, 1))
+        assert torch.equal(layer.kv_cache[5:8, 1], v.transpose(0, 1))
+    assert writer.finish() == set()
+    writer.close()
+    with pytest.raises(kvmem.CubeError, match="JSON boolean"):
+        LayerWriter(layerwise="false")
