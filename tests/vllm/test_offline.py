@@ -249,3 +249,31 @@ def test_a_refused_save_is_logged_and_the_request_answered(llm, memory, folder, 
     logged = "\n".join(kvmem_log.lines[before:])
     assert "its cube is not saved" in logged and why in logged, logged
     assert not list(folder.glob("*/bad*.safetensors")) and not list(folder.glob("*/.*"))
+
+
+def test_layerwise_loads_are_awaited_before_each_layer_attends(llm, memory, monkeypatch):
+    """A slow loader thread (20 ms per layer) must not change the answer: vLLM waits for each layer's KV just before
+    that layer's attention (wait_for_layer_load), and every layer is waited for."""
+    import time
+
+    from kvmem.integrations.vllm_pages import LayerWriter
+
+    write, wait, waited = LayerWriter._write, LayerWriter.wait, []
+
+    def slow_write(self, loads, layers):
+        for item in layers:
+            time.sleep(0.02)
+            write(self, loads, [item])
+
+    def counting_wait(self, name):
+        waited.append(name)
+        wait(self, name)
+
+    monkeypatch.setattr(LayerWriter, "_write", slow_write)
+    monkeypatch.setattr(LayerWriter, "wait", counting_wait)
+    ids = prompt_of(memory, "a")
+    full, full_lp, _ = full_prefill(llm, ids)
+    got, got_lp, cached = run(llm, ids, {"cubes": ["a"]})
+    assert cached == 256 and got == full
+    torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)
+    assert len(set(waited)) == len(memory["a"].kv)  # one wait per attention layer
