@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import xxhash
 
 from .._version import __version__
 from ..cubes.fingerprint import fingerprint_id
@@ -50,6 +53,7 @@ class SaveSpec:
     anchor: int
     text: str | None
     record_text: str | None = None
+    auto: bool = False  # saved by `AutoSave`, not asked for: counted against its byte capacity
 
     @property
     def tokens(self) -> int:
@@ -154,3 +158,56 @@ def write_cube(source, spec: SaveSpec, cube: MemCube) -> str:
         checked = MemCube.load(path)
         rec = source.store.view(spec.namespace).put_cube(spec.name, checked, text=spec.record_text)
     return f"{source.location} {spec.namespace}/{rec.id}"
+
+
+def delete_cube(source, namespace: str, name: str) -> None:
+    """Remove cube ``name`` of ``namespace`` from ``source`` (a missing one is not an error)."""
+    if source.folder is not None:
+        (Path(source.folder) / namespace / f"{name}.safetensors").unlink(missing_ok=True)
+    else:
+        source.store.view(namespace).rm(name)
+
+
+class AutoSave:
+    """Keep the KV of every prompt of at least ``tokens`` tokens as a cube, within ``capacity`` bytes (off unless
+    configured: ``autosave_tokens`` / ``autosave_bytes``). A prompt's whole KV blocks become cube
+    ``auto-<hash of their ids>`` in the request's namespace, served later to prompts that start with them
+    (automatic matching); when the cubes saved this way exceed ``capacity``, the oldest are deleted.
+
+    The capacity counts the cubes this server process saved; cubes saved before a restart are not counted
+    (delete them with ``kvmem rm`` or from the folder).
+    """
+
+    def __init__(self, *, tokens, capacity, block_size: int):
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < block_size:
+            raise CubeError(f"autosave_tokens must be an int >= the KV block size ({block_size}), got {tokens!r:.40}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
+            raise CubeError("autosave_bytes must be a positive int (the bytes auto-saved cubes may hold, e.g. "
+                            f"4000000000), got {capacity!r:.40}")
+        self.tokens, self.capacity, self.block_size = tokens, capacity, block_size
+        self._kept: OrderedDict[tuple[str, str], int] = OrderedDict()  # (namespace, name) -> bytes, oldest first
+        self._lock = threading.Lock()
+
+    def spec(self, prompt_ids: Sequence[int], namespace: str, *, tokenizer=None, exists=None) -> SaveSpec | None:
+        """The save for a prompt (None: too short, or its cube exists: ``exists(namespace, name)``)."""
+        if len(prompt_ids) < self.tokens:
+            return None
+        n = len(prompt_ids) // self.block_size * self.block_size
+        ids = [int(t) for t in prompt_ids[:n]]
+        name = "auto-" + xxhash.xxh3_64(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
+        if exists is not None and exists(namespace, name):
+            return None
+        spec = parse_save({"save": name, "tokens": n, "namespace": namespace}, ids, default=namespace,
+                          served=[namespace], tokenizer=tokenizer)
+        return replace(spec, auto=True)
+
+    def admit(self, source, spec: SaveSpec, nbytes: int) -> list[str]:
+        """Count a saved cube; delete the oldest auto-saved cubes while over capacity. Returns the deleted ones."""
+        evicted = []
+        with self._lock:
+            self._kept[(spec.namespace, spec.name)] = nbytes
+            while sum(self._kept.values()) > self.capacity and len(self._kept) > 1:
+                (namespace, name), _ = self._kept.popitem(last=False)
+                delete_cube(source, namespace, name)
+                evicted.append(f"{namespace}/{name}")
+        return evicted

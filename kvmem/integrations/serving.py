@@ -50,7 +50,8 @@ def _check_name(value, what: str) -> str:
         raise Refused(str(exc)) from None
 
 
-CONNECTOR_OPTIONS = ("store", "folder", "namespace", "namespaces", "auto", "tenant_salt", "salt_secret", "layerwise")
+CONNECTOR_OPTIONS = ("store", "folder", "namespace", "namespaces", "auto", "tenant_salt", "salt_secret", "layerwise",
+                     "autosave_tokens", "autosave_bytes")
 # what a request's kv_transfer_params["kvmem"] may hold: loading (cubes, namespace, auto), saving (kvmem.integrations.saving)
 REQUEST_KEYS = ("cubes", "namespace", "auto", "save", "text", "tokens", "anchor")
 

@@ -53,7 +53,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from ..errors import CubeError
-from .saving import SaveSpec, build_cube, parse_save, write_cube
+from .saving import AutoSave, SaveSpec, build_cube, parse_save, write_cube
 from .serving import CubePlanner, CubeSource, Plan, check_connector_options, served_model_facts
 from .tenancy import Tenancy, read_secret, request_namespace
 from .vllm_metrics import Counts, KvmemPromMetrics, KvmemStats, refusal_reason
@@ -114,6 +114,10 @@ class KvmemConnector(KVConnectorBase_V1):
         self._writer: ThreadPoolExecutor | None = None
         self._layers_writer = LayerWriter(layerwise=self._extra.get("layerwise", True))  # worker: cube KV in
         self._counts = Counts()  # this side's counters for vLLM's /metrics (kvmem.integrations.vllm_metrics)
+        self._autosave = None
+        if self._extra.get("autosave_tokens") is not None:
+            self._autosave = AutoSave(tokens=self._extra["autosave_tokens"], capacity=self._extra.get("autosave_bytes"),
+                                      block_size=self._block_size)
         self._salted: set[str] = set()
         self._source: CubeSource | None = None
         self.planner: CubePlanner | None = None
@@ -217,6 +221,7 @@ class KvmemConnector(KVConnectorBase_V1):
         params = request.kv_transfer_params
         spec = params.get("kvmem") if isinstance(params, dict) else None
         if not isinstance(spec, dict) or spec.get("save") is None:
+            self._plan_autosave(request, plan, spec)
             return
         why = None
         if not self._kv_transfer_config.is_kv_producer:
@@ -238,6 +243,20 @@ class KvmemConnector(KVConnectorBase_V1):
         self._saves[request.request_id] = save
         logger.info("kvmem: request %s will save %d tokens as cube %r in namespace %r", request.request_id,
                     save.tokens, save.name, save.namespace)
+
+    def _plan_autosave(self, request: "Request", plan: Plan | None, spec) -> None:
+        if (self._autosave is None or self.planner is None or not self._kv_transfer_config.is_kv_producer
+                or (plan is not None and not plan.exact)):
+            return
+        try:
+            namespace = request_namespace(spec, default=self._namespace, served=self._namespaces)
+            save = self._autosave.spec(request.prompt_token_ids or [], namespace, tokenizer=self._tokenizer,
+                                       exists=lambda ns, name: name in self.planner.source.versions(ns))
+        except CubeError as exc:
+            logger.warning("kvmem: request %s is not auto-saved: %s", request.request_id, exc)
+            return
+        if save is not None and (plan is None or plan.num_tokens < save.tokens):
+            self._saves[request.request_id] = save
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
         plan = self._plans.get(request.request_id)
@@ -379,6 +398,9 @@ class KvmemConnector(KVConnectorBase_V1):
             self._counts.count("vllm:kvmem_cubes_saved_total", "failed")
             return
         self._counts.count("vllm:kvmem_cubes_saved_total", "saved")
+        if save.spec.auto and self._autosave is not None:
+            for gone in self._autosave.admit(self._source, save.spec, cube.nbytes):
+                logger.info("kvmem: auto-saved cube %s deleted: auto-saved cubes exceed autosave_bytes", gone)
         logger.info("kvmem: saved cube %r (%d tokens, %.1f MB) of request %s to %s in %.0f ms", save.spec.name,
                     save.spec.tokens, cube.nbytes / 1e6, save.request_id, where, 1e3 * (time.perf_counter() - t0))
 

@@ -54,8 +54,10 @@ def servers(ckpt, redis_url, tmp_path_factory, store):
     logs = tmp_path_factory.mktemp("server-logs")
     # both replicas read one salt secret from the environment, as a fleet behind a prefix-aware router would
     extra = {"auto": False, "namespaces": ["default", *TENANTS], "salt_secret": "env:KVMEM_TEST_SALT"}
-    started = [Server(ckpt, {**extra, "store": machine(redis_url, tmp_path_factory, name)}, logs / f"{name}.log",
-                      role="kv_both", env={"KVMEM_TEST_SALT": "a-test-secret-" + "0" * 20})
+    # server two also keeps every prompt of >= 384 tokens as a cube, within room for two of them (autosave)
+    autosave = {"one": {}, "two": {"autosave_tokens": 384, "autosave_bytes": int(2.5 * AUTO_CUBE_BYTES)}}
+    started = [Server(ckpt, {**extra, **autosave[name], "store": machine(redis_url, tmp_path_factory, name)},
+                      logs / f"{name}.log", role="kv_both", env={"KVMEM_TEST_SALT": "a-test-secret-" + "0" * 20})
                for name in ("one", "two")]
     try:
         yield [s.wait_ready() for s in started]
@@ -65,6 +67,7 @@ def servers(ckpt, redis_url, tmp_path_factory, store):
 
 
 TENANTS = ("t0", "t1", "t2", "t3")
+AUTO_CUBE_BYTES = 384 * 30 * 2 * 3 * 64 * 4  # a 384-token SmolLM2-135M cube in float32: tokens x layers x K,V x H x D
 
 
 def ask(server, ids, cubes=None, *, salt=True, kvmem_params=None):
@@ -252,3 +255,30 @@ def test_kvmem_counters_are_in_vllm_prometheus_metrics(servers, memory):
     assert sample(found, "vllm:kvmem_cubes_saved_total", 'result="saved"') == 1
     assert sample(found, "vllm:kvmem_salted_namespaces") == 5  # default, t0..t3
     assert sample(found, "vllm:kvmem_salted_requests_total") >= 30
+
+
+def test_autosave_keeps_long_prompts_and_evicts_the_oldest(servers, hf, redis_url, tmp_path_factory):
+    import time
+
+    import torch
+    import xxhash
+
+    _, two = servers
+    _, tok = hf
+    text = tok(NOTES.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    prompts = [text[i * 50:i * 50 + 384] + [13, 42 + i] for i in range(3)]  # 3 different 3-block prompts + a tail
+    names = ["auto-" + xxhash.xxh3_64(torch.tensor(p[:384], dtype=torch.int64).numpy().tobytes()).hexdigest()
+             for p in prompts]
+    for ids, name in zip(prompts, names):
+        ask(two, ids, kvmem_params={"namespace": "t3"})
+        deadline = time.time() + 120
+        while f"saved cube '{name}'" not in two.text():  # in order: the first saved is the first evicted
+            assert time.time() < deadline, two.text()[-2000:]
+            time.sleep(0.5)
+    view = kvmem.CubeStore(machine(redis_url, tmp_path_factory, "reader")).view("t3")
+    kept = sorted(r.id for r in view.ls(kind="memcube"))
+    assert kept == sorted(names[1:])  # room for two: the first prompt's cube was deleted
+    assert f"auto-saved cube t3/{names[0]} deleted" in two.text()
+    # the last prompt's cube is what vLLM computes for those blocks: served exact, the same answer
+    got, cached = ask(two, prompts[-1], [names[-1]], kvmem_params={"namespace": "t3"})
+    assert cached == 384 and got == full_answer(two, prompts[-1])[0]

@@ -238,3 +238,27 @@ def test_the_layer_writer_writes_every_layer_and_reports_failed_blocks(layerwise
     writer.close()
     with pytest.raises(kvmem.CubeError, match="JSON boolean"):
         LayerWriter(layerwise="false")
+
+
+def test_autosave_keeps_long_prompts_within_its_capacity(model, anchor, tmp_path):
+    from kvmem.integrations.saving import AutoSave
+
+    auto = AutoSave(tokens=32, capacity=250, block_size=BLOCK)
+    assert auto.spec(list(range(100, 131)), "d") is None                      # 31 tokens: too short
+    spec = auto.spec(list(range(100, 140)), "d")                              # 40 tokens: its 2 whole blocks
+    assert spec.auto and spec.tokens == 32 and spec.name.startswith("auto-") and spec.namespace == "d"
+    assert auto.spec(list(range(100, 140)) + [1, 2], "d").name == spec.name   # the same blocks, the same cube
+    assert auto.spec(list(range(100, 140)), "d", exists=lambda ns, name: True) is None
+    source = CubeSource(folder=str(tmp_path))
+    names = []
+    for seed in range(3):
+        ref = cube_of(model, anchor, seed + 10)
+        s = auto.spec(ref.all_ids[0].tolist(), "d")
+        write_cube(source, s, build_cube(ref.kv, s, fields=ref.fingerprint_fields, engine="t"))
+        names.append(s.name)
+        evicted = auto.admit(source, s, 100)
+    assert evicted == [f"d/{names[0]}"]                                       # 300 bytes > 250: the oldest goes
+    assert sorted(p.stem for p in (tmp_path / "d").glob("*.safetensors")) == sorted(names[1:])
+    for bad, why in [({"tokens": 8}, "autosave_tokens"), ({"capacity": 0}, "autosave_bytes")]:
+        with pytest.raises(kvmem.CubeError, match=why):
+            AutoSave(**{"tokens": 32, "capacity": 1, **bad}, block_size=BLOCK)
