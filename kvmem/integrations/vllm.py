@@ -171,13 +171,12 @@ class KvmemConnector(KVConnectorBase_V1):
                 namespace = None  # a namespace not served here: a salt shared with nothing
             salt = self.tenancy.salt(namespace, digests=plan.digests if plan else (),
                                      composition=plan.salt if plan else None, request_salt=own_salt)
-        else:
-            salt = plan.salt if plan is not None else None
-        if self.tenancy.enabled:
             self._counts.count("vllm:kvmem_salted_requests_total")
             if namespace is not None and namespace not in self._salted:
                 self._salted.add(namespace)
                 self._counts.gauge("vllm:kvmem_salted_namespaces", len(self._salted))
+        else:
+            salt = plan.salt if plan is not None else None
         if salt is not None and salt != own_salt:
             request.cache_salt = salt
             request.block_hashes.clear()
