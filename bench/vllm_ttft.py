@@ -33,6 +33,8 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the connector of this checkout, not whichever kvmem the venv has installed (vLLM imports it by module path)
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from _common import RESULTS, loadavg, machine_facts, pyplot, round_robin, save_figure, spread, write_results  # noqa: E402
 
 NOTES = Path(__file__).resolve().parents[1] / "kvmem" / "demo" / "data" / "team_notes.txt"
