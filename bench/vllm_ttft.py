@@ -1,9 +1,11 @@
-"""TTFT in vLLM with kvmem's KV connector, at 2k and 4k memory tokens (SmolLM2-135M, float32, CPU).
+"""TTFT in vLLM with kvmem's KV connector at 2k, 4k and ~8k memory tokens (SmolLM2-135M, float32, CPU).
 
 Methods, per memory length, on prompts of ``memory + query`` (token ids, greedy, ``max_tokens=1``):
     full prefill          vLLM computes the whole prompt (a fresh cache salt per call: its prefix cache cannot hit)
     prefix cache (warm)   vLLM's own automatic prefix caching, the prompt's blocks already cached (the best case)
-    kvmem, local disk     the cube named per request, read by KvmemConnector from a local cube folder
+    kvmem, local disk     the cube named per request, read by KvmemConnector from a local cube folder, its layers
+                          written by a loader thread while earlier layers compute (``layerwise``, the default)
+    kvmem, disk, all layers first   the same with ``"layerwise": false``: every layer written before the forward
     kvmem, Redis          the same, from a Redis store, the local copy deleted before every call (a new replica)
 kvmem runs as a *fresh engine* would: a fresh cache salt per call, so vLLM's prefix cache never holds the memory
 (as after a restart or on a new replica), and the connector keeps no cube between requests: every call reads,
@@ -31,11 +33,14 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the connector of this checkout, not whichever kvmem the venv has installed (vLLM imports it by module path)
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from _common import RESULTS, loadavg, machine_facts, pyplot, round_robin, save_figure, spread, write_results  # noqa: E402
 
 NOTES = Path(__file__).resolve().parents[1] / "kvmem" / "demo" / "data" / "team_notes.txt"
 QUERY = "\nQuestion: who leads the team, and which city do they live in?\nAnswer:"
-METHODS = ("full prefill", "prefix cache (warm)", "kvmem, local disk", "kvmem, Redis")
+METHODS = ("full prefill", "prefix cache (warm)", "kvmem, local disk", "kvmem, disk, all layers first", "kvmem, Redis")
+KVMEM_METHODS = {"disk": "kvmem, local disk", "upfront": "kvmem, disk, all layers first", "redis": "kvmem, Redis"}
 TARGETS = {"kvmem_vs_warm_max": 1.2, "saving_vs_full_min": 0.70, "at_tokens": 4096}
 
 
@@ -126,9 +131,10 @@ def parent(args) -> None:
         store_url = f"{url}?prefix=bench{uuid.uuid4().hex[:6]}"
         facts = machine_facts(packages=("torch", "transformers", "vllm", "kvmem", "redis"))
         spec = build_cubes(args.tokens, work / "cubes", f"{store_url}&cache={work / 'writer'}")
-        spec.update(reps=args.reps, warmup=args.warmup, max_model_len=max(args.tokens) + 128)
+        spec.update(reps=args.reps, warmup=args.warmup, max_model_len=min(max(args.tokens) + 128, 8192))
         rows = []
         for source, config in (("disk", {"folder": str(work / "cubes")}),
+                               ("upfront", {"folder": str(work / "cubes"), "layerwise": False}),
                                ("redis", {"store": f"{store_url}&cache={work / 'replica'}"})):
             spec_path, out_path = work / f"spec-{source}.json", work / f"rows-{source}.json"
             spec_path.write_text(json.dumps({**spec, "source": source, "config": config,
@@ -154,7 +160,7 @@ def summarize(rows) -> dict:
         med = {r["method"]: r["median_ms"] for r in rows if r["tokens"] == n}
         s = {f"{m} (ms)": round(v, 1) for m, v in med.items()}
         warm, full = med.get("prefix cache (warm)"), med.get("full prefill")
-        for m in ("kvmem, local disk", "kvmem, Redis"):
+        for m in KVMEM_METHODS.values():
             if m in med and warm and full:
                 s[f"{m} / warm prefix cache"] = round(med[m] / warm, 2)
                 s[f"{m}: saving vs full prefill"] = round(1 - med[m] / full, 3)
@@ -167,7 +173,7 @@ def summarize(rows) -> dict:
 
 # ---------------------------------------------------------------- a worker: one engine, one cube source
 def worker(spec_path: str, out_path: str) -> None:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "3")  # 2k + 4k + 8k warm prefixes and one more 8k request
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
@@ -199,7 +205,7 @@ def worker(spec_path: str, out_path: str) -> None:
         def call(method, **kw):
             seen.setdefault(method, []).append(generate(ids, **kw))  # (first token, cached tokens) per call
 
-        kvmem_method = "kvmem, local disk" if source == "disk" else "kvmem, Redis"
+        kvmem_method = KVMEM_METHODS[source]
         fns = {kvmem_method: lambda: call(kvmem_method, salt=uuid.uuid4().hex, cubes=[cube["name"]])}
         if source == "disk":
             fns["full prefill"] = lambda: call("full prefill", salt=uuid.uuid4().hex)
@@ -218,7 +224,8 @@ def worker(spec_path: str, out_path: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096], help="memory lengths (block multiples)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 7936],
+                        help="memory lengths (block multiples; SmolLM2 holds 8,192 positions)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--redis", default=None, help="redis://host:port/db to use (default: start one)")

@@ -32,7 +32,9 @@ from ..inject.prefill import compose_kv as compose
 from ..inject.prefill import prefill
 from ..model.cache import kv_from_cache
 from ..model.rope import rope_facts
+from ..store.lineage import DERIVED_KEY
 from ..store.records import NAME, check_name
+from .tenancy import cube_digest, request_namespace
 
 
 class Refused(CubeError):
@@ -48,7 +50,10 @@ def _check_name(value, what: str) -> str:
         raise Refused(str(exc)) from None
 
 
-CONNECTOR_OPTIONS = ("store", "folder", "namespace", "namespaces", "auto")
+CONNECTOR_OPTIONS = ("store", "folder", "namespace", "namespaces", "auto", "tenant_salt", "salt_secret", "layerwise",
+                     "autosave_tokens", "autosave_bytes")
+# what a request's kv_transfer_params["kvmem"] may hold: loading (cubes, namespace, auto), saving (kvmem.integrations.saving)
+REQUEST_KEYS = ("cubes", "namespace", "auto", "save", "text", "tokens", "anchor")
 
 
 def check_connector_options(extra) -> dict:
@@ -87,6 +92,7 @@ class CubeSource:
                 raise CubeError(f"the cube source's {what} must be a non-empty string (a path or URL), got "
                                 f"{value!r:.60}")
         self._views = {}
+        self.loads, self.bytes_read = 0, 0  # cubes read and validated, and their KV bytes (for the metrics)
         self.folder = Path(folder).expanduser() if folder is not None else None
         self.location = store
         self._store = None
@@ -131,10 +137,12 @@ class CubeSource:
             path = self.folder / namespace / f"{name}.safetensors"
             if not path.is_file():
                 raise Refused(f"no cube {name!r} in namespace {namespace!r} ({path} does not exist)")
-            return MemCube.load(path)
-        cube = self._view(namespace).load_cube(name)
-        if cube is None:
-            raise Refused(f"no cube {name!r} in namespace {namespace!r} of {self.store!r}")
+            cube = MemCube.load(path)
+        else:
+            cube = self._view(namespace).load_cube(name)
+            if cube is None:
+                raise Refused(f"no cube {name!r} in namespace {namespace!r} of {self.store!r}")
+        self.loads, self.bytes_read = self.loads + 1, self.bytes_read + cube.nbytes
         return cube
 
 
@@ -151,6 +159,7 @@ class Plan:
             the serving dtype); False for compositions, precomposed cubes and dtype casts.
         salt: the cache salt that keeps an approximate prefix apart from the same plain tokens (None if exact).
         notes: the approximations applied, for the log.
+        digests: each cube's content digest (`kvmem.integrations.tenancy.cube_digest`), for its tenant salt.
     """
 
     names: tuple[str, ...]
@@ -160,6 +169,7 @@ class Plan:
     exact: bool
     salt: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    digests: tuple[str, ...] = field(default_factory=tuple)
 
 
 def compose_kv(cubes: Sequence[MemCube], rope, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -225,19 +235,26 @@ class CubePlanner:
         self.dtype = dtype
         self.block_size = int(block_size)
         self.rope = rope
-        self.namespace = _check_name(namespace, "namespace")
+        self.namespaces = self.served_namespaces(namespace, namespaces)
+        self.namespace = namespace
+        self.auto = _check_flag(auto, "auto")
+        self._index: dict[str, dict[str, tuple[object, tuple[int, ...] | None]]] = {}  # ns -> name -> (version, ids)
+        self._just_loaded: dict[tuple[str, str, object], MemCube] = {}
+
+    @staticmethod
+    def served_namespaces(namespace: str, namespaces: Sequence[str] | None) -> tuple[str, ...]:
+        """The served namespaces (default: only ``namespace``), checked, ``namespace`` among them."""
+        _check_name(namespace, "namespace")
         if namespaces is None:
             namespaces = [namespace]
         if isinstance(namespaces, (str, bytes)) or not isinstance(namespaces, (list, tuple)) or not namespaces:
             raise CubeError(f'namespaces must be a non-empty list of namespaces, e.g. ["alice", "bob"], got '
                             f"{namespaces!r:.80} (a single string would be read letter by letter)")
-        self.namespaces = tuple(dict.fromkeys(_check_name(n, "namespace") for n in namespaces))
-        if self.namespace not in self.namespaces:
-            raise CubeError(f"the default namespace {self.namespace!r} is not among the served namespaces "
-                            f"{list(self.namespaces)}: add it to namespaces, or set namespace to one of them")
-        self.auto = _check_flag(auto, "auto")
-        self._index: dict[str, dict[str, tuple[object, tuple[int, ...] | None]]] = {}  # ns -> name -> (version, ids)
-        self._just_loaded: dict[tuple[str, str, object], MemCube] = {}
+        served = tuple(dict.fromkeys(_check_name(n, "namespace") for n in namespaces))
+        if namespace not in served:
+            raise CubeError(f"the default namespace {namespace!r} is not among the served namespaces "
+                            f"{list(served)}: add it to namespaces, or set namespace to one of them")
+        return served
 
     # ---------------------------------------------------------------- which cubes
     def _parse(self, params) -> tuple[str, list[str] | None, bool]:
@@ -249,15 +266,13 @@ class CubePlanner:
         spec = params.get("kvmem")
         if spec is None:
             return self.namespace, None, self.auto
-        if not isinstance(spec, dict):
-            raise Refused('kv_transfer_params["kvmem"] must be an object like {"cubes": ["notes"], "namespace": "alice"}')
-        unknown = set(spec) - {"cubes", "namespace", "auto"}
+        try:
+            namespace = request_namespace(spec, default=self.namespace, served=self.namespaces)
+        except CubeError as exc:
+            raise Refused(str(exc)) from None
+        unknown = set(spec) - set(REQUEST_KEYS)
         if unknown:
-            raise Refused(f'kv_transfer_params["kvmem"] has unknown keys {sorted(unknown)} (known: cubes, namespace, auto)')
-        namespace = _check_name(spec.get("namespace", self.namespace), "namespace")
-        if namespace not in self.namespaces:
-            raise Refused(f"namespace {namespace!r} is not served here (served: {', '.join(self.namespaces)}; "
-                          "add it to kv_connector_extra_config['namespaces'])")
+            raise Refused(f'kv_transfer_params["kvmem"] has unknown keys {sorted(unknown)} (known: {", ".join(REQUEST_KEYS)})')
         names = spec.get("cubes")
         if names is not None:
             if isinstance(names, str):
@@ -365,7 +380,8 @@ class CubePlanner:
             kv = [(keys[i, :, :n], values[i, :, :n]) for i in range(keys.shape[0])]
         exact = not notes
         return Plan(tuple(names), namespace, n, kv, exact,
-                    None if exact else composition_salt(cubes, self.dtype, salt), tuple(notes))
+                    None if exact else composition_salt(cubes, self.dtype, salt), tuple(notes),
+                    tuple(cube_digest(c) for c in cubes))
 
     @staticmethod
     def _ids_of(cubes: Sequence[MemCube]) -> list[int]:
@@ -421,6 +437,8 @@ def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "auto", budg
         "recompute": {"mode": recompute, "budget": budget, "recomputed_tokens": prefix.recomputed,
                       "composition": prefix.composition},  # "auto": the gate's choice and why
         "spans": [list(s) for s in prefix.spans],
+        # what it was made from (kvmem.store.lineage): every source cube's entries, so forgetting finds it too
+        DERIVED_KEY: [entry for c in cubes for entry in c.meta.get(DERIVED_KEY) or []],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     if tokenizer is not None and meta["fingerprint_fields"].get("tokenizer") is None:

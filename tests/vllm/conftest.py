@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_helpers import foreign_cube
+from vllm_helpers import NOTES, foreign_cube
 
 
 
@@ -35,7 +35,6 @@ if _vllm_installed():  # only in the vLLM venv: the main tests' Triton kernels n
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.pop("TRITON_INTERPRET", None)  # the main tests' Triton interpreter must not reach vLLM's kernels
 
-NOTES = Path(__file__).resolve().parents[2] / "kvmem" / "demo" / "data" / "team_notes.txt"
 A_TOKENS, B_TOKENS = 256, 128  # anchor + a = 2 KV blocks, b = 1 more: composed prefixes end on a block boundary
 
 

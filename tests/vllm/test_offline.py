@@ -1,5 +1,6 @@
 """KvmemConnector in an offline vLLM engine (``LLM()``, one process, float32): exactness against vLLM's own full
-prefill and kvmem's transformers splice, cached-token accounting, no prefix-cache leak, namespaces, bad cubes.
+prefill and kvmem's transformers splice, cached-token accounting, no prefix-cache leak, namespaces, bad cubes,
+and cubes saved by the engine (equal to transformers-built ones, served back, refused saves).
 
 One engine serves the whole module; every reference request carries its own cache salt so no test reads
 another's prefix cache unless it means to.
@@ -49,7 +50,7 @@ def llm(ckpt, folder):
     engine = LLM(model=str(ckpt), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
                  kv_transfer_config=KVTransferConfig(
                      kv_connector="KvmemConnector", kv_connector_module_path="kvmem.integrations.vllm",
-                     kv_role="kv_consumer", kv_load_failure_policy="recompute",
+                     kv_role="kv_both", kv_load_failure_policy="recompute",
                      kv_connector_extra_config={"folder": str(folder), "namespaces": ["default", "other"]}))
     yield engine
     del engine
@@ -181,3 +182,98 @@ def test_namespaces_hold(llm, memory, kvmem_log):
     before = len(kvmem_log.lines)
     _, _, cached = run(llm, ids, {"namespace": "nobody", "cubes": ["a"]})
     assert cached == 0 and "namespace 'nobody' is not served here" in "\n".join(kvmem_log.lines[before:])
+
+
+def wait_for(path, timeout: float = 120.0):
+    """The cube file the server's background writer publishes (atomically) once the request is done."""
+    import time
+
+    deadline = time.time() + timeout
+    while not path.is_file():
+        assert time.time() < deadline, f"{path} was not written in {timeout} s"
+        time.sleep(0.2)
+    return kvmem.MemCube.load(path)
+
+
+def test_a_saved_cube_equals_the_transformers_cube_and_serves(llm, memory, hf, folder, kvmem_log):
+    model, _ = hf
+    a = memory["a"]
+    ids = prompt_of(memory, "a")
+    full, full_lp, _ = full_prefill(llm, ids)
+    save = {"save": "saved", "tokens": a.all_ids.shape[1], "anchor": a.anchor_len, "auto": False}
+    got, _, cached = run(llm, ids, save)
+    assert got == full and cached == 0  # saving changes nothing about the request itself
+    cube = wait_for(folder / "default" / "saved.safetensors")
+    assert torch.equal(cube.all_ids, a.all_ids) and cube.anchor_len == a.anchor_len
+    assert cube.fingerprint_fields == a.fingerprint_fields and cube.meta["built_by"].startswith("vllm ")
+    for (k, v), (ak, av) in zip(cube.kv, a.kv, strict=True):  # vLLM's KV == transformers' KV, to float rounding
+        torch.testing.assert_close(k, ak, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(v, av, atol=2e-4, rtol=1e-4)
+    # the same greedy answer in transformers, through kvmem.prefill, as transformers' own full prefill
+    prefix = kvmem.prefill(model, [cube])
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False)[0, len(ids):].tolist()
+        via_cube = model.generate(prefix.extend(torch.tensor([memory["query"]])), past_key_values=prefix.cache,
+                                  max_new_tokens=MAX_NEW, do_sample=False)[0, len(ids):].tolist()
+    assert via_cube == ref
+    # and vLLM serves it back like any cube
+    got, got_lp, cached = run(llm, ids, {"cubes": ["saved"]})
+    assert cached == 256 and got == full
+    torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)
+
+
+def test_a_saved_cube_keeps_its_checked_text(llm, memory, hf, folder):
+    _, tok = hf
+    text = " Mira keeps the release notes; Tomas answers on-call pages at night."
+    text_ids = tok(text, add_special_tokens=False).input_ids
+    ids = memory["anchor"] + text_ids + memory["query"]
+    tokens = len(memory["anchor"]) + len(text_ids)
+    run(llm, ids, {"save": "noted", "tokens": tokens, "anchor": len(memory["anchor"]), "text": text})
+    cube = wait_for(folder / "default" / "noted.safetensors")
+    assert cube.text == text and cube.input_ids[0].tolist() == text_ids and cube.num_tokens == len(text_ids)
+
+
+@pytest.mark.parametrize("save, why", [
+    ({"save": "bad1", "text": "not the prompt's text"}, "not the memory's"),
+    ({"save": "bad2", "tokens": 10 ** 6}, "must be an int in"),
+    ({"save": "../up"}, "cube name"),
+    ({"save": "bad3", "namespace": "nobody"}, "namespace 'nobody' is not served"),
+    ({"save": "bad4", "cubes": ["a", "b"]}, "approximate"),
+])
+def test_a_refused_save_is_logged_and_the_request_answered(llm, memory, folder, kvmem_log, save, why):
+    ids = prompt_of(memory, "a", "b")
+    full, _, _ = full_prefill(llm, ids)
+    before = len(kvmem_log.lines)
+    got, _, _ = run(llm, ids, save)
+    assert got == full or "cubes" in save  # two cubes: the composed answer, served; only the save is refused
+    logged = "\n".join(kvmem_log.lines[before:])
+    assert "its cube is not saved" in logged and why in logged, logged
+    assert not list(folder.glob("*/bad*.safetensors")) and not list(folder.glob("*/.*"))
+
+
+def test_layerwise_loads_are_awaited_before_each_layer_attends(llm, memory, monkeypatch):
+    """A slow loader thread (20 ms per layer) must not change the answer: vLLM waits for each layer's KV just before
+    that layer's attention (wait_for_layer_load), and every layer is waited for."""
+    import time
+
+    from kvmem.integrations.vllm_pages import LayerWriter
+
+    write, wait, waited = LayerWriter._write, LayerWriter.wait, []
+
+    def slow_write(self, loads, layers):
+        for item in layers:
+            time.sleep(0.02)
+            write(self, loads, [item])
+
+    def counting_wait(self, name):
+        waited.append(name)
+        wait(self, name)
+
+    monkeypatch.setattr(LayerWriter, "_write", slow_write)
+    monkeypatch.setattr(LayerWriter, "wait", counting_wait)
+    ids = prompt_of(memory, "a")
+    full, full_lp, _ = full_prefill(llm, ids)
+    got, got_lp, cached = run(llm, ids, {"cubes": ["a"]})
+    assert cached == 256 and got == full
+    torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)
+    assert len(set(waited)) == len(memory["a"].kv)  # one wait per attention layer

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+NOTES = Path(__file__).resolve().parents[2] / "kvmem" / "demo" / "data" / "team_notes.txt"  # the memory text
+
 
 def foreign_cube(model, tok, like):
     """A cube of ``like``'s ids built by another model: a fine-tuned copy (other weights, same architecture)."""
@@ -37,11 +41,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def connector_config(extra: dict) -> str:
+def connector_config(extra: dict, *, role: str = "kv_consumer") -> str:
     import json
 
     return json.dumps({"kv_connector": "KvmemConnector", "kv_connector_module_path": "kvmem.integrations.vllm",
-                       "kv_role": "kv_consumer", "kv_load_failure_policy": "recompute",
+                       "kv_role": role, "kv_load_failure_policy": "recompute",
                        "kv_connector_extra_config": extra})
 
 
@@ -50,19 +54,20 @@ class Server:
 
     Started in its own process group and stopped by that id (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, ckpt, extra: dict, log_path, *, max_model_len: int = 1024):
+    def __init__(self, ckpt, extra: dict, log_path, *, max_model_len: int = 1024, role: str = "kv_consumer",
+                 env: dict | None = None):
         import os
         import subprocess
         import sys
 
         self.port, self.log_path, self.ckpt = free_port(), log_path, str(ckpt)
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {}))
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server's engine core runs in its own process
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.ckpt, "--host", "127.0.0.1",
              "--port", str(self.port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
-             "--enable-prompt-tokens-details", "--kv-transfer-config", connector_config(extra)],
+             "--enable-prompt-tokens-details", "--kv-transfer-config", connector_config(extra, role=role)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def wait_ready(self, timeout: float = 900) -> "Server":

@@ -1,0 +1,173 @@
+"""vLLM's paged KV cache: writing cube KV into it layer by layer (`LayerWriter`), and reading keys and values back
+out of it, whatever layout the attention backend packs them in (`PagedLayout`).
+
+vLLM writes a layer's KV through its backend's own op (``layer.impl.do_kv_cache_update``), and the CPU backend
+packs rows for the CPU's instruction set (AMX / VNNI pair dimensions), so indexing a block by hand reads the wrong
+numbers. `PagedLayout.learn` asks the op itself: it writes numbered keys and values into one scratch block and
+records where each number landed. That map (one gather index per block) then reads any block back exactly, for
+any backend whose op is a pure placement (no scaling: fp8 caches are refused).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CubeError
+
+logger = logging.getLogger("vllm.kvmem")  # the connector's logger (vLLM's init_logger is logging.getLogger)
+
+_BASE = 128  # a number's digits in this base are exact in every float dtype a KV cache uses (bf16: up to 256)
+
+
+class PagedLayout:
+    """Where token t, head h, dim d of a block's keys (and values) sit in one block of the paged cache.
+
+    Attributes:
+        block_size, num_heads, head_size: the block's shape as the write op takes it ([block_size, H, D] rows).
+    """
+
+    def __init__(self, key_index: torch.Tensor, value_index: torch.Tensor, block_size: int, num_heads: int,
+                 head_size: int):
+        self.key_index, self.value_index = key_index, value_index  # [block_size * H * D] flat positions in a block
+        self.block_size, self.num_heads, self.head_size = block_size, num_heads, head_size
+
+    @classmethod
+    def learn(cls, layer, kv_cache: torch.Tensor, *, block_size: int) -> "PagedLayout":
+        """The layout of ``layer``'s cache ``kv_cache`` ([num_blocks, ...], blocks on dim 0), learned through the
+        layer's own ``impl.do_kv_cache_update`` on a scratch block (the real cache is not touched).
+
+        Raises:
+            CubeError: the op is not a one-to-one placement (a quantized cache), or the layer lacks the op.
+        """
+        impl = getattr(layer, "impl", None)
+        if not hasattr(impl, "do_kv_cache_update"):
+            raise CubeError(f"attention layer {type(layer).__name__} has no do_kv_cache_update to learn its layout")
+        if getattr(impl, "kv_cache_dtype", "auto") not in ("auto", None):
+            raise CubeError(f"the KV cache is stored as {impl.kv_cache_dtype}: kvmem saves full-precision caches only")
+        heads, head_size = int(layer.num_kv_heads), int(layer.head_size)
+        n = block_size * heads * head_size
+        scratch = torch.zeros((1, *kv_cache.shape[1:]), dtype=kv_cache.dtype, device=kv_cache.device)
+        if scratch.numel() < 2 * n:
+            raise CubeError(f"a cache block holds {scratch.numel()} numbers, fewer than its keys and values ({2 * n})")
+        slots = torch.arange(block_size, dtype=torch.long, device=kv_cache.device)
+        numbers = torch.arange(1, n + 1, dtype=torch.long)  # 0 marks a position nothing was written to
+        passes = 1
+        while _BASE ** passes <= n:
+            passes += 1
+        index = []
+        for which in (0, 1):  # keys, then values
+            code = torch.zeros(scratch.numel(), dtype=torch.long)
+            for p in range(passes):
+                digit = (numbers // _BASE ** p % _BASE).to(kv_cache.dtype).view(block_size, heads, head_size)
+                zero = torch.zeros_like(digit)
+                scratch.zero_()
+                k, v = (digit, zero) if which == 0 else (zero, digit)
+                impl.do_kv_cache_update(layer, k.to(kv_cache.device), v.to(kv_cache.device), scratch, slots)
+                code += scratch.reshape(-1).to("cpu", torch.float64).round().to(torch.long) * _BASE ** p
+            where = torch.nonzero(code).flatten()
+            if where.numel() != n or not torch.equal(torch.sort(code[where]).values, numbers):
+                raise CubeError("the KV cache write op is not a one-to-one placement of keys and values (a quantized "
+                                "or scaled cache): kvmem cannot read it back exactly")
+            flat = torch.empty(n, dtype=torch.long)
+            flat[code[where] - 1] = where
+            index.append(flat.to(kv_cache.device))
+        return cls(index[0], index[1], block_size, heads, head_size)
+
+    def read(self, kv_cache: torch.Tensor, block_ids, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values), each [H, num_tokens, D] on the CPU, of the first ``num_tokens`` tokens held in blocks
+        ``block_ids`` (in order) of ``kv_cache``. A copy: the blocks may be reused once this returns."""
+        need = -(-num_tokens // self.block_size)
+        if len(block_ids) < need:
+            raise CubeError(f"{num_tokens} tokens need {need} blocks, the request holds {len(block_ids)}")
+        ids = torch.as_tensor(list(block_ids[:need]), dtype=torch.long, device=kv_cache.device)
+        blocks = kv_cache.index_select(0, ids).reshape(need, -1)
+        shape = (need * self.block_size, self.num_heads, self.head_size)
+        keys = blocks[:, self.key_index].reshape(shape)[:num_tokens]
+        values = blocks[:, self.value_index].reshape(shape)[:num_tokens]
+        return keys.transpose(0, 1).to("cpu").contiguous(), values.transpose(0, 1).to("cpu").contiguous()
+
+
+@dataclass
+class Load:
+    """One request's KV to write this step: positions [start, start + n) of its plan, at ``slots``."""
+
+    request_id: str
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [kv_heads, n, head_dim] (views)
+    slots: torch.Tensor                          # [n] int64: block_id * block_size + offset
+    block_ids: list[int]
+
+
+class LayerWriter:
+    """Writes a step's `Load` s into every attention layer through the backend's own ``do_kv_cache_update``, in
+    model order, on a loader thread: the model's forward waits for a layer (`wait`) just before its attention, so
+    later layers are written while earlier ones compute. ``layerwise=False`` writes every layer in `start`.
+
+    A failed write never serves garbage: the request's blocks are returned by `finish` (vLLM recomputes them).
+    """
+
+    def __init__(self, *, layerwise: bool = True):
+        if not isinstance(layerwise, bool):
+            raise CubeError(f"layerwise must be true or false (a JSON boolean), got {layerwise!r:.40}")
+        self.layerwise = layerwise
+        self._pool: ThreadPoolExecutor | None = None
+        self._running: Future | None = None
+        self._done: dict[str, threading.Event] = {}
+        self._failed: set[int] = set()
+
+    def start(self, loads: list[Load], layers) -> None:
+        """Begin writing ``loads`` into ``layers`` ([(decoder layer index, name, attention layer)], in order)."""
+        self.finish()
+        self._done = {name: threading.Event() for _, name, _ in layers}
+        if not self.layerwise:
+            self._write(loads, layers)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-load")
+        self._running = self._pool.submit(self._write, loads, layers)
+
+    def wait(self, layer_name: str) -> None:
+        """Block until ``layer_name``'s KV is written (no-op for a layer with nothing to write)."""
+        done = self._done.get(layer_name)
+        if done is not None:
+            done.wait()
+
+    def finish(self) -> set[int]:
+        """Wait for the current writes to end; the blocks whose write failed since the last call."""
+        if self._running is not None:
+            self._running.result()
+            self._running = None
+        self._done = {}
+        failed, self._failed = self._failed, set()
+        return failed
+
+    def close(self) -> None:
+        self.finish()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _write(self, loads: list[Load], layers) -> None:
+        failed: set[str] = set()
+        for index, name, layer in layers:
+            try:
+                for load in loads:
+                    if load.request_id in failed:
+                        continue
+                    try:
+                        cache = layer.kv_cache
+                        k, v = load.kv[index]
+                        layer.impl.do_kv_cache_update(
+                            layer, k.transpose(0, 1).to(cache.device, cache.dtype).contiguous(),
+                            v.transpose(0, 1).to(cache.device, cache.dtype).contiguous(), cache,
+                            load.slots.to(cache.device))
+                    except Exception as exc:  # reported as load errors: vLLM recomputes these blocks
+                        logger.exception("kvmem: writing the KV of request %s failed (%s: %s); its blocks are "
+                                         "reported as load errors", load.request_id, type(exc).__name__, exc)
+                        failed.add(load.request_id)
+                        self._failed.update(load.block_ids)
+            finally:
+                self._done[name].set()  # never leave a layer's attention waiting
