@@ -51,8 +51,9 @@ def _is_iso_date(value) -> bool:
 
 
 def check_meta(meta: dict | None) -> dict:
-    """A copy of a memory's meta, checked where the index reads it (``turn`` orders a session's memories) and
-    where the store writes it (JSON)."""
+    """A copy of a memory's meta, checked where the index reads it (``turn`` orders a session's memories), where
+    the store reads it (``ttl`` / ``expires``: its lifetime; ``derived_from``: what it was made from) and where the
+    store writes it (JSON)."""
     import json
 
     if meta is not None and not isinstance(meta, dict):
@@ -68,6 +69,13 @@ def check_meta(meta: dict | None) -> dict:
     if date is not None and not _is_iso_date(date):
         raise CubeError(f"meta['date'] must be an ISO date string like '2023-05-08' (the session's date), "
                         f"got {date!r}")
+    from .expiry import check_expiry
+
+    check_expiry(meta)  # ttl / expires: the memory's lifetime (kvmem/store/expiry.py)
+    if meta.get("derived_from") is not None:  # what a derived memory was made from (kvmem/store/lineage.py)
+        from .lineage import check_sources
+
+        meta["derived_from"] = check_sources(meta["derived_from"])
     try:
         json.dumps(meta, allow_nan=False)
         _check_keys(meta)
