@@ -81,14 +81,17 @@ def delete_blob(store, name: str | None, receipt: Receipt | None = None) -> None
         receipt.cube_files.append(f"cubes/{name}.safetensors")
 
 
-def invalidate(store, memories, receipt: Receipt, *, at: float | None = None) -> None:
+def invalidate(store, memories, receipt: Receipt, *, at: float | None = None, everything: bool = False) -> None:
     """Remove every stored unit derived from ``memories`` (qualified ids just deleted, edited or expired) that no
     longer matches its sources, then what derives from those, recording each in ``receipt``. Every namespace of
-    the store is searched: a unit another namespace composed from a shared memory goes too."""
+    the store is searched: a unit another namespace composed from a shared memory goes too. ``everything``:
+    check every unit that records sources, whatever it names (gc: a cascade cut short is finished)."""
     pending, done = list(dict.fromkeys(memories)), set(memories)
-    while pending:
-        found = dependants(store.catalog.list(None), pending)
-        pending = []
+    first = True
+    while pending or (first and everything):
+        rows = store.catalog.list(None)
+        found = [r for r in rows if foreign_sources(r)] if first and everything else dependants(rows, pending)
+        pending, first = [], False
         for rec in found:
             if rec.qualified in done:
                 continue
