@@ -32,7 +32,8 @@ import torch
 
 from .._deprecation import renamed
 from ..errors import CubeError
-from ..store.expiry import expires_at, now as clock
+from ..store import expiry
+from ..store.expiry import expires_at
 from ..store.lineage import text_sha256
 from ..store.records import qualify
 
@@ -252,7 +253,7 @@ class MemScheduler:
         if memory_id not in self.made_from:
             return
         sha, expires = self.made_from[memory_id]
-        if (text_sha is not None and sha != text_sha) or (expires is not None and expires <= clock()):
+        if (text_sha is not None and sha != text_sha) or (expires is not None and expires <= expiry.now()):
             self.forget(memory_id)
 
     def sync(self) -> int:
