@@ -5,7 +5,14 @@ Oracle: an independent model of the truth (each memory's current text, whether i
 precomposed cube was made from). After every request, everything injected is checked against it: every memory used
 is alive, a text prefilled is its current text, and a cube spliced holds exactly the token ids a cube of the current
 content holds (so no KV of an old or forgotten version can pass). Explicit loads (the store, the scheduler) are held
-to the same rule, and an adapter's usability (`lineage.usable_for`) against the truth. 0 violations.
+to the same rule, and an adapter's usability (`lineage.usable_for`) against the truth; a precomposed cube whose
+source was deleted or edited must be gone from the catalog at once. 0 violations.
+
+Checked by hand that it can fail (seeds 0 and 1, each mutation alone): without the store's cascade
+(forgetting.invalidate returning at once) ~200 violations ("pcN is still in the store"); without the cascade and
+the read-time lineage check, ~80 ("request used forgotten pcN"); without the read-time expiry check, ~25-75
+("request used forgotten mN"); without the scheduler's and recall's tier checks, 5-13 ("request (device) served a
+cube of mN that is not of its current content").
 """
 
 from __future__ import annotations
@@ -230,6 +237,14 @@ class Fuzz:
             if usable_for(meta, self.mm.store.store.catalog, [f"me/{r}" for r in retrieved]) != expected:
                 self.violation(f"usable_for says {not expected} for an adapter that learned {sorted(versions)}")
 
+    def check_removed(self):
+        """A precomposed cube whose source was deleted or edited is removed from the store at once (row and
+        file), not only hidden from reads."""
+        for memory_id, sources in self.truth.made_from.items():
+            if any(self.truth.text[src] != text for src, text in sources) and \
+                    self.mm.store.store.catalog.get(("me",), memory_id) is not None:
+                self.violation(f"{memory_id} is still in the store after a source of it was deleted or edited")
+
     def gc(self):
         self.mm.store.store.gc(grace_s=0)
         self.counts["gc"] += 1
@@ -247,6 +262,7 @@ class Fuzz:
             before = dict(self.truth.text)
             op()
             self.check_adapters()
+            self.check_removed()
             for m, text in before.items():  # remember what was forgotten, to ask about it later
                 if text is not None and self.truth.text[m] != text:
                     self._dead[m] = text
