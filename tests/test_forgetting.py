@@ -104,10 +104,24 @@ def test_a_cube_built_from_a_version_that_changed_meanwhile_is_refused(view, mod
     with pytest.raises(CubeError, match="me/a, which was edited"):
         view.put_cube("a", _cube(model, rec.text, 0), text=rec.text, derived_from=[source_entry(rec)])
     assert view.get("a").text == "Ada moved the key to the shed." and view.get("a").kind == "text"
-    stale = view.load_cube("b")
+    _precomposed(view, model, "bc", ("b", "c"))
+    stale = view.load_cube("bc")
     view.rm("b")
-    with pytest.raises(CubeError, match="me/b, which was deleted"):  # a loaded cube of a deleted memory
-        view.put_cube("b2", stale)
+    with pytest.raises(CubeError, match="me/b, which was deleted"):  # a loaded cube made from a deleted memory
+        view.put_cube("bc2", stale)
+
+
+def test_a_copy_of_a_memory_is_a_memory_of_its_own(view, model):
+    """A cube or meta copied under another id (a journal's backup, a bundle install, a migration) is not derived
+    from the original: editing or deleting the original leaves the copy."""
+    original = view.load_cube("a")
+    view.put_cube("backup-a", original)
+    view.add("text-copy-a", TEXTS["a"], view.get("a").meta)
+    assert view.get("backup-a").meta["derived_from"] == [{"memory": "me/backup-a",
+                                                         "text_sha256": text_sha256(TEXTS["a"])}]
+    assert "derived_from" not in view.get("text-copy-a").meta
+    receipt = view.forget("a")
+    assert receipt.dependants == [] and view.load_cube("backup-a") is not None and view.get("text-copy-a")
 
 
 def test_stale_derived_rows_are_invisible_before_any_cascade(view, model, tmp_path):

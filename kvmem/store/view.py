@@ -88,8 +88,11 @@ class StoreView:
         if not isinstance(text, str) or not text.strip():
             raise CubeError(f"memory text must be a non-empty string, got {text!r:.40}")
         meta = with_expiry(check_meta(meta), ttl=ttl, expires=expires)
-        stale = stale_sources(self.store.catalog, [e for e in meta.get(DERIVED_KEY) or []
-                                                   if e["memory"] != f"{self._own}/{memory_id}"])
+        if DERIVED_KEY in meta:  # entries of this very text are a copy's (a bundle, a backup, a migration)
+            meta[DERIVED_KEY] = [e for e in meta[DERIVED_KEY] or [] if e["text_sha256"] != text_sha256(text)]
+            if not meta[DERIVED_KEY]:
+                del meta[DERIVED_KEY]
+        stale = stale_sources(self.store.catalog, meta.get(DERIVED_KEY) or [])
         if stale:
             raise CubeError(f"memory {memory_id!r} says it derives from {stale[0]['memory']}, which was "
                             f"{stale[0]['reason']} since: write it again from the current memories")
@@ -166,8 +169,11 @@ class StoreView:
 
     def _lineage(self, memory_id: str, cube: MemCube, text: str, vouched: list[dict] | None) -> list[dict]:
         """The ``derived_from`` a stored cube records (see `put_cube`); CubeError when a source is stale."""
-        own = f"{self._own}/{memory_id}"
-        carried = [e for e in merge_sources(cube.meta.get(DERIVED_KEY)) if e["memory"] != own]
+        own, sha = f"{self._own}/{memory_id}", text_sha256(text)
+        # a carried entry of this very text is a copy's (a cube loaded from one memory, stored as another: a
+        # backup, an install, a migration): the copy is a memory of its own, not a unit derived from the first
+        carried = [e for e in merge_sources(cube.meta.get(DERIVED_KEY))
+                   if e["memory"] != own and e["text_sha256"] != sha]
         vouched = merge_sources(vouched) if vouched is not None else None
         composed = cube.meta.get("composed_from")
         if composed and vouched is None and len(carried) < len(composed):
@@ -181,7 +187,7 @@ class StoreView:
             raise CubeError(f"the cube for {own} was made from {s['memory']}, which was {s['reason']} since "
                             f"(version {s['text_sha256'][:12]}): a cube of forgotten or old content is never "
                             "stored; build it again from the current memories")
-        entry = {"memory": own, "text_sha256": text_sha256(text)}
+        entry = {"memory": own, "text_sha256": sha}
         return merge_sources([entry], carried, [e for e in vouched or [] if e["memory"] != own])
 
     def _undo_put(self, name: str, staged) -> None:
