@@ -17,9 +17,8 @@ from typing import Iterable
 
 from ..errors import CubeError
 from .expiry import is_expired
-from .records import Record, check_name, split_id
+from .records import DERIVED_KEY, Record, check_sources, split_id  # noqa: F401 (check_sources: its name here)
 
-DERIVED_KEY = "derived_from"
 REASONS = ("deleted", "edited", "expired")  # why a source is stale
 
 
@@ -33,24 +32,6 @@ def text_sha256(text: str) -> str:
 def source_entry(rec: Record) -> dict:
     """The lineage entry a unit derived from memory ``rec`` records: which memory, which version of its text."""
     return {"memory": rec.qualified, "text_sha256": text_sha256(rec.text)}
-
-
-def check_sources(entries) -> list[dict]:
-    """``entries`` as read from a unit's meta, checked: a list of ``{"memory": "ns/id", "text_sha256": hex}``."""
-    if not isinstance(entries, list):
-        raise CubeError(f"meta[{DERIVED_KEY!r}] must be a list of sources, got {type(entries).__name__}")
-    out = []
-    for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("memory"), str) \
-                or not isinstance(entry.get("text_sha256"), str) or len(entry["text_sha256"]) != 64:
-            raise CubeError(f"meta[{DERIVED_KEY!r}] entries must be {{'memory': 'ns/id', 'text_sha256': hex}}, "
-                            f"got {entry!r:.80}")
-        namespace, plain = split_id(entry["memory"])
-        if namespace is None:
-            raise CubeError(f"a lineage entry names its memory with its namespace ('ns/id'), got {entry['memory']!r}")
-        check_name(plain, "memory id")
-        out.append({"memory": entry["memory"], "text_sha256": entry["text_sha256"].lower()})
-    return out
 
 
 def stale_sources(catalog, entries: Iterable[dict], *, at: float | None = None) -> list[dict]:

@@ -109,10 +109,11 @@ class StoreView:
                  expires=None) -> Record:
         """Store ``cube`` as the activation memory of ``memory_id`` (its text defaults to the cube's text).
 
-        Lineage (kvmem/store/lineage.py): the stored row and cube file record ``derived_from``: this memory's
-        current text, plus the sources the cube itself records (a precomposed or loaded cube) and
-        ``derived_from`` (entries the caller vouches for: `lineage.sources_of(cubes)` for a precomposed cube;
-        an entry naming this memory itself says "built from that version": refused if it changed since). A
+        Lineage (kvmem/store/lineage.py): the cube file records ``derived_from``: this memory's current text,
+        plus (also in the row's meta, where the store's cascade finds them) the sources the cube itself records
+        (a precomposed or loaded cube; entries of this very text are a copy's and dropped) and ``derived_from``
+        (entries the caller vouches for: `lineage.sources_of(cubes)` for a precomposed cube; an entry naming
+        this memory itself says "built from that version": refused if it changed since). A
         source that is already stale (deleted, edited, expired) is refused: a cube of old content is never
         stored. A composed cube (``composed_from`` in its meta) must name its sources (pass ``derived_from=[]``
         for one made from texts outside any store). ``ttl`` / ``expires``: as for `add`."""
@@ -129,7 +130,10 @@ class StoreView:
             raise CubeError(f"memory {memory_id!r} needs a text (the cube was built from ids: pass text=...)")
         meta = with_expiry(check_meta(meta if meta is not None else (old.meta if old else None)), ttl=ttl,
                            expires=expires)
-        meta[DERIVED_KEY] = self._lineage(memory_id, cube, text, derived_from)
+        lineage = self._lineage(memory_id, cube, text, derived_from)
+        meta.pop(DERIVED_KEY, None)
+        if len(lineage) > 1:  # the row names other memories only (its own version is the row itself)
+            meta[DERIVED_KEY] = lineage
         catalog, blobs = self.store.catalog, self.store.blobs
         name = new_blob_name()  # a new blob per version: readers of the old one are safe
         # the file records which memory it is, so a lost catalog can be rebuilt from the files (rebuild_catalog)
@@ -137,7 +141,7 @@ class StoreView:
         record = make_stamp(store=getattr(catalog, "store_id", None), namespace=self._own, memory_id=memory_id,
                             meta=meta, created=old.created if old else now, written=now,
                             text=text if text != cube.text else None)
-        stamped = cube.with_meta({MEMORY_KEY: record, DERIVED_KEY: meta[DERIVED_KEY]})  # a quantized one stays packed
+        stamped = cube.with_meta({MEMORY_KEY: record, DERIVED_KEY: lineage})  # a quantized one stays packed
         catalog.reserve(name, time.time())
         staged = blobs.stage(name)
         try:
