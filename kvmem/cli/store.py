@@ -46,6 +46,8 @@ def add(
         raise typer.BadParameter("--quantize applies to the cube: add --cube")
     if quantize not in (None, "int8", "int4"):
         raise typer.BadParameter(f"--quantize must be int8 or int4, got {quantize!r}")
+    from ..store.expiry import is_expired
+
     if file is not None:
         text = _read_text(file)
     if expires is not None:
@@ -68,7 +70,8 @@ def add(
                             f"again with `kvmem add --cube --id {rec.id}`") from None
     typer.echo(f"added {rec.qualified}" + (f" with a {rec.tokens}-token {quantize + ' ' if quantize else ''}cube "
                                            f"({rec.bytes / 1e6:.1f} MB)" if rec.kind == "memcube" else "")
-               + (f", expires {_when(rec.meta['expires'])}" if rec.meta.get("expires") is not None else ""))
+               + (f", expires {_when(rec.meta['expires'])}" if rec.meta.get("expires") is not None else "")
+               + (" (already expired: invisible, and removed by the next gc)" if is_expired(rec.meta) else ""))
 
 
 def _when(epoch: float) -> str:

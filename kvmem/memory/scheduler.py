@@ -174,8 +174,10 @@ class MemScheduler:
 
         A held cube is served only if its memory has not changed in the store since it was placed (the change
         log), has not expired, and (with ``text_sha256``, the memory's current version) was made from that
-        version; otherwise it is dropped and the store's current cube is loaded."""
-        self.sync()
+        version; otherwise it is dropped and the store's current cube is loaded. (Given ``text_sha256``, read
+        from the store just before, the version says all the change log would: no query is added.)"""
+        if text_sha256 is None:
+            self.sync()
         with self._lock:
             self._drop_outdated(memory_id, text_sha256)
             for name in ("device", "cpu"):
