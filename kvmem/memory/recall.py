@@ -193,7 +193,7 @@ class Recall:
         rec = self.view.get(qid)
         if rec is None:
             raise CubeError(f"memory {qid!r} is gone from the store")
-        cube = self.build_cube(rec.text, memory_id)
+        cube = self.build_cube(rec.text, memory_id).with_meta({"derived_from": [source_entry(rec)]})
         if namespace == self.view.namespace:  # refused if the memory was edited or deleted while it was built
             self.view.put_cube(memory_id, cube, text=rec.text, derived_from=[source_entry(rec)])
             rec = self.view.get(memory_id)

@@ -258,6 +258,11 @@ class MemScheduler:
         if (text_sha is not None and sha != text_sha) or (expires is not None and expires <= expiry.now()):
             self.forget(memory_id)
 
+    def _still_current(self, key: str) -> bool:
+        get = getattr(self.view, "get", None)
+        rec = get(key) if get is not None else None
+        return rec is not None and self.made_from.get(key, (None,))[0] == text_sha256(rec.text)
+
     def sync(self) -> int:
         """Drop every held cube whose memory changed in the store (added, rebuilt, deleted, repaired; a revoked
         grant drops that namespace's) since the last look; everything when the change log cannot say. Views
@@ -275,12 +280,15 @@ class MemScheduler:
                 doomed = held
             else:
                 own = getattr(self.view, "namespace", None)
-                doomed = set()
+                changed = set()
                 for namespace, memory_id, op in changes:
                     if op == "revoke":  # the owner's memories may no longer be read here
-                        doomed |= {k for k in held if k.startswith(namespace + "/")}
+                        changed |= {k for k in held if k.startswith(namespace + "/")}
                     elif op != "grant":
-                        doomed |= {qualify(namespace, memory_id)} | ({memory_id} if namespace == own else set())
+                        changed |= {qualify(namespace, memory_id)} | ({memory_id} if namespace == own else set())
+                # a changed memory's held cube stays only if the memory is still there with the text it was made
+                # from (a cube this scheduler promoted is itself a change: "cube")
+                doomed = {k for k in changed & held if not self._still_current(k)}
             dropped = sum(bool(self.forget(k)) for k in doomed & held)
             self._version = version
         return dropped
