@@ -11,8 +11,9 @@ source was deleted or edited must be gone from the catalog at once. 0 violations
 Checked by hand that it can fail (seeds 0 and 1, each mutation alone): without the store's cascade
 (forgetting.invalidate returning at once) ~200 violations ("pcN is still in the store"); without the cascade and
 the read-time lineage check, ~80 ("request used forgotten pcN"); without the read-time expiry check, ~25-75
-("request used forgotten mN"); without the scheduler's and recall's tier checks, 5-13 ("request (device) served a
-cube of mN that is not of its current content").
+("request used forgotten mN"); without the scheduler's and recall's tier checks (version, change log, forget on change), ~65-70
+("request (device) served a cube of mN that is not of its current content", "scheduler.get served a cube of
+forgotten mN").
 """
 
 from __future__ import annotations
