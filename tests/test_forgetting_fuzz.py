@@ -201,7 +201,7 @@ class Fuzz:
         self.load(target)  # and the memory asked about, loaded explicitly (the store, the scheduler)
 
     def old_texts(self):
-        for m, sources in self.truth.made_from.items():
+        for sources in self.truth.made_from.values():
             yield from ((src, text) for src, text in sources)
         yield from self._dead.items()
 
@@ -259,7 +259,8 @@ class Fuzz:
         # every kind of step a fixed number of times (so each run covers all of them), in a seeded random order
         order = [o for o, n in ops for _ in range(n * steps // 23)]
         self.rng.shuffle(order)
-        for self.step, op in enumerate([self.add] * 4 + order):
+        for step, op in enumerate([self.add] * 4 + order):
+            self.step = step
             before = dict(self.truth.text)
             op()
             self.check_adapters()
