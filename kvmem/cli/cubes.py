@@ -90,6 +90,7 @@ def _inspect_adapter(cube_file: Path, as_json: bool):
         ("base", f"{base.get('model_type')} {base.get('architectures')}, fingerprint {cube.fingerprint}"),
         ("provenance", f"{meta.get('provenance')} (peft {meta.get('peft_version')})"),
         ("created", f"{meta.get('created')} by kvmem {meta.get('kvmem_version')}"),
+        ("learned from", _sources(meta)),  # memories it was distilled from (lineage.usable_for checks them)
         *inspect_rows(meta),  # installed from a bundle: by whom, from where
     ])
 
@@ -151,8 +152,15 @@ def inspect(
         ("tokenizer", meta["fingerprint_fields"].get("tokenizer") or "(not recorded)"),
         ("adapter", json.dumps(adapter) if adapter else "none"),
         ("created", f"{meta.get('created')} by kvmem {meta.get('kvmem_version')}"),
+        ("derived from", _sources(meta)),  # what forgetting checks (kvmem/store/lineage.py)
         *inspect_rows(meta),  # where a store's cube came from (installed from a bundle, migrated)
     ])
+
+
+def _sources(meta: dict) -> str:
+    entries = meta.get("derived_from") or []
+    return ", ".join(f"{e.get('memory')} (text sha256 {str(e.get('text_sha256'))[:12]})" for e in entries
+                     if isinstance(e, dict)) or "(no store memory recorded)"
 
 
 @app.command()

@@ -32,6 +32,10 @@ def add(
     model: str = typer.Option("smollm2", help="Model for --cube: local checkpoint folder or 'smollm2'."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Store the cube quantized: int8 or int4 "
                                            "(approximate; its measured error is kept with it)."),
+    ttl: Optional[float] = typer.Option(None, "--ttl", help="Seconds until the memory expires (invisible, then "
+                                                            "removed by gc with what derives from it)."),
+    expires: Optional[str] = typer.Option(None, "--expires", help="When the memory expires: an ISO datetime "
+                                                                  "(UTC unless it names a zone) or epoch seconds."),
     store: Optional[str] = StoreOpt,
     namespace: str = NamespaceOpt,
 ):
@@ -42,10 +46,17 @@ def add(
         raise typer.BadParameter("--quantize applies to the cube: add --cube")
     if quantize not in (None, "int8", "int4"):
         raise typer.BadParameter(f"--quantize must be int8 or int4, got {quantize!r}")
+    from ..store.expiry import is_expired
+
     if file is not None:
         text = _read_text(file)
+    if expires is not None:
+        try:  # epoch seconds as a number; anything else is read as an ISO datetime (and checked there)
+            expires = float(expires)
+        except ValueError:
+            pass
     view = open_view(store, namespace, [], create=True)
-    rec = view.add(memory_id or view.mint_id(text), text)
+    rec = view.add(memory_id or view.mint_id(text), text, ttl=ttl, expires=expires)
     if cube:
         from ..memory_model import wrap
 
@@ -58,7 +69,15 @@ def add(
             raise CubeError(f"{rec.qualified} was added as text, but its cube was not stored ({why}); build it "
                             f"again with `kvmem add --cube --id {rec.id}`") from None
     typer.echo(f"added {rec.qualified}" + (f" with a {rec.tokens}-token {quantize + ' ' if quantize else ''}cube "
-                                           f"({rec.bytes / 1e6:.1f} MB)" if rec.kind == "memcube" else ""))
+                                           f"({rec.bytes / 1e6:.1f} MB)" if rec.kind == "memcube" else "")
+               + (f", expires {_when(rec.meta['expires'])}" if rec.meta.get("expires") is not None else "")
+               + (" (already expired: invisible, and removed by the next gc)" if is_expired(rec.meta) else ""))
+
+
+def _when(epoch: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @app.command()
@@ -96,29 +115,54 @@ def ls_(
     provenance: bool = typer.Option(False, "--provenance", help="Also show where each memory came from (bundle, "
                                                                 "signer, source, migrations)."),
 ):
-    """List the memories a namespace can see."""
-    for rec in open_view(store, namespace, shared).ls():
+    """List the memories a namespace can see (expired ones are not), and its stale AdapterCubes."""
+    from ..store.forgetting import stale_adapters
+    from ..store.lineage import foreign_sources
+
+    view = open_view(store, namespace, shared)
+    for rec in view.ls():
         text = rec.text.replace("\n", " ")
         cube = f"cube {rec.tokens} tok {rec.bytes / 1e6:.1f} MB" if rec.kind == "memcube" else "text only"
         typer.echo(f"{rec.namespace}/{rec.id:<24} {cube:<24} hits {rec.hits:<4} {text[:60]}")
+        if rec.meta.get("expires") is not None:
+            typer.echo(f"    expires: {_when(rec.meta['expires'])}")
+        if foreign_sources(rec):
+            typer.echo("    derived from: " + ", ".join(e["memory"] for e in foreign_sources(rec)))
         if provenance:
             from ..travel.provenance import describe_provenance
 
             typer.echo(f"    from: {describe_provenance(rec.meta)}")
+    for namespace_ in view.namespaces:
+        for a in stale_adapters(view.store, namespace_):
+            typer.echo(f"adapter {a['adapter']}: STALE, learned " + ", ".join(f"{s['memory']} ({s['reason']})"
+                                                                         for s in a["stale"]))
 
 
 @app.command()
 @_friendly
 def rm(
     memory_id: str = typer.Argument(..., help="Memory id to delete (own namespace only)."),
+    receipt: bool = typer.Option(False, "--receipt", help="Print everything removed or invalidated: the cube "
+                                                          "files, units derived from it, stale adapters."),
+    as_json: bool = typer.Option(False, "--json", help="Print the receipt as JSON."),
     store: Optional[str] = StoreOpt,
     namespace: str = NamespaceOpt,
 ):
-    """Delete a memory (and its cube) from a namespace."""
-    if not open_view(store, namespace, []).rm(memory_id):
+    """Delete a memory, its cube, and every stored unit derived from it, from a namespace."""
+    done = open_view(store, namespace, []).forget(memory_id)
+    if not done:
         typer.echo(f"kvmem: no memory {memory_id!r} in namespace {namespace!r}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"removed {namespace}/{memory_id}")
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(done.as_dict(), indent=2))
+    elif receipt:
+        for line in done.lines():
+            typer.echo(line)
+    else:
+        typer.echo(f"removed {namespace}/{memory_id}" + (f" and {len(done.dependants)} units derived from it"
+                                                         if done.dependants else ""))
 
 
 @app.command()
@@ -151,8 +195,15 @@ def gc(
         typer.echo(f"repaired {qualified}: its cube file was missing; it is text-only now")
     for why in report.kept:
         typer.echo(f"kept {why}")
+    for qualified in report.expired:
+        typer.echo(f"expired {qualified}: removed")
+    for d in report.invalidated:
+        typer.echo(f"removed derived {d['memory']} (made from {d['source']['memory']}, {d['source']['reason']})")
+    for a in report.stale_adapters:
+        typer.echo(f"stale adapter {a['adapter']}: learned " + ", ".join(f"{s['memory']} ({s['reason']})"
+                                                                        for s in a["stale"]))
     typer.echo(f"gc: {len(report.removed) + len(report.swept)} files removed, {len(report.repaired)} memories "
-               "repaired")
+               f"repaired, {len(report.expired)} expired, {len(report.invalidated)} derived units removed")
 
 
 @app.command()

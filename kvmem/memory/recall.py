@@ -8,6 +8,11 @@ retrieving it: never on the request's path) or when it is so short that a cube c
 
 Ids: one store view sees several namespaces, and the same memory id may exist in more than one of them. The
 index and the scheduler therefore key every memory by its qualified id ``namespace/id``.
+
+Forgetting: every hit is read from the store again before use (a deleted, edited or expired memory is dropped), and
+its cube is served only if made from the memory's current text (the scheduler checks the version). A cube built
+after the answer records the version it was built from and is refused by the store if the memory changed
+meanwhile. `check_adapter` says whether an AdapterCube may serve a request (kvmem/store/lineage.py `usable_for`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from .._deprecation import renamed_function
 from ..cubes.memcube import MemCube
 from ..errors import CubeError
 from ..inject.prefill import RECOMPUTE_MODES
+from ..store.lineage import source_entry, text_sha256, unusable_reasons
 from ..store.records import qualify, split_id
 from .embedding_cache import store_cache_path
 
@@ -129,10 +135,28 @@ class Recall:
         self._version = version
         return changed
 
-    def _drop(self, qid: str) -> None:
+    def _drop(self, qid: str) -> list[str]:
         self.index.remove(qid)
-        self.scheduler.forget(qid)
         self._seen.pop(qid, None)
+        return self.scheduler.forget(qid)
+
+    def forget(self, memory_id: str):
+        """Delete ``memory_id`` from the own namespace with everything derived from it (`StoreView.forget`), and
+        drop it and the removed units from this process's index and memory tiers. Returns the `Receipt`, whose
+        ``scheduler`` lists what the tiers dropped."""
+        receipt = self.view.forget(memory_id)
+        for qid in [receipt.memory] + [d["memory"] for d in receipt.dependants]:
+            if qid in self._seen:
+                receipt.scheduler += [f"{qid}: {tier}" for tier in self._drop(qid) or ()]
+        return receipt
+
+    def check_adapter(self, adapter_meta: dict, recalled: "Recalled | None" = None, *, strict: bool = False
+                      ) -> list[dict]:
+        """Why an AdapterCube (its ``meta``) must not serve the request that ``recalled`` answers (empty: it may):
+        it learned a memory since deleted or expired, or an old version of a memory this request retrieved
+        (`kvmem.store.lineage.unusable_reasons`)."""
+        retrieved = [qualify(m["namespace"], m["id"]) for m in recalled.memories] if recalled is not None else []
+        return unusable_reasons(adapter_meta, self.view.store.catalog, retrieved, strict=strict)
 
     # ---------------------------------------------------------------- writing
     def remember(self, text: str, memory_id: str | None = None, *, meta: dict | None = None,
@@ -169,9 +193,9 @@ class Recall:
         rec = self.view.get(qid)
         if rec is None:
             raise CubeError(f"memory {qid!r} is gone from the store")
-        cube = self.build_cube(rec.text, memory_id)
-        if namespace == self.view.namespace:
-            self.view.put_cube(memory_id, cube, text=rec.text)
+        cube = self.build_cube(rec.text, memory_id).with_meta({"derived_from": [source_entry(rec)]})
+        if namespace == self.view.namespace:  # refused if the memory was edited or deleted while it was built
+            self.view.put_cube(memory_id, cube, text=rec.text, derived_from=[source_entry(rec)])
             rec = self.view.get(memory_id)
             self._seen[qid] = _signature(rec)
         return cube
@@ -206,9 +230,9 @@ class Recall:
                                                        f"< {MIN_DENSE_SIMILARITY}"})
                 continue
             rec = self.view.get(qid)
-            if rec is None:  # deleted by another process since the last sync
+            if rec is None:  # deleted (or expired) since the last sync
                 self._drop(qid)
-                out.dropped.append({**entry, "reason": "deleted from the store"})
+                out.dropped.append({**entry, "reason": "deleted from the store (or expired)"})
                 continue
             entry["tokens"] = tokens = rec.tokens or self.count_tokens(rec.text)
             if used + tokens > max_tokens:
@@ -225,7 +249,7 @@ class Recall:
                     entry["note"] = f"prefilled as text: its cube would save {saved} tokens (< {MIN_SAVED_TOKENS})"
             with_cube = set()
         for qid, rec, entry in kept:
-            cube, source = self._fetch(qid, entry) if qid in with_cube else (None, "text")
+            cube, source = self._fetch(qid, rec, entry) if qid in with_cube else (None, "text")
             if cube is not None:
                 out.cubes.append(cube)
             else:
@@ -240,10 +264,11 @@ class Recall:
             return False
         return rec.blob is not None or self.scheduler.holds(qid)
 
-    def _fetch(self, qid: str, entry: dict) -> tuple[MemCube | None, str]:
-        """The memory's cube and the tier that served it, or (None, "text") to prefill it as text."""
+    def _fetch(self, qid: str, rec, entry: dict) -> tuple[MemCube | None, str]:
+        """The memory's cube (made from ``rec``'s text) and the tier that served it, or (None, "text") to prefill
+        it as text."""
         try:
-            cube, tier = self.scheduler.fetch(qid)
+            cube, tier = self.scheduler.fetch(qid, text_sha256=text_sha256(rec.text))
         except CubeError as exc:  # a damaged or foreign cube: the text still answers, and says why
             entry["note"] = f"cube unusable, prefilled as text: {exc}".splitlines()[0]
             return None, "text"

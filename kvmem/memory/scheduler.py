@@ -14,6 +14,11 @@ when popularity drifts, 0.53 vs LRU's 0.49 (the same LFU without halving: 0.42, 
 Plaintext memories that the index keeps retrieving are promoted into activation cubes, one memory at a time
 (``promote_after`` retrievals; on demand, or in a background thread with ``background=True``), instead of
 MemOS's periodic batch rebuild. Counters report hits per tier, misses, bytes moved, promotions, evictions.
+
+Forgetting: a cube held in a tier is never served after its memory was deleted, edited or expired. Every fetch
+first reads the store's change log (`StoreView.changes_since`, one small query) and drops what changed; a tier hit
+is also checked against the version of the text it was made from (``fetch(..., text_sha256=...)``, which recall
+passes) and against the expiry its cube file recorded (docs/forgetting.md).
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ import torch
 
 from .._deprecation import renamed
 from ..errors import CubeError
+from ..store import expiry
+from ..store.expiry import expires_at
+from ..store.lineage import text_sha256
+from ..store.records import qualify
 
 POLICIES = ("lru", "lfu")
 TIERS = ("device", "cpu", "disk")
@@ -100,6 +109,8 @@ class MemScheduler:
         self.retrievals: Counter = Counter()
         self.counters = Counter()
         self._lock = threading.RLock()
+        self.made_from: dict[str, tuple[str | None, float | None]] = {}  # key -> (text sha256, expires) held
+        self._version = None  # where in the store's change log this scheduler last looked
         self._queue: queue.Queue | None = None
         if background:
             self._queue = queue.Queue()
@@ -129,6 +140,7 @@ class MemScheduler:
                     self.counters["demotions"] += 1
             tier.add(key, cube, size)
             tier.touch(key)
+            self.made_from[key] = _made_from(cube)  # the version it holds (a demoted cube: the same)
             return name
         return None
 
@@ -156,10 +168,18 @@ class MemScheduler:
         """The cube of ``memory_id`` on the model's device (None if it has none), counting where it was found."""
         return self.fetch(memory_id)[0]
 
-    def fetch(self, memory_id: str):
+    def fetch(self, memory_id: str, *, text_sha256: str | None = None):
         """``(cube, tier)``: the cube of ``memory_id`` on the model's device and the tier that served it
-        ("device", "cpu" or "disk"), or ``(None, "miss")`` when it has no cube. Counted as `get` counts."""
+        ("device", "cpu" or "disk"), or ``(None, "miss")`` when it has no cube. Counted as `get` counts.
+
+        A held cube is served only if its memory has not changed in the store since it was placed (the change
+        log), has not expired, and (with ``text_sha256``, the memory's current version) was made from that
+        version; otherwise it is dropped and the store's current cube is loaded. (Given ``text_sha256``, read
+        from the store just before, the version says all the change log would: no query is added.)"""
+        if text_sha256 is None:
+            self.sync()
         with self._lock:
+            self._drop_outdated(memory_id, text_sha256)
             for name in ("device", "cpu"):
                 tier = self.tiers[name]
                 if memory_id in tier.items:
@@ -199,6 +219,7 @@ class MemScheduler:
     def prefetch(self, memory_ids) -> int:
         """Load the given memories' cubes into the CPU tier ahead of use (not counted as hits). Returns how many."""
         n = 0
+        self.sync()
         for memory_id in memory_ids:
             if self.holds(memory_id):
                 continue
@@ -213,13 +234,64 @@ class MemScheduler:
                     n += 1
         return n
 
-    def forget(self, memory_id: str) -> None:
-        """Drop ``memory_id`` from the memory tiers (after it was replaced or deleted in the store)."""
+    def forget(self, memory_id: str) -> list[str]:
+        """Drop ``memory_id`` from the memory tiers (after it was replaced or deleted in the store). Returns the
+        tiers that held it."""
         with self._lock:
-            for tier in self.tiers.values():
+            held = []
+            for name, tier in self.tiers.items():
                 if memory_id in tier.items:
                     tier.pop(memory_id)
+                    held.append(name)
             self.uses.pop(memory_id, None)  # a replaced memory starts again
+            self.made_from.pop(memory_id, None)
+            self.retrievals.pop(memory_id, None)
+            if held:
+                self.counters["forgotten"] += 1
+            return held
+
+    def _drop_outdated(self, memory_id: str, text_sha: str | None) -> None:
+        """Forget a held cube of ``memory_id`` made from another version than ``text_sha`` or expired."""
+        if memory_id not in self.made_from:
+            return
+        sha, expires = self.made_from[memory_id]
+        if (text_sha is not None and sha != text_sha) or (expires is not None and expires <= expiry.now()):
+            self.forget(memory_id)
+
+    def _still_current(self, key: str) -> bool:
+        get = getattr(self.view, "get", None)
+        rec = get(key) if get is not None else None
+        return rec is not None and self.made_from.get(key, (None,))[0] == text_sha256(rec.text)
+
+    def sync(self) -> int:
+        """Drop every held cube whose memory changed in the store (added, rebuilt, deleted, repaired; a revoked
+        grant drops that namespace's) since the last look; everything when the change log cannot say. Views
+        without a change log (plain ``load_cube`` objects) are not synced. Returns how many cubes were dropped."""
+        changes_since = getattr(self.view, "changes_since", None)
+        if changes_since is None:
+            return 0
+        if self._version is None:
+            self._version = self.view.version()
+            return 0
+        version, changes = changes_since(self._version)
+        with self._lock:
+            held = {k for t in self.tiers.values() for k in t.items}
+            if changes is None:
+                doomed = held
+            else:
+                own = getattr(self.view, "namespace", None)
+                changed = set()
+                for namespace, memory_id, op in changes:
+                    if op == "revoke":  # the owner's memories may no longer be read here
+                        changed |= {k for k in held if k.startswith(namespace + "/")}
+                    elif op != "grant":
+                        changed |= {qualify(namespace, memory_id)} | ({memory_id} if namespace == own else set())
+                # a changed memory's held cube stays only if the memory is still there with the text it was made
+                # from (a cube this scheduler promoted is itself a change: "cube")
+                doomed = {k for k in changed & held if not self._still_current(k)}
+            dropped = sum(bool(self.forget(k)) for k in doomed & held)
+            self._version = version
+        return dropped
 
     # ---------------------------------------------------------------- promotion
     def retrieved(self, memory_id: str, has_cube: bool) -> bool:
@@ -234,7 +306,11 @@ class MemScheduler:
         if self._queue is not None:
             self._queue.put(memory_id)
         else:
-            self._promote(memory_id)
+            try:
+                self._promote(memory_id)
+            except CubeError as exc:  # e.g. the memory changed while its cube was built: counted, not raised
+                self.counters["promotion_errors"] += 1
+                self.last_error = exc
         return True
 
     def _promote(self, memory_id: str) -> None:
@@ -271,6 +347,15 @@ class MemScheduler:
             for t in TIERS:
                 out[f"hit_rate_{t}"] = self.counters[f"hits_{t}"] / lookups if lookups else 0.0
             return out
+
+
+def _made_from(cube) -> tuple[str | None, float | None]:
+    """(sha256 of the text a cube was made from, when its memory expires) as its file records them: a store's
+    cube records its memory's text and meta (kvmem/store/stamp.py); a cube built in memory, its own text."""
+    stamp = cube.meta.get("memory") if isinstance(getattr(cube, "meta", None), dict) else None
+    stamp = stamp if isinstance(stamp, dict) else {}
+    text = stamp.get("text") or getattr(cube, "text", None)
+    return (text_sha256(text) if isinstance(text, str) else None), expires_at(stamp.get("meta"))
 
 
 def tier_size(cube) -> int:

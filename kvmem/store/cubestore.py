@@ -29,6 +29,8 @@ from typing import Iterable
 from ..errors import CubeError
 from .records import (EVERYONE, BlobBackend, CatalogBackend, Record, StoreVersion, check_meta, check_name,
                       is_valid_blob, split_id)
+from . import expiry
+from .forgetting import Receipt, delete_blob, invalidate, stale_adapters
 from .repair import RebuildReport
 from .stamp import MEMORY_KEY, RECOVERED, peek_stamp  # noqa: F401  (MEMORY_KEY, RECOVERED lived here)
 from .view import KINDS, StoreView  # noqa: F401  (StoreView and KINDS lived here)
@@ -44,13 +46,19 @@ _log = logging.getLogger("kvmem.store")
 @dataclass
 class GCReport:
     """What `CubeStore.gc` did: files removed, memories made text-only because their cube file was missing or
-    misnamed (``"namespace/id"``), expired reservations of writers that never committed, and files no row names
-    that it kept because they may hold the last copy of a memory (``"cubes/<file>: why"``)."""
+    misnamed (``"namespace/id"``), expired reservations of writers that never committed, files no row names
+    that it kept because they may hold the last copy of a memory (``"cubes/<file>: why"``), memories removed
+    because they expired (``expired``: ``"namespace/id"``), stored units removed because a memory they were made
+    from is gone, changed or expired (``invalidated``: `Receipt.dependants` entries), and AdapterCubes that
+    learned such a memory (``stale_adapters``: they stay, refused per request by `lineage.usable_for`)."""
 
     removed: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+    invalidated: list[dict] = field(default_factory=list)
+    stale_adapters: list[dict] = field(default_factory=list)
 
     def __iter__(self):  # older callers treated the result as the list of removed files
         return iter(self.removed)
@@ -171,6 +179,7 @@ class CubeStore:
         self.catalog.check(thorough=True)
         now = time.time()
         report = GCReport(swept=self.blobs.sweep(now - grace_s))
+        self._forget_expired(report)
         present = self.blobs.names()            # list the blobs first, then read who references them
         old = {name for name, mtime in present.items() if mtime < now - grace_s}
         named, reserved, expired = self.catalog.references(expire_before=now - grace_s, expire=old)
@@ -198,6 +207,28 @@ class CubeStore:
                              rec.qualified, rec.blob)
         self.catalog.trim_changes(CHANGES_KEPT)
         return report
+
+    def _forget_expired(self, report: GCReport) -> None:
+        """Remove expired memories and every stored unit derived from content that is gone (an expired or
+        deleted source, or an edit whose cascade did not complete); list stale adapters."""
+        at = expiry.now()
+        receipt = Receipt("gc", "expired", True)
+        gone = []
+        for rec in self.catalog.list(None):
+            if not expiry.is_expired(rec.meta, at):
+                continue
+            now = self.catalog.get((rec.namespace,), rec.id)  # rewritten since the listing: not expired any more
+            if now is None or not expiry.is_expired(now.meta, at):
+                continue
+            removed = self.catalog.delete(rec.namespace, rec.id)
+            if removed is not None:
+                gone.append(rec.qualified)
+                delete_blob(self, removed.blob if is_valid_blob(removed.blob) else None, receipt)
+        invalidate(self, gone, receipt, at=at, everything=True)
+        report.expired = gone
+        report.invalidated = receipt.dependants
+        report.removed += receipt.cube_files
+        report.stale_adapters = stale_adapters(self, at=at)
 
     def _last_copy_of(self, name: str, mtime: float) -> str | None:
         """Why the unreferenced file ``name`` must be kept (it may hold the last copy of a memory), or None."""

@@ -33,6 +33,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")   # namespaces and me
 BLOB = re.compile(r"^[0-9a-f]{32}$")                          # blob names: a uuid4's hex, nothing else
 EVERYONE = "*"                                                # grant reader meaning every namespace
 OPS = ("add", "cube", "rm", "repair", "grant", "revoke")      # what a change-log entry records
+DERIVED_KEY = "derived_from"                                  # meta key: what a derived unit was made from
 
 
 def check_name(value, what: str) -> str:
@@ -54,8 +55,9 @@ def _is_iso_date(value) -> bool:
 
 
 def check_meta(meta: dict | None) -> dict:
-    """A copy of a memory's meta, checked where the index reads it (``turn`` orders a session's memories) and
-    where the store writes it (JSON)."""
+    """A copy of a memory's meta, checked where the index reads it (``turn`` orders a session's memories), where
+    the store reads it (``ttl`` / ``expires``: its lifetime; ``derived_from``: what it was made from) and where the
+    store writes it (JSON)."""
     import json
 
     if meta is not None and not isinstance(meta, dict):
@@ -71,6 +73,11 @@ def check_meta(meta: dict | None) -> dict:
     if date is not None and not _is_iso_date(date):
         raise CubeError(f"meta['date'] must be an ISO date string like '2023-05-08' (the session's date), "
                         f"got {date!r}")
+    from .expiry import check_expiry
+
+    check_expiry(meta)  # ttl / expires: the memory's lifetime (kvmem/store/expiry.py)
+    if meta.get(DERIVED_KEY) is not None:  # what a derived memory was made from (kvmem/store/lineage.py)
+        meta[DERIVED_KEY] = check_sources(meta[DERIVED_KEY])
     try:
         json.dumps(meta, allow_nan=False)
         _check_keys(meta)
@@ -79,6 +86,25 @@ def check_meta(meta: dict | None) -> dict:
     except (TypeError, ValueError) as exc:
         raise CubeError(f"meta must be JSON (str keys; str, number, bool, None, list, dict values): {exc}") from None
     return meta
+
+
+def check_sources(entries) -> list[dict]:
+    """``entries`` as read from a unit's meta (``derived_from``, kvmem/store/lineage.py), checked: a list of
+    ``{"memory": "ns/id", "text_sha256": hex}``."""
+    if not isinstance(entries, list):
+        raise CubeError(f"meta[{DERIVED_KEY!r}] must be a list of sources, got {type(entries).__name__}")
+    out = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("memory"), str) \
+                or not isinstance(entry.get("text_sha256"), str) or len(entry["text_sha256"]) != 64:
+            raise CubeError(f"meta[{DERIVED_KEY!r}] entries must be {{'memory': 'ns/id', 'text_sha256': hex}}, "
+                            f"got {entry!r:.80}")
+        namespace, plain = split_id(entry["memory"])
+        if namespace is None:
+            raise CubeError(f"a lineage entry names its memory with its namespace ('ns/id'), got {entry['memory']!r}")
+        check_name(plain, "memory id")
+        out.append({"memory": entry["memory"], "text_sha256": entry["text_sha256"].lower()})
+    return out
 
 
 def _check_keys(value) -> None:

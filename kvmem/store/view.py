@@ -9,7 +9,10 @@ from pathlib import Path
 
 from ..cubes.memcube import MemCube
 from ..errors import CubeError
-from .records import EVERYONE, Record, StoreVersion, check_blob, check_meta, is_valid_blob, new_blob_name, split_id
+from .expiry import is_expired, with_expiry
+from .forgetting import Receipt, delete_blob, invalidate, stale_adapters
+from .lineage import DERIVED_KEY, foreign_sources, merge_sources, stale_sources, text_sha256
+from .records import EVERYONE, Record, StoreVersion, check_meta, is_valid_blob, new_blob_name, split_id
 from .stamp import MEMORY_KEY, make_stamp, mismatch, read_stamp
 
 KINDS = ("text", "memcube")
@@ -73,22 +76,47 @@ class StoreView:
                             f"{self._own!r} (shared namespaces are read-only)")
         return plain
 
-    def add(self, memory_id: str, text: str, meta: dict | None = None) -> Record:
-        """Add (or replace) a plaintext memory. Replacing the text drops a cube built from the old text.
+    def add(self, memory_id: str, text: str, meta: dict | None = None, *, ttl: float | None = None,
+            expires=None) -> Record:
+        """Add (or replace) a plaintext memory. Replacing the text drops a cube built from the old text, and
+        removes every stored unit derived from the old text (kvmem/store/forgetting.py).
 
-        ``meta`` is checked (`check_meta`) before anything is written. No id at hand: ``view.mint_id(text)``."""
+        ``meta`` is checked (`check_meta`) before anything is written. ``ttl`` (seconds from now) or ``expires``
+        (epoch seconds or an ISO datetime, UTC unless it names a zone), here or as meta keys: the memory is
+        invisible once expired and removed by gc (kvmem/store/expiry.py). No id at hand: ``view.mint_id(text)``."""
         memory_id = self._own_id(memory_id)
         if not isinstance(text, str) or not text.strip():
             raise CubeError(f"memory text must be a non-empty string, got {text!r:.40}")
-        meta = check_meta(meta)
+        meta = with_expiry(check_meta(meta), ttl=ttl, expires=expires)
+        if DERIVED_KEY in meta:  # entries of this very text are a copy's (a bundle, a backup, a migration)
+            meta[DERIVED_KEY] = [e for e in meta[DERIVED_KEY] or [] if e["text_sha256"] != text_sha256(text)]
+            if not meta[DERIVED_KEY]:
+                del meta[DERIVED_KEY]
+        stale = stale_sources(self.store.catalog, meta.get(DERIVED_KEY) or [])
+        if stale:
+            raise CubeError(f"memory {memory_id!r} says it derives from {stale[0]['memory']}, which was "
+                            f"{stale[0]['reason']} since: write it again from the current memories")
         now = time.time()
+        old = self.store.catalog.get((self._own,), memory_id)
         rec = Record(self._own, memory_id, text, "text", meta, created=now, last_used=now)
         self._delete_blob(self.store.catalog.upsert(rec))
+        if old is not None and old.text != text:  # an edit: what was made from the old text goes
+            invalidate(self.store, [rec.qualified], Receipt(rec.qualified, "edited", True))
         return rec
 
     def put_cube(self, memory_id: str, cube: MemCube, *, text: str | None = None, meta: dict | None = None,
-                 quantize: str | None = None) -> Record:
-        """Store ``cube`` as the activation memory of ``memory_id`` (its text defaults to the cube's text)."""
+                 quantize: str | None = None, derived_from: list[dict] | None = None, ttl: float | None = None,
+                 expires=None) -> Record:
+        """Store ``cube`` as the activation memory of ``memory_id`` (its text defaults to the cube's text).
+
+        Lineage (kvmem/store/lineage.py): the cube file records ``derived_from``: this memory's current text,
+        plus (also in the row's meta, where the store's cascade finds them) the sources the cube itself records
+        (a precomposed or loaded cube; entries of this very text are a copy's and dropped) and ``derived_from``
+        (entries the caller vouches for: `lineage.sources_of(cubes)` for a precomposed cube; an entry naming
+        this memory itself says "built from that version": refused if it changed since). A
+        source that is already stale (deleted, edited, expired) is refused: a cube of old content is never
+        stored. A composed cube (``composed_from`` in its meta) must name its sources (pass ``derived_from=[]``
+        for one made from texts outside any store). ``ttl`` / ``expires``: as for `add`."""
         memory_id = self._own_id(memory_id)
         if not isinstance(cube, MemCube):
             raise CubeError(f"put_cube takes a MemCube, got {type(cube).__name__}")
@@ -100,7 +128,12 @@ class StoreView:
         text = text or cube.text or (old.text if old else None)
         if not text:
             raise CubeError(f"memory {memory_id!r} needs a text (the cube was built from ids: pass text=...)")
-        meta = check_meta(meta if meta is not None else (old.meta if old else None))
+        meta = with_expiry(check_meta(meta if meta is not None else (old.meta if old else None)), ttl=ttl,
+                           expires=expires)
+        lineage = self._lineage(memory_id, cube, text, derived_from)
+        meta.pop(DERIVED_KEY, None)
+        if len(lineage) > 1:  # the row names other memories only (its own version is the row itself)
+            meta[DERIVED_KEY] = lineage
         catalog, blobs = self.store.catalog, self.store.blobs
         name = new_blob_name()  # a new blob per version: readers of the old one are safe
         # the file records which memory it is, so a lost catalog can be rebuilt from the files (rebuild_catalog)
@@ -108,7 +141,7 @@ class StoreView:
         record = make_stamp(store=getattr(catalog, "store_id", None), namespace=self._own, memory_id=memory_id,
                             meta=meta, created=old.created if old else now, written=now,
                             text=text if text != cube.text else None)
-        stamped = cube.with_meta({MEMORY_KEY: record})  # a quantized cube stays packed
+        stamped = cube.with_meta({MEMORY_KEY: record, DERIVED_KEY: lineage})  # a quantized one stays packed
         catalog.reserve(name, time.time())
         staged = blobs.stage(name)
         try:
@@ -134,7 +167,32 @@ class StoreView:
             self._undo_put(name, staged)
             raise
         self._delete_blob(replaced)
+        if old is not None and old.text != text:  # an edit: what was made from the old text goes
+            invalidate(self.store, [rec.qualified], Receipt(rec.qualified, "edited", True))
         return rec
+
+    def _lineage(self, memory_id: str, cube: MemCube, text: str, vouched: list[dict] | None) -> list[dict]:
+        """The ``derived_from`` a stored cube records (see `put_cube`); CubeError when a source is stale."""
+        own, sha = f"{self._own}/{memory_id}", text_sha256(text)
+        # a carried entry of this very text is a copy's (a cube loaded from one memory, stored as another: a
+        # backup, an install, a migration): the copy is a memory of its own, not a unit derived from the first
+        carried = [e for e in merge_sources(cube.meta.get(DERIVED_KEY))
+                   if e["memory"] != own and e["text_sha256"] != sha]
+        vouched = merge_sources(vouched) if vouched is not None else None
+        composed = cube.meta.get("composed_from")
+        if composed and vouched is None and len(carried) < len(composed):
+            raise CubeError(f"the cube for {own} was composed from {len(composed)} cubes but records "
+                            f"{len(carried)} sources: pass derived_from=kvmem.store.lineage.sources_of(cubes) (the "
+                            "cubes it was made from, loaded from the store), or derived_from=[] if none came from a "
+                            "store; without it, forgetting a source could not reach this cube")
+        stale = stale_sources(self.store.catalog, carried + (vouched or []))
+        if stale:
+            s = stale[0]
+            raise CubeError(f"the cube for {own} was made from {s['memory']}, which was {s['reason']} since "
+                            f"(version {s['text_sha256'][:12]}): a cube of forgotten or old content is never "
+                            "stored; build it again from the current memories")
+        entry = {"memory": own, "text_sha256": sha}
+        return merge_sources([entry], carried, [e for e in vouched or [] if e["memory"] != own])
 
     def _undo_put(self, name: str, staged) -> None:
         """Remove what a failed put left (staged file, blob, reservation); gc collects anything missed."""
@@ -147,20 +205,28 @@ class StoreView:
                 pass
 
     def _delete_blob(self, name: str | None) -> None:
-        if not name:
-            return
-        try:
-            self.store.blobs.delete(check_blob(name))
-        except CubeError as exc:  # a misnamed blob is never touched; gc reports it
-            _log.warning("not deleting %r: %s", name, exc)
+        delete_blob(self.store, name)  # a misnamed blob is never touched; gc reports it
 
     def rm(self, memory_id: str) -> bool:
-        """Delete ``memory_id`` from the own namespace (shared namespaces are read-only here)."""
-        rec = self.store.catalog.delete(self._own, self._own_id(memory_id))
+        """Delete ``memory_id`` from the own namespace (shared namespaces are read-only here), with everything
+        derived from it (`forget`, which also says what went). True if there was such a memory."""
+        return bool(self.forget(memory_id))
+
+    def forget(self, memory_id: str) -> Receipt:
+        """Delete ``memory_id`` from the own namespace and invalidate what derives from it: its cube file, every
+        stored unit (in any namespace) whose ``derived_from`` names it, in turn their dependants; AdapterCubes
+        that learned it are reported stale (kvmem/store/forgetting.py). Returns the `Receipt` (falsy: no such
+        memory)."""
+        plain = self._own_id(memory_id)
+        receipt = Receipt(f"{self._own}/{plain}")
+        rec = self.store.catalog.delete(self._own, plain)
         if rec is None:
-            return False
-        self._delete_blob(rec.blob)
-        return True
+            return receipt
+        receipt.found = True
+        delete_blob(self.store, rec.blob, receipt)
+        invalidate(self.store, [receipt.memory], receipt)
+        receipt.stale_adapters = stale_adapters(self.store, memories=[receipt.memory])
+        return receipt
 
     # ---------------------------------------------------------------- reads
     def _where(self, memory_id: str) -> tuple[str, ...]:
@@ -173,7 +239,20 @@ class StoreView:
         """The record of ``memory_id`` (plain: own namespace first; or ``"namespace/id"``) visible to this view,
         or None."""
         namespaces, plain = self._where(memory_id)
-        return self.store.catalog.get(namespaces, plain) if namespaces else None
+        rec = self.store.catalog.get(namespaces, plain) if namespaces else None
+        return rec if rec is not None and self._live(rec) else None
+
+    def _live(self, rec: Record, at: float | None = None) -> bool:
+        """Whether ``rec`` may be read: not expired, and not derived from a memory since deleted, edited or
+        expired (gc, or the writer's cascade, removes such rows; until then they are invisible)."""
+        if is_expired(rec.meta, at):
+            return False
+        sources = foreign_sources(rec)
+        try:
+            return not sources or not stale_sources(self.store.catalog, sources, at=at)
+        except CubeError as exc:  # a damaged lineage is never trusted
+            _log.warning("memory %s has a damaged derived_from (%s): not served", rec.qualified, exc)
+            return False
 
     def load_cube(self, memory_id: str, *, device=None) -> MemCube | None:
         """The validated cube of ``memory_id``, or None if it has none (or is not visible here).
@@ -231,7 +310,7 @@ class StoreView:
         """Every memory this view sees (records carry their namespace), optionally of one kind."""
         if kind is not None and kind not in KINDS:
             raise CubeError(f"kind must be one of {KINDS}, got {kind!r}")
-        return self.store.catalog.list(self.namespaces, kind)
+        return [rec for rec in self.store.catalog.list(self.namespaces, kind) if self._live(rec)]
 
     def touch(self, memory_id: str) -> None:
         """Count a use of ``memory_id`` (hits, last used) if it is in this view's own namespace: a reader of a
