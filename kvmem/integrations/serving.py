@@ -32,7 +32,7 @@ from ..inject.prefill import compose_kv as compose
 from ..inject.prefill import prefill
 from ..model.cache import kv_from_cache
 from ..model.rope import rope_facts
-from ..store.lineage import DERIVED_KEY
+from ..store.lineage import DERIVED_KEY, sources_of
 from ..store.records import NAME, check_name
 from .tenancy import cube_digest, request_namespace
 
@@ -438,7 +438,7 @@ def precompose(model, cubes: Sequence[MemCube], *, recompute: str = "auto", budg
                       "composition": prefix.composition},  # "auto": the gate's choice and why
         "spans": [list(s) for s in prefix.spans],
         # what it was made from (kvmem.store.lineage): every source cube's entries, so forgetting finds it too
-        DERIVED_KEY: [entry for c in cubes for entry in c.meta.get(DERIVED_KEY) or []],
+        DERIVED_KEY: sources_of(cubes),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     if tokenizer is not None and meta["fingerprint_fields"].get("tokenizer") is None:

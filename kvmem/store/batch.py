@@ -174,6 +174,14 @@ class Batch:
                              self.label, exc)
             raise
         gone = _finish(self.store, journal, replaced)
+        # an install that replaces a memory's text is an edit: what derives from the old text goes, as after
+        # StoreView.add / put_cube (kvmem/store/forgetting.py); a crash here leaves it to the read-time check and gc
+        edited = [rec.qualified for rec in records
+                  if (before := old.get((rec.namespace, rec.id))) is not None and before.text != rec.text]
+        if edited:
+            from .forgetting import Receipt, invalidate
+
+            invalidate(self.store, edited, Receipt(f"batch {self.tx}", "edited", True))
         return BatchReport(records, gone)
 
     def _stage(self, journal: dict, old: dict, progress) -> None:
