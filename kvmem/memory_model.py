@@ -7,6 +7,9 @@ generate (the model's own ``generate``), report (`GenerationReport` in ``mm.last
 
 from __future__ import annotations
 
+import logging
+from contextlib import ExitStack
+
 import torch
 
 from ._deprecation import renamed
@@ -26,6 +29,8 @@ from .model.static_cache import sequences_per_prompt, static_capable, static_roo
 from .prompt import ChatLayout
 from .report import GenerationReport
 from .timing import FirstTokenClock
+
+_log = logging.getLogger("kvmem")
 
 
 def wrap(model, tokenizer, *, system_prompt: str | None = None,
@@ -210,10 +215,13 @@ class MemoryModel:
         if isinstance(adapter, str) and adapter != "keep":
             raise CubeError(f"adapter must be an AdapterCube, None or 'keep', got {adapter!r}")
         recall_options = dict(max_tokens=max_memory_tokens, k=k, min_score=min_score, evidence=evidence)
-        with self.adapters.using(adapter):
+        with self.adapters.using(adapter), ExitStack() as stack:
             clock = FirstTokenClock().start()
             recalled = [self._require_store().recall(p, **recall_options) if isinstance(r, str) else None
                         for p, r in zip(prompts, rows)]
+            refused = self._stale_adapter(recalled)
+            if refused:  # it learned what this request must not hear (kvmem.store.lineage): the base model answers
+                stack.enter_context(self.adapters.using(None))
             rows = [r.cubes if r is not None else self.layout.fit(c) for r, c in zip(recalled, rows)]
             texts = [r.texts if r is not None else [] for r in recalled]
             pad = self._pad_id(kwargs)
@@ -225,16 +233,34 @@ class MemoryModel:
                 inputs = self._full(prompts, rows, texts, reports, pad, kwargs)
             kwargs["logits_processor"] = list(kwargs.get("logits_processor") or []) + [clock]
             out = self.model.generate(pad_token_id=pad, **inputs, **kwargs)
+            for report in reports:
+                report.adapter_refused = refused
             if isinstance(prompt, str):
                 self.last = reports[0]
                 self.last.ttft_s = clock.ttft_s
             else:
                 self.last = GenerationReport(ttft_s=clock.ttft_s, injected=all(r.injected for r in reports),
-                                             prompt_tokens=inputs["input_ids"].shape[1], rows=reports)
+                                             prompt_tokens=inputs["input_ids"].shape[1], rows=reports,
+                                             adapter_refused=refused)
         for r in recalled:  # after the answer, not before its first token
             if r is not None:
                 self.recall.after_answer(r)
         return out
+
+    def _stale_adapter(self, recalled) -> list[dict]:
+        """Why the active AdapterCube must not answer this request (empty: it may): with a store attached, an
+        adapter that records what it learned (``meta["derived_from"]``, e.g. `kvmem.distill`) is refused when one
+        of those memories was deleted or expired, or edited and retrieved by this request in its new version."""
+        cube = self.adapters.active
+        if cube is None or self.recall is None or not cube.meta.get("derived_from"):
+            return []
+        reasons = []
+        for row in recalled:
+            reasons += [r for r in self.recall.check_adapter(cube.meta, row) if r not in reasons]
+        if reasons:
+            _log.warning("adapter %s not used for this request: it learned %s", cube.name,
+                         ", ".join(f"{r['memory']} ({r['reason']})" for r in reasons))
+        return reasons
 
     @staticmethod
     def _rows(prompt, cubes) -> tuple[list[str], list]:

@@ -24,6 +24,9 @@ class GenerationReport:
             ("leading@32", "text", ...) and why (the calibration's measurement, or "uncalibrated").
         rows: for a batch (``generate([...])``), one report per prompt (the batch's own has its TTFT and padded
             prompt length).
+        adapter_refused: the request's AdapterCube was not used (the base model answered) because it learned a
+            memory since deleted, expired, or edited and retrieved by this request in its new version: each
+            stale source with its reason (`kvmem.store.lineage.unusable_reasons`). Empty: no refusal.
     """
 
     ttft_s: float | None = None
@@ -37,3 +40,4 @@ class GenerationReport:
     quantized: list[dict] = field(default_factory=list)
     composition: str = ""
     rows: list["GenerationReport"] = field(default_factory=list)
+    adapter_refused: list[dict] = field(default_factory=list)
