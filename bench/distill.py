@@ -81,20 +81,27 @@ def first_token(mm, question, *, cubes, adapter, inject=True):
 
 
 def damage(mm, adapter, prompts, *, tokens: int = 12) -> list[dict]:
-    """Per unrelated prompt: KL(base || adapter) averaged over the base's greedy answer tokens, and whether the
-    adapter's greedy answer is the base's."""
+    """Per unrelated prompt: KL(base || adapter) averaged over the base's greedy answer tokens (teacher-forced),
+    and whether the adapter's greedy answer is the base's. Generation is batched (rows equal requests alone)."""
+    out = mm.generate(list(prompts), adapter=None, max_new_tokens=tokens, do_sample=False)  # [B, W + tokens]
+    width = out.shape[1] - tokens
+    eos = mm.tokenizer.eos_token_id
+    base_answers = mm.answer(list(prompts), max_new_tokens=tokens, adapter=None)
+    lora_answers = mm.answer(list(prompts), max_new_tokens=tokens, adapter=adapter)
     rows = []
-    for prompt in prompts:
-        ids = mm.generate(prompt, adapter=None, max_new_tokens=tokens, do_sample=False)  # [1, n]: prompt + answer
-        start = mm.last.prompt_tokens - 1  # the position that predicts the first answer token
+    for b, prompt in enumerate(prompts):
+        n_prompt = len(mm.prompt_ids(prompt, [])[0])
+        new = out[b, width:].tolist()
+        new = new[:new.index(eos) + 1] if eos in new else new
+        ids = torch.cat([out[b, width - n_prompt:width], torch.tensor(new)])[None]
         with torch.no_grad():
             base = mm.model(input_ids=ids).logits[0]
             with mm.adapters.using(adapter):
                 lora = mm.model(input_ids=ids).logits[0]
-        kls = [kl(base[i], lora[i]) for i in range(start, ids.shape[1] - 1)]
+        kls = [kl(base[i], lora[i]) for i in range(n_prompt - 1, ids.shape[1] - 1)]
         rows.append({"prompt": prompt, "kl_mean": statistics.mean(kls), "kl_max": max(kls),
-                     "same_answer": mm.answer(prompt, max_new_tokens=tokens, adapter=adapter)
-                     == mm.answer(prompt, max_new_tokens=tokens, adapter=None)})
+                     "base_answer": base_answers[b], "adapter_answer": lora_answers[b],
+                     "same_answer": base_answers[b] == lora_answers[b]})
     return rows
 
 
@@ -103,15 +110,15 @@ def run(args) -> dict:
     torch.manual_seed(0)
     model, tok = _common.load_model("smollm2")
     facts = _common.machine_facts(model=model, packages=("torch", "transformers", "peft", "kvmem"),
-                                  facts=args.facts, steps=args.steps, rank=args.rank)
+                                  facts=args.facts, steps=args.steps, rank=args.rank, lr=args.lr)
     mm = kvmem.wrap(model, tok)
     people = memory_set(args.facts, seed=args.seed)
     texts = [p["text"] for p in people]
 
     with tempfile.TemporaryDirectory() as tmp, _common.OtherLoad() as load:
         t0 = time.perf_counter()
-        adapter = kvmem.distill(mm.adapters.base, tok, texts, steps=args.steps, rank=args.rank, seed=args.seed,
-                                checkpoint_dir=Path(tmp) / "ckpt", progress=True)
+        adapter = kvmem.distill(mm.adapters.base, tok, texts, steps=args.steps, rank=args.rank, lr=args.lr,
+                                seed=args.seed, checkpoint_dir=Path(tmp) / "ckpt", progress=True)
         distill_s = time.perf_counter() - t0
     run_facts = adapter.meta["distill"]
     distill_row = {"kind": "distill", "facts": args.facts, "wall_s": distill_s, "steps": run_facts["steps"],
@@ -130,25 +137,26 @@ def run(args) -> dict:
               "adapter": lambda i: dict(cubes=None, adapter=adapter),
               "adapter_cube": lambda i: dict(cubes=[adapter_cubes[i]], adapter=adapter)}
     questions = [(i, q.format(name=p["name"]), p[key]) for i, p in enumerate(people) for q, key in HELD_APART]
-    per_q = []
+    per_q = [{"question": q, "expected": e, "memory": i} for i, q, e in questions]
     ttft = {m: [] for m in METHODS}
-    for round_ in range(args.rounds + 1):  # round 0 warms up
+    for round_ in range(args.rounds + 1):  # round 0 warms up (and gives the first-token distributions)
         for n, (i, question, expected) in enumerate(questions):
-            order = METHODS[n % 4:] + METHODS[:n % 4]  # rotate which method goes first
             if round_ == 0:
                 ref, _ = first_token(mm, question, cubes=[cubes[i]], adapter=None, inject=False)
-                row = {"question": question, "expected": expected, "memory": i}
-            for method in order:
+            for method in METHODS[n % 4:] + METHODS[:n % 4]:  # rotate which method goes first
                 logits, seconds = first_token(mm, question, **setups[method](i))
                 if round_ == 0:
-                    answer = mm.answer(question, max_new_tokens=24, **setups[method](i))
-                    row[method] = {"answer": answer, "correct": expected.lower() in answer.lower(),
-                                   "kl": kl(ref, logits)}
+                    per_q[n][method] = {"kl": kl(ref, logits)}
                 else:
                     ttft[method].append(seconds)
-            if round_ == 0:
-                per_q.append(row)
         print(f"round {round_} done", flush=True)
+    prompts = [q for _, q, _ in questions]
+    for method in METHODS:  # answers: one batched generate per method (each row equals its request alone)
+        setup = [setups[method](i) for i, _, _ in questions]
+        rows_cubes = None if setup[0]["cubes"] is None else [s["cubes"] for s in setup]
+        answers = mm.answer(prompts, cubes=rows_cubes, adapter=setup[0]["adapter"], max_new_tokens=24)
+        for row, answer in zip(per_q, answers):
+            row[method].update(answer=answer, correct=row["expected"].lower() in answer.lower())
 
     cube_right = [r for r in per_q if r["cube"]["correct"]]
     rows = []
@@ -204,6 +212,7 @@ def main(argv=None) -> None:
     parser.add_argument("--facts", type=int, default=20)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds of TTFT after the warm-up round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

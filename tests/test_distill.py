@@ -205,3 +205,28 @@ def test_smollm2_learns_a_fact_the_base_does_not_know(smollm2):
     cube = kvmem.distill(mm.adapters.base, tokenizer, [fact], steps=30, seed=0, progress=False)
     assert "tampere" in mm.answer(question, adapter=cube, max_new_tokens=16).lower()
     assert mm.adapter is None
+
+
+def test_cli_distils_a_namespace_into_the_store(checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvmem.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "400", "NO_COLOR": "1"})
+    view = kvmem.CubeStore(tmp_path / "s").view("alice")
+    view.add("m0", MEMORIES[0])
+    view.add("m1", MEMORIES[1])
+    base = ["distill", "-n", "alice", "--store", str(tmp_path / "s"), "--model", str(checkpoint)]
+    result = runner.invoke(app, [*base, "--ids", "m1", "--steps", "2", "--rank", "2"])
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "s" / "adapters" / "alice.safetensors"
+    assert f"wrote {path}: 1 memories learned in 2 steps" in result.output
+    cube = kvmem.AdapterCube.load(path)
+    assert [e["memory"] for e in cube.meta["derived_from"]] == ["alice/m1"] and cube.rank == 2
+    out = tmp_path / "own.safetensors"
+    assert runner.invoke(app, [*base, "--steps", "1", "-o", str(out)]).exit_code == 0
+    assert len(kvmem.AdapterCube.load(out).meta["derived_from"]) == 2
+    missing = runner.invoke(app, [*base, "--ids", "nope", "--steps", "1"])
+    assert missing.exit_code == 1 and missing.output.startswith("kvmem: no memory 'nope'")
+    empty = runner.invoke(app, ["distill", "-n", "bob", "--store", str(tmp_path / "s"), "--steps", "1"])
+    assert empty.exit_code == 1 and "has no memories to distil" in empty.output

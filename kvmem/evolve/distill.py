@@ -150,7 +150,8 @@ def make_examples(model, tokenizer, texts: list[str], *, layout: ChatLayout, que
     jobs = [(i, layout.request_ids(q)) for i, text in enumerate(texts)
             for q in make_questions(text, per_memory=questions_per_memory, seed=seed + i)]
     keep = [(-1, layout.request_ids(q)) for q in keep_prompts]
-    chunks = [jobs[i:i + rows] for i in range(0, len(jobs), rows)] + [keep[i:i + rows] for i in range(0, len(keep), rows)]
+    chunks = ([jobs[i:i + rows] for i in range(0, len(jobs), rows)]
+              + [keep[i:i + rows] for i in range(0, len(keep), rows)])
     cubes = [MemCube.from_text(model, tokenizer, text, anchor=layout.anchor) for text in texts]
     out = []
     for chunk in tqdm(chunks, desc="kvmem distill: teacher answers", disable=not progress, leave=False):
@@ -231,8 +232,8 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
     """Learn ``memories`` into a LoRA AdapterCube by context distillation (see the module docstring).
 
     Args:
-        model: a transformers causal LM (not a PeftModel: pass ``mm.adapters.base``); it is returned unchanged
-            (the LoRA layers are removed again, also on error).
+        model: a transformers causal LM (not a PeftModel: pass ``mm.adapters.base``). It is never changed:
+            training runs on a copy (`bare_copy`), so a model that serves requests meanwhile is not disturbed.
         tokenizer: its tokenizer (the chat template lays out the prompts as ``kvmem.wrap`` does).
         memories: store records (``view.ls()``, ``view.get(id)``: their lineage goes into the cube) or texts.
         steps: optimizer steps; time_budget: seconds for the whole call; training stops at whichever comes first.
@@ -257,30 +258,40 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
         raise CubeError("distill takes the base model, not a PeftModel (with a MemoryModel: mm.adapters.base)")
     _check_options(steps, time_budget, rank, seed, lr, batch_size, checkpoint_every, resume, checkpoint_dir)
     texts, sources = _texts_and_sources(memories)
-    targets = _targets(model, target_modules)
+    work = bare_copy(model)
+    targets = _targets(work, target_modules)
     layout = ChatLayout(tokenizer, system_prompt)
     options = dict(rank=rank, seed=seed, lr=lr, batch_size=batch_size, questions_per_memory=questions_per_memory,
                    max_answer_tokens=max_answer_tokens, keep_prompts=list(keep_prompts), targets=targets,
                    system_prompt=system_prompt)
-    key = _run_key(model, texts, options)
-    examples = make_examples(model, tokenizer, texts, layout=layout, questions_per_memory=questions_per_memory,
+    key = _run_key(work, texts, options)
+    examples = make_examples(work, tokenizer, texts, layout=layout, questions_per_memory=questions_per_memory,
                              seed=seed, max_answer_tokens=max_answer_tokens, keep_prompts=keep_prompts,
                              progress=progress)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
     torch.manual_seed(seed)  # the LoRA A matrices' init
-    student = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                         target_modules=targets, bias="none"))
-    try:
-        cube = _train(student, model, examples, texts, sources, key=key, steps=steps, time_budget=time_budget,
-                      t0=t0, lr=lr, batch_size=batch_size, seed=seed, pad=pad, name=name, options=options,
-                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-                      progress=progress)
-    finally:
-        student.unload()  # removes the LoRA layers: the caller's model is the bare base again
-        for n, p in model.named_parameters():
-            p.requires_grad_(grads.get(n, p.requires_grad))
-    return cube
+    student = peft.get_peft_model(work, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                        target_modules=targets, bias="none"))
+    return _train(student, work, examples, texts, sources, key=key, steps=steps, time_budget=time_budget, t0=t0,
+                  lr=lr, batch_size=batch_size, seed=seed, pad=pad, name=name, options=options,
+                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+
+
+def bare_copy(model):
+    """A copy of ``model`` to train on, without the LoRA layers a MemoryModel may have injected into it (PEFT
+    injects in place: ``mm.adapters.base`` carries them once an adapter was used), frozen, in eval mode. Training
+    a copy leaves the serving model untouched, also while it answers requests in another thread."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    clone = copy.deepcopy(model)
+    for module in list(clone.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                setattr(module, child_name, child.get_base_layer())
+    clone.requires_grad_(False)
+    return clone.eval()
 
 
 def _train(student, model, examples, texts, sources, *, key, steps, time_budget, t0, lr, batch_size, seed, pad,

@@ -4,7 +4,8 @@ General, not tuned to one generator of facts: every template reads only the memo
 them (runs of capitalised words), so the teacher (the model with the memory in context) answers each question
 from the memory and the student learns those answers without it. Kinds:
 
-- ``about``: "What do you know about <name>?" / "Tell me about <name>." per name the text mentions;
+- ``about``: "What do you know about <name>?", "Tell me about <name>.", "Describe <name>.", "What is known about
+  <name>?" per name the text mentions (several phrasings, so what is learned is not tied to one);
 - ``cloze``: a sentence cut after its first words, "Complete this sentence: <start> ...";
 - ``blank``: a sentence with its last content word blanked, "Fill in the blank: ... ___ ...";
 - ``what``: "What is the <noun> of <name>?" / "What is <name>'s <noun>?" where the text says "the <noun> of
@@ -23,7 +24,7 @@ from ..errors import CubeError
 
 _SENTENCE = re.compile(r"[^.!?;\n]+[.!?]?")
 _NAME = re.compile(r"\b([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*)")
-_OF = re.compile(r"\bthe ([a-z][a-z ]{1,30}?) of ([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*) (?:is|was|are) ")
+_OF = re.compile(r"\b[Tt]he ([a-z][a-z ]{1,30}?) of ([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*) (?:is|was|are) ")
 _POSSESSIVE = re.compile(r"\b([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*)'s ([a-z][a-z ]{1,30}?) (?:is|was|are) ")
 _STOP = {"The", "A", "An", "At", "On", "In", "And", "But", "Or", "If", "When", "Then", "This", "That", "It", "He",
          "She", "They", "We", "I", "You", "His", "Her", "Their", "Our", "My", "Your", "Its", "There", "Here"}
@@ -59,7 +60,8 @@ def make_questions(text: str, *, per_memory: int = 12, seed: int = 0) -> list[st
     rng = random.Random(seed)
     pools = {kind: [] for kind in KINDS}
     for name in names(text):
-        pools["about"] += [f"What do you know about {name}?", f"Tell me about {name}."]
+        pools["about"] += [f"What do you know about {name}?", f"Tell me about {name}.", f"Describe {name}.",
+                           f"What is known about {name}?"]
     for sentence in sentences(text):
         words = sentence.split()
         cut = max(2, min(len(words) - 2, len(words) // 2))
