@@ -18,7 +18,7 @@ set, apart from the prompts distillation keeps). Distillation wall time, the ste
 processes put on the machine while it ran are recorded.
 
     .venv/bin/python bench/distill.py                 # the full run (20 facts)
-    .venv/bin/python bench/distill.py --facts 4 --steps 20 --out /tmp/d.json    # a smoke run
+    .venv/bin/python bench/distill.py --quick         # smoke run (2 facts, 2 steps); writes nothing unless --out
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def run(args) -> dict:
     torch.manual_seed(0)
     model, tok = _common.load_model("smollm2")
     facts = _common.machine_facts(model=model, packages=("torch", "transformers", "peft", "kvmem"),
-                                  facts=args.facts, steps=args.steps, rank=args.rank, lr=args.lr)
+                                  facts=args.facts, steps=args.steps, rank=args.rank, lr=args.lr,
+                                  answer_tokens=args.answer_tokens)
     mm = kvmem.wrap(model, tok)
     people = memory_set(args.facts, seed=args.seed)
     texts = [p["text"] for p in people]
@@ -118,6 +119,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp, _common.OtherLoad() as load:
         t0 = time.perf_counter()
         adapter = kvmem.distill(mm.adapters.base, tok, texts, steps=args.steps, rank=args.rank, lr=args.lr,
+                                max_answer_tokens=args.answer_tokens,
                                 seed=args.seed, checkpoint_dir=Path(tmp) / "ckpt", progress=True)
         distill_s = time.perf_counter() - t0
     run_facts = adapter.meta["distill"]
@@ -212,13 +214,21 @@ def main(argv=None) -> None:
     parser.add_argument("--facts", type=int, default=20)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--answer-tokens", type=int, default=16, help="teacher answer tokens learned per question")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds of TTFT after the warm-up round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", default=str(_common.result_path("distill")))
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 facts, 2 steps, 1 timed round; writes "
+                        "nothing unless --out is given")
+    parser.add_argument("--out", default=None, help="JSON to write (default results/distill_cpu.json)")
     args = parser.parse_args(argv)
-    _common.write_results(run(args), args.out, plot=plot)
+    if args.quick:
+        args.facts, args.steps, args.rounds = 2, 2, 1
+    doc = run(args)
+    out = args.out or (None if args.quick else str(_common.result_path("distill")))
+    if out is not None:
+        _common.write_results(doc, out, plot=plot)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,9 @@ def test_questions_come_from_the_text():
     assert "What is the favourite colour of Quinn Jensen?" in qs
     assert any(q.startswith("Complete this sentence: Quinn Jensen") for q in qs)
     assert any(q.startswith("Fill in the blank:") and "___" in q for q in qs)
-    assert any(q == "What do you know about Quinn Jensen?" or q == "Tell me about Quinn Jensen." for q in qs)
+    about = {f"{t} Quinn Jensen{end}" for t, end in (("What do you know about", "?"), ("Tell me about", "."),
+                                                        ("Describe", "."), ("What is known about", "?"))}
+    assert about & set(qs)
     assert len(make_questions(text, per_memory=3, seed=0)) == 3
     with pytest.raises(kvmem.CubeError):
         make_questions("  ", per_memory=3)

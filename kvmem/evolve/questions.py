@@ -94,5 +94,10 @@ KEEP_PROMPTS = (
     "Give me a synonym for happy.", "What is 7 plus 5?", "Why do leaves change colour in autumn?",
     "Say hello in French.", "What is the largest planet in our solar system?", "Suggest a name for a puppy.",
     "What is photosynthesis?", "How do you make a cup of tea?", "What language is spoken in Brazil?",
-    "List two uses of a hammer.", "What is the opposite of cold?",
+    "List two uses of a hammer.", "What is the opposite of cold?", "Tell me a fun fact about dolphins.",
+    "What is the chemical symbol for gold?", "Write a sentence using the word 'bright'.", "Who painted the Mona Lisa?",
+    "How many continents are there?", "What is a good breakfast?", "Explain gravity to a child.",
+    "What instrument has 88 keys?", "Recommend a book for a long trip.", "What is the plural of mouse?",
+    "Why do we need sleep?", "What is 15 divided by 3?", "Name an animal that lives in the desert.",
+    "How does rain form?", "How many hours are in a day?", "Give me a word that rhymes with cat.",
 )
