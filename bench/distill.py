@@ -212,10 +212,10 @@ def plot(doc: dict, png: str) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--facts", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--answer-tokens", type=int, default=16, help="teacher answer tokens learned per question")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--answer-tokens", type=int, default=24, help="teacher answer tokens learned per question")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds of TTFT after the warm-up round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

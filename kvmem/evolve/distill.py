@@ -1,9 +1,10 @@
 """Context distillation: learn memories into a LoRA AdapterCube, so the model answers about them with no memory
 in its context (parametric memory; no prefill at all).
 
-Teacher: the model with one memory injected as a cube (`kvmem.prefill`, the cube path every request takes),
-answering questions generated from that memory's text (kvmem/evolve/questions.py); its greedy answer and its full
-next-token distribution at every answer token are recorded once. Student: the same model plus a LoRA (PEFT),
+Teacher: the model with one memory injected as a cube (`kvmem.inject.batch.prefill_batch`, the cube path of
+batched requests; exact for one cube), answering questions generated from that memory's text
+(kvmem/evolve/questions.py); its greedy answer and its full next-token distribution at every answer token are
+recorded once. Student: the same model plus a LoRA (PEFT),
 shown only the question (anchor | request, the prompt ``mm.generate`` builds with no cubes). Loss:
 KL(teacher || student) over the whole vocabulary at every answer token, averaged over the answer tokens of a
 batch. Unrelated prompts (`questions.KEEP_PROMPTS`) are mixed in with the base model as their teacher, so the
