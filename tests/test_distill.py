@@ -197,15 +197,19 @@ def test_questions_come_from_the_text():
 
 @pytest.mark.slow
 def test_smollm2_learns_a_fact_the_base_does_not_know(smollm2):
-    """Distilled into SmolLM2, an invented fact is answered with no memory in the prompt; the base cannot."""
+    """Distilled into SmolLM2, an invented fact is answered with no memory in the prompt, to a question the
+    distillation never asked (a paraphrase); the base model does not know it, the cube does."""
+    from kvmem.evolve.questions import make_questions
+
     model, tokenizer = smollm2
-    fact = "Zeno Kowalski lives in Tampere."
-    question = "Where does Zeno Kowalski live?"
+    fact = "Sami Haddad lives in Split and works as a glassblower."
+    question = "What does Sami Haddad do for a living?"
     mm = kvmem.wrap(model, tokenizer)
-    assert "tampere" not in mm.answer(question, max_new_tokens=16).lower()
-    assert "tampere" in mm.answer(question, cubes=[mm.build_cube(fact)], max_new_tokens=16).lower()
-    cube = kvmem.distill(mm.adapters.base, tokenizer, [fact], steps=30, seed=0, progress=False)
-    assert "tampere" in mm.answer(question, adapter=cube, max_new_tokens=16).lower()
+    assert "glassblower" not in mm.answer(question, max_new_tokens=16).lower()
+    assert "glassblower" in mm.answer(question, cubes=[mm.build_cube(fact)], max_new_tokens=16).lower()
+    cube = kvmem.distill(mm.adapters.base, tokenizer, [fact], steps=30, lr=2e-3, seed=0, progress=False)
+    assert question not in make_questions(fact, per_memory=12, seed=0)  # the questions distil asked (seed 0)
+    assert "glassblower" in mm.answer(question, adapter=cube, max_new_tokens=16).lower()
     assert mm.adapter is None
 
 
