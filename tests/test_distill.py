@@ -185,7 +185,8 @@ def test_questions_come_from_the_text():
     qs = make_questions(text, per_memory=12, seed=0)
     assert qs == make_questions(text, per_memory=12, seed=0) and len(set(qs)) == len(qs)
     assert "What is the favourite colour of Quinn Jensen?" in qs
-    assert any(q.startswith("Complete this sentence: Quinn Jensen") for q in qs)
+    cloze = [q[len("Complete this sentence: "):-len(" ...")] for q in qs if q.startswith("Complete this sentence: ")]
+    assert cloze and all(text.startswith(c) or f". {c}" in text for c in cloze)
     assert any(q.startswith("Fill in the blank:") and "___" in q for q in qs)
     about = {f"{t} Quinn Jensen{end}" for t, end in (("What do you know about", "?"), ("Tell me about", "."),
                                                         ("Describe", "."), ("What is known about", "?"))}

@@ -6,8 +6,10 @@ from the memory and the student learns those answers without it. Kinds:
 
 - ``about``: "What do you know about <name>?", "Tell me about <name>.", "Describe <name>.", "What is known about
   <name>?" per name the text mentions (several phrasings, so what is learned is not tied to one);
-- ``cloze``: a sentence cut after its first words, "Complete this sentence: <start> ...";
-- ``blank``: a sentence with its last content word blanked, "Fill in the blank: ... ___ ...";
+- ``cloze``: a sentence cut after its first third and after its first two thirds, "Complete this sentence:
+  <start> ...";
+- ``blank``: a sentence with one of its content words (after the first two words) blanked, "Fill in the blank:
+  ... ___ ...", one question per content word;
 - ``what``: "What is the <noun> of <name>?" / "What is <name>'s <noun>?" where the text says "the <noun> of
   <name> is ..." or "<name>'s <noun> is ...";
 - ``recall``: "What do you remember?" over the whole memory.
@@ -64,11 +66,11 @@ def make_questions(text: str, *, per_memory: int = 12, seed: int = 0) -> list[st
                            f"What is known about {name}?"]
     for sentence in sentences(text):
         words = sentence.split()
-        cut = max(2, min(len(words) - 2, len(words) // 2))
-        pools["cloze"].append(f"Complete this sentence: {' '.join(words[:cut])} ...")
-        content = [i for i, w in enumerate(words) if len(w.strip(".,!?")) > 3 and i >= 2]
-        if content:
-            i = content[-1]
+        # several cut points and every content word blanked in turn: each part of a sentence is, in some
+        # question, what the teacher has to say (one cut in the middle would always hand over the same half)
+        for cut in sorted({max(2, min(len(words) - 1, len(words) * k // 3)) for k in (1, 2)}):
+            pools["cloze"].append(f"Complete this sentence: {' '.join(words[:cut])} ...")
+        for i in [i for i, w in enumerate(words) if len(w.strip(".,!?")) > 3 and i >= 2]:
             blanked = words[:i] + ["___" + words[i][len(words[i].rstrip(".,!?")):]] + words[i + 1:]
             pools["blank"].append(f"Fill in the blank: {' '.join(blanked)}")
     for noun, name in _OF.findall(text):
