@@ -30,6 +30,8 @@ _PUBLIC = {
     "use_gqa_attention": ".model.attention", "static_prefix": ".model.static_cache",
     "forget_digests": ".cubes.weights", "verify_weights": ".cubes.weights", "mark_changed": ".model.watch",
     "calibrate": ".inject.calibrate",  # the composition gate's measurement (kvmem.inject.gate reads it)
+    # memory that changes kind: distil memories into a LoRA AdapterCube; the policy that moves them (issue 26)
+    "distill": ".evolve.distill", "EvolvePolicy": ".evolve.policy",
 }
 
 __all__ = ["CubeError", "FingerprintMismatch", *_PUBLIC, "__version__"]

@@ -29,6 +29,7 @@ LAYERS = {
     # interface: what users call
     "kvmem.memory_model": 7,   # wrap() / MemoryModel
     "kvmem.travel": 7,         # signed bundles, installs, the market, migration to another model
+    "kvmem.evolve": 7,         # memory changing kind: distillation into adapters, the policy that moves memory
     "kvmem.cli": 8, "kvmem.demo": 8, "kvmem.integrations": 8,
     "kvmem": 9,                # the package face re-exports every layer
 }

@@ -7,7 +7,7 @@ message and exit status 1, not a traceback.
 One module per command group (bundles.py, calibrate.py, cubes.py, store.py); each registers its commands on the one typer app (app.py).
 """
 
-from . import bundles, calibrate, cubes, store  # noqa: F401  (registers the commands)
+from . import bundles, calibrate, cubes, evolve, store  # noqa: F401  (registers the commands)
 from .app import app
 
 __all__ = ["app", "main"]

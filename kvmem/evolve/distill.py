@@ -1,0 +1,350 @@
+"""Context distillation: learn memories into a LoRA AdapterCube, so the model answers about them with no memory
+in its context (parametric memory; no prefill at all).
+
+Teacher: the model with one memory injected as a cube (`kvmem.inject.batch.prefill_batch`, the cube path of
+batched requests; exact for one cube), answering questions generated from that memory's text
+(kvmem/evolve/questions.py); its greedy answer and its full next-token distribution at every answer token are
+recorded once. Student: the same model plus a LoRA (PEFT),
+shown only the question (anchor | request, the prompt ``mm.generate`` builds with no cubes). Loss:
+KL(teacher || student) over the whole vocabulary at every answer token, averaged over the answer tokens of a
+batch. Unrelated prompts (`questions.KEEP_PROMPTS`) are mixed in with the base model as their teacher, so the
+adapter keeps the base's answers elsewhere.
+
+Shapes: a batch is B examples right-padded to T tokens: ids [B, T]; student logits [B, T, V]; each example's
+teacher log-probs [A, V] for its A answer tokens (float16 on the CPU: 20 memories x 12 questions x 24 tokens x
+49k vocabulary is ~0.5 GB).
+
+Determinism: the batch of step s is a function of (seed, s) alone and the LoRA has no dropout, so a run resumed
+from a checkpoint (LoRA + optimizer state + step, kvmem/evolve/checkpoint.py) repeats the uninterrupted run's
+updates exactly (as far as torch's CPU kernels are deterministic; they are for these ops).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..cubes.adaptercube import AdapterCube, _peft
+from ..cubes.fingerprint import fingerprint_fields, fingerprint_id
+from ..cubes.memcube import MemCube
+from ..errors import CubeError
+from ..inject.batch import prefill_batch
+from ..model.devices import model_device
+from ..prompt import ChatLayout
+from ..store.lineage import DERIVED_KEY, source_entry
+from .checkpoint import load_checkpoint, save_checkpoint
+from .questions import KEEP_PROMPTS, make_questions
+
+_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Example:
+    """One training row: the student's ids (anchor | request | answer) and the teacher's answer distributions."""
+
+    ids: torch.Tensor        # LongTensor [n]
+    start: int               # index in ids of the first answer token
+    teacher: torch.Tensor    # float16 [A, V]: teacher log-probs of answer tokens ids[start:start+A]
+    source: int              # the memory's index in ``memories``; -1 for a keep prompt
+
+
+def _texts_and_sources(memories) -> tuple[list[str], list[dict]]:
+    """``memories`` (store Records, or plain strings) -> (texts, lineage entries of the Records)."""
+    if isinstance(memories, (str, bytes)) or not hasattr(memories, "__iter__"):
+        raise CubeError("memories must be a list of memory texts or store records (view.ls() / view.get(id)), "
+                        f"got {type(memories).__name__}")
+    texts, sources = [], []
+    for m in memories:
+        text = m if isinstance(m, str) else getattr(m, "text", None)
+        if not isinstance(text, str) or not text.strip():
+            raise CubeError(f"each memory must be a non-empty text or a store record, got {m!r:.60}")
+        texts.append(text)
+        if not isinstance(m, str):
+            sources.append(source_entry(m))
+    if not texts:
+        raise CubeError("distill needs at least one memory to learn")
+    return texts, sources
+
+
+def _check_options(steps, time_budget, rank, seed, lr, batch_size, checkpoint_every, resume, checkpoint_dir):
+    def positive_int(value, what):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CubeError(f"{what} must be an int >= 1, got {value!r}")
+
+    if steps is None and time_budget is None:
+        raise CubeError("pass steps= (optimizer steps) or time_budget= (seconds), or both: distill needs a budget")
+    if steps is not None:
+        positive_int(steps, "steps")
+    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
+                                    or not time_budget > 0):
+        raise CubeError(f"time_budget must be a number of seconds > 0, got {time_budget!r}")
+    positive_int(rank, "rank")
+    positive_int(batch_size, "batch_size")
+    positive_int(checkpoint_every, "checkpoint_every")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CubeError(f"seed must be an int, got {seed!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
+        raise CubeError(f"lr must be a learning rate in (0, 1), got {lr!r}")
+    if resume and checkpoint_dir is None:
+        raise CubeError("resume=True needs checkpoint_dir= (the folder an earlier run saved its checkpoints in)")
+
+
+def _targets(model, target_modules) -> list[str]:
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if target_modules is None:
+        found = [n for n in _LINEAR_NAMES if n in names]
+        if not found:
+            raise CubeError("cannot find the attention / MLP projections (q_proj ... down_proj) in this model; pass "
+                            "target_modules=[...] with the names of its linear layers")
+        return found
+    missing = [t for t in target_modules if t not in names]
+    if missing or not target_modules:
+        raise CubeError(f"target_modules {missing or target_modules} are not linear layers of this model; it has "
+                        f"{sorted(names)[:12]}")
+    return list(target_modules)
+
+
+@torch.no_grad()
+def _answers(model, inputs: dict, *, max_answer_tokens: int, eos: list[int], pad: int):
+    """The model's greedy answers to a left-padded batch (``inputs``: generate's input_ids, attention_mask and
+    perhaps a cache) and its log-probs at each answer token: per row (LongTensor [A], float16 [A, V]), the
+    answer cut after its first end-of-sequence token."""
+    width = inputs["input_ids"].shape[1]
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=max_answer_tokens, output_logits=True,
+                         return_dict_in_generate=True, eos_token_id=eos or None, pad_token_id=pad,
+                         temperature=None, top_p=None, top_k=None)
+    logits = torch.stack(out.logits, 1)  # [B, A_max, V]
+    rows = []
+    for b in range(out.sequences.shape[0]):
+        answer = out.sequences[b, width:].cpu()
+        ends = [i for i, t in enumerate(answer.tolist()) if t in eos]
+        n = ends[0] + 1 if ends else answer.numel()
+        rows.append((answer[:n], torch.log_softmax(logits[b, :n].float(), -1).to(torch.float16).cpu()))
+    return rows
+
+
+def _left_pad(rows: list[torch.Tensor], pad: int, device) -> dict:
+    width = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - r.numel():], mask[b, width - r.numel():] = r, 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def make_examples(model, tokenizer, texts: list[str], *, layout: ChatLayout, questions_per_memory: int, seed: int,
+                  max_answer_tokens: int, keep_prompts, progress: bool = False, rows: int = 32) -> list[Example]:
+    """The teacher's side: each memory's questions answered with the memory injected as a cube; the keep prompts
+    answered by the base model without memory. Answers are generated ``rows`` requests at a time (on a CPU a
+    decoding step costs about the same for 1 row as for 30: reading the weights dominates)."""
+    from tqdm.auto import tqdm
+
+    device = model_device(model)
+    eos = sorted({t for t in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None))
+                  if isinstance(t, int)})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    anchor = layout.anchor_ids()
+    jobs = [(i, layout.request_ids(q)) for i, text in enumerate(texts)
+            for q in make_questions(text, per_memory=questions_per_memory, seed=seed + i)]
+    keep = [(-1, layout.request_ids(q)) for q in keep_prompts]
+    chunks = ([jobs[i:i + rows] for i in range(0, len(jobs), rows)]
+              + [keep[i:i + rows] for i in range(0, len(keep), rows)])
+    cubes = [MemCube.from_text(model, tokenizer, text, anchor=layout.anchor) for text in texts]
+    out = []
+    for chunk in tqdm(chunks, desc="kvmem distill: teacher answers", disable=not progress, leave=False):
+        requests = [r for _, r in chunk]
+        if chunk[0][0] >= 0:
+            batch = prefill_batch(model, [cubes[source] for source, _ in chunk], requests,
+                                  max_new_tokens=max_answer_tokens, static=False, pad_token_id=pad)
+            inputs = batch.generate_kwargs(model)
+        else:
+            inputs = _left_pad([torch.cat([anchor, r]) for r in requests], pad, device)
+        answers = _answers(model, inputs, max_answer_tokens=max_answer_tokens, eos=eos, pad=pad)
+        for (source, request), (answer, logp) in zip(chunk, answers):
+            if answer.numel():
+                out.append(Example(torch.cat([anchor, request, answer]), len(anchor) + len(request), logp, source))
+    if not any(e.source >= 0 for e in out):
+        raise CubeError("the teacher gave no answer to any question about the memories; nothing to learn")
+    return out
+
+
+def batch_indices(n: int, *, step: int, batch_size: int, seed: int) -> list[int]:
+    """The examples of optimizer step ``step`` (0-based): epochs of a seeded permutation, a function of
+    (seed, step) alone, so a resumed run draws the same batches."""
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(k, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(order[pos]))
+    return out
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    import inspect
+
+    from ..model.facts import base_model
+
+    return "logits_to_keep" in inspect.signature(base_model(model).forward).parameters
+
+
+def kl_loss(model, batch: list[Example], *, pad: int) -> torch.Tensor:
+    """Mean over the batch's answer tokens of KL(teacher || student), nats (a 0-dim tensor with grad)."""
+    device = model_device(model)
+    width = max(e.ids.numel() for e in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, e in enumerate(batch):
+        ids[b, :e.ids.numel()], mask[b, :e.ids.numel()] = e.ids, 1
+    # the logits at position p predict token p + 1: the answers are predicted from positions start - 1 on; only
+    # those positions go through the LM head (its 49k-wide output is a fifth of a small model's work)
+    first = min(e.start for e in batch) - 1
+    last = max(e.start - 1 + e.teacher.shape[0] for e in batch)
+    kwargs = {"logits_to_keep": torch.arange(first, last, device=device)} if _keeps_logits(model) else {}
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits  # [B, T', V]
+    offset = first if kwargs else 0
+    total, count = 0.0, 0
+    for b, e in enumerate(batch):
+        a = e.teacher.shape[0]
+        student = torch.log_softmax(logits[b, e.start - 1 - offset:e.start - 1 - offset + a].float(), -1)  # [A, V]
+        teacher = e.teacher.to(device=student.device, dtype=torch.float32)
+        total = total + (teacher.exp() * (teacher - student)).sum()
+        count += a
+    return total / count
+
+
+def _run_key(model, texts, options: dict) -> str:
+    fields = fingerprint_fields(model)
+    fields["adapter"] = None
+    doc = {"base": fingerprint_id(fields), "texts": [hashlib.sha256(t.encode()).hexdigest() for t in texts],
+           **options}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget: float | None = None,
+            rank: int = 8, seed: int = 0, lr: float = 1e-3, batch_size: int = 8, questions_per_memory: int = 12,
+            max_answer_tokens: int = 24, keep_prompts=KEEP_PROMPTS, target_modules=None,
+            system_prompt: str | None = None, name: str | None = None, checkpoint_dir=None,
+            checkpoint_every: int = 20, resume: bool = False, progress: bool = True) -> AdapterCube:
+    """Learn ``memories`` into a LoRA AdapterCube by context distillation (see the module docstring).
+
+    Args:
+        model: a transformers causal LM (not a PeftModel: pass ``mm.adapters.base``). It is never changed:
+            training runs on a copy (`bare_copy`), so a model that serves requests meanwhile is not disturbed.
+        tokenizer: its tokenizer (the chat template lays out the prompts as ``kvmem.wrap`` does).
+        memories: store records (``view.ls()``, ``view.get(id)``: their lineage goes into the cube) or texts.
+        steps: optimizer steps; time_budget: seconds for the whole call; training stops at whichever comes first.
+        rank: LoRA rank (alpha = 2 * rank, no dropout); seed: questions, LoRA init and batch order.
+        lr, batch_size: AdamW learning rate and examples per step.
+        questions_per_memory, max_answer_tokens: how many questions per memory, how long the teacher answers.
+        keep_prompts: unrelated prompts whose base answers the adapter keeps (() for none).
+        target_modules: LoRA targets (default: the attention and MLP projections the model has).
+        system_prompt: as ``kvmem.wrap(..., system_prompt=)`` (the prompts the adapter will serve).
+        name: the cube's name (default ``distilled-<n>-memories``).
+        checkpoint_dir: save LoRA + optimizer + step there every ``checkpoint_every`` steps and at the end;
+        resume: continue from the checkpoint in ``checkpoint_dir`` (same arguments), if there is one.
+        progress: a tqdm bar with the loss.
+
+    Returns:
+        An AdapterCube fingerprinted to ``model``; ``meta["derived_from"]`` lists the memory versions it learned
+        (records only), ``meta["distill"]`` the run (steps, losses, seconds, questions, options).
+    """
+    t0 = time.monotonic()
+    peft = _peft()
+    if isinstance(model, peft.PeftModel):
+        raise CubeError("distill takes the base model, not a PeftModel (with a MemoryModel: mm.adapters.base)")
+    _check_options(steps, time_budget, rank, seed, lr, batch_size, checkpoint_every, resume, checkpoint_dir)
+    texts, sources = _texts_and_sources(memories)
+    work = bare_copy(model)
+    targets = _targets(work, target_modules)
+    layout = ChatLayout(tokenizer, system_prompt)
+    options = dict(rank=rank, seed=seed, lr=lr, batch_size=batch_size, questions_per_memory=questions_per_memory,
+                   max_answer_tokens=max_answer_tokens, keep_prompts=list(keep_prompts), targets=targets,
+                   system_prompt=system_prompt)
+    key = _run_key(work, texts, options)
+    examples = make_examples(work, tokenizer, texts, layout=layout, questions_per_memory=questions_per_memory,
+                             seed=seed, max_answer_tokens=max_answer_tokens, keep_prompts=keep_prompts,
+                             progress=progress)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    torch.manual_seed(seed)  # the LoRA A matrices' init
+    student = peft.get_peft_model(work, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                        target_modules=targets, bias="none"))
+    return _train(student, work, examples, texts, sources, key=key, steps=steps, time_budget=time_budget, t0=t0,
+                  lr=lr, batch_size=batch_size, seed=seed, pad=pad, name=name, options=options,
+                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+
+
+def bare_copy(model):
+    """A copy of ``model`` to train on, without the LoRA layers a MemoryModel may have injected into it (PEFT
+    injects in place: ``mm.adapters.base`` carries them once an adapter was used), frozen, in eval mode. Training
+    a copy leaves the serving model untouched, also while it answers requests in another thread."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    clone = copy.deepcopy(model)
+    for module in list(clone.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                setattr(module, child_name, child.get_base_layer())
+    clone.requires_grad_(False)
+    return clone.eval()
+
+
+def _train(student, model, examples, texts, sources, *, key, steps, time_budget, t0, lr, batch_size, seed, pad,
+           name, options, checkpoint_dir, checkpoint_every, resume, progress) -> AdapterCube:
+    peft = _peft()
+    from tqdm.auto import tqdm
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    step, losses = 0, []
+    state = load_checkpoint(checkpoint_dir, key=key) if resume else None
+    if state is not None:
+        peft.set_peft_model_state_dict(student, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, losses = state["step"], state["losses"]
+
+    def save():
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, lora=peft.get_peft_model_state_dict(student),
+                            optimizer=optimizer.state_dict(), step=step, key=key, losses=losses)
+
+    stopped = "steps"
+    bar = tqdm(total=steps, initial=step, desc="kvmem distill", disable=not progress)
+    try:
+        while steps is None or step < steps:
+            if time_budget is not None and time.monotonic() - t0 >= time_budget:
+                stopped = "time_budget"
+                break
+            batch = [examples[i] for i in batch_indices(len(examples), step=step, batch_size=batch_size, seed=seed)]
+            loss = kl_loss(student, batch, pad=pad)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step % checkpoint_every == 0:
+                save()
+    finally:
+        bar.close()
+    save()
+    if not losses:
+        raise CubeError(f"the time budget ({time_budget} s) ran out before the first training step (the teacher's "
+                        "answers took it); give distill more time or fewer questions")
+    student.eval()
+    cube = AdapterCube.from_peft(student, name or f"distilled-{len(texts)}-memories", base_model=model)
+    meta = cube.meta
+    meta[DERIVED_KEY] = sources
+    meta["distill"] = {"steps": step, "stopped": stopped, "seconds": round(time.monotonic() - t0, 3),
+                       "losses": losses, "memories": len(texts),
+                       "examples": sum(e.source >= 0 for e in examples),
+                       "keep_examples": sum(e.source < 0 for e in examples),
+                       **{k: v for k, v in options.items() if k != "keep_prompts"}}
+    return AdapterCube(cube.state_dict, meta)

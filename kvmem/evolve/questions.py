@@ -1,0 +1,105 @@
+"""Questions a memory's own text raises: the prompts context distillation trains on (kvmem/evolve/distill.py).
+
+General, not tuned to one generator of facts: every template reads only the memory's sentences and the names in
+them (runs of capitalised words), so the teacher (the model with the memory in context) answers each question
+from the memory and the student learns those answers without it. Kinds:
+
+- ``about``: "What do you know about <name>?", "Tell me about <name>.", "Describe <name>.", "What is known about
+  <name>?" per name the text mentions (several phrasings, so what is learned is not tied to one);
+- ``cloze``: a sentence cut after its first third and after its first two thirds, "Complete this sentence:
+  <start> ...";
+- ``blank``: a sentence with one of its content words (after the first two words) blanked, "Fill in the blank:
+  ... ___ ...", one question per content word;
+- ``what``: "What is the <noun> of <name>?" / "What is <name>'s <noun>?" where the text says "the <noun> of
+  <name> is ..." or "<name>'s <noun> is ...";
+- ``recall``: "What do you remember?" over the whole memory.
+
+Answers are not written here: the teacher's own greedy answer (with the memory) is the target.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from ..errors import CubeError
+
+_SENTENCE = re.compile(r"[^.!?;\n]+[.!?]?")
+_NAME = re.compile(r"\b([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*)")
+_OF = re.compile(r"\b[Tt]he ([a-z][a-z ]{1,30}?) of ([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*) (?:is|was|are) ")
+_POSSESSIVE = re.compile(r"\b([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*)'s ([a-z][a-z ]{1,30}?) (?:is|was|are) ")
+_STOP = {"The", "A", "An", "At", "On", "In", "And", "But", "Or", "If", "When", "Then", "This", "That", "It", "He",
+         "She", "They", "We", "I", "You", "His", "Her", "Their", "Our", "My", "Your", "Its", "There", "Here"}
+
+KINDS = ("about", "cloze", "blank", "what", "recall")
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of ``text`` with at least four words, stripped."""
+    return [s.strip() for s in _SENTENCE.findall(text) if len(s.split()) >= 4]
+
+
+def names(text: str) -> list[str]:
+    """Runs of capitalised words in ``text`` (people, places, things), first mention order; a leading sentence
+    word like "The" is dropped. Names that are part of a longer name mentioned too are kept (first names)."""
+    found: dict[str, None] = {}
+    for match in _NAME.finditer(text):
+        words = match.group(1).split()
+        while words and words[0] in _STOP:
+            words = words[1:]
+        if words:
+            found[" ".join(words)] = None
+    return list(found)
+
+
+def make_questions(text: str, *, per_memory: int = 12, seed: int = 0) -> list[str]:
+    """Up to ``per_memory`` distinct questions about ``text`` (deterministic for ``seed``), a mix of the kinds
+    in the module docstring, each kind taking its turn so a short budget still covers every kind."""
+    if not isinstance(text, str) or not text.strip():
+        raise CubeError(f"a memory to learn must be a non-empty string, got {text!r:.40}")
+    if isinstance(per_memory, bool) or not isinstance(per_memory, int) or per_memory < 1:
+        raise CubeError(f"questions per memory must be an int >= 1, got {per_memory!r}")
+    rng = random.Random(seed)
+    pools = {kind: [] for kind in KINDS}
+    for name in names(text):
+        pools["about"] += [f"What do you know about {name}?", f"Tell me about {name}.", f"Describe {name}.",
+                           f"What is known about {name}?"]
+    for sentence in sentences(text):
+        words = sentence.split()
+        # several cut points and every content word blanked in turn: each part of a sentence is, in some
+        # question, what the teacher has to say (one cut in the middle would always hand over the same half)
+        for cut in sorted({max(2, min(len(words) - 1, len(words) * k // 3)) for k in (1, 2)}):
+            pools["cloze"].append(f"Complete this sentence: {' '.join(words[:cut])} ...")
+        for i in [i for i, w in enumerate(words) if len(w.strip(".,!?")) > 3 and i >= 2]:
+            blanked = words[:i] + ["___" + words[i][len(words[i].rstrip(".,!?")):]] + words[i + 1:]
+            pools["blank"].append(f"Fill in the blank: {' '.join(blanked)}")
+    for noun, name in _OF.findall(text):
+        pools["what"] += [f"What is the {noun} of {name}?", f"What is {name}'s {noun}?"]
+    for name, noun in _POSSESSIVE.findall(text):
+        pools["what"] += [f"What is {name}'s {noun}?", f"What is the {noun} of {name}?"]
+    pools["recall"] = ["What do you remember?"]
+    for pool in pools.values():
+        rng.shuffle(pool)
+    out: dict[str, None] = {}
+    while len(out) < per_memory and any(pools.values()):
+        for kind in KINDS:  # round robin over kinds
+            if pools[kind] and len(out) < per_memory:
+                out[pools[kind].pop()] = None
+    return list(out)
+
+
+# Unrelated prompts whose base-model answers the adapter is trained to keep (so learning memories does not
+# change what the model says about everything else). The bench measures damage on a different, held-apart set.
+KEEP_PROMPTS = (
+    "What is the boiling point of water at sea level?", "Name three primary colours.",
+    "Write one sentence about the ocean.", "How many days are in a week?", "What does a bakery sell?",
+    "Give me a synonym for happy.", "What is 7 plus 5?", "Why do leaves change colour in autumn?",
+    "Say hello in French.", "What is the largest planet in our solar system?", "Suggest a name for a puppy.",
+    "What is photosynthesis?", "How do you make a cup of tea?", "What language is spoken in Brazil?",
+    "List two uses of a hammer.", "What is the opposite of cold?", "Tell me a fun fact about dolphins.",
+    "What is the chemical symbol for gold?", "Write a sentence using the word 'bright'.", "Who painted the Mona Lisa?",
+    "How many continents are there?", "What is a good breakfast?", "Explain gravity to a child.",
+    "What instrument has 88 keys?", "Recommend a book for a long trip.", "What is the plural of mouse?",
+    "Why do we need sleep?", "What is 15 divided by 3?", "Name an animal that lives in the desert.",
+    "How does rain form?", "How many hours are in a day?", "Give me a word that rhymes with cat.",
+)

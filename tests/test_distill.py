@@ -1,0 +1,239 @@
+"""kvmem.distill: context distillation of memories into a LoRA AdapterCube (kvmem/evolve/distill.py).
+
+Fast tests run a tiny random llama with SmolLM2's tokenizer; one slow test distils a fact into the real SmolLM2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvmem
+from helpers import tiny_model
+
+peft = pytest.importorskip("peft")
+
+MEMORIES = ["Alice Moreau lives in Tallinn and works as a glassblower.",
+            "The badge number of Bruno Okafor is 4821. Bruno Okafor sits on floor 7."]
+FAST = dict(rank=4, questions_per_memory=3, max_answer_tokens=5, keep_prompts=("Say hello.",), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    try:
+        from kvmem.demo.models import smollm2_checkpoint
+
+        return AutoTokenizer.from_pretrained(smollm2_checkpoint(verbose=False))
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        pytest.skip(f"the real tokenizer is not available: {exc}")
+
+
+def _examples(model, tok):
+    from kvmem.evolve.distill import make_examples
+    from kvmem.prompt import ChatLayout
+
+    return make_examples(model, tok, MEMORIES, layout=ChatLayout(tok), questions_per_memory=3, seed=0,
+                         max_answer_tokens=5, keep_prompts=FAST["keep_prompts"])
+
+
+@pytest.fixture(scope="module")
+def run(tok):
+    """(model, distilled AdapterCube, the model's logits on a probe before distilling): every example in every
+    batch (batch_size = the number of examples), so successive losses measure the same thing."""
+    model = tiny_model("llama")
+    n = len(_examples(model, tok))
+    probe = torch.arange(100, 113)[None]
+    with torch.no_grad():
+        before = model(input_ids=probe).logits
+    cube = kvmem.distill(model, tok, MEMORIES, steps=8, batch_size=n, lr=3e-3, **FAST)
+    return model, cube, before, probe
+
+
+def test_runs_the_steps_and_the_loss_falls(run):
+    _, cube, _, _ = run
+    facts = cube.meta["distill"]
+    assert facts["steps"] == 8 and len(facts["losses"]) == 8 and facts["stopped"] == "steps"
+    assert facts["losses"][-1] < 0.5 * facts["losses"][0], facts["losses"]
+    assert facts["memories"] == 2 and facts["examples"] >= 4 and facts["keep_examples"] == 1
+
+
+def test_the_model_comes_back_unchanged(run):
+    model, _, before, probe = run
+    assert not isinstance(model, peft.PeftModel)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=probe).logits, before)
+
+
+def test_teacher_sees_the_memory_through_a_cube(tok):
+    """The teacher's recorded distributions are the model's with the memory's text in the prompt (a full
+    prefill, transformers' own), at every answer token."""
+    from kvmem.prompt import ChatLayout
+
+    model = tiny_model("llama")
+    layout = ChatLayout(tok)
+    example = next(e for e in _examples(model, tok) if e.source == 0)
+    request_and_answer = example.ids[len(layout.anchor_ids()):]
+    full = torch.cat([layout.anchor_ids(), layout.text_ids(MEMORIES[0]), request_and_answer])[None]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=full).logits[0].float(), -1)
+    a = example.teacher.shape[0]
+    start = full.shape[1] - (example.ids.numel() - example.start)
+    want = logp[start - 1:start - 1 + a]
+    assert torch.equal(full[0, start:start + a], example.ids[example.start:example.start + a])
+    assert (example.teacher.float() - want).abs().max() < 2e-2  # float16 storage of log-probs
+
+
+def test_generate_uses_the_distilled_adapter(run, tok):
+    """mm.generate(..., adapter=cube) runs the model with exactly this LoRA (checked against a PeftModel made
+    from its weights on a fresh copy of the base), then restores the base."""
+    model, cube, before, probe = run
+    reference = peft.PeftModel(tiny_model("llama"), cube.config)
+    peft.set_peft_model_state_dict(reference, cube.state_dict)
+    reference.eval()
+    mm = kvmem.wrap(model, tok)
+    out = mm.generate("Where does Alice Moreau live?", adapter=cube, max_new_tokens=6, do_sample=False)
+    ids = mm.prompt_ids("Where does Alice Moreau live?", [])
+    want = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              pad_token_id=mm._pad_id({}))
+    assert torch.equal(out, want)
+    with torch.no_grad(), mm.adapters.using(cube):
+        assert not torch.equal(mm.model(input_ids=probe).logits, before)  # the LoRA learned something
+    assert mm.adapter is None
+    with torch.no_grad():
+        assert torch.equal(mm.model(input_ids=probe).logits, before)
+
+
+def test_fingerprinted_to_its_base(run, tmp_path):
+    _, cube, _, _ = run
+    loaded = kvmem.AdapterCube.load(cube.save(tmp_path / "d.safetensors"))
+    assert loaded.digest == cube.digest and loaded.meta["distill"]["losses"] == cube.meta["distill"]["losses"]
+    loaded.check_base(tiny_model("llama"))  # the same weights: accepted
+    with pytest.raises(kvmem.FingerprintMismatch):
+        loaded.check_base(tiny_model("llama", seed=1))  # other weights: refused
+
+
+def test_resume_equals_the_uninterrupted_run(tok, tmp_path):
+    model = tiny_model("llama")
+    options = dict(FAST, batch_size=2, lr=1e-2, seed=3, checkpoint_every=2)
+    whole = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "a", **options)
+    kvmem.distill(model, tok, MEMORIES, steps=3, checkpoint_dir=tmp_path / "b", **options)  # "interrupted" at 3
+    resumed = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "b", resume=True, **options)
+    assert resumed.meta["distill"]["losses"] == whole.meta["distill"]["losses"]
+    assert resumed.state_dict.keys() == whole.state_dict.keys()
+    for key, value in whole.state_dict.items():
+        assert torch.equal(resumed.state_dict[key], value), key
+    fresh = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "c", resume=True, **options)
+    assert fresh.digest == whole.digest  # resume with no checkpoint yet starts from step 0
+    with pytest.raises(kvmem.CubeError, match="another distillation"):
+        kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "b", resume=True,
+                      **{**options, "seed": 4})
+
+
+def test_lineage_of_store_records(tok, tmp_path):
+    from kvmem.store.lineage import source_entry, stale_sources
+
+    view = kvmem.CubeStore(tmp_path / "s").view("alice")
+    records = [view.add(f"m{i}", text) for i, text in enumerate(MEMORIES)]
+    cube = kvmem.distill(tiny_model("llama"), tok, view.ls(), steps=1, **FAST)
+    derived = kvmem.AdapterCube.load(cube.save(tmp_path / "a.safetensors")).meta["derived_from"]
+    assert derived == [source_entry(r) for r in records]
+    assert stale_sources(view.store.catalog, derived) == []
+    view.add("m0", "Alice Moreau moved to Porto.")
+    assert [(s["memory"], s["reason"]) for s in stale_sources(view.store.catalog, derived)] == [("alice/m0", "edited")]
+    assert kvmem.distill(tiny_model("llama"), tok, MEMORIES[:1], steps=1, **FAST).meta["derived_from"] == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(), "steps= .* or time_budget="),
+    (dict(steps=0), "steps must be an int >= 1"),
+    (dict(steps=1, rank=0), "rank must be"),
+    (dict(steps=1, lr=5.0), "lr must be"),
+    (dict(steps=1, batch_size=True), "batch_size must be"),
+    (dict(steps=1, time_budget=-1), "time_budget must be"),
+    (dict(steps=1, resume=True), "resume=True needs checkpoint_dir"),
+    (dict(steps=1, target_modules=["nope_proj"]), "not linear layers"),
+    (dict(time_budget=1e-9), "time budget .* ran out"),
+])
+def test_bad_arguments(tok, kwargs, match):
+    with pytest.raises(kvmem.CubeError, match=match):
+        kvmem.distill(tiny_model("llama"), tok, MEMORIES, **{**FAST, **kwargs})
+
+
+@pytest.mark.parametrize("memories, match", [
+    ([], "at least one memory"), ("Alice lives in Oslo.", "must be a list"), ([""], "non-empty text"),
+    ([3], "non-empty text"),
+])
+def test_bad_memories(tok, memories, match):
+    with pytest.raises(kvmem.CubeError, match=match):
+        kvmem.distill(tiny_model("llama"), tok, memories, steps=1, **FAST)
+
+
+def test_refuses_a_peft_model(tok):
+    wrapped = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(kvmem.CubeError, match="base model, not a PeftModel"):
+        kvmem.distill(wrapped, tok, MEMORIES, steps=1, **FAST)
+
+
+def test_questions_come_from_the_text():
+    from kvmem.evolve.questions import make_questions, names
+
+    text = "Quinn Jensen keeps bees in Graz. The favourite colour of Quinn Jensen is teal."
+    assert names(text)[:2] == ["Quinn Jensen", "Graz"]
+    qs = make_questions(text, per_memory=12, seed=0)
+    assert qs == make_questions(text, per_memory=12, seed=0) and len(set(qs)) == len(qs)
+    assert "What is the favourite colour of Quinn Jensen?" in qs
+    cloze = [q[len("Complete this sentence: "):-len(" ...")] for q in qs if q.startswith("Complete this sentence: ")]
+    assert cloze and all(text.startswith(c) or f". {c}" in text for c in cloze)
+    assert any(q.startswith("Fill in the blank:") and "___" in q for q in qs)
+    about = {f"{t} Quinn Jensen{end}" for t, end in (("What do you know about", "?"), ("Tell me about", "."),
+                                                        ("Describe", "."), ("What is known about", "?"))}
+    assert about & set(qs)
+    assert len(make_questions(text, per_memory=3, seed=0)) == 3
+    with pytest.raises(kvmem.CubeError):
+        make_questions("  ", per_memory=3)
+
+
+@pytest.mark.slow
+def test_smollm2_learns_a_fact_the_base_does_not_know(smollm2):
+    """Distilled into SmolLM2, an invented fact is answered with no memory in the prompt, to a question the
+    distillation never asked (a paraphrase); the base model does not know it, the cube does."""
+    from kvmem.evolve.questions import make_questions
+
+    model, tokenizer = smollm2
+    fact = "Sami Haddad lives in Split and works as a glassblower."
+    question = "What does Sami Haddad do for a living?"
+    mm = kvmem.wrap(model, tokenizer)
+    assert "glassblower" not in mm.answer(question, max_new_tokens=16).lower()
+    assert "glassblower" in mm.answer(question, cubes=[mm.build_cube(fact)], max_new_tokens=16).lower()
+    cube = kvmem.distill(mm.adapters.base, tokenizer, [fact], steps=30, lr=2e-3, seed=0, progress=False)
+    assert question not in make_questions(fact, per_memory=12, seed=0)  # the questions distil asked (seed 0)
+    assert "glassblower" in mm.answer(question, adapter=cube, max_new_tokens=16).lower()
+    assert mm.adapter is None
+
+
+def test_cli_distils_a_namespace_into_the_store(checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvmem.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "400", "NO_COLOR": "1"})
+    view = kvmem.CubeStore(tmp_path / "s").view("alice")
+    view.add("m0", MEMORIES[0])
+    view.add("m1", MEMORIES[1])
+    base = ["distill", "-n", "alice", "--store", str(tmp_path / "s"), "--model", str(checkpoint)]
+    result = runner.invoke(app, [*base, "--ids", "m1", "--steps", "2", "--rank", "2"])
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "s" / "adapters" / "alice.safetensors"
+    assert f"wrote {path}: 1 memories learned in 2 steps" in result.output
+    cube = kvmem.AdapterCube.load(path)
+    assert [e["memory"] for e in cube.meta["derived_from"]] == ["alice/m1"] and cube.rank == 2
+    out = tmp_path / "own.safetensors"
+    assert runner.invoke(app, [*base, "--steps", "1", "-o", str(out)]).exit_code == 0
+    assert len(kvmem.AdapterCube.load(out).meta["derived_from"]) == 2
+    missing = runner.invoke(app, [*base, "--ids", "nope", "--steps", "1"])
+    assert missing.exit_code == 1 and missing.output.startswith("kvmem: no memory 'nope'")
+    empty = runner.invoke(app, ["distill", "-n", "bob", "--store", str(tmp_path / "s"), "--steps", "1"])
+    assert empty.exit_code == 1 and "has no memories to distil" in empty.output
