@@ -17,7 +17,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 SCRIPTS = ["ttft", "compose_quality", "splice_kernel", "zipf_trace", "adapter_swap", "retrieval", "retrieval_tune",
-           "retrieval_cost", "ttft_fast", "auto_overhead", "recall_gate"]
+           "retrieval_cost", "ttft_fast", "auto_overhead", "recall_gate", "distill", "compose_fidelity",
+           "quantized_cubes", "host_overhead"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
