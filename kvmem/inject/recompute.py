@@ -12,6 +12,10 @@ layer type, passed as the dict the model's own forward builds). Deeper layers th
   tokens see the full context (measured by one pass through the first layer only).
 - ``blend`` (EPIC + CacheBlend per cube): each later cube's first ``budget // 2`` tokens (its would-be sinks) plus
   its ``budget - budget // 2`` highest-deviation other tokens, so every cube gets the same share of the budget.
+- ``query`` (the tokens the query attends to most): each later cube's first ``budget // 2`` tokens plus its
+  ``budget - budget // 2`` others that get the most attention from the request's query, summed over every layer
+  and head (one forward of the query's few tokens over the composed prefix, as it stands). Without the query,
+  the last cube's last 32 tokens stand in for it (`QUERY_PROXY_TOKENS`).
 The first cube (with the anchor) is exact and never recomputed.
 """
 
@@ -21,6 +25,7 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
+from ..model import ape
 from ..model.cache import cache_kwarg
 from ..model.rope import attention_kinds
 
@@ -46,6 +51,23 @@ class _ScatterLayer(DynamicLayer):
         self.keys[:, :, self.positions] = key_states.to(self.keys.dtype)
         self.values[:, :, self.positions] = value_states.to(self.values.dtype)
         return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+
+class _AppendLayer(DynamicLayer):
+    """A cache layer over a composed [1, heads, T, dim] buffer that returns it with the new tokens' K/V appended,
+    writing nothing: a query's probe forward leaves the composed prefix as it was."""
+
+    def __init__(self, keys, values):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return (torch.cat([self.keys, key_states.to(self.keys.dtype)], -2),
+                torch.cat([self.values, value_states.to(self.values.dtype)], -2))
 
     def get_seq_length(self) -> int:
         return self.keys.shape[-2]
@@ -133,12 +155,53 @@ def blend_positions(model, dst_k, dst_v, ids, spans, budget: int) -> torch.Tenso
     return torch.cat(picked).to(dst_k.device) if picked else torch.zeros(0, dtype=torch.long, device=dst_k.device)
 
 
-def recompute(model, dst_k, dst_v, ids, spans, *, mode: str, budget) -> int:
-    """Recompute the chosen tokens' KV in ``dst_k``/``dst_v`` [layers, heads, T, dim] in place. Returns how many."""
+QUERY_PROXY_TOKENS = 32  # without the request's query, the last cube's last tokens stand in for it
+
+
+def query_attention(model, dst_k, dst_v, ids, spans, query_ids: torch.Tensor | None) -> torch.Tensor:
+    """[T]: the attention each composed position gets from the query's tokens (appended after the prefix), summed
+    over layers, heads and query tokens; without ``query_ids``, from the last cube's last `QUERY_PROXY_TOKENS`."""
+    length = dst_k.shape[2]
+    if query_ids is None:
+        s, e = spans[-1]
+        query_ids = ids[0, max(s, e - QUERY_PROXY_TOKENS):e]
+    query = torch.as_tensor(query_ids, device=ids.device).reshape(-1)
+    positions = torch.arange(length, length + query.numel(), device=ids.device)
+    layers = [_AppendLayer(dst_k[i][None], dst_v[i][None]) for i in range(dst_k.shape[0])]
+    dtype = dst_k.dtype if dst_k.dtype.is_floating_point else torch.float32
+    record: list[torch.Tensor] = []
+    with ape.adjusted(model, context=(spans[0][0], spans[-1][1]), query_start=length, record=record), \
+            torch.inference_mode():
+        model(input_ids=query[None], position_ids=positions[None],
+              attention_mask=layer_masks(model, positions, length + query.numel(), dtype=dtype),
+              use_cache=True, logits_to_keep=1, **{cache_kwarg(model): Cache(layers=layers)})
+    return torch.stack([r[:length] for r in record]).sum(0)
+
+
+def query_positions(model, dst_k, dst_v, ids, spans, budget: int, query_ids) -> torch.Tensor:
+    """Per later cube: its first ``budget // 2`` positions and the ``budget - budget // 2`` others the query
+    attends to most (`query_attention`); a cube no longer than ``budget`` is recomputed whole."""
+    lead = budget // 2
+    mass = query_attention(model, dst_k, dst_v, ids, spans, query_ids).cpu()
+    picked = []
+    for s, e in spans[1:]:
+        if e - s <= budget:
+            picked.append(torch.arange(s, e))
+            continue
+        top = mass[s + lead:e].topk(budget - lead).indices + s + lead
+        picked += [torch.arange(s, s + lead), top.sort().values]
+    return torch.cat(picked).to(dst_k.device) if picked else torch.zeros(0, dtype=torch.long, device=dst_k.device)
+
+
+def recompute(model, dst_k, dst_v, ids, spans, *, mode: str, budget, query_ids=None) -> int:
+    """Recompute the chosen tokens' KV in ``dst_k``/``dst_v`` [layers, heads, T, dim] in place. Returns how many.
+    ``query_ids``: [q] the request's tokens after the prefix (mode "query"; None: the last cube's tail)."""
     if len(spans) < 2 or mode == "none":
         return 0
     if mode == "leading":
         positions = leading_positions(spans, int(budget), dst_k.device)
+    elif mode == "query":
+        positions = query_positions(model, dst_k, dst_v, ids, spans, int(budget), query_ids)
     elif mode == "blend":
         positions = blend_positions(model, dst_k, dst_v, ids, spans, int(budget))
     else:
