@@ -10,6 +10,8 @@ bench/compose_quality.py:
 on SmolLM2-135M fact QA over 2/4/8 cubes it halves or better the next-token KL against a full prefill
 (0.07/0.49/0.51 nats vs the pure splice's 0.40/1.00/1.15) at 93.4% less TTFT than a full prefill (pure splice:
 97.4%) for 4 cubes x 1.5k tokens on a CPU. `recompute="none"` is the fastest, `"selective"` the costliest.
+The gate also weighs "blend" and "query" (the tokens the request's query attends to most); `Prefix.adjusted`
+adds APE's attention adjustment (`kvmem.model.ape`) to one request's generate.
 """
 
 from __future__ import annotations
@@ -178,6 +180,8 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
         choice = gate(model, len(cubes), default=(recompute, budget), fields=actual)
         recompute, budget = choice.prefill_args([c.num_tokens for c in cubes])
         composition = f"{choice.mode}: {choice.reason}"
+        if recompute == "query" and query_ids is None:  # calibrated with the question; said, not hidden
+            composition += "; no query_ids given: the last cube's last tokens stood in for the query"
     prefix = _compose(model, cubes, facts, devices, recompute, budget, rope=rope, query_ids=query_ids)
     prefix.composition = composition
     prefix.quantized = quantized_report(cubes)
