@@ -71,7 +71,8 @@ def plot(doc: dict, png: str) -> None:
     plt = _common.pyplot()
     runs = doc["runs"]
     counts = sorted({r["cubes"] for run in runs for r in run["rows"]})
-    fig, axes = plt.subplots(len(runs), len(counts), figsize=(5 * len(counts), 3.8 * len(runs)), squeeze=False)
+    fig, axes = plt.subplots(len(runs), len(counts), figsize=(max(8, 5 * len(counts)), 3.8 * len(runs)),
+                             squeeze=False)  # one column: wide enough for the title and labels
     for i, run in enumerate(runs):
         for j, n in enumerate(counts):
             ax = axes[i][j]
