@@ -94,8 +94,8 @@ def test_generate_inside_and_restore_after_errors(llama):
     prefix, query = _prefix(llama), random_ids(4, seed=8)
     ids = prefix.extend(query)
     with prefix.adjusted(llama, temperature=0.8, scale=0.9):
-        out = llama.generate(ids, attention_mask=torch.ones_like(ids), **{cache_kwarg(llama): copy.deepcopy(prefix.cache)},
-                             max_new_tokens=3, do_sample=False)
+        out = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                             **{cache_kwarg(llama): copy.deepcopy(prefix.cache)})
     assert out.shape[1] == ids.shape[1] + 3
     with pytest.raises(RuntimeError, match="boom"), prefix.adjusted(llama, temperature=0.8, scale=0.9):
         raise RuntimeError("boom")

@@ -141,7 +141,8 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
     if recompute not in RECOMPUTE_MODES:
         raise CubeError(f"recompute={recompute!r} is not a mode; choose one of {', '.join(['auto', *RECOMPUTE_MODES])}")
     budget = RECOMPUTE_MODES[recompute][0] if budget is None else budget
-    if recompute in ("leading", "blend", "query") and not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0):
+    if recompute in ("leading", "blend", "query") and not (isinstance(budget, int) and not isinstance(budget, bool)
+                                                          and budget >= 0):
         raise CubeError(f"budget for recompute={recompute!r} is a token count >= 0, got {budget!r}")
     if recompute == "selective" and not (isinstance(budget, (int, float)) and not isinstance(budget, bool)
                                          and 0 < budget <= 1):
