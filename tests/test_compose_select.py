@@ -4,6 +4,7 @@ tail. And the RoPE refusal comes before the composition gate's notice."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -77,3 +78,22 @@ def test_length_dependent_rope_is_refused_before_the_gate_notice(tmp_path, monke
         with pytest.raises(kvmem.CubeError, match="dynamic"):
             kvmem.prefill(model, cubes)
     assert not [w for w in caught if "without a calibration" in str(w.message)]
+
+
+def test_query_mode_and_ape_on_sliding_window_layers():
+    """Gemma 3's mix of sliding-window and full layers: the query probe and the adjusted path follow each layer's
+    own mask (cubes longer than the window), exact at full budget and equal to stock when nothing is adjusted."""
+    from kvmem.model import ape
+
+    model = tiny_model("gemma3_text", sliding_window=8,
+                       layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                       num_hidden_layers=4)
+    cubes, query = _cubes(model), random_ids(5, seed=4)
+    prefix = kvmem.prefill(model, cubes, recompute="query", budget=17, query_ids=query)
+    with torch.inference_mode():
+        full = model(input_ids=prefix.extend(query)).logits[0, -1]
+    stock = _next_logits(model, copy.deepcopy(prefix.cache), query)
+    torch.testing.assert_close(stock, full, rtol=1e-4, atol=1e-4)
+    with ape.adjusted(model, context=(prefix.spans[0][0], prefix.spans[-1][1]), query_start=prefix.num_tokens,
+                      record=[]):
+        torch.testing.assert_close(_next_logits(model, copy.deepcopy(prefix.cache), query), stock, rtol=1e-4, atol=1e-4)
