@@ -65,7 +65,7 @@ def _write(model, rows):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("mode,budget", [("leading", 17), ("blend", 34)])
+@pytest.mark.parametrize("mode,budget", [("leading", 17), ("blend", 34), ("deep", 34)])
 def test_full_budget_is_exact(family, mode, budget):
     model = tiny_model(family)
     cubes = _cubes(model)

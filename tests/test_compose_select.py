@@ -97,3 +97,23 @@ def test_query_mode_and_ape_on_sliding_window_layers():
     with ape.adjusted(model, context=(prefix.spans[0][0], prefix.spans[-1][1]), query_start=prefix.num_tokens,
                       record=[]):
         torch.testing.assert_close(_next_logits(model, copy.deepcopy(prefix.cache), query), stock, rtol=1e-4, atol=1e-4)
+
+
+def test_deviation_over_several_layers_is_each_layers_own_normalised():
+    from kvmem.inject.recompute import deviation
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    cubes = _cubes(model, (10, 30, 30))
+    k, v, ids, spans = compose_kv(cubes, rope_facts(model), dtype=torch.float32)
+    candidates = torch.arange(spans[1][0], spans[-1][1])
+    one, three = (deviation(model, k, v, ids[None], candidates, layers=(i,)) for i in (1, 3))
+    both = deviation(model, k, v, ids[None], candidates, layers=(1, 3))
+    torch.testing.assert_close(both, one / one.mean() + three / three.mean())
+    assert not torch.allclose(one / one.mean(), three / three.mean())  # the layers disagree: a deeper signal
+    deep = kvmem.prefill(model, cubes, recompute="deep", budget=8)
+    assert deep.recomputed == 16
+    query = random_ids(4, seed=6)
+    exact = kvmem.prefill(model, cubes, recompute="deep", budget=30)
+    with torch.inference_mode():
+        full = model(input_ids=exact.extend(query)).logits[0, -1]
+    torch.testing.assert_close(_next_logits(model, exact.cache, query), full, rtol=1e-4, atol=1e-4)

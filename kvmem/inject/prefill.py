@@ -41,6 +41,7 @@ RECOMPUTE_MODES = {
     "leading": (32, "tokens recomputed at the start of every cube after the first (EPIC)"),
     "selective": (0.15, "fraction of later cubes' tokens recomputed, those whose KV deviate most (CacheBlend)"),
     "blend": (64, "tokens recomputed per later cube: its first half-budget plus its highest-deviation ones"),
+    "deep": (64, "as blend, with the deviation measured at layers 1-3 instead of layer 1"),
     "query": (64, "tokens recomputed per later cube: its first half-budget plus those the query attends to most"),
 }
 DEFAULT_RECOMPUTE = "leading"  # measured: see the module docstring and bench/README.md; "auto" without a calibration
@@ -102,7 +103,8 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
             tokens, default 32), "none" (pure splice, re-rotated keys: the fastest),
             "selective" (recompute the ``budget`` fraction, default 0.15, of later cubes' tokens whose KV
             deviate most) or "blend" (per later cube its first ``budget``/2 tokens and its ``budget``/2
-            highest-deviation ones, default 64) or "query" (per later cube its first ``budget``/2 tokens and
+            highest-deviation ones, default 64), "deep" (as "blend", deviation at layers 1-3) or "query" (per
+            later cube its first ``budget``/2 tokens and
             the ``budget``/2 that ``query_ids`` attend to most, default 64). A single cube is exact and never
             recomputed.
         budget: the recompute mode's knob (see above); None takes the mode's default (with "auto": the gate's); a
@@ -141,7 +143,7 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
     if recompute not in RECOMPUTE_MODES:
         raise CubeError(f"recompute={recompute!r} is not a mode; choose one of {', '.join(['auto', *RECOMPUTE_MODES])}")
     budget = RECOMPUTE_MODES[recompute][0] if budget is None else budget
-    if recompute in ("leading", "blend", "query") and not (isinstance(budget, int) and not isinstance(budget, bool)
+    if recompute in ("leading", "blend", "deep", "query") and not (isinstance(budget, int) and not isinstance(budget, bool)
                                                           and budget >= 0):
         raise CubeError(f"budget for recompute={recompute!r} is a token count >= 0, got {budget!r}")
     if recompute == "selective" and not (isinstance(budget, (int, float)) and not isinstance(budget, bool)
