@@ -7,7 +7,9 @@ Texts (cubes split where a user splits them):
     chat    a user/assistant chat log (bench/datasets/assistant.py, verbose), one session per cube; generic
             questions about the sessions
 
-Per cube count and setting (kvmem.prefill recompute mode and budget), against a full prefill of the same ids with
+Per cube count and setting (kvmem.prefill recompute mode and budget, "query" reading each question; and the
+APE-adjusted settings of kvmem.inject.calibrate.APE_SETTINGS: "+apeT/S", "q" when only the question's tokens are
+adjusted, not the generated ones), against a full prefill of the same ids with
 the chat template's anchor (`kvmem.wrap(model, tok).anchor`): mean next-token KL (nats) teacher-forced along the
 full prefill's 12-token greedy answer, the share of questions whose 12-token greedy answer equals the full
 prefill's, and TTFT (kvmem.prefill + the question's forward vs the full prefill's forward; medians).
@@ -31,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import _common  # noqa: E402
 import kvmem  # noqa: E402
-from kvmem.inject.calibrate import DEFAULT_SETTINGS  # noqa: E402
+from kvmem.inject.calibrate import APE_SETTINGS, DEFAULT_SETTINGS  # noqa: E402
 from kvmem.inject.gate import Target  # noqa: E402
 
 # the issue's targets (CPU, 4 cubes): KL <= 0.10, greedy answer >= 80%, TTFT >= 85% below a full prefill;
@@ -69,7 +71,8 @@ def plot(doc: dict, png: str) -> None:
     plt = _common.pyplot()
     runs = doc["runs"]
     counts = sorted({r["cubes"] for run in runs for r in run["rows"]})
-    fig, axes = plt.subplots(len(runs), len(counts), figsize=(5 * len(counts), 3.8 * len(runs)), squeeze=False)
+    fig, axes = plt.subplots(len(runs), len(counts), figsize=(max(8, 5 * len(counts)), 3.8 * len(runs)),
+                             squeeze=False)  # one column: wide enough for the title and labels
     for i, run in enumerate(runs):
         for j, n in enumerate(counts):
             ax = axes[i][j]
@@ -103,6 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", type=int, default=2)
     parser.add_argument("--questions", type=int, default=3)
     parser.add_argument("--texts", nargs="+", default=["notes", "chat"], choices=["notes", "chat"])
+    parser.add_argument("--no-ape", action="store_true", help="skip the APE-adjusted settings (APE_SETTINGS)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes; writes nothing unless --out")
     parser.add_argument("--out", default=None)
@@ -122,26 +126,28 @@ def main(argv=None) -> int:
     anchor = kvmem.wrap(model, tok, attention="keep").anchor
     facts = _common.machine_facts(model=model, model_name=_common.MODELS[args.model][1])
     target = Target()
+    settings = tuple(DEFAULT_SETTINGS) + (() if args.no_ape else tuple(APE_SETTINGS))
     runs = []
     for kind in args.texts:
         texts = None if kind == "notes" else chat_sessions(tok, max(args.cubes) * args.sets, args.tokens)
         t0, cpu0 = time.perf_counter(), time.process_time()
         doc = kvmem.calibrate(model, tok, texts=texts, cubes=tuple(args.cubes), tokens_per_cube=args.tokens,
-                              sets=args.sets, questions=args.questions, anchor=anchor, target=target, save=False)
+                              sets=args.sets, questions=args.questions, anchor=anchor, target=target, save=False,
+                              settings=settings)
         runs.append({"texts": kind, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
                      "rows": doc["rows"],
                      "choices": doc["choices"], "meets_issue_targets": [r["label"] + f"@{r['cubes']}"
                                                                         for r in doc["rows"] if meets(r)]})
         print(f"\n{kind}: {runs[-1]['seconds']:.0f} s")
         for r in doc["rows"]:
-            print(f"  {r['cubes']} cubes {r['label']:<16} KL {r['kl_mean']:.3f}  agree {r['agreement']:.0%}  "
+            print(f"  {r['cubes']} cubes {r['label']:<24} KL {r['kl_mean']:.3f}  agree {r['agreement']:.0%}  "
                   f"tok-agree {r['token_agreement']:.0%}  TTFT {r['ttft_s'] * 1e3:.0f} ms vs "
                   f"{r['full_ttft_s'] * 1e3:.0f} ms ({r['ttft_saving']:.0%} saved){'  MEETS' if meets(r) else ''}",
                   flush=True)
         for n, c in doc["choices"].items():
             print(f"  gate at {n} cubes -> {c['mode']}: {c['reason']}")
     facts["loadavg_end"] = _common.loadavg()
-    out = {"facts": facts, "settings": [list(s) for s in DEFAULT_SETTINGS], "tokens_per_cube": args.tokens,
+    out = {"facts": facts, "settings": [list(s) for s in settings], "tokens_per_cube": args.tokens,
            "sets": args.sets, "questions_per_set": args.questions, "answer_tokens": 12,
            "gate_target": {"kl": target.kl, "agreement": target.agreement}, "issue_targets": ISSUE_TARGETS,
            "runs": runs}

@@ -65,7 +65,7 @@ def _write(model, rows):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("mode,budget", [("leading", 17), ("blend", 34)])
+@pytest.mark.parametrize("mode,budget", [("leading", 17), ("blend", 34), ("deep", 34)])
 def test_full_budget_is_exact(family, mode, budget):
     model = tiny_model(family)
     cubes = _cubes(model)
@@ -206,3 +206,17 @@ def test_serving_connector_follows_the_calibration(llama, tmp_path, cache_dir):
         planner.plan(prompt, request)  # leading passes, but an engine cannot recompute: refused
     _write(llama, [_row(2, "none", None, 0.01, 1.0, 0.05)])
     assert planner.plan(prompt, request) is not None
+
+
+def test_calibrate_measures_query_and_ape_settings_and_the_gate_skips_ape(llama, tok, cache_dir):
+    settings = (("query", 10 ** 4), ("none", None, (1.0, 1.0, True)), ("none", None, (0.5, 0.8, False)))
+    doc = kvmem.calibrate(llama, tok, cubes=(2,), settings=settings, tokens_per_cube=40, sets=1, questions=2,
+                          answer_tokens=4, progress=False)
+    rows = {r["label"]: r for r in doc["rows"]}
+    assert set(rows) == {"query@10000", "none+ape1/1", "none+ape0.5/0.8q"}
+    assert rows["query@10000"]["kl_mean"] < 1e-6 and rows["query@10000"]["agreement"] == 1.0  # full budget: exact
+    assert rows["none+ape1/1"]["kl_mean"] > 1e-6  # T = S = 1 is the pure splice, which drifts
+    assert rows["none+ape0.5/0.8q"]["kl_mean"] != rows["none+ape1/1"]["kl_mean"]  # the adjustment was applied
+    _write(llama, [_row(2, "none", None, 0.001, 1.0, 0.01) | {"ape": [0.9, 0.9, True]},
+                   _row(2, "leading", 4, 0.01, 1.0, 0.1)])
+    assert kvmem.prefill(llama, _cubes(llama, (8, 8))).composition.startswith("leading: calibrated")

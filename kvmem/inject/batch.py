@@ -85,7 +85,8 @@ def prefill_batch(model, rows, queries, *, max_new_tokens: int, pad_token_id: in
         raise CubeError("every query needs at least one token (generate continues from the query's last token)")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise CubeError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    prefixes = [prefill(model, cubes, recompute=recompute, budget=budget, tokenizer=tokenizer) for cubes in rows]
+    prefixes = [prefill(model, cubes, recompute=recompute, budget=budget, tokenizer=tokenizer, query_ids=q)
+                for cubes, q in zip(rows, queries)]  # each row's query: recompute="query" picks what it attends to
     lengths = [p.num_tokens for p in prefixes]
     prefix_len, query_len = max(lengths), max(q.numel() for q in queries)
     total = prefix_len + query_len + max_new_tokens

@@ -17,6 +17,7 @@ target and prefill as text where none does.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -38,7 +39,24 @@ from .gate import CALIBRATION_VERSION, DEFAULT_TARGET, Target, calibration_path,
 from .prefill import prefill
 
 # (mode, budget) measured by default, cheapest first
-DEFAULT_SETTINGS = (("none", None), ("leading", 32), ("blend", 64), ("leading", 128), ("selective", 0.15))
+DEFAULT_SETTINGS = (("none", None), ("leading", 32), ("blend", 64), ("query", 64), ("leading", 128),
+                    ("selective", 0.15))
+# opt-in settings with the APE attention adjustment: (mode, budget, (temperature, scale, decode)); measured by
+# bench/compose_fidelity.py; the gate never picks them (prefill cannot apply an adjustment that lives in generate).
+# T = 1, S = 0.6: a sweep (bench/results/compose_fidelity_ape_sweep.txt) found any T != 1 worse on both real models
+# and S < 1 slightly better; 0.9/0.9 stands for APE's own (T < 1) regime
+APE_SETTINGS = (("none", None, (1.0, 0.6, True)), ("none", None, (0.9, 0.9, True)), ("leading", 32, (1.0, 0.6, True)),
+                ("query", 64, (1.0, 0.6, True)))
+
+
+def setting_label(setting) -> str:
+    """``leading@32``, ``query@64``, ``leading@32+ape0.9/0.9`` (``...q``: the query's tokens only, not decoding)."""
+    mode, budget, *rest = setting
+    text = label(mode, budget)
+    if rest and rest[0]:
+        t, s, decode = rest[0]
+        text += f"+ape{t:g}/{s:g}" + ("" if decode else "q")
+    return text
 
 _FIRST = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kavya", "Lars",
           "Mina", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Sami", "Tove", "Umar", "Vera", "Wen", "Xavier", "Yara",
@@ -133,6 +151,14 @@ def _teacher_forced(model, cache, query: torch.Tensor, answer: torch.Tensor) -> 
     return out.logits[0]
 
 
+def _adjust(prefix, model, ape, query: torch.Tensor):
+    """The APE adjustment of a setting for one request (a no-op context without one)."""
+    if not ape:
+        return contextlib.nullcontext()
+    t, s, decode = ape
+    return prefix.adjusted(model, temperature=t, scale=s, decode=decode, query_len=query.numel())
+
+
 def _measure_set(model, cubes, queries, settings, *, answer_tokens: int, pad: int, device) -> list[dict]:
     """Per setting, per question: KL, agreement and TTFT of the composed prefix against the full prefill."""
     prefix_ids = torch.cat([cubes[0].anchor_ids[0]] + [c.input_ids[0] for c in cubes]).to(device)[None]
@@ -150,21 +176,27 @@ def _measure_set(model, cubes, queries, settings, *, answer_tokens: int, pad: in
                                          copy.deepcopy(memory), answer_tokens, pad)
         full.append((tokens, logits, memory_s + ttft))
     rows = []
-    for mode, budget in settings:
-        sync(device)
-        t0 = time.perf_counter()
-        prefix = prefill(model, cubes, recompute=mode, budget=budget)
-        sync(device)
-        prefill_s = time.perf_counter() - t0
+    for setting in settings:
+        mode, budget, *rest = setting
+        ape = rest[0] if rest else None
+        prefix = None
         for q, (tokens, logits, full_ttft) in zip(queries, full):
             q = q.to(device)
-            got, got_logits, ttft = _generate(model, prefix.extend(q), copy.deepcopy(prefix.cache), answer_tokens, pad)
-            same = got.shape == tokens.shape and bool(torch.equal(got, tokens))
-            # the same answer: generate's own logits were teacher-forced along the full prefill's tokens already
-            forced = got_logits if same else _teacher_forced(model, copy.deepcopy(prefix.cache), q, tokens)
+            if prefix is None or mode == "query":  # "query" reads the question: one prefill per question
+                sync(device)
+                t0 = time.perf_counter()
+                prefix = prefill(model, cubes, recompute=mode, budget=budget, query_ids=q)
+                sync(device)
+                prefill_s = time.perf_counter() - t0
+            with _adjust(prefix, model, ape, q):
+                got, got_logits, ttft = _generate(model, prefix.extend(q), copy.deepcopy(prefix.cache),
+                                                  answer_tokens, pad)
+                same = got.shape == tokens.shape and bool(torch.equal(got, tokens))
+                # the same answer: generate's own logits were teacher-forced along the full prefill's tokens already
+                forced = got_logits if same else _teacher_forced(model, copy.deepcopy(prefix.cache), q, tokens)
             n = min(got.numel(), tokens.numel())
-            rows.append({"mode": mode, "budget": budget, "kl": _kl(logits, forced), "same": same,
-                         "token_agreement": float((got[:n] == tokens[:n]).float().mean()) if n else 0.0,
+            rows.append({"mode": mode, "budget": budget, "ape": list(ape) if ape else None, "kl": _kl(logits, forced),
+                         "same": same, "token_agreement": float((got[:n] == tokens[:n]).float().mean()) if n else 0.0,
                          "ttft_s": prefill_s + ttft, "full_ttft_s": full_ttft, "recomputed": prefix.recomputed,
                          "tokens": prefix.num_tokens})
     return rows
@@ -172,10 +204,12 @@ def _measure_set(model, cubes, queries, settings, *, answer_tokens: int, pad: in
 
 def _summarise(n_cubes: int, per_question: list[dict], settings) -> list[dict]:
     out = []
-    for mode, budget in settings:
-        rows = [r for r in per_question if r["mode"] == mode and r["budget"] == budget]
+    for setting in settings:
+        mode, budget, *rest = setting
+        ape = list(rest[0]) if rest and rest[0] else None
+        rows = [r for r in per_question if r["mode"] == mode and r["budget"] == budget and r["ape"] == ape]
         ttft, full = statistics.median(r["ttft_s"] for r in rows), statistics.median(r["full_ttft_s"] for r in rows)
-        out.append({"cubes": n_cubes, "mode": mode, "budget": budget, "label": label(mode, budget),
+        out.append({"cubes": n_cubes, "mode": mode, "budget": budget, "ape": ape, "label": setting_label(setting),
                     "kl_mean": statistics.fmean(r["kl"] for r in rows), "kl_max": max(r["kl"] for r in rows),
                     "agreement": statistics.fmean(r["same"] for r in rows),
                     "token_agreement": statistics.fmean(r["token_agreement"] for r in rows),
@@ -197,7 +231,9 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
             None: invented multi-paragraph team notes of ``tokens_per_cube`` tokens each. Questions are generic
             for your texts and about a later cube's facts (some spanning two cubes) for the invented ones.
         cubes: the cube counts to measure (the gate uses the smallest measured count >= a request's).
-        settings: (mode, budget) pairs of `kvmem.prefill` to measure.
+        settings: (mode, budget) pairs of `kvmem.prefill` to measure, or (mode, budget, (temperature, scale,
+            decode)) with the APE adjustment (`kvmem.inject.prefill.Prefix.adjusted`; `APE_SETTINGS`), which the
+            gate reports but never picks.
         sets, questions: cube sets per count, questions per set (agreement has 1/(sets*questions) resolution).
         answer_tokens: length of the greedy answer compared (KL is teacher-forced along the full prefill's).
         anchor: the text every cube continues; pass ``kvmem.wrap(model, tokenizer).anchor`` to calibrate the chat

@@ -119,7 +119,9 @@ def choose(calibration: dict, n_cubes: int, *, target: Target = DEFAULT_TARGET, 
     if at is None:
         return Choice("text", None, f"calibrated up to {max(counts, default=0)} cubes, not {n_cubes}: prefilled as "
                       "text (exact); calibrate with more cubes (kvmem calibrate --cubes ...) to compose", True)
-    rows = [r for r in calibration["rows"] if r["cubes"] == at and (modes is None or r["mode"] in modes)]
+    # rows measured with the APE attention adjustment are reported, never picked: it lives in generate, not prefill
+    rows = [r for r in calibration["rows"] if r["cubes"] == at and (modes is None or r["mode"] in modes)
+            and not r.get("ape")]
     # a setting that meets the target but costs a full prefill's time or more saves nothing over text: not chosen
     passing = sorted((r for r in rows if target.met_by(r) and r["ttft_saving"] > 0), key=lambda r: r["ttft_s"])
     if passing:

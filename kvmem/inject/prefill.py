@@ -10,6 +10,8 @@ bench/compose_quality.py:
 on SmolLM2-135M fact QA over 2/4/8 cubes it halves or better the next-token KL against a full prefill
 (0.07/0.49/0.51 nats vs the pure splice's 0.40/1.00/1.15) at 93.4% less TTFT than a full prefill (pure splice:
 97.4%) for 4 cubes x 1.5k tokens on a CPU. `recompute="none"` is the fastest, `"selective"` the costliest.
+The gate also weighs "blend" and "query" (the tokens the request's query attends to most); `Prefix.adjusted`
+adds APE's attention adjustment (`kvmem.model.ape`) to one request's generate.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .._deprecation import renamed_function
 from ..cubes.fingerprint import check_fields, fingerprint_fields
 from ..cubes.memcube import MemCube, as_cubes
 from ..errors import CubeError
+from ..model import ape
 from ..model.cache import kv_shapes, new_cache
 from ..model.devices import layer_devices
 from ..model.facts import check_context, text_config
@@ -38,6 +41,8 @@ RECOMPUTE_MODES = {
     "leading": (32, "tokens recomputed at the start of every cube after the first (EPIC)"),
     "selective": (0.15, "fraction of later cubes' tokens recomputed, those whose KV deviate most (CacheBlend)"),
     "blend": (64, "tokens recomputed per later cube: its first half-budget plus its highest-deviation ones"),
+    "deep": (64, "as blend, with the deviation measured at layers 1-3 instead of layer 1"),
+    "query": (64, "tokens recomputed per later cube: its first half-budget plus those the query attends to most"),
 }
 DEFAULT_RECOMPUTE = "leading"  # measured: see the module docstring and bench/README.md; "auto" without a calibration
 
@@ -66,6 +71,18 @@ class Prefix:
     def num_tokens(self) -> int:
         return self.input_ids.shape[1]
 
+    def adjusted(self, model, *, temperature: float, scale: float, decode: bool = True, query_len: int | None = None):
+        """A context manager running ``model`` with the APE adjustment (`kvmem.model.ape.adjusted`) for a request
+        continuing this prefix: the query's logits toward the cubes' tokens divided by ``temperature``, their
+        weight multiplied by ``scale``, the anchor as the sink. ``decode=False`` adjusts only the request's
+        ``query_len`` tokens, not the generated ones. One cube, or T = S = 1: nothing changes (bit-exact)."""
+        start = self.num_tokens
+        if len(self.spans) < 2:  # one cube is exact: there is no parallel context to adjust
+            return ape.adjusted(model, context=(start, start), query_start=start)
+        end = None if query_len is None else start + int(query_len)
+        return ape.adjusted(model, context=(self.spans[0][0], self.spans[-1][1]), query_start=start,
+                            temperature=temperature, scale=scale, decode=decode, query_end=end)
+
     def extend(self, query_ids: torch.Tensor) -> torch.Tensor:
         """``torch.cat([input_ids, query_ids], -1)``: the ids to pass to generate with this cache."""
         query_ids = torch.as_tensor(query_ids, device=self.input_ids.device)
@@ -73,7 +90,7 @@ class Prefix:
 
 
 def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None = None,
-            tokenizer=None) -> Prefix:
+            tokenizer=None, query_ids=None) -> Prefix:
     """Splice ``cubes`` into a fresh KV cache for ``model``.
 
     Args:
@@ -86,10 +103,15 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
             tokens, default 32), "none" (pure splice, re-rotated keys: the fastest),
             "selective" (recompute the ``budget`` fraction, default 0.15, of later cubes' tokens whose KV
             deviate most) or "blend" (per later cube its first ``budget``/2 tokens and its ``budget``/2
-            highest-deviation ones, default 64). A single cube is exact and never recomputed.
+            highest-deviation ones, default 64), "deep" (as "blend", deviation at layers 1-3) or "query" (per
+            later cube its first ``budget``/2 tokens and
+            the ``budget``/2 that ``query_ids`` attend to most, default 64). A single cube is exact and never
+            recomputed.
         budget: the recompute mode's knob (see above); None takes the mode's default (with "auto": the gate's); a
             budget with "auto" is the default mode's ("leading") budget, no gate.
         tokenizer: if given, also checked against the tokenizer the cubes were built with.
+        query_ids: [q] the request's tokens that will follow the prefix, for recompute="query" (None: the last
+            cube's last 32 tokens stand in for the query).
 
     Returns:
         Prefix(cache, input_ids, spans, names).
@@ -121,7 +143,8 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
     if recompute not in RECOMPUTE_MODES:
         raise CubeError(f"recompute={recompute!r} is not a mode; choose one of {', '.join(['auto', *RECOMPUTE_MODES])}")
     budget = RECOMPUTE_MODES[recompute][0] if budget is None else budget
-    if recompute in ("leading", "blend") and not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0):
+    if recompute in ("leading", "blend", "deep", "query") and not (isinstance(budget, int) and not isinstance(budget, bool)
+                                                          and budget >= 0):
         raise CubeError(f"budget for recompute={recompute!r} is a token count >= 0, got {budget!r}")
     if recompute == "selective" and not (isinstance(budget, (int, float)) and not isinstance(budget, bool)
                                          and 0 < budget <= 1):
@@ -154,12 +177,15 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
                         [c.name])
         prefix.quantized = quantized_report(cubes)
         return prefix
-    composition = ""
+    rope = rope_facts(model)  # CubeError naming family, layer and reason where moving cubes cannot be exact,
+    composition = ""        # before the gate: a refused model gets no misleading notice about its calibration
     if auto:
         choice = gate(model, len(cubes), default=(recompute, budget), fields=actual)
         recompute, budget = choice.prefill_args([c.num_tokens for c in cubes])
         composition = f"{choice.mode}: {choice.reason}"
-    prefix = _compose(model, cubes, facts, devices, recompute, budget)
+        if recompute == "query" and query_ids is None:  # calibrated with the question; said, not hidden
+            composition += "; no query_ids given: the last cube's last tokens stood in for the query"
+    prefix = _compose(model, cubes, facts, devices, recompute, budget, rope=rope, query_ids=query_ids)
     prefix.composition = composition
     prefix.quantized = quantized_report(cubes)
     return prefix
@@ -267,7 +293,7 @@ def compose_kv(cubes: list[MemCube], rope, *, dtype: torch.dtype, device=None):
     return dst_k, dst_v, ids, spans
 
 
-def _compose(model, cubes: list[MemCube], facts, devices, mode: str, budget) -> Prefix:
+def _compose(model, cubes: list[MemCube], facts, devices, mode: str, budget, *, rope, query_ids=None) -> Prefix:
     """`compose_kv` on the model's device, then the recompute mode's tokens refreshed in place; each layer's KV
     is then moved to its own device (``devices``: where a dispatched model runs it)."""
     device, dtype = facts.device, facts.dtype
@@ -276,10 +302,9 @@ def _compose(model, cubes: list[MemCube], facts, devices, mode: str, budget) -> 
                         f"({', '.join(sorted({str(d) for d in devices}))}) is not supported yet: the recompute pass "
                         "writes every layer's KV into one buffer on the model's device; compose with "
                         "recompute='none', or inject one cube at a time")
-    rope = rope_facts(model)  # CubeError naming family, layer and reason where moving cubes cannot be exact
     dst_k, dst_v, ids, spans = compose_kv(cubes, rope, dtype=dtype, device=device)
     ids = ids[None].to(device)
-    n = _recompute(model, dst_k, dst_v, ids, spans, mode=mode, budget=budget)
+    n = _recompute(model, dst_k, dst_v, ids, spans, mode=mode, budget=budget, query_ids=query_ids)
     kv = [(dst_k[i][None].to(d), dst_v[i][None].to(d)) for i, d in zip(range(dst_k.shape[0]), devices)]
     return Prefix(new_cache(model, kv, facts=facts), ids, spans, [c.name for c in cubes], recomputed=n)
 
