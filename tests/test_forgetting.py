@@ -64,11 +64,15 @@ def _precomposed(view, model, memory_id="ab", sources=("a", "b")):
 
 
 def test_a_composed_cube_must_say_what_it_was_made_from(view, model):
-    pc = precompose(model, [view.load_cube("a"), view.load_cube("b")], recompute="leading")
+    # cubes from outside any store record no sources: their composition cannot be traced, so it is refused
+    loose = precompose(model, [_cube(model, TEXTS["a"], 0), _cube(model, TEXTS["b"], 1)], recompute="leading")
     with pytest.raises(CubeError, match="composed from 2 cubes.*derived_from"):
-        view.put_cube("ab", pc)
+        view.put_cube("ab", loose)
     assert view.get("ab") is None
-    rec = _precomposed(view, model)
+    # precompose records its store cubes' sources itself (lineage.sources_of): stored as it is
+    pc = precompose(model, [view.load_cube("a"), view.load_cube("b")], recompute="leading")
+    assert pc.meta["derived_from"] == sources_of([view.load_cube("a"), view.load_cube("b")])
+    rec = view.put_cube("ab", pc)
     assert {e["memory"] for e in rec.meta["derived_from"]} == {"me/ab", "me/a", "me/b"}
     assert view.load_cube("ab").text == TEXTS["a"] + TEXTS["b"]
 
