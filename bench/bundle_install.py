@@ -139,7 +139,7 @@ def plot(doc: dict, png: str) -> None:
     _common.save_figure(fig, png, m)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100 memories, 2 repeats; writes nothing unless --out")
     parser.add_argument("--out", help="JSON to write (default bench/results/bundle_install_cpu.json)")
@@ -147,7 +147,7 @@ def main() -> None:
                                                                          "or the system's temporary folder)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--base-reps", type=int, default=3, help="repeats of the (slow) one-by-one baseline")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.memories, args.cubes = (100, 5) if args.quick else (1000, 20)
     if args.quick:
         args.reps = args.base_reps = 2

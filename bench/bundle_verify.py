@@ -114,12 +114,12 @@ def plot(doc: dict, png: str) -> None:
     _common.save_figure(fig, png, doc["machine"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5 MB, 3 repeats; writes nothing unless --out")
     parser.add_argument("--out", help="JSON to write (default bench/results/bundle_verify_cpu.json)")
     parser.add_argument("--reps", type=int, default=15)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.memories, args.tokens = (5, 2000) if args.quick else (100, 2000)
     if args.quick:
         args.reps = 3

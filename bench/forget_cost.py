@@ -86,11 +86,11 @@ def plot(doc: dict, png: str) -> None:
     _common.save_figure(fig, png, doc["machine"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sizes, reps, warmup = ((200, 500), 5, 1) if args.quick else ((250, 1000, 3000), 15, 3)
     rows = run(sizes, reps, warmup)
     doc = {"bench": "forget_cost", "machine": _common.machine_facts(), "rows": rows}
