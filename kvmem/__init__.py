@@ -13,6 +13,7 @@ flat layout (`kvmem.prefix`, `kvmem.attention`, ...) still import, with a Deprec
 """
 
 from ._deprecation import install_module_aliases
+from ._lazy import lazy_names
 from ._version import __version__
 from .errors import CubeError, FingerprintMismatch
 
@@ -37,16 +38,4 @@ _PUBLIC = {
 __all__ = ["CubeError", "FingerprintMismatch", *_PUBLIC, "__version__"]
 
 
-def __getattr__(name: str):
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvmem' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups are plain attribute reads
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC))
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC)

@@ -17,7 +17,7 @@ PACKAGES = {"kvmem": ROOT / "kvmem"}  # installed name -> source folder
 
 LAYERS = {
     # infrastructure: shared basics, kernels, model facts, cube formats, storage
-    "kvmem._version": 0, "kvmem._deprecation": 0, "kvmem.errors": 0, "kvmem.timing": 0,
+    "kvmem._version": 0, "kvmem._deprecation": 0, "kvmem._lazy": 0, "kvmem.errors": 0, "kvmem.timing": 0,
     "kvmem.kernels": 1,        # Triton kernels + their torch references
     "kvmem.model": 2,          # what kvmem reads from and registers on a transformers model
     "kvmem.cubes": 3,          # MemCube, AdapterCube, the file format, fingerprints

@@ -10,9 +10,11 @@ cascade a delete or edit sets off, stale adapters, the receipt), expiry.py (memo
 Names load on first use, so importing the record rules never imports torch.
 """
 
+from .._lazy import lazy_names
+
 _PUBLIC = {
     "CubeStore": ".cubestore", "StoreView": ".view", "GCReport": ".cubestore", "RebuildReport": ".repair",
-    "StoreVersion": ".records",
+    "StoreVersion": ".records", "Batch": ".batch",
     "Record": ".records", "CatalogBackend": ".records", "BlobBackend": ".records", "check_meta": ".records",
     "split_id": ".records", "Receipt": ".forgetting", "stale_adapters": ".forgetting",
 }
@@ -20,12 +22,4 @@ _PUBLIC = {
 __all__ = list(_PUBLIC)
 
 
-def __getattr__(name: str):
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvmem.store' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC)

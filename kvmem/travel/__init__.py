@@ -12,6 +12,8 @@ another model from their texts).
 Names load on first use, so ``import kvmem.travel`` imports neither torch nor cryptography.
 """
 
+from .._lazy import lazy_names
+
 _PUBLIC = {
     "generate_key": ".signing", "load_signing_key": ".signing", "read_public_key": ".signing",
     "TrustList": ".signing", "SigningKey": ".signing", "PublicKey": ".signing",
@@ -26,12 +28,4 @@ _PUBLIC = {
 __all__ = list(_PUBLIC)
 
 
-def __getattr__(name: str):
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvmem.travel' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC)
