@@ -222,3 +222,25 @@ def test_gc_beside_a_live_writer_never_deletes_a_committed_cube(make_store, cube
     for rec in view.ls():
         assert rec.kind == "text" or view.load_cube(rec.id) is not None
     assert store.gc(grace_s=0).repaired == []
+
+
+def test_list_derived_finds_every_unit_that_records_sources(make_store, cube):
+    """A delete's cascade reads `list_derived` instead of every row: it must hold every row whose meta records
+    `derived_from` (a unit made from other memories, in any namespace), and the cascade it feeds must still reach a
+    dependant in this backend."""
+    from kvmem.store.lineage import source_entry
+
+    store = make_store()
+    me, other = store.view("me"), store.view("other")
+    me.add("plain", "a memory with no cube")
+    me.add("src", '"derived_from" in a text is not lineage')
+    me.put_cube("own", cube)
+    other.put_cube("unit", cube, derived_from=[source_entry(me.get("src"))])
+    found = {r.qualified for r in store.catalog.list_derived()}
+    recorded = {r.qualified for r in store.catalog.list(None) if "derived_from" in r.meta}
+    assert "other/unit" in recorded and recorded <= found
+    assert "me/plain" not in found
+    assert found <= {r.qualified for r in store.catalog.list(None)}
+    me.add("src", "an edited text")  # the cascade, fed by list_derived, removes the unit in the other namespace
+    assert other.get("unit") is None and "other/unit" not in {r.qualified for r in store.catalog.list_derived()}
+    assert me.get("own") is not None

@@ -89,7 +89,7 @@ def invalidate(store, memories, receipt: Receipt, *, at: float | None = None, ev
     pending, done = list(dict.fromkeys(memories)), set(memories)
     first = True
     while pending or (first and everything):
-        rows = store.catalog.list(None)
+        rows = store.catalog.list_derived()
         found = [r for r in rows if foreign_sources(r)] if first and everything else dependants(rows, pending)
         pending, first = [], False
         for rec in found:

@@ -241,6 +241,12 @@ class SQLiteCatalog:
         with self._connect() as db:
             return [self._record(r) for r in db.execute(sql + " ORDER BY namespace, created, id", args)]
 
+    def list_derived(self):
+        # instr() runs in SQLite's C loop; only rows naming the key are decoded (lineage.dependants matches them)
+        with self._connect() as db:
+            return [self._record(r) for r in db.execute(
+                SELECT + " WHERE instr(meta, '\"derived_from\"') > 0 ORDER BY namespace, created, id")]
+
     def delete(self, namespace, memory_id):
         with self._write() as db, transaction(db):
             row = db.execute(f"{SELECT} WHERE namespace=? AND id=?", (namespace, memory_id)).fetchone()

@@ -250,6 +250,11 @@ class CatalogBackend(Protocol):
     def list(self, namespaces: tuple[str, ...] | None, kind: str | None = None) -> list[Record]:
         """Rows of ``namespaces`` (None: all), optionally of one kind, ordered by namespace, created, id."""
 
+    def list_derived(self) -> list[Record]:
+        """Rows of every namespace whose meta records ``derived_from`` (a superset is allowed: callers match the
+        entries), ordered as ``list``. Filtered where the rows are kept, so a delete's cascade does not decode
+        every row of the store."""
+
     def delete(self, namespace: str, memory_id: str) -> Record | None:
         """Delete a row (logs "rm"); returns it, or None if there was none."""
 

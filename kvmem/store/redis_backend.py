@@ -256,6 +256,14 @@ class RedisCatalog:
         rows = [r for r in rows if not kind or r.kind == kind]
         return sorted(rows, key=lambda r: (r.namespace, r.created, r.id))
 
+    def list_derived(self):
+        namespaces = sorted(n.decode() for n in self._read(lambda p: p.smembers(self.db.key("namespaces")))[0])
+        found = self._read(*(lambda pipe, ns=ns: pipe.hgetall(self.db.key("mem", ns)) for ns in namespaces))
+        # only rows whose raw JSON names the key are decoded (lineage.dependants matches the entries)
+        rows = [self._record(ns, k.decode(), v) for ns, hits in zip(namespaces, found) for k, v in hits.items()
+                if b'"derived_from"' in v]
+        return sorted(rows, key=lambda r: (r.namespace, r.created, r.id))
+
     def delete(self, namespace, memory_id):
         mem = self.db.key("mem", namespace)
 
