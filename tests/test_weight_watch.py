@@ -218,6 +218,23 @@ def test_data_writes_are_the_documented_blind_spot(base, cube):
         kvmem.prefill(model, cube)
 
 
+def test_inference_tensor_weights_edited_in_place_are_the_second_blind_spot():
+    """A model built (or loaded) under ``torch.inference_mode()`` holds inference tensors, which keep no version
+    counter: an in-place edit inside inference mode is not seen per request (as documented); `mark_changed` is."""
+    with torch.inference_mode():
+        model = tiny_model("llama")
+    assert next(model.parameters()).is_inference()
+    cube = kvmem.MemCube.from_ids(model, IDS)
+    kvmem.prefill(model, cube)
+    w = model.model.layers[0].self_attn.v_proj.weight
+    with torch.inference_mode():
+        w.add_(1e-3 * torch.randn_like(w))
+    kvmem.prefill(model, cube)  # not seen: the blind spot
+    watch_mod.mark_changed(model)
+    with pytest.raises(kvmem.FingerprintMismatch):
+        kvmem.prefill(model, cube)
+
+
 def test_verify_weights_sees_a_sparse_data_write(base, cube):
     model = copy.deepcopy(base)
     kvmem.prefill(model, cube)
