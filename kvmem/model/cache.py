@@ -67,8 +67,9 @@ class GrowingLayer(DynamicLayer):
 
         Why: a first growth allocated inside the forward lands between that forward's own temporaries, so each
         request's heap grows through the forward and is handed back to the OS after it, and the next request
-        page-faults the same memory again (measured on the CPU proxy of bench/host_overhead.py: ~2,400 page faults,
-        about 1.5 ms of a 19 ms request). Allocated first, the temporaries reuse the same freed memory every layer.
+        page-faults the same memory again (the CPU proxy of bench/host_overhead.py: ~2,400 minor page faults a
+        request, none with the reservation; the bench records them per call). Allocated first, the forward's
+        temporaries reuse the same freed memory at every layer.
         """
         keys, values = self.keys, self.values
         if self._store_k is None and self._spare is None and keys is not None and keys.dim() == 4:
