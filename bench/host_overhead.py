@@ -158,8 +158,14 @@ def plot(doc: dict, png: str) -> None:
         names = [r["method"] for r in proxy]
         ax.bar(names, [r["median_ms"] for r in proxy], color=["#888", "#4a7"] * 2,
                yerr=[[r["median_ms"] - r["p10_ms"] for r in proxy], [r["p90_ms"] - r["median_ms"] for r in proxy]])
+        if all("cpu_median_ms" in r for r in proxy):
+            ax.scatter(names, [r["cpu_median_ms"] for r in proxy], marker="_", s=600, color="k", zorder=3,
+                       label="CPU time (median)")
+            ax.legend(fontsize=7)
         ax.set_ylabel("ms (median, p10-p90)")
-        ax.set_title(f"CPU proxy: {PROXY['num_hidden_layers']}-layer tiny llama, 1 thread", fontsize=9)
+        load = proxy[0].get("loadavg") or [float("nan")]
+        ax.set_title(f"CPU proxy: {PROXY['num_hidden_layers']}-layer tiny llama, 1 thread (load {load[0]:.1f})",
+                     fontsize=9)
         ax.tick_params(axis="x", labelsize=7, rotation=20)
     host = [r for r in doc["rows"] if r["part"] == "host"]
     if host:
