@@ -97,3 +97,45 @@ def test_cropped_layer_takes_what_it_is_given(model, cube):
         logits = model(input_ids=QUERY[:, -2:], cache=prefix.cache).logits[0, -1]
         full = model(input_ids=ids).logits[0, -1]
     torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+
+
+def test_first_update_reserves_every_layers_storage_before_the_forward_reaches_it(model, cube, monkeypatch):
+    """The query forward's first update allocates every layer's grown storage up front (no allocation lands between
+    the forward's temporaries: bench/host_overhead.py measured the page faults that caused), and each layer then
+    grows into exactly that storage."""
+    prefix = kvmem.prefill(model, cube)
+    seen = []
+    original = GrowingCache.update
+
+    def spy(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = original(self, key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == 0 and not seen:  # every other layer has not been updated yet
+            seen.extend(layer._spare for layer in self.layers[1:])
+        return out
+
+    monkeypatch.setattr(GrowingCache, "update", spy)
+    with torch.inference_mode():
+        model(input_ids=QUERY, cache=prefix.cache)
+    need = IDS.numel() + QUERY.shape[1]
+    assert len(seen) == len(prefix.cache.layers) - 1
+    for (spare_k, spare_v), layer in zip(seen, prefix.cache.layers[1:]):
+        assert spare_k.shape[-2] >= need and spare_v.shape[-2] >= need
+        assert layer.keys.untyped_storage().data_ptr() == spare_k.untyped_storage().data_ptr()
+        assert layer.values.untyped_storage().data_ptr() == spare_v.untyped_storage().data_ptr()
+
+
+def test_a_reservation_that_does_not_fit_is_not_used(monkeypatch):
+    """Reserved for 1 new token (no room beyond), updated with 5: the layer grows into fresh storage with the right
+    contents."""
+    monkeypatch.setattr(cache_mod, "_ROOM_MIN", 0)
+    monkeypatch.setattr(cache_mod, "_ROOM_FRACTION", 1000)
+    keys, values = torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4)
+    layer = GrowingLayer()
+    layer.is_initialized, layer.device, layer.keys, layer.values = True, keys.device, keys, values
+    layer.reserve(1)
+    spare = layer._spare[0]
+    assert spare.shape[-2] == 8
+    new_k, new_v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    out_k, out_v = layer.update(new_k, new_v)
+    assert out_k.untyped_storage().data_ptr() != spare.untyped_storage().data_ptr()
+    assert torch.equal(out_k, torch.cat([keys, new_k], -2)) and torch.equal(out_v, torch.cat([values, new_v], -2))

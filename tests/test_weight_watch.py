@@ -145,6 +145,43 @@ def test_swapped_adapter_gets_through_when_the_check_is_skipped(base, monkeypatc
     kvmem.prefill(model, under_a)
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_disabled_adapter_is_refused(base, monkeypatch, skip):
+    """``with model.disable_adapter():`` changes no weight, only the tuner layers' state: the watch reads that state,
+    so a cube built under the adapter is refused while it is disabled; skipped, the stale adapter field gets through."""
+    model = _two_adapters(base)
+    under_a = kvmem.MemCube.from_ids(model, IDS)
+    kvmem.prefill(model, under_a)
+    if skip:
+        _skip_check(monkeypatch)
+    with model.disable_adapter():
+        if skip:
+            kvmem.prefill(model, under_a)  # wrongly accepted without the watch
+            return
+        with pytest.raises(kvmem.FingerprintMismatch) as e:
+            kvmem.prefill(model, under_a)
+    assert e.value.fields == ["adapter"]
+    kvmem.prefill(model, under_a)  # enabled again: the cube fits again
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_injected_adapter_is_refused(base, cube, monkeypatch, skip):
+    """PEFT's injection replaces modules of the model in place (``get_peft_model``): the next request on that same
+    model object sees the registrations and refuses a cube built without the adapter; skipped, it gets through."""
+    model = copy.deepcopy(base)
+    kvmem.prefill(model, cube)
+    if skip:
+        _skip_check(monkeypatch)
+    torch.manual_seed(1)
+    peft.get_peft_model(model, _lora())  # LoRA layers now sit inside ``model`` itself
+    if skip:
+        kvmem.prefill(model, cube)  # wrongly accepted without the watch
+        return
+    with pytest.raises(kvmem.FingerprintMismatch) as e:
+        kvmem.prefill(model, cube)
+    assert e.value.fields == ["adapter"]
+
+
 def test_unchanged_model_reads_no_weight(base, cube, monkeypatch):
     """Once resolved, a request neither samples nor hashes a weight: one pass over references."""
     model = copy.deepcopy(base)
@@ -178,6 +215,23 @@ def test_data_writes_are_the_documented_blind_spot(base, cube):
     kvmem.prefill(model, cube)  # not seen: the blind spot
     watch_mod.mark_changed(model)
     with pytest.raises(kvmem.FingerprintMismatch):  # a dense edit moves the sampled values
+        kvmem.prefill(model, cube)
+
+
+def test_inference_tensor_weights_edited_in_place_are_the_second_blind_spot():
+    """A model built (or loaded) under ``torch.inference_mode()`` holds inference tensors, which keep no version
+    counter: an in-place edit inside inference mode is not seen per request (as documented); `mark_changed` is."""
+    with torch.inference_mode():
+        model = tiny_model("llama")
+    assert next(model.parameters()).is_inference()
+    cube = kvmem.MemCube.from_ids(model, IDS)
+    kvmem.prefill(model, cube)
+    w = model.model.layers[0].self_attn.v_proj.weight
+    with torch.inference_mode():
+        w.add_(1e-3 * torch.randn_like(w))
+    kvmem.prefill(model, cube)  # not seen: the blind spot
+    watch_mod.mark_changed(model)
+    with pytest.raises(kvmem.FingerprintMismatch):
         kvmem.prefill(model, cube)
 
 

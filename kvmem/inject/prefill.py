@@ -17,6 +17,7 @@ adds APE's attention adjustment (`kvmem.model.ape`) to one request's generate.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -159,19 +160,27 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
             raise CubeError(f"cube {c.name!r} holds {c.dtype} KV but the model runs in {dtype}: build the cube with "
                             f"the model in {dtype}, or load it with MemCube.load(path, dtype={dtype}) "
                             "(a cast is an approximation)")
-        _check_kv_shapes(model, c)
+        if _KEPT.get(c, (None,))[0] is not facts:  # checked once per cube and model generation
+            _check_kv_shapes(model, c)
+            _KEPT[c] = (facts, None)
     facts.remember("length_warning", lambda: _warn_length_dependent(model))
     check_context(model, cubes[0].anchor_len + sum(c.num_tokens for c in cubes), "the composed prefix",
                   "inject fewer or shorter cubes")
 
-    n_layers = len(cubes[0].kv_shapes)
+    n_layers = len(cubes[0].kv_shapes) if cubes[0].packed is not None else len(cubes[0].kv)
     devices = facts.remember(("kv_devices", n_layers), lambda: _kv_devices(model, n_layers, device))
     if len(cubes) == 1:
         c = cubes[0]
-        # the cube's own tensors (a view with a batch axis; no copy where they already sit on the layer's device):
-        # the cache's first update copies them into storage of its own; a quantized cube is dequantized here
-        full = c.kv if c.packed is None else dequantized_kv(c, device=device, dtype=dtype)
-        kv = [(k.to(d, non_blocking=True)[None], v.to(d, non_blocking=True)[None]) for (k, v), d in zip(full, devices)]
+        kv = _KEPT[c][1] if c.packed is None else None
+        if kv is None:
+            # the cube's own tensors (a view with a batch axis; no copy where they already sit on the layer's
+            # device): the cache's first update copies them into storage of its own; a quantized cube is
+            # dequantized here
+            full = c.kv if c.packed is None else dequantized_kv(c, device=device, dtype=dtype)
+            kv = [(k.to(d, non_blocking=True)[None], v.to(d, non_blocking=True)[None])
+                  for (k, v), d in zip(full, devices)]
+            if c.packed is None and all(a.data_ptr() == k.data_ptr() for (a, _), (k, _) in zip(kv, full)):
+                _KEPT[c] = (facts, kv)  # views only, no copy: the next request of this generation takes them
         ids = c.all_ids.to(device)
         prefix = Prefix(new_cache(model, kv, facts=facts), ids, [(c.anchor_len, c.anchor_len + c.num_tokens)],
                         [c.name])
@@ -189,6 +198,13 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
     prefix.composition = composition
     prefix.quantized = quantized_report(cubes)
     return prefix
+
+
+# Per cube (held weakly: an entry goes with its cube), what a request derives from it and this model generation's
+# facts and may keep, a cube being immutable: (facts its KV shapes were checked against, its KV as batch-axis views
+# on the layers' devices or None). Views are kept only where they needed no copy (the cube already sits on those
+# devices), so an entry holds no memory of its own.
+_KEPT: "weakref.WeakKeyDictionary[MemCube, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _kv_devices(model, n_layers: int, device: torch.device) -> list[torch.device]:

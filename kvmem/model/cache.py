@@ -59,7 +59,21 @@ class GrowingLayer(DynamicLayer):
     copies them into fresh storage, never into the tensors it was given (a cube's KV is never written).
     """
 
-    _store_k = _store_v = _view_k = _view_v = None
+    _store_k = _store_v = _view_k = _view_v = _spare = None
+
+    def reserve(self, new: int) -> None:
+        """Allocate (not fill) the storage this layer's first update of ``new`` tokens will grow into, before the
+        forward reaches the layer (`GrowingCache.update` calls it for every layer at the forward's first update).
+
+        Why: a first growth allocated inside the forward lands between that forward's own temporaries, so each
+        request's heap grows through the forward and is handed back to the OS after it, and the next request
+        page-faults the same memory again (the CPU proxy of bench/host_overhead.py: ~2,400 minor page faults a
+        request, none with the reservation; the bench records them per call). Allocated first, the forward's
+        temporaries reuse the same freed memory at every layer.
+        """
+        keys, values = self.keys, self.values
+        if self._store_k is None and self._spare is None and keys is not None and keys.dim() == 4:
+            self._spare = self._empty(keys, values, keys.shape[-2] + new)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append [batch, kv_heads, new, dim] keys/values; returns the layer's keys/values [batch, kv_heads, seq, dim]."""
@@ -78,31 +92,62 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def _grow(self, keys, values, key_states, value_states, n: int, need: int) -> torch.Tensor:
-        """Fresh storage for ``need`` tokens and room, holding the layer's first ``n`` entries."""
-        room = need + max(_ROOM_MIN, need // _ROOM_FRACTION)
-        batch = key_states.shape[0]
-        store_k = key_states.new_empty(batch, key_states.shape[1], room, key_states.shape[-1])
-        store_v = value_states.new_empty(batch, value_states.shape[1], room, value_states.shape[-1])
+        """Fresh storage for ``need`` tokens and room, holding the layer's first ``n`` entries (the reserved
+        storage where it fits: never handed out before, so no caller holds a view of it)."""
+        spare, self._spare = self._spare, None
+        if spare is not None and _fits(spare[0], key_states, need) and _fits(spare[1], value_states, need):
+            store_k, store_v = spare
+        else:
+            store_k, store_v = self._empty(key_states, value_states, need)
         if n:
             store_k[:, :, :n].copy_(keys)
             store_v[:, :, :n].copy_(values)
         self._store_k, self._store_v = store_k, store_v
         return store_k
 
+    @staticmethod
+    def _empty(like_k: torch.Tensor, like_v: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uninitialised keys/values storage [batch, heads, need + room, dim] shaped, typed and placed like
+        ``like_k`` / ``like_v``."""
+        room = need + max(_ROOM_MIN, need // _ROOM_FRACTION)
+        return (like_k.new_empty(like_k.shape[0], like_k.shape[1], room, like_k.shape[-1]),
+                like_v.new_empty(like_v.shape[0], like_v.shape[1], room, like_v.shape[-1]))
+
     def reset(self) -> None:
-        self._store_k = self._store_v = self._view_k = self._view_v = None
+        self._store_k = self._store_v = self._view_k = self._view_v = self._spare = None
         super().reset()
+
+
+def _fits(store: torch.Tensor, states: torch.Tensor, need: int) -> bool:
+    """Whether ``store`` [batch, heads, room, dim] can hold ``need`` tokens of ``states``' batch, heads, dim,
+    dtype and device."""
+    return (store.shape[-2] >= need and store.shape[:2] == states.shape[:2] and store.shape[-1] == states.shape[-1]
+            and store.dtype == states.dtype and store.device == states.device)
 
 
 class GrowingCache(DynamicCache):
     """A DynamicCache (generate treats it as one) whose full-attention layers are `GrowingLayer`s; made by
     `new_cache` with its layers ready."""
 
+    _reserve_pending = False
+
     def __init__(self, layers: list | None = None, **kwargs):
         if layers is None:  # made the DynamicCache way (from_legacy_cache and the like): plain layers
             DynamicCache.__init__(self, **kwargs)
         else:
             Cache.__init__(self, layers=layers)
+            self._reserve_pending = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """`Cache.update`; the first one (the query forward's first layer) first reserves every growing layer's
+        storage for the ``key_states.shape[-2]`` new tokens (`GrowingLayer.reserve`)."""
+        if self._reserve_pending:
+            self._reserve_pending = False
+            new = key_states.shape[-2]
+            for layer in self.layers:
+                if type(layer) is GrowingLayer:
+                    layer.reserve(new)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 def new_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]], *, facts=None) -> GrowingCache:

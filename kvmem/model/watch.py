@@ -13,7 +13,9 @@ full check (every weight's identity and a sample of its values, `kvmem.cubes.wei
 
 What the watch cannot see: writes that keep the storage and bypass autograd's version counter, that is through
 ``.data`` (``p.data.add_(...)``, ``p.data.copy_(...)``) or raw memory (``untyped_storage()``, a numpy view of a
-parameter, a kernel writing at ``data_ptr()``). After such a write call `mark_changed(model)` (the next request
+parameter, a kernel writing at ``data_ptr()``), and in-place writes to weights that are inference tensors (a model
+built or loaded under ``torch.inference_mode()``: such tensors keep no version counter; torch allows the write only
+inside inference mode). After such a write call `mark_changed(model)` (the next request
 checks in full) or `kvmem.verify_weights(model)` (hash every weight now). PEFT's ``hotswap_adapter`` writes through
 ``.data``: kvmem's own adapter bridge marks the model itself. A model with weights offloaded by accelerate
 (``meta`` parameters, read through hooks) is checked in full on every request.
