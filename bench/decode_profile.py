@@ -1,0 +1,158 @@
+"""Issue 20: where a decode step of the fast path (static prefix + kvmem_sdpa) spends the time the exact bound
+(`ttft_fast.py`'s ``exact_bound_tokens_per_s``) does not account for.
+
+One process, SmolLM2-135M float32, one torch thread, CPU time of this thread (the machine may be shared: wall
+time says little there), methods round robin, medians:
+
+    .venv/bin/python bench/decode_profile.py            # -> bench/results/decode_profile_cpu.json / .png
+    .venv/bin/python bench/decode_profile.py --quick    # short memory, writes nothing unless --out
+
+Rows (ms of CPU time per decode step after ``--memory`` memory tokens + a 167-token query):
+  fast_step       one decode forward from the static prefix, kvmem_sdpa (what `kvmem.wrap` decodes with)
+  no_memory_step  one decode forward after the query alone (stock sdpa): the weights' reads, the bound's base
+  attention       the 30 calls of the attention kernel the fast step makes (torch's CPU flash kernel, each
+                  group's queries packed), on the same cache tensors, nothing else
+  kv_read         reading those same keys and values once (a sum over each): the bytes an exact method must read
+  bound_kv_term   what the bound charges for the memory: its KV bytes at the rate the no-memory step read weights
+The fast step's excess over the no-memory step, against `attention`, says whether anything else (copies, mask,
+Python per layer) is left; `attention` against `kv_read` says how far torch's kernel is from reading the bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import kvmem  # noqa: E402
+import _common  # noqa: E402
+from kvmem.demo.models import load_smollm2  # noqa: E402
+from kvmem.model.attention import use_gqa_attention  # noqa: E402
+from kvmem.model.cache import cache_kwarg  # noqa: E402
+from kvmem.model.static_cache import static_prefix  # noqa: E402
+from workloads import memory_ids, query_ids  # noqa: E402
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _decode_steps(model, cache, query, start: int, steps: int) -> tuple[list[float], list[int]]:
+    """Forward ``query`` at position ``start``, then ``steps`` greedy single-token forwards: each one's thread CPU
+    seconds and the tokens."""
+    kw = cache_kwarg(model)
+    ids, pos, times, tokens = query, start, [], []
+    for i in range(steps + 1):
+        n = ids.shape[1]
+        t0 = time.thread_time()
+        out = model(input_ids=ids, cache_position=torch.arange(pos, pos + n),
+                    attention_mask=torch.ones(1, pos + n, dtype=torch.long), logits_to_keep=1, **{kw: cache})
+        if i:
+            times.append(time.thread_time() - t0)
+        ids, pos = out.logits[:, -1:].argmax(-1), pos + n
+        tokens.append(int(ids))
+    return times, tokens
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--memory", type=int, default=6064)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.memory, args.rounds, args.steps = 512, 2, 3
+    torch.set_num_threads(1)
+    model, tok = load_smollm2()
+    mem, q = memory_ids(tok, args.memory), query_ids(tok, 167)
+    cube = kvmem.MemCube.from_ids(model, mem, progress=False)
+    n = args.memory
+    samples = {m: [] for m in ("fast_step", "no_memory_step", "attention", "kv_read")}
+    same = True
+    with torch.inference_mode():
+        from transformers import DynamicCache
+
+        ids = kvmem.prefill(model, cube).extend(q)  # the prefix's ids (kvmem's anchor token + the memory) + query
+        start = ids.shape[1] - 167
+        _, full = _decode_steps(model, DynamicCache(config=model.config), ids, 0, args.steps)  # full prefill
+        for _ in range(args.rounds + 1):  # the first round warms up
+            use_gqa_attention(model)
+            prefix = static_prefix(model, kvmem.prefill(model, cube), max_new_tokens=args.steps + 1, query_len=167)
+            fast, tokens = _decode_steps(model, prefix.cache, q, start, args.steps)
+            same = same and tokens == full
+            use_gqa_attention(model, enabled=False)
+            plain, _ = _decode_steps(model, DynamicCache(config=model.config), q, 0, args.steps)
+            # the fast step's attention calls alone, on the cache's own tensors (views up to the last token)
+            end = start + 167 + args.steps
+            layers = [(lay.keys[:, :, :end], lay.values[:, :, :end]) for lay in prefix.cache.layers]
+            heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+            packed = torch.randn(1, kv_heads, heads // kv_heads, layers[0][0].shape[-1])
+            t0 = time.thread_time()
+            for k, v in layers:
+                _FLASH(packed, k, v, scale=k.shape[-1] ** -0.5)
+            t1 = time.thread_time()
+            for k, v in layers:
+                k.sum(), v.sum()
+            t2 = time.thread_time()
+            for name, x in (("fast_step", _median(fast)), ("no_memory_step", _median(plain)),
+                            ("attention", t1 - t0), ("kv_read", t2 - t1)):
+                samples[name].append(x)
+    for name in samples:
+        samples[name] = samples[name][1:]
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in cube.kv)
+    med = {name: _median(xs) * 1e3 for name, xs in samples.items()}
+    med["bound_kv_term"] = med["no_memory_step"] * kv_bytes / weight_bytes
+    med["bound_step"] = med["no_memory_step"] + med["bound_kv_term"]
+    rows = [{"method": name, "median_ms": ms, "samples_ms": [x * 1e3 for x in samples.get(name, [])]}
+            for name, ms in med.items()]
+    summary = {
+        "fast_excess_over_no_memory_ms": med["fast_step"] - med["no_memory_step"],
+        "fast_excess_not_in_attention_ms": med["fast_step"] - med["no_memory_step"] - med["attention"],
+        "attention_over_kv_read": med["attention"] / med["kv_read"],
+        "fraction_of_exact_bound": med["bound_step"] / med["fast_step"],
+        "weight_read_gb_per_s": weight_bytes / med["no_memory_step"] / 1e6,
+        "kv_read_gb_per_s": kv_bytes / med["kv_read"] / 1e6,
+        "attention_gb_per_s": kv_bytes / med["attention"] / 1e6,
+        "same_tokens_as_full_prefill": same, "memory_kv_bytes": kv_bytes, "weight_bytes": weight_bytes,
+    }
+    for r in rows:
+        print(f"{r['method']:>16}: {r['median_ms']:8.2f} ms")
+    print(summary)
+    facts = _common.machine_facts(model=model, memory_tokens=n, query_tokens=167, torch_threads=1,
+                                  clock="thread CPU time")
+    out = args.out or (None if args.quick else ROOT / "bench" / "results" / "decode_profile_cpu.json")
+    if out:
+        _common.write_results({"machine": facts, "args": vars(args), "summary": summary, "rows": rows}, out,
+                              plot=_plot)
+    return 0
+
+
+def _plot(doc: dict, png: str) -> None:
+    plt = _common.pyplot()
+    rows = doc["rows"]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.barh([r["method"] for r in rows], [r["median_ms"] for r in rows], color="#4c72b0")
+    for i, r in enumerate(rows):
+        ax.text(r["median_ms"], i, f" {r['median_ms']:.1f}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms of thread CPU time per decode step (median)")
+    m = doc["machine"]
+    ax.set_title(f"decode step after {m.get('memory_tokens')} memory tokens, SmolLM2 fp32, 1 thread\n"
+                 f"load {m.get('loadavg_start')}", fontsize=9)
+    _common.save_figure(fig, png, m)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
