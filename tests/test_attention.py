@@ -207,3 +207,32 @@ def test_visible_remembers_one_mask_per_layer_type():
     first = (Visible.of(full), Visible.of(window))
     assert (Visible.of(full), Visible.of(window)) == first  # the same objects: remembered, not read again
     assert Visible.of(full.clone()) is not first[0]  # another mask object is read anew
+
+
+def test_decoding_from_a_static_prefix_reads_the_cache_in_place(llama, monkeypatch):
+    """Issue 20: a decode step from a static prefix hands the attention kernel the cache's own storage (views, no
+    copy or concatenation of the memory per step) and no mask; its tokens equal stock sdpa's full prefill."""
+    from kvmem.model.static_cache import static_prefix
+
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.shape[2], k, v, kw.get("attn_mask"))) or
+                        real_sdpa(q, k, v, **kw))
+    use_gqa_attention(llama)
+    cube = kvmem.MemCube.from_ids(llama, random_ids(40))
+    query = random_ids(5, seed=6)
+    prefix = static_prefix(llama, kvmem.prefill(llama, cube), max_new_tokens=4, query_len=5)
+    ids = prefix.extend(query)
+    out = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                         pad_token_id=0, cache=prefix.cache)
+    use_gqa_attention(llama, enabled=False)
+    monkeypatch.undo()
+    want = llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, want)
+    storage = {t.untyped_storage().data_ptr() for layer in prefix.cache.layers for t in (layer.keys, layer.values)}
+    steps = [(k, v, mask) for q_len, k, v, mask in seen if k.shape[2] > ids.shape[1]]  # decode steps (packed q)
+    assert len(steps) == 3 * len(prefix.cache.layers)  # 4 new tokens: 3 decode forwards, every layer
+    for k, v, mask in steps:
+        assert mask is None
+        assert k.untyped_storage().data_ptr() in storage and v.untyped_storage().data_ptr() in storage
