@@ -23,6 +23,7 @@ Three parts:
           adapter swaps, which is why kvmem never turns it on); no_memory decodes after the query alone: the
           bound (the weights' reads) no cache can beat; each decode row also gives the bound an exact method has
           with the memory (the no-memory step plus reading the memory's KV at the rate the weights were read)
+          and the bound with torch's CPU attention kernel (the no-memory step plus that kernel over the memory)
   batch   B = 1, 4, 8 requests, each its own cube (different lengths) and query; one generate over
           prefill_batch vs B sequential static_prefix + generate calls; new tokens per second
 
