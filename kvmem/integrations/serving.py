@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from ..cubes.cubefile import CubeFile, NotLayered, Scratch
 from ..cubes.fingerprint import check_fields, fingerprint_fields
 from ..cubes.memcube import MemCube
 from ..errors import CubeError
@@ -33,7 +34,8 @@ from ..inject.prefill import prefill
 from ..model.cache import kv_from_cache
 from ..model.rope import rope_facts
 from ..store.lineage import DERIVED_KEY, sources_of
-from ..store.records import NAME, check_name
+from ..store.records import NAME, check_name, is_valid_blob
+from ..store.stamp import mismatch, read_stamp
 from .tenancy import cube_digest, request_namespace
 
 
@@ -129,21 +131,86 @@ class CubeSource:
             return out
         return {r.id: (r.path, r.created, r.bytes) for r in self._view(namespace).ls(kind="memcube")}
 
-    def load(self, namespace: str, name: str) -> MemCube:
-        """The validated cube ``name`` of ``namespace`` (format, checksum, shapes); Refused if it is not there."""
+    def load(self, namespace: str, name: str, *, layered: bool = False) -> MemCube | CubeFile:
+        """The validated cube ``name`` of ``namespace`` (format, checksum, shapes); Refused if it is not there.
+
+        ``layered=True``: a `CubeFile` when the cube can be read layer by layer (header, metadata and ids read and
+        verified now, each layer's KV when it is read, `kvmem.cubes.cubefile`), else the whole `MemCube`."""
         _check_name(namespace, "namespace")
         _check_name(name, "cube name")
+        cube = None
         if self.folder is not None:
             path = self.folder / namespace / f"{name}.safetensors"
             if not path.is_file():
                 raise Refused(f"no cube {name!r} in namespace {namespace!r} ({path} does not exist)")
-            cube = MemCube.load(path)
+            if layered:
+                try:
+                    cube = CubeFile.open(path)
+                except NotLayered:
+                    pass
+            if cube is None:
+                cube = MemCube.load(path)
         else:
-            cube = self._view(namespace).load_cube(name)
+            if layered:
+                cube = self._open_stored(namespace, name)
+            if cube is None:
+                cube = self._view(namespace).load_cube(name)
             if cube is None:
                 raise Refused(f"no cube {name!r} in namespace {namespace!r} of {self.store!r}")
         self.loads, self.bytes_read = self.loads + 1, self.bytes_read + cube.nbytes
         return cube
+
+    def _open_stored(self, namespace: str, name: str) -> CubeFile | None:
+        """The store's cube file of memory ``name`` opened layer by layer, checked to be that memory's own (its
+        stamp, as `view.load_cube` checks it); None for anything else, which the whole load then handles (a
+        missing or repaired row, an older cube, a damaged or foreign file: its error says why)."""
+        view = self._view(namespace)
+        rec = view.get(name)
+        if rec is None or rec.blob is None or not is_valid_blob(rec.blob):
+            return None
+        try:
+            path = self.store.blobs.local_path(rec.blob)  # a Redis store fetches its blob to a local copy once
+            if path is None:
+                return None
+            cube = CubeFile.open(path)
+        except CubeError:
+            return None
+        why = mismatch(read_stamp(cube.meta, fallback_time=0.0), store=getattr(self.store.catalog, "store_id", None),
+                       namespace=rec.namespace, memory_id=rec.id, text=rec.text, fingerprint=rec.fingerprint,
+                       cube_fingerprint=cube.meta.get("fingerprint"))
+        if why is not None:
+            cube.close()
+            return None
+        return cube
+
+
+class FileKV:
+    """A plan's KV still in its cube file: each layer's keys and values [kv_heads, end - start, head_dim] are read
+    and verified (`CubeFile.read_layer`) only when the engine writes that layer, so a server reads a cube while
+    its model computes. ``kv[i]`` reads layer i into fresh tensors; `layer` reads into reusable buffers."""
+
+    def __init__(self, cube: CubeFile, start: int, end: int):
+        self.cube, self.start, self.end = cube, start, end
+
+    def __len__(self) -> int:
+        return self.cube.num_layers
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.layer(index)
+
+    def window(self, start: int, end: int) -> "FileKV":
+        """Positions [start, end) of this KV."""
+        return FileKV(self.cube, self.start + start, self.start + end)
+
+    def layer(self, index: int, *, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s (keys, values) of this window; views of ``scratch``'s buffers when given.
+
+        Raises:
+            CubeError: the layer's bytes do not match their checksum, or cannot be read."""
+        k, v = self.cube.read_layer(index, scratch=scratch)
+        return k[:, self.start:self.end], v[:, self.start:self.end]
 
 
 @dataclass
@@ -154,7 +221,8 @@ class Plan:
         names: the cubes, in order.
         namespace: the namespace they came from.
         num_tokens: how many leading prompt tokens ``kv`` covers (a multiple of the engine's block size).
-        kv: per layer (keys, values), each [kv_heads, num_tokens, head_dim] in the serving dtype.
+        kv: per layer (keys, values), each [kv_heads, num_tokens, head_dim] in the serving dtype: a list, or a
+            `FileKV` (one cube in the serving dtype, whose layers are read from its file when they are written).
         exact: True when ``kv`` is what the engine computes for those tokens (one cube, built by this model, in
             the serving dtype); False for compositions, precomposed cubes and dtype casts.
         salt: the cache salt that keeps an approximate prefix apart from the same plain tokens (None if exact).
@@ -165,7 +233,7 @@ class Plan:
     names: tuple[str, ...]
     namespace: str
     num_tokens: int
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    kv: "list[tuple[torch.Tensor, torch.Tensor]] | FileKV"
     exact: bool
     salt: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -282,8 +350,10 @@ class CubePlanner:
             names = [_check_name(n, "cube name") for n in names]
         return namespace, names, _check_flag(spec.get("auto", self.auto), 'kv_transfer_params["kvmem"]["auto"]')
 
-    def _load(self, namespace: str, name: str) -> MemCube:
-        cube = self.source.load(namespace, name)
+    def _load(self, namespace: str, name: str, *, layered: bool = True) -> MemCube | CubeFile:
+        """The cube, checked against the served model; a `CubeFile` (its KV read later, layer by layer) when the
+        file allows it and ``layered``."""
+        cube = self.source.load(namespace, name, layered=layered)
         check_fields(cube.fingerprint_fields, self.fields, what=f"cube {namespace}/{name}")
         return cube
 
@@ -341,6 +411,9 @@ class CubePlanner:
             self._just_loaded = {}
         if not cubes:
             return None
+        if len(cubes) > 1 or any(c.dtype != self.dtype for c in cubes):  # composed or cast: every layer at once
+            cubes = [c if isinstance(c, MemCube) else self._load(namespace, n, layered=False)
+                     for n, c in zip(names, cubes)]
         notes = []
         if len(cubes) == 1:
             cube = cubes[0]
@@ -372,7 +445,9 @@ class CubePlanner:
         if n == 0:
             raise Refused(f"{names} cover {n_ids} tokens, less than one KV block "
                           f"({self.block_size}) before the last prompt token: nothing to load")
-        if len(cubes) == 1:
+        if len(cubes) == 1 and isinstance(cubes[0], CubeFile):  # read layer by layer as the engine writes it
+            kv = FileKV(cubes[0], 0, n)
+        elif len(cubes) == 1:
             c = cubes[0]
             kv = [(k[:, :n].to(self.dtype), v[:, :n].to(self.dtype)) for k, v in c.kv]
         else:

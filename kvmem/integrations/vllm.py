@@ -54,7 +54,7 @@ from vllm.logger import init_logger
 
 from ..errors import CubeError
 from .saving import AutoSave, SaveSpec, build_cube, parse_save, write_cube
-from .serving import CubePlanner, CubeSource, Plan, check_connector_options, served_model_facts
+from .serving import CubePlanner, CubeSource, FileKV, Plan, check_connector_options, served_model_facts
 from .tenancy import Tenancy, read_secret, request_namespace
 from .vllm_metrics import Counts, KvmemPromMetrics, KvmemStats, refusal_reason
 from .vllm_pages import LayerWriter, Load, PagedLayout
@@ -275,7 +275,10 @@ class KvmemConnector(KVConnectorBase_V1):
         pos = torch.arange(start, end)
         table = torch.as_tensor(block_ids, dtype=torch.long)
         slots = table[pos // bs] * bs + pos % bs
-        kv = [(k[:, start:end], v[:, start:end]) for k, v in plan.kv]  # views: each layer is copied as it is written
+        if isinstance(plan.kv, FileKV):  # still in its file: each layer is read when the loader writes it
+            kv = plan.kv.window(start, end)
+        else:  # views: each layer is copied as it is written
+            kv = [(k[:, start:end], v[:, start:end]) for k, v in plan.kv]
         self._pending.append(Load(request.request_id, kv, slots, block_ids[start // bs:(end + bs - 1) // bs]))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cubes.cubefile import Scratch
 from ..errors import CubeError
+from .serving import FileKV
 
 logger = logging.getLogger("vllm.kvmem")  # the connector's logger (vLLM's init_logger is logging.getLogger)
 
@@ -97,17 +99,27 @@ class Load:
     """One request's KV to write this step: positions [start, start + n) of its plan, at ``slots``."""
 
     request_id: str
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [kv_heads, n, head_dim] (views)
-    slots: torch.Tensor                          # [n] int64: block_id * block_size + offset
+    kv: object          # per layer (keys, values) [kv_heads, n, head_dim]: a list of views, or a FileKV (read as written)
+    slots: torch.Tensor  # [n] int64: block_id * block_size + offset
     block_ids: list[int]
+
+    def layer(self, index: int, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s (keys, values); a cube file's are read (and verified) into ``scratch`` now."""
+        if isinstance(self.kv, FileKV):
+            return self.kv.layer(index, scratch=scratch)
+        return self.kv[index]
 
 
 class LayerWriter:
     """Writes a step's `Load` s into every attention layer through the backend's own ``do_kv_cache_update``, in
     model order, on a loader thread: the model's forward waits for a layer (`wait`) just before its attention, so
-    later layers are written while earlier ones compute. ``layerwise=False`` writes every layer in `start`.
+    later layers are read and written while earlier ones compute. ``layerwise=False`` writes every layer in `start`.
+    A cube still in its file (`FileKV`) is read here, one layer at a time, into buffers reused for every layer and
+    request (`kvmem.cubes.cubefile.Scratch`): a load allocates nothing once the buffers have grown to a layer.
 
-    A failed write never serves garbage: the request's blocks are returned by `finish` (vLLM recomputes them).
+    A failed read or write never serves garbage: a layer whose bytes fail their checksum is not written, and the
+    request's blocks are returned by `finish` as load errors, so vLLM drops this step's output for the request and
+    recomputes them (``kv_load_failure_policy="recompute"``) or fails the request (``"fail"``).
     """
 
     def __init__(self, *, layerwise: bool = True):
@@ -118,6 +130,7 @@ class LayerWriter:
         self._running: Future | None = None
         self._done: dict[str, threading.Event] = {}
         self._failed: set[int] = set()
+        self._scratch = Scratch()  # used by the one thread that writes (the loader, or start's caller)
 
     def start(self, loads: list[Load], layers) -> None:
         """Begin writing ``loads`` into ``layers`` ([(decoder layer index, name, attention layer)], in order)."""
@@ -159,11 +172,9 @@ class LayerWriter:
                         continue
                     try:
                         cache = layer.kv_cache
-                        k, v = load.kv[index]
-                        layer.impl.do_kv_cache_update(
-                            layer, k.transpose(0, 1).to(cache.device, cache.dtype).contiguous(),
-                            v.transpose(0, 1).to(cache.device, cache.dtype).contiguous(), cache,
-                            load.slots.to(cache.device))
+                        k, v = load.layer(index, self._scratch)
+                        layer.impl.do_kv_cache_update(layer, self._rows("kt", k, cache), self._rows("vt", v, cache),
+                                                      cache, load.slots.to(cache.device))
                     except Exception as exc:  # reported as load errors: vLLM recomputes these blocks
                         logger.exception("kvmem: writing the KV of request %s failed (%s: %s); its blocks are "
                                          "reported as load errors", load.request_id, type(exc).__name__, exc)
@@ -171,3 +182,9 @@ class LayerWriter:
                         self._failed.update(load.block_ids)
             finally:
                 self._done[name].set()  # never leave a layer's attention waiting
+
+    def _rows(self, key: str, t: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        """``t`` [H, n, D] as the write op's rows [n, H, D] in the cache's dtype, contiguous, in a reused buffer."""
+        rows = self._scratch.take_as(key, (t.shape[1], t.shape[0], t.shape[2]), cache.dtype)
+        rows.copy_(t.transpose(0, 1))
+        return rows if cache.device.type == "cpu" else rows.to(cache.device)
