@@ -341,6 +341,9 @@ class KvmemConnector(KVConnectorBase_V1):
     def _finish_loads(self) -> None:
         """Wait for the last step's writes (every layer written, failed blocks recorded) before anything else."""
         self._load_errors.update(self._layers_writer.finish())
+        reasons, self._layers_writer.reasons = self._layers_writer.reasons, []
+        for why in reasons:  # vLLM recomputes (or fails) these requests: counted as refusals, by reason
+            self._counts.count("vllm:kvmem_refusals_total", refusal_reason(why))
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         """Copy this layer's KV of every request saved this step out of the paged cache (its blocks may be

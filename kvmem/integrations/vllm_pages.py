@@ -131,6 +131,7 @@ class LayerWriter:
         self._done: dict[str, threading.Event] = {}
         self._failed: set[int] = set()
         self._scratch = Scratch()  # used by the one thread that writes (the loader, or start's caller)
+        self.reasons: list[str] = []  # why each failed load failed, for the connector's counters (it drains them)
 
     def start(self, loads: list[Load], layers) -> None:
         """Begin writing ``loads`` into ``layers`` ([(decoder layer index, name, attention layer)], in order)."""
@@ -176,10 +177,17 @@ class LayerWriter:
                         layer.impl.do_kv_cache_update(layer, self._rows("kt", k, cache), self._rows("vt", v, cache),
                                                       cache, load.slots.to(cache.device))
                     except Exception as exc:  # reported as load errors: vLLM recomputes these blocks
-                        logger.exception("kvmem: writing the KV of request %s failed (%s: %s); its blocks are "
-                                         "reported as load errors", load.request_id, type(exc).__name__, exc)
+                        if isinstance(exc, CubeError):  # the cube's own bytes (a checksum): no traceback needed
+                            logger.error("kvmem: loading the cube KV of request %s failed: %s", load.request_id, exc)
+                        else:
+                            logger.exception("kvmem: writing the KV of request %s failed (%s: %s)", load.request_id,
+                                             type(exc).__name__, exc)
+                        logger.warning("kvmem: request %s: its blocks are reported to vLLM as load errors; with "
+                                       'kv_load_failure_policy "recompute" it is prefilled without cubes, with '
+                                       '"fail" it fails', load.request_id)
                         failed.add(load.request_id)
                         self._failed.update(load.block_ids)
+                        self.reasons.append(str(exc))
             finally:
                 self._done[name].set()  # never leave a layer's attention waiting
 
