@@ -124,3 +124,45 @@ def test_the_loader_writes_file_layers_and_reports_a_damaged_one(cube, path):
         assert torch.equal(layer.kv_cache[10:42, 1], v[:, 3:35].transpose(0, 1))
     assert not layers[-1][2].kv_cache.any()  # nothing of the damaged layer was written
     writer.close()
+
+
+def test_a_new_replica_reads_a_redis_cube_layer_by_layer(cube, tmp_path):
+    """A Redis store's cube with no local copy is read by byte ranges from Redis (header when opened, each layer
+    when read), checked like a file; a local copy is fetched in the background for the requests after it."""
+    import shutil
+    import time
+    import uuid
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (CI installs it)")
+    pytest.importorskip("redis")
+    from test_store_redis import redis_server
+
+    from kvmem.integrations.serving import CubeSource
+
+    (tmp_path / "redis").mkdir()
+    with redis_server(tmp_path / "redis") as url:
+        prefix = f"{url}?prefix=t{uuid.uuid4().hex[:8]}"
+        writer = kvmem.CubeStore(f"{prefix}&cache={tmp_path / 'writer'}")
+        rec = writer.view("ns").put_cube("m", cube, text="memory m")
+        source = CubeSource(store=f"{prefix}&cache={tmp_path / 'replica'}")
+        got = source.load("ns", "m", layered=True)
+        assert isinstance(got, CubeFile) and "blob" in str(got.path)  # read from Redis, not a local file
+        assert torch.equal(got.all_ids, cube.all_ids)
+        assert all(torch.equal(got.read_layer(i)[1], v) for i, (_, v) in enumerate(cube.kv))
+        deadline = time.time() + 30
+        while not (tmp_path / "replica" / f"{rec.blob}.safetensors").is_file():
+            assert time.time() < deadline, "the local copy was not fetched"
+            time.sleep(0.05)
+        again = source.load("ns", "m", layered=True)
+        assert str(again.path).endswith(f"{rec.blob}.safetensors")  # the next request reads the local copy
+        # damaged bytes in Redis: found when their layer is read
+        client, key = writer.blobs.db.client, writer.blobs.db.key("blob", rec.blob)
+        data = bytearray(client.get(key))
+        data[-8] ^= 0xFF
+        client.set(key, bytes(data))
+        (tmp_path / "replica" / f"{rec.blob}.safetensors").unlink()
+        damaged = source.load("ns", "m", layered=True)
+        assert "blob" in str(damaged.path)
+        with pytest.raises(kvmem.CubeError, match="checksum mismatch of v"):
+            damaged.read_layer(damaged.num_layers - 1)

@@ -10,7 +10,8 @@ buffer and verifies them against their own checksum (``part_checksums``, `kvmem.
 them. Nothing unverified ever leaves this module.
 
 The file is held open from `open` on: a store that atomically replaces the file meanwhile (a rename) does not
-change what this reader reads, so the layers read later are those of the header verified now.
+change what this reader reads, so the layers read later are those of the header verified now. `CubeFile.over`
+reads any byte source the same way (a Redis store's blob, whose names are never reused).
 """
 
 from __future__ import annotations
@@ -57,6 +58,22 @@ class Scratch:
         return self.take(key, n * torch.empty((), dtype=dtype).element_size()).view(dtype).view(*shape)
 
 
+class FileBytes:
+    """A cube's bytes in an open file: ``size`` and ``read_into(view, offset)`` (what `CubeFile` reads through;
+    a Redis store's blob is another such source, `kvmem.integrations.serving`)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def read_into(self, view: memoryview, offset: int) -> int:
+        """Read up to ``len(view)`` bytes at ``offset`` into ``view``; the number read (0 at the end)."""
+        return os.preadv(self.fd, [view], offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class CubeFile:
     """A MemCube file opened for reading layer by layer (see the module docstring).
 
@@ -65,11 +82,10 @@ class CubeFile:
     ``quantization`` (always None), ``nbytes``, ``kv_shapes``, ``num_layers``.
     """
 
-    def __init__(self, path: Path, fd: int, meta: dict, ids: torch.Tensor, entries: dict, parts: dict,
-                 data_start: int):
-        self.path, self._fd, self._meta, self._ids = path, fd, meta, ids
+    def __init__(self, path, source, meta: dict, ids: torch.Tensor, entries: dict, parts: dict, data_start: int):
+        self.path, self._source, self._meta, self._ids = path, source, meta, ids
         self._entries, self._parts, self._data_start = entries, parts, data_start
-        self._closer = weakref.finalize(self, os.close, fd)
+        self._closer = weakref.finalize(self, source.close)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "CubeFile":
@@ -88,25 +104,32 @@ class CubeFile:
             raise CubeError(f"{path} is a folder, not a cube file") from None
         except OSError as exc:
             raise CubeError(f"cannot read {path} ({exc}); check the disk, the path and its permissions") from None
+        return cls.over(FileBytes(fd), where=path)
+
+    @classmethod
+    def over(cls, source, *, where) -> "CubeFile":
+        """A cube read from ``source`` (``size``, ``read_into(view, offset)``, ``close()``; see `FileBytes`),
+        named ``where`` in messages; verified as `open` verifies a file. ``source`` is closed with the CubeFile (or
+        now, if the cube is refused)."""
         try:
-            return cls._verified(path, fd)
+            return cls._verified(where, source)
         except BaseException:
-            os.close(fd)
+            source.close()
             raise
 
     @classmethod
-    def _verified(cls, path: Path, fd: int) -> "CubeFile":
+    def _verified(cls, path, source) -> "CubeFile":
         def bad(why: str):
             return CubeError(f"{path}: {why}; the cube is truncated, corrupted or another kind of file; rebuild it")
 
-        size = os.fstat(fd).st_size
+        size = source.size
         if size < 8:
             raise bad(f"only {size} bytes")
-        declared = int.from_bytes(_pread(fd, 8, 0), "little")
+        declared = int.from_bytes(_read(source, 8, 0, path), "little")
         if declared > size - 8 or declared > MAX_HEADER_BYTES:
             raise bad(f"its header claims {declared} bytes, the file has {size}")
         try:
-            header = json.loads(_pread(fd, declared, 8))
+            header = json.loads(_read(source, declared, 8, path))
             strings = header.pop("__metadata__", None) or {}
             if not isinstance(header, dict) or not isinstance(strings, dict):
                 raise ValueError("header is not a JSON object")
@@ -155,13 +178,13 @@ class CubeFile:
             stubs[name] = torch.empty(shape, dtype=dtype, device="meta")
         if "input_ids" in entries:
             dtype, shape, begin, end = entries["input_ids"]
-            data = bytearray(_pread(fd, end - begin, data_start + begin))
+            data = _read(source, end - begin, data_start + begin, path)
             if parts["input_ids"] != part_digest("input_ids", dtype, shape, data):
                 raise bad("checksum mismatch of its token ids")
             stubs["input_ids"] = torch.frombuffer(data, dtype=dtype).reshape(shape) if data else \
                 torch.empty(shape, dtype=dtype)
         check_parts(path, meta, stubs)  # every shape, dtype and count against the metadata, as MemCube.load
-        return cls(path, fd, meta, stubs["input_ids"], entries, parts, data_start)
+        return cls(path, source, meta, stubs["input_ids"], entries, parts, data_start)
 
     def close(self) -> None:
         self._closer()
@@ -184,16 +207,7 @@ class CubeFile:
         dtype, shape, begin, end = self._entries[name]
         buf = scratch.take(key, end - begin) if scratch is not None else torch.empty(end - begin, dtype=torch.uint8)
         view = memoryview(buf.numpy())
-        offset, done = self._data_start + begin, 0
-        try:
-            while done < len(view):
-                got = os.preadv(self._fd, [view[done:]], offset + done)
-                if got <= 0:
-                    raise CubeError(f"{self.path} ended {len(view) - done} bytes early while reading {name}: it "
-                                    "was truncated after it was opened; rebuild the cube")
-                done += got
-        except OSError as exc:
-            raise CubeError(f"cannot read {name} of {self.path} ({exc})") from None
+        _read_into(self._source, view, self._data_start + begin, f"{name} of {self.path}")
         if part_digest(name, dtype, shape, view) != self._parts[name]:
             raise CubeError(f"{self.path}: checksum mismatch of {name}: the file was corrupted after it was saved; "
                             "rebuild the cube")
@@ -257,8 +271,21 @@ class CubeFile:
         return f"CubeFile({str(self.path)!r}, tokens={self.num_tokens}, layers={self.num_layers})"
 
 
-def _pread(fd: int, n: int, offset: int) -> bytes:
-    data = os.pread(fd, n, offset)
-    if len(data) != n:
-        raise CubeError(f"the cube file ended early ({len(data)} of {n} bytes at offset {offset}); rebuild the cube")
+def _read_into(source, view: memoryview, offset: int, what) -> None:
+    """Fill ``view`` from ``source`` at ``offset``; CubeError if the source ends early or the read fails."""
+    done = 0
+    try:
+        while done < len(view):
+            got = source.read_into(view[done:], offset + done)
+            if got <= 0:
+                raise CubeError(f"{what}: the cube ended {len(view) - done} bytes early: it was truncated or deleted "
+                                "after it was opened; rebuild the cube")
+            done += got
+    except OSError as exc:
+        raise CubeError(f"cannot read {what} ({exc})") from None
+
+
+def _read(source, n: int, offset: int, what) -> bytearray:
+    data = bytearray(n)
+    _read_into(source, memoryview(data), offset, what)
     return data

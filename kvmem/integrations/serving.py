@@ -2,8 +2,9 @@
 
 Engine-agnostic (imports no engine): `kvmem.integrations.vllm` drives it from vLLM's KV-connector hooks.
 
-- `CubeSource`: where cubes come from, per namespace: a kvmem store (`CubeStore`, a folder or a URL such as
-  ``redis://host:port/0``) or a folder of cube files ``<folder>/<namespace>/<name>.safetensors``.
+- `CubeSource` (`kvmem.integrations.sources`): where cubes come from, per namespace: a kvmem store (`CubeStore`,
+  a folder or a URL such as ``redis://host:port/0``) or a folder of cube files ``<folder>/<namespace>/<name>
+  .safetensors``; a single exact cube's KV stays in its file (`FileKV`) until the engine writes it, layer by layer.
 - `CubePlanner.plan(prompt_ids, params)`: the cubes a request names (or, for a plain request, the longest exact
   cube whose ids start the prompt), each loaded through kvmem's validation and checked against the served
   model's fingerprint, returned as a `Plan`: per layer KV of the first block-aligned tokens, in the serving
@@ -19,12 +20,11 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from ..cubes.cubefile import CubeFile, NotLayered, Scratch
+from ..cubes.cubefile import CubeFile
 from ..cubes.fingerprint import check_fields, fingerprint_fields
 from ..cubes.memcube import MemCube
 from ..errors import CubeError
@@ -34,22 +34,8 @@ from ..inject.prefill import prefill
 from ..model.cache import kv_from_cache
 from ..model.rope import rope_facts
 from ..store.lineage import DERIVED_KEY, sources_of
-from ..store.records import NAME, check_name, is_valid_blob
-from ..store.stamp import mismatch, read_stamp
+from .sources import CubeSource, FileKV, Refused, check_request_name  # noqa: F401  (CubeSource: importable here too)
 from .tenancy import cube_digest, request_namespace
-
-
-class Refused(CubeError):
-    """A request's cubes cannot be served (missing, corrupt, foreign, not a prefix of the prompt, ...): the
-    engine prefills the request as if kvmem were not there. The message says why."""
-
-
-def _check_name(value, what: str) -> str:
-    """The store's name rule (`kvmem.store.records.check_name`), a refusal when broken."""
-    try:
-        return check_name(value, what)
-    except CubeError as exc:
-        raise Refused(str(exc)) from None
 
 
 CONNECTOR_OPTIONS = ("store", "folder", "namespace", "namespaces", "auto", "tenant_salt", "salt_secret", "layerwise",
@@ -74,143 +60,6 @@ def _check_flag(value, what: str) -> bool:
     if not isinstance(value, bool):
         raise Refused(f"{what} must be true or false (a JSON boolean), got {value!r:.40}")
     return value
-
-
-class CubeSource:
-    """Where served cubes come from. Give exactly one of:
-
-    Args:
-        store: a kvmem store: a folder (``CubeStore(path)``) or a URL (``redis://host:port/db``); a namespace's
-            cubes are its memories that have one (``kvmem add --cube``, ``view.put_cube``).
-        folder: a folder of cube files laid out ``<folder>/<namespace>/<name>.safetensors`` (``kvmem build -o``).
-    """
-
-    def __init__(self, *, store: str | None = None, folder: str | None = None):
-        if (store is None) == (folder is None):
-            raise CubeError("give the cube source one of store= (a kvmem store path or redis:// URL) or folder= "
-                            "(a folder of <namespace>/<name>.safetensors files)")
-        for what, value in (("store", store), ("folder", folder)):
-            if value is not None and (not isinstance(value, (str, Path)) or not str(value).strip()):
-                raise CubeError(f"the cube source's {what} must be a non-empty string (a path or URL), got "
-                                f"{value!r:.60}")
-        self._views = {}
-        self.loads, self.bytes_read = 0, 0  # cubes read and validated, and their KV bytes (for the metrics)
-        self.folder = Path(folder).expanduser() if folder is not None else None
-        self.location = store
-        self._store = None
-
-    def __repr__(self) -> str:
-        if self.folder is not None:
-            return f"CubeSource(folder={str(self.folder)!r})"
-        return f"CubeSource(store={self._store!r})" if self._store is not None else f"CubeSource(store={self.location!r})"
-
-    @property
-    def store(self):
-        """The `CubeStore`, opened on first use (and again after a failure: a server starts, and answers without
-        cubes, while its Redis is down; it serves cubes once Redis is back)."""
-        if self._store is None:
-            from ..store.cubestore import CubeStore
-
-            self._store = CubeStore(self.location)
-        return self._store
-
-    def _view(self, namespace: str):
-        if namespace not in self._views:
-            self._views[namespace] = self.store.view(namespace)  # own namespace only: nothing shared
-        return self._views[namespace]
-
-    def versions(self, namespace: str) -> dict[str, object]:
-        """{cube name: version key} of every cube ``namespace`` holds (the key changes when the cube does)."""
-        _check_name(namespace, "namespace")
-        if self.folder is not None:
-            out = {}
-            for f in sorted((self.folder / namespace).glob("*.safetensors")):
-                if NAME.fullmatch(f.stem):
-                    st = f.stat()
-                    out[f.stem] = (st.st_mtime_ns, st.st_size, st.st_ino)
-            return out
-        return {r.id: (r.path, r.created, r.bytes) for r in self._view(namespace).ls(kind="memcube")}
-
-    def load(self, namespace: str, name: str, *, layered: bool = False) -> MemCube | CubeFile:
-        """The validated cube ``name`` of ``namespace`` (format, checksum, shapes); Refused if it is not there.
-
-        ``layered=True``: a `CubeFile` when the cube can be read layer by layer (header, metadata and ids read and
-        verified now, each layer's KV when it is read, `kvmem.cubes.cubefile`), else the whole `MemCube`."""
-        _check_name(namespace, "namespace")
-        _check_name(name, "cube name")
-        cube = None
-        if self.folder is not None:
-            path = self.folder / namespace / f"{name}.safetensors"
-            if not path.is_file():
-                raise Refused(f"no cube {name!r} in namespace {namespace!r} ({path} does not exist)")
-            if layered:
-                try:
-                    cube = CubeFile.open(path)
-                except NotLayered:
-                    pass
-            if cube is None:
-                cube = MemCube.load(path)
-        else:
-            if layered:
-                cube = self._open_stored(namespace, name)
-            if cube is None:
-                cube = self._view(namespace).load_cube(name)
-            if cube is None:
-                raise Refused(f"no cube {name!r} in namespace {namespace!r} of {self.store!r}")
-        self.loads, self.bytes_read = self.loads + 1, self.bytes_read + cube.nbytes
-        return cube
-
-    def _open_stored(self, namespace: str, name: str) -> CubeFile | None:
-        """The store's cube file of memory ``name`` opened layer by layer, checked to be that memory's own (its
-        stamp, as `view.load_cube` checks it); None for anything else, which the whole load then handles (a
-        missing or repaired row, an older cube, a damaged or foreign file: its error says why)."""
-        view = self._view(namespace)
-        rec = view.get(name)
-        if rec is None or rec.blob is None or not is_valid_blob(rec.blob):
-            return None
-        try:
-            path = self.store.blobs.local_path(rec.blob)  # a Redis store fetches its blob to a local copy once
-            if path is None:
-                return None
-            cube = CubeFile.open(path)
-        except CubeError:
-            return None
-        why = mismatch(read_stamp(cube.meta, fallback_time=0.0), store=getattr(self.store.catalog, "store_id", None),
-                       namespace=rec.namespace, memory_id=rec.id, text=rec.text, fingerprint=rec.fingerprint,
-                       cube_fingerprint=cube.meta.get("fingerprint"))
-        if why is not None:
-            cube.close()
-            return None
-        return cube
-
-
-class FileKV:
-    """A plan's KV still in its cube file: each layer's keys and values [kv_heads, end - start, head_dim] are read
-    and verified (`CubeFile.read_layer`) only when the engine writes that layer, so a server reads a cube while
-    its model computes. ``kv[i]`` reads layer i into fresh tensors; `layer` reads into reusable buffers."""
-
-    def __init__(self, cube: CubeFile, start: int, end: int):
-        self.cube, self.start, self.end = cube, start, end
-
-    def __len__(self) -> int:
-        return self.cube.num_layers
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self.layer(index)
-
-    def window(self, start: int, end: int) -> "FileKV":
-        """Positions [start, end) of this KV."""
-        return FileKV(self.cube, self.start + start, self.start + end)
-
-    def layer(self, index: int, *, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``index``'s (keys, values) of this window; views of ``scratch``'s buffers when given.
-
-        Raises:
-            CubeError: the layer's bytes do not match their checksum, or cannot be read."""
-        k, v = self.cube.read_layer(index, scratch=scratch)
-        return k[:, self.start:self.end], v[:, self.start:self.end]
 
 
 @dataclass
@@ -312,13 +161,13 @@ class CubePlanner:
     @staticmethod
     def served_namespaces(namespace: str, namespaces: Sequence[str] | None) -> tuple[str, ...]:
         """The served namespaces (default: only ``namespace``), checked, ``namespace`` among them."""
-        _check_name(namespace, "namespace")
+        check_request_name(namespace, "namespace")
         if namespaces is None:
             namespaces = [namespace]
         if isinstance(namespaces, (str, bytes)) or not isinstance(namespaces, (list, tuple)) or not namespaces:
             raise CubeError(f'namespaces must be a non-empty list of namespaces, e.g. ["alice", "bob"], got '
                             f"{namespaces!r:.80} (a single string would be read letter by letter)")
-        served = tuple(dict.fromkeys(_check_name(n, "namespace") for n in namespaces))
+        served = tuple(dict.fromkeys(check_request_name(n, "namespace") for n in namespaces))
         if namespace not in served:
             raise CubeError(f"the default namespace {namespace!r} is not among the served namespaces "
                             f"{list(served)}: add it to namespaces, or set namespace to one of them")
@@ -347,7 +196,7 @@ class CubePlanner:
                 names = [names]
             if not isinstance(names, list) or not names:
                 raise Refused(f'"cubes" must be a non-empty list of cube names, got {names!r}')
-            names = [_check_name(n, "cube name") for n in names]
+            names = [check_request_name(n, "cube name") for n in names]
         return namespace, names, _check_flag(spec.get("auto", self.auto), 'kv_transfer_params["kvmem"]["auto"]')
 
     def _load(self, namespace: str, name: str, *, layered: bool = True) -> MemCube | CubeFile:

@@ -19,7 +19,7 @@ import torch
 
 from ..cubes.cubefile import Scratch
 from ..errors import CubeError
-from .serving import FileKV
+from .sources import FileKV
 
 logger = logging.getLogger("vllm.kvmem")  # the connector's logger (vLLM's init_logger is logging.getLogger)
 
