@@ -112,7 +112,8 @@ class KvmemConnector(KVConnectorBase_V1):
         self._collected: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # worker: saves, per layer
         self._layouts: dict[tuple, PagedLayout] = {}
         self._writer: ThreadPoolExecutor | None = None
-        self._layers_writer = LayerWriter(layerwise=self._extra.get("layerwise", True))  # worker: cube KV in
+        self._layers_writer = LayerWriter(layerwise=self._extra.get("layerwise", True),  # worker: cube KV in
+                                          block_size=self._block_size)
         self._counts = Counts()  # this side's counters for vLLM's /metrics (kvmem.integrations.vllm_metrics)
         self._autosave = None
         if self._extra.get("autosave_tokens") is not None:
