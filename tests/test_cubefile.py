@@ -166,3 +166,39 @@ def test_a_new_replica_reads_a_redis_cube_layer_by_layer(cube, tmp_path):
         assert "blob" in str(damaged.path)
         with pytest.raises(kvmem.CubeError, match="checksum mismatch of v"):
             damaged.read_layer(damaged.num_layers - 1)
+
+
+class BlockLayer:
+    """A fake attention layer with a [blocks, block_size, 2, H, D] cache; ``flat=True`` makes its op read the rows'
+    raw memory as if contiguous (ignoring strides), as a hand-written kernel might."""
+
+    def __init__(self, heads, dim, *, flat=False, block_size=16):
+        self.kv_cache = torch.zeros(8, block_size, 2, heads, dim)
+        self.impl, self.flat, self.block_size = self, flat, block_size
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        if self.flat:  # the storage read in row order, whatever the view's strides say
+            key = torch.as_strided(key, key.shape, (key.shape[1] * key.shape[2], key.shape[2], 1))
+            value = torch.as_strided(value, value.shape, (value.shape[1] * value.shape[2], value.shape[2], 1))
+        rows = kv_cache.view(-1, *kv_cache.shape[2:])
+        rows[slot_mapping, 0], rows[slot_mapping, 1] = key, value
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_the_loader_skips_the_copy_only_for_an_op_that_reads_strides(cube, path, flat):
+    from kvmem.integrations.serving import FileKV
+    from kvmem.integrations.vllm_pages import LayerWriter, Load
+
+    cube.save(path)
+    f = CubeFile.open(path)
+    heads, _, dim = cube.kv_shapes[0][0]
+    layers = [(i, f"model.layers.{i}.attn", BlockLayer(heads, dim, flat=flat)) for i in range(f.num_layers)]
+    writer = LayerWriter(block_size=16)
+    writer.start([Load("r1", FileKV(f, 0, 32), torch.arange(16, 48), [1, 2])], layers)
+    assert writer.finish() == set()
+    for i, _, layer in layers:
+        rows = layer.kv_cache.view(-1, *layer.kv_cache.shape[2:])
+        assert torch.equal(rows[16:48, 0], cube.kv[i][0][:, :32].transpose(0, 1))  # exact either way
+        assert torch.equal(rows[16:48, 1], cube.kv[i][1][:, :32].transpose(0, 1))
+    assert list(writer.strided.values()) == [not flat]  # the copy is skipped only where the op reads strides
+    writer.close()

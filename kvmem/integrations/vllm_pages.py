@@ -251,6 +251,11 @@ class LayerWriter:
         rows.copy_(t.transpose(0, 1))
         return rows if cache.device.type == "cpu" else rows.to(cache.device)
 
+    @property
+    def strided(self) -> dict[tuple, bool]:
+        """Per kind of layer and cache checked so far: whether its op is given the buffer as a strided view."""
+        return dict(self._strided)
+
     def _writes_strided(self, layer, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether ``layer``'s write op reads rows given as a strided view ([H, n, D] transposed) exactly as their
         contiguous copy: checked once per kind of layer and cache, on two scratch blocks (the real cache is not
