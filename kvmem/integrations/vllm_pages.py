@@ -216,8 +216,8 @@ class LayerWriter:
                 if last_of_layer[name] == j:
                     self._done[name].set()
         finally:
-            for done in self._done.values():
-                done.set()  # never leave a layer's attention waiting
+            for _, name, _ in layers:
+                self._done[name].set()  # never leave a layer's attention waiting
 
     def _put(self, layer, load: Load, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one load's keys and values [H, n, D] of ``layer`` through its backend's op."""
