@@ -150,6 +150,9 @@ def test_a_new_replica_reads_a_redis_cube_layer_by_layer(cube, tmp_path):
         assert isinstance(got, CubeFile) and "blob" in str(got.path)  # read from Redis, not a local file
         assert torch.equal(got.all_ids, cube.all_ids)
         assert all(torch.equal(got.read_layer(i)[1], v) for i, (_, v) in enumerate(cube.kv))
+        import pickle  # as vLLM's server sends it to its worker process, which connects to Redis itself
+
+        assert torch.equal(pickle.loads(pickle.dumps(got)).read_layer(1)[0], cube.kv[1][0])
         deadline = time.time() + 30
         while not (tmp_path / "replica" / f"{rec.blob}.safetensors").is_file():
             assert time.time() < deadline, "the local copy was not fetched"
@@ -202,3 +205,19 @@ def test_the_loader_skips_the_copy_only_for_an_op_that_reads_strides(cube, path,
         assert torch.equal(rows[16:48, 1], cube.kv[i][1][:, :32].transpose(0, 1))
     assert list(writer.strided.values()) == [not flat]  # the copy is skipped only where the op reads strides
     writer.close()
+
+
+def test_an_opened_cube_travels_to_another_process_by_its_path(cube, path, tmp_path):
+    """vLLM's server sends the connector's plans to its worker process (pickled): a CubeFile goes with its verified
+    header and reopens the file there; a file replaced meanwhile fails the layer checksums instead of mixing."""
+    import pickle
+
+    cube.save(path)
+    f = CubeFile.open(path)
+    copy = pickle.loads(pickle.dumps(f))
+    assert torch.equal(copy.read_layer(1)[0], cube.kv[1][0]) and torch.equal(copy.all_ids, cube.all_ids)
+    other = kvmem.MemCube.from_ids(tiny_model("llama", seed=3), cube.input_ids, name="a", anchor_ids=cube.anchor_ids)
+    moved = pickle.loads(pickle.dumps(f))
+    other.save(path)  # replaced before the worker opened it
+    with pytest.raises(kvmem.CubeError, match="checksum mismatch of k.0"):
+        moved.read_layer(0)

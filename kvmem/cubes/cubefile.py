@@ -62,16 +62,25 @@ class FileBytes:
     """A cube's bytes in an open file: ``size`` and ``read_into(view, offset)`` (what `CubeFile` reads through;
     a Redis store's blob is another such source, `kvmem.integrations.serving`)."""
 
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self, fd: int, path: Path | None = None):
+        self.fd, self.path = fd, path
         self.size = os.fstat(fd).st_size
 
     def read_into(self, view: memoryview, offset: int) -> int:
         """Read up to ``len(view)`` bytes at ``offset`` into ``view``; the number read (0 at the end)."""
+        if self.fd is None:  # unpickled in another process (an engine's worker): open the file by its path
+            self.fd = os.open(self.path, os.O_RDONLY)
         return os.preadv(self.fd, [view], offset)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __getstate__(self):
+        # another process gets the path: a file replaced there since holds other bytes, which fail the checksums
+        # verified here, so a load never mixes two files
+        return {"fd": None, "path": self.path, "size": self.size}
 
 
 class CubeFile:
@@ -86,6 +95,16 @@ class CubeFile:
         self.path, self._source, self._meta, self._ids = path, source, meta, ids
         self._entries, self._parts, self._data_start = entries, parts, data_start
         self._closer = weakref.finalize(self, source.close)
+
+    def __getstate__(self):
+        # sent to an engine's worker process with the verified header; the source reopens there on first read
+        state = dict(self.__dict__)
+        del state["_closer"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._closer = weakref.finalize(self, self._source.close)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "CubeFile":
@@ -104,7 +123,7 @@ class CubeFile:
             raise CubeError(f"{path} is a folder, not a cube file") from None
         except OSError as exc:
             raise CubeError(f"cannot read {path} ({exc}); check the disk, the path and its permissions") from None
-        return cls.over(FileBytes(fd), where=path)
+        return cls.over(FileBytes(fd, path), where=path)
 
     @classmethod
     def over(cls, source, *, where) -> "CubeFile":

@@ -181,12 +181,21 @@ class RedisBlobBytes:
         self.size = int(client.strlen(key))
 
     def read_into(self, view: memoryview, offset: int) -> int:
+        if self.client is None:  # unpickled in an engine's worker process: connect there
+            import redis
+
+            self.client = redis.Redis(**self._connection)
         data = self.client.getrange(self.key, offset, offset + len(view) - 1)
         view[:len(data)] = data
         return len(data)
 
     def close(self) -> None:
         pass
+
+    def __getstate__(self):
+        kwargs = self.client.connection_pool.connection_kwargs if self.client is not None else self._connection
+        simple = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        return {"client": None, "_connection": simple, "key": self.key, "size": self.size}
 
 
 class FileKV:
