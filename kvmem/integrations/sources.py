@@ -182,9 +182,12 @@ class RedisBlobBytes:
 
     def read_into(self, view: memoryview, offset: int) -> int:
         if self.client is None:  # unpickled in an engine's worker process: connect there
+            import inspect
+
             import redis
 
-            self.client = redis.Redis(**self._connection)
+            known = inspect.signature(redis.Redis.__init__).parameters
+            self.client = redis.Redis(**{k: v for k, v in self._connection.items() if k in known})
         data = self.client.getrange(self.key, offset, offset + len(view) - 1)
         view[:len(data)] = data
         return len(data)
