@@ -5,9 +5,15 @@ Layout of the safetensors header metadata (all strings):
     format_version  "1"; "2" for quantized cubes (packed KV, scales and minimums: kvmem.cubes.quantize)
     meta            JSON: everything about the cube (fingerprint fields, positions, text, ...)
     checksum        xxh3-128 over format, version, meta and every tensor's name, dtype, shape and bytes
+    part_checksums  JSON {"__header__": xxh3-128 over format, version and meta; each tensor's name: xxh3-128 over
+                    its name, dtype, shape and bytes}; optional (older files
+                    lack it and stay readable). It lets a reader verify a cube piece by piece: header and ids first,
+                    each layer's KV as it reads it (`kvmem.cubes.cubefile`), instead of reading the whole file
+                    before anything is trusted. Together the parts cover everything ``checksum`` covers; a damaged
+                    ``part_checksums`` can only make a piecewise read refuse, never accept a damaged part.
 
-The checksum guards against corruption (truncation, bit flips, edits), not against an adversary who can
-rewrite the file and its checksum together.
+The checksums guard against corruption (truncation, bit flips, edits), not against an adversary who can
+rewrite the file and its checksums together.
 """
 
 from __future__ import annotations
@@ -39,12 +45,49 @@ def checksum(fmt: str, version: str, meta_json: str, tensors: dict[str, torch.Te
         h.update(b"\0")
     for name in sorted(tensors):
         t = tensors[name]
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
-        t = t.detach().to("cpu").contiguous()
-        if t.numel():
-            # bytes as stored; viewing as uint8 works for every dtype numpy lacks (bfloat16)
-            h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        _update_tensor(h, name, t.dtype, t.shape, _tensor_bytes(t))
     return h.hexdigest()
+
+
+HEADER_PART = "__header__"
+
+
+def _update_tensor(h, name: str, dtype: torch.dtype, shape, data) -> None:
+    h.update(f"{name}:{dtype}:{tuple(shape)}\0".encode())
+    if len(data):
+        h.update(data)
+
+
+def _tensor_bytes(t: torch.Tensor):
+    # bytes as stored; viewing as uint8 works for every dtype numpy lacks (bfloat16)
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else b""
+
+
+def header_digest(fmt: str, version: str, meta_json: str) -> str:
+    """xxh3-128 over a cube's header strings: the ``__header__`` part of ``part_checksums``."""
+    h = xxhash.xxh3_128()
+    for part in (fmt, version, meta_json):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def part_digest(name: str, dtype: torch.dtype, shape, data) -> str:
+    """xxh3-128 over one tensor's name, dtype, shape and raw bytes ``data`` (a buffer): its ``part_checksums``
+    entry. ``data`` may be bytes read straight from the file, before any tensor is made of them."""
+    h = xxhash.xxh3_128()
+    _update_tensor(h, name, dtype, shape, data)
+    return h.hexdigest()
+
+
+def part_checksums(fmt: str, version: str, meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """The ``part_checksums`` header string: JSON of `header_digest` and every tensor's `part_digest`."""
+    parts = {HEADER_PART: header_digest(fmt, version, meta_json)}
+    for name in sorted(tensors):
+        t = tensors[name]
+        parts[name] = part_digest(name, t.dtype, t.shape, _tensor_bytes(t))
+    return json.dumps(parts, sort_keys=True)
 
 
 def write_cube_file(path: str | os.PathLike, fmt: str, meta: dict, tensors: dict[str, torch.Tensor], *,
@@ -66,6 +109,7 @@ def write_cube_file(path: str | os.PathLike, fmt: str, meta: dict, tensors: dict
         "format_version": version,
         "meta": meta_json,
         "checksum": checksum(fmt, version, meta_json, tensors),
+        "part_checksums": part_checksums(fmt, version, meta_json, tensors),
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

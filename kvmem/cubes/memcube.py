@@ -214,7 +214,7 @@ class MemCube:
             CubeError: the file is missing, truncated, corrupted, edited, of another kind or version.
         """
         meta, tensors = read_cube_file(path, FORMAT, device=device)
-        kv, ids, packed = _validated(path, meta, tensors)
+        kv, ids, packed = check_parts(path, meta, tensors)
         cube = cls(kv, ids, meta, packed=packed)
         return cube.to(dtype=dtype) if dtype is not None else cube
 
@@ -364,10 +364,11 @@ def as_cubes(cubes) -> list[MemCube]:
     return cubes
 
 
-def _validated(path, meta: dict, tensors: dict[str, torch.Tensor]):
-    """Check the cube's tensors and metadata against each other; returns (kv, ids, packed): packed is None for a
+def check_parts(path, meta: dict, tensors: dict[str, torch.Tensor]):
+    """Check a cube file's tensors and metadata against each other; returns (kv, ids, packed): packed is None for a
     full-width cube, kv empty for a quantized one. CubeError on any inconsistency, including ones a forged checksum
-    would let through."""
+    would let through. Only dtypes and shapes of the KV tensors are read (`kvmem.cubes.cubefile` passes tensors on
+    the "meta" device before it reads their bytes); ``input_ids`` must hold its real values."""
     def bad(why: str):
         return CubeError(f"{path}: {why}; the cube is damaged or was written by something else; rebuild it")
 

@@ -2,8 +2,9 @@
 
 Engine-agnostic (imports no engine): `kvmem.integrations.vllm` drives it from vLLM's KV-connector hooks.
 
-- `CubeSource`: where cubes come from, per namespace: a kvmem store (`CubeStore`, a folder or a URL such as
-  ``redis://host:port/0``) or a folder of cube files ``<folder>/<namespace>/<name>.safetensors``.
+- `CubeSource` (`kvmem.integrations.sources`): where cubes come from, per namespace: a kvmem store (`CubeStore`,
+  a folder or a URL such as ``redis://host:port/0``) or a folder of cube files ``<folder>/<namespace>/<name>
+  .safetensors``; a single exact cube's KV stays in its file (`FileKV`) until the engine writes it, layer by layer.
 - `CubePlanner.plan(prompt_ids, params)`: the cubes a request names (or, for a plain request, the longest exact
   cube whose ids start the prompt), each loaded through kvmem's validation and checked against the served
   model's fingerprint, returned as a `Plan`: per layer KV of the first block-aligned tokens, in the serving
@@ -19,11 +20,11 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..cubes.cubefile import CubeFile
 from ..cubes.fingerprint import check_fields, fingerprint_fields
 from ..cubes.memcube import MemCube
 from ..errors import CubeError
@@ -33,21 +34,8 @@ from ..inject.prefill import prefill
 from ..model.cache import kv_from_cache
 from ..model.rope import rope_facts
 from ..store.lineage import DERIVED_KEY, sources_of
-from ..store.records import NAME, check_name
+from .sources import CubeSource, FileKV, Refused, check_request_name  # noqa: F401  (CubeSource: importable here too)
 from .tenancy import cube_digest, request_namespace
-
-
-class Refused(CubeError):
-    """A request's cubes cannot be served (missing, corrupt, foreign, not a prefix of the prompt, ...): the
-    engine prefills the request as if kvmem were not there. The message says why."""
-
-
-def _check_name(value, what: str) -> str:
-    """The store's name rule (`kvmem.store.records.check_name`), a refusal when broken."""
-    try:
-        return check_name(value, what)
-    except CubeError as exc:
-        raise Refused(str(exc)) from None
 
 
 CONNECTOR_OPTIONS = ("store", "folder", "namespace", "namespaces", "auto", "tenant_salt", "salt_secret", "layerwise",
@@ -74,78 +62,6 @@ def _check_flag(value, what: str) -> bool:
     return value
 
 
-class CubeSource:
-    """Where served cubes come from. Give exactly one of:
-
-    Args:
-        store: a kvmem store: a folder (``CubeStore(path)``) or a URL (``redis://host:port/db``); a namespace's
-            cubes are its memories that have one (``kvmem add --cube``, ``view.put_cube``).
-        folder: a folder of cube files laid out ``<folder>/<namespace>/<name>.safetensors`` (``kvmem build -o``).
-    """
-
-    def __init__(self, *, store: str | None = None, folder: str | None = None):
-        if (store is None) == (folder is None):
-            raise CubeError("give the cube source one of store= (a kvmem store path or redis:// URL) or folder= "
-                            "(a folder of <namespace>/<name>.safetensors files)")
-        for what, value in (("store", store), ("folder", folder)):
-            if value is not None and (not isinstance(value, (str, Path)) or not str(value).strip()):
-                raise CubeError(f"the cube source's {what} must be a non-empty string (a path or URL), got "
-                                f"{value!r:.60}")
-        self._views = {}
-        self.loads, self.bytes_read = 0, 0  # cubes read and validated, and their KV bytes (for the metrics)
-        self.folder = Path(folder).expanduser() if folder is not None else None
-        self.location = store
-        self._store = None
-
-    def __repr__(self) -> str:
-        if self.folder is not None:
-            return f"CubeSource(folder={str(self.folder)!r})"
-        return f"CubeSource(store={self._store!r})" if self._store is not None else f"CubeSource(store={self.location!r})"
-
-    @property
-    def store(self):
-        """The `CubeStore`, opened on first use (and again after a failure: a server starts, and answers without
-        cubes, while its Redis is down; it serves cubes once Redis is back)."""
-        if self._store is None:
-            from ..store.cubestore import CubeStore
-
-            self._store = CubeStore(self.location)
-        return self._store
-
-    def _view(self, namespace: str):
-        if namespace not in self._views:
-            self._views[namespace] = self.store.view(namespace)  # own namespace only: nothing shared
-        return self._views[namespace]
-
-    def versions(self, namespace: str) -> dict[str, object]:
-        """{cube name: version key} of every cube ``namespace`` holds (the key changes when the cube does)."""
-        _check_name(namespace, "namespace")
-        if self.folder is not None:
-            out = {}
-            for f in sorted((self.folder / namespace).glob("*.safetensors")):
-                if NAME.fullmatch(f.stem):
-                    st = f.stat()
-                    out[f.stem] = (st.st_mtime_ns, st.st_size, st.st_ino)
-            return out
-        return {r.id: (r.path, r.created, r.bytes) for r in self._view(namespace).ls(kind="memcube")}
-
-    def load(self, namespace: str, name: str) -> MemCube:
-        """The validated cube ``name`` of ``namespace`` (format, checksum, shapes); Refused if it is not there."""
-        _check_name(namespace, "namespace")
-        _check_name(name, "cube name")
-        if self.folder is not None:
-            path = self.folder / namespace / f"{name}.safetensors"
-            if not path.is_file():
-                raise Refused(f"no cube {name!r} in namespace {namespace!r} ({path} does not exist)")
-            cube = MemCube.load(path)
-        else:
-            cube = self._view(namespace).load_cube(name)
-            if cube is None:
-                raise Refused(f"no cube {name!r} in namespace {namespace!r} of {self.store!r}")
-        self.loads, self.bytes_read = self.loads + 1, self.bytes_read + cube.nbytes
-        return cube
-
-
 @dataclass
 class Plan:
     """The prefix KV one request gets from kvmem.
@@ -154,7 +70,8 @@ class Plan:
         names: the cubes, in order.
         namespace: the namespace they came from.
         num_tokens: how many leading prompt tokens ``kv`` covers (a multiple of the engine's block size).
-        kv: per layer (keys, values), each [kv_heads, num_tokens, head_dim] in the serving dtype.
+        kv: per layer (keys, values), each [kv_heads, num_tokens, head_dim] in the serving dtype: a list, or a
+            `FileKV` (one cube in the serving dtype, whose layers are read from its file when they are written).
         exact: True when ``kv`` is what the engine computes for those tokens (one cube, built by this model, in
             the serving dtype); False for compositions, precomposed cubes and dtype casts.
         salt: the cache salt that keeps an approximate prefix apart from the same plain tokens (None if exact).
@@ -165,7 +82,7 @@ class Plan:
     names: tuple[str, ...]
     namespace: str
     num_tokens: int
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    kv: "list[tuple[torch.Tensor, torch.Tensor]] | FileKV"
     exact: bool
     salt: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -244,13 +161,13 @@ class CubePlanner:
     @staticmethod
     def served_namespaces(namespace: str, namespaces: Sequence[str] | None) -> tuple[str, ...]:
         """The served namespaces (default: only ``namespace``), checked, ``namespace`` among them."""
-        _check_name(namespace, "namespace")
+        check_request_name(namespace, "namespace")
         if namespaces is None:
             namespaces = [namespace]
         if isinstance(namespaces, (str, bytes)) or not isinstance(namespaces, (list, tuple)) or not namespaces:
             raise CubeError(f'namespaces must be a non-empty list of namespaces, e.g. ["alice", "bob"], got '
                             f"{namespaces!r:.80} (a single string would be read letter by letter)")
-        served = tuple(dict.fromkeys(_check_name(n, "namespace") for n in namespaces))
+        served = tuple(dict.fromkeys(check_request_name(n, "namespace") for n in namespaces))
         if namespace not in served:
             raise CubeError(f"the default namespace {namespace!r} is not among the served namespaces "
                             f"{list(served)}: add it to namespaces, or set namespace to one of them")
@@ -279,11 +196,13 @@ class CubePlanner:
                 names = [names]
             if not isinstance(names, list) or not names:
                 raise Refused(f'"cubes" must be a non-empty list of cube names, got {names!r}')
-            names = [_check_name(n, "cube name") for n in names]
+            names = [check_request_name(n, "cube name") for n in names]
         return namespace, names, _check_flag(spec.get("auto", self.auto), 'kv_transfer_params["kvmem"]["auto"]')
 
-    def _load(self, namespace: str, name: str) -> MemCube:
-        cube = self.source.load(namespace, name)
+    def _load(self, namespace: str, name: str, *, layered: bool = True) -> MemCube | CubeFile:
+        """The cube, checked against the served model; a `CubeFile` (its KV read later, layer by layer) when the
+        file allows it and ``layered``."""
+        cube = self.source.load(namespace, name, layered=layered)
         check_fields(cube.fingerprint_fields, self.fields, what=f"cube {namespace}/{name}")
         return cube
 
@@ -341,6 +260,9 @@ class CubePlanner:
             self._just_loaded = {}
         if not cubes:
             return None
+        if len(cubes) > 1 or any(c.dtype != self.dtype for c in cubes):  # composed or cast: every layer at once
+            cubes = [c if isinstance(c, MemCube) else self._load(namespace, n, layered=False)
+                     for n, c in zip(names, cubes)]
         notes = []
         if len(cubes) == 1:
             cube = cubes[0]
@@ -372,7 +294,9 @@ class CubePlanner:
         if n == 0:
             raise Refused(f"{names} cover {n_ids} tokens, less than one KV block "
                           f"({self.block_size}) before the last prompt token: nothing to load")
-        if len(cubes) == 1:
+        if len(cubes) == 1 and isinstance(cubes[0], CubeFile):  # read layer by layer as the engine writes it
+            kv = FileKV(cubes[0], 0, n)
+        elif len(cubes) == 1:
             c = cubes[0]
             kv = [(k[:, :n].to(self.dtype), v[:, :n].to(self.dtype)) for k, v in c.kv]
         else:

@@ -54,7 +54,7 @@ from vllm.logger import init_logger
 
 from ..errors import CubeError
 from .saving import AutoSave, SaveSpec, build_cube, parse_save, write_cube
-from .serving import CubePlanner, CubeSource, Plan, check_connector_options, served_model_facts
+from .serving import CubePlanner, CubeSource, FileKV, Plan, check_connector_options, served_model_facts
 from .tenancy import Tenancy, read_secret, request_namespace
 from .vllm_metrics import Counts, KvmemPromMetrics, KvmemStats, refusal_reason
 from .vllm_pages import LayerWriter, Load, PagedLayout
@@ -112,7 +112,8 @@ class KvmemConnector(KVConnectorBase_V1):
         self._collected: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # worker: saves, per layer
         self._layouts: dict[tuple, PagedLayout] = {}
         self._writer: ThreadPoolExecutor | None = None
-        self._layers_writer = LayerWriter(layerwise=self._extra.get("layerwise", True))  # worker: cube KV in
+        self._layers_writer = LayerWriter(layerwise=self._extra.get("layerwise", True),  # worker: cube KV in
+                                          block_size=self._block_size)
         self._counts = Counts()  # this side's counters for vLLM's /metrics (kvmem.integrations.vllm_metrics)
         self._autosave = None
         if self._extra.get("autosave_tokens") is not None:
@@ -275,7 +276,10 @@ class KvmemConnector(KVConnectorBase_V1):
         pos = torch.arange(start, end)
         table = torch.as_tensor(block_ids, dtype=torch.long)
         slots = table[pos // bs] * bs + pos % bs
-        kv = [(k[:, start:end], v[:, start:end]) for k, v in plan.kv]  # views: each layer is copied as it is written
+        if isinstance(plan.kv, FileKV):  # still in its file: each layer is read when the loader writes it
+            kv = plan.kv.window(start, end)
+        else:  # views: each layer is copied as it is written
+            kv = [(k[:, start:end], v[:, start:end]) for k, v in plan.kv]
         self._pending.append(Load(request.request_id, kv, slots, block_ids[start // bs:(end + bs - 1) // bs]))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
@@ -338,6 +342,9 @@ class KvmemConnector(KVConnectorBase_V1):
     def _finish_loads(self) -> None:
         """Wait for the last step's writes (every layer written, failed blocks recorded) before anything else."""
         self._load_errors.update(self._layers_writer.finish())
+        reasons, self._layers_writer.reasons = self._layers_writer.reasons, []
+        for why in reasons:  # vLLM recomputes (or fails) these requests: counted as refusals, by reason
+            self._counts.count("vllm:kvmem_refusals_total", refusal_reason(why))
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         """Copy this layer's KV of every request saved this step out of the paged cache (its blocks may be

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from ..cubes.cubefile import Scratch
 from ..errors import CubeError
+from .sources import FileKV
 
 logger = logging.getLogger("vllm.kvmem")  # the connector's logger (vLLM's init_logger is logging.getLogger)
 
@@ -97,32 +100,51 @@ class Load:
     """One request's KV to write this step: positions [start, start + n) of its plan, at ``slots``."""
 
     request_id: str
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [kv_heads, n, head_dim] (views)
-    slots: torch.Tensor                          # [n] int64: block_id * block_size + offset
+    kv: object          # per layer (keys, values) [kv_heads, n, head_dim]: a list of views, or a FileKV (read as written)
+    slots: torch.Tensor  # [n] int64: block_id * block_size + offset
     block_ids: list[int]
+
+    def layer(self, index: int, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s (keys, values); a cube file's are read (and verified) into ``scratch`` now."""
+        if isinstance(self.kv, FileKV):
+            return self.kv.layer(index, scratch=scratch)
+        return self.kv[index]
 
 
 class LayerWriter:
     """Writes a step's `Load` s into every attention layer through the backend's own ``do_kv_cache_update``, in
     model order, on a loader thread: the model's forward waits for a layer (`wait`) just before its attention, so
-    later layers are written while earlier ones compute. ``layerwise=False`` writes every layer in `start`.
+    later layers are read and written while earlier ones compute. ``layerwise=False`` writes every layer in `start`.
+    A cube still in its file (`FileKV`) is read here, one layer at a time, into buffers reused for every layer and
+    request (`kvmem.cubes.cubefile.Scratch`): a load allocates nothing once the buffers have grown to a layer.
 
-    A failed write never serves garbage: the request's blocks are returned by `finish` (vLLM recomputes them).
+    A failed read or write never serves garbage: a layer whose bytes fail their checksum is not written, and the
+    request's blocks are returned by `finish` as load errors, so vLLM drops this step's output for the request and
+    recomputes them (``kv_load_failure_policy="recompute"``) or fails the request (``"fail"``).
     """
 
-    def __init__(self, *, layerwise: bool = True):
+    def __init__(self, *, layerwise: bool = True, block_size: int | None = None):
         if not isinstance(layerwise, bool):
             raise CubeError(f"layerwise must be true or false (a JSON boolean), got {layerwise!r:.40}")
         self.layerwise = layerwise
+        self.block_size = block_size  # the cache's block size: lets writes skip a copy (`_writes_strided`)
         self._pool: ThreadPoolExecutor | None = None
         self._running: Future | None = None
         self._done: dict[str, threading.Event] = {}
         self._failed: set[int] = set()
+        self._scratch = Scratch()  # the writer's own buffers (contiguous rows for ops that need them)
+        self._scratches = (Scratch(), Scratch())  # cube bytes: the reader fills one while the writer uses the other
+        self._reader: ThreadPoolExecutor | None = None
+        self.reasons: list[str] = []  # why each failed load failed, for the connector's counters (it drains them)
+        self._times = [0.0, 0.0, 0.0, 0.0]  # this step: reading + checking, reordering, writing, the forward's waits
+        self._loads = 0
+        self._strided: dict[tuple, bool] = {}  # per kind of layer and cache: does its op honour strided rows
 
     def start(self, loads: list[Load], layers) -> None:
         """Begin writing ``loads`` into ``layers`` ([(decoder layer index, name, attention layer)], in order)."""
         self.finish()
         self._done = {name: threading.Event() for _, name, _ in layers}
+        self._times, self._loads = [0.0, 0.0, 0.0, 0.0], len(loads)
         if not self.layerwise:
             self._write(loads, layers)
             return
@@ -133,41 +155,129 @@ class LayerWriter:
     def wait(self, layer_name: str) -> None:
         """Block until ``layer_name``'s KV is written (no-op for a layer with nothing to write)."""
         done = self._done.get(layer_name)
-        if done is not None:
+        if done is not None and not done.is_set():
+            t0 = time.perf_counter()
             done.wait()
+            self._times[3] += time.perf_counter() - t0
 
     def finish(self) -> set[int]:
         """Wait for the current writes to end; the blocks whose write failed since the last call."""
         if self._running is not None:
             self._running.result()
             self._running = None
+        if self._done and self._loads:
+            read, rows, write, waited = (1e3 * t for t in self._times)
+            logger.info("kvmem: %d cube load(s) into %d layers: read and checked in %.0f ms, reordered in %.0f ms, "
+                        "written in %.0f ms; the forward pass waited %.0f ms for them", self._loads, len(self._done),
+                        read, rows, write, waited)
         self._done = {}
         failed, self._failed = self._failed, set()
         return failed
 
     def close(self) -> None:
         self.finish()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for pool in (self._pool, self._reader):
+            if pool is not None:
+                pool.shutdown(wait=True)
 
     def _write(self, loads: list[Load], layers) -> None:
+        """Write every (layer, load) in model order; a reader thread reads (and checks) the next one's cube bytes
+        into the other of two reused buffers while this one is written."""
+        jobs = [(index, name, layer, load) for index, name, layer in layers for load in loads]
+        last_of_layer = {name: j for j, (_, name, _, _) in enumerate(jobs)}
         failed: set[str] = set()
-        for index, name, layer in layers:
-            try:
-                for load in loads:
-                    if load.request_id in failed:
-                        continue
-                    try:
-                        cache = layer.kv_cache
-                        k, v = load.kv[index]
-                        layer.impl.do_kv_cache_update(
-                            layer, k.transpose(0, 1).to(cache.device, cache.dtype).contiguous(),
-                            v.transpose(0, 1).to(cache.device, cache.dtype).contiguous(), cache,
-                            load.slots.to(cache.device))
-                    except Exception as exc:  # reported as load errors: vLLM recomputes these blocks
-                        logger.exception("kvmem: writing the KV of request %s failed (%s: %s); its blocks are "
-                                         "reported as load errors", load.request_id, type(exc).__name__, exc)
-                        failed.add(load.request_id)
-                        self._failed.update(load.block_ids)
-            finally:
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-read")
+
+        def read(j: int):
+            index, _, _, load = jobs[j]
+            if load.request_id in failed:
+                return None
+            t0 = time.perf_counter()
+            kv = load.layer(index, self._scratches[j % 2])
+            self._times[0] += time.perf_counter() - t0
+            return kv
+
+        try:
+            pending = self._reader.submit(read, 0) if jobs else None
+            for j, (index, name, layer, load) in enumerate(jobs):
+                current = pending
+                pending = None
+                try:
+                    kv = current.result()
+                    # buffer (j + 1) % 2 held job j - 1, written already: read the next job into it meanwhile
+                    pending = self._reader.submit(read, j + 1) if j + 1 < len(jobs) else None
+                    if kv is not None:
+                        self._put(layer, load, *kv)
+                except Exception as exc:  # reported as load errors: vLLM recomputes these blocks
+                    if pending is None and j + 1 < len(jobs):
+                        pending = self._reader.submit(read, j + 1)
+                    self._fail(load, exc, failed)
+                if last_of_layer[name] == j:
+                    self._done[name].set()
+        finally:
+            for _, name, _ in layers:
                 self._done[name].set()  # never leave a layer's attention waiting
+
+    def _put(self, layer, load: Load, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one load's keys and values [H, n, D] of ``layer`` through its backend's op."""
+        cache = layer.kv_cache
+        t1 = time.perf_counter()
+        if self._writes_strided(layer, cache, k, v):
+            k, v = k.transpose(0, 1), v.transpose(0, 1)  # the op reads the buffer as it is: no copy
+        else:
+            k, v = self._rows("kt", k, cache), self._rows("vt", v, cache)
+        t2 = time.perf_counter()
+        layer.impl.do_kv_cache_update(layer, k, v, cache, load.slots.to(cache.device))
+        self._times[1] += t2 - t1
+        self._times[2] += time.perf_counter() - t2
+
+    def _fail(self, load: Load, exc: Exception, failed: set[str]) -> None:
+        if isinstance(exc, CubeError):  # the cube's own bytes (a checksum): no traceback needed
+            logger.error("kvmem: loading the cube KV of request %s failed: %s", load.request_id, exc)
+        else:
+            logger.error("kvmem: writing the KV of request %s failed (%s: %s)", load.request_id,
+                         type(exc).__name__, exc, exc_info=exc)
+        logger.warning("kvmem: request %s: its blocks are reported to vLLM as load errors; with "
+                       'kv_load_failure_policy "recompute" it is prefilled without cubes, with '
+                       '"fail" it fails', load.request_id)
+        failed.add(load.request_id)
+        self._failed.update(load.block_ids)
+        self.reasons.append(str(exc))
+
+    def _rows(self, key: str, t: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        """``t`` [H, n, D] as the write op's rows [n, H, D] in the cache's dtype, contiguous, in a reused buffer."""
+        rows = self._scratch.take_as(key, (t.shape[1], t.shape[0], t.shape[2]), cache.dtype)
+        rows.copy_(t.transpose(0, 1))
+        return rows if cache.device.type == "cpu" else rows.to(cache.device)
+
+    @property
+    def strided(self) -> dict[tuple, bool]:
+        """Per kind of layer and cache checked so far: whether its op is given the buffer as a strided view."""
+        return dict(self._strided)
+
+    def _writes_strided(self, layer, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether ``layer``'s write op reads rows given as a strided view ([H, n, D] transposed) exactly as their
+        contiguous copy: checked once per kind of layer and cache, on two scratch blocks (the real cache is not
+        touched). vLLM's CPU op honours strides, which saves a full copy of every layer; an op that does not is
+        given contiguous rows."""
+        key = (type(getattr(layer, "impl", None)).__name__, tuple(cache.shape[1:]), cache.dtype, cache.device.type,
+               k.dtype, tuple(k.shape[::2]))
+        if key not in self._strided:
+            ok = False
+            if self.block_size and cache.device.type == "cpu" and k.dtype == cache.dtype and k.shape[1] >= 2:
+                n = min(int(k.shape[1]), self.block_size)  # one scratch block's slots (block 0)
+                slots = torch.arange(n, dtype=torch.long)
+                got = []
+                for kk, vv in ((k[:, :n].transpose(0, 1), v[:, :n].transpose(0, 1)),
+                               (k[:, :n].transpose(0, 1).contiguous(), v[:, :n].transpose(0, 1).contiguous())):
+                    scratch = torch.zeros((1, *cache.shape[1:]), dtype=cache.dtype)
+                    try:
+                        layer.impl.do_kv_cache_update(layer, kk, vv, scratch, slots)
+                    except Exception:  # an op that refuses strided input: give it contiguous rows
+                        break
+                    got.append(scratch)
+                ok = len(got) == 2 and torch.equal(got[0], got[1]) and bool(got[1].any())
+            self._strided[key] = ok
+        return self._strided[key]
+

@@ -56,6 +56,11 @@ class RedisBlobs:
         os.replace(staged, self._local(name))  # this machine's copy: the bytes it just put
         return len(data)
 
+    def copy_if_local(self, name):
+        """This machine's copy of blob ``name`` if it has one now; None (and no fetch) if not."""
+        local = self._local(name)
+        return local if name not in self._deleted and local.is_file() else None
+
     def local_path(self, name):
         """This machine's copy of blob ``name``, fetched from Redis on first use. Blob names are never reused,
         so a copy stays true to its name; `MemCube.load` still validates every byte of it on every load."""

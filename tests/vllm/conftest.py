@@ -93,10 +93,23 @@ class LogRecords(logging.Handler):
         return "\n".join(self.lines)
 
 
+_LOG = LogRecords()
+
+
 @pytest.fixture(scope="session")
 def kvmem_log():
-    handler = LogRecords()
     logger = logging.getLogger("vllm.kvmem")
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
+    logger.addHandler(_LOG)
+    yield _LOG
+    logger.removeHandler(_LOG)
+
+
+@pytest.fixture(autouse=True)
+def _kvmem_log_attached():
+    """vLLM configures its loggers (logging.config.dictConfig) when an engine starts, which strips the handlers of
+    every existing ``vllm.*`` logger: put the collector back before each test (after the module's engine
+    started), or a test run alone would see no log lines at all."""
+    logger = logging.getLogger("vllm.kvmem")
+    if _LOG not in logger.handlers:
+        logger.addHandler(_LOG)
+    yield

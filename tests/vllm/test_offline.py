@@ -37,6 +37,8 @@ def folder(tmp_path_factory, memory, hf):
     # corrupt: a's file with a few payload bytes flipped; foreign: a's ids through a fine-tuned copy of the model
     (root / "default" / "corrupt.safetensors").write_bytes(corrupt_bytes((root / "default" / "a.safetensors").read_bytes()))
     memory["foreign"].save(root / "default" / "foreign.safetensors")
+    # damaged: a's file with layer 3's keys of its first tokens overwritten (inside the loaded blocks)
+    (root / "default" / "damaged.safetensors").write_bytes(damage_keys((root / "default" / "a.safetensors").read_bytes()))
     # another namespace's memory, whose ids also start the test prompts
     memory["a"].to().save(root / "other" / "secret.safetensors")
     return root
@@ -74,6 +76,19 @@ def run(llm, ids, kvmem_params=None, *, salt: str | None = "fresh"):
 
 
 _FULL: dict = {}
+
+
+def damage_keys(data: bytes, layer: int = 3) -> bytes:
+    """A cube file's bytes with the first 4 KB of ``k.{layer}`` (its first tokens' keys) set to large values;
+    header, metadata, ids and every checksum as they were."""
+    import json
+    import struct
+
+    n = struct.unpack("<Q", data[:8])[0]
+    begin = 8 + n + json.loads(data[8:8 + n])[f"k.{layer}"]["data_offsets"][0]
+    raw = bytearray(data)
+    raw[begin:begin + 4096] = struct.pack("<f", 300.0) * 1024
+    return bytes(raw)
 
 
 def full_prefill(llm, ids):
@@ -154,8 +169,44 @@ def test_composed_prefix_never_reaches_the_plain_prefix_cache(llm, memory, kvmem
     assert cached_again == 384
 
 
+def test_damaged_cube_kv_is_a_load_error_that_vllm_recomputes(llm, memory, kvmem_log):
+    """Bytes damaged after a cube was saved are found when their layer is read, on the loader thread, after the
+    request was planned: the layer is not written, its blocks go to vLLM as load errors, and vLLM drops the step's
+    output and recomputes (kv_load_failure_policy "recompute"): the answer is vLLM's own. Served as read, the
+    damaged keys would change the answer (checked below through transformers)."""
+    ids = prompt_of(memory, "a")
+    full, full_lp, _ = full_prefill(llm, ids)
+    for name, part in (("damaged", "k.3"), ("corrupt", "v.")):
+        before = len(kvmem_log.lines)
+        # (vLLM still reports the tokens it planned to load as cached: its count is taken when the request is
+        # scheduled, before the load fails)
+        got, got_lp, _ = run(llm, ids, {"cubes": [name]})
+        assert got == full
+        torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)
+        logged = "\n".join(kvmem_log.lines[before:])
+        assert f"checksum mismatch of {part}" in logged and "reported to vLLM as load errors" in logged, logged
+
+
+def test_damaged_keys_would_change_the_answer(hf, memory, folder):
+    """The control of the test above: the damaged cube's KV, its checksums bypassed, gives another answer than
+    the intact cube (through kvmem.prefill in transformers)."""
+    import safetensors.torch
+
+    model, _ = hf
+    a = memory["a"]
+    tensors = safetensors.torch.load((folder / "default" / "damaged.safetensors").read_bytes())
+    damaged = kvmem.MemCube([(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(len(a.kv))], a.all_ids[0], a.meta)
+    answers, n = [], len(prompt_of(memory, "a"))
+    for cube in (a, damaged):
+        prefix = kvmem.prefill(model, [cube])
+        with torch.no_grad():
+            out = model.generate(prefix.extend(torch.tensor([memory["query"]])), past_key_values=prefix.cache,
+                                 max_new_tokens=MAX_NEW, do_sample=False)
+        answers.append(out[0, n:].tolist())
+    assert answers[0] != answers[1]
+
+
 @pytest.mark.parametrize("name, why", [
-    ("corrupt", "checksum mismatch"),
     ("foreign", "weights"),
     ("missing", "no cube 'missing'"),
     ("secret", "no cube 'secret' in namespace 'default'"),  # it lives in namespace 'other'

@@ -122,7 +122,19 @@ def test_foreign_and_corrupt_cubes_are_refused(model, folder, cubes):
     p = planner(model, folder)
     with pytest.raises(kvmem.FingerprintMismatch, match="weights"):
         p.plan(ids_of(cubes, "a"), {"kvmem": {"cubes": ["foreign"]}})
-    with pytest.raises(kvmem.CubeError, match="checksum mismatch"):
+    # damaged KV bytes are found when their layer is read (the loader, as the engine writes it): that read raises,
+    # which the connector reports to vLLM as a load error; the layers before it are intact
+    plan = p.plan(ids_of(cubes, "a"), {"kvmem": {"cubes": ["corrupt"]}})
+    last = len(plan.kv) - 1
+    assert all(torch.equal(plan.kv[i][0], cubes["a"].kv[i][0][:, :32]) for i in range(last))
+    with pytest.raises(kvmem.CubeError, match=f"checksum mismatch of v.{last}"):
+        plan.kv[last]
+    # a damaged header or metadata is refused when the request is planned, before anything is loaded
+    raw = bytearray((folder / "default" / "a.safetensors").read_bytes())
+    at = raw.index(b'"num_tokens')
+    raw[at + 1:at + 4] = b"NUM"
+    (folder / "default" / "corrupt.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(kvmem.CubeError, match="checksum mismatch of its header"):
         p.plan(ids_of(cubes, "a"), {"kvmem": {"cubes": ["corrupt"]}})
     assert p.plan(ids_of(cubes, "longer")).names == ("longer",)  # automatic match skips both, keeps working
 

@@ -136,8 +136,12 @@ def test_bad_cube_answers_as_without_kvmem_and_logs_why(servers, memory, name, w
     for server in (one, two):
         full, _ = full_answer(server, prompt(memory))
         got, cached = ask(server, prompt(memory), [name])
-        assert cached == 0 and got == full
+        assert got == full
         assert "prefilled without cubes" in server.text() and why in server.text()
+        if name == "corrupt":  # its header is intact: the damaged KV is found as its layer is read, and recomputed
+            assert "reported to vLLM as load errors" in server.text()
+        else:  # refused when the request arrives
+            assert cached == 0
 
 
 def test_a_namespace_never_hits_another_namespace_cached_memory(servers, memory):
