@@ -192,7 +192,7 @@ def plot(doc: dict, png: str) -> None:
     models = list(doc["models"])
     fig, axes = plt.subplots(len(models), 3, figsize=(15, 4.2 * len(models)), squeeze=False)
     for row, name in zip(axes, models):
-        m = doc["models"][name]
+        m = {"sizes": [], "quality": [], "ttft": [], **doc["models"][name]}  # a part not measured stays empty
         sizes = {r["format"]: r["bytes_per_token"] / 1e3 for r in m["sizes"]}
         row[0].bar(list(sizes), list(sizes.values()), color=["#777", "#999", "#3a7", "#37a"])
         row[0].set_ylabel("KB per token (KV in memory)")
@@ -208,7 +208,8 @@ def plot(doc: dict, png: str) -> None:
                 row[1].text(x, max(r["mean_kl"], 1e-7), f"{r['same_answer_as_float32']:.0%}", ha="center",
                             va="bottom", fontsize=8)
         row[1].set_xticks(range(3), ["bfloat16", "int8", "int4"])
-        row[1].set_yscale("log")
+        if m["quality"]:  # log scale needs data
+            row[1].set_yscale("log")
         row[1].set_ylabel("mean next-token KL vs float32 (nats)")
         row[1].set_title("fact QA (labels: same greedy answer)")
         row[1].legend()
@@ -219,7 +220,7 @@ def plot(doc: dict, png: str) -> None:
                 row[2].bar(xs, [r["median_ms"] for r in rs], 0.2, label=f"{tier}, {n_cubes} cube(s)")
         row[2].set_xticks(range(3), ["float32", "int8", "int4"])
         row[2].set_ylabel("TTFT median (ms)")
-        row[2].set_title(f"TTFT, {m['ttft'][0]['tokens']} memory tokens")
+        row[2].set_title(f"TTFT, {m['ttft'][0]['tokens'] if m['ttft'] else '-'} memory tokens")
         row[2].legend(fontsize=7)
     facts = doc["machine"]
     shas = sorted({str(r["machine"].get("git_sha"))[:8] for r in doc.get("runs", [])} or {str(facts.get("git_sha"))[:8]})
