@@ -109,8 +109,8 @@ def dequantize_into(k: Tensor, v: Tensor, layer, *, bits: int, group: int, n_tok
 
 
 def rotate_(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool) -> None:
-    """`kvmem.kernels.rotation.rotate` in place on x [..., head_dim] (the same arithmetic, so the same bits: one
-    temporary of a quarter of x's size at most)."""
+    """`kvmem.kernels.rotation.rotate` in place on x [..., head_dim]: the same arithmetic in x's dtype, up to the
+    rounding of a fused multiply-add (within an ulp: the oracle tests bound it); one temporary of a quarter of x."""
     rot = cos.shape[-1] * 2
     x1, x2 = (x[..., 0:rot:2], x[..., 1:rot:2]) if interleaved else (x[..., :rot // 2], x[..., rot // 2:rot])
     keep = x1.clone()
