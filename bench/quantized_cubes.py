@@ -4,6 +4,9 @@ Gemma 3 270M, float32 models, CPU).
     .venv/bin/python bench/quantized_cubes.py                  # both models -> results/quantized_cubes_cpu.json/.png
     .venv/bin/python bench/quantized_cubes.py --quick          # smoke run; writes nothing unless --out is given
     .venv/bin/python bench/quantized_cubes.py --redo-plot results/quantized_cubes_cpu.json
+    .venv/bin/python bench/quantized_cubes.py --model smollm2 --parts ttft --update results/quantized_cubes_cpu.json
+                                    # re-measure some parts of one model into an existing results file (the
+                                    # file's "runs" says which run measured which part, with its machine facts)
 
 Sizes: bytes per token of a cube's KV in memory (what the scheduler's tiers hold and what moves to the device) and
 of its file, per format; bfloat16 is the float32 cube cast (what a bfloat16 model's cube weighs).
@@ -189,7 +192,7 @@ def plot(doc: dict, png: str) -> None:
     models = list(doc["models"])
     fig, axes = plt.subplots(len(models), 3, figsize=(15, 4.2 * len(models)), squeeze=False)
     for row, name in zip(axes, models):
-        m = doc["models"][name]
+        m = {"sizes": [], "quality": [], "ttft": [], **doc["models"][name]}  # a part not measured stays empty
         sizes = {r["format"]: r["bytes_per_token"] / 1e3 for r in m["sizes"]}
         row[0].bar(list(sizes), list(sizes.values()), color=["#777", "#999", "#3a7", "#37a"])
         row[0].set_ylabel("KB per token (KV in memory)")
@@ -205,7 +208,8 @@ def plot(doc: dict, png: str) -> None:
                 row[1].text(x, max(r["mean_kl"], 1e-7), f"{r['same_answer_as_float32']:.0%}", ha="center",
                             va="bottom", fontsize=8)
         row[1].set_xticks(range(3), ["bfloat16", "int8", "int4"])
-        row[1].set_yscale("log")
+        if m["quality"]:  # log scale needs data
+            row[1].set_yscale("log")
         row[1].set_ylabel("mean next-token KL vs float32 (nats)")
         row[1].set_title("fact QA (labels: same greedy answer)")
         row[1].legend()
@@ -216,11 +220,12 @@ def plot(doc: dict, png: str) -> None:
                 row[2].bar(xs, [r["median_ms"] for r in rs], 0.2, label=f"{tier}, {n_cubes} cube(s)")
         row[2].set_xticks(range(3), ["float32", "int8", "int4"])
         row[2].set_ylabel("TTFT median (ms)")
-        row[2].set_title(f"TTFT, {m['ttft'][0]['tokens']} memory tokens")
+        row[2].set_title(f"TTFT, {m['ttft'][0]['tokens'] if m['ttft'] else '-'} memory tokens")
         row[2].legend(fontsize=7)
     facts = doc["machine"]
+    shas = sorted({str(r["machine"].get("git_sha"))[:8] for r in doc.get("runs", [])} or {str(facts.get("git_sha"))[:8]})
     fig.suptitle(f"kvmem quantized cubes, CPU ({facts.get('cpu')}, torch {facts.get('torch')}, "
-                 f"git {str(facts.get('git_sha'))[:8]})")
+                 f"git {', '.join(shas)})")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
@@ -236,30 +241,52 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--redo-plot", default=None, help="redraw the PNG of a results JSON")
+    ap.add_argument("--parts", default="sizes,quality,ttft", help="comma-separated: sizes, quality, ttft")
+    ap.add_argument("--update", default=None, help="write the measured parts into this existing results JSON "
+                    "(re-read when writing, so two runs of different models can share it)")
     args = ap.parse_args(argv)
     if args.redo_plot:
         plot(json.loads(Path(args.redo_plot).read_text()), args.redo_plot.replace(".json", ".png"))
         return 0
     if args.quick:
         args.sets, args.questions, args.tokens, args.reps = 1, 2, 256, 2
-    out = args.out or (None if args.quick else str(ROOT / "bench" / "results" / "quantized_cubes_cpu.json"))
+    parts = set(args.parts.split(","))
+    if not parts <= {"sizes", "quality", "ttft"}:
+        ap.error(f"--parts: unknown {sorted(parts - {'sizes', 'quality', 'ttft'})}")
+    out = args.update or args.out or (None if args.quick else str(ROOT / "bench" / "results" / "quantized_cubes_cpu.json"))
     from kvmem.demo.models import load_gemma3, load_smollm2
 
     doc = {"models": {}}
     for name in (["smollm2", "gemma3"] if args.model == "both" else [args.model]):
         model, tok = (load_smollm2 if name == "smollm2" else load_gemma3)()
-        doc["machine"] = _common.machine_facts(model=model)
+        facts = _common.machine_facts(model=model)
         mm = kvmem.wrap(model, tok)
+        got = {}
         with tempfile.TemporaryDirectory(dir=ROOT / "bench" / "results") as tmp:
-            sizes = run_sizes(mm, args, Path(tmp))
-            print(json.dumps(sizes, indent=1), flush=True)
-            records, carried = run_quality(model, tok, mm, args)
-            quality = summarize(records)
-            print(json.dumps(quality, indent=1), flush=True)
-            ttft = run_ttft(model, tok, mm, args, Path(tmp))
-        doc["models"][name] = {"sizes": sizes, "quality": quality, "carried_error": carried, "ttft": ttft,
-                               "records": records}
-        doc["machine"]["loadavg_end"] = _common.loadavg()
+            if "sizes" in parts:
+                got["sizes"] = run_sizes(mm, args, Path(tmp))
+                print(json.dumps(got["sizes"], indent=1), flush=True)
+            if "quality" in parts:
+                records, got["carried_error"] = run_quality(model, tok, mm, args)
+                got["quality"], got["records"] = summarize(records), records
+                print(json.dumps(got["quality"], indent=1), flush=True)
+            if "ttft" in parts:
+                got["ttft"] = run_ttft(model, tok, mm, args, Path(tmp))
+        facts["loadavg_end"] = _common.loadavg()
+        run = {"model": name, "parts": sorted(parts), "args": {k: v for k, v in vars(args).items()
+                                                                if k in ("sets", "questions", "tokens", "reps")},
+               "machine": facts}
+        if args.update:  # re-read now: another run may have written its model meanwhile
+            doc = json.loads(Path(args.update).read_text())
+            if "runs" not in doc:  # a file from before runs were recorded: its one run measured all it holds
+                doc["runs"] = [{"model": m, "parts": sorted(set(v) & {"sizes", "quality", "ttft"}),
+                                "machine": doc["machine"]} for m, v in doc["models"].items()]
+            doc["runs"].append(run)
+            doc["models"].setdefault(name, {}).update(got)
+        else:
+            doc["machine"] = facts
+            doc["runs"] = doc.get("runs", []) + [run]
+            doc["models"][name] = got
         if out:  # after each model: a long run keeps what it measured
             Path(out).write_text(json.dumps(doc, indent=1))
             plot(doc, out.replace(".json", ".png"))

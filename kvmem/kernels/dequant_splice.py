@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .rotation import rotate, rotation_tables
+from .rotation import rotation_tables
 from .splice import per_layer, triton_usable
 
 Tensor = torch.Tensor
@@ -49,17 +49,73 @@ def unpack(q: Tensor, *, bits: int, n_tokens: int) -> Tensor:
 def dequantize(layer, *, bits: int, group: int, n_tokens: int, anchor_len: int, start: int = 0,
                stop: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """Keys and values [H, stop - start, D] of tokens [start, stop) of one packed layer, in ``dtype`` (the
-    arithmetic in float32, float64 for float64)."""
-    k_q, k_scale, k_min, v_q, v_scale, v_min = layer
+    arithmetic in float32, float64 for float64): `dequantize_into` fresh buffers."""
+    k_q, _, _, v_q, _, _ = layer
     stop = n_tokens if stop is None else stop
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    t = torch.arange(start, stop, device=k_q.device)
-    g = key_group_of(t, anchor_len, group)
-    k = unpack(k_q, bits=bits, n_tokens=n_tokens)[:, start:stop].to(work)
-    k = k * k_scale[:, g].to(work) + k_min[:, g].to(work)
-    v = unpack(v_q, bits=bits, n_tokens=n_tokens)[:, start:stop].to(work)
-    v = v * v_scale[:, start:stop].to(work) + v_min[:, start:stop].to(work)
+    work = _work_dtype(dtype)
+    k = torch.empty(k_q.shape[0], stop - start, k_q.shape[2], dtype=work, device=k_q.device)
+    v = torch.empty(v_q.shape[0], stop - start, v_q.shape[2], dtype=work, device=k_q.device)
+    dequantize_into(k, v, layer, bits=bits, group=group, n_tokens=n_tokens, anchor_len=anchor_len, start=start)
     return k.to(dtype), v.to(dtype)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _key_runs(start: int, stop: int, anchor_len: int, group: int):
+    """Tokens [start, stop) as runs (a, b, g, n): tokens [a, b) are n key groups from group g on, whole groups
+    (n >= 1) or the part of one group (n == 1), so each run's scales broadcast over a [n, (b - a) / n] view."""
+    for seg0, seg1, base in ((0, anchor_len, 0), (anchor_len, stop, -(-anchor_len // group))):
+        lo, hi = max(start, seg0), min(stop, seg1)
+        while lo < hi:
+            off, g = (lo - seg0) % group, base + (lo - seg0) // group
+            if off == 0 and hi - lo >= group:
+                n = (hi - lo) // group
+                yield lo, lo + n * group, g, n
+                lo += n * group
+            else:
+                b = min(hi, lo - off + group)
+                yield lo, b, g, 1
+                lo = b
+
+
+def levels(q: Tensor, *, bits: int, start: int, stop: int) -> Tensor:
+    """The levels uint8 [H, stop - start, D] of tokens [start, stop) of packed q: a view for 8 bits; for 4 bits
+    only the bytes holding those tokens are unpacked."""
+    if bits == 8:
+        return q[:, start:stop]
+    r0 = start // 2
+    return unpack(q[:, r0:(stop + 1) // 2], bits=4, n_tokens=stop - 2 * r0)[:, start - 2 * r0:]
+
+
+def dequantize_into(k: Tensor, v: Tensor, layer, *, bits: int, group: int, n_tokens: int, anchor_len: int,
+                    start: int = 0) -> None:
+    """k [H, n, D], v [H, n, DV] (float32 or float64, any strides: a cache slice) <- tokens [start, start + n) of
+    one packed layer dequantized, ``q * scale + min`` in k's dtype. Written in place by one multiply-add that
+    reads the uint8 levels and converts them on the fly: no temporary of k's size (on a CPU the cost is the
+    memory traffic)."""
+    k_q, k_scale, k_min, v_q, v_scale, v_min = layer
+    n, work = k.shape[1], k.dtype
+    q = levels(k_q, bits=bits, start=start, stop=start + n)
+    # the key scales of a layer are 1 / group of its keys: converted whole, then broadcast over each run's view
+    ks, km = k_scale.to(work), k_min.to(work)
+    for a, b, g, m in _key_runs(start, start + n, anchor_len, group):
+        out = k[:, a - start:b - start].unflatten(1, (m, -1))           # [H, m groups, tokens per group, D]
+        torch.addcmul(km[:, g:g + m, None], q[:, a - start:b - start].unflatten(1, (m, -1)), ks[:, g:g + m, None],
+                      out=out)
+    q = levels(v_q, bits=bits, start=start, stop=start + n)
+    torch.addcmul(v_min[:, start:start + n].to(work), q, v_scale[:, start:start + n].to(work), out=v)
+
+
+def rotate_(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool) -> None:
+    """`kvmem.kernels.rotation.rotate` in place on x [..., head_dim]: the same arithmetic in x's dtype, up to the
+    rounding of a fused multiply-add (within an ulp: the oracle tests bound it); one temporary of a quarter of x."""
+    rot = cos.shape[-1] * 2
+    x1, x2 = (x[..., 0:rot:2], x[..., 1:rot:2]) if interleaved else (x[..., :rot // 2], x[..., rot // 2:rot])
+    keep = x1.clone()
+    x1.mul_(cos).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+    x2.mul_(cos).addcmul_(keep, sin)          # x2 cos + x1 sin
 
 
 def _check(dst_k, dst_v, src, n_tokens, anchor_len, bits, group, src_start, dst_start, length, delta, inv_freq):
@@ -98,23 +154,30 @@ def _check(dst_k, dst_v, src, n_tokens, anchor_len, bits, group, src_start, dst_
 def dequant_splice_reference(dst_k: Tensor, dst_v: Tensor, src, *, n_tokens, anchor_len, bits: int, group: int,
                              src_start, dst_start, length, delta, inv_freq: Tensor,
                              interleaved: bool = False) -> None:
-    """Torch reference: per cube and layer, dequantize the copied tokens, rotate in float32 (float64 for float64
-    dst), cast, copy."""
+    """Torch reference: per cube and layer, dequantize the copied tokens straight into dst's slices, rotate them
+    there (`dequantize_into`, `rotate_`); the arithmetic in float32 (float64 for a float64 dst), so a dst of
+    another dtype gets a float32 scratch per cube, cast on the way in."""
     _check(dst_k, dst_v, src, n_tokens, anchor_len, bits, group, src_start, dst_start, length, delta, inv_freq)
-    work = torch.float64 if dst_k.dtype == torch.float64 else torch.float32
+    work = _work_dtype(dst_k.dtype)
     cos, sin = rotation_tables(delta, per_layer(inv_freq, dst_k.shape[0]), dst_k.device)  # [N, layers, half]
+    cos, sin = cos.to(work), sin.to(work)
     for c, cube in enumerate(src):
         s, d, n = src_start[c], dst_start[c], length[c]
         if n == 0:
             continue
+        scratch = None if dst_k.dtype == work and dst_v.dtype == work else (
+            torch.empty(dst_k.shape[1], n, dst_k.shape[3], dtype=work, device=dst_k.device),
+            torch.empty(dst_v.shape[1], n, dst_v.shape[3], dtype=work, device=dst_k.device))
         for i, layer in enumerate(cube):
             layer = [x.to(dst_k.device) for x in layer]
-            k, v = dequantize(layer, bits=bits, group=group, n_tokens=n_tokens[c], anchor_len=anchor_len[c],
-                              start=s, stop=s + n, dtype=work)
+            k, v = scratch or (dst_k[i, :, d:d + n], dst_v[i, :, d:d + n])
+            dequantize_into(k, v, layer, bits=bits, group=group, n_tokens=n_tokens[c], anchor_len=anchor_len[c],
+                            start=s)
             if delta[c]:
-                k = rotate(k, cos[c, i].to(work), sin[c, i].to(work), interleaved=interleaved)
-            dst_k[i, :, d:d + n] = k.to(dst_k.dtype)
-            dst_v[i, :, d:d + n] = v.to(dst_v.dtype)
+                rotate_(k, cos[c, i], sin[c, i], interleaved=interleaved)
+            if scratch is not None:
+                dst_k[i, :, d:d + n] = k
+                dst_v[i, :, d:d + n] = v
 
 
 def dequant_splice_triton(dst_k: Tensor, dst_v: Tensor, src, *, n_tokens, anchor_len, bits: int, group: int,
