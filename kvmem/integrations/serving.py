@@ -97,7 +97,8 @@ def compose_kv(cubes: Sequence[MemCube], rope, dtype: torch.dtype) -> tuple[torc
     Returns:
         (keys, values) [layers, kv_heads, T, head_dim] in ``dtype``, and ids [T].
     """
-    shapes = {tuple(t.shape[::2]) for c in cubes for kv in c.kv for t in kv}
+    # kv_shapes: a quantized cube is not dequantized just to learn its shapes (the composer dequantizes it once)
+    shapes = {tuple(shape[::2]) for c in cubes for kv in c.kv_shapes for shape in kv}
     if len(shapes) != 1 or getattr(rope, "rotated_slot", "keys") != "keys":
         raise Refused(f"composing needs every layer's keys and values shaped alike and RoPE on the keys (got heads x "
                       f"dim {sorted(shapes)}); name one cube, or a precomposed one")
