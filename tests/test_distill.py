@@ -106,6 +106,35 @@ def test_generate_uses_the_distilled_adapter(run, tok):
         assert torch.equal(mm.model(input_ids=probe).logits, before)
 
 
+def test_merged_serving_equals_the_adapter(run, tok):
+    """wrap(..., merge_adapters=True) serves the adapter from a merged copy of the weights: the logits of a PeftModel
+    of the same LoRA (up to float rounding), its greedy answer, a plain model (no LoRA layers) that runs, the base
+    model untouched, the copy reused, and the fingerprint check kept."""
+    model, cube, before, probe = run
+    reference = peft.PeftModel(tiny_model("llama"), cube.config)
+    peft.set_peft_model_state_dict(reference, cube.state_dict)
+    reference.eval()
+    base = tiny_model("llama")
+    mm = kvmem.wrap(base, tok, merge_adapters=True)
+    with torch.no_grad(), mm.adapters.using(cube):
+        assert mm.model is not base and not any("lora" in n for n, _ in mm.model.named_parameters())
+        merged = mm.model(input_ids=probe).logits
+        want = reference(input_ids=probe).logits
+    assert (merged - want).abs().max() < 1e-4 and (want - before).abs().max() > 1e-3
+    question = "Where does Alice Moreau live?"
+    ids = mm.prompt_ids(question, [])
+    out = mm.generate(question, adapter=cube, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                               do_sample=False, pad_token_id=mm._pad_id({})))
+    assert mm.adapter is None and mm.model is base and mm.adapters.stats["loads"] == 1  # made once, reused
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=probe).logits, before)
+    with pytest.raises(kvmem.FingerprintMismatch):
+        kvmem.wrap(tiny_model("llama", seed=1), tok, merge_adapters=True).use_adapter(cube)
+    with pytest.raises(kvmem.CubeError, match="pick one of hotswap"):
+        kvmem.wrap(tiny_model("llama"), tok, merge_adapters=True, hotswap=True)
+
+
 def test_fingerprinted_to_its_base(run, tmp_path):
     _, cube, _, _ = run
     loaded = kvmem.AdapterCube.load(cube.save(tmp_path / "d.safetensors"))
