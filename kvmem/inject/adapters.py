@@ -169,6 +169,8 @@ class AdapterBridge:
             for name, child in list(module.named_children()):
                 if isinstance(child, BaseTunerLayer):
                     setattr(module, name, child.get_base_layer())
+        if "peft_config" in vars(clone):  # left by that injection: the copy is a bare model now
+            del clone.peft_config
         wrapped = peft.PeftModel(clone, cube.config, adapter_name="merged")
         peft.set_peft_model_state_dict(wrapped, cube.state_dict, adapter_name="merged")
         self._copies[cube.digest] = wrapped.merge_and_unload().eval()
