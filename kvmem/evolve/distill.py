@@ -6,9 +6,10 @@ batched requests; exact for one cube), answering questions generated from that m
 (kvmem/evolve/questions.py); its greedy answer and its full next-token distribution at every answer token are
 recorded once. Student: the same model plus a LoRA (PEFT),
 shown only the question (anchor | request, the prompt ``mm.generate`` builds with no cubes). Loss:
-KL(teacher || student) over the whole vocabulary at every answer token, averaged over the answer tokens of a
-batch. Unrelated prompts (`questions.KEEP_PROMPTS`) are mixed in with the base model as their teacher, so the
-adapter keeps the base's answers elsewhere.
+KL(teacher || student) over the whole vocabulary at every answer token, a weighted mean over the answer tokens of
+a batch (a token that states the memory, one of its names or values, weighs ``content_weight``; the rest 1).
+Unrelated prompts (`questions.KEEP_PROMPTS`, repeated up to ``keep_share`` of the examples) are mixed in with the
+base model as their teacher, so the adapter keeps the base's answers elsewhere.
 
 Shapes: a batch is B examples right-padded to T tokens: ids [B, T]; student logits [B, T, V]; each example's
 teacher log-probs [A, V] for its A answer tokens (float16 on the CPU: 20 memories x 12 questions x 24 tokens x
