@@ -5,17 +5,20 @@ each ("<name> lives in <city> and works as a <job>."), learned with `kvmem.disti
 memory, paraphrases that the distillation's question generator never produces ("Which city is <name>'s home?",
 "What does <name> do for a living?"), are asked four ways through ``mm.generate``:
 
-    none           no memory (the base model, anchor | question)
-    cube           the memory's cube injected (the activation-memory path)
-    adapter        the distilled adapter, no memory in the context
-    adapter_cube   the adapter and the memory's cube (built under the adapter)
+    none            no memory (the base model, anchor | question)
+    cube            the memory's cube injected (the activation-memory path)
+    adapter         the distilled adapter, no memory in the context (PEFT's LoRA layers, hot-swappable)
+    adapter_merged  the same adapter served merged (``wrap(..., merge_adapters=True)``: a copy of the weights
+                    with the LoRA merged in), no memory in the context
+    adapter_cube    the adapter and the memory's cube (built under the adapter)
 
 Per method: answer accuracy (the expected city / job in the greedy answer, 24 tokens), next-token KL against a full
 prefill with the memory (``inject=False``, transformers' own prefill; KL(full || method) of the first answer
 token's distribution), and TTFT (``mm.last.ttft_s``: medians after a warm-up round, methods interleaved per
 question). Damage: KL(base || adapter) over the base's own 12-token greedy answers to unrelated prompts (a fixed
-set, apart from the prompts distillation keeps). Distillation wall time, the steps it took, and the load other
-processes put on the machine while it ran are recorded.
+set, apart from the prompts distillation keeps). Distillation runs under a time budget (``--time-budget``, default
+540 s: the teacher's answers, then optimizer steps until ``--steps`` or the budget, whichever comes first); its wall
+time, the steps it took, and the load other processes put on the machine while it ran are recorded.
 
     .venv/bin/python bench/distill.py                 # the full run (20 facts)
     .venv/bin/python bench/distill.py --quick         # smoke run (2 facts, 2 steps); writes nothing unless --out
@@ -52,7 +55,7 @@ UNRELATED = (  # damage probes: none of these is among kvmem.evolve.questions.KE
     "What is the tallest mountain on Earth?", "Suggest a title for a mystery novel.",
     "What is the square root of 81?", "What season comes after winter?",
 )
-METHODS = ("none", "cube", "adapter", "adapter_cube")
+METHODS = ("none", "cube", "adapter", "adapter_merged", "adapter_cube")
 
 
 def memory_set(n: int, *, seed: int = 0) -> list[dict]:
@@ -110,20 +113,25 @@ def run(args) -> dict:
     torch.manual_seed(0)
     model, tok = _common.load_model("smollm2")
     facts = _common.machine_facts(model=model, packages=("torch", "transformers", "peft", "kvmem"),
-                                  facts=args.facts, steps=args.steps, rank=args.rank, lr=args.lr,
-                                  answer_tokens=args.answer_tokens)
+                                  facts=args.facts, steps=args.steps, time_budget=args.time_budget, rank=args.rank,
+                                  lr=args.lr, answer_tokens=args.answer_tokens, questions=args.questions,
+                                  content_weight=args.content_weight, keep_share=args.keep_share, seed=args.seed)
     mm = kvmem.wrap(model, tok)
+    merged = kvmem.wrap(model, tok, merge_adapters=True)  # same base model, adapters served merged
     people = memory_set(args.facts, seed=args.seed)
     texts = [p["text"] for p in people]
 
     with tempfile.TemporaryDirectory() as tmp, _common.OtherLoad() as load:
         t0 = time.perf_counter()
-        adapter = kvmem.distill(mm.adapters.base, tok, texts, steps=args.steps, rank=args.rank, lr=args.lr,
-                                max_answer_tokens=args.answer_tokens,
-                                seed=args.seed, checkpoint_dir=Path(tmp) / "ckpt", progress=True)
+        adapter = kvmem.distill(mm.adapters.base, tok, texts, steps=args.steps, time_budget=args.time_budget,
+                                rank=args.rank, lr=args.lr, max_answer_tokens=args.answer_tokens,
+                                questions_per_memory=args.questions, content_weight=args.content_weight,
+                                keep_share=args.keep_share, seed=args.seed, checkpoint_dir=Path(tmp) / "ckpt",
+                                progress=True)
         distill_s = time.perf_counter() - t0
     run_facts = adapter.meta["distill"]
     distill_row = {"kind": "distill", "facts": args.facts, "wall_s": distill_s, "steps": run_facts["steps"],
+                   "stopped": run_facts["stopped"],
                    "examples": run_facts["examples"], "keep_examples": run_facts["keep_examples"],
                    "loss_first": run_facts["losses"][0], "loss_last": run_facts["losses"][-1],
                    "losses": run_facts["losses"], "other_cores": load.cores, "loadavg_after": _common.loadavg(),
@@ -137,7 +145,9 @@ def run(args) -> dict:
         adapter_cubes = [mm.build_cube(t) for t in texts]
     setups = {"none": lambda i: dict(cubes=None, adapter=None), "cube": lambda i: dict(cubes=[cubes[i]], adapter=None),
               "adapter": lambda i: dict(cubes=None, adapter=adapter),
+              "adapter_merged": lambda i: dict(cubes=None, adapter=adapter),
               "adapter_cube": lambda i: dict(cubes=[adapter_cubes[i]], adapter=adapter)}
+    served = {m: merged if m == "adapter_merged" else mm for m in METHODS}
     questions = [(i, q.format(name=p["name"]), p[key]) for i, p in enumerate(people) for q, key in HELD_APART]
     per_q = [{"question": q, "expected": e, "memory": i} for i, q, e in questions]
     ttft = {m: [] for m in METHODS}
@@ -145,8 +155,9 @@ def run(args) -> dict:
         for n, (i, question, expected) in enumerate(questions):
             if round_ == 0:
                 ref, _ = first_token(mm, question, cubes=[cubes[i]], adapter=None, inject=False)
-            for method in METHODS[n % 4:] + METHODS[:n % 4]:  # rotate which method goes first
-                logits, seconds = first_token(mm, question, **setups[method](i))
+            k = n % len(METHODS)
+            for method in METHODS[k:] + METHODS[:k]:  # rotate which method goes first
+                logits, seconds = first_token(served[method], question, **setups[method](i))
                 if round_ == 0:
                     per_q[n][method] = {"kl": kl(ref, logits)}
                 else:
@@ -156,7 +167,7 @@ def run(args) -> dict:
     for method in METHODS:  # answers: one batched generate per method (each row equals its request alone)
         setup = [setups[method](i) for i, _, _ in questions]
         rows_cubes = None if setup[0]["cubes"] is None else [s["cubes"] for s in setup]
-        answers = mm.answer(prompts, cubes=rows_cubes, adapter=setup[0]["adapter"], max_new_tokens=24)
+        answers = served[method].answer(prompts, cubes=rows_cubes, adapter=setup[0]["adapter"], max_new_tokens=24)
         for row, answer in zip(per_q, answers):
             row[method].update(answer=answer, correct=row["expected"].lower() in answer.lower())
 
@@ -177,8 +188,10 @@ def run(args) -> dict:
                   "per_prompt": harm}
     damage_row["met"] = damage_row["kl_mean"] <= 0.05
     adapter_rate = rows[2]["accuracy_where_cube_right"]
+    ttft = {r["method"]: r["ttft_median_ms"] for r in rows}
+    ttft_row = {"kind": "ttft_vs_none", **{m: ttft[m] / ttft["none"] for m in METHODS}}
     facts["loadavg_end"] = _common.loadavg()
-    return {"bench": "distill", "machine": facts, "rows": [distill_row, *rows, damage_row],
+    return {"bench": "distill", "machine": facts, "rows": [distill_row, *rows, damage_row, ttft_row],
             "target": {"adapter_vs_cube": 0.8, "adapter_where_cube_right": adapter_rate,
                        "met": adapter_rate is not None and adapter_rate >= 0.8},
             "questions": per_q}
@@ -187,8 +200,9 @@ def run(args) -> dict:
 def plot(doc: dict, png: str) -> None:
     plt = _common.pyplot()
     methods = [r for r in doc["rows"] if r["kind"] == "method"]
-    labels = [r["method"].replace("_", "\n+ ") for r in methods]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    names = {"adapter_merged": "adapter\n(merged)", "adapter_cube": "adapter\n+ cube"}
+    labels = [names.get(r["method"], r["method"]) for r in methods]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     axes[0].bar(labels, [r["accuracy"] for r in methods], color="#1f77b4", label="all held-apart questions")
     axes[0].bar(labels, [r["accuracy_where_cube_right"] or 0 for r in methods], color="none", edgecolor="k",
                 hatch="//", label="where the cube answers")
@@ -212,9 +226,13 @@ def plot(doc: dict, png: str) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--facts", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps at most (--time-budget may stop first)")
+    parser.add_argument("--time-budget", type=float, default=540, help="seconds for the whole distillation")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--questions", type=int, default=24, help="generated questions per memory")
+    parser.add_argument("--content-weight", type=float, default=3.0, help="loss weight of the memory's tokens")
+    parser.add_argument("--keep-share", type=float, default=0.2, help="share of unrelated (keep) prompts")
     parser.add_argument("--answer-tokens", type=int, default=24, help="teacher answer tokens learned per question")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds of TTFT after the warm-up round")
@@ -224,7 +242,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="JSON to write (default results/distill_cpu.json)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.facts, args.steps, args.rounds = 2, 2, 1
+        args.facts, args.steps, args.rounds, args.questions = 2, 2, 1, 4
     doc = run(args)
     out = args.out or (None if args.quick else str(_common.result_path("distill")))
     if out is not None:

@@ -35,7 +35,7 @@ _log = logging.getLogger("kvmem")
 
 def wrap(model, tokenizer, *, system_prompt: str | None = None,
          adapter_capacity_bytes: int = DEFAULT_CAPACITY_BYTES, hotswap: bool = False, max_rank: int | None = None,
-         attention: str = "auto", cache: str = "auto", **deprecated) -> "MemoryModel":
+         merge_adapters: bool = False, attention: str = "auto", cache: str = "auto", **deprecated) -> "MemoryModel":
     """Wrap ``model`` and ``tokenizer`` so that ``generate(prompt, cubes=[...])`` injects memory cubes.
 
     Args:
@@ -47,6 +47,9 @@ def wrap(model, tokenizer, *, system_prompt: str | None = None,
             formerly ``adapter_budget_bytes``.
         hotswap: one adapter slot overwritten in place (no recompilation of a torch.compile'd model; adapters
             must target the same modules with rank <= the slot's, see ``max_rank``).
+        merge_adapters: serve an adapter from a copy of the weights with its LoRA merged in (made at its first
+            use; the base model is untouched): the TTFT of the base model, for one more copy of the weights
+            (`kvmem.inject.adapters`).
         attention: "auto" switches a model on stock ``sdpa`` whose layers group key/value heads (GQA) to
             ``kvmem_sdpa`` (`kvmem.model.attention`: same results, the memory's KV heads never expanded; this changes
             ``model`` itself); "keep" leaves the model's attention as it is.
@@ -69,7 +72,8 @@ def wrap(model, tokenizer, *, system_prompt: str | None = None,
     if not callable(tokenizer):
         raise CubeError(f"wrap needs a tokenizer, got {type(tokenizer).__name__}")
     return MemoryModel(model, tokenizer, system_prompt=system_prompt, adapter_capacity_bytes=adapter_capacity_bytes,
-                       hotswap=hotswap, max_rank=max_rank, attention=attention, cache=cache)
+                       hotswap=hotswap, max_rank=max_rank, merge_adapters=merge_adapters, attention=attention,
+                       cache=cache)
 
 
 class MemoryModel:
@@ -77,7 +81,8 @@ class MemoryModel:
 
     def __init__(self, model, tokenizer, *, system_prompt: str | None = None,
                  adapter_capacity_bytes: int = DEFAULT_CAPACITY_BYTES, hotswap: bool = False,
-                 max_rank: int | None = None, attention: str = "auto", cache: str = "auto"):
+                 max_rank: int | None = None, merge_adapters: bool = False, attention: str = "auto",
+                 cache: str = "auto"):
         if attention not in ("auto", "keep") or cache not in ("auto", "dynamic"):
             raise CubeError(f"attention must be 'auto' or 'keep' and cache 'auto' or 'dynamic', got {attention!r} "
                             f"and {cache!r}")
@@ -85,7 +90,7 @@ class MemoryModel:
             use_gqa_attention(model)
         self.cache = cache
         self.adapters = AdapterBridge(model, capacity_bytes=adapter_capacity_bytes, hotswap=hotswap,
-                                      max_rank=max_rank)
+                                      max_rank=max_rank, merged=merge_adapters)
         self.tokenizer = tokenizer
         self.layout = ChatLayout(tokenizer, system_prompt)
         self.last = GenerationReport()

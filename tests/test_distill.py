@@ -106,6 +106,35 @@ def test_generate_uses_the_distilled_adapter(run, tok):
         assert torch.equal(mm.model(input_ids=probe).logits, before)
 
 
+def test_merged_serving_equals_the_adapter(run, tok):
+    """wrap(..., merge_adapters=True) serves the adapter from a merged copy of the weights: the logits of a PeftModel
+    of the same LoRA (up to float rounding), its greedy answer, a plain model (no LoRA layers) that runs, the base
+    model untouched, the copy reused, and the fingerprint check kept."""
+    model, cube, before, probe = run
+    reference = peft.PeftModel(tiny_model("llama"), cube.config)
+    peft.set_peft_model_state_dict(reference, cube.state_dict)
+    reference.eval()
+    base = tiny_model("llama")
+    mm = kvmem.wrap(base, tok, merge_adapters=True)
+    with torch.no_grad(), mm.adapters.using(cube):
+        assert mm.model is not base and not any("lora" in n for n, _ in mm.model.named_parameters())
+        merged = mm.model(input_ids=probe).logits
+        want = reference(input_ids=probe).logits
+    assert (merged - want).abs().max() < 1e-4 and (want - before).abs().max() > 1e-3
+    question = "Where does Alice Moreau live?"
+    ids = mm.prompt_ids(question, [])
+    out = mm.generate(question, adapter=cube, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                               do_sample=False, pad_token_id=mm._pad_id({})))
+    assert mm.adapter is None and mm.model is base and mm.adapters.stats["loads"] == 1  # made once, reused
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=probe).logits, before)
+    with pytest.raises(kvmem.FingerprintMismatch):
+        kvmem.wrap(tiny_model("llama", seed=1), tok, merge_adapters=True).use_adapter(cube)
+    with pytest.raises(kvmem.CubeError, match="pick one of hotswap"):
+        kvmem.wrap(tiny_model("llama"), tok, merge_adapters=True, hotswap=True)
+
+
 def test_fingerprinted_to_its_base(run, tmp_path):
     _, cube, _, _ = run
     loaded = kvmem.AdapterCube.load(cube.save(tmp_path / "d.safetensors"))
@@ -154,6 +183,8 @@ def test_lineage_of_store_records(tok, tmp_path):
     (dict(steps=1, batch_size=True), "batch_size must be"),
     (dict(steps=1, time_budget=-1), "time_budget must be"),
     (dict(steps=1, resume=True), "resume=True needs checkpoint_dir"),
+    (dict(steps=1, content_weight=0), "content_weight must be a number > 0"),
+    (dict(steps=1, keep_share=1.0), "keep_share must be a number in"),
     (dict(steps=1, target_modules=["nope_proj"]), "not linear layers"),
     (dict(time_budget=1e-9), "time budget .* ran out"),
 ])
@@ -182,8 +213,8 @@ def test_questions_come_from_the_text():
 
     text = "Quinn Jensen keeps bees in Graz. The favourite colour of Quinn Jensen is teal."
     assert names(text)[:2] == ["Quinn Jensen", "Graz"]
-    qs = make_questions(text, per_memory=12, seed=0)
-    assert qs == make_questions(text, per_memory=12, seed=0) and len(set(qs)) == len(qs)
+    qs = make_questions(text, per_memory=16, seed=0)
+    assert qs == make_questions(text, per_memory=16, seed=0) and len(set(qs)) == len(qs)
     assert "What is the favourite colour of Quinn Jensen?" in qs
     cloze = [q[len("Complete this sentence: "):-len(" ...")] for q in qs if q.startswith("Complete this sentence: ")]
     assert cloze and all(text.startswith(c) or f". {c}" in text for c in cloze)
@@ -194,6 +225,51 @@ def test_questions_come_from_the_text():
     assert len(make_questions(text, per_memory=3, seed=0)) == 3
     with pytest.raises(kvmem.CubeError):
         make_questions("  ", per_memory=3)
+
+
+def test_every_attribute_is_asked_both_ways():
+    """Each (entity, relation, value) the text states is asked with the value as the answer and, reversed, with
+    the entity as the answer; a short budget still asks about both attributes."""
+    from kvmem.evolve.questions import attributes, make_questions
+
+    text = "Ann Berg lives in Oslo and works as a pilot. Ann Berg teaches chess."
+    assert attributes(text) == [("Ann Berg", "lives", "in", "Oslo"), ("Ann Berg", "works", "as", "a pilot"),
+                                ("Ann Berg", "teaches", "", "chess")]
+    assert attributes("The colour of Ann Berg is teal.") == []  # no "<Name> <verb> ..." clause
+    every = set(make_questions(text, per_memory=200, seed=0))
+    assert {"Where does Ann Berg live?", "Who lives in Oslo?", "What does Ann Berg work as?",
+            "Who works as a pilot?", "What does Ann Berg teach?", "Who teaches chess?",
+            "Complete this sentence: Ann Berg works as ..."} <= every
+    short = make_questions(text, per_memory=4, seed=0)
+    assert any(q.startswith(("Who ", "Which person ", "Name the person ")) for q in short)
+
+
+def test_keep_share_and_content_weights(tok):
+    """Keep prompts are repeated up to their share of the examples; answer tokens that state the memory weigh
+    ``content_weight``, the rest 1, and the loss is the weighted mean of the per-token KL."""
+    from kvmem.evolve.distill import Example, content_tokens, kl_loss, make_examples, with_keep_share
+    from kvmem.prompt import ChatLayout
+
+    model = tiny_model("llama")
+    examples = make_examples(model, tok, MEMORIES, layout=ChatLayout(tok), questions_per_memory=3, seed=0,
+                             max_answer_tokens=5, keep_prompts=FAST["keep_prompts"], content_weight=4.0)
+    learn = [e for e in examples if e.source >= 0]
+    mixed = with_keep_share(examples, 0.25)
+    assert sum(e.source < 0 for e in mixed) / len(mixed) >= 0.25 and [e for e in mixed if e.source >= 0] == learn
+    assert with_keep_share(examples, 0.0) is examples
+    content = content_tokens(tok, MEMORIES[0])
+    assert tok.encode(" Tallinn", add_special_tokens=False)[0] in content
+    assert tok.encode(" and", add_special_tokens=False)[0] not in content
+    for e in learn:
+        answer = e.ids[e.start:e.start + e.teacher.shape[0]].tolist()
+        want = [4.0 if t in content_tokens(tok, MEMORIES[e.source]) else 1.0 for t in answer]
+        assert e.weights.tolist() == want
+    # the weighted loss is the weighted mean of the same per-token KLs: equal weights give the plain mean
+    e = learn[0]
+    plain = Example(e.ids, e.start, e.teacher, e.source)
+    heavy = Example(e.ids, e.start, e.teacher, e.source, torch.full((e.teacher.shape[0],), 7.0))
+    with torch.no_grad():
+        assert torch.allclose(kl_loss(model, [plain], pad=0), kl_loss(model, [heavy], pad=0))
 
 
 @pytest.mark.slow

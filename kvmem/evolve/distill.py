@@ -6,9 +6,10 @@ batched requests; exact for one cube), answering questions generated from that m
 (kvmem/evolve/questions.py); its greedy answer and its full next-token distribution at every answer token are
 recorded once. Student: the same model plus a LoRA (PEFT),
 shown only the question (anchor | request, the prompt ``mm.generate`` builds with no cubes). Loss:
-KL(teacher || student) over the whole vocabulary at every answer token, averaged over the answer tokens of a
-batch. Unrelated prompts (`questions.KEEP_PROMPTS`) are mixed in with the base model as their teacher, so the
-adapter keeps the base's answers elsewhere.
+KL(teacher || student) over the whole vocabulary at every answer token, a weighted mean over the answer tokens of
+a batch (a token that states the memory, one of its names or values, weighs ``content_weight``; the rest 1).
+Unrelated prompts (`questions.KEEP_PROMPTS`, repeated up to ``keep_share`` of the examples) are mixed in with the
+base model as their teacher, so the adapter keeps the base's answers elsewhere.
 
 Shapes: a batch is B examples right-padded to T tokens: ids [B, T]; student logits [B, T, V]; each example's
 teacher log-probs [A, V] for its A answer tokens (float16 on the CPU: 20 memories x 12 questions x 24 tokens x
@@ -50,6 +51,7 @@ class Example:
     start: int               # index in ids of the first answer token
     teacher: torch.Tensor    # float16 [A, V]: teacher log-probs of answer tokens ids[start:start+A]
     source: int              # the memory's index in ``memories``; -1 for a keep prompt
+    weights: torch.Tensor | None = None  # float32 [A]: each answer token's weight in the loss (None: all 1)
 
 
 def _texts_and_sources(memories) -> tuple[list[str], list[dict]]:
@@ -136,11 +138,31 @@ def _left_pad(rows: list[torch.Tensor], pad: int, device) -> dict:
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
+_FUNCTION_WORDS = {"the", "and", "for", "with", "was", "are", "is", "has", "have", "that", "this", "from", "who",
+                   "what", "where", "which", "his", "her", "their", "its"}
+
+
+def content_tokens(tokenizer, text: str) -> set[int]:
+    """The ids of ``text``'s content tokens (names, values, content words: a token of at least three letters that
+    is not a function word), as the text tokenizes; an answer token among them states what the memory says."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    out = set()
+    for t in ids:
+        word = tokenizer.decode([t]).strip()
+        if len(word) >= 3 and word.isalpha() and word.lower() not in _FUNCTION_WORDS:
+            out.add(t)
+    return out
+
+
 def make_examples(model, tokenizer, texts: list[str], *, layout: ChatLayout, questions_per_memory: int, seed: int,
-                  max_answer_tokens: int, keep_prompts, progress: bool = False, rows: int = 32) -> list[Example]:
+                  max_answer_tokens: int, keep_prompts, progress: bool = False, rows: int = 32,
+                  content_weight: float = 1.0) -> list[Example]:
     """The teacher's side: each memory's questions answered with the memory injected as a cube; the keep prompts
     answered by the base model without memory. Answers are generated ``rows`` requests at a time (on a CPU a
-    decoding step costs about the same for 1 row as for 30: reading the weights dominates)."""
+    decoding step costs about the same for 1 row as for 30: reading the weights dominates). An answer token that
+    is one of its memory's content tokens (`content_tokens`: the names and values it states) weighs
+    ``content_weight`` in the loss, the others 1: most answer tokens are phrasing the base model already has,
+    and a mean over them would drown the few that carry the memory."""
     from tqdm.auto import tqdm
 
     device = model_device(model)
@@ -154,6 +176,7 @@ def make_examples(model, tokenizer, texts: list[str], *, layout: ChatLayout, que
     chunks = ([jobs[i:i + rows] for i in range(0, len(jobs), rows)]
               + [keep[i:i + rows] for i in range(0, len(keep), rows)])
     cubes = [MemCube.from_text(model, tokenizer, text, anchor=layout.anchor) for text in texts]
+    content = [content_tokens(tokenizer, text) for text in texts]
     out = []
     for chunk in tqdm(chunks, desc="kvmem distill: teacher answers", disable=not progress, leave=False):
         requests = [r for _, r in chunk]
@@ -166,10 +189,26 @@ def make_examples(model, tokenizer, texts: list[str], *, layout: ChatLayout, que
         answers = _answers(model, inputs, max_answer_tokens=max_answer_tokens, eos=eos, pad=pad)
         for (source, request), (answer, logp) in zip(chunk, answers):
             if answer.numel():
-                out.append(Example(torch.cat([anchor, request, answer]), len(anchor) + len(request), logp, source))
+                weights = None
+                if source >= 0 and content_weight != 1.0:
+                    weights = torch.tensor([content_weight if t in content[source] else 1.0 for t in answer.tolist()])
+                out.append(Example(torch.cat([anchor, request, answer]), len(anchor) + len(request), logp, source,
+                                   weights))
     if not any(e.source >= 0 for e in out):
         raise CubeError("the teacher gave no answer to any question about the memories; nothing to learn")
     return out
+
+
+def with_keep_share(examples: list[Example], share: float) -> list[Example]:
+    """``examples`` with the keep-prompt ones (source -1) repeated until they are at least ``share`` of all."""
+    keep = [e for e in examples if e.source < 0]
+    learn = len(examples) - len(keep)
+    if not keep or share <= 0 or len(keep) >= share * len(examples):
+        return examples
+    import math
+
+    copies = math.ceil(share * learn / ((1 - share) * len(keep)))
+    return [e for e in examples if e.source >= 0] + keep * copies
 
 
 def batch_indices(n: int, *, step: int, batch_size: int, seed: int) -> list[int]:
@@ -193,7 +232,8 @@ def _keeps_logits(model) -> bool:
 
 
 def kl_loss(model, batch: list[Example], *, pad: int) -> torch.Tensor:
-    """Mean over the batch's answer tokens of KL(teacher || student), nats (a 0-dim tensor with grad)."""
+    """Mean over the batch's answer tokens of KL(teacher || student), nats (a 0-dim tensor with grad), each
+    token weighted by its example's ``weights`` (a weighted mean)."""
     device = model_device(model)
     width = max(e.ids.numel() for e in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -212,8 +252,12 @@ def kl_loss(model, batch: list[Example], *, pad: int) -> torch.Tensor:
         a = e.teacher.shape[0]
         student = torch.log_softmax(logits[b, e.start - 1 - offset:e.start - 1 - offset + a].float(), -1)  # [A, V]
         teacher = e.teacher.to(device=student.device, dtype=torch.float32)
-        total = total + (teacher.exp() * (teacher - student)).sum()
-        count += a
+        per_token = (teacher.exp() * (teacher - student)).sum(-1)  # [A]
+        if e.weights is None:
+            total, count = total + per_token.sum(), count + a
+        else:
+            w = e.weights.to(per_token.device)
+            total, count = total + (w * per_token).sum(), count + float(w.sum())
     return total / count
 
 
@@ -227,7 +271,8 @@ def _run_key(model, texts, options: dict) -> str:
 
 def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget: float | None = None,
             rank: int = 8, seed: int = 0, lr: float = 1e-3, batch_size: int = 8, questions_per_memory: int = 12,
-            max_answer_tokens: int = 24, keep_prompts=KEEP_PROMPTS, target_modules=None,
+            max_answer_tokens: int = 24, content_weight: float = 3.0, keep_prompts=KEEP_PROMPTS,
+            keep_share: float = 0.2, target_modules=None,
             system_prompt: str | None = None, name: str | None = None, checkpoint_dir=None,
             checkpoint_every: int = 20, resume: bool = False, progress: bool = True) -> AdapterCube:
     """Learn ``memories`` into a LoRA AdapterCube by context distillation (see the module docstring).
@@ -241,7 +286,11 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
         rank: LoRA rank (alpha = 2 * rank, no dropout); seed: questions, LoRA init and batch order.
         lr, batch_size: AdamW learning rate and examples per step.
         questions_per_memory, max_answer_tokens: how many questions per memory, how long the teacher answers.
-        keep_prompts: unrelated prompts whose base answers the adapter keeps (() for none).
+        content_weight: the loss weight of an answer token that states the memory (its names and values,
+            `content_tokens`) relative to the phrasing around it (1.0: a plain mean).
+        keep_prompts: unrelated prompts whose base answers the adapter keeps (() for none); keep_share: the
+            share of the training examples they make up at least (repeated to reach it: more questions about
+            memories would otherwise dilute them, and the damage elsewhere grows).
         target_modules: LoRA targets (default: the attention and MLP projections the model has).
         system_prompt: as ``kvmem.wrap(..., system_prompt=)`` (the prompts the adapter will serve).
         name: the cube's name (default ``distilled-<n>-memories``).
@@ -258,17 +307,24 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
     if isinstance(model, peft.PeftModel):
         raise CubeError("distill takes the base model, not a PeftModel (with a MemoryModel: mm.adapters.base)")
     _check_options(steps, time_budget, rank, seed, lr, batch_size, checkpoint_every, resume, checkpoint_dir)
+    if isinstance(content_weight, bool) or not isinstance(content_weight, (int, float)) or not content_weight > 0:
+        raise CubeError(f"content_weight must be a number > 0 (1.0: every answer token weighs the same), got "
+                        f"{content_weight!r}")
+    if isinstance(keep_share, bool) or not isinstance(keep_share, (int, float)) or not 0 <= keep_share < 1:
+        raise CubeError(f"keep_share must be a number in [0, 1) (0: no repeats), got {keep_share!r}")
     texts, sources = _texts_and_sources(memories)
     work = bare_copy(model)
     targets = _targets(work, target_modules)
     layout = ChatLayout(tokenizer, system_prompt)
     options = dict(rank=rank, seed=seed, lr=lr, batch_size=batch_size, questions_per_memory=questions_per_memory,
-                   max_answer_tokens=max_answer_tokens, keep_prompts=list(keep_prompts), targets=targets,
+                   max_answer_tokens=max_answer_tokens, content_weight=content_weight,
+                   keep_prompts=list(keep_prompts), keep_share=keep_share, targets=targets,
                    system_prompt=system_prompt)
     key = _run_key(work, texts, options)
     examples = make_examples(work, tokenizer, texts, layout=layout, questions_per_memory=questions_per_memory,
                              seed=seed, max_answer_tokens=max_answer_tokens, keep_prompts=keep_prompts,
-                             progress=progress)
+                             progress=progress, content_weight=content_weight)
+    examples = with_keep_share(examples, keep_share)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(seed)  # the LoRA A matrices' init
     student = peft.get_peft_model(work, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
@@ -345,6 +401,6 @@ def _train(student, model, examples, texts, sources, *, key, steps, time_budget,
     meta["distill"] = {"steps": step, "stopped": stopped, "seconds": round(time.monotonic() - t0, 3),
                        "losses": losses, "memories": len(texts),
                        "examples": sum(e.source >= 0 for e in examples),
-                       "keep_examples": sum(e.source < 0 for e in examples),
+                       "keep_examples": len({id(e) for e in examples if e.source < 0}),
                        **{k: v for k, v in options.items() if k != "keep_prompts"}}
     return AdapterCube(cube.state_dict, meta)

@@ -12,6 +12,13 @@ from the memory and the student learns those answers without it. Kinds:
   ... ___ ...", one question per content word;
 - ``what``: "What is the <noun> of <name>?" / "What is <name>'s <noun>?" where the text says "the <noun> of
   <name> is ..." or "<name>'s <noun> is ...";
+- ``fact``: one question per stated attribute, asked several ways, with the attribute's value as the answer: a
+  sentence "<Name> <verb> [<preposition>] <value>" (clauses joined by "and" or commas each count) gives "Where
+  does <Name> <verb>?" (for in / at / near / on), "What does <Name> <verb> <preposition>?", "<Name> <verb>
+  <preposition> which place / what?" and a completion cut just before the value ("Complete this sentence: <Name>
+  <verb> <preposition> ...");
+- ``reverse``: the same attribute asked from its value: "Who <verb> <preposition> <value>?", "Which person
+  <verb> <preposition> <value>?" (the answer names the entity, so the pair is learned both ways);
 - ``recall``: "What do you remember?" over the whole memory.
 
 Answers are not written here: the teacher's own greedy answer (with the memory) is the target.
@@ -31,7 +38,12 @@ _POSSESSIVE = re.compile(r"\b([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*)'s ([a-z][a-z ]{1
 _STOP = {"The", "A", "An", "At", "On", "In", "And", "But", "Or", "If", "When", "Then", "This", "That", "It", "He",
          "She", "They", "We", "I", "You", "His", "Her", "Their", "Our", "My", "Your", "Its", "There", "Here"}
 
-KINDS = ("about", "cloze", "blank", "what", "recall")
+_PREPOSITIONS = {"in", "at", "on", "near", "from", "for", "with", "as", "to", "by", "of", "into", "under"}
+_PLACES = {"in", "at", "near", "on"}
+_CLAUSE_SPLIT = re.compile(r",\s*(?:and\s+)?|\s+and\s+")
+
+# ``fact`` and ``reverse`` come first: a short budget (few questions per memory) still asks for every attribute
+KINDS = ("fact", "reverse", "about", "cloze", "blank", "what", "recall")
 
 
 def sentences(text: str) -> list[str]:
@@ -50,6 +62,54 @@ def names(text: str) -> list[str]:
         if words:
             found[" ".join(words)] = None
     return list(found)
+
+
+def _base_verb(verb: str) -> str | None:
+    """The base form of a third-person verb ("lives" -> "live", "teaches" -> "teach", "has" -> "have"); None for
+    a word that is not one (a sentence that does not go "<Name> <verb> ...")."""
+    irregular = {"has": "have", "does": "do", "goes": "go"}
+    if verb in irregular:
+        return irregular[verb]
+    if not verb.isalpha() or not verb.islower() or not verb.endswith("s") or verb.endswith("ss") or len(verb) < 3:
+        return None
+    if verb.endswith("ies") and len(verb) > 4:
+        return verb[:-3] + "y"
+    if verb.endswith(("ches", "shes", "sses", "xes", "zes")):
+        return verb[:-2]
+    return verb[:-1]
+
+
+def attributes(text: str) -> list[tuple[str, str, str, str]]:
+    """The (entity, verb, preposition, value) the text states as "<Name> <verb> [<preposition>] <value>", one per
+    clause ("Ann Berg lives in Oslo and works as a pilot." -> ("Ann Berg", "lives", "in", "Oslo"), ("Ann Berg",
+    "works", "as", "a pilot")); the preposition is "" when the verb takes its value directly ("keeps bees")."""
+    out = []
+    for sentence in sentences(text):
+        found = names(sentence)
+        if not found or not sentence.startswith(found[0] + " "):
+            continue
+        subject = found[0]
+        for clause in _CLAUSE_SPLIT.split(sentence[len(subject):].strip().rstrip(".!?")):
+            words = clause.split()
+            if len(words) < 2 or _base_verb(words[0]) is None:
+                continue
+            prep = words[1] if words[1] in _PREPOSITIONS and len(words) > 2 else ""
+            value = " ".join(words[2:] if prep else words[1:])
+            out.append((subject, words[0], prep, value))
+    return out
+
+
+def _attribute_questions(subject: str, verb: str, prep: str, value: str) -> tuple[list[str], list[str]]:
+    """(questions whose answer is the value, questions whose answer is the entity) for one attribute."""
+    base, tail = _base_verb(verb), f" {prep}" if prep else ""
+    forward = [f"What does {subject} {base}{tail}?", f"Complete this sentence: {subject} {verb}{tail} ...",
+               f"{subject} {verb}{tail} what?", f"Tell me what {subject} {verb}{tail}."]
+    if prep in _PLACES:
+        forward += [f"Where does {subject} {base}?", f"{subject} {verb} {prep} which place?",
+                    f"In which place does {subject} {base}?"]
+    reverse = [f"Who {verb}{tail} {value}?", f"Which person {verb}{tail} {value}?",
+               f"Name the person who {verb}{tail} {value}."]
+    return forward, reverse
 
 
 def make_questions(text: str, *, per_memory: int = 12, seed: int = 0) -> list[str]:
@@ -73,6 +133,10 @@ def make_questions(text: str, *, per_memory: int = 12, seed: int = 0) -> list[st
         for i in [i for i, w in enumerate(words) if len(w.strip(".,!?")) > 3 and i >= 2]:
             blanked = words[:i] + ["___" + words[i][len(words[i].rstrip(".,!?")):]] + words[i + 1:]
             pools["blank"].append(f"Fill in the blank: {' '.join(blanked)}")
+    for attribute in attributes(text):
+        forward, reverse = _attribute_questions(*attribute)
+        pools["fact"] += forward
+        pools["reverse"] += reverse
     for noun, name in _OF.findall(text):
         pools["what"] += [f"What is the {noun} of {name}?", f"What is {name}'s {noun}?"]
     for name, noun in _POSSESSIVE.findall(text):

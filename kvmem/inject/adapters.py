@@ -8,6 +8,12 @@ With ``hotswap=True`` there is one adapter slot whose weights are overwritten in
 ``hotswap_adapter_from_state_dict``: parameter objects never change, so a ``torch.compile``d model is not
 recompiled. That needs adapters with the same target modules and ranks no larger than the slot's (set
 ``max_rank`` to pad the slot for mixed ranks).
+
+With ``merged=True`` an adapter is served by a copy of the base model with the LoRA merged into its weights
+(PEFT's ``merge_and_unload`` on a deep copy, made at the adapter's first use; the ``merged_copies`` most recently
+used are kept): a request then costs what the base model costs (no LoRA branch per projection), and the base model
+itself is never touched, so ``use(None)`` is still exactly the base. The price is one copy of the weights per kept
+adapter and a first use that takes the copy and merge; outputs equal the unmerged adapter's up to float rounding.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ class AdapterBridge:
     """Which adapters are resident on the model, which is active, and the swaps between them."""
 
     def __init__(self, model, *, capacity_bytes: int = DEFAULT_CAPACITY_BYTES, hotswap: bool = False,
-                 max_rank: int | None = None, **deprecated):
+                 max_rank: int | None = None, merged: bool = False, merged_copies: int = 1, **deprecated):
         capacity_bytes = renamed(deprecated, "budget_bytes", "capacity_bytes", capacity_bytes, where="AdapterBridge()")
         if deprecated:
             raise TypeError(f"AdapterBridge() got unexpected keyword arguments {sorted(deprecated)}")
@@ -36,7 +42,14 @@ class AdapterBridge:
         self.base = model
         self.peft = None
         self.capacity_bytes = capacity_bytes
+        if merged and hotswap:
+            raise CubeError("pick one of hotswap=True (one LoRA slot written in place) and merged=True (a merged "
+                            "copy of the weights per adapter)")
+        if isinstance(merged_copies, bool) or not isinstance(merged_copies, int) or merged_copies < 1:
+            raise CubeError(f"merged_copies must be an int >= 1, got {merged_copies!r}")
         self.hotswap, self.max_rank = hotswap, max_rank
+        self.merged, self.merged_copies = merged, merged_copies
+        self._copies: OrderedDict[str, object] = OrderedDict()  # adapter digest -> merged copy of the base, LRU first
         self.resident: OrderedDict[str, int] = OrderedDict()  # adapter slot name -> bytes, LRU first
         self.active: AdapterCube | None = None
         self._checked: set[str] = set()  # adapter digests already matched against the base model
@@ -45,7 +58,10 @@ class AdapterBridge:
 
     @property
     def model(self):
-        """The model that runs: the PeftModel once an adapter was used, else the base model."""
+        """The model that runs: the active adapter's merged copy (``merged=True``), the PeftModel once an adapter
+        was used, else the base model."""
+        if self.merged and self.active is not None:
+            return self._copies[self.active.digest]
         return self.peft if self.peft is not None else self.base
 
     @property
@@ -82,6 +98,11 @@ class AdapterBridge:
         if cube.digest not in self._checked:
             cube.check_base(self.base)
             self._checked.add(cube.digest)
+        if self.merged:
+            self._merge(cube)
+            self.active = cube
+            self.stats["swaps"] += 1
+            return
         slot = self._load_hotswap(cube) if self.hotswap else self._load(cube)
         self._flip(slot)
         self.resident.move_to_end(slot)
@@ -131,6 +152,32 @@ class AdapterBridge:
         self.peft.set_adapter(slot)  # before evicting, so PEFT never sees its active adapter deleted
         self._evict(keep=slot)
         return slot
+
+    def _merge(self, cube: AdapterCube) -> None:
+        """Make (or reuse) the copy of the base with ``cube`` merged in; drop the least recently used beyond
+        ``merged_copies``."""
+        if cube.digest in self._copies:
+            self._copies.move_to_end(cube.digest)
+            return
+        import copy
+
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        peft = _peft()
+        clone = copy.deepcopy(self.base)
+        for module in list(clone.modules()):  # LoRA layers another bridge injected into the base: not copied
+            for name, child in list(module.named_children()):
+                if isinstance(child, BaseTunerLayer):
+                    setattr(module, name, child.get_base_layer())
+        if "peft_config" in vars(clone):  # left by that injection: the copy is a bare model now
+            del clone.peft_config
+        wrapped = peft.PeftModel(clone, cube.config, adapter_name="merged")
+        peft.set_peft_model_state_dict(wrapped, cube.state_dict, adapter_name="merged")
+        self._copies[cube.digest] = wrapped.merge_and_unload().eval()
+        self.stats["loads"] += 1
+        while len(self._copies) > self.merged_copies:
+            self._copies.popitem(last=False)
+            self.stats["evictions"] += 1
 
     def _evict(self, keep: str) -> None:
         for slot in list(self.resident):
