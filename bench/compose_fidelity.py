@@ -155,7 +155,7 @@ def main(argv=None) -> int:
                 for key in ("rows", "meets_issue_targets"):
                     into[key] += run[key]
                 for key in ("choices", "cube_tokens", "questions"):
-                    into[key].update(run[key])
+                    into.setdefault(key, {}).update(run.get(key, {}))
                 into["seconds"] += run["seconds"]
                 into["cpu_seconds"] += run["cpu_seconds"]
         out["cube_tokens_by_count"] = {k: v for d in docs for k, v in d.get("cube_tokens_by_count", {}).items()}
