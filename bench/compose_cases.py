@@ -96,6 +96,9 @@ def code_cases(tokenizer, counts, tokens: int, *, sets: int, questions: int, see
             # whole files as long as a cube (or cut to it): short ones would make this a test of small cubes
             if defs and len(tokenizer(text, add_special_tokens=False).input_ids) >= 0.8 * tokens:
                 files[name] = (text, defs)
+    if len(files) < max(counts):
+        raise SystemExit(f"compose_cases: only {len(files)} standard-library files have a public function within "
+                         f"{tokens} tokens, {max(counts)} needed: use more tokens per cube (--tokens)")
     rng = random.Random(seed)
     cases = []
     for n in counts:

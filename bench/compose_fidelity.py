@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         plot(json.loads(Path(args.from_json).read_text()), str(Path(args.from_json).with_suffix(".png")))
         return 0
     if args.quick:
-        args.tokens, args.cubes, args.sets, args.questions = 96, [2], 1, 2
+        args.tokens, args.cubes, args.sets, args.questions = 200, [2], 1, 2  # 200: code files need a function in view
     import torch
 
     torch.manual_seed(0)
