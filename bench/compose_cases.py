@@ -27,7 +27,7 @@ CODE_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "sched.py", "q
               "getopt.py", "netrc.py", "colorsys.py", "heapq.py", "string.py", "copy.py", "graphlib.py", "bisect.py",
               "tabnanny.py", "mailbox.py", "ftplib.py", "imaplib.py", "smtplib.py", "difflib.py", "pprint.py",
               "configparser.py"]
-_DEF = re.compile(r"^\s*def ([A-Za-z_]\w*)\((.*?)\)", re.M)
+_DEF = re.compile(r"^\s*def ([A-Za-z_]\w*)\((.*?)\)", re.MULTILINE)
 
 
 def _cut(tokenizer, text: str, max_tokens: int) -> str:
@@ -107,7 +107,7 @@ def code_cases(tokenizer, counts, tokens: int, *, sets: int, questions: int, see
             qs = []
             for i in range(questions):
                 later = chosen[rng.randrange(1, n)]
-                f, args = rng.choice(files[later][1])
+                f, _ = rng.choice(files[later][1])
                 if i % 3 == 2:
                     g, _ = rng.choice(files[rng.choice([c for c in chosen if c != later])][1])
                     qs.append(f"Which file defines the function {g}, and which defines {f}?")
