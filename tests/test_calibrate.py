@@ -99,14 +99,18 @@ def test_gate_choice_follows_measurements(llama, cache_dir):
 
 
 def test_failing_model_is_prefilled_as_text(llama, cache_dir):
-    cubes = _cubes(llama)
+    cubes = _cubes(llama, (40, 45, 50))  # longer than the default's 32 leading tokens: only text is exact
     _write(llama, [_row(4, "none", None, 0.5, 0.2, 0.05), _row(4, "leading", 8, 0.2, 0.6, 0.1)])
     query = random_ids(5, seed=7)
     prefix = kvmem.prefill(llama, cubes)
     assert prefix.composition.startswith("text: calibrated: no composition meets the target faster than a full prefill at 4 cubes")
     assert "best leading@8: KL 0.200" in prefix.composition
+    assert prefix.recomputed == 45 + 50  # every later cube's tokens, as a text prefill computes them
     torch.testing.assert_close(_next_logits(llama, prefix, query), _full_logits(llama, prefix, query),
                                rtol=1e-4, atol=1e-4)
+    # the check can fail: bypassing the gate (the default mode) composes, and composition is not exact here
+    bypass = kvmem.prefill(llama, cubes, recompute="leading", budget=32)
+    assert not torch.allclose(_next_logits(llama, bypass, query), _full_logits(llama, bypass, query), atol=1e-4)
     _write(llama, [_row(4, "none", None, 0.5, 0.2, 0.05), _row(4, "leading", 8, 0.01, 1.0, 1.2)])
     assert kvmem.prefill(llama, cubes).composition.startswith("text:")  # meets the target, but slower than text
     more = kvmem.prefill(llama, _cubes(llama, (5,) * 6))  # more cubes than ever measured: text too
@@ -184,6 +188,25 @@ def test_calibrate_on_given_texts(llama, tok, cache_dir):
     assert not calibration_path(llama).exists()  # save=False writes nothing
     with pytest.raises(kvmem.CubeError, match="at least 4 texts"):
         kvmem.calibrate(llama, tok, texts=texts, cubes=(4,), progress=False)
+
+
+def test_calibrate_on_given_cases(llama, tok, cache_dir):
+    docs = [f"Session {i}. The user said the meeting moved to room {100 + i}. " * 3 for i in range(3)]
+    cases = [(docs[:2], ["Which room is the meeting in?"]),
+             (docs, ["Which rooms were named?", "Where did the meeting move in session 1 and in session 3?"])]
+    doc = kvmem.calibrate(llama, tok, cases=cases, settings=(("none", None), ("leading", 10 ** 4)),
+                          answer_tokens=3, save=False, progress=False)
+    rows = {(r["cubes"], r["label"]): r for r in doc["rows"]}
+    assert {k: r["questions"] for k, r in rows.items()} == {(2, "none"): 1, (2, "leading@10000"): 1,
+                                                            (3, "none"): 2, (3, "leading@10000"): 2}
+    assert rows[(3, "leading@10000")]["kl_mean"] < 1e-6 and rows[(3, "leading@10000")]["agreement"] == 1.0
+    assert rows[(3, "none")]["kl_mean"] > 1e-6 and doc["texts"] == "given cases"
+    with pytest.raises(kvmem.CubeError, match="texts or cases, not both"):
+        kvmem.calibrate(llama, tok, texts=docs, cases=cases, progress=False)
+    with pytest.raises(kvmem.CubeError, match="cases is a non-empty list of"):
+        kvmem.calibrate(llama, tok, cases=[(docs[:2], [])], progress=False)
+    with pytest.raises(kvmem.CubeError, match="cube counts >= 2"):
+        kvmem.calibrate(llama, tok, cases=[(docs[:1], ["Which room?"])], progress=False)
 
 
 def test_serving_connector_follows_the_calibration(llama, tmp_path, cache_dir):

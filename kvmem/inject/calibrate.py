@@ -106,7 +106,7 @@ def invented_documents(tokenizer, n_docs: int, tokens_per_doc: int, *, seed: int
     return docs
 
 
-def _questions(sets_facts: list[list], rng: random.Random, n: int) -> list[str]:
+def invented_questions(sets_facts: list[list], rng: random.Random, n: int) -> list[str]:
     """``n`` questions about a later cube (where composition can go wrong) and, every third, across two cubes."""
     out = []
     for i in range(n):
@@ -222,7 +222,7 @@ def _summarise(n_cubes: int, per_question: list[dict], settings) -> list[dict]:
 def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 8), settings=DEFAULT_SETTINGS,
               tokens_per_cube: int = 384, sets: int = 2, questions: int = 3, answer_tokens: int = 12,
               anchor: str | None = None, folder=None, target: Target = DEFAULT_TARGET, save: bool = True,
-              seed: int = 0, progress: bool = True) -> dict:
+              seed: int = 0, progress: bool = True, cases: list | None = None) -> dict:
     """Measure composed vs full prefill on ``model`` and save the calibration the composition gate reads.
 
     Args:
@@ -241,12 +241,23 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
         folder: where ``calibration/<fingerprint>-<dtype>.json`` goes (None: $KVMEM_CACHE or ~/.cache/kvmem).
         target: the fidelity the summary's per-count choice reports against.
         save: write the file (False: only return the document).
+        cases: instead of ``texts``: explicit cube sets with their own questions, ``[(documents, questions)]``
+            (one cube per document, in order; questions whose evidence is in them, e.g. across two of them);
+            the counts measured are the sets' lengths (``cubes``, ``sets`` and ``questions`` are then unused).
 
     Returns:
         The calibration document: {"version", "fingerprint", "dtype", "model", "created", "target", "rows": [one
         per count and setting: cubes, mode, budget, kl_mean, kl_max, agreement, token_agreement, ttft_s,
         full_ttft_s, ttft_saving, ...], "choices": {count: the gate's choice}, "path"}.
     """
+    if cases is not None:
+        if texts is not None:
+            raise CubeError("pass texts or cases, not both")
+        if not cases or not all(isinstance(c, (tuple, list)) and len(c) == 2 and c[0] and c[1] and
+                                all(isinstance(t, str) and t.strip() for t in list(c[0]) + list(c[1])) for c in cases):
+            raise CubeError("cases is a non-empty list of (documents, questions): both non-empty lists of non-empty "
+                            "strings")
+        cubes = {len(c[0]) for c in cases}
     counts = sorted({int(n) for n in cubes})
     if not counts or counts[0] < 2:
         raise CubeError(f"cubes lists cube counts >= 2 to measure (one cube is exact), got {cubes!r}")
@@ -260,15 +271,16 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
     pad = next((v for v in (tokenizer.pad_token_id, tokenizer.eos_token_id) if v is not None), 0)
     fields = fingerprint_fields(model, tokenizer)
     built: dict[int, MemCube] = {}
+    given: dict[str, MemCube] = {}  # cases' cubes by text: a document in several sets is encoded once
     per_count = []
-    bar = tqdm(total=len(counts) * sets, desc="kvmem: calibrate", unit="set", disable=not progress)
+    bar = tqdm(total=len(counts) * sets if cases is None else len(cases), desc="kvmem: calibrate", unit="set", disable=not progress)
     with eval_mode(model):
         for n in counts:
             per_question = []
-            for s in range(sets):
+            for s in range(sets if cases is None else 0):
                 if texts is None:
                     docs = invented_documents(tokenizer, n, tokens_per_cube, seed=seed * 1000 + n * 10 + s)
-                    qs = _questions([f for _, f in docs], rng, questions)
+                    qs = invented_questions([f for _, f in docs], rng, questions)
                     chosen = [t for t, _ in docs]
                     cube_set = [MemCube.from_text(model, tokenizer, t, anchor=anchor, progress=False) for t in chosen]
                 else:
@@ -283,13 +295,20 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
                 per_question += _measure_set(model, cube_set, queries, settings, answer_tokens=answer_tokens,
                                              pad=pad, device=device)
                 bar.update(1)
+            for docs, qs in (c for c in cases or () if len(c[0]) == n):
+                cube_set = [given.get(t) or given.setdefault(t, MemCube.from_text(
+                    model, tokenizer, t, anchor=anchor, progress=False)) for t in docs]
+                per_question += _measure_set(model, cube_set, [_query_ids(tokenizer, q) for q in qs], settings,
+                                             answer_tokens=answer_tokens, pad=pad, device=device)
+                bar.update(1)
             per_count += _summarise(n, per_question, settings)
     bar.close()
     dtype, _ = dtype_device(model)
     doc = {"version": CALIBRATION_VERSION, "fingerprint": fingerprint_id(fields),
            "dtype": str(dtype).removeprefix("torch."), "model": getattr(model.config, "_name_or_path", "") or
            type(model).__name__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "texts": "given" if texts is not None else f"invented team notes, {tokens_per_cube} tokens per cube",
+           "texts": "given cases" if cases is not None else "given" if texts is not None else
+           f"invented team notes, {tokens_per_cube} tokens per cube",
            "anchor_tokens": len(tokenizer(anchor, add_special_tokens=False).input_ids) if anchor else 0,
            "answer_tokens": answer_tokens, "target": {"kl": target.kl, "agreement": target.agreement},
            "rows": per_count}
