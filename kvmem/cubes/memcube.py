@@ -37,6 +37,30 @@ FORMAT = "kvmem.memcube"
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 
+
+def cube_meta(kv, fields: dict, *, name: str | None, text: str | None, anchor: str | None, anchor_len: int,
+              num_tokens: int, **extra) -> dict:
+    """The metadata every new MemCube records, whoever computed its KV (`MemCube.from_ids`, a serving engine's save):
+    ``kv`` per layer (keys, values) [kv_heads, tokens, head_dim], ``fields`` the model's fingerprint fields;
+    ``extra`` keys (e.g. ``built_by``) are added after the common ones."""
+    return {
+        "name": name,
+        "text": text,
+        "anchor": anchor,
+        "anchor_len": anchor_len,
+        "num_tokens": num_tokens,
+        "position_start": 0,
+        "dtype": str(kv[0][0].dtype),
+        "num_layers": len(kv),
+        "kv_shapes": [[list(k.shape), list(v.shape)] for k, v in kv],
+        "fingerprint": fingerprint_id(fields),
+        "fingerprint_fields": fields,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kvmem_version": __version__,
+        "torch_version": torch.__version__.split("+")[0],
+        **extra,
+    }
+
 class MemCube:
     """Activation memory: the KV cache of a memory text (post-RoPE keys and values of every layer).
 
@@ -92,22 +116,8 @@ class MemCube:
                       "split the text into several memories and compose them")
         fields = fingerprint_fields(model, tokenizer)
         kv = compute_kv(model, all_ids, chunk_size=chunk_size, progress=progress)
-        meta = {
-            "name": name,
-            "text": text,
-            "anchor": anchor,
-            "anchor_len": int(anchor_t.numel()),
-            "num_tokens": int(ids.numel()),
-            "position_start": 0,
-            "dtype": str(kv[0][0].dtype),
-            "num_layers": len(kv),
-            "kv_shapes": [[list(k.shape), list(v.shape)] for k, v in kv],
-            "fingerprint": fingerprint_id(fields),
-            "fingerprint_fields": fields,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "kvmem_version": __version__,
-            "torch_version": torch.__version__.split("+")[0],
-        }
+        meta = cube_meta(kv, fields, name=name, text=text, anchor=anchor, anchor_len=int(anchor_t.numel()),
+                         num_tokens=int(ids.numel()))
         if meta["name"] is None:
             meta["name"] = f"cube-{xxhash.xxh3_64(all_ids.numpy().tobytes()).hexdigest()[:12]}"
         cube = cls(kv, all_ids, meta)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,9 +32,7 @@ from typing import Sequence
 import torch
 import xxhash
 
-from .._version import __version__
-from ..cubes.fingerprint import fingerprint_id
-from ..cubes.memcube import MemCube
+from ..cubes.memcube import MemCube, cube_meta
 from ..errors import CubeError
 from ..store.records import check_name
 from .tenancy import request_namespace
@@ -114,23 +111,8 @@ def build_cube(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], spec: SaveSpec, 
     shapes = {(k.shape[1], v.shape[1]) for k, v in kv}
     if not kv or shapes != {(spec.tokens, spec.tokens)}:
         raise CubeError(f"the engine's KV covers {sorted(shapes)} tokens per layer, not the {spec.tokens} to save")
-    meta = {
-        "name": spec.name,
-        "text": spec.text,
-        "anchor": None,
-        "anchor_len": spec.anchor,
-        "num_tokens": spec.tokens - spec.anchor,
-        "position_start": 0,
-        "dtype": str(kv[0][0].dtype),
-        "num_layers": len(kv),
-        "kv_shapes": [[list(k.shape), list(v.shape)] for k, v in kv],
-        "fingerprint": fingerprint_id(fields),
-        "fingerprint_fields": fields,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "kvmem_version": __version__,
-        "torch_version": torch.__version__.split("+")[0],
-        "built_by": engine,
-    }
+    meta = cube_meta(kv, fields, name=spec.name, text=spec.text, anchor=None, anchor_len=spec.anchor,
+                     num_tokens=spec.tokens - spec.anchor, built_by=engine)
     return MemCube(kv, torch.tensor(spec.ids, dtype=torch.long), meta)
 
 
