@@ -25,7 +25,7 @@ import torch
 
 from ..errors import CubeError
 from .format import FORMAT_VERSION, HEADER_PART, MAX_HEADER_BYTES, header_digest, part_digest
-from .memcube import FORMAT, check_parts
+from .memcube import FORMAT, CubeFacts, check_parts
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
@@ -83,7 +83,7 @@ class FileBytes:
         return {"fd": None, "path": self.path, "size": self.size}
 
 
-class CubeFile:
+class CubeFile(CubeFacts):
     """A MemCube file opened for reading layer by layer (see the module docstring).
 
     The attributes a server matches and checks a request with are those of `MemCube`: ``meta`` (a copy),
@@ -232,38 +232,10 @@ class CubeFile:
                             "rebuild the cube")
         return buf.view(dtype).view(shape)
 
-    # ---------------------------------------------------------------- what MemCube offers
-    @property
-    def meta(self) -> dict:
-        return json.loads(json.dumps(self._meta))
-
-    @property
-    def all_ids(self) -> torch.Tensor:
-        return self._ids[None]
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self._ids[self.anchor_len:][None]
-
-    @property
-    def anchor_len(self) -> int:
-        return self._meta["anchor_len"]
-
-    @property
-    def num_tokens(self) -> int:
-        return self._meta["num_tokens"]
-
+    # ---------------------------------------------------------------- what MemCube offers beyond CubeFacts
     @property
     def num_layers(self) -> int:
         return int(self._meta["num_layers"])
-
-    @property
-    def name(self) -> str:
-        return self._meta["name"]
-
-    @property
-    def fingerprint_fields(self) -> dict:
-        return self._meta["fingerprint_fields"]
 
     @property
     def quantization(self) -> None:

@@ -61,7 +61,62 @@ def cube_meta(kv, fields: dict, *, name: str | None, text: str | None, anchor: s
         **extra,
     }
 
-class MemCube:
+
+class CubeFacts:
+    """What a cube says of itself from its metadata and token ids alone (``_meta``, ``_ids``): shared by `MemCube`
+    and `kvmem.cubes.cubefile.CubeFile`, which reads the KV later, layer by layer."""
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """LongTensor [1, num_tokens]: the memory's own ids (anchor excluded)."""
+        return self._ids[self.anchor_len:][None]
+
+    @property
+    def anchor_ids(self) -> torch.Tensor:
+        """LongTensor [1, anchor_len]: the ids the memory continues (their KV is in the cube too)."""
+        return self._ids[:self.anchor_len][None]
+
+    @property
+    def all_ids(self) -> torch.Tensor:
+        """LongTensor [1, anchor_len + num_tokens]: one id per KV entry, in order."""
+        return self._ids[None]
+
+    @property
+    def anchor_len(self) -> int:
+        return self._meta["anchor_len"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self._meta["num_tokens"]
+
+    @property
+    def name(self) -> str:
+        return self._meta["name"]
+
+    @property
+    def text(self) -> str | None:
+        return self._meta.get("text")
+
+    @property
+    def anchor(self) -> str | None:
+        return self._meta.get("anchor")
+
+    @property
+    def fingerprint(self) -> str:
+        """Short id of the model, weights and adapter the cube was built for."""
+        return self._meta["fingerprint"]
+
+    @property
+    def fingerprint_fields(self) -> dict:
+        return self._meta["fingerprint_fields"]
+
+    @property
+    def meta(self) -> dict:
+        """A copy of the cube's metadata (the cube itself cannot be changed through it)."""
+        return copy.deepcopy(self._meta)
+
+
+class MemCube(CubeFacts):
     """Activation memory: the KV cache of a memory text (post-RoPE keys and values of every layer).
 
     Cubes are immutable: injection works on a fresh cache, so a cube reused any number of times gives the same
@@ -255,56 +310,6 @@ class MemCube:
     def with_meta(self, extra: dict) -> "MemCube":
         """A copy of the cube (sharing its tensors, packed or not) whose metadata also holds ``extra``."""
         return MemCube(self._kv, self._ids, {**self._meta, **extra}, packed=self._packed)
-
-    # ---------------------------------------------------------------- views
-    @property
-    def input_ids(self) -> torch.Tensor:
-        """LongTensor [1, num_tokens]: the memory's own ids (anchor excluded)."""
-        return self._ids[self.anchor_len:][None]
-
-    @property
-    def anchor_ids(self) -> torch.Tensor:
-        """LongTensor [1, anchor_len]: the ids the memory continues (their KV is in the cube too)."""
-        return self._ids[:self.anchor_len][None]
-
-    @property
-    def all_ids(self) -> torch.Tensor:
-        """LongTensor [1, anchor_len + num_tokens]: one id per KV entry, in order."""
-        return self._ids[None]
-
-    @property
-    def anchor_len(self) -> int:
-        return self._meta["anchor_len"]
-
-    @property
-    def num_tokens(self) -> int:
-        return self._meta["num_tokens"]
-
-    @property
-    def name(self) -> str:
-        return self._meta["name"]
-
-    @property
-    def text(self) -> str | None:
-        return self._meta.get("text")
-
-    @property
-    def anchor(self) -> str | None:
-        return self._meta.get("anchor")
-
-    @property
-    def fingerprint(self) -> str:
-        """Short id of the model, weights and adapter the cube was built for."""
-        return self._meta["fingerprint"]
-
-    @property
-    def fingerprint_fields(self) -> dict:
-        return self._meta["fingerprint_fields"]
-
-    @property
-    def meta(self) -> dict:
-        """A copy of the cube's metadata (the cube itself cannot be changed through it)."""
-        return copy.deepcopy(self._meta)
 
     @property
     def kv(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
