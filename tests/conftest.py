@@ -54,6 +54,19 @@ def tokenizer(smollm2):
     return smollm2[1]
 
 
+@pytest.fixture(scope="session")
+def tok():
+    """SmolLM2's real tokenizer alone (no model load); skips where the checkpoint is not installed."""
+    from transformers import AutoTokenizer
+
+    try:
+        from kvmem.demo.models import smollm2_checkpoint
+
+        return AutoTokenizer.from_pretrained(smollm2_checkpoint(verbose=False))
+    except (ModuleNotFoundError, FileNotFoundError, OSError) as exc:
+        pytest.skip(f"the real tokenizer is not available: {exc}")
+
+
 @pytest.fixture
 def llama():
     return tiny_model("llama")

@@ -16,18 +16,6 @@ from kvmem.inject.gate import Target, calibration_path, choose
 from kvmem.model.cache import cache_kwarg
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    try:
-        from kvmem.demo.models import smollm2_checkpoint
-
-        return AutoTokenizer.from_pretrained(smollm2_checkpoint(verbose=False))
-    except (ModuleNotFoundError, FileNotFoundError, OSError) as exc:
-        pytest.skip(f"the real tokenizer is not available: {exc}")
-
-
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("KVMEM_CACHE", str(tmp_path))

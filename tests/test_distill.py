@@ -18,18 +18,6 @@ MEMORIES = ["Alice Moreau lives in Tallinn and works as a glassblower.",
 FAST = dict(rank=4, questions_per_memory=3, max_answer_tokens=5, keep_prompts=("Say hello.",), progress=False)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    try:
-        from kvmem.demo.models import smollm2_checkpoint
-
-        return AutoTokenizer.from_pretrained(smollm2_checkpoint(verbose=False))
-    except (ModuleNotFoundError, FileNotFoundError) as exc:
-        pytest.skip(f"the real tokenizer is not available: {exc}")
-
-
 def _examples(model, tok):
     from kvmem.evolve.distill import make_examples
     from kvmem.prompt import ChatLayout

@@ -16,18 +16,6 @@ pytest.importorskip("peft")
 FAST = dict(steps=2, rank=2, questions_per_memory=2, max_answer_tokens=3, keep_prompts=(), progress=False)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    try:
-        from kvmem.demo.models import smollm2_checkpoint
-
-        return AutoTokenizer.from_pretrained(smollm2_checkpoint(verbose=False))
-    except (ModuleNotFoundError, FileNotFoundError) as exc:
-        pytest.skip(f"the real tokenizer is not available: {exc}")
-
-
 class Clock:
     """Wall time plus a skew the test advances (the store stamps uses with the real time)."""
 

@@ -20,18 +20,6 @@ QUESTION = "Where does Alice live?"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    from kvmem.demo.models import smollm2_checkpoint
-
-    try:
-        return AutoTokenizer.from_pretrained(smollm2_checkpoint(verbose=False))
-    except ModuleNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
 def models():
     return (tiny_model("llama"),
             tiny_model("gemma3_text", seed=1, sliding_window=24, layer_types=["sliding_attention", "full_attention"]))
