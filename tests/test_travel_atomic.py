@@ -131,8 +131,10 @@ def _with_v1(bundles, new):
     return location
 
 
-def _child(bundles, location, points: str, log: Path | None = None) -> subprocess.Popen:
+def _child(bundles, location, points: str, log: Path | None = None, tmpdir: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(CHILD.parent), os.environ.get("PYTHONPATH", "")])}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     args = [sys.executable, str(CHILD), str(bundles[1]), str(location), str(bundles[3]), "bob", points]
     return subprocess.Popen(args + ([str(log)] if log else []), env=env, cwd=ROOT, stderr=subprocess.PIPE)
 
@@ -202,6 +204,31 @@ def test_sigkill_anywhere_leaves_the_old_or_the_new_namespace(bundles, backend):
     assert all(how == "killed" for how, _ in list(outcomes.values())[:-1]), outcomes
     assert [outcomes[p][1] for p in KILLS[:3]] == ["before"] * 3, outcomes
     assert [outcomes[p][1] for p in KILLS[3:5]] == ["after"] * 2, outcomes
+
+
+def test_a_killed_installs_extracted_units_are_removed_by_the_next_install(bundles, tmp_path, monkeypatch):
+    """A SIGKILLed install cannot remove the folder it extracted the bundle to (as large as the bundle): the next
+    install by this user removes it, and leaves alone the folder of an install whose process still runs."""
+    import tempfile
+
+    from kvmem.store.batch import owner
+    from kvmem.travel import TrustList, install_bundle
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    location = tmp_path / "store"
+    install_bundle(bundles[0], location, "bob", trust=TrustList([bundles[2].public]))
+    assert _wait(_child(bundles, location, "put:1", tmpdir=tmp)) == -signal.SIGKILL
+    left = list(tmp.glob("kvmem-install-*"))
+    assert len(left) == 1 and any(left[0].iterdir()), left  # what the killed install left (the control)
+    me = owner()
+    if not me["start"]:
+        pytest.skip("no /proc here: kvmem cannot tell a dead install's folder from a live one and keeps both")
+    alive = tmp / f"kvmem-install-{me['pid']}-{me['start']}-live"  # this process runs: its folder stays
+    alive.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    install_bundle(bundles[1], location, "bob", trust=TrustList([bundles[2].public]))
+    assert sorted(p.name for p in tmp.iterdir()) == [alive.name]
 
 
 def _log(path: Path) -> list[tuple[str, int, float]]:

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from ..cubes.memcube import MemCube
 from ..errors import CubeError
 from ..store.records import check_meta
 from .bundle import Bundle, Unit, check_units, open_bundle
-from ..store.batch import LOCK_WAIT_S, Batch, lock
+from ..store.batch import LOCK_WAIT_S, Batch, is_alive, lock, owner
 from .journal import LEDGER, ledger_entry, ledger_id, recover_installs
 from .provenance import PROVENANCE, adapter_folder, as_store, check_namespace
 from .signing import TrustList
@@ -217,7 +220,7 @@ def _install(store, namespace, bundle, source, signed, *, allow_unsigned, model,
     existing = {rec.id: rec for rec in view.ls()}
     bound = {rec.fingerprint for rec in existing.values() if rec.kind == "memcube" and rec.fingerprint}
     folder = adapter_folder(store, namespace, adapters)
-    with tempfile.TemporaryDirectory(prefix="kvmem-install-") as tmp:  # private (0700): nobody swaps a unit here
+    with _staging() as tmp:  # private (0700): nobody swaps a unit here
         done = [0]
 
         def read(n):
@@ -242,6 +245,29 @@ def _install(store, namespace, bundle, source, signed, *, allow_unsigned, model,
                       "source": label or str(Path(source)), "installed": _now()}
         _write(store, bundle, view, memories, adapter_units, paths, folder, existing, provenance, report, progress)
     return report
+
+
+_STAGING = re.compile(r"kvmem-install-(\d+)-(\d+)-")
+
+
+def _staging() -> tempfile.TemporaryDirectory:
+    """A private folder the bundle's units are extracted to, named for this process (pid and start time).
+
+    An install killed mid-way (SIGKILL, power cut) cannot remove its folder, and a bundle's extracted units can be
+    as large as the bundle: so each install first removes the folders of this user's installs whose process is gone.
+    """
+    me = owner()
+    if not me["start"]:  # no /proc: whether another install is alive cannot be told, so nothing is removed
+        return tempfile.TemporaryDirectory(prefix="kvmem-install-")
+    for path in Path(tempfile.gettempdir()).glob("kvmem-install-*"):
+        match = _STAGING.match(path.name)
+        try:
+            mine = path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if match and mine and not is_alive({**me, "pid": int(match[1]), "start": match[2]}):
+            shutil.rmtree(path, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"kvmem-install-{me['pid']}-{me['start']}-")
 
 
 def _check_adapter_slot(path: Path, bundle: Bundle, signer: str | None) -> None:
