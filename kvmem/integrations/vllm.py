@@ -134,7 +134,10 @@ class KvmemConnector(KVConnectorBase_V1):
             groups = len(getattr(kv_cache_config, "kv_cache_groups", None) or [None])
             if groups == 1:
                 self.planner = self._make_planner(vllm_config)
-            else:  # hybrid models (sliding-window groups, Mamba) keep several block tables: not handled yet
+            else:
+                # several block tables (the hybrid KV cache manager's sliding-window groups, Mamba): not handled.
+                # vLLM 0.32 turns that manager off for a connector without SupportsHMA (this one), so a sliding-window
+                # model such as Gemma 3 keeps every token on every layer in one group and is served above.
                 logger.warning("kvmem: this model has %d KV cache groups; KvmemConnector serves models with one "
                                "only, so every request is prefilled normally", groups)
 
