@@ -242,8 +242,9 @@ class CpuLikeLayer:
             kv_cache[b, :, bs + t] = value[i]
 
 
+@pytest.mark.parametrize("source", ["file", "memory"])
 @pytest.mark.parametrize("window, first", [((0, 43), 0), ((3, 35), 0), ((16, 43), 5), ((0, 16), 0)])
-def test_plain_copies_write_what_the_op_writes(cube, path, window, first):
+def test_plain_copies_write_what_the_op_writes(cube, path, window, first, source):
     """Where the op's placement is rows / columns per head, the loader reads values straight from the file into
     the blocks and copies keys once, transposed, never calling the op: the cache holds the op's bytes exactly,
     for windows that start inside a block, end inside one, or leave cube tokens out on either side."""
@@ -259,7 +260,8 @@ def test_plain_copies_write_what_the_op_writes(cube, path, window, first):
     slots = torch.tensor([blocks[(first + p) // 16] * 16 + (first + p) % 16 for p in range(n)])
     layers = [(i, f"model.layers.{i}.attn", CpuLikeLayer(heads, dim)) for i in range(f.num_layers)]
     writer = LayerWriter(block_size=16)
-    writer.start([Load("r1", FileKV(f, 0, total).window(lo, hi), slots, blocks)], layers)
+    kv = FileKV(f, 0, total).window(lo, hi) if source == "file" else [(k[:, lo:hi], v[:, lo:hi]) for k, v in cube.kv]
+    writer.start([Load("r1", kv, slots, blocks)], layers)
     assert writer.finish() == set()
     for i, _, layer in layers:
         want = CpuLikeLayer(heads, dim)

@@ -177,7 +177,7 @@ class BlockPlacement:
         _, raw = self._views(cache)
         es = cache.element_size()
         words = raw.view(_WORDS[es])  # [num_blocks, block elements]
-        src = t.contiguous().view(_TORCH_WORDS[es]).numpy()
+        src = t.view(_TORCH_WORDS[es]).numpy()  # a strided view (a window of a cube in memory) is read in place
         bs = self.block_size
         heads, n, dim = t.shape
         pos, b = 0, 0
