@@ -307,5 +307,6 @@ def test_read_part_into_fills_the_views_in_file_order(cube, path):
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0x10
     path.write_bytes(bytes(raw))
+    last = f"v.{f.num_layers - 1}"
     with pytest.raises(kvmem.CubeError, match="checksum mismatch"):
-        CubeFile.open(path).read_part_into(f"v.{f.num_layers - 1}", [memoryview(buf[:cube.kv[-1][1].numel() * 4].numpy())])
+        CubeFile.open(path).read_part_into(last, [memoryview(buf[:cube.kv[-1][1].numel() * 4].numpy())])

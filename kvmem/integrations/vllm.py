@@ -28,9 +28,10 @@ The second asks the server to keep the prompt's computed KV as cube ``notes`` (`
 
 The scheduler side plans each request when it arrives (`CubePlanner`: validation, fingerprint, prefix check,
 composition) and gives an approximate prefix a cache salt before vLLM hashes its blocks; the worker side writes
-the plan's KV through the attention backend's own ``do_kv_cache_update``. Anything wrong with a request's cubes is
-logged and the request is prefilled as if kvmem were not there; a failed write is reported to vLLM as a load
-error, which ``kv_load_failure_policy="recompute"`` recomputes.
+the plan's KV through the attention backend's own ``do_kv_cache_update`` (or by plain copies where that op's
+placement is rows / columns per head, `kvmem.integrations.vllm_pages.BlockPlacement`). Anything wrong with a
+request's cubes is logged and the request is prefilled as if kvmem were not there; a failed write is reported to
+vLLM as a load error, which ``kv_load_failure_policy="recompute"`` recomputes.
 
 The KV-connector API is marked experimental by vLLM: this module is tested against the version the ``vllm``
 extra pins.

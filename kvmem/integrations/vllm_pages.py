@@ -5,7 +5,9 @@ vLLM writes a layer's KV through its backend's own op (``layer.impl.do_kv_cache_
 packs rows for the CPU's instruction set (AMX / VNNI pair dimensions), so indexing a block by hand reads the wrong
 numbers. `PagedLayout.learn` asks the op itself: it writes numbered keys and values into one scratch block and
 records where each number landed. That map (one gather index per block) then reads any block back exactly, for
-any backend whose op is a pure placement (no scaling: fp8 caches are refused).
+any backend whose op is a pure placement (no scaling: fp8 caches are refused). Where that map is plain rows or
+columns per head (vLLM's CPU backend in float32), `BlockPlacement` writes cube KV by plain copies instead of the
+op, reading a part stored as rows straight from the cube file into the blocks.
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ class Load:
     """One request's KV to write this step: positions [start, start + n) of its plan, at ``slots``."""
 
     request_id: str
-    kv: object          # per layer (keys, values) [kv_heads, n, head_dim]: a list of views, or a FileKV (read as written)
+    kv: object  # per layer (keys, values) [kv_heads, n, head_dim]: a list of views, or a FileKV (read as written)
     slots: torch.Tensor  # [n] int64: block_id * block_size + offset
     block_ids: list[int]
 
@@ -225,13 +227,15 @@ class Load:
 
 
 class LayerWriter:
-    """Writes a step's `Load` s into every attention layer through the backend's own ``do_kv_cache_update``, in
-    model order, on a loader thread: the model's forward waits for a layer (`wait`) just before its attention, so
+    """Writes a step's `Load` s into every attention layer, by plain copies where the layer's placement allows
+    (`placement`, `BlockPlacement`) and else through the backend's own ``do_kv_cache_update``, in model order, on a
+    loader thread: the model's forward waits for a layer (`wait`) just before its attention, so
     later layers are read and written while earlier ones compute. ``layerwise=False`` writes every layer in `start`.
     A cube still in its file (`FileKV`) is read here, one layer at a time, into buffers reused for every layer and
     request (`kvmem.cubes.cubefile.Scratch`): a load allocates nothing once the buffers have grown to a layer.
 
-    A failed read or write never serves garbage: a layer whose bytes fail their checksum is not written, and the
+    A failed read or write never serves garbage: a layer whose bytes fail their checksum is not written (a part
+    read straight into the blocks is there already, unused), and the
     request's blocks are returned by `finish` as load errors, so vLLM drops this step's output for the request and
     recomputes them (``kv_load_failure_policy="recompute"``) or fails the request (``"fail"``).
     """
