@@ -153,6 +153,12 @@ def test_a_new_replica_reads_a_redis_cube_layer_by_layer(cube, tmp_path):
         import pickle  # as vLLM's server sends it to its worker process, which connects to Redis itself
 
         assert torch.equal(pickle.loads(pickle.dumps(got)).read_layer(1)[0], cube.kv[1][0])
+        # many views (as a part read into a paged cache's blocks): filled in order, one GETRANGE per batch
+        v1 = cube.kv[1][1].contiguous()
+        buf = torch.zeros(v1.numel() * 4, dtype=torch.uint8)
+        cuts = list(range(0, buf.numel(), 300)) + [buf.numel()]
+        got.read_part_into("v.1", [memoryview(buf[a:b].numpy()) for a, b in zip(cuts, cuts[1:])])
+        assert torch.equal(buf.view(torch.float32).view(v1.shape), v1)
         deadline = time.time() + 30
         while not (tmp_path / "replica" / f"{rec.blob}.safetensors").is_file():
             assert time.time() < deadline, "the local copy was not fetched"
