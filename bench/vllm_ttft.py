@@ -4,7 +4,11 @@ Methods, per memory length, on prompts of ``memory + query`` (token ids, greedy,
     full prefill          vLLM computes the whole prompt (a fresh cache salt per call: its prefix cache cannot hit)
     prefix cache (warm)   vLLM's own automatic prefix caching, the prompt's blocks already cached (the best case)
     kvmem, local disk     the cube named per request, read by KvmemConnector from a local cube folder, its layers
-                          written by a loader thread while earlier layers compute (``layerwise``, the default)
+                          written by a loader thread while earlier layers compute (``layerwise``, the default);
+                          where the backend stores a part as rows (vLLM CPU: float32 values) it is read from the
+                          file straight into the request's blocks, the other part copied once (plain copies)
+    kvmem, disk, op writes  A/B in the same engine: the same load with every layer written through the backend's
+                          own ``do_kv_cache_update`` op from a read buffer (the writer before plain copies)
     kvmem, disk, all layers first   the same with ``"layerwise": false``: every layer written before the forward
     kvmem, Redis          the same, from a Redis store, the local copy deleted before every call (a new replica)
 kvmem runs as a *fresh engine* would: a fresh cache salt per call, so vLLM's prefix cache never holds the memory
@@ -43,7 +47,9 @@ from _common import RESULTS, loadavg, machine_facts, pyplot, round_robin, save_f
 
 NOTES = Path(__file__).resolve().parents[1] / "kvmem" / "demo" / "data" / "team_notes.txt"
 QUERY = "\nQuestion: who leads the team, and which city do they live in?\nAnswer:"
-METHODS = ("full prefill", "prefix cache (warm)", "kvmem, local disk", "kvmem, disk, all layers first", "kvmem, Redis")
+METHODS = ("full prefill", "prefix cache (warm)", "kvmem, local disk", "kvmem, disk, op writes",
+           "kvmem, disk, all layers first", "kvmem, Redis")
+OP_WRITES = "kvmem, disk, op writes"
 KVMEM_METHODS = {"disk": "kvmem, local disk", "upfront": "kvmem, disk, all layers first", "redis": "kvmem, Redis"}
 TARGETS = {"kvmem_vs_warm_max": 1.2, "saving_vs_full_min": 0.70, "at_tokens": 4096}
 
@@ -136,11 +142,13 @@ def parent(args) -> None:
         store_url = f"{url}?prefix=bench{uuid.uuid4().hex[:6]}"
         facts = machine_facts(packages=("torch", "transformers", "vllm", "kvmem", "redis"))
         spec = build_cubes(args.tokens, work / "cubes", f"{store_url}&cache={work / 'writer'}")
-        spec.update(reps=args.reps, warmup=args.warmup, max_model_len=min(max(args.tokens) + 128, 8192))
+        spec.update(reps=args.reps, warmup=args.warmup, max_model_len=min(max(args.tokens) + 128, 8192),
+                    full_reps=args.full_reps if args.full_reps is not None else args.reps)
         rows = []
-        for source, config in (("disk", {"folder": str(work / "cubes")}),
-                               ("upfront", {"folder": str(work / "cubes"), "layerwise": False}),
-                               ("redis", {"store": f"{store_url}&cache={work / 'replica'}"})):
+        engines = {"disk": {"folder": str(work / "cubes")},
+                   "upfront": {"folder": str(work / "cubes"), "layerwise": False},
+                   "redis": {"store": f"{store_url}&cache={work / 'replica'}"}}
+        for source, config in ((s, engines[s]) for s in args.sources):
             spec_path, out_path = work / f"spec-{source}.json", work / f"rows-{source}.json"
             spec_path.write_text(json.dumps({**spec, "source": source, "config": config,
                                              "cache": str(work / "replica")}))
@@ -168,7 +176,7 @@ def summarize(rows) -> dict:
         full = next((r["median_ms"] for r in at if r["method"] == "full prefill"), None)
         s = {f"{r['method']} [{r.get('engine', 'disk')} engine] (ms)": round(r["median_ms"], 1) for r in at}
         for r in at:
-            if r["method"] not in KVMEM_METHODS.values():
+            if r["method"] not in (*KVMEM_METHODS.values(), OP_WRITES):
                 continue
             warm = next((w["median_ms"] for w in at if w["method"] == "prefix cache (warm)"
                          and w.get("engine") == r.get("engine")), None)
@@ -192,6 +200,9 @@ def worker(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
+    from kvmem.integrations.vllm_pages import LayerWriter
+
+    plain_copies = LayerWriter.placement
     spec = json.loads(Path(spec_path).read_text())
     source = spec["source"]
     llm = LLM(model=spec["ckpt"], dtype="float32", enforce_eager=True, max_model_len=spec["max_model_len"], seed=0,
@@ -222,10 +233,17 @@ def worker(spec_path: str, out_path: str) -> None:
         kvmem_method = KVMEM_METHODS[source]
         fns = {kvmem_method: lambda: call(kvmem_method, salt=uuid.uuid4().hex, cubes=[cube["name"]]),
                "prefix cache (warm)": lambda: call("prefix cache (warm)", salt=f"warm-{n}")}
+        before = None
         if source == "disk":
+            fns[OP_WRITES] = lambda: call(OP_WRITES, salt=uuid.uuid4().hex, cubes=[cube["name"]])
             fns["full prefill"] = lambda: call("full prefill", salt=uuid.uuid4().hex)
-        before = (lambda name: drop_local_copies()) if source == "redis" else None
-        series = round_robin(fns, spec["reps"], warmup=spec["warmup"], before=before)
+
+            def before(name):  # A/B in this engine: the previous writer (the backend's op) for OP_WRITES calls
+                LayerWriter.placement = (lambda self, layer: None) if name == OP_WRITES else plain_copies
+        elif source == "redis":
+            before = lambda name: drop_local_copies()  # noqa: E731
+        reps = {name: spec["full_reps"] if name == "full prefill" else spec["reps"] for name in fns}
+        series = round_robin(fns, reps, warmup=spec["warmup"], before=before)
         for method, s in series.items():
             timed = seen[method][spec["warmup"]:]  # the timed calls (after the warm-up)
             rows.append({"method": method, "engine": source, "tokens": int(n), "prompt_tokens": len(ids),
@@ -238,9 +256,13 @@ def worker(spec_path: str, out_path: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096, 7936],
+    parser.add_argument("--tokens", "--lengths", type=int, nargs="+", default=[2048, 4096, 7936],
                         help="memory lengths (block multiples; SmolLM2 holds 8,192 positions)")
+    parser.add_argument("--sources", nargs="+", choices=("disk", "upfront", "redis"),
+                        default=["disk", "upfront", "redis"], help="cube sources, one engine each (default: all)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--full-reps", type=int, default=None,
+                        help="timed full prefills per length (default --reps; each costs seconds)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--redis", default=None, help="redis://host:port/db to use (default: start one)")
     parser.add_argument("--quick", action="store_true",

@@ -153,6 +153,12 @@ def test_a_new_replica_reads_a_redis_cube_layer_by_layer(cube, tmp_path):
         import pickle  # as vLLM's server sends it to its worker process, which connects to Redis itself
 
         assert torch.equal(pickle.loads(pickle.dumps(got)).read_layer(1)[0], cube.kv[1][0])
+        # many views (as a part read into a paged cache's blocks): filled in order, one GETRANGE per batch
+        v1 = cube.kv[1][1].contiguous()
+        buf = torch.zeros(v1.numel() * 4, dtype=torch.uint8)
+        cuts = list(range(0, buf.numel(), 300)) + [buf.numel()]
+        got.read_part_into("v.1", [memoryview(buf[a:b].numpy()) for a, b in zip(cuts, cuts[1:])])
+        assert torch.equal(buf.view(torch.float32).view(v1.shape), v1)
         deadline = time.time() + 30
         while not (tmp_path / "replica" / f"{rec.blob}.safetensors").is_file():
             assert time.time() < deadline, "the local copy was not fetched"
@@ -221,3 +227,92 @@ def test_an_opened_cube_travels_to_another_process_by_its_path(cube, path, tmp_p
     other.save(path)  # replaced before the worker opened it
     with pytest.raises(kvmem.CubeError, match="checksum mismatch of k.0"):
         moved.read_layer(0)
+
+
+class CpuLikeLayer:
+    """An attention layer whose write op places a block's keys as columns ([D, block_size] per head) and its values
+    as rows ([block_size, D] per head), as vLLM's CPU backend does for float32 ([blocks, H, 2 * block_size, D])."""
+
+    def __init__(self, heads, dim, *, block_size=16, blocks=8):
+        self.num_kv_heads, self.head_size, self.bs = heads, dim, block_size
+        self.kv_cache = torch.zeros(blocks, heads, 2 * block_size, dim)
+        self.impl = self
+        self.calls = 0
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        self.calls += 1
+        bs = self.bs
+        for i, slot in enumerate(slot_mapping.tolist()):
+            b, t = divmod(slot, bs)
+            kv_cache[b, :, :bs].view(-1, self.head_size * bs).view(-1, self.head_size, bs)[:, :, t] = key[i]
+            kv_cache[b, :, bs + t] = value[i]
+
+
+@pytest.mark.parametrize("source", ["file", "memory"])
+@pytest.mark.parametrize("window, first", [((0, 43), 0), ((3, 35), 0), ((16, 43), 5), ((0, 16), 0)])
+def test_plain_copies_write_what_the_op_writes(cube, path, window, first, source):
+    """Where the op's placement is rows / columns per head, the loader reads values straight from the file into
+    the blocks and copies keys once, transposed, never calling the op: the cache holds the op's bytes exactly,
+    for windows that start inside a block, end inside one, or leave cube tokens out on either side."""
+    from kvmem.integrations.serving import FileKV
+    from kvmem.integrations.vllm_pages import LayerWriter, Load
+
+    cube.save(path)
+    f = CubeFile.open(path)
+    heads, total, dim = cube.kv_shapes[0][0]
+    lo, hi = window
+    n = hi - lo
+    blocks = [6, 1, 4, 2][:-(-(first + n) // 16)]
+    slots = torch.tensor([blocks[(first + p) // 16] * 16 + (first + p) % 16 for p in range(n)])
+    layers = [(i, f"model.layers.{i}.attn", CpuLikeLayer(heads, dim)) for i in range(f.num_layers)]
+    writer = LayerWriter(block_size=16)
+    kv = FileKV(f, 0, total).window(lo, hi) if source == "file" else [(k[:, lo:hi], v[:, lo:hi]) for k, v in cube.kv]
+    writer.start([Load("r1", kv, slots, blocks)], layers)
+    assert writer.finish() == set()
+    for i, _, layer in layers:
+        want = CpuLikeLayer(heads, dim)
+        want.do_kv_cache_update(want, cube.kv[i][0][:, lo:hi].transpose(0, 1), cube.kv[i][1][:, lo:hi].transpose(0, 1),
+                                want.kv_cache, slots)
+        assert torch.equal(layer.kv_cache, want.kv_cache)
+    placement = writer.placement(layers[0][2])
+    assert [form for form, _ in placement.forms] == ["cols", "rows"]
+    assert all(layer.calls == 0 for _, _, layer in layers[1:])  # the op ran only to learn the layout (layer 0)
+    writer.close()
+
+
+def test_a_damaged_part_read_into_the_blocks_is_a_load_error(cube, path):
+    """Values read straight into the blocks are checked after they land: a damaged part's blocks are reported as
+    load errors (vLLM recomputes them or fails the request), never served as loaded."""
+    from kvmem.integrations.serving import FileKV
+    from kvmem.integrations.vllm_pages import LayerWriter, Load
+
+    cube.save(path)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x10  # the last tensor in the file: v of the last layer
+    path.write_bytes(bytes(raw))
+    f = CubeFile.open(path)
+    heads, total, dim = cube.kv_shapes[0][0]
+    layers = [(i, f"model.layers.{i}.attn", CpuLikeLayer(heads, dim)) for i in range(f.num_layers)]
+    writer = LayerWriter(block_size=16)
+    writer.start([Load("r1", FileKV(f, 0, total).window(0, 32), torch.arange(32, 64), [2, 3])], layers)
+    assert writer.finish() == {2, 3}
+    assert writer.reasons and f"checksum mismatch of v.{f.num_layers - 1}" in writer.reasons[0]
+    writer.close()
+
+
+def test_read_part_into_fills_the_views_in_file_order(cube, path):
+    cube.save(path)
+    f = CubeFile.open(path)
+    k = cube.kv[1][0].contiguous()
+    buf = torch.zeros(k.numel() * 4, dtype=torch.uint8)
+    cuts = [0, 5, 1000, 1003, buf.numel()]  # uneven, odd-sized pieces
+    f.read_part_into("k.1", [memoryview(buf[a:b].numpy()) for a, b in zip(cuts, cuts[1:])])
+    assert torch.equal(buf.view(torch.float32).view(k.shape), k)
+    with pytest.raises(kvmem.CubeError, match="buffers given take"):
+        f.read_part_into("k.1", [memoryview(buf[:-1].numpy())])
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x10
+    path.write_bytes(bytes(raw))
+    last = f"v.{f.num_layers - 1}"
+    with pytest.raises(kvmem.CubeError, match="checksum mismatch"):
+        CubeFile.open(path).read_part_into(last, [memoryview(buf[:cube.kv[-1][1].numel() * 4].numpy())])

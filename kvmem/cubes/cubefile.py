@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 
 from ..errors import CubeError
-from .format import FORMAT_VERSION, HEADER_PART, MAX_HEADER_BYTES, header_digest, part_digest
+from .format import FORMAT_VERSION, HEADER_PART, MAX_HEADER_BYTES, header_digest, part_digest, part_hasher
 from .memcube import FORMAT, CubeFacts, check_parts
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
+_IOV_MAX = 1024  # buffers one preadv takes (Linux's IOV_MAX)
+_CHUNK = 1 << 20  # bytes read per preadv, hashed right after, while they are still in the CPU's cache
 
 
 class NotLayered(CubeError):
@@ -71,6 +73,12 @@ class FileBytes:
         if self.fd is None:  # unpickled in another process (an engine's worker): open the file by its path
             self.fd = os.open(self.path, os.O_RDONLY)
         return os.preadv(self.fd, [view], offset)
+
+    def read_into_many(self, views: list[memoryview], offset: int) -> int:
+        """Read consecutive bytes at ``offset`` into ``views`` in order (one ``preadv``); the number read."""
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        return os.preadv(self.fd, views, offset)
 
     def close(self) -> None:
         if self.fd is not None:
@@ -222,14 +230,71 @@ class CubeFile(CubeFacts):
             raise CubeError(f"{self.path}: layer {index} out of range (the cube has {self.num_layers})")
         return self._read(f"k.{index}", "k", scratch), self._read(f"v.{index}", "v", scratch)
 
+    def part_dtype_shape(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """Tensor ``name``'s (``"k.3"``, ``"v.3"``) dtype and shape as the file declares them (verified at open)."""
+        dtype, shape, _, _ = self._entries[name]
+        return dtype, shape
+
+    def read_part(self, name: str, *, scratch: Scratch | None = None) -> torch.Tensor:
+        """Tensor ``name`` read and verified, as `read_layer` reads each of its two (a view of ``scratch``'s
+        buffer ``name[0]`` when given)."""
+        if name not in self._entries or name == "input_ids":
+            raise CubeError(f"{self.path}: no KV tensor {name!r}")
+        return self._read(name, name[0], scratch)
+
+    def read_part_into(self, name: str, views: list[memoryview]) -> None:
+        """Read tensor ``name``'s bytes, in file order, straight into ``views`` (writable byte buffers that do not
+        overlap, together exactly the part's size: e.g. the blocks of a paged KV cache) and verify them against
+        the part's checksum: one read (``preadv`` where the source can) per MiB, hashed while it is in the CPU's cache.
+
+        Raises:
+            CubeError: the views do not add up to the part, the read failed, or the bytes do not match their
+            checksum: the views then hold unverified bytes, and the caller must not use them (a server reports
+            the blocks they belong to as load errors).
+        """
+        dtype, shape, begin, end = self._entries[name]
+        total = sum(len(v) for v in views)
+        if total != end - begin:
+            raise CubeError(f"{self.path}: {name} holds {end - begin} bytes, the buffers given take {total}")
+        offset = self._data_start + begin
+        h = part_hasher(name, dtype, shape)
+        batch, size = [], 0
+        for v in _pieces(views, _CHUNK):
+            batch.append(v)
+            size += len(v)
+            if size >= _CHUNK or len(batch) == _IOV_MAX:
+                offset = self._read_batch(batch, size, offset, name, h)
+                batch, size = [], 0
+        if batch:
+            self._read_batch(batch, size, offset, name, h)
+        if h.hexdigest() != self._parts[name]:
+            raise CubeError(f"{self.path}: checksum mismatch of {name}: the file was corrupted after it was saved; "
+                            "rebuild the cube")
+
+    def _read_batch(self, views: list[memoryview], size: int, offset: int, name: str, hasher) -> int:
+        """Fill ``views`` (``size`` bytes) from ``offset`` and hash them while they are still in the CPU's cache."""
+        many = getattr(self._source, "read_into_many", None)
+        got = 0
+        if many is not None:
+            try:
+                got = many(views, offset)
+            except OSError as exc:
+                raise CubeError(f"cannot read {name} of {self.path} ({exc})") from None
+        if got < size:  # a short read (or a source without preadv): finish view by view
+            done = 0
+            for v in views:
+                if done + len(v) > got:
+                    start = max(got - done, 0)
+                    _read_into(self._source, v[start:], offset + done + start, f"{name} of {self.path}")
+                done += len(v)
+        for v in views:
+            hasher.update(v)
+        return offset + size
+
     def _read(self, name: str, key: str, scratch: Scratch | None) -> torch.Tensor:
         dtype, shape, begin, end = self._entries[name]
         buf = scratch.take(key, end - begin) if scratch is not None else torch.empty(end - begin, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
-        _read_into(self._source, view, self._data_start + begin, f"{name} of {self.path}")
-        if part_digest(name, dtype, shape, view) != self._parts[name]:
-            raise CubeError(f"{self.path}: checksum mismatch of {name}: the file was corrupted after it was saved; "
-                            "rebuild the cube")
+        self.read_part_into(name, [memoryview(buf.numpy())])
         return buf.view(dtype).view(shape)
 
     # ---------------------------------------------------------------- what MemCube offers beyond CubeFacts
@@ -274,6 +339,13 @@ def _read_into(source, view: memoryview, offset: int, what) -> None:
             done += got
     except OSError as exc:
         raise CubeError(f"cannot read {what} ({exc})") from None
+
+
+def _pieces(views: list[memoryview], size: int):
+    """``views`` in order, each cut into pieces of at most ``size`` bytes."""
+    for v in views:
+        for at in range(0, len(v), size):
+            yield v[at:at + size]
 
 
 def _read(source, n: int, offset: int, what) -> bytearray:

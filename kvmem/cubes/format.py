@@ -76,9 +76,19 @@ def header_digest(fmt: str, version: str, meta_json: str) -> str:
 def part_digest(name: str, dtype: torch.dtype, shape, data) -> str:
     """xxh3-128 over one tensor's name, dtype, shape and raw bytes ``data`` (a buffer): its ``part_checksums``
     entry. ``data`` may be bytes read straight from the file, before any tensor is made of them."""
-    h = xxhash.xxh3_128()
-    _update_tensor(h, name, dtype, shape, data)
+    h = part_hasher(name, dtype, shape)
+    if len(data):
+        h.update(data)
     return h.hexdigest()
+
+
+def part_hasher(name: str, dtype: torch.dtype, shape):
+    """An xxh3-128 hasher primed with one tensor's name, dtype and shape: ``update`` it with the tensor's bytes in
+    order, in as many pieces as they are read in (e.g. straight into a paged cache's blocks); its ``hexdigest`` is
+    then `part_digest`'s."""
+    h = xxhash.xxh3_128()
+    _update_tensor(h, name, dtype, shape, b"")
+    return h
 
 
 def part_checksums(fmt: str, version: str, meta_json: str, tensors: dict[str, torch.Tensor]) -> str:

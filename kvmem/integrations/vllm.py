@@ -28,9 +28,10 @@ The second asks the server to keep the prompt's computed KV as cube ``notes`` (`
 
 The scheduler side plans each request when it arrives (`CubePlanner`: validation, fingerprint, prefix check,
 composition) and gives an approximate prefix a cache salt before vLLM hashes its blocks; the worker side writes
-the plan's KV through the attention backend's own ``do_kv_cache_update``. Anything wrong with a request's cubes is
-logged and the request is prefilled as if kvmem were not there; a failed write is reported to vLLM as a load
-error, which ``kv_load_failure_policy="recompute"`` recomputes.
+the plan's KV through the attention backend's own ``do_kv_cache_update`` (or by plain copies where that op's
+placement is rows / columns per head, `kvmem.integrations.vllm_pages.BlockPlacement`). Anything wrong with a
+request's cubes is logged and the request is prefilled as if kvmem were not there; a failed write is reported to
+vLLM as a load error, which ``kv_load_failure_policy="recompute"`` recomputes.
 
 The KV-connector API is marked experimental by vLLM: this module is tested against the version the ``vllm``
 extra pins.
@@ -134,7 +135,10 @@ class KvmemConnector(KVConnectorBase_V1):
             groups = len(getattr(kv_cache_config, "kv_cache_groups", None) or [None])
             if groups == 1:
                 self.planner = self._make_planner(vllm_config)
-            else:  # hybrid models (sliding-window groups, Mamba) keep several block tables: not handled yet
+            else:
+                # several block tables (the hybrid KV cache manager's sliding-window groups, Mamba): not handled.
+                # vLLM 0.32 turns that manager off for a connector without SupportsHMA (this one), so a sliding-window
+                # model such as Gemma 3 keeps every token on every layer in one group and is served above.
                 logger.warning("kvmem: this model has %d KV cache groups; KvmemConnector serves models with one "
                                "only, so every request is prefilled normally", groups)
 

@@ -5,7 +5,9 @@ vLLM writes a layer's KV through its backend's own op (``layer.impl.do_kv_cache_
 packs rows for the CPU's instruction set (AMX / VNNI pair dimensions), so indexing a block by hand reads the wrong
 numbers. `PagedLayout.learn` asks the op itself: it writes numbered keys and values into one scratch block and
 records where each number landed. That map (one gather index per block) then reads any block back exactly, for
-any backend whose op is a pure placement (no scaling: fp8 caches are refused).
+any backend whose op is a pure placement (no scaling: fp8 caches are refused). Where that map is plain rows or
+columns per head (vLLM's CPU backend in float32), `BlockPlacement` writes cube KV by plain copies instead of the
+op, reading a part stored as rows straight from the cube file into the blocks.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from .sources import FileKV
 
 logger = logging.getLogger("vllm.kvmem")  # the connector's logger (vLLM's init_logger is logging.getLogger)
 
+_WORDS = {1: "u1", 2: "u2", 4: "u4", 8: "u8"}  # numpy integer views of a dtype's bytes, by width
+_TORCH_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _BASE = 128  # a number's digits in this base are exact in every float dtype a KV cache uses (bf16: up to 256)
 
 
@@ -81,6 +85,24 @@ class PagedLayout:
             index.append(flat.to(kv_cache.device))
         return cls(index[0], index[1], block_size, heads, head_size)
 
+    def forms(self) -> tuple[tuple[str, list[int]] | None, tuple[str, list[int]] | None]:
+        """How keys and values sit in a block, each ``("rows", offsets)`` (head h's [block_size, D] rows, in token
+        order, from flat position ``offsets[h]`` of the block), ``("cols", offsets)`` (head h's [D, block_size],
+        transposed) or None (any other placement). vLLM's CPU backend stores float32 values as rows and keys as
+        columns; a part in rows can be read from a cube file straight into its blocks (`BlockPlacement`)."""
+        t = torch.arange(self.block_size).view(-1, 1, 1)
+        d = torch.arange(self.head_size).view(1, 1, -1)
+        out = []
+        for index in (self.key_index, self.value_index):
+            index = index.to("cpu").view(self.block_size, self.num_heads, self.head_size)
+            base = index[0, :, 0].view(1, -1, 1)
+            form = None
+            for name, expect in (("rows", base + t * self.head_size + d), ("cols", base + d * self.block_size + t)):
+                if torch.equal(index, expect):
+                    form = (name, [int(b) for b in base.flatten()])
+            out.append(form)
+        return out[0], out[1]
+
     def read(self, kv_cache: torch.Tensor, block_ids, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values), each [H, num_tokens, D] on the CPU, of the first ``num_tokens`` tokens held in blocks
         ``block_ids`` (in order) of ``kv_cache``. A copy: the blocks may be reused once this returns."""
@@ -95,30 +117,125 @@ class PagedLayout:
         return keys.transpose(0, 1).to("cpu").contiguous(), values.transpose(0, 1).to("cpu").contiguous()
 
 
+class BlockPlacement:
+    """Writes a layer's keys and values into its paged cache by plain copies, where the backend's placement is
+    rows or columns per head (`PagedLayout.forms`, learned through the backend's own op, so the result is the op's
+    to the bit): a part stored as rows is read from a cube file straight into the blocks (no buffer, no copy in
+    between: `kvmem.cubes.cubefile.CubeFile.read_part_into`), a part stored as columns is read into a reused buffer
+    and copied once, transposed, into the blocks. The op itself is not called.
+
+    Args:
+        forms: `PagedLayout.forms` of the layer kind; block_size: tokens a block holds.
+    """
+
+    def __init__(self, forms, *, block_size: int):
+        self.forms, self.block_size = forms, block_size
+        self._flat: dict[tuple, tuple[torch.Tensor, object]] = {}  # per cache: ([num_blocks, n] view, its bytes)
+
+    def _views(self, cache: torch.Tensor):
+        key = (cache.data_ptr(), tuple(cache.shape))
+        if key not in self._flat:
+            flat = cache.view(cache.shape[0], -1)
+            self._flat[key] = (flat, flat.view(torch.uint8).numpy())
+        return self._flat[key]
+
+    def read_rows(self, cube, name: str, which: int, cache: torch.Tensor, window: tuple[int, int], slots,
+                  block_ids, scratch: Scratch) -> None:
+        """Read part ``name`` ([H, T, D], positions ``window`` of it at ``slots``) of ``cube`` straight into the
+        blocks of ``cache`` (part ``which``: 0 keys, 1 values, stored as rows); the positions outside the window
+        are read into ``scratch`` (every byte is hashed against the part's checksum)."""
+        offsets = self.forms[which][1]
+        _, raw = self._views(cache)
+        es = cache.element_size()
+        dtype, shape = cube.part_dtype_shape(name)
+        heads, total, dim = shape[-3:]
+        lo, hi = window
+        row = dim * es
+        junk = scratch.take(f"junk{which}", heads * (total - (hi - lo)) * row).numpy()
+        used = 0
+        views = []
+        first = int(slots[0]) % self.block_size
+        for h in range(heads):
+            if lo:
+                views.append(memoryview(junk[used:used + lo * row]))
+                used += lo * row
+            pos, b = 0, 0
+            while pos < hi - lo:
+                off = first if pos == 0 else 0
+                m = min(self.block_size - off, hi - lo - pos)
+                start = (offsets[h] + off * dim) * es
+                views.append(memoryview(raw[block_ids[b], start:start + m * row]))
+                pos, b = pos + m, b + 1
+            if hi < total:
+                views.append(memoryview(junk[used:used + (total - hi) * row]))
+                used += (total - hi) * row
+        cube.read_part_into(name, views)
+
+    def copy(self, which: int, t: torch.Tensor, cache: torch.Tensor, slots, block_ids) -> None:
+        """Copy keys or values ``t`` [H, n, D] (``which``: 0 or 1) into the blocks of ``cache`` at ``slots``:
+        one 2-D copy per block and head (numpy's: for the few hundred small copies of a layer its per-call cost is
+        a tenth of torch's; the bytes are moved as same-width integers, so every dtype is copied bit for bit)."""
+        form, offsets = self.forms[which]
+        _, raw = self._views(cache)
+        es = cache.element_size()
+        words = raw.view(_WORDS[es])  # [num_blocks, block elements]
+        src = t.view(_TORCH_WORDS[es]).numpy()  # a strided view (a window of a cube in memory) is read in place
+        bs = self.block_size
+        heads, n, dim = t.shape
+        pos, b = 0, 0
+        first = int(slots[0]) % bs
+        while pos < n:
+            off = first if b == 0 else 0
+            m = min(bs - off, n - pos)
+            block = words[block_ids[b]]
+            for h in range(heads):
+                if form == "rows":
+                    block[offsets[h] + off * dim:offsets[h] + (off + m) * dim] = src[h, pos:pos + m].reshape(-1)
+                else:
+                    block[offsets[h]:offsets[h] + bs * dim].reshape(dim, bs)[:, off:off + m] = src[h, pos:pos + m].T
+            pos, b = pos + m, b + 1
+
+
 @dataclass
 class Load:
     """One request's KV to write this step: positions [start, start + n) of its plan, at ``slots``."""
 
     request_id: str
-    kv: object          # per layer (keys, values) [kv_heads, n, head_dim]: a list of views, or a FileKV (read as written)
+    kv: object  # per layer (keys, values) [kv_heads, n, head_dim]: a list of views, or a FileKV (read as written)
     slots: torch.Tensor  # [n] int64: block_id * block_size + offset
     block_ids: list[int]
 
-    def layer(self, index: int, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``index``'s (keys, values); a cube file's are read (and verified) into ``scratch`` now."""
-        if isinstance(self.kv, FileKV):
+    def layer(self, index: int, scratch: Scratch, placement: "BlockPlacement | None" = None,
+              cache: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Layer ``index``'s (keys, values); a cube file's are read (and verified) into ``scratch`` now. With a
+        ``placement`` of ``cache``, a part the cache stores as rows is read from the file straight into the
+        request's blocks, and comes back None (written already)."""
+        if not isinstance(self.kv, FileKV):
+            return self.kv[index]
+        cube = self.kv.cube
+        if placement is None or cube.dtype != cache.dtype:
             return self.kv.layer(index, scratch=scratch)
-        return self.kv[index]
+        out = []
+        for which, name in enumerate((f"k.{index}", f"v.{index}")):
+            if placement.forms[which][0] == "rows":
+                placement.read_rows(cube, name, which, cache, (self.kv.start, self.kv.end), self.slots,
+                                    self.block_ids, scratch)
+                out.append(None)
+            else:
+                out.append(cube.read_part(name, scratch=scratch)[:, self.kv.start:self.kv.end])
+        return out[0], out[1]
 
 
 class LayerWriter:
-    """Writes a step's `Load` s into every attention layer through the backend's own ``do_kv_cache_update``, in
-    model order, on a loader thread: the model's forward waits for a layer (`wait`) just before its attention, so
+    """Writes a step's `Load` s into every attention layer, by plain copies where the layer's placement allows
+    (`placement`, `BlockPlacement`) and else through the backend's own ``do_kv_cache_update``, in model order, on a
+    loader thread: the model's forward waits for a layer (`wait`) just before its attention, so
     later layers are read and written while earlier ones compute. ``layerwise=False`` writes every layer in `start`.
     A cube still in its file (`FileKV`) is read here, one layer at a time, into buffers reused for every layer and
     request (`kvmem.cubes.cubefile.Scratch`): a load allocates nothing once the buffers have grown to a layer.
 
-    A failed read or write never serves garbage: a layer whose bytes fail their checksum is not written, and the
+    A failed read or write never serves garbage: a layer whose bytes fail their checksum is not written (a part
+    read straight into the blocks is there already, unused), and the
     request's blocks are returned by `finish` as load errors, so vLLM drops this step's output for the request and
     recomputes them (``kv_load_failure_policy="recompute"``) or fails the request (``"fail"``).
     """
@@ -139,6 +256,7 @@ class LayerWriter:
         self._times = [0.0, 0.0, 0.0, 0.0]  # this step: reading + checking, reordering, writing, the forward's waits
         self._loads = 0
         self._strided: dict[tuple, bool] = {}  # per kind of layer and cache: does its op honour strided rows
+        self._placements: dict[tuple, BlockPlacement | None] = {}  # per kind of layer and cache: plain copies?
 
     def start(self, loads: list[Load], layers) -> None:
         """Begin writing ``loads`` into ``layers`` ([(decoder layer index, name, attention layer)], in order)."""
@@ -185,16 +303,17 @@ class LayerWriter:
         into the other of two reused buffers while this one is written."""
         jobs = [(index, name, layer, load) for index, name, layer in layers for load in loads]
         last_of_layer = {name: j for j, (_, name, _, _) in enumerate(jobs)}
+        placements = {name: self.placement(layer) for _, name, layer in layers}
         failed: set[str] = set()
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-read")
 
         def read(j: int):
-            index, _, _, load = jobs[j]
+            index, name, layer, load = jobs[j]
             if load.request_id in failed:
                 return None
             t0 = time.perf_counter()
-            kv = load.layer(index, self._scratches[j % 2])
+            kv = load.layer(index, self._scratches[j % 2], placements[name], layer.kv_cache)
             self._times[0] += time.perf_counter() - t0
             return kv
 
@@ -208,7 +327,7 @@ class LayerWriter:
                     # buffer (j + 1) % 2 held job j - 1, written already: read the next job into it meanwhile
                     pending = self._reader.submit(read, j + 1) if j + 1 < len(jobs) else None
                     if kv is not None:
-                        self._put(layer, load, *kv)
+                        self._put(layer, load, *kv, placement=placements[name])
                 except Exception as exc:  # reported as load errors: vLLM recomputes these blocks
                     if pending is None and j + 1 < len(jobs):
                         pending = self._reader.submit(read, j + 1)
@@ -219,10 +338,38 @@ class LayerWriter:
             for _, name, _ in layers:
                 self._done[name].set()  # never leave a layer's attention waiting
 
-    def _put(self, layer, load: Load, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write one load's keys and values [H, n, D] of ``layer`` through its backend's op."""
+    def placement(self, layer) -> BlockPlacement | None:
+        """``layer``'s `BlockPlacement` (its cache written by plain copies), or None where its backend places keys
+        or values otherwise (then its own op writes them): learned once per kind of layer and cache, on a
+        scratch block (`PagedLayout.learn`)."""
+        cache = layer.kv_cache
+        key = (type(getattr(layer, "impl", None)).__name__, tuple(cache.shape[1:]), cache.dtype, cache.device.type)
+        if key not in self._placements:
+            placement = None
+            if self.block_size and cache.device.type == "cpu":
+                try:
+                    forms = PagedLayout.learn(layer, cache, block_size=self.block_size).forms()
+                except Exception:  # a layer the layout cannot be learned of (no op, a quantized cache): its op
+                    forms = (None, None)
+                if None not in forms:
+                    placement = BlockPlacement(forms, block_size=self.block_size)
+            self._placements[key] = placement
+            logger.info("kvmem: attention layers %s: cube KV written %s", key[0], "by its op" if placement is None
+                        else f"by plain copies (keys as {forms[0][0]}, values as {forms[1][0]})")
+        return self._placements[key]
+
+    def _put(self, layer, load: Load, k: torch.Tensor | None, v: torch.Tensor | None, *,
+             placement: BlockPlacement | None = None) -> None:
+        """Write one load's keys and values [H, n, D] of ``layer`` (None: read into its blocks already) through
+        ``placement``'s plain copies or else the backend's op."""
         cache = layer.kv_cache
         t1 = time.perf_counter()
+        if placement is not None and all(t is None or t.dtype == cache.dtype for t in (k, v)):
+            for which, t in enumerate((k, v)):
+                if t is not None:
+                    placement.copy(which, t, cache, load.slots, load.block_ids)
+            self._times[2] += time.perf_counter() - t1
+            return
         if self._writes_strided(layer, cache, k, v):
             k, v = k.transpose(0, 1), v.transpose(0, 1)  # the op reads the buffer as it is: no copy
         else:

@@ -9,7 +9,6 @@ another's prefix cache unless it means to.
 from __future__ import annotations
 
 import gc
-import uuid
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ pytest.importorskip("vllm.config", reason="vLLM is not installed here (it runs i
 pytestmark = pytest.mark.vllm
 
 import kvmem  # noqa: E402
-from vllm_helpers import corrupt_bytes  # noqa: E402
+from vllm_helpers import corrupt_bytes, offline_engine, run_request, wait_for  # noqa: E402
 from kvmem.integrations.serving import precompose  # noqa: E402
 
 MAX_NEW = 10
@@ -46,33 +45,15 @@ def folder(tmp_path_factory, memory, hf):
 
 @pytest.fixture(scope="module")
 def llm(ckpt, folder):
-    from vllm import LLM
-    from vllm.config import KVTransferConfig
-
-    engine = LLM(model=str(ckpt), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-                 kv_transfer_config=KVTransferConfig(
-                     kv_connector="KvmemConnector", kv_connector_module_path="kvmem.integrations.vllm",
-                     kv_role="kv_both", kv_load_failure_policy="recompute",
-                     kv_connector_extra_config={"folder": str(folder), "namespaces": ["default", "other"]}))
+    engine = offline_engine(ckpt, {"folder": str(folder), "namespaces": ["default", "other"]}, role="kv_both")
     yield engine
     del engine
     gc.collect()
 
 
 def run(llm, ids, kvmem_params=None, *, salt: str | None = "fresh"):
-    """(greedy token ids, logprobs of them, num_cached_tokens) of one request. ``salt="fresh"``: a unique cache
-    salt, so the request never reads blocks another request left in vLLM's prefix cache."""
-    from vllm import SamplingParams
-
-    extra = {"kv_transfer_params": {"kvmem": kvmem_params}} if kvmem_params is not None else None
-    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=0, extra_args=extra)
-    prompt = {"prompt_token_ids": list(ids)}
-    if salt is not None:
-        prompt["cache_salt"] = uuid.uuid4().hex if salt == "fresh" else salt
-    out = llm.generate([prompt], params, use_tqdm=False)[0]
-    tokens = list(out.outputs[0].token_ids)
-    logprobs = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)]
-    return tokens, torch.tensor(logprobs), out.num_cached_tokens
+    """(greedy token ids, logprobs of them, num_cached_tokens) of one request (`vllm_helpers.run_request`)."""
+    return run_request(llm, ids, kvmem_params, salt=salt, max_new=MAX_NEW)
 
 
 _FULL: dict = {}
@@ -233,17 +214,6 @@ def test_namespaces_hold(llm, memory, kvmem_log):
     before = len(kvmem_log.lines)
     _, _, cached = run(llm, ids, {"namespace": "nobody", "cubes": ["a"]})
     assert cached == 0 and "namespace 'nobody' is not served here" in "\n".join(kvmem_log.lines[before:])
-
-
-def wait_for(path, timeout: float = 120.0):
-    """The cube file the server's background writer publishes (atomically) once the request is done."""
-    import time
-
-    deadline = time.time() + timeout
-    while not path.is_file():
-        assert time.time() < deadline, f"{path} was not written in {timeout} s"
-        time.sleep(0.2)
-    return kvmem.MemCube.load(path)
 
 
 def test_a_saved_cube_equals_the_transformers_cube_and_serves(llm, memory, hf, folder, kvmem_log):

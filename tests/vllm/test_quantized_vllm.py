@@ -7,7 +7,6 @@ cache), never auto-matched, and its measured error is in the log.
 from __future__ import annotations
 
 import gc
-import uuid
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ pytest.importorskip("vllm.config", reason="vLLM is not installed here (it runs i
 pytestmark = pytest.mark.vllm
 
 import kvmem  # noqa: E402
+from vllm_helpers import offline_engine, run_request  # noqa: E402
 
 MAX_NEW = 10
 NO_AUTO = {"auto": False}
@@ -36,32 +36,15 @@ def folder(tmp_path_factory, memory, hf):
 
 @pytest.fixture(scope="module")
 def llm(ckpt, folder):
-    from vllm import LLM
-    from vllm.config import KVTransferConfig
-
-    engine = LLM(model=str(ckpt), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-                 kv_transfer_config=KVTransferConfig(
-                     kv_connector="KvmemConnector", kv_connector_module_path="kvmem.integrations.vllm",
-                     kv_role="kv_consumer", kv_load_failure_policy="recompute",
-                     kv_connector_extra_config={"folder": str(folder)}))
+    engine = offline_engine(ckpt, {"folder": str(folder)})
     yield engine
     del engine
     gc.collect()
 
 
 def run(llm, ids, kvmem_params=None, *, salt: str | None = "fresh"):
-    """(greedy token ids, their logprobs, num_cached_tokens) of one request; ``salt="fresh"``: a unique cache salt."""
-    from vllm import SamplingParams
-
-    extra = {"kv_transfer_params": {"kvmem": kvmem_params}} if kvmem_params is not None else None
-    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=0, extra_args=extra)
-    prompt = {"prompt_token_ids": list(ids)}
-    if salt is not None:
-        prompt["cache_salt"] = uuid.uuid4().hex if salt == "fresh" else salt
-    out = llm.generate([prompt], params, use_tqdm=False)[0]
-    tokens = list(out.outputs[0].token_ids)
-    logprobs = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)]
-    return tokens, torch.tensor(logprobs), out.num_cached_tokens
+    """(greedy token ids, logprobs of them, num_cached_tokens) of one request (`vllm_helpers.run_request`)."""
+    return run_request(llm, ids, kvmem_params, salt=salt, max_new=MAX_NEW)
 
 
 def transformers_answer(model, cubes, query):

@@ -32,6 +32,51 @@ def corrupt_bytes(data: bytes) -> bytes:
     return bytes(raw)
 
 
+# ---------------------------------------------------------------- an offline engine (LLM(), one process)
+def offline_engine(ckpt, extra: dict, *, role: str = "kv_consumer", max_model_len: int = 1024):
+    """vLLM's offline ``LLM`` on ``ckpt`` (float32, eager, seed 0) with KvmemConnector configured by ``extra``
+    (``kv_connector_extra_config``), ``kv_load_failure_policy="recompute"``: the engine every offline test uses."""
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    return LLM(model=str(ckpt), dtype="float32", enforce_eager=True, max_model_len=max_model_len, seed=0,
+               kv_transfer_config=KVTransferConfig(
+                   kv_connector="KvmemConnector", kv_connector_module_path="kvmem.integrations.vllm",
+                   kv_role=role, kv_load_failure_policy="recompute", kv_connector_extra_config=extra))
+
+
+def run_request(llm, ids, kvmem_params=None, *, salt: str | None = "fresh", max_new: int = 10):
+    """(greedy token ids, logprobs of them, num_cached_tokens) of one request to ``llm``. ``salt="fresh"``: a
+    unique cache salt, so the request never reads blocks another request left in vLLM's prefix cache."""
+    import uuid
+
+    import torch
+    from vllm import SamplingParams
+
+    extra = {"kv_transfer_params": {"kvmem": kvmem_params}} if kvmem_params is not None else None
+    params = SamplingParams(max_tokens=max_new, temperature=0.0, logprobs=0, extra_args=extra)
+    prompt = {"prompt_token_ids": list(ids)}
+    if salt is not None:
+        prompt["cache_salt"] = uuid.uuid4().hex if salt == "fresh" else salt
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    tokens = list(out.outputs[0].token_ids)
+    logprobs = [step[t].logprob for step, t in zip(out.outputs[0].logprobs, tokens)]
+    return tokens, torch.tensor(logprobs), out.num_cached_tokens
+
+
+def wait_for(path, timeout: float = 120.0):
+    """The cube file an engine's background writer publishes (atomically) once the request is done, loaded."""
+    import time
+
+    import kvmem
+
+    deadline = time.time() + timeout
+    while not path.is_file():
+        assert time.time() < deadline, f"{path} was not written in {timeout} s"
+        time.sleep(0.2)
+    return kvmem.MemCube.load(path)
+
+
 # ---------------------------------------------------------------- vLLM's OpenAI server
 def free_port() -> int:
     import socket
