@@ -32,8 +32,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from ..errors import CubeError
-from .facts import base_model
+from .facts import base_model, switch_attention
 
 NAME = "kvmem_sdpa"
 
@@ -210,11 +209,4 @@ def use_gqa_attention(model, *, enabled: bool = True) -> str:
         CubeError: the model cannot take an attention function from the registry.
     """
     register_gqa_attention()
-    name = NAME if enabled else "sdpa"
-    target = base_model(model)
-    try:
-        target.set_attn_implementation(name)
-    except (ValueError, AttributeError) as e:
-        raise CubeError(f"{type(target).__name__} cannot switch its attention to {name!r} ({e}); "
-                        "keep its own attention implementation") from e
-    return target.config._attn_implementation
+    return switch_attention(model, NAME if enabled else "sdpa", fix="keep its own attention implementation")
