@@ -70,7 +70,7 @@ def gqa_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             key, value, attention_mask = key[:, :, :seen.end], value[:, :, :seen.end], attention_mask[..., :seen.end]
             if seen.full == seen.end:  # every query sees every remaining key
                 attention_mask = None
-            elif _split_here(query, seen):
+            elif _split_here(query, seen) and key.stride(-1) == 1 and value.stride(-1) == 1:
                 out = attend_split(query, key, value, attention_mask, seen.full, scale=scaling)
                 return out.transpose(1, 2).contiguous(), None
     # CUDA's GQA kernels take no mask (a masked enable_gqa call falls back to the math kernel): pack there. On the
@@ -112,7 +112,9 @@ class Visible:
 
 def _split_here(query: torch.Tensor, seen: Visible) -> bool:
     """Split off the unmasked memory part: on the CPU's flash kernel (it returns the log-sum-exp), in float32
-    (merging two rounded halves in half precision would round twice), when the unmasked part is the larger."""
+    (merging two rounded halves in half precision would round twice), when the unmasked part is the larger. The
+    caller also checks the keys'/values' last axis is contiguous: torch 2.13's CPU flash op, called directly,
+    misreads other strides (max |diff| 0.35 against the same values contiguous); the public sdpa copies them."""
     return (query.device.type == "cpu" and query.dtype == torch.float32 and _CPU_FLASH is not None
             and seen.full >= seen.end - seen.full)
 
