@@ -62,7 +62,7 @@ class GrowingLayer(DynamicLayer):
 
     _store_k = _store_v = _view_k = _view_v = _spare = None
     _origin = None  # (keys, values) as `new_cache` gave them, while a `PrefixPool` may adopt or keep this layer
-    _slot = None  # (pool, lease id, layer index): keep the storage this layer first grows into from ``_origin``
+    _slot = None  # (weakref to a pool, lease id, layer index): keep the storage this layer first grows into from ``_origin``
 
     def adopt(self, store_k: torch.Tensor, store_v: torch.Tensor) -> bool:
         """Take pooled storage whose first entries already hold this layer's ``_origin`` (a `PrefixPool` hit): the
@@ -123,8 +123,9 @@ class GrowingLayer(DynamicLayer):
             store_v[:, :, :n].copy_(values)
         self._store_k, self._store_v = store_k, store_v
         slot, origin, self._slot, self._origin = self._slot, self._origin, None, None
-        if slot is not None and origin is not None and keys is origin[0] and values is origin[1]:
-            slot[0].keep(slot[1], slot[2], store_k, store_v)  # its first n entries are the origin's, as pooled
+        pool = slot[0]() if slot is not None else None
+        if pool is not None and origin is not None and keys is origin[0] and values is origin[1]:
+            pool.keep(slot[1], slot[2], store_k, store_v)  # its first n entries are the origin's, as pooled
         return store_k
 
     @staticmethod
@@ -181,7 +182,7 @@ class GrowingCache(DynamicCache):
                 if stored is not None and layer.adopt(*stored):
                     continue
                 if lease is not None:  # the pool keeps what this layer grows into from its origin
-                    layer._slot = (pool, lease[0], i)
+                    layer._slot = (weakref.ref(pool), lease[0], i)  # weak: a deepcopy of the cache copies no pool
                 layer.reserve(new)
             self._pool = self._source = None
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -198,7 +199,8 @@ class PrefixPool:
     are written once, when the storage is made: layers only write after their own length, and a layer that is
     cropped, reordered or reset takes fresh storage. As with the static pool, once the cache is gone the next
     request writes after the cube's entries: keep the cache, not tensors taken out of it, for as long as you read
-    them. One cube's storage per model (the last one used); `free_prefix_pool(model)` drops it.
+    them. One cube's storage per model (the last one used: as much memory again as that cube's KV, plus room, held
+    between requests); `free_prefix_pool(model)` drops it.
     """
 
     def __init__(self):
