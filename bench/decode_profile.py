@@ -14,6 +14,17 @@ Rows (ms of CPU time per decode step after ``--memory`` memory tokens + a 167-to
                   group's queries packed), on the same cache tensors, nothing else
   kv_read         reading those same keys and values once (a sum over each): the bytes an exact method must read
   bound_kv_term   what the bound charges for the memory: its KV bytes at the rate the no-memory step read weights
+Two exact alternatives to the attention kernel, timed on the same tensors (candidates, not what kvmem runs):
+  attention_kv_split       the keys split in two halves put on the batch axis (a strided view, no copy), one
+                           flash call, the halves merged by their log-sum-exps (flash-decoding): 2 kv_heads
+                           tasks instead of kv_heads, for ``--threads 2`` (the flash kernel parallelizes over
+                           batch x heads: 3 tasks on 2 threads leave one idle a third of the time)
+  attention_transposed     matmuls over keys and values stored transposed ([kv_heads, dim, seq], copied outside
+                           the timing): q @ K^T reads K contiguously and p @ V reads V along its long axis; what a
+                           transposed cache layout would buy per step (its fill and the query forward would pay
+                           the transposition; torch's CPU flash op cannot read that layout)
+``--threads N`` times wall clock instead of thread CPU time when N > 1 (the other threads' work is not in this
+thread's CPU time): run it on a quiet machine.
 The fast step's excess over the no-memory step, against `attention`, says whether anything else (copies, mask,
 Python per layer) is left; `attention` against `kv_read` says how far torch's kernel is from reading the bytes.
 """
@@ -40,6 +51,7 @@ from kvmem.model.static_cache import static_prefix  # noqa: E402
 from workloads import memory_ids, query_ids  # noqa: E402
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_CLOCK = [time.thread_time]  # set by main: wall clock with more than one thread
 
 
 def _decode_steps(model, cache, query, start: int, steps: int) -> tuple[list[float], list[int]]:
@@ -49,14 +61,33 @@ def _decode_steps(model, cache, query, start: int, steps: int) -> tuple[list[flo
     ids, pos, times, tokens = query, start, [], []
     for i in range(steps + 1):
         n = ids.shape[1]
-        t0 = time.thread_time()
+        t0 = _CLOCK[0]()
         out = model(input_ids=ids, cache_position=torch.arange(pos, pos + n),
                     attention_mask=torch.ones(1, pos + n, dtype=torch.long), logits_to_keep=1, **{kw: cache})
         if i:
-            times.append(time.thread_time() - t0)
+            times.append(_CLOCK[0]() - t0)
         ids, pos = out.logits[:, -1:].argmax(-1), pos + n
         tokens.append(int(ids))
     return times, tokens
+
+
+def _attend_kv_split(packed, k, v, scale):
+    """Flash over the two halves of the keys as two batch rows (an ``as_strided`` view), merged by log-sum-exp;
+    an odd last key gets its own call. Returns [1, kv_heads, groups, dim]."""
+    n = k.shape[2]
+    half = n // 2
+    views = [t.as_strided((2, t.shape[1], half, t.shape[3]), (half * t.stride(2), t.stride(1), t.stride(2),
+                                                                 t.stride(3))) for t in (k, v)]
+    out, lse = _FLASH(packed.expand(2, *packed.shape[1:]), *views, scale=scale)[:2]
+    if 2 * half < n:
+        o2, l2 = _FLASH(packed, k[:, :, 2 * half:], v[:, :, 2 * half:], scale=scale)[:2]
+        out, lse = torch.cat([out, o2]), torch.cat([lse, l2])
+    return (out * torch.softmax(lse, 0)[..., None]).sum(0, keepdim=True)
+
+
+def _attend_transposed(packed, kt, vt, scale):
+    """softmax(q K^T) V with K^T = ``kt`` [1, kv_heads, dim, seq] and V = ``vt``.transpose (stored [dim, seq])."""
+    return torch.matmul(torch.softmax(torch.matmul(packed * scale, kt), -1), vt.transpose(-1, -2))
 
 
 def _median(xs):
@@ -69,16 +100,20 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (> 1: wall clock, quiet machine only)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if args.quick:
         args.memory, args.rounds, args.steps = 512, 2, 3
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    clock = _CLOCK[0] = time.thread_time if args.threads == 1 else time.perf_counter
     model, tok = load_smollm2()
     mem, q = memory_ids(tok, args.memory), query_ids(tok, 167)
     cube = kvmem.MemCube.from_ids(model, mem, progress=False)
     n = args.memory
-    samples = {m: [] for m in ("fast_step", "no_memory_step", "attention", "kv_read")}
+    samples = {m: [] for m in ("fast_step", "no_memory_step", "attention", "kv_read", "attention_kv_split",
+                               "attention_transposed")}
+    max_diff = 0.0
     same = True
     with torch.inference_mode():
         from transformers import DynamicCache
@@ -98,19 +133,27 @@ def main(argv=None) -> int:
             layers = [(lay.keys[:, :, :end], lay.values[:, :, :end]) for lay in prefix.cache.layers]
             heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
             packed = torch.randn(1, kv_heads, heads // kv_heads, layers[0][0].shape[-1])
-            kernel, read = [], []
+            transposed = [(k.transpose(-1, -2).contiguous(), v.transpose(-1, -2).contiguous()) for k, v in layers]
+            scale = layers[0][0].shape[-1] ** -0.5
+            passes = {"attention": lambda: [_FLASH(packed, k, v, scale=scale)[0] for k, v in layers],
+                      "kv_read": lambda: [(k.sum(), v.sum()) for k, v in layers],
+                      "attention_kv_split": lambda: [_attend_kv_split(packed, k, v, scale) for k, v in layers],
+                      "attention_transposed": lambda: [_attend_transposed(packed, kt, vt, scale)
+                                                       for kt, vt in transposed]}
+            reference = passes["attention"]()
+            for name in ("attention_kv_split", "attention_transposed"):  # exact to float rounding, or not a candidate
+                max_diff = max(max_diff, *((a - b).abs().max().item() for a, b in zip(reference, passes[name]())))
+            timed = {name: [] for name in passes}
             for _ in range(5):  # each a median of five: one pass is ~50 ms, short enough for a shared machine's jitter
-                t0 = time.thread_time()
-                for k, v in layers:
-                    _FLASH(packed, k, v, scale=k.shape[-1] ** -0.5)
-                t1 = time.thread_time()
-                for k, v in layers:
-                    k.sum(), v.sum()
-                kernel.append(t1 - t0)
-                read.append(time.thread_time() - t1)
-            for name, x in (("fast_step", _median(fast)), ("no_memory_step", _median(plain)),
-                            ("attention", _median(kernel)), ("kv_read", _median(read))):
-                samples[name].append(x)
+                for name, run in passes.items():  # interleaved
+                    t0 = clock()
+                    run()
+                    timed[name].append(clock() - t0)
+            transposed = None  # the copies go before the next round
+            samples["fast_step"].append(_median(fast))
+            samples["no_memory_step"].append(_median(plain))
+            for name, xs in timed.items():
+                samples[name].append(_median(xs))
     for name in samples:
         samples[name] = samples[name][1:]
     weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
@@ -129,12 +172,17 @@ def main(argv=None) -> int:
         "kv_read_gb_per_s": kv_bytes / med["kv_read"] / 1e6,
         "attention_gb_per_s": kv_bytes / med["attention"] / 1e6,
         "same_tokens_as_full_prefill": same, "memory_kv_bytes": kv_bytes, "weight_bytes": weight_bytes,
+        "alternatives_max_abs_diff_vs_flash": max_diff, "threads": args.threads,
+        "fraction_of_exact_bound_with_kv_split": med["bound_step"] / (med["fast_step"] - med["attention"]
+                                                                      + med["attention_kv_split"]),
+        "fraction_of_exact_bound_with_transposed": med["bound_step"] / (med["fast_step"] - med["attention"]
+                                                                        + med["attention_transposed"]),
     }
     for r in rows:
         print(f"{r['method']:>16}: {r['median_ms']:8.2f} ms")
     print(summary)
-    facts = _common.machine_facts(model=model, memory_tokens=n, query_tokens=167, torch_threads=1,
-                                  clock="thread CPU time")
+    facts = _common.machine_facts(model=model, memory_tokens=n, query_tokens=167, torch_threads=args.threads,
+                                  clock="thread CPU time" if args.threads == 1 else "wall clock")
     out = args.out or (None if args.quick else ROOT / "bench" / "results" / "decode_profile_cpu.json")
     if out:
         _common.write_results({"machine": facts, "args": vars(args), "summary": summary, "rows": rows}, out,
@@ -150,9 +198,10 @@ def _plot(doc: dict, png: str) -> None:
     for i, r in enumerate(rows):
         ax.text(r["median_ms"], i, f" {r['median_ms']:.1f}", va="center", fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("ms of thread CPU time per decode step (median)")
     m = doc["machine"]
-    ax.set_title(f"decode step after {m.get('memory_tokens')} memory tokens, SmolLM2 fp32, 1 thread\n"
+    ax.set_xlabel(f"ms of {m.get('clock', 'thread CPU time')} per decode step (median)")
+    ax.set_title(f"decode step after {m.get('memory_tokens')} memory tokens, SmolLM2 fp32, "
+                 f"{m.get('torch_threads', 1)} thread(s)\n"
                  f"load {m.get('loadavg_start')}", fontsize=9)
     _common.save_figure(fig, png, m)
 

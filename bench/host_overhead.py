@@ -10,7 +10,10 @@ the load average recorded with every row (the machine may be shared):
             deepcopy_setup   copy.deepcopy of the memory's prefilled DynamicCache (transformers' prefix reuse)
             kvmem_setup      kvmem.prefill(model, cube)
             deepcopy_ttft    deepcopy + forward(query) + argmax
-            kvmem_ttft       kvmem.prefill + forward(query) + argmax
+            kvmem_ttft       kvmem.prefill + forward(query) + argmax (a repeated request on the cube: the
+                             query forward writes after the cube's KV in the model's prefix pool, no copy)
+            kvmem_ttft_pool_empty   the same with the prefix pool dropped first (the first request on a cube,
+                             or one while another request's cache is alive: the forward copies the memory once)
           Targets (issue 20): kvmem_ttft <= 0.9x deepcopy_ttft; kvmem_setup within 0.5 ms of deepcopy_setup.
   host    SmolLM2-135M (30 layers) on the CPU: prefill's host work by part, per request once the model's facts
           are resolved (kvmem.model.resolve: the one-pass watch), round robin on a model that does not change;
@@ -38,7 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import kvmem  # noqa: E402
 import _common  # noqa: E402
 from kvmem.cubes.fingerprint import fingerprint_fields, weights_digest  # noqa: E402
-from kvmem.model.cache import new_cache  # noqa: E402
+from kvmem.model.cache import free_prefix_pool, new_cache  # noqa: E402
 from kvmem.model.resolve import resolve  # noqa: E402
 from kvmem.model.watch import mark_changed, watch  # noqa: E402
 
@@ -92,7 +95,8 @@ def bench_proxy(args) -> list[dict]:
         fns = {"deepcopy_setup": lambda: copy.deepcopy(prefilled),
                "kvmem_setup": lambda: kvmem.prefill(model, cube),
                "deepcopy_ttft": lambda: first(copy.deepcopy(prefilled)),
-               "kvmem_ttft": lambda: first(kvmem.prefill(model, cube).cache)}
+               "kvmem_ttft": lambda: first(kvmem.prefill(model, cube).cache),
+               "kvmem_ttft_pool_empty": lambda: (free_prefix_pool(model), first(kvmem.prefill(model, cube).cache))[1]}
         cpu, faults = {m: [] for m in fns}, {m: [] for m in fns}
         with torch.inference_mode():
             series = _common.round_robin({m: _on_cpu(fn, cpu[m], faults[m]) for m, fn in fns.items()}, args.reps,

@@ -236,3 +236,18 @@ def test_decoding_from_a_static_prefix_reads_the_cache_in_place(llama, monkeypat
     for k, v, mask in steps:
         assert mask is None
         assert k.untyped_storage().data_ptr() in storage and v.untyped_storage().data_ptr() in storage
+
+
+def test_keys_with_a_strided_last_axis_never_reach_the_cpu_flash_op():
+    """torch's CPU flash op, called directly as the split does, misreads keys/values whose last axis is not
+    contiguous (a transposed storage): such keys take the public sdpa, which is exact for any strides."""
+    g = torch.Generator().manual_seed(5)
+    mask = torch.ones(4, 40, dtype=torch.bool).tril(36)[None, None]  # a request of 4 after a 36-token memory
+    q = torch.randn(1, 6, 4, 16, generator=g)
+    k, v = (torch.randn(1, 2, 16, 40, generator=g).transpose(-1, -2) for _ in range(2))  # [1, 2, 40, 16], stride 1
+    assert k.stride(-1) != 1
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    got, _ = gqa_sdpa_forward(module, q, k, v, mask, scaling=0.25)
+    want, _ = hf_sdpa.sdpa_attention_forward(module, q, k.contiguous(), v.contiguous(), mask, scaling=0.25)
+    torch.testing.assert_close(got, want, rtol=0, atol=_tol(torch.float32) * 4)

@@ -1,5 +1,6 @@
 """The cache `kvmem.prefill` returns (issue 20): its full-attention layers copy the memory once, at their first
-update, then write new tokens in place; greedy tokens equal a full prefill's; the cube is never written."""
+update, then write new tokens in place; greedy tokens equal a full prefill's; the cube is never written. Each test
+starts with the model's prefix pool empty (tests/test_prefix_pool.py covers the pooled, copy-free first update)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from transformers import DynamicCache
 
 import kvmem
 from kvmem.model import cache as cache_mod
-from kvmem.model.cache import GrowingCache, GrowingLayer
+from kvmem.model.cache import GrowingCache, GrowingLayer, free_prefix_pool
 
 from helpers import random_ids, tiny_model
 
@@ -28,6 +29,11 @@ def model():
 @pytest.fixture(scope="module")
 def cube(model):
     return kvmem.MemCube.from_ids(model, IDS)
+
+
+@pytest.fixture(autouse=True)
+def _empty_pool(model):
+    free_prefix_pool(model)  # the growth path, not the pool's storage an earlier test left
 
 
 def _count_grows(monkeypatch) -> list:

@@ -182,7 +182,7 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
             if c.packed is None and all(a.data_ptr() == k.data_ptr() for (a, _), (k, _) in zip(kv, full)):
                 _KEPT[c] = (facts, kv)  # views only, no copy: the next request of this generation takes them
         ids = c.all_ids.to(device)
-        prefix = Prefix(new_cache(model, kv, facts=facts), ids, [(c.anchor_len, c.anchor_len + c.num_tokens)],
+        prefix = Prefix(new_cache(model, kv, facts=facts, source=c), ids, [(c.anchor_len, c.anchor_len + c.num_tokens)],
                         [c.name])
         prefix.quantized = quantized_report(cubes)
         return prefix

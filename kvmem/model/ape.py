@@ -37,7 +37,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from ..errors import CubeError
-from .facts import base_model
+from .facts import base_model, switch_attention
 
 PREFIX = "kvmem_ape_"
 
@@ -171,16 +171,11 @@ def adjusted(model, *, context: tuple[int, int], query_start: int, temperature: 
     base = target.config._attn_implementation or "eager"
     if base.startswith(PREFIX):
         raise CubeError("APE adjustment is already active on this model: nest kvmem.model.ape.adjusted only once")
-    name = register_ape(base)
-    try:
-        target.set_attn_implementation(name)
-    except (ValueError, AttributeError) as e:
-        raise CubeError(f"{type(target).__name__} cannot switch its attention to {name!r} ({e}); compose without "
-                        "the APE adjustment") from e
+    switch_attention(model, register_ape(base), fix="compose without the APE adjustment")
     token = _ACTIVE.set(_Request(base, (start, end), query_start, None if decode else query_end, float(temperature),
                                  float(scale), record))
     try:
         yield
     finally:
         _ACTIVE.reset(token)
-        target.set_attn_implementation(base)
+        switch_attention(model, base, fix="restore it with set_attn_implementation")

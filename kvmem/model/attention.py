@@ -32,8 +32,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from ..errors import CubeError
-from .facts import base_model
+from .facts import base_model, switch_attention
 
 NAME = "kvmem_sdpa"
 
@@ -71,7 +70,7 @@ def gqa_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
             key, value, attention_mask = key[:, :, :seen.end], value[:, :, :seen.end], attention_mask[..., :seen.end]
             if seen.full == seen.end:  # every query sees every remaining key
                 attention_mask = None
-            elif _split_here(query, seen):
+            elif _split_here(query, seen) and key.stride(-1) == 1 and value.stride(-1) == 1:
                 out = attend_split(query, key, value, attention_mask, seen.full, scale=scaling)
                 return out.transpose(1, 2).contiguous(), None
     # CUDA's GQA kernels take no mask (a masked enable_gqa call falls back to the math kernel): pack there. On the
@@ -113,7 +112,9 @@ class Visible:
 
 def _split_here(query: torch.Tensor, seen: Visible) -> bool:
     """Split off the unmasked memory part: on the CPU's flash kernel (it returns the log-sum-exp), in float32
-    (merging two rounded halves in half precision would round twice), when the unmasked part is the larger."""
+    (merging two rounded halves in half precision would round twice), when the unmasked part is the larger. The
+    caller also checks the keys'/values' last axis is contiguous: torch 2.13's CPU flash op, called directly,
+    misreads other strides (max |diff| 0.35 against the same values contiguous); the public sdpa copies them."""
     return (query.device.type == "cpu" and query.dtype == torch.float32 and _CPU_FLASH is not None
             and seen.full >= seen.end - seen.full)
 
@@ -210,11 +211,4 @@ def use_gqa_attention(model, *, enabled: bool = True) -> str:
         CubeError: the model cannot take an attention function from the registry.
     """
     register_gqa_attention()
-    name = NAME if enabled else "sdpa"
-    target = base_model(model)
-    try:
-        target.set_attn_implementation(name)
-    except (ValueError, AttributeError) as e:
-        raise CubeError(f"{type(target).__name__} cannot switch its attention to {name!r} ({e}); "
-                        "keep its own attention implementation") from e
-    return target.config._attn_implementation
+    return switch_attention(model, NAME if enabled else "sdpa", fix="keep its own attention implementation")

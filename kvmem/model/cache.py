@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
 import weakref
 
 import torch
@@ -60,6 +61,24 @@ class GrowingLayer(DynamicLayer):
     """
 
     _store_k = _store_v = _view_k = _view_v = _spare = None
+    _origin = None  # (keys, values) as `new_cache` gave them, while a `PrefixPool` may adopt or keep this layer
+    _slot = None  # (weakref to a pool, lease id, layer index): keep the storage this layer first grows into from ``_origin``
+
+    def adopt(self, store_k: torch.Tensor, store_v: torch.Tensor) -> bool:
+        """Take pooled storage whose first entries already hold this layer's ``_origin`` (a `PrefixPool` hit): the
+        layer then writes new tokens after them, with no copy. False (nothing changed) when the layer no longer
+        holds its origin (a caller assigned other keys) or the storage does not fit it."""
+        keys, values = self.keys, self.values
+        if (self._origin is None or keys is not self._origin[0] or values is not self._origin[1]
+                or self._store_k is not None or keys.dim() != 4):
+            return False
+        n = keys.shape[-2]
+        if not (_fits(store_k, keys, n) and _fits(store_v, values, n)):
+            return False
+        self._store_k, self._store_v, self._origin = store_k, store_v, None
+        self.keys = self._view_k = store_k[:, :, :n]
+        self.values = self._view_v = store_v[:, :, :n]
+        return True
 
     def reserve(self, new: int) -> None:
         """Allocate (not fill) the storage this layer's first update of ``new`` tokens will grow into, before the
@@ -103,6 +122,10 @@ class GrowingLayer(DynamicLayer):
             store_k[:, :, :n].copy_(keys)
             store_v[:, :, :n].copy_(values)
         self._store_k, self._store_v = store_k, store_v
+        slot, origin, self._slot, self._origin = self._slot, self._origin, None, None
+        pool = slot[0]() if slot is not None else None
+        if pool is not None and origin is not None and keys is origin[0] and values is origin[1]:
+            pool.keep(slot[1], slot[2], store_k, store_v)  # its first n entries are the origin's, as pooled
         return store_k
 
     @staticmethod
@@ -114,7 +137,11 @@ class GrowingLayer(DynamicLayer):
                 like_v.new_empty(like_v.shape[0], like_v.shape[1], room, like_v.shape[-1]))
 
     def reset(self) -> None:
-        self._store_k = self._store_v = self._view_k = self._view_v = self._spare = None
+        self._store_k = self._store_v = self._view_k = self._view_v = self._spare = self._origin = self._slot = None
+        # dropped, never zeroed: the tensors may be a cube's views or pooled storage (transformers versions whose
+        # reset zeroes a layer's keys in place skip that for a layer not initialized)
+        self.keys = self.values = None
+        self.is_initialized = False
         super().reset()
 
 
@@ -130,6 +157,7 @@ class GrowingCache(DynamicCache):
     `new_cache` with its layers ready."""
 
     _reserve_pending = False
+    _pool = _source = None  # weak references to the model's PrefixPool and the cube whose KV the layers hold
 
     def __init__(self, layers: list | None = None, **kwargs):
         if layers is None:  # made the DynamicCache way (from_legacy_cache and the like): plain layers
@@ -139,24 +167,83 @@ class GrowingCache(DynamicCache):
             self._reserve_pending = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """`Cache.update`; the first one (the query forward's first layer) first reserves every growing layer's
-        storage for the ``key_states.shape[-2]`` new tokens (`GrowingLayer.reserve`)."""
+        """`Cache.update`; the first one (the query forward's first layer) first gives every growing layer its
+        storage: the model's pooled storage that already holds the same cube (`PrefixPool`: no copy), else a
+        reservation for the ``key_states.shape[-2]`` new tokens (`GrowingLayer.reserve`)."""
         if self._reserve_pending:
             self._reserve_pending = False
+            pool, source = (None, None) if self._pool is None else (self._pool(), self._source())
+            lease = pool.lease(self, source, len(self.layers)) if pool is not None and source is not None else None
             new = key_states.shape[-2]
-            for layer in self.layers:
-                if type(layer) is GrowingLayer:
-                    layer.reserve(new)
+            for i, layer in enumerate(self.layers):
+                if type(layer) is not GrowingLayer:
+                    continue
+                stored = lease[1][i] if lease is not None else None
+                if stored is not None and layer.adopt(*stored):
+                    continue
+                if lease is not None:  # the pool keeps what this layer grows into from its origin
+                    layer._slot = (weakref.ref(pool), lease[0], i)  # weak: a deepcopy of the cache copies no pool
+                layer.reserve(new)
+            self._pool = self._source = None
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-def new_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]], *, facts=None) -> GrowingCache:
+class PrefixPool:
+    """The grown storage of one model's last single-cube prefix, reused by the next request on the same cube: the
+    query forward then writes its tokens after the cube's KV, already in place, instead of copying the memory into
+    fresh storage (the copy a DynamicCache's first update, or transformers' prefix reuse's ``deepcopy``, makes).
+
+    The storage is lent to one cache object at a time, at its first update (a request whose cache's first update
+    comes while the last one is still alive grows its own storage, as before); only a cache's full-attention
+    layers that still hold their cube's KV as `new_cache` gave it adopt it. The first ``n`` entries (the cube's)
+    are written once, when the storage is made: layers only write after their own length, and a layer that is
+    cropped, reordered or reset takes fresh storage. As with the static pool, once the cache is gone the next
+    request writes after the cube's entries: keep the cache, not tensors taken out of it, for as long as you read
+    them. One cube's storage per model (the last one used: as much memory again as that cube's KV, plus room, held
+    between requests); `free_prefix_pool(model)` drops it.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()  # one lease at a time, also between threads
+        self._lent = None  # weak reference to the cache holding the storage
+        self._source = None  # weak reference to the cube whose KV the storage begins with
+        self._stores: list = []  # per layer (keys, values) storage, or None
+        self._lease = 0
+
+    def lease(self, cache, source, n_layers: int) -> tuple[int, list] | None:
+        """For ``cache``'s first update: (lease id, per layer pooled (keys, values) or None). The stores are those
+        left by an earlier request on ``source`` (the cube); for another cube they are dropped, and the layers'
+        growth fills them (`keep`). None when a live cache holds the storage."""
+        with self._lock:
+            if self._lent is not None and self._lent() is not None:
+                return None
+            self._lease += 1
+            self._lent = weakref.ref(cache)
+            if self._source is None or self._source() is not source or len(self._stores) != n_layers:
+                self._source, self._stores = weakref.ref(source), [None] * n_layers  # old storage goes first
+            return self._lease, list(self._stores)
+
+    def keep(self, lease: int, layer: int, store_k: torch.Tensor, store_v: torch.Tensor) -> None:
+        """Pool ``layer``'s storage, whose first entries are its cube's KV, if lease ``lease`` is still the last."""
+        with self._lock:
+            if lease == self._lease:
+                self._stores[layer] = (store_k, store_v)
+
+
+def free_prefix_pool(model) -> None:
+    """Drop the storage kvmem keeps of ``model``'s last prefix cache (the next request copies the memory again)."""
+    resolve(model).memo.pop("prefix_pool", None)
+
+
+def new_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]], *, facts=None, source=None) -> GrowingCache:
     """A fresh cache for ``model`` holding ``kv`` (per layer keys/values [1, kv_heads, seq, head_dim]).
 
     Full-attention layers (`GrowingLayer`) take the tensors as they are, without a copy; their first update copies
     them into storage with room, so generation never writes into them (that is what keeps cubes immutable) and
     decoding never copies the memory again. Other layer kinds (sliding window) get them through their own
     `update`, which keeps what they need. ``facts``: the model's `resolve`d facts, when the caller has them.
+    ``source``: the cube whose KV ``kv`` is (always the same tensors' values for it): the full-attention layers then
+    take the model's `PrefixPool` storage that already holds it, where free, and write after it with no copy.
     """
     facts = facts if facts is not None else resolve(model)
     template = facts.remember("cache_template", lambda: DynamicCache(config=facts.config).layers)
@@ -167,11 +254,16 @@ def new_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]], *, facts=None)
         if type(plain) is DynamicLayer:
             layer = GrowingLayer()
             layer.is_initialized, layer.device, layer.keys, layer.values = True, k.device, k, v
+            if source is not None:
+                layer._origin = (k, v)
         else:
             layer = copy.deepcopy(plain)  # an empty layer of the model's own kind, with its options
             layer.update(k, v)
         layers.append(layer)
-    return GrowingCache(layers)
+    cache = GrowingCache(layers)
+    if source is not None:
+        cache._pool, cache._source = weakref.ref(facts.remember("prefix_pool", PrefixPool)), weakref.ref(source)
+    return cache
 
 
 _LAYOUTS: "weakref.WeakKeyDictionary[object, list]" = weakref.WeakKeyDictionary()

@@ -35,6 +35,31 @@ def check_context(model, n_tokens: int, what: str, fix: str) -> None:
                         f"(max_position_embeddings); {fix}")
 
 
+def switch_attention(model, name: str, *, fix: str) -> str:
+    """Set ``model``'s attention implementation to ``name`` (a registered one) the supported way
+    (``set_attn_implementation`` on the model under a PEFT wrapper); the one place kvmem switches it.
+
+    Args:
+        model: a transformers model (PEFT-wrapped or not).
+        name: the attention implementation to select.
+        fix: what the user can do instead, for the error message.
+
+    Returns:
+        The attention implementation now in use.
+
+    Raises:
+        CubeError: the model cannot take ``name`` (transformers refused it).
+    """
+    target = base_model(model)
+    try:
+        target.set_attn_implementation(name)
+    except (ValueError, AttributeError) as e:
+        from ..errors import CubeError
+
+        raise CubeError(f"{type(target).__name__} cannot switch its attention to {name!r} ({e}); {fix}") from e
+    return target.config._attn_implementation
+
+
 @contextlib.contextmanager
 def eval_mode(module):
     """``module`` in eval mode (no dropout) for the block, then back in the mode it was in."""
