@@ -309,8 +309,9 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
     Args:
         model, tokenizer: the transformers model (in the dtype you serve it in) and its tokenizer.
         texts: documents to compose, one cube each (split them where you would: by document, by chat session);
-            None: invented multi-paragraph team notes of ``tokens_per_cube`` tokens each. Questions are generic
-            for your texts and about a later cube's facts (some spanning two cubes) for the invented ones.
+            None: invented multi-paragraph team notes of ``tokens_per_cube`` tokens each (set s of a smaller
+            count is the first cubes of set s of the largest). Questions are generic for your texts and about a
+            later cube's facts (some spanning two cubes) for the invented ones.
         cubes: the cube counts to measure (the gate uses the smallest measured count >= a request's).
         settings: (mode, budget) pairs of `kvmem.prefill` to measure, or (mode, budget, (temperature, scale,
             decode)) with the APE adjustment (`kvmem.inject.prefill.Prefix.adjusted`; `APE_SETTINGS`), which the
@@ -356,7 +357,8 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
     eos = _eos_ids(model) or ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     fields = fingerprint_fields(model, tokenizer)
     built: dict[int, MemCube] = {}
-    given: dict[str, MemCube] = {}  # cases' cubes by text: a document in several sets is encoded once
+    given: dict[str, MemCube] = {}  # cubes by text: a document in several sets is encoded once
+    invented: dict[int, list] = {}  # set -> invented documents of the largest count
     per_count = []
     bar = tqdm(total=len(counts) * sets if cases is None else len(cases), desc="kvmem: calibrate", unit="set", disable=not progress)
     with eval_mode(model):
@@ -365,10 +367,14 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
             total = sets * questions if cases is None else sum(len(c[1]) for c in cases if len(c[0]) == n)
             for s in range(sets if cases is None else 0):
                 if texts is None:
-                    docs = invented_documents(tokenizer, n, tokens_per_cube, seed=seed * 1000 + n * 10 + s)
+                    # set s of every count is the first n documents of one set of the largest count: each
+                    # document is encoded once (a cube does not depend on what it is later composed with)
+                    if s not in invented:
+                        invented[s] = invented_documents(tokenizer, counts[-1], tokens_per_cube, seed=seed * 1000 + s)
+                    docs = invented[s][:n]
                     qs = invented_questions([f for _, f in docs], rng, questions)
-                    chosen = [t for t, _ in docs]
-                    cube_set = [MemCube.from_text(model, tokenizer, t, anchor=anchor, progress=False) for t in chosen]
+                    cube_set = [given.get(t) or given.setdefault(t, MemCube.from_text(
+                        model, tokenizer, t, anchor=anchor, progress=False)) for t, _ in docs]
                 else:
                     start = (s * n) % len(texts)
                     idx = [(start + i) % len(texts) for i in range(n)]
