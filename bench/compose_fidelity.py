@@ -31,6 +31,7 @@ import copy
 import json
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def plot(doc: dict, png: str) -> None:
     plt = _common.pyplot()
     runs = doc["runs"]
     counts = sorted({r["cubes"] for run in runs for r in run["rows"]})
-    fig, axes = plt.subplots(len(runs), len(counts), figsize=(max(8, 5 * len(counts)), 3.8 * len(runs)),
+    fig, axes = plt.subplots(len(runs), len(counts), figsize=(max(8, 5 * len(counts)), 4.3 * len(runs)),
                              squeeze=False)  # one column: wide enough for the title and labels
     for i, run in enumerate(runs):
         for j, n in enumerate(counts):
@@ -108,8 +109,15 @@ def plot(doc: dict, png: str) -> None:
                 continue
             for r in rows:
                 ax.scatter(100 * r["ttft_saving"], max(r["kl_mean"], 1e-4), s=30 + 200 * r["agreement"])
-                ax.annotate(f"{r['label']} ({r['agreement']:.0%})", (100 * r["ttft_saving"], max(r["kl_mean"], 1e-4)),
-                            fontsize=7, xytext=(4, 4), textcoords="offset points")
+                # answers as a count: with a handful of questions a percentage hides how coarse it is
+                equal = round(r["agreement"] * r["questions"])
+                ax.annotate(f"{r['label']} ({equal}/{r['questions']} answers)",
+                            (100 * r["ttft_saving"], max(r["kl_mean"], 1e-4)), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")
+            reason = run["choices"].get(str(n), {}).get("reason", "")
+            why = reason[reason.find("(best"):reason.rfind(")") + 1] if "(best" in reason else reason
+            ax.text(0.5, -0.3, "\n".join(textwrap.wrap(f"gate: {why}", 100)), transform=ax.transAxes, fontsize=7,
+                    ha="center", va="top", color="#333")  # under the axis label: why the gate chose as it did
             target = ISSUE_TARGETS.get(n, {})
             if target:
                 ax.axhline(target["kl"], color="#c33", ls="--", lw=0.8, label=f"issue target KL {target['kl']}")
