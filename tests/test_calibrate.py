@@ -280,6 +280,22 @@ def test_stop_early_keeps_the_choice_and_says_so(llama, tok, cache_dir):
     # the same settings meet the target either way (the choice among them then follows TTFT, not tested here)
     assert {k for k, r in fast_rows.items() if target.met_by(r) and not r["stopped_early"]} == \
         {k for k, r in slow_rows.items() if target.met_by(r)} == {"leading@10000"}
+    # once every setting has stopped, the count's remaining sets are not run at all (not even the full prefill)
+    calls = []
+    hook = llama.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        runs = {}
+        for name, sets in (("one", [(docs, ["Which room?"])]),
+                           ("two", [(docs, ["Which room?"]), (docs, ["Which rooms were named?", "Who said it?"])])):
+            calls.clear()
+            runs[name] = kvmem.calibrate(llama, tok, cases=sets, settings=(("none", None), ("leading", 1)),
+                                         answer_tokens=3, save=False, progress=False,
+                                         target=Target(kl=1e-9, agreement=1.0))
+            runs[name]["forwards"] = len(calls)
+    finally:
+        hook.remove()
+    assert [(r["questions"], r["stopped_early"]) for r in runs["two"]["rows"]] == [(1, True), (1, True)]
+    assert runs["two"]["forwards"] == runs["one"]["forwards"] > 0
     # a stopped row is never picked, even if its partial numbers read as passing
     stopped = _row(3, "none", None, 0.0, 1.0, 0.01) | {"stopped_early": True}
     assert choose({"rows": [stopped, _row(3, "leading", 4, 0.01, 1.0, 0.1)]}, 3).mode == "leading"

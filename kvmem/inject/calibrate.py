@@ -197,6 +197,11 @@ def _fails(rows: list[dict], total: int, target: Target) -> bool:
     return sum(r["kl"] for r in rows) > target.kl * total or (total - misses) / total < target.agreement
 
 
+def _all_fail(failed: dict | None, settings, total: int, target: Target) -> bool:
+    """Whether every setting already misses ``target`` at this count (stopping early): a set would measure nothing."""
+    return failed is not None and all(_fails(failed.get(s, []), total, target) for s in settings)
+
+
 def _measure_set(model, cubes, queries, settings, *, answer_tokens: int, device, eos: set[int],
                  failed: dict | None = None, total: int = 0, target: Target = DEFAULT_TARGET) -> list[dict]:
     """Per setting, per question: KL, agreement and TTFT of the composed prefix against the full prefill.
@@ -327,8 +332,9 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
             (one cube per document, in order; questions whose evidence is in them, e.g. across two of them);
             the counts measured are the sets' lengths (``cubes``, ``sets`` and ``questions`` are then unused).
         stop_early: stop measuring a setting at a count once its questions so far miss ``target`` whatever the
-            rest would measure (its row then says ``stopped_early`` and averages the questions measured); the
-            gate's choice is the same, the calibration faster. False: every setting on every question (the bench).
+            rest would measure (its row then says ``stopped_early`` and averages the questions measured), and
+            skip a count's remaining sets once every setting has stopped; the gate's choice is the same, the
+            calibration faster. False: every setting on every question (the bench).
 
     Returns:
         The calibration document: {"version", "fingerprint", "dtype", "model", "created", "target", "rows": [one
@@ -356,8 +362,12 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
     # where generate(do_sample=False) would stop: the generation config's EOS, else the tokenizer's
     eos = _eos_ids(model) or ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     fields = fingerprint_fields(model, tokenizer)
-    built: dict[int, MemCube] = {}
     given: dict[str, MemCube] = {}  # cubes by text: a document in several sets is encoded once
+
+    def _cubes(docs: list[str]) -> list[MemCube]:
+        return [given.get(t) or given.setdefault(t, MemCube.from_text(model, tokenizer, t, anchor=anchor,
+                                                                      progress=False)) for t in docs]
+
     invented: dict[int, list] = {}  # set -> invented documents of the largest count
     per_count = []
     bar = tqdm(total=len(counts) * sets if cases is None else len(cases), desc="kvmem: calibrate", unit="set", disable=not progress)
@@ -371,28 +381,24 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
                     # document is encoded once (a cube does not depend on what it is later composed with)
                     if s not in invented:
                         invented[s] = invented_documents(tokenizer, counts[-1], tokens_per_cube, seed=seed * 1000 + s)
-                    docs = invented[s][:n]
-                    qs = invented_questions([f for _, f in docs], rng, questions)
-                    cube_set = [given.get(t) or given.setdefault(t, MemCube.from_text(
-                        model, tokenizer, t, anchor=anchor, progress=False)) for t, _ in docs]
+                    docs = [t for t, _ in invented[s][:n]]
+                    qs = invented_questions([f for _, f in invented[s][:n]], rng, questions)
                 else:
                     start = (s * n) % len(texts)
-                    idx = [(start + i) % len(texts) for i in range(n)]
-                    cube_set = [built.get(i) or built.setdefault(i, MemCube.from_text(
-                        model, tokenizer, texts[i], anchor=anchor, progress=False)) for i in idx]
+                    docs = [texts[(start + i) % len(texts)] for i in range(n)]
                     qs = ["What is the last document about?", "Summarise the first document in one sentence.",
                           "Which details do the documents above share?"][:questions] * (1 + questions // 3)
                     qs = qs[:questions]
-                queries = [query_ids(tokenizer, q) for q in qs]
-                per_question += _measure_set(model, cube_set, queries, settings, answer_tokens=answer_tokens,
-                                             device=device, eos=eos, failed=failed, total=total, target=target)
+                if not _all_fail(failed, settings, total, target):  # else: nothing left to measure at this count
+                    per_question += _measure_set(model, _cubes(docs), [query_ids(tokenizer, q) for q in qs], settings,
+                                                 answer_tokens=answer_tokens, device=device, eos=eos, failed=failed,
+                                                 total=total, target=target)
                 bar.update(1)
             for docs, qs in (c for c in cases or () if len(c[0]) == n):
-                cube_set = [given.get(t) or given.setdefault(t, MemCube.from_text(
-                    model, tokenizer, t, anchor=anchor, progress=False)) for t in docs]
-                per_question += _measure_set(model, cube_set, [query_ids(tokenizer, q) for q in qs], settings,
-                                             answer_tokens=answer_tokens, device=device, eos=eos, failed=failed,
-                                             total=total, target=target)
+                if not _all_fail(failed, settings, total, target):
+                    per_question += _measure_set(model, _cubes(docs), [query_ids(tokenizer, q) for q in qs], settings,
+                                                 answer_tokens=answer_tokens, device=device, eos=eos, failed=failed,
+                                                 total=total, target=target)
                 bar.update(1)
             per_count += _summarise(n, per_question, settings, total)
     bar.close()
