@@ -299,8 +299,9 @@ def read_cases(path) -> list[tuple[list[str], list[str]]]:
             value = case[key]
             if not isinstance(value, list) or len(value) < least or not all(
                     isinstance(t, str) and t.strip() for t in value):
+                why = " (one cube each; one cube is exact, so nothing to measure)" if least > 1 else ""
                 raise CubeError(f"cases file {path}, set {i}: \"{key}\" must be a list of at least {least} non-empty "
-                                f"strings{' (one cube each; one cube is exact, so nothing to measure)' if least > 1 else ''}")
+                                f"strings{why}")
         cases.append((list(case["documents"]), list(case["questions"])))
     return cases
 
@@ -370,7 +371,8 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
 
     invented: dict[int, list] = {}  # set -> invented documents of the largest count
     per_count = []
-    bar = tqdm(total=len(counts) * sets if cases is None else len(cases), desc="kvmem: calibrate", unit="set", disable=not progress)
+    bar = tqdm(total=len(counts) * sets if cases is None else len(cases), desc="kvmem: calibrate", unit="set",
+               disable=not progress)
     with eval_mode(model):
         for n in counts:
             per_question, failed = [], {} if stop_early else None
