@@ -97,7 +97,7 @@ def plot(doc: dict, png: str) -> None:
     plt = _common.pyplot()
     runs = doc["runs"]
     counts = sorted({r["cubes"] for run in runs for r in run["rows"]})
-    fig, axes = plt.subplots(len(runs), len(counts), figsize=(max(8, 5 * len(counts)), 4.3 * len(runs)),
+    fig, axes = plt.subplots(len(runs), len(counts), figsize=(max(8, 6.5 * len(counts)), 4.3 * len(runs)),
                              squeeze=False)  # one column: wide enough for the title and labels
     for i, run in enumerate(runs):
         for j, n in enumerate(counts):
@@ -116,8 +116,9 @@ def plot(doc: dict, png: str) -> None:
                             textcoords="offset points")
             reason = run["choices"].get(str(n), {}).get("reason", "")
             why = reason[reason.find("(best"):reason.rfind(")") + 1] if "(best" in reason else reason
-            ax.text(0.5, -0.3, "\n".join(textwrap.wrap(f"gate: {why}", 100)), transform=ax.transAxes, fontsize=7,
-                    ha="center", va="top", color="#333")  # under the axis label: why the gate chose as it did
+            lines = textwrap.wrap(f"gate: {why}", 100 if len(counts) == 1 else 75)
+            ax.text(0.5, -0.3, "\n".join(lines), transform=ax.transAxes, fontsize=7, ha="center", va="top",
+                    color="#333")  # under the axis label: why the gate chose as it did
             target = ISSUE_TARGETS.get(n, {})
             if target:
                 ax.axhline(target["kl"], color="#c33", ls="--", lw=0.8, label=f"issue target KL {target['kl']}")
