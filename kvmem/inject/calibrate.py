@@ -26,6 +26,7 @@ import json
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -276,8 +277,6 @@ def read_cases(path) -> list[tuple[list[str], list[str]]]:
     """The cube sets of a JSON file, for ``calibrate(cases=...)``: ``[{"documents": [str, ...], "questions": [str,
     ...]}, ...]``, one cube per document (in order, at least 2), questions whose evidence is in them. Returns
     [(documents, questions)]; a missing, unreadable or malformed file is a CubeError saying where and how to fix."""
-    from pathlib import Path
-
     path = Path(path)
     shape = ('[{"documents": ["first text", "second text"], "questions": ["a question about them"]}, ...]')
     try:
