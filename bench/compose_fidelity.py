@@ -31,6 +31,7 @@ import copy
 import json
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def plot(doc: dict, png: str) -> None:
     plt = _common.pyplot()
     runs = doc["runs"]
     counts = sorted({r["cubes"] for run in runs for r in run["rows"]})
-    fig, axes = plt.subplots(len(runs), len(counts), figsize=(max(8, 5 * len(counts)), 3.8 * len(runs)),
+    fig, axes = plt.subplots(len(runs), len(counts), figsize=(max(8, 6.5 * len(counts)), 4.3 * len(runs)),
                              squeeze=False)  # one column: wide enough for the title and labels
     for i, run in enumerate(runs):
         for j, n in enumerate(counts):
@@ -108,8 +109,16 @@ def plot(doc: dict, png: str) -> None:
                 continue
             for r in rows:
                 ax.scatter(100 * r["ttft_saving"], max(r["kl_mean"], 1e-4), s=30 + 200 * r["agreement"])
-                ax.annotate(f"{r['label']} ({r['agreement']:.0%})", (100 * r["ttft_saving"], max(r["kl_mean"], 1e-4)),
-                            fontsize=7, xytext=(4, 4), textcoords="offset points")
+                # answers as a count: with a handful of questions a percentage hides how coarse it is
+                equal = round(r["agreement"] * r["questions"])
+                ax.annotate(f"{r['label']} ({equal}/{r['questions']} answers)",
+                            (100 * r["ttft_saving"], max(r["kl_mean"], 1e-4)), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")
+            reason = run["choices"].get(str(n), {}).get("reason", "")
+            why = reason[reason.find("(best"):reason.rfind(")") + 1] if "(best" in reason else reason
+            lines = textwrap.wrap(f"gate: {why}", 100 if len(counts) == 1 else 75)
+            ax.text(0.5, -0.3, "\n".join(lines), transform=ax.transAxes, fontsize=7, ha="center", va="top",
+                    color="#333")  # under the axis label: why the gate chose as it did
             target = ISSUE_TARGETS.get(n, {})
             if target:
                 ax.axhline(target["kl"], color="#c33", ls="--", lw=0.8, label=f"issue target KL {target['kl']}")
@@ -190,7 +199,9 @@ def main(argv=None) -> int:
             cases += BUILDERS[kind](tok, [n], cube_tokens(model, n, args.tokens), sets=args.sets,
                                     questions=args.questions)
         t0, cpu0 = time.perf_counter(), time.process_time()
-        doc = kvmem.calibrate(model, tok, cases=cases, anchor=anchor, target=target, save=False, settings=settings)
+        # every setting on every question (no early stop): the bench reports each cell in full
+        doc = kvmem.calibrate(model, tok, cases=cases, anchor=anchor, target=target, save=False, settings=settings,
+                              stop_early=False)
         sizes = {n: [len(tok(t, add_special_tokens=False).input_ids) for d, _ in cases if len(d) == n for t in d]
                  for n in args.cubes}
         runs.append({"texts": kind, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
@@ -202,7 +213,7 @@ def main(argv=None) -> int:
         print(f"\n{kind}: {runs[-1]['seconds']:.0f} s, cube tokens (min, mean, max) {runs[-1]['cube_tokens']}")
         for r in doc["rows"]:
             print(f"  {r['cubes']} cubes {r['label']:<24} KL {r['kl_mean']:.3f}  agree {r['agreement']:.0%}  "
-                  f"tok-agree {r['token_agreement']:.0%}  TTFT {r['ttft_s'] * 1e3:.0f} ms vs "
+                  f"top-1 {r['top1_agreement']:.0%}  TTFT {r['ttft_s'] * 1e3:.0f} ms vs "
                   f"{r['full_ttft_s'] * 1e3:.0f} ms ({r['ttft_saving']:.0%} saved){'  MEETS' if meets(r) else ''}",
                   flush=True)
         for n, c in doc["choices"].items():

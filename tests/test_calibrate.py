@@ -231,3 +231,111 @@ def test_calibrate_measures_query_and_ape_settings_and_the_gate_skips_ape(llama,
     _write(llama, [_row(2, "none", None, 0.001, 1.0, 0.01) | {"ape": [0.9, 0.9, True]},
                    _row(2, "leading", 4, 0.01, 1.0, 0.1)])
     assert kvmem.prefill(llama, _cubes(llama, (8, 8))).composition.startswith("leading: calibrated")
+
+
+def test_agreement_read_off_forced_logits_is_greedy_generation(llama, tok, cache_dir):
+    """The calibration reads agreement off the teacher-forced logits instead of decoding each composed answer:
+    it must equal comparing the two greedy generations token for token, per setting."""
+    from kvmem.inject.calibrate import query_ids
+
+    docs = [f"Note {i}: the courier for depot {i} is called {n}. " * 4 for i, n in enumerate(("Ada", "Bo", "Cy"))]
+    questions = ["Who is the courier?", "Which depot?", "Name the courier of depot 2.", "What is the last note?"]
+    settings = (("none", None), ("leading", 2), ("leading", 10 ** 4))
+    doc = kvmem.calibrate(llama, tok, cases=[(docs, questions)], settings=settings, answer_tokens=5, save=False,
+                          progress=False, stop_early=False)
+    cubes = [kvmem.MemCube.from_text(llama, tok, d, progress=False) for d in docs]
+    full_ids = torch.cat([cubes[0].anchor_ids[0]] + [c.input_ids[0] for c in cubes])
+
+    def greedy(ids, cache=None):
+        extra = {cache_kwarg(llama): cache} if cache is not None else {}
+        out = llama.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=5,
+                             do_sample=False, pad_token_id=0, **extra)
+        return out[0, ids.numel():]
+
+    for (mode, budget), row in zip(settings, doc["rows"]):
+        same = []
+        for q in questions:
+            query = query_ids(tok, q)
+            prefix = kvmem.prefill(llama, cubes, recompute=mode, budget=budget)
+            same.append(torch.equal(greedy(prefix.extend(query)[0], prefix.cache),
+                                    greedy(torch.cat([full_ids, query]))))
+        assert row["agreement"] == pytest.approx(sum(same) / len(same)), (mode, budget)
+    assert doc["rows"][-1]["agreement"] == 1.0  # the full budget is exact
+
+
+def test_stop_early_keeps_the_choice_and_says_so(llama, tok, cache_dir):
+    docs = [f"Session {i}. The user said the meeting moved to room {100 + i}. " * 3 for i in range(3)]
+    cases = [(docs, ["Which room?", "Which rooms were named?", "Where did the meeting move?", "Who said it?"])]
+    settings = (("none", None), ("leading", 10 ** 4))
+    target = Target(kl=1e-6, agreement=0.5)
+    full = kvmem.calibrate(llama, tok, cases=cases, settings=settings, answer_tokens=3, save=False, progress=False,
+                           target=target, stop_early=False)
+    fast = kvmem.calibrate(llama, tok, cases=cases, settings=settings, answer_tokens=3, save=False, progress=False,
+                           target=target)
+    slow_rows, fast_rows = ({r["label"]: r for r in d["rows"]} for d in (full, fast))
+    assert slow_rows["none"]["kl_mean"] > 1e-5 and not slow_rows["none"]["stopped_early"]
+    assert fast_rows["none"]["stopped_early"] and fast_rows["none"]["questions"] < 4  # could not meet KL <= 1e-6
+    assert not fast_rows["leading@10000"]["stopped_early"] and fast_rows["leading@10000"]["questions"] == 4
+    assert fast_rows["leading@10000"]["kl_mean"] == pytest.approx(slow_rows["leading@10000"]["kl_mean"], abs=1e-9)
+    # the same settings meet the target either way (the choice among them then follows TTFT, not tested here)
+    assert {k for k, r in fast_rows.items() if target.met_by(r) and not r["stopped_early"]} == \
+        {k for k, r in slow_rows.items() if target.met_by(r)} == {"leading@10000"}
+    # once every setting has stopped, the count's remaining sets are not run at all (not even the full prefill)
+    calls = []
+    hook = llama.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        runs = {}
+        for name, sets in (("one", [(docs, ["Which room?"])]),
+                           ("two", [(docs, ["Which room?"]), (docs, ["Which rooms were named?", "Who said it?"])])):
+            calls.clear()
+            runs[name] = kvmem.calibrate(llama, tok, cases=sets, settings=(("none", None), ("leading", 1)),
+                                         answer_tokens=3, save=False, progress=False,
+                                         target=Target(kl=1e-9, agreement=1.0))
+            runs[name]["forwards"] = len(calls)
+    finally:
+        hook.remove()
+    assert [(r["questions"], r["stopped_early"]) for r in runs["two"]["rows"]] == [(1, True), (1, True)]
+    assert runs["two"]["forwards"] == runs["one"]["forwards"] > 0
+    # a stopped row is never picked, even if its partial numbers read as passing
+    stopped = _row(3, "none", None, 0.0, 1.0, 0.01) | {"stopped_early": True}
+    assert choose({"rows": [stopped, _row(3, "leading", 4, 0.01, 1.0, 0.1)]}, 3).mode == "leading"
+
+
+def test_cli_calibrate_cases_file(tmp_path, tok, cache_dir):
+    from typer.testing import CliRunner
+
+    from kvmem.cli import app
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tok.save_pretrained(folder)
+    docs = [f"Session {i}. The user said the meeting moved to room {100 + i}. " * 2 for i in range(3)]
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps([{"documents": docs[:2], "questions": ["Which room?"]},
+                                 {"documents": docs, "questions": ["Which rooms?", "Where did it move?"]}]))
+    args = ["calibrate", "--model", str(folder), "--folder", str(tmp_path / "store")]
+    result = CliRunner().invoke(app, args + ["--cases", str(cases)])
+    assert result.exit_code == 0, result.output
+    assert "2 cubes -> " in result.output and "3 cubes -> " in result.output and "8 cubes" not in result.output
+    saved = json.loads(next((tmp_path / "store" / "calibration").glob("*.json")).read_text())
+    assert saved["texts"] == "given cases"
+    assert {(r["cubes"], r["questions"]) for r in saved["rows"] if not r["stopped_early"]} <= {(2, 1), (3, 2)}
+
+    def error(content, *extra):
+        cases.write_text(content)
+        bad = CliRunner().invoke(app, args + ["--cases", str(cases), *extra])
+        assert bad.exit_code == 1, bad.output
+        line = bad.output.strip().splitlines()[-1]
+        assert line.startswith("kvmem: "), bad.output
+        return line
+
+    assert "is not JSON" in error("[{")
+    assert "non-empty JSON list" in error("{}")
+    assert "set 0: must be an object with exactly the keys" in error(json.dumps([{"documents": docs}]))
+    assert 'set 1: "documents" must be a list of at least 2' in error(json.dumps(
+        [{"documents": docs[:2], "questions": ["q"]}, {"documents": docs[:1], "questions": ["q"]}]))
+    assert 'set 0: "questions" must be a list of at least 1' in error(json.dumps([{"documents": docs, "questions": [""]}]))
+    assert "not both" in error(json.dumps([{"documents": docs, "questions": ["q"]}]), "--text", str(cases))
+    cases.unlink()
+    missing = CliRunner().invoke(app, args + ["--cases", str(cases)])
+    assert missing.exit_code == 1 and "does not exist" in missing.output.strip().splitlines()[-1]

@@ -18,6 +18,9 @@ def calibrate(
     cubes: list[int] = typer.Option([2, 4, 8], "--cubes", help="Cube counts to measure (repeatable)."),
     text: list[Path] = typer.Option([], "--text", help="A document of yours, one cube each (repeatable); default: "
                                     "invented multi-paragraph notes."),
+    cases: Optional[Path] = typer.Option(None, "--cases", help='A JSON file of your cube sets with questions: '
+                                         '[{"documents": [...], "questions": [...]}, ...]; one cube per document, '
+                                         'the counts measured are the sets\' sizes (instead of --text and --cubes).'),
     tokens_per_cube: int = typer.Option(384, help="Tokens per invented cube."),
     sets: int = typer.Option(2, help="Cube sets per count."),
     questions: int = typer.Option(3, help="Questions per set."),
@@ -27,10 +30,15 @@ def calibrate(
     chat: bool = typer.Option(True, help="Cubes after the chat template's system header, as kvmem.wrap builds them."),
 ):
     """Measure composed vs full prefill (KL, greedy agreement, TTFT) per mode and cube count; save it for the gate."""
+    from ..errors import CubeError
     from ..inject.calibrate import calibrate as run
+    from ..inject.calibrate import read_cases
     from ..inject.gate import Target
     from ..memory_model import wrap
 
+    if cases is not None and text:
+        raise CubeError("pass --cases or --text, not both: --cases holds its own documents")
+    given = read_cases(cases) if cases is not None else None  # checked before the model loads: fail fast
     if model == "gemma3":
         import torch
 
@@ -42,11 +50,13 @@ def calibrate(
     texts = [_read_text(p) for p in text] or None
     anchor = wrap(m, tok, attention="keep").anchor if chat else None
     doc = run(m, tok, texts=texts, cubes=tuple(cubes), tokens_per_cube=tokens_per_cube, sets=sets,
-              questions=questions, anchor=anchor, folder=folder, target=Target(kl=kl, agreement=agreement))
-    typer.echo(f"{'cubes':>5}  {'setting':<16}{'KL':>8}{'agree':>8}{'TTFT saved':>12}")
+              questions=questions, anchor=anchor, folder=folder, target=Target(kl=kl, agreement=agreement), cases=given)
+    typer.echo(f"{'cubes':>5}  {'setting':<16}{'KL':>8}{'agree':>8}{'TTFT saved':>12}  questions")
     for row in doc["rows"]:
+        # a setting stopped early missed the target on the questions it was measured on
+        stopped = "  (stopped early: misses the target)" if row.get("stopped_early") else ""
         typer.echo(f"{row['cubes']:>5}  {row['label']:<16}{row['kl_mean']:>8.3f}{row['agreement']:>8.0%}"
-                   f"{row['ttft_saving']:>12.0%}")
+                   f"{row['ttft_saving']:>12.0%}  {row['questions']:>9}{stopped}")
     for n, choice in doc["choices"].items():
         typer.echo(f"{n} cubes -> {choice['mode']}: {choice['reason']}")
     typer.echo(f"wrote {doc['path']}")

@@ -6,7 +6,9 @@ each), it measures against a full prefill of the same ids:
 
 - KL: mean next-token KL(full || composed) in nats, teacher-forced along the full prefill's greedy answer
   (``answer_tokens`` tokens), averaged over questions;
-- agreement: the fraction of questions whose greedy answer equals the full prefill's, token for token;
+- agreement: the fraction of questions whose greedy answer equals the full prefill's, token for token (read off
+  the teacher-forced logits: the composed greedy answer is the full prefill's exactly when each forced position's
+  argmax is the full prefill's token, so only the full prefill's answer is decoded);
 - TTFT: `kvmem.prefill` plus the question's forward, against the full prefill's forward over the same ids (the
   memory's ids, then the question's: transformers' prefix reuse, the same computation; medians).
 
@@ -24,6 +26,7 @@ import json
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +37,7 @@ from ..errors import CubeError
 from ..model.cache import cache_kwarg, output_cache
 from ..model.devices import dtype_device
 from ..model.facts import eval_mode
-from ..timing import FirstTokenClock, sync
+from ..timing import sync
 from .gate import CALIBRATION_VERSION, DEFAULT_TARGET, Target, calibration_path, choose, label
 from .prefill import prefill
 
@@ -123,7 +126,8 @@ def invented_questions(sets_facts: list[list], rng: random.Random, n: int) -> li
     return out
 
 
-def _query_ids(tokenizer, question: str) -> torch.Tensor:
+def query_ids(tokenizer, question: str) -> torch.Tensor:
+    """[q] the ids of a calibration question as it follows the cubes: "\\nQuestion: ...\\nAnswer:"."""
     return torch.tensor(tokenizer(f"\nQuestion: {question}\nAnswer:", add_special_tokens=False).input_ids)
 
 
@@ -133,22 +137,49 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
-def _generate(model, ids: torch.Tensor, cache, n: int, pad: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(greedy tokens [n'], their logits [n', vocab], seconds to the first token's logits)."""
-    clock = FirstTokenClock().start()
-    extra = {cache_kwarg(model): cache} if cache is not None else {}
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                         return_dict_in_generate=True, output_logits=True, pad_token_id=pad,
-                         logits_processor=[clock], **extra)
-    return out.sequences[0, ids.shape[1]:], torch.stack(out.logits)[:, 0], clock.ttft_s
+def _eos_ids(model) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
 
-def _teacher_forced(model, cache, query: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-    """[len(answer), vocab]: the logits predicting each answer token, ``query`` then ``answer`` run over ``cache``."""
-    ids = torch.cat([query, answer[:-1]])[None]
+def _forward(model, cache, ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """[keep, vocab]: the last ``keep`` logits of ``ids`` [n] run over ``cache`` (which grows by n)."""
     with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=answer.numel(), **{cache_kwarg(model): cache})
+        out = model(input_ids=ids[None], use_cache=True, logits_to_keep=keep, **{cache_kwarg(model): cache})
     return out.logits[0]
+
+
+def _timed_first(model, cache, query: torch.Tensor, device) -> tuple[torch.Tensor, float]:
+    """(the logits after ``query`` [vocab], seconds of the query's forward over ``cache``: the first token's time)."""
+    sync(device)
+    t0 = time.perf_counter()
+    logits = _forward(model, cache, query, 1)[-1]
+    sync(device)
+    return logits, time.perf_counter() - t0
+
+
+def _greedy(model, cache, query: torch.Tensor, n: int, eos: set[int], device):
+    """The greedy answer after ``query`` over ``cache``: (tokens [n'], their logits [n', vocab], seconds to the
+    first token's logits). Raw argmax, as generate(do_sample=False) without logits processors; stops after EOS."""
+    logits, ttft = _timed_first(model, cache, query, device)
+    tokens, rows = [], []
+    while True:
+        token = logits.argmax()
+        tokens.append(token)
+        rows.append(logits)
+        if len(tokens) == n or int(token) in eos:
+            break
+        logits = _forward(model, cache, token[None], 1)[-1]
+    return torch.stack(tokens), torch.stack(rows), ttft
+
+
+def _forced(model, cache, query: torch.Tensor, answer: torch.Tensor, device) -> tuple[torch.Tensor, float]:
+    """([len(answer), vocab] the logits predicting each answer token, ``query`` then ``answer`` run over ``cache``
+    (teacher-forced); seconds to the first of them, the query's forward alone, as a request's first token)."""
+    first, ttft = _timed_first(model, cache, query, device)
+    if answer.numel() == 1:
+        return first[None], ttft
+    return torch.cat([first[None], _forward(model, cache, answer[:-1], answer.numel() - 1)]), ttft
 
 
 def _adjust(prefix, model, ape, query: torch.Tensor):
@@ -159,8 +190,28 @@ def _adjust(prefix, model, ape, query: torch.Tensor):
     return prefix.adjusted(model, temperature=t, scale=s, decode=decode, query_len=query.numel())
 
 
-def _measure_set(model, cubes, queries, settings, *, answer_tokens: int, pad: int, device) -> list[dict]:
-    """Per setting, per question: KL, agreement and TTFT of the composed prefix against the full prefill."""
+def _fails(rows: list[dict], total: int, target: Target) -> bool:
+    """Whether ``rows`` (some of a setting's ``total`` questions) already miss ``target`` whatever the rest
+    measure: KL is >= 0, so a sum above the target's share cannot average below it; the misses so far cap the
+    agreement."""
+    misses = sum(not r["same"] for r in rows)
+    return sum(r["kl"] for r in rows) > target.kl * total or (total - misses) / total < target.agreement
+
+
+def _all_fail(failed: dict | None, settings, total: int, target: Target) -> bool:
+    """Whether every setting already misses ``target`` at this count (stopping early): a set would measure nothing."""
+    return failed is not None and all(_fails(failed.get(s, []), total, target) for s in settings)
+
+
+def _measure_set(model, cubes, queries, settings, *, answer_tokens: int, device, eos: set[int],
+                 failed: dict | None = None, total: int = 0, target: Target = DEFAULT_TARGET) -> list[dict]:
+    """Per setting, per question: KL, agreement and TTFT of the composed prefix against the full prefill.
+
+    The full prefill's greedy answer is decoded once per question; each setting is then teacher-forced along it
+    (one forward of the question, one of the answer): its greedy answer equals the full prefill's exactly when
+    every forced position's argmax is the full prefill's token, so no composed answer is decoded. ``failed``
+    (setting -> its rows so far for this count): settings whose rows already miss ``target`` over ``total``
+    questions are not measured again (stopped early; the row says so)."""
     prefix_ids = torch.cat([cubes[0].anchor_ids[0]] + [c.input_ids[0] for c in cubes]).to(device)[None]
     # the full prefill in two steps, the memory's ids then each question (transformers' own prefix reuse: the same
     # computation up to float rounding), timed as the sum: one long forward per set instead of one per question
@@ -172,15 +223,18 @@ def _measure_set(model, cubes, queries, settings, *, answer_tokens: int, pad: in
     memory_s = time.perf_counter() - t0
     full = []
     for q in queries:
-        tokens, logits, ttft = _generate(model, torch.cat([prefix_ids[0], q.to(device)])[None],
-                                         copy.deepcopy(memory), answer_tokens, pad)
+        tokens, logits, ttft = _greedy(model, copy.deepcopy(memory), q.to(device), answer_tokens, eos, device)
         full.append((tokens, logits, memory_s + ttft))
+    del memory
     rows = []
     for setting in settings:
         mode, budget, *rest = setting
         ape = rest[0] if rest else None
         prefix = None
+        done = failed.setdefault(setting, []) if failed is not None else []
         for q, (tokens, logits, full_ttft) in zip(queries, full):
+            if failed is not None and _fails(done, total, target):
+                break  # stopped early: this setting cannot meet the target at this count any more
             q = q.to(device)
             if prefix is None or mode == "query":  # "query" reads the question: one prefill per question
                 sync(device)
@@ -189,20 +243,18 @@ def _measure_set(model, cubes, queries, settings, *, answer_tokens: int, pad: in
                 sync(device)
                 prefill_s = time.perf_counter() - t0
             with _adjust(prefix, model, ape, q):
-                got, got_logits, ttft = _generate(model, prefix.extend(q), copy.deepcopy(prefix.cache),
-                                                  answer_tokens, pad)
-                same = got.shape == tokens.shape and bool(torch.equal(got, tokens))
-                # the same answer: generate's own logits were teacher-forced along the full prefill's tokens already
-                forced = got_logits if same else _teacher_forced(model, copy.deepcopy(prefix.cache), q, tokens)
-            n = min(got.numel(), tokens.numel())
-            rows.append({"mode": mode, "budget": budget, "ape": list(ape) if ape else None, "kl": _kl(logits, forced),
-                         "same": same, "token_agreement": float((got[:n] == tokens[:n]).float().mean()) if n else 0.0,
-                         "ttft_s": prefill_s + ttft, "full_ttft_s": full_ttft, "recomputed": prefix.recomputed,
-                         "tokens": prefix.num_tokens})
+                forced, ttft = _forced(model, copy.deepcopy(prefix.cache), q, tokens, device)
+            top1 = forced.argmax(-1) == tokens
+            row = {"mode": mode, "budget": budget, "ape": list(ape) if ape else None, "kl": _kl(logits, forced),
+                   "same": bool(top1.all()), "top1_agreement": float(top1.float().mean()),
+                   "ttft_s": prefill_s + ttft, "full_ttft_s": full_ttft, "recomputed": prefix.recomputed,
+                   "tokens": prefix.num_tokens}
+            rows.append(row)
+            done.append(row)
     return rows
 
 
-def _summarise(n_cubes: int, per_question: list[dict], settings) -> list[dict]:
+def _summarise(n_cubes: int, per_question: list[dict], settings, total: int) -> list[dict]:
     out = []
     for setting in settings:
         mode, budget, *rest = setting
@@ -212,24 +264,59 @@ def _summarise(n_cubes: int, per_question: list[dict], settings) -> list[dict]:
         out.append({"cubes": n_cubes, "mode": mode, "budget": budget, "ape": ape, "label": setting_label(setting),
                     "kl_mean": statistics.fmean(r["kl"] for r in rows), "kl_max": max(r["kl"] for r in rows),
                     "agreement": statistics.fmean(r["same"] for r in rows),
-                    "token_agreement": statistics.fmean(r["token_agreement"] for r in rows),
+                    "top1_agreement": statistics.fmean(r["top1_agreement"] for r in rows),
                     "ttft_s": ttft, "full_ttft_s": full, "ttft_saving": 1 - ttft / full if full else 0.0,
                     "recomputed_tokens": statistics.median(r["recomputed"] for r in rows),
-                    "prefix_tokens": statistics.median(r["tokens"] for r in rows), "questions": len(rows)})
+                    "prefix_tokens": statistics.median(r["tokens"] for r in rows), "questions": len(rows),
+                    # fewer questions than the count's: stopped once it could no longer meet the target
+                    "stopped_early": len(rows) < total})
     return out
+
+
+def read_cases(path) -> list[tuple[list[str], list[str]]]:
+    """The cube sets of a JSON file, for ``calibrate(cases=...)``: ``[{"documents": [str, ...], "questions": [str,
+    ...]}, ...]``, one cube per document (in order, at least 2), questions whose evidence is in them. Returns
+    [(documents, questions)]; a missing, unreadable or malformed file is a CubeError saying where and how to fix."""
+    path = Path(path)
+    shape = ('[{"documents": ["first text", "second text"], "questions": ["a question about them"]}, ...]')
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CubeError(f"cases file {path} does not exist: pass a JSON file like {shape}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CubeError(f"cannot read cases file {path} ({exc}): pass a UTF-8 JSON file like {shape}") from None
+    except ValueError as exc:
+        raise CubeError(f"cases file {path} is not JSON ({exc}): write it like {shape}") from None
+    if not isinstance(data, list) or not data:
+        raise CubeError(f"cases file {path} must hold a non-empty JSON list of cube sets, like {shape}")
+    cases = []
+    for i, case in enumerate(data):
+        if not isinstance(case, dict) or set(case) != {"documents", "questions"}:
+            raise CubeError(f"cases file {path}, set {i}: must be an object with exactly the keys \"documents\" and "
+                            f"\"questions\", like {shape}")
+        for key, least in (("documents", 2), ("questions", 1)):
+            value = case[key]
+            if not isinstance(value, list) or len(value) < least or not all(
+                    isinstance(t, str) and t.strip() for t in value):
+                why = " (one cube each; one cube is exact, so nothing to measure)" if least > 1 else ""
+                raise CubeError(f"cases file {path}, set {i}: \"{key}\" must be a list of at least {least} non-empty "
+                                f"strings{why}")
+        cases.append((list(case["documents"]), list(case["questions"])))
+    return cases
 
 
 def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 8), settings=DEFAULT_SETTINGS,
               tokens_per_cube: int = 384, sets: int = 2, questions: int = 3, answer_tokens: int = 12,
               anchor: str | None = None, folder=None, target: Target = DEFAULT_TARGET, save: bool = True,
-              seed: int = 0, progress: bool = True, cases: list | None = None) -> dict:
+              seed: int = 0, progress: bool = True, cases: list | None = None, stop_early: bool = True) -> dict:
     """Measure composed vs full prefill on ``model`` and save the calibration the composition gate reads.
 
     Args:
         model, tokenizer: the transformers model (in the dtype you serve it in) and its tokenizer.
         texts: documents to compose, one cube each (split them where you would: by document, by chat session);
-            None: invented multi-paragraph team notes of ``tokens_per_cube`` tokens each. Questions are generic
-            for your texts and about a later cube's facts (some spanning two cubes) for the invented ones.
+            None: invented multi-paragraph team notes of ``tokens_per_cube`` tokens each (set s of a smaller
+            count is the first cubes of set s of the largest). Questions are generic for your texts and about a
+            later cube's facts (some spanning two cubes) for the invented ones.
         cubes: the cube counts to measure (the gate uses the smallest measured count >= a request's).
         settings: (mode, budget) pairs of `kvmem.prefill` to measure, or (mode, budget, (temperature, scale,
             decode)) with the APE adjustment (`kvmem.inject.prefill.Prefix.adjusted`; `APE_SETTINGS`), which the
@@ -244,10 +331,14 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
         cases: instead of ``texts``: explicit cube sets with their own questions, ``[(documents, questions)]``
             (one cube per document, in order; questions whose evidence is in them, e.g. across two of them);
             the counts measured are the sets' lengths (``cubes``, ``sets`` and ``questions`` are then unused).
+        stop_early: stop measuring a setting at a count once its questions so far miss ``target`` whatever the
+            rest would measure (its row then says ``stopped_early`` and averages the questions measured), and
+            skip a count's remaining sets once every setting has stopped; the gate's choice is the same, the
+            calibration faster. False: every setting on every question (the bench).
 
     Returns:
         The calibration document: {"version", "fingerprint", "dtype", "model", "created", "target", "rows": [one
-        per count and setting: cubes, mode, budget, kl_mean, kl_max, agreement, token_agreement, ttft_s,
+        per count and setting: cubes, mode, budget, kl_mean, kl_max, agreement, top1_agreement, ttft_s,
         full_ttft_s, ttft_saving, ...], "choices": {count: the gate's choice}, "path"}.
     """
     if cases is not None:
@@ -268,40 +359,49 @@ def calibrate(model, tokenizer, *, texts: list[str] | None = None, cubes=(2, 4, 
                         f"texts or smaller counts (cubes=...)")
     rng = random.Random(seed)
     _, device = dtype_device(model)
-    pad = next((v for v in (tokenizer.pad_token_id, tokenizer.eos_token_id) if v is not None), 0)
+    # where generate(do_sample=False) would stop: the generation config's EOS, else the tokenizer's
+    eos = _eos_ids(model) or ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     fields = fingerprint_fields(model, tokenizer)
-    built: dict[int, MemCube] = {}
-    given: dict[str, MemCube] = {}  # cases' cubes by text: a document in several sets is encoded once
+    given: dict[str, MemCube] = {}  # cubes by text: a document in several sets is encoded once
+
+    def _cubes(docs: list[str]) -> list[MemCube]:
+        return [given.get(t) or given.setdefault(t, MemCube.from_text(model, tokenizer, t, anchor=anchor,
+                                                                      progress=False)) for t in docs]
+
+    invented: dict[int, list] = {}  # set -> invented documents of the largest count
     per_count = []
-    bar = tqdm(total=len(counts) * sets if cases is None else len(cases), desc="kvmem: calibrate", unit="set", disable=not progress)
+    bar = tqdm(total=len(counts) * sets if cases is None else len(cases), desc="kvmem: calibrate", unit="set",
+               disable=not progress)
     with eval_mode(model):
         for n in counts:
-            per_question = []
+            per_question, failed = [], {} if stop_early else None
+            total = sets * questions if cases is None else sum(len(c[1]) for c in cases if len(c[0]) == n)
             for s in range(sets if cases is None else 0):
                 if texts is None:
-                    docs = invented_documents(tokenizer, n, tokens_per_cube, seed=seed * 1000 + n * 10 + s)
-                    qs = invented_questions([f for _, f in docs], rng, questions)
-                    chosen = [t for t, _ in docs]
-                    cube_set = [MemCube.from_text(model, tokenizer, t, anchor=anchor, progress=False) for t in chosen]
+                    # set s of every count is the first n documents of one set of the largest count: each
+                    # document is encoded once (a cube does not depend on what it is later composed with)
+                    if s not in invented:
+                        invented[s] = invented_documents(tokenizer, counts[-1], tokens_per_cube, seed=seed * 1000 + s)
+                    docs = [t for t, _ in invented[s][:n]]
+                    qs = invented_questions([f for _, f in invented[s][:n]], rng, questions)
                 else:
                     start = (s * n) % len(texts)
-                    idx = [(start + i) % len(texts) for i in range(n)]
-                    cube_set = [built.get(i) or built.setdefault(i, MemCube.from_text(
-                        model, tokenizer, texts[i], anchor=anchor, progress=False)) for i in idx]
+                    docs = [texts[(start + i) % len(texts)] for i in range(n)]
                     qs = ["What is the last document about?", "Summarise the first document in one sentence.",
                           "Which details do the documents above share?"][:questions] * (1 + questions // 3)
                     qs = qs[:questions]
-                queries = [_query_ids(tokenizer, q) for q in qs]
-                per_question += _measure_set(model, cube_set, queries, settings, answer_tokens=answer_tokens,
-                                             pad=pad, device=device)
+                if not _all_fail(failed, settings, total, target):  # else: nothing left to measure at this count
+                    per_question += _measure_set(model, _cubes(docs), [query_ids(tokenizer, q) for q in qs], settings,
+                                                 answer_tokens=answer_tokens, device=device, eos=eos, failed=failed,
+                                                 total=total, target=target)
                 bar.update(1)
             for docs, qs in (c for c in cases or () if len(c[0]) == n):
-                cube_set = [given.get(t) or given.setdefault(t, MemCube.from_text(
-                    model, tokenizer, t, anchor=anchor, progress=False)) for t in docs]
-                per_question += _measure_set(model, cube_set, [_query_ids(tokenizer, q) for q in qs], settings,
-                                             answer_tokens=answer_tokens, pad=pad, device=device)
+                if not _all_fail(failed, settings, total, target):
+                    per_question += _measure_set(model, _cubes(docs), [query_ids(tokenizer, q) for q in qs], settings,
+                                                 answer_tokens=answer_tokens, device=device, eos=eos, failed=failed,
+                                                 total=total, target=target)
                 bar.update(1)
-            per_count += _summarise(n, per_question, settings)
+            per_count += _summarise(n, per_question, settings, total)
     bar.close()
     dtype, _ = dtype_device(model)
     doc = {"version": CALIBRATION_VERSION, "fingerprint": fingerprint_id(fields),

@@ -122,8 +122,10 @@ def choose(calibration: dict, n_cubes: int, *, target: Target = DEFAULT_TARGET, 
     # rows measured with the APE attention adjustment are reported, never picked: it lives in generate, not prefill
     rows = [r for r in calibration["rows"] if r["cubes"] == at and (modes is None or r["mode"] in modes)
             and not r.get("ape")]
+    # a row stopped early (kvmem.calibrate(stop_early=True)) already missed the target on part of the questions
+    candidates = [r for r in rows if not r.get("stopped_early")]
     # a setting that meets the target but costs a full prefill's time or more saves nothing over text: not chosen
-    passing = sorted((r for r in rows if target.met_by(r) and r["ttft_saving"] > 0), key=lambda r: r["ttft_s"])
+    passing = sorted((r for r in candidates if target.met_by(r) and r["ttft_saving"] > 0), key=lambda r: r["ttft_s"])
     if passing:
         r = passing[0]
         return Choice(r["mode"], r["budget"], f"calibrated: at {at} cubes {label(r['mode'], r['budget'])} measured KL "
