@@ -114,7 +114,8 @@ def run(args) -> dict:
     model, tok = _common.load_model("smollm2")
     facts = _common.machine_facts(model=model, packages=("torch", "transformers", "peft", "kvmem"),
                                   facts=args.facts, steps=args.steps, time_budget=args.time_budget, rank=args.rank,
-                                  lr=args.lr, answer_tokens=args.answer_tokens, questions=args.questions,
+                                  lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
+                                  answer_tokens=args.answer_tokens, questions=args.questions,
                                   content_weight=args.content_weight, keep_share=args.keep_share, seed=args.seed)
     mm = kvmem.wrap(model, tok)
     merged = kvmem.wrap(model, tok, merge_adapters=True)  # same base model, adapters served merged
@@ -124,7 +125,8 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp, _common.OtherLoad() as load:
         t0 = time.perf_counter()
         adapter = kvmem.distill(mm.adapters.base, tok, texts, steps=args.steps, time_budget=args.time_budget,
-                                rank=args.rank, lr=args.lr, max_answer_tokens=args.answer_tokens,
+                                rank=args.rank, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
+                                max_answer_tokens=args.answer_tokens,
                                 questions_per_memory=args.questions, content_weight=args.content_weight,
                                 keep_share=args.keep_share, seed=args.seed, checkpoint_dir=Path(tmp) / "ckpt",
                                 progress=True)
@@ -229,7 +231,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps at most (--time-budget may stop first)")
     parser.add_argument("--time-budget", type=float, default=480, help="seconds for the whole distillation")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"))
+    parser.add_argument("--warmup", type=float, default=0.05, help="share of the run warming the lr up")
     parser.add_argument("--questions", type=int, default=16, help="generated questions per memory")
     parser.add_argument("--content-weight", type=float, default=3.0, help="loss weight of the memory's tokens")
     parser.add_argument("--keep-share", type=float, default=0.2, help="share of unrelated (keep) prompts")
