@@ -133,12 +133,14 @@ def run(args) -> dict:
         distill_s = time.perf_counter() - t0
     run_facts = adapter.meta["distill"]
     distill_row = {"kind": "distill", "facts": args.facts, "wall_s": distill_s, "steps": run_facts["steps"],
-                   "stopped": run_facts["stopped"],
+                   "stopped": run_facts["stopped"], "teacher_s": run_facts["teacher_seconds"],
+                   "train_s": run_facts["train_seconds"], "steps_per_s": run_facts["steps_per_s"],
                    "examples": run_facts["examples"], "keep_examples": run_facts["keep_examples"],
                    "loss_first": run_facts["losses"][0], "loss_last": run_facts["losses"][-1],
                    "losses": run_facts["losses"], "other_cores": load.cores, "loadavg_after": _common.loadavg(),
                    "target_s": 600, "met": distill_s < 600}
-    print(f"distilled {args.facts} facts in {distill_s:.0f} s ({run_facts['steps']} steps, loss "
+    print(f"distilled {args.facts} facts in {distill_s:.0f} s (teacher {run_facts['teacher_seconds']:.0f} s, "
+          f"{run_facts['steps']} steps at {run_facts['steps_per_s']} steps/s, loss "
           f"{run_facts['losses'][0]:.3f} -> {run_facts['losses'][-1]:.3f}; other processes used "
           f"{load.cores} cores)", flush=True)
 

@@ -45,6 +45,8 @@ def test_runs_the_steps_and_the_loss_falls(run):
     assert facts["steps"] == 8 and len(facts["losses"]) == 8 and facts["stopped"] == "steps"
     assert facts["losses"][-1] < 0.5 * facts["losses"][0], facts["losses"]
     assert facts["memories"] == 2 and facts["examples"] >= 4 and facts["keep_examples"] == 1
+    assert facts["teacher_seconds"] + facts["train_seconds"] <= facts["seconds"] + 1e-3
+    assert facts["steps_per_s"] == pytest.approx(8 / facts["train_seconds"], rel=1e-3)
 
 
 def test_the_model_comes_back_unchanged(run):
@@ -134,7 +136,8 @@ def test_fingerprinted_to_its_base(run, tmp_path):
 
 def test_resume_equals_the_uninterrupted_run(tok, tmp_path):
     model = tiny_model("llama")
-    options = dict(FAST, batch_size=2, lr=1e-2, seed=3, checkpoint_every=2)
+    # constant lr: the "interrupted" run below is a 3-step run, whose cosine schedule would differ from 6 steps'
+    options = dict(FAST, batch_size=2, lr=1e-2, seed=3, checkpoint_every=2, lr_schedule="constant")
     whole = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "a", **options)
     kvmem.distill(model, tok, MEMORIES, steps=3, checkpoint_dir=tmp_path / "b", **options)  # "interrupted" at 3
     resumed = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "b", resume=True, **options)
@@ -142,6 +145,30 @@ def test_resume_equals_the_uninterrupted_run(tok, tmp_path):
     assert resumed.state_dict.keys() == whole.state_dict.keys()
     for key, value in whole.state_dict.items():
         assert torch.equal(resumed.state_dict[key], value), key
+    # interrupted for real (an exception in step 5) under the default cosine schedule: the checkpoint of step 4
+    # resumes with the schedule of the same 6 steps
+    import kvmem.evolve.distill as distill_module
+
+    cosine = dict(options, lr_schedule="cosine")
+    whole_cosine = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "d", **cosine)
+    calls, real_loss = [], distill_module.kl_loss
+
+    def failing_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    distill_module.kl_loss = failing_loss
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "e", **cosine)
+    finally:
+        distill_module.kl_loss = real_loss
+    resumed_cosine = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "e", resume=True,
+                                   **cosine)
+    assert resumed_cosine.digest == whole_cosine.digest
+    assert resumed_cosine.meta["distill"]["losses"] == whole_cosine.meta["distill"]["losses"]
     fresh = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "c", resume=True, **options)
     assert fresh.digest == whole.digest  # resume with no checkpoint yet starts from step 0
     with pytest.raises(kvmem.CubeError, match="another distillation"):

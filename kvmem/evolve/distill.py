@@ -386,6 +386,7 @@ def _train(student, model, examples, texts, sources, *, key, steps, time_budget,
         peft.set_peft_model_state_dict(student, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         step, losses = state["step"], state["losses"]
+    first_step = step
 
     def save():
         if checkpoint_dir is not None:
@@ -426,7 +427,10 @@ def _train(student, model, examples, texts, sources, *, key, steps, time_budget,
     cube = AdapterCube.from_peft(student, name or f"distilled-{len(texts)}-memories", base_model=model)
     meta = cube.meta
     meta[DERIVED_KEY] = sources
+    train_s = time.monotonic() - t_train
     meta["distill"] = {"steps": step, "stopped": stopped, "seconds": round(time.monotonic() - t0, 3),
+                       "teacher_seconds": round(t_train - t0, 3), "train_seconds": round(train_s, 3),
+                       "steps_per_s": round((step - first_step) / train_s, 4) if train_s > 0 else None,
                        "losses": losses, "memories": len(texts),
                        "examples": sum(e.source >= 0 for e in examples),
                        "keep_examples": len({id(e) for e in examples if e.source < 0}),
