@@ -234,7 +234,7 @@ def main(argv=None) -> None:
     parser.add_argument("--time-budget", type=float, default=480, help="seconds for the whole distillation")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"))
+    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
     parser.add_argument("--warmup", type=float, default=0.05, help="share of the run warming the lr up")
     parser.add_argument("--questions", type=int, default=16, help="generated questions per memory")
     parser.add_argument("--content-weight", type=float, default=3.0, help="loss weight of the memory's tokens")

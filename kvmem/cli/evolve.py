@@ -35,8 +35,8 @@ def distill(
     rank: int = typer.Option(8, help="LoRA rank."),
     seed: int = typer.Option(0, help="Seed (questions, LoRA init, batch order)."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW)."),
-    lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="cosine (warm-up, then decay to lr/10) or "
-                                    "constant."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine (warm-up, then decay "
+                                    "to lr/10)."),
     warmup: float = typer.Option(0.05, help="Share of the run spent warming the learning rate up."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per optimizer step."),
     questions: int = typer.Option(16, help="Questions generated per memory (the teacher answers each)."),
