@@ -114,7 +114,8 @@ def run(args) -> dict:
     model, tok = _common.load_model("smollm2")
     facts = _common.machine_facts(model=model, packages=("torch", "transformers", "peft", "kvmem"),
                                   facts=args.facts, steps=args.steps, time_budget=args.time_budget, rank=args.rank,
-                                  lr=args.lr, answer_tokens=args.answer_tokens, questions=args.questions,
+                                  lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
+                                  answer_tokens=args.answer_tokens, questions=args.questions,
                                   content_weight=args.content_weight, keep_share=args.keep_share, seed=args.seed)
     mm = kvmem.wrap(model, tok)
     merged = kvmem.wrap(model, tok, merge_adapters=True)  # same base model, adapters served merged
@@ -124,19 +125,22 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp, _common.OtherLoad() as load:
         t0 = time.perf_counter()
         adapter = kvmem.distill(mm.adapters.base, tok, texts, steps=args.steps, time_budget=args.time_budget,
-                                rank=args.rank, lr=args.lr, max_answer_tokens=args.answer_tokens,
+                                rank=args.rank, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
+                                max_answer_tokens=args.answer_tokens,
                                 questions_per_memory=args.questions, content_weight=args.content_weight,
                                 keep_share=args.keep_share, seed=args.seed, checkpoint_dir=Path(tmp) / "ckpt",
                                 progress=True)
         distill_s = time.perf_counter() - t0
     run_facts = adapter.meta["distill"]
     distill_row = {"kind": "distill", "facts": args.facts, "wall_s": distill_s, "steps": run_facts["steps"],
-                   "stopped": run_facts["stopped"],
+                   "stopped": run_facts["stopped"], "teacher_s": run_facts["teacher_seconds"],
+                   "train_s": run_facts["train_seconds"], "steps_per_s": run_facts["steps_per_s"],
                    "examples": run_facts["examples"], "keep_examples": run_facts["keep_examples"],
                    "loss_first": run_facts["losses"][0], "loss_last": run_facts["losses"][-1],
                    "losses": run_facts["losses"], "other_cores": load.cores, "loadavg_after": _common.loadavg(),
                    "target_s": 600, "met": distill_s < 600}
-    print(f"distilled {args.facts} facts in {distill_s:.0f} s ({run_facts['steps']} steps, loss "
+    print(f"distilled {args.facts} facts in {distill_s:.0f} s (teacher {run_facts['teacher_seconds']:.0f} s, "
+          f"{run_facts['steps']} steps at {run_facts['steps_per_s']} steps/s, loss "
           f"{run_facts['losses'][0]:.3f} -> {run_facts['losses'][-1]:.3f}; other processes used "
           f"{load.cores} cores)", flush=True)
 
@@ -229,7 +233,9 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps at most (--time-budget may stop first)")
     parser.add_argument("--time-budget", type=float, default=480, help="seconds for the whole distillation")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
+    parser.add_argument("--warmup", type=float, default=0.05, help="share of the run warming the lr up")
     parser.add_argument("--questions", type=int, default=16, help="generated questions per memory")
     parser.add_argument("--content-weight", type=float, default=3.0, help="loss weight of the memory's tokens")
     parser.add_argument("--keep-share", type=float, default=0.2, help="share of unrelated (keep) prompts")

@@ -45,6 +45,8 @@ def test_runs_the_steps_and_the_loss_falls(run):
     assert facts["steps"] == 8 and len(facts["losses"]) == 8 and facts["stopped"] == "steps"
     assert facts["losses"][-1] < 0.5 * facts["losses"][0], facts["losses"]
     assert facts["memories"] == 2 and facts["examples"] >= 4 and facts["keep_examples"] == 1
+    assert facts["teacher_seconds"] + facts["train_seconds"] <= facts["seconds"] + 1e-3
+    assert facts["steps_per_s"] == pytest.approx(8 / facts["train_seconds"], rel=1e-3)
 
 
 def test_the_model_comes_back_unchanged(run):
@@ -134,7 +136,8 @@ def test_fingerprinted_to_its_base(run, tmp_path):
 
 def test_resume_equals_the_uninterrupted_run(tok, tmp_path):
     model = tiny_model("llama")
-    options = dict(FAST, batch_size=2, lr=1e-2, seed=3, checkpoint_every=2)
+    # constant lr: the "interrupted" run below is a 3-step run, whose cosine schedule would differ from 6 steps'
+    options = dict(FAST, batch_size=2, lr=1e-2, seed=3, checkpoint_every=2, lr_schedule="constant")
     whole = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "a", **options)
     kvmem.distill(model, tok, MEMORIES, steps=3, checkpoint_dir=tmp_path / "b", **options)  # "interrupted" at 3
     resumed = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "b", resume=True, **options)
@@ -142,6 +145,30 @@ def test_resume_equals_the_uninterrupted_run(tok, tmp_path):
     assert resumed.state_dict.keys() == whole.state_dict.keys()
     for key, value in whole.state_dict.items():
         assert torch.equal(resumed.state_dict[key], value), key
+    # interrupted for real (an exception in step 5) under the cosine schedule: the checkpoint of step 4
+    # resumes with the schedule of the same 6 steps
+    import kvmem.evolve.distill as distill_module
+
+    cosine = dict(options, lr_schedule="cosine")
+    whole_cosine = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "d", **cosine)
+    calls, real_loss = [], distill_module.kl_loss
+
+    def failing_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    distill_module.kl_loss = failing_loss
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "e", **cosine)
+    finally:
+        distill_module.kl_loss = real_loss
+    resumed_cosine = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "e", resume=True,
+                                   **cosine)
+    assert resumed_cosine.digest == whole_cosine.digest
+    assert resumed_cosine.meta["distill"]["losses"] == whole_cosine.meta["distill"]["losses"]
     fresh = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "c", resume=True, **options)
     assert fresh.digest == whole.digest  # resume with no checkpoint yet starts from step 0
     with pytest.raises(kvmem.CubeError, match="another distillation"):
@@ -174,6 +201,8 @@ def test_lineage_of_store_records(tok, tmp_path):
     (dict(steps=1, content_weight=0), "content_weight must be a number > 0"),
     (dict(steps=1, keep_share=1.0), "keep_share must be a number in"),
     (dict(steps=1, target_modules=["nope_proj"]), "not linear layers"),
+    (dict(steps=1, lr_schedule="linear"), "lr_schedule must be 'cosine' or 'constant'"),
+    (dict(steps=1, warmup=1.0), "warmup must be a share"),
     (dict(time_budget=1e-9), "time budget .* ran out"),
 ])
 def test_bad_arguments(tok, kwargs, match):
@@ -232,6 +261,31 @@ def test_every_attribute_is_asked_both_ways():
     assert any(q.startswith(("Who ", "Which person ", "Name the person ")) for q in short)
 
 
+def test_facts_are_asked_in_other_words_and_frames():
+    """A stated relation is also asked with other words for it (where someone lives, what they work as) and in
+    several sentence frames; fact questions take most of a short budget, each attribute as many."""
+    from kvmem.evolve.questions import FACT_TURNS, make_questions
+
+    text = "Ann Berg lives in Oslo and works as a pilot."
+    every = set(make_questions(text, per_memory=200, seed=0))
+    assert {"Where is Ann Berg located?", "What is Ann Berg's job?", "Quick question: where does Ann Berg live?",
+            "Do you know this: what does Ann Berg work as?"} <= every
+    short = make_questions(text, per_memory=12, seed=3)
+    lives = [q for q in short if "Ann Berg" in q and ("live" in q or "located" in q or "place" in q)]
+    works = [q for q in short if "Ann Berg" in q and ("work" in q or "job" in q or "role" in q or "position" in q)]
+    assert FACT_TURNS > 1 and abs(len(lives) - len(works)) <= 1 and len(lives) + len(works) >= 2 * FACT_TURNS - 1
+
+
+def test_lr_schedule():
+    """Cosine: a linear warm-up to the peak, then a decay to a tenth; constant: the peak throughout."""
+    from kvmem.evolve.distill import lr_factor
+
+    factors = [lr_factor(i / 100, schedule="cosine", warmup=0.1) for i in range(101)]
+    assert factors[0] < 0.05 and factors[10] == pytest.approx(1.0) and factors[100] == pytest.approx(0.1)
+    assert factors[:10] == sorted(factors[:10]) and factors[10:] == sorted(factors[10:], reverse=True)
+    assert {lr_factor(p, schedule="constant", warmup=0.1) for p in (0, 0.5, 1)} == {1.0}
+
+
 def test_keep_share_and_content_weights(tok):
     """Keep prompts are repeated up to their share of the examples; answer tokens that state the memory weigh
     ``content_weight``, the rest 1, and the loss is the weighted mean of the per-token KL."""
@@ -273,7 +327,7 @@ def test_smollm2_learns_a_fact_the_base_does_not_know(smollm2):
     assert "glassblower" not in mm.answer(question, max_new_tokens=16).lower()
     assert "glassblower" in mm.answer(question, cubes=[mm.build_cube(fact)], max_new_tokens=16).lower()
     cube = kvmem.distill(mm.adapters.base, tokenizer, [fact], steps=30, lr=2e-3, seed=0, progress=False)
-    assert question not in make_questions(fact, per_memory=12, seed=0)  # the questions distil asked (seed 0)
+    assert question not in make_questions(fact, per_memory=16, seed=0)  # the questions distil asked (seed 0)
     assert "glassblower" in mm.answer(question, adapter=cube, max_new_tokens=16).lower()
     assert mm.adapter is None
 
@@ -288,12 +342,19 @@ def test_cli_distils_a_namespace_into_the_store(checkpoint, tmp_path):
     view.add("m0", MEMORIES[0])
     view.add("m1", MEMORIES[1])
     base = ["distill", "-n", "alice", "--store", str(tmp_path / "s"), "--model", str(checkpoint)]
-    result = runner.invoke(app, [*base, "--ids", "m1", "--steps", "2", "--rank", "2"])
+    result = runner.invoke(app, [*base, "--ids", "m1", "--steps", "2", "--rank", "2", "--content-weight", "2",
+                                 "--keep-share", "0.1", "--lr", "0.003", "--lr-schedule", "constant",
+                                 "--questions", "3", "--answer-tokens", "4", "--batch-size", "2"])
     assert result.exit_code == 0, result.output
     path = tmp_path / "s" / "adapters" / "alice.safetensors"
     assert f"wrote {path}: 1 memories learned in 2 steps" in result.output
     cube = kvmem.AdapterCube.load(path)
     assert [e["memory"] for e in cube.meta["derived_from"]] == ["alice/m1"] and cube.rank == 2
+    run = cube.meta["distill"]
+    assert (run["content_weight"], run["keep_share"], run["lr"], run["lr_schedule"]) == (2.0, 0.1, 0.003, "constant")
+    assert (run["questions_per_memory"], run["max_answer_tokens"], run["batch_size"]) == (3, 4, 2)
+    bad = runner.invoke(app, [*base, "--steps", "1", "--keep-share", "1.5"])
+    assert bad.exit_code == 1 and bad.output.startswith("kvmem: keep_share must be")
     out = tmp_path / "own.safetensors"
     assert runner.invoke(app, [*base, "--steps", "1", "-o", str(out)]).exit_code == 0
     assert len(kvmem.AdapterCube.load(out).meta["derived_from"]) == 2

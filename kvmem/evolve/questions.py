@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import random
 import re
+from itertools import zip_longest
 
 from ..errors import CubeError
 
@@ -44,6 +45,9 @@ _CLAUSE_SPLIT = re.compile(r",\s*(?:and\s+)?|\s+and\s+")
 
 # ``fact`` and ``reverse`` come first: a short budget (few questions per memory) still asks for every attribute
 KINDS = ("fact", "reverse", "about", "cloze", "blank", "what", "recall")
+# questions that ask for one stated value are what the student is later asked; they take this many turns of each
+# round (the other kinds one each)
+FACT_TURNS = 3
 
 
 def sentences(text: str) -> list[str]:
@@ -99,17 +103,42 @@ def attributes(text: str) -> list[tuple[str, str, str, str]]:
     return out
 
 
+# Other words for the relations personal memories state most (where someone lives, what they work as, what
+# they like): a question that names the relation differently makes the student learn the fact, not one wording
+# of it. A relation without an entry is still asked in every frame below with the text's own verb.
+_RELATION_WORDS = {
+    ("live", "in"): ["Where is {s} located?", "What place does {s} live in?", "Where can {s} be found?",
+                     "Which place is {s} from these days?"],
+    ("work", "as"): ["What is {s}'s job?", "What is the line of work of {s}?", "What role does {s} have at work?",
+                     "What position does {s} hold?"],
+    ("work", "at"): ["Where is {s} employed?", "Which employer does {s} have?"],
+    ("work", "for"): ["Who employs {s}?", "Which employer does {s} have?"],
+    ("like", ""): ["What is {s} fond of?"], ("love", ""): ["What is {s} fond of?"],
+    ("enjoy", ""): ["What is {s} fond of?", "What does {s} like doing?"],
+}
+# ways of putting the same question: what is learned should not hang on one sentence shape
+_FRAMES = ("Do you know this: {q}", "Quick question: {q}", "Can you tell me this: {q}", "I wonder, {q}")
+
+
+def _framed(question: str) -> list[str]:
+    """``question`` put in each of the `_FRAMES` ("Quick question: where does X live?")."""
+    return [frame.format(q=question[0].lower() + question[1:]) for frame in _FRAMES]
+
+
 def _attribute_questions(subject: str, verb: str, prep: str, value: str) -> tuple[list[str], list[str]]:
     """(questions whose answer is the value, questions whose answer is the entity) for one attribute."""
     base, tail = _base_verb(verb), f" {prep}" if prep else ""
+    direct = f"Where does {subject} {base}?" if prep in _PLACES else f"What does {subject} {base}{tail}?"
     forward = [f"What does {subject} {base}{tail}?", f"Complete this sentence: {subject} {verb}{tail} ...",
                f"{subject} {verb}{tail} what?", f"Tell me what {subject} {verb}{tail}."]
     if prep in _PLACES:
         forward += [f"Where does {subject} {base}?", f"{subject} {verb} {prep} which place?",
                     f"In which place does {subject} {base}?"]
+    forward += [q.format(s=subject) for q in _RELATION_WORDS.get((base, prep), [])]
+    forward += _framed(direct)
     reverse = [f"Who {verb}{tail} {value}?", f"Which person {verb}{tail} {value}?",
                f"Name the person who {verb}{tail} {value}."]
-    return forward, reverse
+    return list(dict.fromkeys(forward)), reverse
 
 
 def make_questions(text: str, *, per_memory: int = 12, seed: int = 0) -> list[str]:
@@ -133,22 +162,26 @@ def make_questions(text: str, *, per_memory: int = 12, seed: int = 0) -> list[st
         for i in [i for i, w in enumerate(words) if len(w.strip(".,!?")) > 3 and i >= 2]:
             blanked = words[:i] + ["___" + words[i][len(words[i].rstrip(".,!?")):]] + words[i + 1:]
             pools["blank"].append(f"Fill in the blank: {' '.join(blanked)}")
+    forwards = []
     for attribute in attributes(text):
         forward, reverse = _attribute_questions(*attribute)
-        pools["fact"] += forward
+        forwards.append(forward)
         pools["reverse"] += reverse
     for noun, name in _OF.findall(text):
         pools["what"] += [f"What is the {noun} of {name}?", f"What is {name}'s {noun}?"]
     for name, noun in _POSSESSIVE.findall(text):
         pools["what"] += [f"What is {name}'s {noun}?", f"What is the {noun} of {name}?"]
     pools["recall"] = ["What do you remember?"]
-    for pool in pools.values():
+    for pool in [*pools.values(), *forwards]:
         rng.shuffle(pool)
+    # the attributes take turns (each fact gets as many questions), popped from the end like the other pools
+    pools["fact"] = [q for turn in zip_longest(*forwards) for q in turn if q is not None][::-1]
     out: dict[str, None] = {}
     while len(out) < per_memory and any(pools.values()):
-        for kind in KINDS:  # round robin over kinds
-            if pools[kind] and len(out) < per_memory:
-                out[pools[kind].pop()] = None
+        for kind in KINDS:  # round robin over kinds, ``fact`` taking FACT_TURNS turns a round
+            for _ in range(FACT_TURNS if kind == "fact" else 1):
+                if pools[kind] and len(out) < per_memory:
+                    out[pools[kind].pop()] = None
     return list(out)
 
 
