@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CubeError
-from .format import FORMAT_VERSION, HEADER_PART, MAX_HEADER_BYTES, header_digest, part_digest, part_hasher
+from .format import (FORMAT_VERSION, HEADER_PART, MAX_HEADER_BYTES, header_digest, part_digest, part_hasher,
+                     read_error)
 from .memcube import FORMAT, CubeFacts, check_parts
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -125,12 +126,8 @@ class CubeFile(CubeFacts):
         path = Path(path)
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CubeError(f"no cube at {path}: check the path (build one with `kvmem build`)") from None
-        except IsADirectoryError:
-            raise CubeError(f"{path} is a folder, not a cube file") from None
         except OSError as exc:
-            raise CubeError(f"cannot read {path} ({exc}); check the disk, the path and its permissions") from None
+            raise read_error(path, exc) from None
         return cls.over(FileBytes(fd, path), where=path)
 
     @classmethod

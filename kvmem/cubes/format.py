@@ -226,15 +226,20 @@ def _read_file(path: Path) -> bytes:
                                 "reads pickles); rebuild the cube")
             f.seek(0)
             return f.read()
-    except FileNotFoundError:
-        raise CubeError(f"no cube at {path}: check the path (build one with `kvmem build`)") from None
-    except IsADirectoryError:
-        raise CubeError(f"{path} is a folder, not a cube file") from None
-    except PermissionError:
-        raise CubeError(f"permission denied reading {path}: the cube is not damaged, but this process may not "
-                        "read it; ask its owner for read access (e.g. chmod g+r)") from None
     except OSError as exc:
-        raise CubeError(f"cannot read {path} ({exc}); check the disk and the path, then retry") from None
+        raise read_error(path, exc) from None
+
+
+def read_error(path: Path, exc: OSError) -> CubeError:
+    """The CubeError for ``exc``, met opening or reading the cube file ``path`` (what is wrong and the fix)."""
+    if isinstance(exc, FileNotFoundError):
+        return CubeError(f"no cube at {path}: check the path (build one with `kvmem build`)")
+    if isinstance(exc, IsADirectoryError):
+        return CubeError(f"{path} is a folder, not a cube file")
+    if isinstance(exc, PermissionError):
+        return CubeError(f"permission denied reading {path}: the cube is not damaged, but this process may not "
+                         "read it; ask its owner for read access (e.g. chmod g+r)")
+    return CubeError(f"cannot read {path} ({exc}); check the disk and the path, then retry")
 
 
 def _header_metadata(data: bytes) -> dict:
