@@ -101,14 +101,19 @@ class RowsLayer:
         kv_cache[slot_mapping, 0], kv_cache[slot_mapping, 1] = key, value
 
 
+def _damage_last_tensor(path) -> None:
+    """Flip one bit near the end of the cube file: in the last tensor it holds, v of the last layer."""
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
 def test_the_loader_writes_file_layers_and_reports_a_damaged_one(cube, path):
     from kvmem.integrations.serving import FileKV
     from kvmem.integrations.vllm_pages import LayerWriter, Load
 
     cube.save(path)
-    raw = bytearray(path.read_bytes())
-    raw[-3] ^= 0x10  # the last tensor in the file: v of the last layer
-    path.write_bytes(bytes(raw))
+    _damage_last_tensor(path)
     f = CubeFile.open(path)
     heads, _, dim = cube.kv_shapes[0][0]
     layers = [(i, f"model.layers.{i}.attn", RowsLayer(heads, dim)) for i in range(f.num_layers)]
@@ -287,9 +292,7 @@ def test_a_damaged_part_read_into_the_blocks_is_a_load_error(cube, path):
     from kvmem.integrations.vllm_pages import LayerWriter, Load
 
     cube.save(path)
-    raw = bytearray(path.read_bytes())
-    raw[-3] ^= 0x10  # the last tensor in the file: v of the last layer
-    path.write_bytes(bytes(raw))
+    _damage_last_tensor(path)
     f = CubeFile.open(path)
     heads, total, dim = cube.kv_shapes[0][0]
     layers = [(i, f"model.layers.{i}.attn", CpuLikeLayer(heads, dim)) for i in range(f.num_layers)]
@@ -310,9 +313,7 @@ def test_read_part_into_fills_the_views_in_file_order(cube, path):
     assert torch.equal(buf.view(torch.float32).view(k.shape), k)
     with pytest.raises(kvmem.CubeError, match="buffers given take"):
         f.read_part_into("k.1", [memoryview(buf[:-1].numpy())])
-    raw = bytearray(path.read_bytes())
-    raw[-3] ^= 0x10
-    path.write_bytes(bytes(raw))
+    _damage_last_tensor(path)
     last = f"v.{f.num_layers - 1}"
     with pytest.raises(kvmem.CubeError, match="checksum mismatch"):
         CubeFile.open(path).read_part_into(last, [memoryview(buf[:cube.kv[-1][1].numel() * 4].numpy())])
