@@ -154,18 +154,14 @@ class BlockPlacement:
         junk = scratch.take(f"junk{which}", heads * (total - (hi - lo)) * row).numpy()
         used = 0
         views = []
-        first = int(slots[0]) % self.block_size
+        spans = list(self._spans(slots, hi - lo))
         for h in range(heads):
             if lo:
                 views.append(memoryview(junk[used:used + lo * row]))
                 used += lo * row
-            pos, b = 0, 0
-            while pos < hi - lo:
-                off = first if pos == 0 else 0
-                m = min(self.block_size - off, hi - lo - pos)
+            for b, off, m, _ in spans:
                 start = (offsets[h] + off * dim) * es
                 views.append(memoryview(raw[block_ids[b], start:start + m * row]))
-                pos, b = pos + m, b + 1
             if hi < total:
                 views.append(memoryview(junk[used:used + (total - hi) * row]))
                 used += (total - hi) * row
@@ -182,18 +178,22 @@ class BlockPlacement:
         src = t.view(_TORCH_WORDS[es]).numpy()  # a strided view (a window of a cube in memory) is read in place
         bs = self.block_size
         heads, n, dim = t.shape
-        pos, b = 0, 0
-        first = int(slots[0]) % bs
-        while pos < n:
-            off = first if b == 0 else 0
-            m = min(bs - off, n - pos)
+        for b, off, m, pos in self._spans(slots, n):
             block = words[block_ids[b]]
             for h in range(heads):
                 if form == "rows":
                     block[offsets[h] + off * dim:offsets[h] + (off + m) * dim] = src[h, pos:pos + m].reshape(-1)
                 else:
                     block[offsets[h]:offsets[h] + bs * dim].reshape(dim, bs)[:, off:off + m] = src[h, pos:pos + m].T
-            pos, b = pos + m, b + 1
+
+    def _spans(self, slots, n: int):
+        """Where ``n`` tokens at consecutive ``slots`` land: per block they fill, (its index among the request's
+        blocks, the offset of the first token in it, how many tokens, their position in the run)."""
+        off, pos, b = int(slots[0]) % self.block_size, 0, 0  # only the first block starts mid-way
+        while pos < n:
+            m = min(self.block_size - off, n - pos)
+            yield b, off, m, pos
+            off, pos, b = 0, pos + m, b + 1
 
 
 @dataclass
