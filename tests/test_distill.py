@@ -45,7 +45,8 @@ def test_runs_the_steps_and_the_loss_falls(run):
     assert facts["steps"] == 8 and len(facts["losses"]) == 8 and facts["stopped"] == "steps"
     assert facts["losses"][-1] < 0.5 * facts["losses"][0], facts["losses"]
     assert facts["memories"] == 2 and facts["examples"] >= 4 and facts["keep_examples"] == 1
-    assert facts["teacher_seconds"] + facts["train_seconds"] <= facts["seconds"] + 1e-3
+    # three values each rounded to the millisecond: the parts may exceed the whole by 1.5 ms of rounding, no more
+    assert facts["teacher_seconds"] + facts["train_seconds"] <= facts["seconds"] + 1.5e-3 + 1e-9
     assert facts["steps_per_s"] == pytest.approx(8 / facts["train_seconds"], rel=1e-3)
 
 
