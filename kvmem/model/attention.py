@@ -30,9 +30,10 @@ import weakref
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from .facts import base_model, switch_attention
+from .visibility import noted, visible_mask
 
 NAME = "kvmem_sdpa"
 
@@ -97,6 +98,9 @@ class Visible:
 
     @classmethod
     def of(cls, mask: torch.Tensor) -> "Visible":
+        known = noted(mask)  # what the mask builder knew on the host (kvmem.model.visibility): no device read
+        if known is not None:
+            return cls(*known)
         version = None if mask.is_inference() else mask._version  # inference tensors keep no version counter
         for ref, seen_version, seen in cls._recent:
             if ref() is mask and seen_version == version:
@@ -184,7 +188,7 @@ def register_gqa_attention() -> str:
         The name to pass as ``attn_implementation``.
     """
     AttentionInterface.register(NAME, gqa_sdpa_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, visible_mask)  # sdpa's mask, its visibility noted on the host
     return NAME
 
 

@@ -76,7 +76,7 @@ def fill_static_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]]
         raise CubeError(f"max_cache_len={max_cache_len!r} cannot hold a {longest}-token prefix: pass at least "
                         "the prefix length plus the request and max_new_tokens")
     facts = resolve(model)
-    cache = StaticCache(config=facts.config, max_cache_len=max_cache_len)
+    cache = PrefixStaticCache(config=facts.config, max_cache_len=max_cache_len)
     for b, row in enumerate(rows):
         if len(row) != len(cache.layers):
             raise CubeError(f"the model has {len(cache.layers)} cache layers, prefix {b} has {len(row)}: "
@@ -92,7 +92,57 @@ def fill_static_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]]
         if stores is not None and type(layer) is StaticLayer:
             _adopt(layer, *stores[i], max_cache_len)
         _fill_layer(layer, [r[i] for r in rows], lengths, longest, devices[i])
+        if type(layer) is StaticLayer:
+            cache.track(i, longest)
     return cache
+
+
+class PrefixStaticCache(StaticCache):
+    """transformers' StaticCache that also keeps, on the host, how many tokens each full-attention layer holds: a
+    StaticLayer keeps that count only in a device tensor (``cumulative_length``), which the mask builder would have
+    to read (a device synchronisation per forward on a GPU). `kvmem.model.visibility` takes the host copy instead,
+    while it is exact: the counter is the layer's own tensor at the version the copy was taken at. Eager updates
+    advance the copy; any other change to the counter (``crop``, ``reset``, an edit) leaves it at another version,
+    and a compiled call (whose writes the host does not follow) marks every copy unknown: the mask is then read."""
+
+    host_known = True  # False once a compiled call ran: dynamo replays this store after each such call
+
+    def track(self, layer_idx: int, length: int) -> None:
+        """Start following layer ``layer_idx``'s length on the host, now ``length`` (just filled)."""
+        layer = self.layers[layer_idx]
+        counter = layer.cumulative_length
+        if counter.is_inference():  # an inference tensor keeps no version counter: give the layer one that does
+            with torch.inference_mode(False):
+                counter = torch.full((), length, dtype=counter.dtype, device=counter.device)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(counter)  # as transformers marks its own: CUDA graphs
+            layer.cumulative_length = counter
+        counter._kvmem_host = (weakref.ref(self), layer_idx)
+        if not hasattr(self, "_host"):
+            self._host = {}
+        self._host[layer_idx] = (counter._version, length)
+
+    def host_length(self, layer_idx: int, counter: torch.Tensor) -> int | None:
+        """Layer ``layer_idx``'s token count when ``counter`` is its counter and the host copy is exact, else None."""
+        record = getattr(self, "_host", {}).get(layer_idx)
+        if (record is None or not self.host_known or self.layers[layer_idx].cumulative_length is not counter
+                or counter._version != record[0]):
+            return None
+        return record[1]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """`StaticCache.update`, its host copy of the layer's length advanced by ``key_states.shape[-2]``."""
+        if torch.compiler.is_compiling():
+            self.host_known = False
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        record = getattr(self, "_host", {}).get(layer_idx)
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if record is not None:
+            counter = self.layers[layer_idx].cumulative_length
+            # the update's own add_ is the one version step allowed; anything else in between: unknown
+            self._host[layer_idx] = ((counter._version, record[1] + key_states.shape[-2])
+                                     if counter._version == record[0] + 1 else None)
+        return out
 
 
 class StaticPool:
