@@ -97,6 +97,19 @@ def fill_static_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]]
     return cache
 
 
+def refill_static_cache(cache: "PrefixStaticCache", kv: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+    """Overwrite ``cache`` (one row, full-attention layers only, made by `fill_static_cache`) with another prefix of
+    ``length`` tokens, in place: the same storage and counters, so a graph captured over the cache (CUDA graphs
+    keep addresses) runs on it again. ``kv``: per layer (keys, values) [1, kv_heads, length, head_dim]."""
+    if length > cache.layers[0].max_cache_len or len(kv) != len(cache.layers):
+        raise CubeError(f"a {length}-token prefix of {len(kv)} layers does not fit this cache "
+                        f"({cache.layers[0].max_cache_len} tokens, {len(cache.layers)} layers): make a larger one")
+    for i, layer in enumerate(cache.layers):
+        _fill_layer(layer, [kv[i]], [length], length, layer.device)
+        cache.track(i, length)
+    cache.host_known = True
+
+
 class PrefixStaticCache(StaticCache):
     """transformers' StaticCache that also keeps, on the host, how many tokens each full-attention layer holds: a
     StaticLayer keeps that count only in a device tensor (``cumulative_length``), which the mask builder would have
@@ -129,6 +142,17 @@ class PrefixStaticCache(StaticCache):
                 or counter._version != record[0]):
             return None
         return record[1]
+
+    def rewind(self, tokens: int, length: int) -> None:
+        """Forget the last ``tokens`` written to every layer (a padded query's padding: its slots are written over by
+        the next tokens, and the mask hides them until then), leaving ``length`` tokens; on the device, no read.
+        Full-attention layers only (a sliding window would have dropped real entries for the padding)."""
+        for i, layer in enumerate(self.layers):
+            if type(layer) is not StaticLayer:
+                raise CubeError(f"cache layer {i} is a {type(layer).__name__}: only full-attention layers rewind")
+            layer.cumulative_length.sub_(tokens)
+            self.track(i, length)
+        self.host_known = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """`StaticCache.update`, its host copy of the layer's length advanced by ``key_states.shape[-2]``."""
