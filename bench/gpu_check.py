@@ -1,7 +1,9 @@
 """The GPU check: one command, under 10 minutes on one CUDA card, JSON + PNG with the card and versions.
 
-    python bench/gpu_check.py          # on CUDA -> bench/results/gpu_check_<card>.json / .png
-    python bench/gpu_check.py --dry    # CPU, tiny shapes, seconds: CI runs this so the script keeps working
+    python bench/gpu_check.py            # on CUDA -> bench/results/gpu_check_<card>.json / .png
+    python bench/gpu_check.py --smoke    # CPU, tiny shapes, seconds (--dry: the same): CI runs it
+    # the later-session command (bench/README.md "GPU check"): 16/32 layers, under 9 minutes on an H100
+    python bench/gpu_check.py --skip pytest splice --layers 16 32 --reps 3 --budget-s 480
 
 Steps (each row of the JSON says which, how long it took and whether it passed):
   pytest    `pytest -m gpu` (every GPU-gated test of the suite); --dry only collects them
@@ -12,10 +14,15 @@ Steps (each row of the JSON says which, how long it took and whether it passed):
             of a DynamicCache), kvmem (kvmem.prefill: the plain loop), kvmem fast (static prefix + kvmem_sdpa);
             under sdpa and, where flash-attn is installed, flash_attention_2. Each method's request is also split
             into its cache setup and its query forward, each timed to the call's return (host) and after a device
-            synchronisation (total): where host ~ total, the request waits on Python, not on the GPU
+            synchronisation (total): where host ~ total, the request waits on Python, not on the GPU. And each
+            request's device-busy time (the kernels' own time, torch.profiler's CUDA activity) beside its wall time:
+            idle = wall - busy is the time the GPU waited on the host. --capture adds kvmem_captured (the query
+            forward through `capture_query`: CUDA graphs, one graph per query bucket; compiling is not timed)
+  digest    the one-time weight digest (`kvmem.verify_weights`: every element hashed) per model, in seconds
   decode    tokens/s over 64 new tokens after the 8,192-token memory: prefix reuse vs kvmem vs kvmem fast
 Every TTFT method's first token is compared with the full prefill's. The cubes' one-time weight digest converts
-on the device and hashes on the host (about 10 s for 16 GB of bf16 weights); it is not in any timed call.
+on the device and hashes on the host; the digest row times it; it is not in any timed request. --budget-s stops
+starting new models/lengths once that many seconds have passed, so the JSON is written before a time limit.
 """
 
 from __future__ import annotations
@@ -110,6 +117,28 @@ def _kernel_s(fn, device, reps: int) -> float:
 
         return do_bench(fn, warmup=50, rep=200, return_mode="median") / 1e3
     return _median_s(fn, device, reps)
+
+
+def _busy_ms(fn, device, calls: int = 3) -> tuple[float | None, str | None]:
+    """Device-busy milliseconds of one call of ``fn``: the summed durations of the kernels and copies its calls ran
+    (torch.profiler's CUDA activity), averaged over ``calls`` calls after one unprofiled call; wall - busy is the
+    time the device sat waiting on the host. (None, why) off CUDA or where the profiler fails."""
+    if device.type != "cuda":
+        return None, "no CUDA device: the device is the host"
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            _sync(device)
+        busy_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+        return busy_us / 1e3 / calls, None
+    except Exception as exc:  # noqa: BLE001  (a profiler problem must not cost the timings)
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 # ---------------------------------------------------------------- pytest -m gpu
@@ -212,15 +241,38 @@ def _phases_s(setup, forward, device, reps: int) -> dict:
 
 
 def step_model(name: str, config: dict, attn: str, device, dtype, *, memory_tokens, n_query: int, n_new: int,
-               reps: int, decode_memory: int, profile_dir=None) -> list[dict]:
+               reps: int, decode_memory: int, profile_dir=None, capture: str | None = None,
+               deadline: float = float("inf")) -> list[dict]:
     """TTFT (with its host/device breakdown) at every length of ``memory_tokens`` on one random-weight model;
-    decode at ``decode_memory``."""
+    decode at ``decode_memory``; the model's one-time weight digest. ``capture``: None, or the compile mode /
+    backend `capture_query` gets ("reduce-overhead" on CUDA; "eager" for the smoke run). Lengths not started by
+    ``deadline`` (time.perf_counter) are recorded as skipped."""
+    from kvmem.cubes.fingerprint import fingerprint_fields
+
     model = _model(config, attn, device, dtype)
-    rows = []
+    t0 = time.perf_counter()
+    fingerprint_fields(model)  # the one-time digest: every element of every weight hashed (kvmem.cubes.weights)
+    _sync(device)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = [{"step": "digest", "config": name, "layers": config["num_hidden_layers"], "attn": attn,
+             "weights_GB": size / 1e9, "seconds": time.perf_counter() - t0}]
+    print(f"digest {name:<18} {size / 1e9:6.2f} GB of weights hashed in {rows[0]['seconds']:.2f} s", flush=True)
+    captured = None
+    if capture is not None:
+        from kvmem.inject.capture import capture_query
+
+        bucket = 1 << max(0, n_query - 1).bit_length()  # the query's length rounded up to a power of two
+        options = {"backend": "eager", "mode": None} if capture == "eager" else {"mode": capture}
+        captured = capture_query(model, buckets=(bucket,), **options)
     for n_mem in memory_tokens:
+        if time.perf_counter() > deadline:
+            rows.append({"step": "skipped", "config": name, "attn": attn, "memory_tokens": n_mem,
+                         "reason": "--budget-s spent"})
+            continue
         rows += _guarded("ttft", lambda n_mem=n_mem: _one_length(
             model, name, config, attn, device, dtype, n_mem=n_mem, n_query=n_query, n_new=n_new, reps=reps,
-            decode=n_mem == decode_memory, profile_dir=profile_dir), config=name, attn=attn, memory_tokens=n_mem)
+            decode=n_mem == decode_memory, profile_dir=profile_dir, captured=captured),
+            config=name, attn=attn, memory_tokens=n_mem)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -228,7 +280,7 @@ def step_model(name: str, config: dict, attn: str, device, dtype, *, memory_toke
 
 
 def _one_length(model, name: str, config: dict, attn: str, device, dtype, *, n_mem: int, n_query: int, n_new: int,
-                reps: int, decode: bool, profile_dir=None) -> list[dict]:
+                reps: int, decode: bool, profile_dir=None, captured=None) -> list[dict]:
     import kvmem
     from transformers import DynamicCache
     from kvmem.cubes.fingerprint import fingerprint_fields
@@ -253,17 +305,21 @@ def _one_length(model, name: str, config: dict, attn: str, device, dtype, *, n_m
         if method == "full_prefill":
             return None
         prefix = kvmem.prefill(model, cube)
+        if method == "kvmem_captured":  # the query forward (`forward`) refills the captured cache from it
+            return prefix
         return static_prefix(model, prefix, max_new_tokens=room, query_len=0).cache if method == "kvmem_fast" \
             else prefix.cache
 
     def forward(method):
         if method == "full_prefill":
             return lambda cache: model(input_ids=ids, logits_to_keep=1).logits[0, -1].argmax()
+        if method == "kvmem_captured":
+            return lambda prefix: captured(prefix, q, max_new_tokens=1)[0][0].argmax()
         return lambda cache: model(input_ids=q, logits_to_keep=1, **{kw: cache}).logits[0, -1].argmax()
 
     def switch(method):
         if gqa:
-            use_gqa_attention(model, enabled=method == "kvmem_fast")
+            use_gqa_attention(model, enabled=method in ("kvmem_fast", "kvmem_captured"))
 
     def first(method):
         switch(method)
@@ -297,14 +353,19 @@ def _one_length(model, name: str, config: dict, attn: str, device, dtype, *, n_m
                 table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=45)
                 (Path(profile_dir) / f"profile_{name}_{attn}_{n_mem}_{method}.txt").write_text(table)
         truth = first("full_prefill")()
-        for method in ("full_prefill", "prefix_reuse", "kvmem", "kvmem_fast"):
+        methods = ("full_prefill", "prefix_reuse", "kvmem", "kvmem_fast") + (("kvmem_captured",) if captured else ())
+        for method in methods:
             fn = first(method)
-            token = fn()
+            token = fn()  # for kvmem_captured also the compile (and CUDA-graph capture) of its bucket: not timed
             s = _median_s(fn, device, reps)
+            busy, why = _busy_ms(fn, device)
             switch(method)
             phases = _phases_s(lambda m=method: cache_of(m, n_query + 1), forward(method), device, reps)
             rows.append({"step": "ttft", **where, "method": method, "query_tokens": n_query, "dtype": str(dtype),
-                         "median_s": s, **phases, "first_token": token, "passed": token == truth})
+                         "median_s": s, **phases, "device_busy_ms": busy,
+                         "device_idle_ms": None if busy is None else max(0.0, 1e3 * s - busy),
+                         **({"device_busy_note": why} if why else {}),
+                         "first_token": token, "passed": token == truth})
         full = next(r["median_s"] for r in rows if r.get("method") == "full_prefill")
         reuse = next(r["median_s"] for r in rows if r.get("method") == "prefix_reuse")
         for r in rows:
@@ -402,6 +463,10 @@ def plot(doc: dict, png: str) -> None:
     bottom = [r["setup_total_ms"] for r in tt]
     axes[3].bar(x, [r["forward_total_ms"] for r in tt], bottom=bottom, color="#bdc", label="query forward: total")
     axes[3].bar(x, [r["forward_host_ms"] for r in tt], bottom=bottom, color="#4a7", label="query forward: host")
+    busy = [(i, r["device_busy_ms"]) for i, r in enumerate(tt) if r.get("device_busy_ms") is not None]
+    if busy:  # the kernels' own time: where it sits far below the bar, the GPU waited on the host
+        axes[3].scatter([i for i, _ in busy], [b for _, b in busy], marker="_", s=90, color="k", zorder=3,
+                        label="device busy, whole request (profiler)")
     axes[3].set_xticks(x, labels, fontsize=5, rotation=90)
     axes[3].set(ylabel="ms (median)", yscale="log", title="request = setup + forward: host time vs total")
     axes[3].legend(fontsize=6)
@@ -415,10 +480,16 @@ def plot(doc: dict, png: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry", action="store_true", help="CPU, tiny shapes, pytest only collects: what CI runs")
+    p.add_argument("--dry", "--smoke", dest="dry", action="store_true",
+                   help="CPU, tiny shapes, pytest only collects, capture with the eager backend: what CI runs")
     p.add_argument("--skip", nargs="*", default=[], choices=["pytest", "splice", "ttft"])
     p.add_argument("--memory-tokens", type=int, nargs="+", default=list(MEMORY_TOKENS))
     p.add_argument("--layers", type=int, nargs="+", default=list(DEPTHS), help="depths of the random models")
+    p.add_argument("--widths", nargs="+", default=list(WIDTHS), choices=list(WIDTHS), help="widths of the models")
+    p.add_argument("--capture", action="store_true",
+                   help="also time kvmem_captured (capture_query, CUDA graphs); each model compiles once per length")
+    p.add_argument("--budget-s", type=float, default=float("inf"),
+                   help="start no new model or memory length after this many seconds (rows say what was skipped)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--pytest-timeout", type=int, default=240)
     p.add_argument("--out", default=None, help="default bench/results/gpu_check_<card>.json")
@@ -444,26 +515,34 @@ def main(argv=None) -> int:
             if r["step"] == "splice" and "GB_per_s" in r:
                 print(f"splice {r['what']:<18} {r['GB_per_s']:8.1f} GB/s  {r['fraction_of_copy']:.2f} of copy")
     if "ttft" not in args.skip:
-        todo = configs(WIDTHS, args.layers) if cuda else configs({"dry": DRY_WIDTH}, DRY_DEPTHS)
+        todo = configs({w: WIDTHS[w] for w in args.widths}, args.layers) if cuda else \
+            configs({"dry": DRY_WIDTH}, DRY_DEPTHS)
+        capture = ("reduce-overhead" if args.capture else None) if cuda else "eager"
+        deadline = t0 + args.budget_s
         attns = ["sdpa"] + (["flash_attention_2"] if cuda and importlib.util.find_spec("flash_attn") else [])
         sizes = dict(memory_tokens=args.memory_tokens, n_query=167, n_new=64, reps=args.reps,
                      decode_memory=DECODE_MEMORY) if cuda else \
             dict(memory_tokens=DRY_MEMORY, n_query=8, n_new=4, reps=1, decode_memory=DRY_MEMORY[-1])
         for name, config in todo.items():
             for attn in attns:
+                if time.perf_counter() > deadline:
+                    rows.append({"step": "skipped", "config": name, "attn": attn, "reason": "--budget-s spent"})
+                    continue
                 got = _guarded("ttft", lambda: step_model(name, config, attn, device, dtype, **sizes,
-                                                          profile_dir=args.profile_dir),
+                                                          profile_dir=args.profile_dir, capture=capture,
+                                                          deadline=deadline),
                                config=name, attn=attn)
                 rows += got
                 for r in got:
-                    if "error" in r:
+                    if "error" in r or r["step"] in ("digest", "skipped"):
                         continue
                     at = f"{name:<18} {r['memory_tokens']:>6} {attn:<18}"
                     if r["step"] == "breakdown":
                         print(f"part   {at} {r['what']:<30} {r['median_s'] * 1e3:9.2f} ms", flush=True)
                     elif r["step"] == "ttft":
-                        print(f"ttft   {at} {r['method']:<13} {r['median_s'] * 1e3:9.1f} ms "
-                              f"({r['ratio_vs_prefix_reuse']:.2f}x prefix reuse; setup host/total "
+                        busy = "" if r["device_busy_ms"] is None else f"device busy {r['device_busy_ms']:.2f} ms, "
+                        print(f"ttft   {at} {r['method']:<14} {r['median_s'] * 1e3:9.1f} ms ({busy}"
+                              f"{r['ratio_vs_prefix_reuse']:.2f}x prefix reuse; setup host/total "
                               f"{r['setup_host_ms']:.2f}/{r['setup_total_ms']:.2f} ms, forward host/total "
                               f"{r['forward_host_ms']:.2f}/{r['forward_total_ms']:.2f} ms)  ok={r['passed']}",
                               flush=True)
@@ -474,9 +553,8 @@ def main(argv=None) -> int:
     doc = {"versions": versions, "machine": _common.machine_facts(), "dry": args.dry,
            "seconds": time.perf_counter() - t0, "failed": len(failed), "rows": rows}
     slug = re.sub(r"[^a-z0-9]+", "_", (versions.get("card") or "cpu_dry").lower()).strip("_")
-    out = args.out or (None if args.dry else ROOT / "bench" / "results" / f"gpu_check_{slug}.json")
-    if out:
-        _common.write_results(doc, out, plot=plot)
+    out = args.out or ROOT / "bench" / "results" / f"gpu_check_{'cpu_smoke' if args.dry else slug}.json"
+    _common.write_results(doc, out, plot=plot)
     print(f"done in {doc['seconds']:.0f} s, {len(failed)} failed checks", flush=True)
     return 1 if failed else 0
 

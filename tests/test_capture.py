@@ -100,3 +100,20 @@ def test_inductor_compile_is_exact():
         want_logits, want_tokens = _truth(model, ids, 3)
         assert (logits[0].float() - want_logits).abs().max() <= logit_tol(torch.float32, want_logits.abs().max())
         assert torch.equal(tokens, want_tokens)
+
+
+def test_generate_continues_the_captured_cache():
+    """The documented loop: the captured call's first token appended, `model.generate` on its cache."""
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    use_gqa_attention(model)
+    captured = capture_query(model, buckets=(8,), backend="eager", cache_step=64)
+    cube = kvmem.MemCube.from_ids(model, random_ids(30))
+    query = random_ids(5, seed=3)
+    with torch.inference_mode():
+        logits, prefix = captured(kvmem.prefill(model, cube), query, max_new_tokens=6)
+        ids = torch.cat([prefix.input_ids, logits.argmax(-1, keepdim=True)], -1)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=prefix.cache, max_new_tokens=5,
+                             do_sample=False, pad_token_id=0)
+    _, want = _truth(model, prefix.input_ids, 6)
+    assert torch.equal(out[:, prefix.num_tokens:], want)
