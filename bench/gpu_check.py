@@ -3,7 +3,8 @@
     python bench/gpu_check.py            # on CUDA -> bench/results/gpu_check_<card>.json / .png
     python bench/gpu_check.py --smoke    # CPU, tiny shapes, seconds (--dry: the same): CI runs it
     # the later-session command (bench/README.md "GPU check"): 16/32 layers, under 9 minutes on an H100
-    python bench/gpu_check.py --skip pytest splice --layers 16 32 --reps 3 --budget-s 480
+    python bench/gpu_check.py --skip pytest splice --widths llama-8B-like llama-1B-like --layers 32 16 \
+        --attns sdpa --reps 3 --budget-s 400
 
 Steps (each row of the JSON says which, how long it took and whether it passed):
   pytest    `pytest -m gpu` (every GPU-gated test of the suite); --dry only collects them
@@ -486,6 +487,8 @@ def main(argv=None) -> int:
     p.add_argument("--memory-tokens", type=int, nargs="+", default=list(MEMORY_TOKENS))
     p.add_argument("--layers", type=int, nargs="+", default=list(DEPTHS), help="depths of the random models")
     p.add_argument("--widths", nargs="+", default=list(WIDTHS), choices=list(WIDTHS), help="widths of the models")
+    p.add_argument("--attns", nargs="+", default=None, choices=["sdpa", "flash_attention_2"],
+                   help="attention implementations (default: sdpa, and flash_attention_2 where flash-attn is installed)")
     p.add_argument("--capture", action="store_true",
                    help="also time kvmem_captured (capture_query, CUDA graphs); each model compiles once per length")
     p.add_argument("--budget-s", type=float, default=float("inf"),
@@ -520,6 +523,7 @@ def main(argv=None) -> int:
         capture = ("reduce-overhead" if args.capture else None) if cuda else "eager"
         deadline = t0 + args.budget_s
         attns = ["sdpa"] + (["flash_attention_2"] if cuda and importlib.util.find_spec("flash_attn") else [])
+        attns = [a for a in attns if args.attns is None or a in args.attns]  # models run in the order asked
         sizes = dict(memory_tokens=args.memory_tokens, n_query=167, n_new=64, reps=args.reps,
                      decode_memory=DECODE_MEMORY) if cuda else \
             dict(memory_tokens=DRY_MEMORY, n_query=8, n_new=4, reps=1, decode_memory=DRY_MEMORY[-1])
