@@ -120,9 +120,18 @@ def _kernel_s(fn, device, reps: int) -> float:
     return _median_s(fn, device, reps)
 
 
+def covered(spans) -> float:
+    """The length of the union of ``spans`` [(start, end)]: kernels on streams that overlap count once."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
 def _busy_ms(fn, device, calls: int = 3) -> tuple[float | None, str | None]:
-    """Device-busy milliseconds of one call of ``fn``: the summed durations of the kernels and copies its calls ran
-    (torch.profiler's CUDA activity), averaged over ``calls`` calls after one unprofiled call; wall - busy is the
+    """Device-busy milliseconds of one call of ``fn``: the time any kernel or copy of its calls ran (the union of
+    torch.profiler's CUDA activity spans, annotations left out), averaged over ``calls`` calls after one unprofiled call; wall - busy is the
     time the device sat waiting on the host. (None, why) off CUDA or where the profiler fails."""
     if device.type != "cuda":
         return None, "no CUDA device: the device is the host"
@@ -136,8 +145,9 @@ def _busy_ms(fn, device, calls: int = 3) -> tuple[float | None, str | None]:
             for _ in range(calls):
                 fn()
             _sync(device)
-        busy_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
-        return busy_us / 1e3 / calls, None
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+        return covered(spans) / 1e3 / calls, None
     except Exception as exc:  # noqa: BLE001  (a profiler problem must not cost the timings)
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -275,6 +285,9 @@ def step_model(name: str, config: dict, attn: str, device, dtype, *, memory_toke
             decode=n_mem == decode_memory, profile_dir=profile_dir, captured=captured),
             config=name, attn=attn, memory_tokens=n_mem)
     del model
+    if captured is not None:  # dynamo's compiled graphs keep the model alive until reset
+        del captured
+        torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows

@@ -50,6 +50,16 @@ def test_budget_skips_what_it_cannot_start(tmp_path):
     assert rows and all(r["step"] == "skipped" for r in rows)
 
 
+def test_device_busy_counts_overlapping_kernels_once():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert gpu_check.covered([(20, 25), (0, 10), (5, 12), (21, 22), (30, 30)]) == 17
+    assert gpu_check.covered([]) == 0
+
+
 def test_pytest_step_reports_its_summary(monkeypatch):
     """The pytest step runs `pytest -m gpu` and keeps its summary line (here: a stand-in that prints one)."""
     sys.path.insert(0, str(ROOT / "bench"))
