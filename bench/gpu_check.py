@@ -131,8 +131,9 @@ def covered(spans) -> float:
 
 def _busy_ms(fn, device, calls: int = 3) -> tuple[float | None, str | None]:
     """Device-busy milliseconds of one call of ``fn``: the time any kernel or copy of its calls ran (the union of
-    torch.profiler's CUDA activity spans, annotations left out), averaged over ``calls`` calls after one unprofiled call; wall - busy is the
-    time the device sat waiting on the host. (None, why) off CUDA or where the profiler fails."""
+    torch.profiler's CUDA activity spans, annotations left out), averaged over ``calls`` calls after one
+    unprofiled call; wall - busy is the time the device sat waiting on the host. (None, why) off CUDA or where
+    the profiler fails."""
     if device.type != "cuda":
         return None, "no CUDA device: the device is the host"
     try:
@@ -501,7 +502,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, nargs="+", default=list(DEPTHS), help="depths of the random models")
     p.add_argument("--widths", nargs="+", default=list(WIDTHS), choices=list(WIDTHS), help="widths of the models")
     p.add_argument("--attns", nargs="+", default=None, choices=["sdpa", "flash_attention_2"],
-                   help="attention implementations (default: sdpa, and flash_attention_2 where flash-attn is installed)")
+                   help="attention implementations (default: sdpa, and flash_attention_2 where flash-attn is)")
     p.add_argument("--capture", action="store_true",
                    help="also time kvmem_captured (capture_query, CUDA graphs); each model compiles once per length")
     p.add_argument("--budget-s", type=float, default=float("inf"),
