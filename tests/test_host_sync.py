@@ -115,6 +115,7 @@ def test_host_length_follows_updates_and_is_dropped_on_other_changes():
         assert cache.host_length(0, counter()) == n == int(counter())
         model(input_ids=random_ids(6, seed=1)[None], **{kw: cache})
         assert cache.host_length(0, counter()) == n + 6 == int(counter())
+        assert cache.host_length(1, cache.layers[1].cumulative_length) is None  # transformers sizes masks by layer 0
         copied = copy.deepcopy(cache)  # a copy's counter is not this cache's: never answered from this cache
         assert cache.host_length(0, copied.layers[0].cumulative_length) is None
         counter().add_(1)  # a change the cache did not make (as crop or reset would)

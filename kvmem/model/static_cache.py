@@ -92,8 +92,7 @@ def fill_static_cache(model, rows: list[list[tuple[torch.Tensor, torch.Tensor]]]
         if stores is not None and type(layer) is StaticLayer:
             _adopt(layer, *stores[i], max_cache_len)
         _fill_layer(layer, [r[i] for r in rows], lengths, longest, devices[i])
-        if type(layer) is StaticLayer:
-            cache.track(i, longest)
+    cache.track(longest)
     return cache
 
 
@@ -106,23 +105,28 @@ def refill_static_cache(cache: "PrefixStaticCache", kv: list[tuple[torch.Tensor,
                         f"({cache.layers[0].max_cache_len} tokens, {len(cache.layers)} layers): make a larger one")
     for i, layer in enumerate(cache.layers):
         _fill_layer(layer, [kv[i]], [length], length, layer.device)
-        cache.track(i, length)
-    cache.host_known = True
+    cache.track(length)
 
 
 class PrefixStaticCache(StaticCache):
-    """transformers' StaticCache that also keeps, on the host, how many tokens each full-attention layer holds: a
-    StaticLayer keeps that count only in a device tensor (``cumulative_length``), which the mask builder would have
-    to read (a device synchronisation per forward on a GPU). `kvmem.model.visibility` takes the host copy instead,
-    while it is exact: the counter is the layer's own tensor at the version the copy was taken at. Eager updates
-    advance the copy; any other change to the counter (``crop``, ``reset``, an edit) leaves it at another version,
-    and a compiled call (whose writes the host does not follow) marks every copy unknown: the mask is then read."""
+    """transformers' StaticCache that also keeps on the host how many tokens it holds: a StaticLayer keeps that count
+    only in a device tensor (``cumulative_length``), which the mask builder would otherwise read (a device
+    synchronisation per forward on a GPU). transformers sizes every full-attention mask by the first
+    full-attention layer's counter, so that one layer's count is followed; `kvmem.model.visibility` takes the host
+    copy while it is exact: the counter is that layer's own tensor at the version the copy was taken at. Eager
+    updates advance the copy; any other change to the counter (``crop``, ``reset``, an edit) leaves it at another
+    version, and a compiled call (whose writes the host does not follow) marks it unknown: the mask is then read."""
 
     host_known = True  # False once a compiled call ran: dynamo replays this store after each such call
+    _followed = -1  # the layer whose count is followed (-1: none)
+    _record = None  # (its counter's _version, its token count)
 
-    def track(self, layer_idx: int, length: int) -> None:
-        """Start following layer ``layer_idx``'s length on the host, now ``length`` (just filled)."""
-        layer = self.layers[layer_idx]
+    def track(self, length: int) -> None:
+        """Start following the token count (now ``length``: just filled) of the first full-attention layer."""
+        index = next((i for i, layer in enumerate(self.layers) if type(layer) is StaticLayer), -1)
+        if index < 0:
+            return
+        layer = self.layers[index]
         counter = layer.cumulative_length
         if counter.is_inference():  # an inference tensor keeps no version counter: give the layer one that does
             with torch.inference_mode(False):
@@ -130,16 +134,14 @@ class PrefixStaticCache(StaticCache):
             if not torch.compiler.is_compiling():
                 torch._dynamo.mark_static_address(counter)  # as transformers marks its own: CUDA graphs
             layer.cumulative_length = counter
-        counter._kvmem_host = (weakref.ref(self), layer_idx)
-        if not hasattr(self, "_host"):
-            self._host = {}
-        self._host[layer_idx] = (counter._version, length)
+        counter._kvmem_host = (weakref.ref(self), index)
+        self._followed, self._record, self.host_known = index, (counter._version, length), True
 
     def host_length(self, layer_idx: int, counter: torch.Tensor) -> int | None:
         """Layer ``layer_idx``'s token count when ``counter`` is its counter and the host copy is exact, else None."""
-        record = getattr(self, "_host", {}).get(layer_idx)
-        if (record is None or not self.host_known or self.layers[layer_idx].cumulative_length is not counter
-                or counter._version != record[0]):
+        record = self._record
+        if (record is None or layer_idx != self._followed or not self.host_known
+                or self.layers[layer_idx].cumulative_length is not counter or counter._version != record[0]):
             return None
         return record[1]
 
@@ -151,21 +153,21 @@ class PrefixStaticCache(StaticCache):
             if type(layer) is not StaticLayer:
                 raise CubeError(f"cache layer {i} is a {type(layer).__name__}: only full-attention layers rewind")
             layer.cumulative_length.sub_(tokens)
-            self.track(i, length)
-        self.host_known = True
+        self.track(length)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """`StaticCache.update`, its host copy of the layer's length advanced by ``key_states.shape[-2]``."""
+        """`StaticCache.update`; for the followed layer, its host count advanced by ``key_states.shape[-2]``."""
+        if layer_idx != self._followed:  # every other layer: nothing to follow (one int compare)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if torch.compiler.is_compiling():
             self.host_known = False
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        record = getattr(self, "_host", {}).get(layer_idx)
+        record = self._record
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         if record is not None:
-            counter = self.layers[layer_idx].cumulative_length
+            version = self.layers[layer_idx].cumulative_length._version
             # the update's own add_ is the one version step allowed; anything else in between: unknown
-            self._host[layer_idx] = ((counter._version, record[1] + key_states.shape[-2])
-                                     if counter._version == record[0] + 1 else None)
+            self._record = (version, record[1] + key_states.shape[-2]) if version == record[0] + 1 else None
         return out
 
 
