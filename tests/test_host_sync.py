@@ -148,3 +148,14 @@ def test_compiled_call_leaves_no_stale_length():
         out = model(input_ids=tokens[-1], logits_to_keep=1, **{kw: prefix.cache}).logits  # eager again
         tokens.append(out[:, -1].argmax(-1, keepdim=True))
     assert torch.equal(torch.cat(tokens, -1), _truth(model, cube, query, 3))
+
+
+def test_batch_counts_prompt_tokens_on_the_host():
+    """`BatchPrefix.prompt_tokens`: each row's real tokens, without reading the mask (what a report needs)."""
+    from kvmem.inject.batch import prefill_batch
+
+    model = tiny_model("llama")
+    cubes = [kvmem.MemCube.from_ids(model, random_ids(n, seed=n)) for n in (11, 17)]
+    batch = prefill_batch(model, [[c] for c in cubes], [random_ids(4, seed=1), random_ids(6, seed=2)],
+                          max_new_tokens=2)
+    assert batch.prompt_tokens == batch.attention_mask.sum(1).tolist() == [11 + 4, 17 + 6]

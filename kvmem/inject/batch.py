@@ -35,6 +35,8 @@ class BatchPrefix:
         prefix_len: P, the positions the cache holds.
         spans: per row, where each cube's own tokens sit in ``input_ids``.
         names: per row, the cube names.
+        prompt_tokens: per row, its real tokens (prefix + query; ``attention_mask[b].sum()``), known on the host:
+            reading the mask instead would wait for the GPU.
     """
 
     cache: object
@@ -43,6 +45,7 @@ class BatchPrefix:
     prefix_len: int
     spans: list[list[tuple[int, int]]] = field(default_factory=list)
     names: list[list[str]] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
 
     def generate_kwargs(self, model) -> dict:
         """``input_ids``, ``attention_mask`` and the cache under the name ``model.generate`` takes."""
@@ -107,11 +110,12 @@ def prefill_batch(model, rows, queries, *, max_new_tokens: int, pad_token_id: in
     for b, (p, q) in enumerate(zip(prefixes, queries)):
         shift = prefix_len - p.num_tokens
         ids[b, shift:prefix_len] = p.input_ids[0]
-        ids[b, ids.shape[1] - q.numel():] = q.to(device)
+        ids[b, ids.shape[1] - q.numel():] = q.to(device, non_blocking=True)  # blocking would wait for the GPU
         mask[b, shift:prefix_len] = 1
         mask[b, ids.shape[1] - q.numel():] = 1
         spans.append([(s + shift, e + shift) for s, e in p.spans])
-    return BatchPrefix(cache, ids, mask, prefix_len, spans, [p.names for p in prefixes])
+    return BatchPrefix(cache, ids, mask, prefix_len, spans, [p.names for p in prefixes],
+                       [n + q.numel() for n, q in zip(lengths, queries)])
 
 
 def _left_padded(kv, prefix_len: int):

@@ -81,7 +81,7 @@ class CapturedQuery:
         if query.dim() > 2 or (query.dim() == 2 and query.shape[0] != 1) or prefix.input_ids.shape[0] != 1:
             raise CubeError("capture_query runs one request at a time: pass one query [q] and a one-row prefix "
                             "(batches: kvmem.prefill_batch)")
-        query = query.reshape(1, -1).to(prefix.input_ids.device)
+        query = query.reshape(1, -1).to(prefix.input_ids.device, non_blocking=True)  # no wait on the GPU
         q = query.shape[-1]
         at = bisect.bisect_left(self.buckets, q)
         if q == 0 or at == len(self.buckets):
@@ -102,7 +102,7 @@ class CapturedQuery:
         else:
             refill_static_cache(self.cache, kv, n)
         ids = torch.nn.functional.pad(query, (0, bucket - q), value=pad_id).to(facts.device)
-        keep = torch.tensor([q - 1], device=facts.device)  # logits of the last real token only
+        keep = torch.full((1,), q - 1, device=facts.device)  # logits of the last real token only (no host copy)
         logits = self._forward(ids, self.cache, keep)[:, -1]
         self.cache.rewind(bucket - q, n + q)
         return logits, dataclasses.replace(prefix, cache=self.cache, input_ids=prefix.extend(query))

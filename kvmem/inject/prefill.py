@@ -86,7 +86,8 @@ class Prefix:
 
     def extend(self, query_ids: torch.Tensor) -> torch.Tensor:
         """``torch.cat([input_ids, query_ids], -1)``: the ids to pass to generate with this cache."""
-        query_ids = torch.as_tensor(query_ids, device=self.input_ids.device)
+        # a host tensor copied without blocking: a blocking copy to a GPU waits for every queued kernel
+        query_ids = torch.as_tensor(query_ids).to(self.input_ids.device, non_blocking=True)
         return torch.cat([self.input_ids, query_ids.reshape(1, -1)], dim=-1)
 
 
@@ -181,7 +182,7 @@ def prefill(model, cubes, *, recompute: str = "auto", budget: int | float | None
                   for (k, v), d in zip(full, devices)]
             if c.packed is None and all(a.data_ptr() == k.data_ptr() for (a, _), (k, _) in zip(kv, full)):
                 _KEPT[c] = (facts, kv)  # views only, no copy: the next request of this generation takes them
-        ids = c.all_ids.to(device)
+        ids = c.all_ids.to(device, non_blocking=True)  # host ids: a blocking copy would wait for the GPU
         prefix = Prefix(new_cache(model, kv, facts=facts, source=c), ids, [(c.anchor_len, c.anchor_len + c.num_tokens)],
                         [c.name])
         prefix.quantized = quantized_report(cubes)
@@ -319,7 +320,7 @@ def _compose(model, cubes: list[MemCube], facts, devices, mode: str, budget, *, 
                         "writes every layer's KV into one buffer on the model's device; compose with "
                         "recompute='none', or inject one cube at a time")
     dst_k, dst_v, ids, spans = compose_kv(cubes, rope, dtype=dtype, device=device)
-    ids = ids[None].to(device)
+    ids = ids[None].to(device, non_blocking=True)
     n = _recompute(model, dst_k, dst_v, ids, spans, mode=mode, budget=budget, query_ids=query_ids)
     kv = [(dst_k[i][None].to(d), dst_v[i][None].to(d)) for i, d in zip(range(dst_k.shape[0]), devices)]
     return Prefix(new_cache(model, kv, facts=facts), ids, spans, [c.name for c in cubes], recomputed=n)
