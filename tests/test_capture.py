@@ -117,3 +117,26 @@ def test_generate_continues_the_captured_cache():
                              do_sample=False, pad_token_id=0)
     _, want = _truth(model, prefix.input_ids, 6)
     assert torch.equal(out[:, prefix.num_tokens:], want)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_are_exact():
+    """On a GPU, the default mode (CUDA graphs through "reduce-overhead"): two requests of one bucket, each equal
+    to the uncompiled kvmem path (greedy tokens; logits to float rounding)."""
+    torch._dynamo.reset()
+    model = tiny_model("llama").cuda()
+    use_gqa_attention(model)
+    captured = capture_query(model, buckets=(8,))
+    assert captured.mode == "reduce-overhead"
+    kw = cache_kwarg(model)
+    for seed in (1, 2, 3):
+        cube = kvmem.MemCube.from_ids(model, random_ids(24, seed=seed)).to("cuda")
+        query = random_ids(6, seed=10 + seed)[None].cuda()
+        with torch.inference_mode():
+            logits, prefix = captured(kvmem.prefill(model, cube), query, max_new_tokens=3)
+            tokens = _decode(model, prefix, logits.argmax(-1, keepdim=True), 3)
+            plain = kvmem.prefill(model, cube)
+            want_logits = model(input_ids=query, **{kw: plain.cache}).logits[0, -1].float()
+            want = _decode(model, plain, want_logits.argmax(-1).reshape(1, 1), 3)
+        assert (logits[0].float() - want_logits).abs().max() <= logit_tol(torch.float32, want_logits.abs().max())
+        assert torch.equal(tokens, want)

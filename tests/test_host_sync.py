@@ -159,3 +159,26 @@ def test_batch_counts_prompt_tokens_on_the_host():
     batch = prefill_batch(model, [[c] for c in cubes], [random_ids(4, seed=1), random_ids(6, seed=2)],
                           max_new_tokens=2)
     assert batch.prompt_tokens == batch.attention_mask.sum(1).tolist() == [11 + 4, 17 + 6]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn, fast", [("kvmem_sdpa", True), ("kvmem_sdpa", False), ("sdpa", False)])
+def test_repeat_request_never_synchronises_on_cuda(attn, fast):
+    """On a GPU: torch's sync debug mode raises at any synchronising call (``.item()``, ``nonzero``, a blocking
+    host->device copy...) during a repeat request; its tokens equal the same request run without the mode."""
+    model = tiny_model("llama").cuda()
+    use_gqa_attention(model, enabled=attn == "kvmem_sdpa")
+    cube = kvmem.MemCube.from_ids(model, random_ids(40)).to("cuda")
+    query = random_ids(6, seed=1)[None]  # on the host, as a tokenizer gives it: moved without blocking
+    with torch.inference_mode():
+        want = _request(model, cube, query.cuda(), fast=fast)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            prefix = kvmem.prefill(model, cube)
+            ids = prefix.extend(query)  # a host query through Prefix.extend (what generate would take)
+            del prefix  # a live prefix would keep the model's prefix pool from the request below
+            got = _request(model, cube, ids[:, -6:], fast=fast)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want)

@@ -218,11 +218,19 @@ def _adopt(layer: StaticLayer, store_k: torch.Tensor, store_v: torch.Tensor, max
     layer.batch_size, layer.num_heads = store_k.shape[:2]
     layer.k_head_dim, layer.v_head_dim = store_k.shape[-1], store_v.shape[-1]
     layer.keys, layer.values = store_k[:, :, :max_cache_len], store_v[:, :, :max_cache_len]
-    layer.cumulative_length = layer.cumulative_length.to(layer.device)
+    layer.cumulative_length = _counter(layer.device)
     if not torch.compiler.is_compiling():  # as transformers does: fixed addresses for CUDA graphs
         for t in (layer.keys, layer.values, layer.cumulative_length):
             torch._dynamo.mark_static_address(t)
     layer.is_initialized = True
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    """A static layer's token counter made on ``device`` by a fill: transformers makes it on the host and moves it
+    with a blocking copy, which on a GPU waits for every queued kernel. Made outside inference mode, so it keeps
+    the version counter `PrefixStaticCache` checks."""
+    with torch.inference_mode(False):
+        return torch.zeros((), dtype=torch.long, device=device)
 
 
 def _fill_layer(layer: StaticLayer, kv: list[tuple[torch.Tensor, torch.Tensor]], lengths: list[int], longest: int,
@@ -231,6 +239,8 @@ def _fill_layer(layer: StaticLayer, kv: list[tuple[torch.Tensor, torch.Tensor]],
     heads, dim, vdim = k0.shape[1], k0.shape[-1], v0.shape[-1]
     batch = len(kv)
     if not layer.is_initialized:  # no pooled storage: transformers' own zeros
+        if not torch.compiler.is_compiling():
+            layer.cumulative_length = _counter(device)  # lazy_initialization's .to(device) is then a no-op
         layer.lazy_initialization(torch.empty(batch, heads, 0, dim, dtype=k0.dtype, device=device),
                                   torch.empty(batch, heads, 0, vdim, dtype=v0.dtype, device=device))
     sliding = isinstance(layer, StaticSlidingWindowLayer)
