@@ -182,3 +182,22 @@ def test_repeat_request_never_synchronises_on_cuda(attn, fast):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(got, want)
+
+
+def test_noted_visibility_is_the_masks_own():
+    """What the mask builder notes equals what reading the mask gives, for the growing and the static cache, query
+    forward and decode; and a mask edited in place afterwards is read again, not answered from the note."""
+    from kvmem.model.attention import Visible
+    from kvmem.model.visibility import noted, visible_mask
+
+    for q_len, q_offset, kv_len in [(6, 40, 46), (1, 46, 47), (6, 40, 60), (1, 50, 60), (3, 0, 3)]:
+        mask = visible_mask(batch_size=1, q_length=q_len, kv_length=kv_len, q_offset=q_offset)
+        if mask is None:  # sdpa's causal flag stands for it
+            continue
+        cols = mask.flatten(0, -2)
+        end = int(cols.any(0).nonzero()[-1]) + 1
+        full = int((~cols.all(0)).int().argmax()) if not bool(cols.all(0).all()) else kv_len
+        assert noted(mask) == (end, min(full, end))
+        assert (Visible.of(mask).end, Visible.of(mask).full) == (end, min(full, end))
+        mask[..., 0] = False  # not an inference tensor here: its version moves
+        assert noted(mask) is None

@@ -28,7 +28,7 @@ import weakref
 import torch
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-_NOTED: list[tuple] = []  # (weakref to a mask, end, full): the last few masks built (one per layer type a forward)
+_NOTED: list[tuple] = []  # (weakref to a mask, its _version, end, full): the last few masks built (one per layer type)
 
 
 def host_offset(q_offset) -> int | None:
@@ -62,14 +62,16 @@ def visible_mask(**kwargs) -> torch.Tensor | None:
         # query i sits at offset + i and sees key j (at kv_offset + j) when kv_offset + j <= offset + i
         end = min(max(offset + q_length - kv_offset, 0), kv_length)
         full = min(max(offset + 1 - kv_offset, 0), end)
-        _NOTED[:] = [(weakref.ref(mask), end, full)] + [e for e in _NOTED if e[0]() is not None][:3]
+        version = None if mask.is_inference() else mask._version  # an in-place edit after this is not noted
+        _NOTED[:] = [(weakref.ref(mask), version, end, full)] + [e for e in _NOTED if e[0]() is not None][:3]
     return mask
 
 
 def noted(mask: torch.Tensor) -> tuple[int, int] | None:
     """(end, full) `visible_mask` noted for this very mask object, or None (then the mask must be read).
-    By identity, never by value: an entry is dropped with its mask, so a new mask never inherits one."""
-    for ref, end, full in _NOTED:
-        if ref() is mask:
+    By identity, never by value: an entry is dropped with its mask, so a new mask never inherits one; a mask edited
+    in place since (its version moved; inference tensors, as transformers builds masks there, cannot be) is read."""
+    for ref, version, end, full in _NOTED:
+        if ref() is mask and (version is None or mask._version == version):
             return end, full
     return None
