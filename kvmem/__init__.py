@@ -29,6 +29,7 @@ _PUBLIC = {
     "CubeStore": ".store.cubestore", "StoreView": ".store.cubestore",
     # the fast path and the weight check's reset, for models you drive yourself
     "use_gqa_attention": ".model.attention", "static_prefix": ".model.static_cache",
+    "capture_query": ".inject.capture",  # opt-in: the query forward compiled per length bucket (CUDA graphs on CUDA)
     "forget_digests": ".cubes.weights", "verify_weights": ".cubes.weights", "mark_changed": ".model.watch",
     "calibrate": ".inject.calibrate",  # the composition gate's measurement (kvmem.inject.gate reads it)
     # memory that changes kind: distil memories into a LoRA AdapterCube; the policy that moves them (issue 26)

@@ -329,7 +329,7 @@ class MemoryModel:
                                                                   RECOMPUTE_MODES[DEFAULT_RECOMPUTE][0]))
                 report.composition = f"{choice.mode}: {choice.reason}"
             report.prefilled_tokens = queries[b].numel()
-            report.prompt_tokens = int(batch.attention_mask[b].sum())
+            report.prompt_tokens = batch.prompt_tokens[b]  # a host int: no read of the mask
         return batch.generate_kwargs(self.model)
 
     def _full(self, prompts, rows, texts, reports, pad: int, gen_kwargs: dict) -> dict:

@@ -201,3 +201,18 @@ def test_noted_visibility_is_the_masks_own():
         assert (Visible.of(mask).end, Visible.of(mask).full) == (end, min(full, end))
         mask[..., 0] = False  # not an inference tensor here: its version moves
         assert noted(mask) is None
+
+
+def test_wrap_reads_nothing_back_itself(tok):
+    """`wrap(...).generate` over a batch: transformers' generate loop reads (its stopping checks), kvmem's own
+    code does not (the report's prompt-token count is the batch's host count, not a sum over the mask)."""
+    mm = kvmem.wrap(tiny_model("llama", seed=3), tok)
+    cubes = [mm.build_cube(t, name=f"n{i}") for i, t in enumerate(["Ada keeps bees.", "Bo sails on Sundays."])]
+    prompts = ["Who keeps bees?", "When does Bo sail?"]
+    with torch.inference_mode():
+        mm.generate(prompts, [[cubes[0]], [cubes[1]]], max_new_tokens=3, do_sample=False)  # first request
+        with HostReads() as reads:
+            mm.generate(prompts, [[cubes[0]], [cubes[1]]], max_new_tokens=3, do_sample=False)
+    ours = [(n, w) for n, w in reads.calls if any(f.startswith("memory_model.py") for f in w)]
+    assert ours == [], "host reads in wrap's own code:\n" + "\n".join(f"{n} at {w}" for n, w in ours)
+    assert reads.calls, "the recorder saw none of transformers' generate-loop reads: it is not recording"
