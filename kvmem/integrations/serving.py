@@ -34,6 +34,7 @@ from ..inject.prefill import prefill
 from ..model.cache import kv_from_cache
 from ..model.rope import rope_facts
 from ..store.lineage import DERIVED_KEY, sources_of
+from .key_blocks import open_key_blocks
 from .sources import CubeSource, FileKV, Refused, check_request_name  # noqa: F401  (CubeSource: importable here too)
 from .tenancy import cube_digest, request_namespace
 
@@ -296,7 +297,7 @@ class CubePlanner:
             raise Refused(f"{names} cover {n_ids} tokens, less than one KV block "
                           f"({self.block_size}) before the last prompt token: nothing to load")
         if len(cubes) == 1 and isinstance(cubes[0], CubeFile):  # read layer by layer as the engine writes it
-            kv = FileKV(cubes[0], 0, n)
+            kv = FileKV(cubes[0], 0, n, key_blocks=open_key_blocks(cubes[0], self.block_size))
         elif len(cubes) == 1:
             c = cubes[0]
             kv = [(k[:, :n].to(self.dtype), v[:, :n].to(self.dtype)) for k, v in c.kv]

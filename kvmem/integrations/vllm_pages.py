@@ -167,6 +167,48 @@ class BlockPlacement:
                 used += (total - hi) * row
         cube.read_part_into(name, views)
 
+    def takes_key_blocks(self, key_blocks, cache: torch.Tensor) -> bool:
+        """Whether ``key_blocks`` (`kvmem.integrations.key_blocks.KeyBlocks`, or None) can be read straight into
+        ``cache``'s blocks: the cache keeps keys as columns per head, in blocks of the sidecar's size and dtype."""
+        return (key_blocks is not None and self.forms[0][0] == "cols" and key_blocks.block_size == self.block_size
+                and key_blocks.dtype == cache.dtype)
+
+    def read_key_blocks(self, key_blocks, name: str, cache: torch.Tensor, window: tuple[int, int], block_ids,
+                        scratch: Scratch) -> None:
+        """Read part ``name`` of ``key_blocks`` ([H, blocks, D, block_size]: each block's keys as the cache keeps
+        them, `takes_key_blocks`) straight into the blocks of ``cache`` that positions ``window`` fill
+        (``block_ids[0]`` holds position ``window[0] // block_size * block_size``), every byte hashed against the
+        part's checksum. A block the window covers only in part (or not at all) is read into ``scratch``, and the
+        window's columns of it are copied into its block."""
+        offsets = self.forms[0][1]
+        _, raw = self._views(cache)
+        es = cache.element_size()
+        dtype, (heads, nb, dim, bs) = key_blocks.part_dtype_shape(name)
+        lo, hi = window
+        first = lo // bs
+        tile = dim * bs * es
+        whole = [b for b in range(nb) if lo <= b * bs and (b + 1) * bs <= hi]
+        partial = [(h, b) for h in range(heads) for b in range(nb) if not lo <= b * bs < (b + 1) * bs <= hi]
+        junk = scratch.take("junk_key_blocks", tile * len(partial)).numpy()
+        views, j = [], 0
+        for h in range(heads):
+            for b in range(nb):
+                if whole and whole[0] <= b <= whole[-1]:
+                    start = offsets[h] * es
+                    views.append(memoryview(raw[block_ids[b - first], start:start + tile]))
+                else:
+                    views.append(memoryview(junk[j * tile:(j + 1) * tile]))
+                    j += 1
+        key_blocks.read_part_into(name, views)
+        words = raw.view(_WORDS[es])
+        tiles = junk.view(_WORDS[es]).reshape(-1, dim, bs) if partial else None
+        for j, (h, b) in enumerate(partial):
+            s, e = max(b * bs, lo), min((b + 1) * bs, hi)
+            if s < e:  # the window's columns of a block it covers in part
+                block = words[block_ids[b - first]]
+                block[offsets[h]:offsets[h] + bs * dim].reshape(dim, bs)[:, s - b * bs:e - b * bs] = \
+                    tiles[j][:, s - b * bs:e - b * bs]
+
     def copy(self, which: int, t: torch.Tensor, cache: torch.Tensor, slots, block_ids) -> None:
         """Copy keys or values ``t`` [H, n, D] (``which``: 0 or 1) into the blocks of ``cache`` at ``slots``:
         one 2-D copy per block and head (numpy's: for the few hundred small copies of a layer its per-call cost is
@@ -217,7 +259,12 @@ class Load:
             return self.kv.layer(index, scratch=scratch)
         out = []
         for which, name in enumerate((f"k.{index}", f"v.{index}")):
-            if placement.forms[which][0] == "rows":
+            if which == 0 and placement.takes_key_blocks(self.kv.key_blocks, cache) \
+                    and int(self.slots[0]) % placement.block_size == self.kv.start % placement.block_size:
+                placement.read_key_blocks(self.kv.key_blocks, f"kb.{index}", cache, (self.kv.start, self.kv.end),
+                                          self.block_ids, scratch)
+                out.append(None)
+            elif placement.forms[which][0] == "rows":
                 placement.read_rows(cube, name, which, cache, (self.kv.start, self.kv.end), self.slots,
                                     self.block_ids, scratch)
                 out.append(None)
