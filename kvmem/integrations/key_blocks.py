@@ -59,9 +59,9 @@ def blocked_keys(keys: torch.Tensor, block_size: int) -> torch.Tensor:
     return padded.view(heads, nb, block_size, dim).transpose(2, 3).contiguous()
 
 
-def write_key_blocks(cube_path, *, block_size: int) -> Path:
+def write_key_blocks(cube_path, *, block_size: int, out=None) -> Path:
     """Write the key-blocks sidecar of the cube file ``cube_path`` (read layer by layer and verified) for blocks of
-    ``block_size`` tokens, atomically; its path.
+    ``block_size`` tokens, atomically, to ``out`` (default `key_blocks_path`); its path.
 
     Raises:
         CubeError: the cube cannot be read layer by layer (an older or quantized cube: save it again with this
@@ -76,7 +76,7 @@ def write_key_blocks(cube_path, *, block_size: int) -> Path:
             tensors[f"kb.{i}"] = blocked_keys(keys.reshape(keys.shape[-3:]), block_size)
         meta = {"block_size": block_size, "tokens": int(cube.part_dtype_shape("k.0")[1][-2]),
                 "num_layers": cube.num_layers, "cube": cube_binding(cube)}
-        return write_cube_file(key_blocks_path(cube_path, block_size), FORMAT, meta, tensors, version=VERSION)
+        return write_cube_file(out or key_blocks_path(cube_path, block_size), FORMAT, meta, tensors, version=VERSION)
     finally:
         cube.close()
 

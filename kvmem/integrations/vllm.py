@@ -114,7 +114,7 @@ class KvmemConnector(KVConnectorBase_V1):
         self._layouts: dict[tuple, PagedLayout] = {}
         self._writer: ThreadPoolExecutor | None = None
         self._layers_writer = LayerWriter(layerwise=self._extra.get("layerwise", True),  # worker: cube KV in
-                                          block_size=self._block_size)
+                                          block_size=self._block_size, readers=self._extra.get("read_threads", 1))
         self._counts = Counts()  # this side's counters for vLLM's /metrics (kvmem.integrations.vllm_metrics)
         self._autosave = None
         if self._extra.get("autosave_tokens") is not None:
@@ -155,7 +155,7 @@ class KvmemConnector(KVConnectorBase_V1):
         self._tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or model_config.model)
         planner = CubePlanner(source, fields=fields, dtype=model_config.dtype, block_size=self._block_size,
                               rope=rope, namespace=self._namespace, namespaces=list(self._namespaces),
-                              auto=extra.get("auto", True))
+                              auto=extra.get("auto", True), key_blocks=extra.get("key_blocks", True))
         logger.info("kvmem: serving cubes from %r, namespaces %s (default %r), serving dtype %s, block size %d; "
                     "fingerprint of %s taken in %.1f s", source, list(planner.namespaces), self._namespace,
                     model_config.dtype, self._block_size, model_config.model, time.perf_counter() - t0)
@@ -393,15 +393,24 @@ class KvmemConnector(KVConnectorBase_V1):
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-save")
                 self._source = CubeSource(store=self._extra.get("store"), folder=self._extra.get("folder"))
-            self._writer.submit(self._write, save, [got[i] for i in range(len(got))])
+            self._writer.submit(self._write, save, [got[i] for i in range(len(got))], self._key_block_size())
 
-    def _write(self, save: _Save, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _key_block_size(self) -> int | None:
+        """The block size a saved cube's key-blocks sidecar is written for (`kvmem.integrations.key_blocks`): this
+        engine's, where its cache keeps keys as columns per block (vLLM CPU, float32) and ``key_blocks`` is on
+        (the default); else None."""
+        if not self._extra.get("key_blocks", True):
+            return None
+        forms = {layout.forms()[0][0] if layout.forms()[0] else None for layout in self._layouts.values()}
+        return self._block_size if forms == {"cols"} else None
+
+    def _write(self, save: _Save, kv: list[tuple[torch.Tensor, torch.Tensor]], key_block_size: int | None) -> None:
         import vllm
 
         t0 = time.perf_counter()
         try:
             cube = build_cube(kv, save.spec, fields=save.fields, engine=f"vllm {vllm.__version__}")
-            where = write_cube(self._source, save.spec, cube)
+            where = write_cube(self._source, save.spec, cube, key_block_size=key_block_size)
         except Exception as exc:
             logger.error("kvmem: saving cube %r of request %s failed: %s: %s", save.spec.name, save.request_id,
                          type(exc).__name__, exc)

@@ -287,17 +287,21 @@ class LayerWriter:
     recomputes them (``kv_load_failure_policy="recompute"``) or fails the request (``"fail"``).
     """
 
-    def __init__(self, *, layerwise: bool = True, block_size: int | None = None):
+    def __init__(self, *, layerwise: bool = True, block_size: int | None = None, readers: int = 1):
         if not isinstance(layerwise, bool):
             raise CubeError(f"layerwise must be true or false (a JSON boolean), got {layerwise!r:.40}")
-        self.layerwise = layerwise
+        if isinstance(readers, bool) or not isinstance(readers, int) or not 1 <= readers <= 8:
+            raise CubeError(f"read_threads must be an integer from 1 to 8, got {readers!r:.40}")
+        self.layerwise, self.readers = layerwise, readers
         self.block_size = block_size  # the cache's block size: lets writes skip a copy (`_writes_strided`)
         self._pool: ThreadPoolExecutor | None = None
         self._running: Future | None = None
         self._done: dict[str, threading.Event] = {}
         self._failed: set[int] = set()
         self._scratch = Scratch()  # the writer's own buffers (contiguous rows for ops that need them)
-        self._scratches = (Scratch(), Scratch())  # cube bytes: the reader fills one while the writer uses the other
+        # cube bytes: the readers fill one each (jobs ahead) while the writer uses another
+        self._scratches = tuple(Scratch() for _ in range(readers + 1))
+        self._timing = threading.Lock()
         self._reader: ThreadPoolExecutor | None = None
         self.reasons: list[str] = []  # why each failed load failed, for the connector's counters (it drains them)
         self._times = [0.0, 0.0, 0.0, 0.0]  # this step: reading + checking, reordering, writing, the forward's waits
@@ -346,38 +350,37 @@ class LayerWriter:
                 pool.shutdown(wait=True)
 
     def _write(self, loads: list[Load], layers) -> None:
-        """Write every (layer, load) in model order; a reader thread reads (and checks) the next one's cube bytes
-        into the other of two reused buffers while this one is written."""
+        """Write every (layer, load) in model order; ``readers`` reader threads read (and check) the next jobs'
+        cube bytes, each into its own reused buffer, while this one is written."""
         jobs = [(index, name, layer, load) for index, name, layer in layers for load in loads]
         last_of_layer = {name: j for j, (_, name, _, _) in enumerate(jobs)}
         placements = {name: self.placement(layer) for _, name, layer in layers}
         failed: set[str] = set()
+        ahead, buffers = self.readers, len(self._scratches)
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-read")
+            self._reader = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="kvmem-read")
 
         def read(j: int):
             index, name, layer, load = jobs[j]
             if load.request_id in failed:
                 return None
             t0 = time.perf_counter()
-            kv = load.layer(index, self._scratches[j % 2], placements[name], layer.kv_cache)
-            self._times[0] += time.perf_counter() - t0
+            kv = load.layer(index, self._scratches[j % buffers], placements[name], layer.kv_cache)
+            with self._timing:
+                self._times[0] += time.perf_counter() - t0
             return kv
 
         try:
-            pending = self._reader.submit(read, 0) if jobs else None
+            pending = [self._reader.submit(read, j) for j in range(min(ahead, len(jobs)))]
             for j, (index, name, layer, load) in enumerate(jobs):
-                current = pending
-                pending = None
+                if j + ahead < len(jobs):  # into the buffer of job j - 1, written already
+                    pending.append(self._reader.submit(read, j + ahead))
                 try:
-                    kv = current.result()
-                    # buffer (j + 1) % 2 held job j - 1, written already: read the next job into it meanwhile
-                    pending = self._reader.submit(read, j + 1) if j + 1 < len(jobs) else None
+                    kv = pending[j].result()
+                    pending[j] = None
                     if kv is not None:
                         self._put(layer, load, *kv, placement=placements[name])
                 except Exception as exc:  # reported as load errors: vLLM recomputes these blocks
-                    if pending is None and j + 1 < len(jobs):
-                        pending = self._reader.submit(read, j + 1)
                     self._fail(load, exc, failed)
                 if last_of_layer[name] == j:
                     self._done[name].set()
