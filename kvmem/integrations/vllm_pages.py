@@ -304,7 +304,8 @@ class LayerWriter:
         self._timing = threading.Lock()
         self._reader: ThreadPoolExecutor | None = None
         self.reasons: list[str] = []  # why each failed load failed, for the connector's counters (it drains them)
-        self._times = [0.0, 0.0, 0.0, 0.0]  # this step: reading + checking, reordering, writing, the forward's waits
+        # this step: reading + checking, reordering, writing, the forward's waits; the readers' and writer's CPU time
+        self._times = [0.0] * 6
         self._loads = 0
         self._strided: dict[tuple, bool] = {}  # per kind of layer and cache: does its op honour strided rows
         self._placements: dict[tuple, BlockPlacement | None] = {}  # per kind of layer and cache: plain copies?
@@ -313,7 +314,7 @@ class LayerWriter:
         """Begin writing ``loads`` into ``layers`` ([(decoder layer index, name, attention layer)], in order)."""
         self.finish()
         self._done = {name: threading.Event() for _, name, _ in layers}
-        self._times, self._loads = [0.0, 0.0, 0.0, 0.0], len(loads)
+        self._times, self._loads = [0.0] * 6, len(loads)
         if not self.layerwise:
             self._write(loads, layers)
             return
@@ -335,10 +336,10 @@ class LayerWriter:
             self._running.result()
             self._running = None
         if self._done and self._loads:
-            read, rows, write, waited = (1e3 * t for t in self._times)
-            logger.info("kvmem: %d cube load(s) into %d layers: read and checked in %.0f ms, reordered in %.0f ms, "
-                        "written in %.0f ms; the forward pass waited %.0f ms for them", self._loads, len(self._done),
-                        read, rows, write, waited)
+            read, rows, write, waited, read_cpu, write_cpu = (1e3 * t for t in self._times)
+            logger.info("kvmem: %d cube load(s) into %d layers: read and checked in %.0f ms (%.0f ms of CPU), "
+                        "reordered in %.0f ms, written in %.0f ms (%.0f ms of CPU); the forward pass waited %.0f ms "
+                        "for them", self._loads, len(self._done), read, read_cpu, rows, write, write_cpu, waited)
         self._done = {}
         failed, self._failed = self._failed, set()
         return failed
@@ -364,10 +365,11 @@ class LayerWriter:
             index, name, layer, load = jobs[j]
             if load.request_id in failed:
                 return None
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             kv = load.layer(index, self._scratches[j % buffers], placements[name], layer.kv_cache)
             with self._timing:
                 self._times[0] += time.perf_counter() - t0
+                self._times[4] += time.thread_time() - c0
             return kv
 
         try:
@@ -378,8 +380,10 @@ class LayerWriter:
                 try:
                     kv = pending[j].result()
                     pending[j] = None
-                    if kv is not None:
+                    if kv is not None and (kv[0] is not None or kv[1] is not None):
+                        c0 = time.thread_time()
                         self._put(layer, load, *kv, placement=placements[name])
+                        self._times[5] += time.thread_time() - c0
                 except Exception as exc:  # reported as load errors: vLLM recomputes these blocks
                     self._fail(load, exc, failed)
                 if last_of_layer[name] == j:
