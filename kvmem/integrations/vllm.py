@@ -214,9 +214,10 @@ class KvmemConnector(KVConnectorBase_V1):
             return None
         self._counts.count("vllm:kvmem_cubes_served_total", "exact" if plan.exact else "approximate")
         self._plans[request.request_id] = plan
-        logger.info("kvmem: request %s gets %s from namespace %r: %d tokens%s, planned in %.0f ms",
+        logger.info("kvmem: request %s gets %s from namespace %r: %d tokens%s%s, planned in %.0f ms",
                     request.request_id, list(plan.names), plan.namespace, plan.num_tokens,
                     "" if plan.exact else f" (approximate: {'; '.join(plan.notes)}; cache salt {plan.salt})",
+                    ", keys from its key blocks" if getattr(plan.kv, "key_blocks", None) is not None else "",
                     1e3 * (time.perf_counter() - t0))
         return plan
 
