@@ -419,7 +419,8 @@ class KvmemConnector(KVConnectorBase_V1):
             return
         self._counts.count("vllm:kvmem_cubes_saved_total", "saved")
         if save.spec.auto and self._autosave is not None:
-            for gone in self._autosave.admit(self._source, save.spec, cube.nbytes):
+            nbytes = cube.nbytes + (sum(k.numel() * k.element_size() for k, _ in cube.kv) if key_block_size else 0)
+            for gone in self._autosave.admit(self._source, save.spec, nbytes):  # its key blocks count too
                 logger.info("kvmem: auto-saved cube %s deleted: auto-saved cubes exceed autosave_bytes", gone)
         logger.info("kvmem: saved cube %r (%d tokens, %.1f MB) of request %s to %s in %.0f ms", save.spec.name,
                     save.spec.tokens, cube.nbytes / 1e6, save.request_id, where, 1e3 * (time.perf_counter() - t0))
