@@ -138,3 +138,24 @@ def test_a_folder_cube_saved_by_the_server_gets_its_key_blocks(cube, tmp_path):
     assert list(source.versions("ns")) == ["notes"]
     delete_cube(source, "ns", "notes")
     assert list((tmp_path / "ns").iterdir()) == []
+
+
+def test_readers_may_change_between_loads(cube, path):
+    """One writer, its read threads changed between loads (as a bench's A/B does): every load exact."""
+    write_key_blocks(path, block_size=16)
+    f = CubeFile.open(path)
+    heads, total, dim = cube.kv_shapes[0][0]
+    writer = LayerWriter(block_size=16)
+    slots = torch.arange(32) + 16
+    for readers in (1, 3, 1, 2):
+        writer.readers = readers
+        layers = [(i, f"l{i}", CpuLikeLayer(heads, dim)) for i in range(f.num_layers)]
+        writer.start([Load("r", FileKV(f, 0, total, key_blocks=open_key_blocks(f, 16)).window(0, 32), slots, [1, 2])],
+                     layers)
+        assert writer.finish() == set()
+        for i, _, layer in layers:
+            want = CpuLikeLayer(heads, dim)
+            want.do_kv_cache_update(want, cube.kv[i][0][:, :32].transpose(0, 1), cube.kv[i][1][:, :32].transpose(0, 1),
+                                    want.kv_cache, slots)
+            assert torch.equal(layer.kv_cache, want.kv_cache)
+    writer.close()

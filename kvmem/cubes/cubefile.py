@@ -128,7 +128,7 @@ class PartFile:
             raise read_error(path, exc) from None
         source = FileBytes(fd, path)
         try:
-            meta_json, meta, entries, parts, data_start = _read_header(source, path, fmt=fmt, version=version)
+            _, meta, entries, parts, data_start = _read_header(source, path, fmt=fmt, version=version)
         except BaseException:
             source.close()
             raise
@@ -310,7 +310,7 @@ class CubeFile(PartFile, CubeFacts):
 
     @classmethod
     def _verified(cls, path, source) -> "CubeFile":
-        meta_json, meta, entries, parts, data_start = _read_header(source, path, fmt=FORMAT,
+        _, meta, entries, parts, data_start = _read_header(source, path, fmt=FORMAT,
                                                                    version=str(FORMAT_VERSION))
         if meta.get("quantization") is not None:
             raise NotLayered(f"{path} is a quantized cube: it is read whole (MemCube.load)")

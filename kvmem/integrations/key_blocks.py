@@ -1,7 +1,7 @@
 """A cube's keys in a paged KV cache's own block layout: a sidecar file a server reads straight into its blocks.
 
 vLLM's CPU backend keeps a block's keys as columns per head (head h's [head_dim, block_size], token-minor:
-`kvmem.integrations.vllm_pages.PagedLayout.forms`), while a cube stores them as rows ([kv_heads, tokens,
+`kvmem.integrations.paged_layout.PagedLayout.forms`), while a cube stores them as rows ([kv_heads, tokens,
 head_dim]). A cold load therefore reads the keys into a buffer and copies them transposed into the blocks: one
 extra pass over half the cube's bytes, on the cores the forward pass computes with. `write_key_blocks` writes the
 keys once more, next to the cube, in the blocks' own order (``<cube>.keys-b<block_size>``: per layer ``kb.<i>``

@@ -58,7 +58,8 @@ from .saving import AutoSave, SaveSpec, build_cube, parse_save, write_cube
 from .serving import CubePlanner, CubeSource, FileKV, Plan, check_connector_options, served_model_facts
 from .tenancy import Tenancy, read_secret, request_namespace
 from .vllm_metrics import Counts, KvmemPromMetrics, KvmemStats, refusal_reason
-from .vllm_pages import LayerWriter, Load, PagedLayout
+from .paged_layout import PagedLayout
+from .vllm_pages import LayerWriter, Load
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
