@@ -159,3 +159,25 @@ def test_readers_may_change_between_loads(cube, path):
                                     want.kv_cache, slots)
             assert torch.equal(layer.kv_cache, want.kv_cache)
     writer.close()
+
+
+def test_key_blocks_travel_to_another_process_by_their_path(cube, path):
+    """vLLM's OpenAI server plans in one process and loads in its worker: the plan's key blocks are pickled with
+    their verified header and reopened there by path."""
+    import pickle
+
+    write_key_blocks(path, block_size=16)
+    f = CubeFile.open(path)
+    kv = pickle.loads(pickle.dumps(FileKV(f, 0, 43, key_blocks=open_key_blocks(f, 16)).window(0, 32)))
+    assert kv.key_blocks is not None and kv.key_blocks.block_size == 16
+    heads, _, dim = cube.kv_shapes[0][0]
+    layers = [(i, f"l{i}", CpuLikeLayer(heads, dim)) for i in range(f.num_layers)]
+    writer = LayerWriter(block_size=16)
+    slots = torch.arange(32) + 16
+    writer.start([Load("r", kv, slots, [1, 2])], layers)
+    assert writer.finish() == set()
+    want = CpuLikeLayer(heads, dim)
+    want.do_kv_cache_update(want, cube.kv[0][0][:, :32].transpose(0, 1), cube.kv[0][1][:, :32].transpose(0, 1),
+                            want.kv_cache, slots)
+    assert torch.equal(layers[0][2].kv_cache, want.kv_cache)
+    writer.close()

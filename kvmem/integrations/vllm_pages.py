@@ -93,7 +93,7 @@ class BlockPlacement:
         offsets = self.forms[0][1]
         _, raw = self._views(cache)
         es = cache.element_size()
-        dtype, (heads, nb, dim, bs) = key_blocks.part_dtype_shape(name)
+        _, (heads, nb, dim, bs) = key_blocks.part_dtype_shape(name)
         lo, hi = window
         first = lo // bs
         tile = dim * bs * es
