@@ -154,8 +154,8 @@ class PartFile:
     def read_part_into(self, name: str, views: list[memoryview]) -> None:
         """Read tensor ``name``'s bytes, in file order, straight into ``views`` (writable byte buffers that do not
         overlap, together exactly the part's size: e.g. the blocks of a paged KV cache) and verify them against
-        the part's checksum: one read (``preadv`` where the source can) per `_CHUNK` bytes, hashed right after,
-        while they are still in the CPU's cache.
+        the part's checksum: one read (``preadv`` where the source can) per `_CHUNK` bytes (a source's own
+        ``chunk`` where it has one), hashed right after, while they are still in the CPU's cache.
 
         Raises:
             CubeError: the views do not add up to the part, the read failed, or the bytes do not match their
@@ -168,11 +168,12 @@ class PartFile:
             raise CubeError(f"{self.path}: {name} holds {end - begin} bytes, the buffers given take {total}")
         offset = self._data_start + begin
         h = part_hasher(name, dtype, shape)
+        chunk = getattr(self._source, "chunk", _CHUNK)  # a remote source reads more per round trip
         batch, size = [], 0
-        for v in _pieces(views, _CHUNK):
+        for v in _pieces(views, chunk):
             batch.append(v)
             size += len(v)
-            if size >= _CHUNK or len(batch) == _IOV_MAX:
+            if size >= chunk or len(batch) == _IOV_MAX:
                 offset = self._read_batch(batch, size, offset, name, h)
                 batch, size = [], 0
         if batch:

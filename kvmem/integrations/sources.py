@@ -176,6 +176,8 @@ class RedisBlobBytes:
     copy of layer by layer, straight from Redis. Blob names are never reused, so every range is of one blob; a
     blob deleted meanwhile reads short, which `CubeFile` reports as an error."""
 
+    chunk = 1 << 20  # bytes per GETRANGE (a round trip each: more than a local file's preadv)
+
     def __init__(self, client, key: str):
         self.client, self.key = client, key
         self.size = int(client.strlen(key))
