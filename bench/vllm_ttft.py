@@ -6,9 +6,15 @@ Methods, per memory length, on prompts of ``memory + query`` (token ids, greedy,
     kvmem, local disk     the cube named per request, read by KvmemConnector from a local cube folder, its layers
                           written by a loader thread while earlier layers compute (``layerwise``, the default);
                           where the backend stores a part as rows (vLLM CPU: float32 values) it is read from the
-                          file straight into the request's blocks, the other part copied once (plain copies)
+                          file straight into the request's blocks; keys, which vLLM's CPU backend keeps as columns,
+                          are read straight into the blocks too from the cube's key-blocks sidecar
+                          (`kvmem.integrations.key_blocks`, written for the engine's block size before timing)
+    kvmem, disk, 2 read threads  A/B in the same engine: the same load read by two threads, each a layer ahead
+                          (``"read_threads": 2``; the default is 1)
+    kvmem, disk, keys copied  A/B in the same engine: the same load without the sidecar (keys read into a buffer
+                          and copied transposed into the blocks: a cube without a sidecar)
     kvmem, disk, op writes  A/B in the same engine: the same load with every layer written through the backend's
-                          own ``do_kv_cache_update`` op from a read buffer (the writer before plain copies)
+                          own ``do_kv_cache_update`` op from a read buffer (the writer before plain copies, no sidecar)
     kvmem, disk, all layers first   the same with ``"layerwise": false``: every layer written before the forward
     kvmem, Redis          the same, from a Redis store, the local copy deleted before every call (a new replica)
 kvmem runs as a *fresh engine* would: a fresh cache salt per call, so vLLM's prefix cache never holds the memory
@@ -47,9 +53,11 @@ from _common import RESULTS, loadavg, machine_facts, pyplot, round_robin, save_f
 
 NOTES = Path(__file__).resolve().parents[1] / "kvmem" / "demo" / "data" / "team_notes.txt"
 QUERY = "\nQuestion: who leads the team, and which city do they live in?\nAnswer:"
-METHODS = ("full prefill", "prefix cache (warm)", "kvmem, local disk", "kvmem, disk, op writes",
-           "kvmem, disk, all layers first", "kvmem, Redis")
+METHODS = ("full prefill", "prefix cache (warm)", "kvmem, local disk", "kvmem, disk, 2 read threads",
+           "kvmem, disk, keys copied", "kvmem, disk, op writes", "kvmem, disk, all layers first", "kvmem, Redis")
+TWO_READERS = "kvmem, disk, 2 read threads"
 OP_WRITES = "kvmem, disk, op writes"
+KEYS_COPIED = "kvmem, disk, keys copied"
 KVMEM_METHODS = {"disk": "kvmem, local disk", "upfront": "kvmem, disk, all layers first", "redis": "kvmem, Redis"}
 TARGETS = {"kvmem_vs_warm_max": 1.2, "saving_vs_full_min": 0.70, "at_tokens": 4096}
 
@@ -176,7 +184,7 @@ def summarize(rows) -> dict:
         full = next((r["median_ms"] for r in at if r["method"] == "full prefill"), None)
         s = {f"{r['method']} [{r.get('engine', 'disk')} engine] (ms)": round(r["median_ms"], 1) for r in at}
         for r in at:
-            if r["method"] not in (*KVMEM_METHODS.values(), OP_WRITES):
+            if r["method"] not in (*KVMEM_METHODS.values(), OP_WRITES, KEYS_COPIED, TWO_READERS):
                 continue
             warm = next((w["median_ms"] for w in at if w["method"] == "prefix cache (warm)"
                          and w.get("engine") == r.get("engine")), None)
@@ -200,9 +208,16 @@ def worker(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
-    from kvmem.integrations.vllm_pages import LayerWriter
+    from kvmem.integrations.key_blocks import write_key_blocks
+    from kvmem.integrations.vllm_pages import BlockPlacement, LayerWriter
 
-    plain_copies = LayerWriter.placement
+    plain_copies, key_blocks, start = LayerWriter.placement, BlockPlacement.takes_key_blocks, LayerWriter.start
+
+    def start_with(readers):
+        def start_readers(self, loads, layers):
+            self.readers = readers
+            return start(self, loads, layers)
+        return start_readers
     spec = json.loads(Path(spec_path).read_text())
     source = spec["source"]
     llm = LLM(model=spec["ckpt"], dtype="float32", enforce_eager=True, max_model_len=spec["max_model_len"], seed=0,
@@ -222,6 +237,11 @@ def worker(spec_path: str, out_path: str) -> None:
         for f in Path(spec["cache"]).glob("*.safetensors"):
             f.unlink()
 
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
+    if "folder" in spec["config"]:  # written with the cube, as a server saving it would: before any request
+        for cube in spec["cubes"].values():
+            write_key_blocks(Path(spec["config"]["folder"]) / "default" / f"{cube['name']}.safetensors",
+                             block_size=block_size)
     rows = []
     for n, cube in spec["cubes"].items():
         ids = cube["ids"] + spec["query"]
@@ -235,11 +255,17 @@ def worker(spec_path: str, out_path: str) -> None:
                "prefix cache (warm)": lambda: call("prefix cache (warm)", salt=f"warm-{n}")}
         before = None
         if source == "disk":
+            fns[TWO_READERS] = lambda: call(TWO_READERS, salt=uuid.uuid4().hex, cubes=[cube["name"]])
+            fns[KEYS_COPIED] = lambda: call(KEYS_COPIED, salt=uuid.uuid4().hex, cubes=[cube["name"]])
             fns[OP_WRITES] = lambda: call(OP_WRITES, salt=uuid.uuid4().hex, cubes=[cube["name"]])
             fns["full prefill"] = lambda: call("full prefill", salt=uuid.uuid4().hex)
 
-            def before(name):  # A/B in this engine: the previous writer (the backend's op) for OP_WRITES calls
+            def before(name):  # A/B in this engine: the writers before the sidecar (keys copied) and before plain
+                # copies (the backend's op) for their calls
                 LayerWriter.placement = (lambda self, layer: None) if name == OP_WRITES else plain_copies
+                BlockPlacement.takes_key_blocks = (lambda self, kb, cache: False) if name == KEYS_COPIED \
+                    else key_blocks
+                LayerWriter.start = start_with(2 if name == TWO_READERS else 1)
         elif source == "redis":
             before = lambda name: drop_local_copies()  # noqa: E731
         reps = {name: spec["full_reps"] if name == "full prefill" else spec["reps"] for name in fns}

@@ -16,6 +16,7 @@ reads any byte source the same way (a Redis store's blob, whose names are never 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import weakref
@@ -31,7 +32,8 @@ from .memcube import FORMAT, CubeFacts, check_parts
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
 _IOV_MAX = 1024  # buffers one preadv takes (Linux's IOV_MAX)
-_CHUNK = 1 << 20  # bytes read per preadv, hashed right after, while they are still in the CPU's cache
+_CHUNK = 128 << 10  # bytes read per preadv, hashed right after, while they are still in the CPU's L2 cache
+# (a 4k SmolLM2 cube read into a paged cache: 61 ms of CPU at 128 KiB, 71 ms at 1 MiB, bench/README.md)
 
 
 class NotLayered(CubeError):
@@ -92,16 +94,14 @@ class FileBytes:
         return {"fd": None, "path": self.path, "size": self.size}
 
 
-class CubeFile(CubeFacts):
-    """A MemCube file opened for reading layer by layer (see the module docstring).
+class PartFile:
+    """A kvmem safetensors file (``format``, ``format_version``, ``meta``, ``part_checksums`` in its header) read
+    part by part: `open_parts` reads and verifies the header (a few KB); `read_part_into` reads one tensor's bytes
+    into a caller's buffers and verifies them against their own checksum. `CubeFile` is the MemCube's; a serving
+    engine's sidecar files use it directly (`kvmem.integrations.key_blocks`)."""
 
-    The attributes a server matches and checks a request with are those of `MemCube`: ``meta`` (a copy),
-    ``all_ids``, ``input_ids``, ``anchor_len``, ``num_tokens``, ``name``, ``dtype``, ``fingerprint_fields``,
-    ``quantization`` (always None), ``nbytes``, ``kv_shapes``, ``num_layers``.
-    """
-
-    def __init__(self, path, source, meta: dict, ids: torch.Tensor, entries: dict, parts: dict, data_start: int):
-        self.path, self._source, self._meta, self._ids = path, source, meta, ids
+    def __init__(self, path, source, meta: dict, entries: dict, parts: dict, data_start: int):
+        self.path, self._source, self._meta = path, source, meta
         self._entries, self._parts, self._data_start = entries, parts, data_start
         self._closer = weakref.finalize(self, source.close)
 
@@ -114,6 +114,174 @@ class CubeFile(CubeFacts):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._closer = weakref.finalize(self, self._source.close)
+
+    @classmethod
+    def open_parts(cls, path: str | os.PathLike, *, fmt: str, version: str) -> "PartFile":
+        """Open ``path``, a file of format ``fmt`` version ``version``, and verify its header and metadata.
+
+        Raises:
+            CubeError: missing, truncated, of another format or version, or its header fails its checksum."""
+        path = Path(path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise read_error(path, exc) from None
+        source = FileBytes(fd, path)
+        try:
+            _, meta, entries, parts, data_start = _read_header(source, path, fmt=fmt, version=version)
+        except BaseException:
+            source.close()
+            raise
+        return cls(path, source, meta, entries, parts, data_start)
+
+    @property
+    def meta(self) -> dict:
+        """The file's metadata (a copy)."""
+        return copy.deepcopy(self._meta)
+
+    def close(self) -> None:
+        self._closer()
+
+    def part_checksum(self, name: str) -> str:
+        """Tensor ``name``'s verified ``part_checksums`` entry (``"__header__"``: the header's)."""
+        return self._parts[name]
+
+    def part_dtype_shape(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """Tensor ``name``'s (``"k.3"``, ``"v.3"``) dtype and shape as the file declares them (verified at open)."""
+        dtype, shape, _, _ = self._entries[name]
+        return dtype, shape
+
+    def read_part_into(self, name: str, views: list[memoryview]) -> None:
+        """Read tensor ``name``'s bytes, in file order, straight into ``views`` (writable byte buffers that do not
+        overlap, together exactly the part's size: e.g. the blocks of a paged KV cache) and verify them against
+        the part's checksum: one read (``preadv`` where the source can) per `_CHUNK` bytes (a source's own
+        ``chunk`` where it has one), hashed right after, while they are still in the CPU's cache.
+
+        Raises:
+            CubeError: the views do not add up to the part, the read failed, or the bytes do not match their
+            checksum: the views then hold unverified bytes, and the caller must not use them (a server reports
+            the blocks they belong to as load errors).
+        """
+        dtype, shape, begin, end = self._entries[name]
+        total = sum(len(v) for v in views)
+        if total != end - begin:
+            raise CubeError(f"{self.path}: {name} holds {end - begin} bytes, the buffers given take {total}")
+        offset = self._data_start + begin
+        h = part_hasher(name, dtype, shape)
+        chunk = getattr(self._source, "chunk", _CHUNK)  # a remote source reads more per round trip
+        batch, size = [], 0
+        for v in _pieces(views, chunk):
+            batch.append(v)
+            size += len(v)
+            if size >= chunk or len(batch) == _IOV_MAX:
+                offset = self._read_batch(batch, size, offset, name, h)
+                batch, size = [], 0
+        if batch:
+            self._read_batch(batch, size, offset, name, h)
+        if h.hexdigest() != self._parts[name]:
+            raise CubeError(f"{self.path}: checksum mismatch of {name}: the file was corrupted after it was saved; "
+                            "rebuild it")
+
+    def _read_batch(self, views: list[memoryview], size: int, offset: int, name: str, hasher) -> int:
+        """Fill ``views`` (``size`` bytes) from ``offset`` and hash them while they are still in the CPU's cache."""
+        many = getattr(self._source, "read_into_many", None)
+        got = 0
+        if many is not None:
+            try:
+                got = many(views, offset)
+            except OSError as exc:
+                raise CubeError(f"cannot read {name} of {self.path} ({exc})") from None
+        if got < size:  # a short read (or a source without preadv): finish view by view
+            done = 0
+            for v in views:
+                if done + len(v) > got:
+                    start = max(got - done, 0)
+                    _read_into(self._source, v[start:], offset + done + start, f"{name} of {self.path}")
+                done += len(v)
+        for v in views:
+            hasher.update(v)
+        return offset + size
+
+    def _read(self, name: str, key: str, scratch: Scratch | None) -> torch.Tensor:
+        dtype, shape, begin, end = self._entries[name]
+        buf = scratch.take(key, end - begin) if scratch is not None else torch.empty(end - begin, dtype=torch.uint8)
+        self.read_part_into(name, [memoryview(buf.numpy())])
+        return buf.view(dtype).view(shape)
+
+
+def _read_header(source, path, *, fmt: str, version: str | None):
+    """A kvmem safetensors header read from ``source`` and verified: (meta JSON, meta, entries {name: (dtype,
+    shape, begin, end)}, part checksums, data start). ``version`` None: any (the caller checks it)."""
+    def bad(why: str):
+        return CubeError(f"{path}: {why}; the file is truncated, corrupted or another kind of file; rebuild it")
+
+    size = source.size
+    if size < 8:
+        raise bad(f"only {size} bytes")
+    declared = int.from_bytes(_read(source, 8, 0, path), "little")
+    if declared > size - 8 or declared > MAX_HEADER_BYTES:
+        raise bad(f"its header claims {declared} bytes, the file has {size}")
+    try:
+        header = json.loads(_read(source, declared, 8, path))
+        strings = header.pop("__metadata__", None) or {}
+        if not isinstance(header, dict) or not isinstance(strings, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"not a valid safetensors header ({str(exc)[:120]})") from None
+    if strings.get("format") != fmt:
+        raise bad(f"not a {fmt} (format {strings.get('format')!r})")
+    got_version, meta_json = strings.get("format_version"), strings.get("meta", "")
+    if version is None:
+        version = got_version
+    if got_version != version:  # quantized (version 2) cubes are read whole; unknown versions too
+        raise NotLayered(f"{path}: format version {got_version!r} is read whole (MemCube.load)")
+    try:
+        parts = json.loads(strings["part_checksums"])
+        if not isinstance(parts, dict):
+            raise ValueError
+    except (KeyError, ValueError, TypeError):
+        raise NotLayered(f"{path} has no per-part checksums (written by an older kvmem): it is read whole; "
+                         "save it again with this kvmem to load it layer by layer") from None
+    if parts.get(HEADER_PART) != header_digest(fmt, version, meta_json):
+        raise bad("checksum mismatch of its header (format, version, metadata): it was edited or damaged")
+    try:
+        meta = json.loads(meta_json)
+        if not isinstance(meta, dict):
+            raise ValueError
+    except (ValueError, RecursionError):
+        raise bad("its metadata is not a JSON object") from None
+    data_start = 8 + declared
+    entries = {}
+    for name, entry in header.items():
+        try:
+            dtype = _ST_DTYPES[entry["dtype"]]
+            shape = [int(s) for s in entry["shape"]]
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} has a malformed entry") from None
+        n = 1
+        for s in shape:
+            n *= s
+        if min(shape, default=1) < 0 or not 0 <= begin <= end <= size - data_start \
+                or end - begin != n * torch.empty((), dtype=dtype).element_size():
+            raise bad(f"tensor {name!r} ({entry['dtype']} {shape}) does not fit its offsets [{begin}, {end})")
+        if name not in parts:
+            raise bad(f"tensor {name!r} has no checksum in part_checksums")
+        entries[name] = (dtype, tuple(shape), begin, end)
+    return meta_json, meta, entries, parts, data_start
+
+
+class CubeFile(PartFile, CubeFacts):
+    """A MemCube file opened for reading layer by layer (see the module docstring).
+
+    The attributes a server matches and checks a request with are those of `MemCube`: ``meta`` (a copy),
+    ``all_ids``, ``input_ids``, ``anchor_len``, ``num_tokens``, ``name``, ``dtype``, ``fingerprint_fields``,
+    ``quantization`` (always None), ``nbytes``, ``kv_shapes``, ``num_layers``.
+    """
+
+    def __init__(self, path, source, meta: dict, ids: torch.Tensor, entries: dict, parts: dict, data_start: int):
+        super().__init__(path, source, meta, entries, parts, data_start)
+        self._ids = ids
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "CubeFile":
@@ -143,75 +311,21 @@ class CubeFile(CubeFacts):
 
     @classmethod
     def _verified(cls, path, source) -> "CubeFile":
-        def bad(why: str):
-            return CubeError(f"{path}: {why}; the cube is truncated, corrupted or another kind of file; rebuild it")
-
-        size = source.size
-        if size < 8:
-            raise bad(f"only {size} bytes")
-        declared = int.from_bytes(_read(source, 8, 0, path), "little")
-        if declared > size - 8 or declared > MAX_HEADER_BYTES:
-            raise bad(f"its header claims {declared} bytes, the file has {size}")
-        try:
-            header = json.loads(_read(source, declared, 8, path))
-            strings = header.pop("__metadata__", None) or {}
-            if not isinstance(header, dict) or not isinstance(strings, dict):
-                raise ValueError("header is not a JSON object")
-        except (ValueError, RecursionError) as exc:
-            raise bad(f"not a valid safetensors header ({str(exc)[:120]})") from None
-        if strings.get("format") != FORMAT:
-            raise bad(f"not a {FORMAT} (format {strings.get('format')!r})")
-        version, meta_json = strings.get("format_version"), strings.get("meta", "")
-        if version != str(FORMAT_VERSION):  # quantized (version 2) cubes are read whole; unknown versions too
-            raise NotLayered(f"{path}: format version {version!r} is read whole (MemCube.load)")
-        try:
-            parts = json.loads(strings["part_checksums"])
-            if not isinstance(parts, dict):
-                raise ValueError
-        except (KeyError, ValueError, TypeError):
-            raise NotLayered(f"{path} has no per-part checksums (written by an older kvmem): it is read whole; "
-                             "save it again with this kvmem to load it layer by layer") from None
-        if parts.get(HEADER_PART) != header_digest(FORMAT, version, meta_json):
-            raise bad("checksum mismatch of its header (format, version, metadata): it was edited or damaged")
-        try:
-            meta = json.loads(meta_json)
-            if not isinstance(meta, dict):
-                raise ValueError
-        except (ValueError, RecursionError):
-            raise bad("its metadata is not a JSON object") from None
+        _, meta, entries, parts, data_start = _read_header(source, path, fmt=FORMAT,
+                                                                   version=str(FORMAT_VERSION))
         if meta.get("quantization") is not None:
             raise NotLayered(f"{path} is a quantized cube: it is read whole (MemCube.load)")
-        data_start = 8 + declared
-        entries, stubs = {}, {}
-        for name, entry in header.items():
-            try:
-                dtype = _ST_DTYPES[entry["dtype"]]
-                shape = [int(s) for s in entry["shape"]]
-                begin, end = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise bad(f"tensor {name!r} has a malformed entry") from None
-            n = 1
-            for s in shape:
-                n *= s
-            if min(shape, default=1) < 0 or not 0 <= begin <= end <= size - data_start \
-                    or end - begin != n * torch.empty((), dtype=dtype).element_size():
-                raise bad(f"tensor {name!r} ({entry['dtype']} {shape}) does not fit its offsets [{begin}, {end})")
-            if name not in parts:
-                raise bad(f"tensor {name!r} has no checksum in part_checksums")
-            entries[name] = (dtype, tuple(shape), begin, end)
-            stubs[name] = torch.empty(shape, dtype=dtype, device="meta")
+        stubs = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (dtype, shape, _, _) in entries.items()}
         if "input_ids" in entries:
             dtype, shape, begin, end = entries["input_ids"]
             data = _read(source, end - begin, data_start + begin, path)
             if parts["input_ids"] != part_digest("input_ids", dtype, shape, data):
-                raise bad("checksum mismatch of its token ids")
+                raise CubeError(f"{path}: checksum mismatch of its token ids; the cube is truncated, corrupted or "
+                                "another kind of file; rebuild it")
             stubs["input_ids"] = torch.frombuffer(data, dtype=dtype).reshape(shape) if data else \
                 torch.empty(shape, dtype=dtype)
         check_parts(path, meta, stubs)  # every shape, dtype and count against the metadata, as MemCube.load
         return cls(path, source, meta, stubs["input_ids"], entries, parts, data_start)
-
-    def close(self) -> None:
-        self._closer()
 
     # ---------------------------------------------------------------- the layers
     def read_layer(self, index: int, *, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,72 +341,12 @@ class CubeFile(CubeFacts):
             raise CubeError(f"{self.path}: layer {index} out of range (the cube has {self.num_layers})")
         return self._read(f"k.{index}", "k", scratch), self._read(f"v.{index}", "v", scratch)
 
-    def part_dtype_shape(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        """Tensor ``name``'s (``"k.3"``, ``"v.3"``) dtype and shape as the file declares them (verified at open)."""
-        dtype, shape, _, _ = self._entries[name]
-        return dtype, shape
-
     def read_part(self, name: str, *, scratch: Scratch | None = None) -> torch.Tensor:
         """Tensor ``name`` read and verified, as `read_layer` reads each of its two (a view of ``scratch``'s
         buffer ``name[0]`` when given)."""
         if name not in self._entries or name == "input_ids":
             raise CubeError(f"{self.path}: no KV tensor {name!r}")
         return self._read(name, name[0], scratch)
-
-    def read_part_into(self, name: str, views: list[memoryview]) -> None:
-        """Read tensor ``name``'s bytes, in file order, straight into ``views`` (writable byte buffers that do not
-        overlap, together exactly the part's size: e.g. the blocks of a paged KV cache) and verify them against
-        the part's checksum: one read (``preadv`` where the source can) per MiB, hashed while it is in the CPU's cache.
-
-        Raises:
-            CubeError: the views do not add up to the part, the read failed, or the bytes do not match their
-            checksum: the views then hold unverified bytes, and the caller must not use them (a server reports
-            the blocks they belong to as load errors).
-        """
-        dtype, shape, begin, end = self._entries[name]
-        total = sum(len(v) for v in views)
-        if total != end - begin:
-            raise CubeError(f"{self.path}: {name} holds {end - begin} bytes, the buffers given take {total}")
-        offset = self._data_start + begin
-        h = part_hasher(name, dtype, shape)
-        batch, size = [], 0
-        for v in _pieces(views, _CHUNK):
-            batch.append(v)
-            size += len(v)
-            if size >= _CHUNK or len(batch) == _IOV_MAX:
-                offset = self._read_batch(batch, size, offset, name, h)
-                batch, size = [], 0
-        if batch:
-            self._read_batch(batch, size, offset, name, h)
-        if h.hexdigest() != self._parts[name]:
-            raise CubeError(f"{self.path}: checksum mismatch of {name}: the file was corrupted after it was saved; "
-                            "rebuild the cube")
-
-    def _read_batch(self, views: list[memoryview], size: int, offset: int, name: str, hasher) -> int:
-        """Fill ``views`` (``size`` bytes) from ``offset`` and hash them while they are still in the CPU's cache."""
-        many = getattr(self._source, "read_into_many", None)
-        got = 0
-        if many is not None:
-            try:
-                got = many(views, offset)
-            except OSError as exc:
-                raise CubeError(f"cannot read {name} of {self.path} ({exc})") from None
-        if got < size:  # a short read (or a source without preadv): finish view by view
-            done = 0
-            for v in views:
-                if done + len(v) > got:
-                    start = max(got - done, 0)
-                    _read_into(self._source, v[start:], offset + done + start, f"{name} of {self.path}")
-                done += len(v)
-        for v in views:
-            hasher.update(v)
-        return offset + size
-
-    def _read(self, name: str, key: str, scratch: Scratch | None) -> torch.Tensor:
-        dtype, shape, begin, end = self._entries[name]
-        buf = scratch.take(key, end - begin) if scratch is not None else torch.empty(end - begin, dtype=torch.uint8)
-        self.read_part_into(name, [memoryview(buf.numpy())])
-        return buf.view(dtype).view(shape)
 
     # ---------------------------------------------------------------- what MemCube offers beyond CubeFacts
     @property

@@ -21,6 +21,7 @@ its next request).
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 import threading
@@ -35,6 +36,7 @@ import xxhash
 from ..cubes.memcube import MemCube, cube_meta
 from ..errors import CubeError
 from ..store.records import check_name
+from .key_blocks import key_blocks_path, write_key_blocks
 from .tenancy import request_namespace
 
 
@@ -116,10 +118,14 @@ def build_cube(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], spec: SaveSpec, 
     return MemCube(kv, torch.tensor(spec.ids, dtype=torch.long), meta)
 
 
-def write_cube(source, spec: SaveSpec, cube: MemCube) -> str:
+def write_cube(source, spec: SaveSpec, cube: MemCube, *, key_block_size: int | None = None) -> str:
     """Validate ``cube`` (written, then read back through `MemCube.load`) and publish it atomically in ``source``
     (a `kvmem.integrations.serving.CubeSource`): ``<folder>/<namespace>/<name>.safetensors``, or ``put_cube``
-    into the store with ``spec.record_text`` (a store memory needs a text). Returns where it went."""
+    into the store with ``spec.record_text`` (a store memory needs a text). Returns where it went.
+
+    ``key_block_size``: a folder cube also gets its keys in the engine's block layout for blocks of that many
+    tokens (`kvmem.integrations.key_blocks`), written before the cube is published, so a server never sees the
+    cube without it."""
     if source.folder is not None:
         final = Path(source.folder) / spec.namespace / f"{spec.name}.safetensors"
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +135,8 @@ def write_cube(source, spec: SaveSpec, cube: MemCube) -> str:
         try:
             cube.save(staged)
             MemCube.load(staged)  # validated before any reader can see it
+            if key_block_size:
+                write_key_blocks(staged, block_size=key_block_size, out=key_blocks_path(final, key_block_size))
             os.replace(staged, final)
         finally:
             if os.path.exists(staged):
@@ -145,7 +153,10 @@ def write_cube(source, spec: SaveSpec, cube: MemCube) -> str:
 def delete_cube(source, namespace: str, name: str) -> None:
     """Remove cube ``name`` of ``namespace`` from ``source`` (a missing one is not an error)."""
     if source.folder is not None:
-        (Path(source.folder) / namespace / f"{name}.safetensors").unlink(missing_ok=True)
+        path = Path(source.folder) / namespace / f"{name}.safetensors"
+        path.unlink(missing_ok=True)
+        for side in path.parent.glob(f"{glob.escape(name)}.keys-b*"):  # its key blocks (key_blocks_path)
+            side.unlink(missing_ok=True)
     else:
         source.store.view(namespace).rm(name)
 

@@ -34,12 +34,13 @@ from ..inject.prefill import prefill
 from ..model.cache import kv_from_cache
 from ..model.rope import rope_facts
 from ..store.lineage import DERIVED_KEY, sources_of
+from .key_blocks import open_key_blocks
 from .sources import CubeSource, FileKV, Refused, check_request_name  # noqa: F401  (CubeSource: importable here too)
 from .tenancy import cube_digest, request_namespace
 
 
 CONNECTOR_OPTIONS = ("store", "folder", "namespace", "namespaces", "auto", "tenant_salt", "salt_secret", "layerwise",
-                     "autosave_tokens", "autosave_bytes")
+                     "read_threads", "key_blocks", "autosave_tokens", "autosave_bytes")
 # what a request's kv_transfer_params["kvmem"] may hold: loading (cubes, namespace, auto), saving (kvmem.integrations.saving)
 REQUEST_KEYS = ("cubes", "namespace", "auto", "save", "text", "tokens", "anchor")
 
@@ -140,10 +141,13 @@ class CubePlanner:
         namespace: the namespace of requests that name none.
         namespaces: the namespaces requests may name (default: only ``namespace``). A request never sees another.
         auto: give plain requests the longest exact cube whose ids start their prompt.
+        key_blocks: read a cube's keys from its key-blocks sidecar for ``block_size`` where it has one
+            (`kvmem.integrations.key_blocks`; the loader uses it where the cache keeps keys in that layout).
     """
 
     def __init__(self, source: CubeSource, *, fields: dict, dtype: torch.dtype, block_size: int, rope=None,
-                 namespace: str = "default", namespaces: Sequence[str] | None = None, auto: bool = True):
+                 namespace: str = "default", namespaces: Sequence[str] | None = None, auto: bool = True,
+                 key_blocks: bool = True):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise CubeError(f"block_size must be a positive int (the engine's KV block size), got {block_size!r}")
         if not isinstance(dtype, torch.dtype):
@@ -156,6 +160,7 @@ class CubePlanner:
         self.namespaces = self.served_namespaces(namespace, namespaces)
         self.namespace = namespace
         self.auto = _check_flag(auto, "auto")
+        self.key_blocks = _check_flag(key_blocks, "key_blocks")
         self._index: dict[str, dict[str, tuple[object, tuple[int, ...] | None]]] = {}  # ns -> name -> (version, ids)
         self._just_loaded: dict[tuple[str, str, object], MemCube] = {}
 
@@ -296,7 +301,8 @@ class CubePlanner:
             raise Refused(f"{names} cover {n_ids} tokens, less than one KV block "
                           f"({self.block_size}) before the last prompt token: nothing to load")
         if len(cubes) == 1 and isinstance(cubes[0], CubeFile):  # read layer by layer as the engine writes it
-            kv = FileKV(cubes[0], 0, n)
+            blocks = open_key_blocks(cubes[0], self.block_size) if self.key_blocks else None
+            kv = FileKV(cubes[0], 0, n, key_blocks=blocks)
         elif len(cubes) == 1:
             c = cubes[0]
             kv = [(k[:, :n].to(self.dtype), v[:, :n].to(self.dtype)) for k, v in c.kv]

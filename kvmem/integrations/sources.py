@@ -176,6 +176,8 @@ class RedisBlobBytes:
     copy of layer by layer, straight from Redis. Blob names are never reused, so every range is of one blob; a
     blob deleted meanwhile reads short, which `CubeFile` reports as an error."""
 
+    chunk = 1 << 20  # bytes per GETRANGE (a round trip each: more than a local file's preadv)
+
     def __init__(self, client, key: str):
         self.client, self.key = client, key
         self.size = int(client.strlen(key))
@@ -223,8 +225,10 @@ class FileKV:
     and verified (`CubeFile.read_layer`) only when the engine writes that layer, so a server reads a cube while
     its model computes. ``kv[i]`` reads layer i into fresh tensors; `layer` reads into reusable buffers."""
 
-    def __init__(self, cube: CubeFile, start: int, end: int):
+    def __init__(self, cube: CubeFile, start: int, end: int, *, key_blocks=None):
         self.cube, self.start, self.end = cube, start, end
+        self.key_blocks = key_blocks  # the cube's keys in the cache's block layout, or None
+        # (`kvmem.integrations.key_blocks`: read straight into the blocks where the cache keeps keys that way)
 
     def __len__(self) -> int:
         return self.cube.num_layers
@@ -236,7 +240,7 @@ class FileKV:
 
     def window(self, start: int, end: int) -> "FileKV":
         """Positions [start, end) of this KV."""
-        return FileKV(self.cube, self.start + start, self.start + end)
+        return FileKV(self.cube, self.start + start, self.start + end, key_blocks=self.key_blocks)
 
     def layer(self, index: int, *, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``index``'s (keys, values) of this window; views of ``scratch``'s buffers when given.

@@ -58,7 +58,8 @@ from .saving import AutoSave, SaveSpec, build_cube, parse_save, write_cube
 from .serving import CubePlanner, CubeSource, FileKV, Plan, check_connector_options, served_model_facts
 from .tenancy import Tenancy, read_secret, request_namespace
 from .vllm_metrics import Counts, KvmemPromMetrics, KvmemStats, refusal_reason
-from .vllm_pages import LayerWriter, Load, PagedLayout
+from .paged_layout import PagedLayout
+from .vllm_pages import LayerWriter, Load
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -114,7 +115,7 @@ class KvmemConnector(KVConnectorBase_V1):
         self._layouts: dict[tuple, PagedLayout] = {}
         self._writer: ThreadPoolExecutor | None = None
         self._layers_writer = LayerWriter(layerwise=self._extra.get("layerwise", True),  # worker: cube KV in
-                                          block_size=self._block_size)
+                                          block_size=self._block_size, readers=self._extra.get("read_threads", 1))
         self._counts = Counts()  # this side's counters for vLLM's /metrics (kvmem.integrations.vllm_metrics)
         self._autosave = None
         if self._extra.get("autosave_tokens") is not None:
@@ -155,7 +156,7 @@ class KvmemConnector(KVConnectorBase_V1):
         self._tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or model_config.model)
         planner = CubePlanner(source, fields=fields, dtype=model_config.dtype, block_size=self._block_size,
                               rope=rope, namespace=self._namespace, namespaces=list(self._namespaces),
-                              auto=extra.get("auto", True))
+                              auto=extra.get("auto", True), key_blocks=extra.get("key_blocks", True))
         logger.info("kvmem: serving cubes from %r, namespaces %s (default %r), serving dtype %s, block size %d; "
                     "fingerprint of %s taken in %.1f s", source, list(planner.namespaces), self._namespace,
                     model_config.dtype, self._block_size, model_config.model, time.perf_counter() - t0)
@@ -214,9 +215,10 @@ class KvmemConnector(KVConnectorBase_V1):
             return None
         self._counts.count("vllm:kvmem_cubes_served_total", "exact" if plan.exact else "approximate")
         self._plans[request.request_id] = plan
-        logger.info("kvmem: request %s gets %s from namespace %r: %d tokens%s, planned in %.0f ms",
+        logger.info("kvmem: request %s gets %s from namespace %r: %d tokens%s%s, planned in %.0f ms",
                     request.request_id, list(plan.names), plan.namespace, plan.num_tokens,
                     "" if plan.exact else f" (approximate: {'; '.join(plan.notes)}; cache salt {plan.salt})",
+                    ", keys from its key blocks" if getattr(plan.kv, "key_blocks", None) is not None else "",
                     1e3 * (time.perf_counter() - t0))
         return plan
 
@@ -393,15 +395,24 @@ class KvmemConnector(KVConnectorBase_V1):
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-save")
                 self._source = CubeSource(store=self._extra.get("store"), folder=self._extra.get("folder"))
-            self._writer.submit(self._write, save, [got[i] for i in range(len(got))])
+            self._writer.submit(self._write, save, [got[i] for i in range(len(got))], self._key_block_size())
 
-    def _write(self, save: _Save, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _key_block_size(self) -> int | None:
+        """The block size a saved cube's key-blocks sidecar is written for (`kvmem.integrations.key_blocks`): this
+        engine's, where its cache keeps keys as columns per block (vLLM CPU, float32) and ``key_blocks`` is on
+        (the default); else None."""
+        if not self._extra.get("key_blocks", True):
+            return None
+        forms = {layout.forms()[0][0] if layout.forms()[0] else None for layout in self._layouts.values()}
+        return self._block_size if forms == {"cols"} else None
+
+    def _write(self, save: _Save, kv: list[tuple[torch.Tensor, torch.Tensor]], key_block_size: int | None) -> None:
         import vllm
 
         t0 = time.perf_counter()
         try:
             cube = build_cube(kv, save.spec, fields=save.fields, engine=f"vllm {vllm.__version__}")
-            where = write_cube(self._source, save.spec, cube)
+            where = write_cube(self._source, save.spec, cube, key_block_size=key_block_size)
         except Exception as exc:
             logger.error("kvmem: saving cube %r of request %s failed: %s: %s", save.spec.name, save.request_id,
                          type(exc).__name__, exc)
@@ -409,7 +420,8 @@ class KvmemConnector(KVConnectorBase_V1):
             return
         self._counts.count("vllm:kvmem_cubes_saved_total", "saved")
         if save.spec.auto and self._autosave is not None:
-            for gone in self._autosave.admit(self._source, save.spec, cube.nbytes):
+            nbytes = cube.nbytes + (sum(k.numel() * k.element_size() for k, _ in cube.kv) if key_block_size else 0)
+            for gone in self._autosave.admit(self._source, save.spec, nbytes):  # its key blocks count too
                 logger.info("kvmem: auto-saved cube %s deleted: auto-saved cubes exceed autosave_bytes", gone)
         logger.info("kvmem: saved cube %r (%d tokens, %.1f MB) of request %s to %s in %.0f ms", save.spec.name,
                     save.spec.tokens, cube.nbytes / 1e6, save.request_id, where, 1e3 * (time.perf_counter() - t0))

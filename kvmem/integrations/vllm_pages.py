@@ -1,13 +1,9 @@
-"""vLLM's paged KV cache: writing cube KV into it layer by layer (`LayerWriter`), and reading keys and values back
-out of it, whatever layout the attention backend packs them in (`PagedLayout`).
+"""vLLM's paged KV cache: writing cube KV into it layer by layer (`LayerWriter`), whatever layout the attention
+backend packs it in (learned through the backend's own op: `kvmem.integrations.paged_layout.PagedLayout`).
 
-vLLM writes a layer's KV through its backend's own op (``layer.impl.do_kv_cache_update``), and the CPU backend
-packs rows for the CPU's instruction set (AMX / VNNI pair dimensions), so indexing a block by hand reads the wrong
-numbers. `PagedLayout.learn` asks the op itself: it writes numbered keys and values into one scratch block and
-records where each number landed. That map (one gather index per block) then reads any block back exactly, for
-any backend whose op is a pure placement (no scaling: fp8 caches are refused). Where that map is plain rows or
-columns per head (vLLM's CPU backend in float32), `BlockPlacement` writes cube KV by plain copies instead of the
-op, reading a part stored as rows straight from the cube file into the blocks.
+Where that layout is plain rows or columns per head (vLLM's CPU backend in float32), `BlockPlacement` writes cube
+KV by plain copies instead of the op, reading a part stored as rows straight from the cube file into the blocks
+(and keys from a cube's key blocks, `kvmem.integrations.key_blocks`); elsewhere the backend's op writes it.
 """
 
 from __future__ import annotations
@@ -22,99 +18,13 @@ import torch
 
 from ..cubes.cubefile import Scratch
 from ..errors import CubeError
+from .paged_layout import PagedLayout
 from .sources import FileKV
 
 logger = logging.getLogger("vllm.kvmem")  # the connector's logger (vLLM's init_logger is logging.getLogger)
 
 _WORDS = {1: "u1", 2: "u2", 4: "u4", 8: "u8"}  # numpy integer views of a dtype's bytes, by width
 _TORCH_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BASE = 128  # a number's digits in this base are exact in every float dtype a KV cache uses (bf16: up to 256)
-
-
-class PagedLayout:
-    """Where token t, head h, dim d of a block's keys (and values) sit in one block of the paged cache.
-
-    Attributes:
-        block_size, num_heads, head_size: the block's shape as the write op takes it ([block_size, H, D] rows).
-    """
-
-    def __init__(self, key_index: torch.Tensor, value_index: torch.Tensor, block_size: int, num_heads: int,
-                 head_size: int):
-        self.key_index, self.value_index = key_index, value_index  # [block_size * H * D] flat positions in a block
-        self.block_size, self.num_heads, self.head_size = block_size, num_heads, head_size
-
-    @classmethod
-    def learn(cls, layer, kv_cache: torch.Tensor, *, block_size: int) -> "PagedLayout":
-        """The layout of ``layer``'s cache ``kv_cache`` ([num_blocks, ...], blocks on dim 0), learned through the
-        layer's own ``impl.do_kv_cache_update`` on a scratch block (the real cache is not touched).
-
-        Raises:
-            CubeError: the op is not a one-to-one placement (a quantized cache), or the layer lacks the op.
-        """
-        impl = getattr(layer, "impl", None)
-        if not hasattr(impl, "do_kv_cache_update"):
-            raise CubeError(f"attention layer {type(layer).__name__} has no do_kv_cache_update to learn its layout")
-        if getattr(impl, "kv_cache_dtype", "auto") not in ("auto", None):
-            raise CubeError(f"the KV cache is stored as {impl.kv_cache_dtype}: kvmem saves full-precision caches only")
-        heads, head_size = int(layer.num_kv_heads), int(layer.head_size)
-        n = block_size * heads * head_size
-        scratch = torch.zeros((1, *kv_cache.shape[1:]), dtype=kv_cache.dtype, device=kv_cache.device)
-        if scratch.numel() < 2 * n:
-            raise CubeError(f"a cache block holds {scratch.numel()} numbers, fewer than its keys and values ({2 * n})")
-        slots = torch.arange(block_size, dtype=torch.long, device=kv_cache.device)
-        numbers = torch.arange(1, n + 1, dtype=torch.long)  # 0 marks a position nothing was written to
-        passes = 1
-        while _BASE ** passes <= n:
-            passes += 1
-        index = []
-        for which in (0, 1):  # keys, then values
-            code = torch.zeros(scratch.numel(), dtype=torch.long)
-            for p in range(passes):
-                digit = (numbers // _BASE ** p % _BASE).to(kv_cache.dtype).view(block_size, heads, head_size)
-                zero = torch.zeros_like(digit)
-                scratch.zero_()
-                k, v = (digit, zero) if which == 0 else (zero, digit)
-                impl.do_kv_cache_update(layer, k.to(kv_cache.device), v.to(kv_cache.device), scratch, slots)
-                code += scratch.reshape(-1).to("cpu", torch.float64).round().to(torch.long) * _BASE ** p
-            where = torch.nonzero(code).flatten()
-            if where.numel() != n or not torch.equal(torch.sort(code[where]).values, numbers):
-                raise CubeError("the KV cache write op is not a one-to-one placement of keys and values (a quantized "
-                                "or scaled cache): kvmem cannot read it back exactly")
-            flat = torch.empty(n, dtype=torch.long)
-            flat[code[where] - 1] = where
-            index.append(flat.to(kv_cache.device))
-        return cls(index[0], index[1], block_size, heads, head_size)
-
-    def forms(self) -> tuple[tuple[str, list[int]] | None, tuple[str, list[int]] | None]:
-        """How keys and values sit in a block, each ``("rows", offsets)`` (head h's [block_size, D] rows, in token
-        order, from flat position ``offsets[h]`` of the block), ``("cols", offsets)`` (head h's [D, block_size],
-        transposed) or None (any other placement). vLLM's CPU backend stores float32 values as rows and keys as
-        columns; a part in rows can be read from a cube file straight into its blocks (`BlockPlacement`)."""
-        t = torch.arange(self.block_size).view(-1, 1, 1)
-        d = torch.arange(self.head_size).view(1, 1, -1)
-        out = []
-        for index in (self.key_index, self.value_index):
-            index = index.to("cpu").view(self.block_size, self.num_heads, self.head_size)
-            base = index[0, :, 0].view(1, -1, 1)
-            form = None
-            for name, expect in (("rows", base + t * self.head_size + d), ("cols", base + d * self.block_size + t)):
-                if torch.equal(index, expect):
-                    form = (name, [int(b) for b in base.flatten()])
-            out.append(form)
-        return out[0], out[1]
-
-    def read(self, kv_cache: torch.Tensor, block_ids, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values), each [H, num_tokens, D] on the CPU, of the first ``num_tokens`` tokens held in blocks
-        ``block_ids`` (in order) of ``kv_cache``. A copy: the blocks may be reused once this returns."""
-        need = -(-num_tokens // self.block_size)
-        if len(block_ids) < need:
-            raise CubeError(f"{num_tokens} tokens need {need} blocks, the request holds {len(block_ids)}")
-        ids = torch.as_tensor(list(block_ids[:need]), dtype=torch.long, device=kv_cache.device)
-        blocks = kv_cache.index_select(0, ids).reshape(need, -1)
-        shape = (need * self.block_size, self.num_heads, self.head_size)
-        keys = blocks[:, self.key_index].reshape(shape)[:num_tokens]
-        values = blocks[:, self.value_index].reshape(shape)[:num_tokens]
-        return keys.transpose(0, 1).to("cpu").contiguous(), values.transpose(0, 1).to("cpu").contiguous()
 
 
 class BlockPlacement:
@@ -167,6 +77,48 @@ class BlockPlacement:
                 used += (total - hi) * row
         cube.read_part_into(name, views)
 
+    def takes_key_blocks(self, key_blocks, cache: torch.Tensor) -> bool:
+        """Whether ``key_blocks`` (`kvmem.integrations.key_blocks.KeyBlocks`, or None) can be read straight into
+        ``cache``'s blocks: the cache keeps keys as columns per head, in blocks of the sidecar's size and dtype."""
+        return (key_blocks is not None and self.forms[0][0] == "cols" and key_blocks.block_size == self.block_size
+                and key_blocks.dtype == cache.dtype)
+
+    def read_key_blocks(self, key_blocks, name: str, cache: torch.Tensor, window: tuple[int, int], block_ids,
+                        scratch: Scratch) -> None:
+        """Read part ``name`` of ``key_blocks`` ([H, blocks, D, block_size]: each block's keys as the cache keeps
+        them, `takes_key_blocks`) straight into the blocks of ``cache`` that positions ``window`` fill
+        (``block_ids[0]`` holds position ``window[0] // block_size * block_size``), every byte hashed against the
+        part's checksum. A block the window covers only in part (or not at all) is read into ``scratch``, and the
+        window's columns of it are copied into its block."""
+        offsets = self.forms[0][1]
+        _, raw = self._views(cache)
+        es = cache.element_size()
+        _, (heads, nb, dim, bs) = key_blocks.part_dtype_shape(name)
+        lo, hi = window
+        first = lo // bs
+        tile = dim * bs * es
+        whole = [b for b in range(nb) if lo <= b * bs and (b + 1) * bs <= hi]
+        partial = [(h, b) for h in range(heads) for b in range(nb) if not lo <= b * bs < (b + 1) * bs <= hi]
+        junk = scratch.take("junk_key_blocks", tile * len(partial)).numpy()
+        views, j = [], 0
+        for h in range(heads):
+            for b in range(nb):
+                if whole and whole[0] <= b <= whole[-1]:
+                    start = offsets[h] * es
+                    views.append(memoryview(raw[block_ids[b - first], start:start + tile]))
+                else:
+                    views.append(memoryview(junk[j * tile:(j + 1) * tile]))
+                    j += 1
+        key_blocks.read_part_into(name, views)
+        words = raw.view(_WORDS[es])
+        tiles = junk.view(_WORDS[es]).reshape(-1, dim, bs) if partial else None
+        for j, (h, b) in enumerate(partial):
+            s, e = max(b * bs, lo), min((b + 1) * bs, hi)
+            if s < e:  # the window's columns of a block it covers in part
+                block = words[block_ids[b - first]]
+                block[offsets[h]:offsets[h] + bs * dim].reshape(dim, bs)[:, s - b * bs:e - b * bs] = \
+                    tiles[j][:, s - b * bs:e - b * bs]
+
     def copy(self, which: int, t: torch.Tensor, cache: torch.Tensor, slots, block_ids) -> None:
         """Copy keys or values ``t`` [H, n, D] (``which``: 0 or 1) into the blocks of ``cache`` at ``slots``:
         one 2-D copy per block and head (numpy's: for the few hundred small copies of a layer its per-call cost is
@@ -217,7 +169,12 @@ class Load:
             return self.kv.layer(index, scratch=scratch)
         out = []
         for which, name in enumerate((f"k.{index}", f"v.{index}")):
-            if placement.forms[which][0] == "rows":
+            if which == 0 and placement.takes_key_blocks(self.kv.key_blocks, cache) \
+                    and int(self.slots[0]) % placement.block_size == self.kv.start % placement.block_size:
+                placement.read_key_blocks(self.kv.key_blocks, f"kb.{index}", cache, (self.kv.start, self.kv.end),
+                                          self.block_ids, scratch)
+                out.append(None)
+            elif placement.forms[which][0] == "rows":
                 placement.read_rows(cube, name, which, cache, (self.kv.start, self.kv.end), self.slots,
                                     self.block_ids, scratch)
                 out.append(None)
@@ -240,20 +197,26 @@ class LayerWriter:
     recomputes them (``kv_load_failure_policy="recompute"``) or fails the request (``"fail"``).
     """
 
-    def __init__(self, *, layerwise: bool = True, block_size: int | None = None):
+    def __init__(self, *, layerwise: bool = True, block_size: int | None = None, readers: int = 1):
         if not isinstance(layerwise, bool):
             raise CubeError(f"layerwise must be true or false (a JSON boolean), got {layerwise!r:.40}")
-        self.layerwise = layerwise
+        if isinstance(readers, bool) or not isinstance(readers, int) or not 1 <= readers <= 8:
+            raise CubeError(f"read_threads must be an integer from 1 to 8, got {readers!r:.40}")
+        self.layerwise, self.readers = layerwise, readers  # ``readers`` may be changed between loads
         self.block_size = block_size  # the cache's block size: lets writes skip a copy (`_writes_strided`)
         self._pool: ThreadPoolExecutor | None = None
         self._running: Future | None = None
         self._done: dict[str, threading.Event] = {}
         self._failed: set[int] = set()
         self._scratch = Scratch()  # the writer's own buffers (contiguous rows for ops that need them)
-        self._scratches = (Scratch(), Scratch())  # cube bytes: the reader fills one while the writer uses the other
+        # cube bytes: the readers fill one each (jobs ahead) while the writer uses another
+        self._scratches = [Scratch() for _ in range(readers + 1)]
+        self._timing = threading.Lock()
         self._reader: ThreadPoolExecutor | None = None
+        self._reader_threads = 0
         self.reasons: list[str] = []  # why each failed load failed, for the connector's counters (it drains them)
-        self._times = [0.0, 0.0, 0.0, 0.0]  # this step: reading + checking, reordering, writing, the forward's waits
+        # this step: reading + checking, reordering, writing, the forward's waits; the readers' and writer's CPU time
+        self._times = [0.0] * 6
         self._loads = 0
         self._strided: dict[tuple, bool] = {}  # per kind of layer and cache: does its op honour strided rows
         self._placements: dict[tuple, BlockPlacement | None] = {}  # per kind of layer and cache: plain copies?
@@ -262,7 +225,7 @@ class LayerWriter:
         """Begin writing ``loads`` into ``layers`` ([(decoder layer index, name, attention layer)], in order)."""
         self.finish()
         self._done = {name: threading.Event() for _, name, _ in layers}
-        self._times, self._loads = [0.0, 0.0, 0.0, 0.0], len(loads)
+        self._times, self._loads = [0.0] * 6, len(loads)
         if not self.layerwise:
             self._write(loads, layers)
             return
@@ -284,10 +247,10 @@ class LayerWriter:
             self._running.result()
             self._running = None
         if self._done and self._loads:
-            read, rows, write, waited = (1e3 * t for t in self._times)
-            logger.info("kvmem: %d cube load(s) into %d layers: read and checked in %.0f ms, reordered in %.0f ms, "
-                        "written in %.0f ms; the forward pass waited %.0f ms for them", self._loads, len(self._done),
-                        read, rows, write, waited)
+            read, rows, write, waited, read_cpu, write_cpu = (1e3 * t for t in self._times)
+            logger.info("kvmem: %d cube load(s) into %d layers: read and checked in %.0f ms (%.0f ms of CPU), "
+                        "reordered in %.0f ms, written in %.0f ms (%.0f ms of CPU); the forward pass waited %.0f ms "
+                        "for them", self._loads, len(self._done), read, read_cpu, rows, write, write_cpu, waited)
         self._done = {}
         failed, self._failed = self._failed, set()
         return failed
@@ -299,38 +262,47 @@ class LayerWriter:
                 pool.shutdown(wait=True)
 
     def _write(self, loads: list[Load], layers) -> None:
-        """Write every (layer, load) in model order; a reader thread reads (and checks) the next one's cube bytes
-        into the other of two reused buffers while this one is written."""
+        """Write every (layer, load) in model order; ``readers`` reader threads read (and check) the next jobs'
+        cube bytes, each into its own reused buffer, while this one is written."""
         jobs = [(index, name, layer, load) for index, name, layer in layers for load in loads]
         last_of_layer = {name: j for j, (_, name, _, _) in enumerate(jobs)}
         placements = {name: self.placement(layer) for _, name, layer in layers}
         failed: set[str] = set()
+        ahead = self.readers  # may have been changed since the last load
+        while len(self._scratches) < ahead + 1:
+            self._scratches.append(Scratch())
+        buffers = ahead + 1
+        if self._reader is not None and self._reader_threads != ahead:
+            self._reader.shutdown(wait=True)  # idle: the last load's reads were all awaited
+            self._reader = None
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-read")
+            self._reader = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="kvmem-read")
+            self._reader_threads = ahead
 
         def read(j: int):
             index, name, layer, load = jobs[j]
             if load.request_id in failed:
                 return None
-            t0 = time.perf_counter()
-            kv = load.layer(index, self._scratches[j % 2], placements[name], layer.kv_cache)
-            self._times[0] += time.perf_counter() - t0
+            t0, c0 = time.perf_counter(), time.thread_time()
+            kv = load.layer(index, self._scratches[j % buffers], placements[name], layer.kv_cache)
+            with self._timing:
+                self._times[0] += time.perf_counter() - t0
+                self._times[4] += time.thread_time() - c0
             return kv
 
         try:
-            pending = self._reader.submit(read, 0) if jobs else None
+            pending = [self._reader.submit(read, j) for j in range(min(ahead, len(jobs)))]
             for j, (index, name, layer, load) in enumerate(jobs):
-                current = pending
-                pending = None
+                if j + ahead < len(jobs):  # into the buffer of job j - 1, written already
+                    pending.append(self._reader.submit(read, j + ahead))
                 try:
-                    kv = current.result()
-                    # buffer (j + 1) % 2 held job j - 1, written already: read the next job into it meanwhile
-                    pending = self._reader.submit(read, j + 1) if j + 1 < len(jobs) else None
-                    if kv is not None:
+                    kv = pending[j].result()
+                    pending[j] = None
+                    if kv is not None and (kv[0] is not None or kv[1] is not None):
+                        c0 = time.thread_time()
                         self._put(layer, load, *kv, placement=placements[name])
+                        self._times[5] += time.thread_time() - c0
                 except Exception as exc:  # reported as load errors: vLLM recomputes these blocks
-                    if pending is None and j + 1 < len(jobs):
-                        pending = self._reader.submit(read, j + 1)
                     self._fail(load, exc, failed)
                 if last_of_layer[name] == j:
                     self._done[name].set()

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.vllm
 
 import kvmem  # noqa: E402
 from vllm_helpers import corrupt_bytes, offline_engine, run_request, wait_for  # noqa: E402
+from kvmem.integrations.key_blocks import write_key_blocks  # noqa: E402
 from kvmem.integrations.serving import precompose  # noqa: E402
 
 MAX_NEW = 10
@@ -31,6 +32,13 @@ def folder(tmp_path_factory, memory, hf):
     root = tmp_path_factory.mktemp("cubes")
     memory["a"].save(root / "default" / "a.safetensors")
     memory["b"].save(root / "default" / "b.safetensors")
+    # a's cube with its keys in vLLM CPU's block layout (kvmem.integrations.key_blocks), and one whose sidecar is
+    # damaged inside the loaded blocks (a namespace of their own: plain requests in "default" never match them)
+    for name in ("akb", "akbdamaged"):
+        memory["a"].save(root / "kb" / f"{name}.safetensors")
+        write_key_blocks(root / "kb" / f"{name}.safetensors", block_size=128)
+    side = root / "kb" / "akbdamaged.keys-b128"
+    side.write_bytes(damage_keys(side.read_bytes(), part="kb.3"))
     precompose(model, [memory["a"], memory["b"]], recompute="leading", tokenizer=tok).save(
         root / "default" / "ab.safetensors")
     # corrupt: a's file with a few payload bytes flipped; foreign: a's ids through a fine-tuned copy of the model
@@ -45,7 +53,7 @@ def folder(tmp_path_factory, memory, hf):
 
 @pytest.fixture(scope="module")
 def llm(ckpt, folder):
-    engine = offline_engine(ckpt, {"folder": str(folder), "namespaces": ["default", "other"]}, role="kv_both")
+    engine = offline_engine(ckpt, {"folder": str(folder), "namespaces": ["default", "other", "kb"]}, role="kv_both")
     yield engine
     del engine
     gc.collect()
@@ -59,14 +67,14 @@ def run(llm, ids, kvmem_params=None, *, salt: str | None = "fresh"):
 _FULL: dict = {}
 
 
-def damage_keys(data: bytes, layer: int = 3) -> bytes:
-    """A cube file's bytes with the first 4 KB of ``k.{layer}`` (its first tokens' keys) set to large values;
-    header, metadata, ids and every checksum as they were."""
+def damage_keys(data: bytes, layer: int = 3, *, part: str | None = None) -> bytes:
+    """A cube file's bytes with the first 4 KB of ``k.{layer}`` (its first tokens' keys; or of tensor ``part``) set
+    to large values; header, metadata, ids and every checksum as they were."""
     import json
     import struct
 
     n = struct.unpack("<Q", data[:8])[0]
-    begin = 8 + n + json.loads(data[8:8 + n])[f"k.{layer}"]["data_offsets"][0]
+    begin = 8 + n + json.loads(data[8:8 + n])[part or f"k.{layer}"]["data_offsets"][0]
     raw = bytearray(data)
     raw[begin:begin + 4096] = struct.pack("<f", 300.0) * 1024
     return bytes(raw)
@@ -98,6 +106,25 @@ def test_one_cube_equals_vllm_full_prefill_and_counts_as_cached(llm, memory):
     assert cached == memory["a"].all_ids.shape[1] == 256  # the cube's tokens, block-aligned, reported as cached
     assert got == full
     torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)  # float32: the same logits up to rounding
+
+
+def test_a_cube_read_through_its_key_blocks_equals_vllm_full_prefill(llm, memory, kvmem_log):
+    """Keys read from the cube's key-blocks sidecar straight into vLLM's blocks: vLLM's own answer; a sidecar
+    damaged inside the loaded blocks is a load error that vLLM recomputes (never served)."""
+    ids = prompt_of(memory, "a")
+    full, full_lp, _ = full_prefill(llm, ids)
+    before = len(kvmem_log.lines)
+    got, got_lp, cached = run(llm, ids, {"cubes": ["akb"], "namespace": "kb"})
+    assert cached == 256 and got == full
+    torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)
+    logged = "\n".join(kvmem_log.lines[before:])
+    assert "keys from its key blocks" in logged and "load errors" not in logged, logged
+    before = len(kvmem_log.lines)
+    got, got_lp, _ = run(llm, ids, {"cubes": ["akbdamaged"], "namespace": "kb"})
+    assert got == full
+    torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)
+    logged = "\n".join(kvmem_log.lines[before:])
+    assert "checksum mismatch of kb.3" in logged and "reported to vLLM as load errors" in logged, logged
 
 
 def test_plain_request_gets_the_longest_exact_cube(llm, memory):
@@ -237,9 +264,13 @@ def test_a_saved_cube_equals_the_transformers_cube_and_serves(llm, memory, hf, f
         via_cube = model.generate(prefix.extend(torch.tensor([memory["query"]])), past_key_values=prefix.cache,
                                   max_new_tokens=MAX_NEW, do_sample=False)[0, len(ids):].tolist()
     assert via_cube == ref
-    # and vLLM serves it back like any cube
+    # with its keys in this engine's block layout, written before the cube was published
+    assert (folder / "default" / "saved.keys-b128").is_file()
+    # and vLLM serves it back like any cube (its keys read through the key blocks)
+    before = len(kvmem_log.lines)
     got, got_lp, cached = run(llm, ids, {"cubes": ["saved"]})
     assert cached == 256 and got == full
+    assert "keys from its key blocks" in "\n".join(kvmem_log.lines[before:])
     torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)
 
 

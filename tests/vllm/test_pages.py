@@ -15,8 +15,9 @@ pytestmark = pytest.mark.vllm
 import kvmem  # noqa: E402
 from helpers import random_ids, tiny_model  # noqa: E402
 from kvmem.cubes.cubefile import CubeFile  # noqa: E402
+from kvmem.integrations.key_blocks import open_key_blocks, write_key_blocks  # noqa: E402
 from kvmem.integrations.sources import FileKV  # noqa: E402
-from kvmem.integrations.vllm_pages import LayerWriter, Load  # noqa: E402
+from kvmem.integrations.vllm_pages import BlockPlacement, LayerWriter, Load  # noqa: E402
 
 BLOCK, HEADS, DIM = 128, 3, 64  # SmolLM2-135M's cache: 3 KV heads of 64
 
@@ -49,20 +50,31 @@ class CpuLayer:
         self.kv_cache = torch.zeros(blocks, HEADS, BLOCK, 2 * DIM, dtype=dtype)  # vLLM CPU: [blocks, H, size, 2D]
 
 
+@pytest.mark.parametrize("key_blocks", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window, first", [((0, 300), 0), ((128, 300), 0), ((10, 300), 40)])
-def test_plain_copies_equal_vllm_cpu_op(tmp_path, dtype, window, first):
+def test_plain_copies_equal_vllm_cpu_op(tmp_path, dtype, window, first, key_blocks, monkeypatch):
+    """With the cube's key-blocks sidecar (``key_blocks``) keys are read from it straight into the blocks where the
+    window sits on the block grid and the cache keeps keys as columns (float32 here): the same bytes as the op."""
     cube = random_cube().to(dtype)
     kv = cube.kv
     cube.save(tmp_path / "r.safetensors")
     f = CubeFile.open(tmp_path / "r.safetensors")
+    blocks_file = None
+    if key_blocks:
+        write_key_blocks(tmp_path / "r.safetensors", block_size=BLOCK)
+        blocks_file = open_key_blocks(f, BLOCK)
+        assert blocks_file is not None
+    used = []
+    real = BlockPlacement.read_key_blocks
+    monkeypatch.setattr(BlockPlacement, "read_key_blocks", lambda self, *a, **k: (used.append(a[1]), real(self, *a, **k)))
     lo, hi = window
     n = hi - lo
     blocks = [4, 0, 5, 2][:-(-(first + n) // BLOCK)]
     slots = torch.tensor([blocks[(first + p) // BLOCK] * BLOCK + (first + p) % BLOCK for p in range(n)])
     layers = [(i, f"model.layers.{i}.self_attn.attn", CpuLayer(dtype)) for i in range(2)]
     writer = LayerWriter(block_size=BLOCK)
-    writer.start([Load("r", FileKV(f, 0, 300).window(lo, hi), slots, blocks)], layers)
+    writer.start([Load("r", FileKV(f, 0, 300, key_blocks=blocks_file).window(lo, hi), slots, blocks)], layers)
     assert writer.finish() == set()
     for i, _, layer in layers:
         want = CpuLayer(dtype)
@@ -72,4 +84,5 @@ def test_plain_copies_equal_vllm_cpu_op(tmp_path, dtype, window, first):
     placement = writer.placement(layers[0][2])
     if dtype == torch.float32:  # the layout this machine's float32 cache has, which the fast path relies on
         assert placement is not None and [form for form, _ in placement.forms] == ["cols", "rows"]
+        assert used == (["kb.0", "kb.1"] if key_blocks and lo % BLOCK == first else [])
     writer.close()

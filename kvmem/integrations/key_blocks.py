@@ -1,0 +1,147 @@
+"""A cube's keys in a paged KV cache's own block layout: a sidecar file a server reads straight into its blocks.
+
+vLLM's CPU backend keeps a block's keys as columns per head (head h's [head_dim, block_size], token-minor:
+`kvmem.integrations.paged_layout.PagedLayout.forms`), while a cube stores them as rows ([kv_heads, tokens,
+head_dim]). A cold load therefore reads the keys into a buffer and copies them transposed into the blocks: one
+extra pass over half the cube's bytes, on the cores the forward pass computes with. `write_key_blocks` writes the
+keys once more, next to the cube, in the blocks' own order (``<cube>.keys-b<block_size>``: per layer ``kb.<i>``
+[kv_heads, blocks, head_dim, block_size], the last block padded with zeros), so the loader reads them from the file
+straight into the blocks as it reads the values (`kvmem.integrations.vllm_pages.BlockPlacement.read_key_blocks`).
+
+The sidecar is a kvmem safetensors file with the cube's checksum discipline (a header checksum, one checksum per
+layer verified as the layer is read: damaged bytes are a load error, never served) and it names the cube it was
+written from (the checksums of the cube's header and keys): a sidecar of another or an older version of the cube
+is not used (`open_key_blocks` returns None and the cube is loaded as without it). The cube itself is unchanged:
+transformers (`kvmem.prefill`) loads it exactly as before, and a cube without a sidecar is served as before.
+
+Who writes it: `write_key_blocks` (``python -m kvmem.integrations.key_blocks CUBE --block-size 128``), and the vLLM
+connector for the cubes it saves into a folder (`kvmem.integrations.vllm`, ``key_blocks`` option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+import xxhash
+
+from ..cubes.cubefile import CubeFile, PartFile
+from ..cubes.format import HEADER_PART, write_cube_file
+from ..errors import CubeError
+
+FORMAT = "kvmem.key_blocks"
+VERSION = 1
+logger = logging.getLogger("vllm.kvmem")  # the connector's logger
+
+
+def key_blocks_path(cube_path, block_size: int) -> Path:
+    """Where the sidecar of the cube file ``cube_path`` for blocks of ``block_size`` tokens lives (not a
+    ``.safetensors`` name, so a folder of cubes never lists it as a cube)."""
+    cube_path = Path(cube_path)
+    return cube_path.with_name(f"{cube_path.stem}.keys-b{int(block_size)}")
+
+
+def cube_binding(cube: CubeFile) -> str:
+    """xxh3-128 over the checksums of ``cube``'s header and every layer's keys: what a sidecar was written from."""
+    names = [HEADER_PART] + [f"k.{i}" for i in range(cube.num_layers)]
+    return xxhash.xxh3_128(json.dumps({n: cube.part_checksum(n) for n in names}, sort_keys=True).encode()).hexdigest()
+
+
+def blocked_keys(keys: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Keys [kv_heads, T, head_dim] as [kv_heads, ceil(T / block_size), head_dim, block_size] (zero-padded)."""
+    heads, total, dim = keys.shape
+    nb = -(-total // block_size)
+    padded = keys.new_zeros(heads, nb * block_size, dim)
+    padded[:, :total] = keys
+    return padded.view(heads, nb, block_size, dim).transpose(2, 3).contiguous()
+
+
+def write_key_blocks(cube_path, *, block_size: int, out=None) -> Path:
+    """Write the key-blocks sidecar of the cube file ``cube_path`` (read layer by layer and verified) for blocks of
+    ``block_size`` tokens, atomically, to ``out`` (default `key_blocks_path`); its path.
+
+    Raises:
+        CubeError: the cube cannot be read layer by layer (an older or quantized cube: save it again with this
+        kvmem), is damaged, or ``block_size`` is not a positive integer."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise CubeError(f"block_size must be a positive integer (the engine's KV block size), got {block_size!r:.40}")
+    cube = CubeFile.open(cube_path)
+    try:
+        tensors = {}
+        for i in range(cube.num_layers):
+            keys = cube.read_part(f"k.{i}")
+            tensors[f"kb.{i}"] = blocked_keys(keys.reshape(keys.shape[-3:]), block_size)
+        meta = {"block_size": block_size, "tokens": int(cube.part_dtype_shape("k.0")[1][-2]),
+                "num_layers": cube.num_layers, "cube": cube_binding(cube)}
+        return write_cube_file(out or key_blocks_path(cube_path, block_size), FORMAT, meta, tensors, version=VERSION)
+    finally:
+        cube.close()
+
+
+class KeyBlocks(PartFile):
+    """An opened, verified key-blocks sidecar (`open_key_blocks`): ``block_size``, ``dtype``, and per layer the part
+    ``kb.<i>`` read (and verified) through `PartFile.read_part_into`."""
+
+    @property
+    def block_size(self) -> int:
+        return int(self._meta["block_size"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.part_dtype_shape("kb.0")[0]
+
+
+def open_key_blocks(cube: CubeFile, block_size: int) -> KeyBlocks | None:
+    """The sidecar of ``cube`` (opened from its file) for blocks of ``block_size`` tokens, verified to be this
+    cube's (its header checksum, the cube's binding, every layer's shape and dtype); None when there is none or it
+    does not fit (it was written from another version of the cube, or is damaged: logged), so the cube is loaded
+    without it."""
+    if not isinstance(cube.path, Path):
+        return None  # a cube read from a store's byte source (Redis): no sidecar there
+    path = key_blocks_path(cube.path, block_size)
+    if not path.is_file():
+        return None
+    try:
+        blocks = KeyBlocks.open_parts(path, fmt=FORMAT, version=str(VERSION))
+    except CubeError as exc:
+        logger.warning("kvmem: key blocks %s not used (%s); the cube's keys are copied into the blocks", path, exc)
+        return None
+    why = None
+    meta = blocks.meta
+    if meta.get("cube") != cube_binding(cube):
+        why = "it was written from another version of the cube: write it again (write_key_blocks)"
+    elif meta.get("block_size") != block_size or meta.get("num_layers") != cube.num_layers:
+        why = f"it is for blocks of {meta.get('block_size')} tokens and {meta.get('num_layers')} layers"
+    else:
+        for i in range(cube.num_layers):
+            dtype, shape = cube.part_dtype_shape(f"k.{i}")
+            heads, total, dim = shape[-3:]
+            want = (dtype, (heads, -(-total // block_size), dim, block_size))
+            if blocks.part_dtype_shape(f"kb.{i}") != want:
+                why = f"layer {i}'s keys are {blocks.part_dtype_shape(f'kb.{i}')}, the cube's would be {want}"
+                break
+    if why is not None:
+        logger.warning("kvmem: key blocks %s not used: %s", path, why)
+        blocks.close()
+        return None
+    return blocks
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write a cube's key-blocks sidecar for a paged KV cache "
+                                     "(vLLM CPU: --block-size 128), read straight into the cache's blocks.")
+    parser.add_argument("cubes", nargs="+", help="cube files (.safetensors)")
+    parser.add_argument("--block-size", type=int, required=True, help="the serving engine's KV block size")
+    args = parser.parse_args(argv)
+    for cube in args.cubes:
+        try:
+            print(write_key_blocks(cube, block_size=args.block_size))
+        except CubeError as exc:
+            raise SystemExit(f"kvmem: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

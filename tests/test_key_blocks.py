@@ -1,0 +1,183 @@
+"""A cube's keys in the paged cache's block layout (kvmem.integrations.key_blocks): read straight into the blocks,
+the same bytes the backend's op writes; a sidecar of another cube version, block size or a damaged one never
+serves its keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvmem
+from helpers import random_ids, tiny_model
+from kvmem.cubes.cubefile import CubeFile
+from kvmem.integrations.key_blocks import key_blocks_path, open_key_blocks, write_key_blocks
+from kvmem.integrations.serving import FileKV
+from kvmem.integrations.vllm_pages import BlockPlacement, LayerWriter, Load
+from test_cubefile import CpuLikeLayer
+
+
+@pytest.fixture(scope="module")
+def cube():
+    model = tiny_model("llama")
+    return kvmem.MemCube.from_ids(model, random_ids(40, seed=2), name="a", anchor_ids=random_ids(3, seed=1))
+
+
+@pytest.fixture
+def path(tmp_path, cube):
+    cube.save(tmp_path / "a.safetensors")
+    return tmp_path / "a.safetensors"
+
+
+def _load(f, blocks_file, window, first, *, block_ids=(6, 1, 4, 2), readers=1):
+    """Load cube window ``window`` at slot offset ``first`` into fresh CPU-like layers; (layers, slots, errors)."""
+    heads, _, dim = f.kv_shapes[0][0]
+    lo, hi = window
+    n = hi - lo
+    blocks = list(block_ids[:-(-(first + n) // 16)])
+    slots = torch.tensor([blocks[(first + p) // 16] * 16 + (first + p) % 16 for p in range(n)])
+    layers = [(i, f"model.layers.{i}.attn", CpuLikeLayer(heads, dim)) for i in range(f.num_layers)]
+    writer = LayerWriter(block_size=16, readers=readers)
+    total = f.anchor_len + f.num_tokens
+    writer.start([Load("r1", FileKV(f, 0, total, key_blocks=blocks_file).window(lo, hi), slots, blocks)], layers)
+    errors = writer.finish()
+    reasons = list(writer.reasons)
+    writer.close()
+    return layers, slots, errors, reasons
+
+
+@pytest.mark.parametrize("readers", [1, 2])
+@pytest.mark.parametrize("window, first", [((0, 43), 0), ((16, 43), 0), ((0, 32), 0), ((16, 32), 0), ((3, 35), 3)])
+def test_key_blocks_land_as_the_op_writes_them(cube, path, window, first, readers, monkeypatch):
+    """Keys read from the sidecar straight into the blocks are the op's bytes to the bit, for windows that are
+    whole blocks, end inside one (the cube's last, padded block) or start inside one; the sidecar is read."""
+    write_key_blocks(path, block_size=16)
+    f = CubeFile.open(path)
+    blocks_file = open_key_blocks(f, 16)
+    assert blocks_file is not None and blocks_file.block_size == 16
+    used = []
+    real = BlockPlacement.read_key_blocks
+    monkeypatch.setattr(BlockPlacement, "read_key_blocks", lambda self, *a, **k: (used.append(a[1]), real(self, *a, **k)))
+    lo, hi = window
+    layers, slots, errors, _ = _load(f, blocks_file, window, first, readers=readers)
+    assert errors == set()
+    for i, _, layer in layers:
+        want = CpuLikeLayer(*cube.kv_shapes[0][0][::2])
+        want.do_kv_cache_update(want, cube.kv[i][0][:, lo:hi].transpose(0, 1), cube.kv[i][1][:, lo:hi].transpose(0, 1),
+                                want.kv_cache, slots)
+        assert torch.equal(layer.kv_cache, want.kv_cache)
+    assert sorted(used) == sorted(f"kb.{i}" for i in range(f.num_layers))
+
+
+def test_a_window_off_the_block_grid_is_copied_not_read_into_blocks(cube, path, monkeypatch):
+    write_key_blocks(path, block_size=16)
+    f = CubeFile.open(path)
+    monkeypatch.setattr(BlockPlacement, "read_key_blocks", lambda *a, **k: pytest.fail("must not be used"))
+    layers, slots, errors, _ = _load(f, open_key_blocks(f, 16), (3, 35), 0)
+    assert errors == set()
+    want = CpuLikeLayer(*cube.kv_shapes[0][0][::2])
+    want.do_kv_cache_update(want, cube.kv[0][0][:, 3:35].transpose(0, 1), cube.kv[0][1][:, 3:35].transpose(0, 1),
+                            want.kv_cache, slots)
+    assert torch.equal(layers[0][2].kv_cache, want.kv_cache)
+
+
+@pytest.mark.parametrize("readers", [1, 2])
+def test_a_damaged_sidecar_layer_is_a_load_error(cube, path, readers):
+    """Keys land before their checksum is known: damaged ones make the request's blocks load errors."""
+    side = write_key_blocks(path, block_size=16)
+    raw = bytearray(side.read_bytes())
+    raw[-3] ^= 0x10  # in the last tensor the file holds
+    side.write_bytes(bytes(raw))
+    f = CubeFile.open(path)
+    _, _, errors, reasons = _load(f, open_key_blocks(f, 16), (0, 32), 0, readers=readers)
+    assert errors == {6, 1}
+    assert reasons and "checksum mismatch of kb." in reasons[0]
+
+
+def test_a_sidecar_of_another_cube_or_block_size_is_not_used(cube, path, tmp_path):
+    write_key_blocks(path, block_size=16)
+    f = CubeFile.open(path)
+    assert open_key_blocks(f, 32) is None  # no sidecar for blocks of 32
+    other = kvmem.MemCube.from_ids(tiny_model("llama"), random_ids(40, seed=9), name="a",
+                                   anchor_ids=random_ids(3, seed=1))
+    other.save(path)  # the cube replaced: the old sidecar is stale
+    assert open_key_blocks(CubeFile.open(path), 16) is None
+    key_blocks_path(path, 16).write_bytes(b"not a sidecar")
+    assert open_key_blocks(CubeFile.open(path), 16) is None
+    assert key_blocks_path(path, 16).name == "a.keys-b16"  # not *.safetensors: never listed as a cube
+
+
+def test_the_cube_itself_is_unchanged(cube, path):
+    before = path.read_bytes()
+    write_key_blocks(path, block_size=16)
+    assert path.read_bytes() == before
+    loaded = kvmem.MemCube.load(path)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(loaded.kv, cube.kv))
+    with pytest.raises(kvmem.CubeError, match="block_size must be a positive integer"):
+        write_key_blocks(path, block_size=0)
+
+
+def test_read_threads_is_checked():
+    with pytest.raises(kvmem.CubeError, match="read_threads must be an integer from 1 to 8"):
+        LayerWriter(readers=0)
+    with pytest.raises(kvmem.CubeError, match="read_threads"):
+        LayerWriter(readers=True)
+
+
+def test_a_folder_cube_saved_by_the_server_gets_its_key_blocks(cube, tmp_path):
+    """The server's save path writes the sidecar before it publishes the cube; deleting the cube deletes it."""
+    from kvmem.integrations.saving import SaveSpec, delete_cube, write_cube
+    from kvmem.integrations.serving import CubeSource
+
+    source = CubeSource(folder=str(tmp_path))
+    spec = SaveSpec(name="notes", namespace="ns", ids=tuple(cube.all_ids[0].tolist()), anchor=cube.anchor_len,
+                    text=None)
+    where = write_cube(source, spec, cube, key_block_size=16)
+    f = CubeFile.open(where)
+    assert open_key_blocks(f, 16) is not None
+    assert sorted(p.name for p in (tmp_path / "ns").iterdir()) == ["notes.keys-b16", "notes.safetensors"]
+    assert list(source.versions("ns")) == ["notes"]
+    delete_cube(source, "ns", "notes")
+    assert list((tmp_path / "ns").iterdir()) == []
+
+
+def test_readers_may_change_between_loads(cube, path):
+    """One writer, its read threads changed between loads (as a bench's A/B does): every load exact."""
+    write_key_blocks(path, block_size=16)
+    f = CubeFile.open(path)
+    heads, total, dim = cube.kv_shapes[0][0]
+    writer = LayerWriter(block_size=16)
+    slots = torch.arange(32) + 16
+    for readers in (1, 3, 1, 2):
+        writer.readers = readers
+        layers = [(i, f"l{i}", CpuLikeLayer(heads, dim)) for i in range(f.num_layers)]
+        writer.start([Load("r", FileKV(f, 0, total, key_blocks=open_key_blocks(f, 16)).window(0, 32), slots, [1, 2])],
+                     layers)
+        assert writer.finish() == set()
+        for i, _, layer in layers:
+            want = CpuLikeLayer(heads, dim)
+            want.do_kv_cache_update(want, cube.kv[i][0][:, :32].transpose(0, 1), cube.kv[i][1][:, :32].transpose(0, 1),
+                                    want.kv_cache, slots)
+            assert torch.equal(layer.kv_cache, want.kv_cache)
+    writer.close()
+
+
+def test_key_blocks_travel_to_another_process_by_their_path(cube, path):
+    """vLLM's OpenAI server plans in one process and loads in its worker: the plan's key blocks are pickled with
+    their verified header and reopened there by path."""
+    import pickle
+
+    write_key_blocks(path, block_size=16)
+    f = CubeFile.open(path)
+    kv = pickle.loads(pickle.dumps(FileKV(f, 0, 43, key_blocks=open_key_blocks(f, 16)).window(0, 32)))
+    assert kv.key_blocks is not None and kv.key_blocks.block_size == 16
+    heads, _, dim = cube.kv_shapes[0][0]
+    layers = [(i, f"l{i}", CpuLikeLayer(heads, dim)) for i in range(f.num_layers)]
+    writer = LayerWriter(block_size=16)
+    slots = torch.arange(32) + 16
+    writer.start([Load("r", kv, slots, [1, 2])], layers)
+    assert writer.finish() == set()
+    want = CpuLikeLayer(heads, dim)
+    want.do_kv_cache_update(want, cube.kv[0][0][:, :32].transpose(0, 1), cube.kv[0][1][:, :32].transpose(0, 1),
+                            want.kv_cache, slots)
+    assert torch.equal(layers[0][2].kv_cache, want.kv_cache)
+    writer.close()
