@@ -251,3 +251,129 @@ def test_keys_with_a_strided_last_axis_never_reach_the_cpu_flash_op():
     got, _ = gqa_sdpa_forward(module, q, k, v, mask, scaling=0.25)
     want, _ = hf_sdpa.sdpa_attention_forward(module, q, k.contiguous(), v.contiguous(), mask, scaling=0.25)
     torch.testing.assert_close(got, want, rtol=0, atol=_tol(torch.float32) * 4)
+
+
+# ---------------------------------------------------------------- decode steps split over threads (issue 20)
+@pytest.fixture
+def two_threads():
+    """torch on 2 intra-op threads for the test (the split is chosen by the thread count), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield 2
+    torch.set_num_threads(before)
+
+
+def _decode_inputs(kv_len, *, batch=1, heads=9, kv_heads=3, dim=16, room=5, offset=2, dtype=torch.float32, seed=7):
+    """A decode step's query and keys/values as a static cache holds them: views [batch, kv_heads, kv_len, dim]
+    into a larger storage (unused room after them, other entries before: a storage offset)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, 1, dim, generator=g).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, offset + kv_len + room, dim, generator=g).to(dtype)[:, :, offset:offset + kv_len]
+            for _ in range(2))
+    return q, k, v
+
+
+def test_decode_parts_balance_the_threads():
+    """The rule: parts only where the (batch x kv head) tasks do not divide among the threads, each part at least
+    MIN_PART_KEYS keys, and only where the split is exact and safe (fp32, one query, batch 1, contiguous last axis)."""
+    from kvmem.model.attention import MIN_PART_KEYS, decode_parts
+
+    long = 4 * MIN_PART_KEYS
+    q, k, v = _decode_inputs(long)
+    assert decode_parts(q, k, v, threads=1) == 1
+    assert decode_parts(q, k, v, threads=2) == 2  # SmolLM2: 3 kv heads on 2 threads -> 6 tasks, 3 + 3
+    assert decode_parts(q, k, v, threads=4) == 4  # 12 tasks, 3 each
+    q2, k2, v2 = _decode_inputs(long, heads=8, kv_heads=2)
+    assert decode_parts(q2, k2, v2, threads=2) == 1  # 2 tasks on 2 threads: balanced already
+    assert decode_parts(q2, k2, v2, threads=3) == 3
+    short = _decode_inputs(2 * MIN_PART_KEYS - 1)
+    assert decode_parts(*short, threads=2) == 1  # a part would hold fewer than MIN_PART_KEYS keys
+    assert decode_parts(*_decode_inputs(long, dtype=torch.bfloat16), threads=2) == 1
+    assert decode_parts(*_decode_inputs(long, batch=2), threads=2) == 1
+    assert decode_parts(q.expand(1, 9, 2, 16), k, v, threads=2) == 1  # not a decode step
+    strided = torch.randn(1, 3, 16, long).transpose(-1, -2)
+    assert decode_parts(q, strided, v, threads=2) == 1 and decode_parts(q, k, strided, threads=2) == 1
+
+
+@pytest.mark.parametrize("parts,kv_len", [(p, n) for p in (2, 3, 4) for n in (2, 3, 5, 8, 13, 64, 1031) if n >= p])
+def test_attend_parts_equals_one_pass_over_all_keys(two_threads, parts, kv_len):
+    """Equal runs of a cache-like strided view (offset and room around it), laid on the batch axis, plus the
+    leftover keys, merged by log-sum-exp == stock sdpa over all keys (KV heads expanded). Odd lengths, a
+    remainder of every size, runs of one key."""
+    from kvmem.model.attention import attend_parts
+
+    q, k, v = _decode_inputs(kv_len)
+    packed = q.reshape(1, 3, 3, 16)
+    got = attend_parts(packed, k, v, parts, scale=0.25).reshape(1, 9, 1, 16)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, hf_sdpa.repeat_kv(k, 3), hf_sdpa.repeat_kv(v, 3), scale=0.25)
+    torch.testing.assert_close(got, want, rtol=0, atol=_tol(torch.float32))
+
+
+def test_attend_parts_weighs_parts_by_their_share():
+    """Parts whose scores differ by orders of magnitude: a merge that averaged the parts' outputs, or weighed them
+    without their log-sum-exps, is off by O(1) here."""
+    from kvmem.model.attention import attend_parts
+
+    q, k, v = _decode_inputs(40, heads=3, kv_heads=3)
+    k = k.clone()
+    k[:, :, :20] *= 4  # the first run's scores dominate
+    v = v.clone()
+    v[:, :, 20:] += 10  # and the second run's values are far from the first's
+    got = attend_parts(q, k, v, 2, scale=0.25)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25)
+    torch.testing.assert_close(got, want, rtol=0, atol=_tol(torch.float32) * 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("kv_len", [1, 9, 40, 41])
+def test_decode_step_on_two_threads_is_exact(two_threads, monkeypatch, kv_len, batch, dtype):
+    """gqa_sdpa_forward on a decode step (no mask after the trim) with 2 threads == stock sdpa; the split is
+    taken exactly where decode_parts says (fp32, batch 1, at least 2 keys with MIN_PART_KEYS lowered to 1)."""
+    import kvmem.model.attention as attention
+
+    monkeypatch.setattr(attention, "MIN_PART_KEYS", 1)
+    taken = []
+    real = attention.attend_parts
+    monkeypatch.setattr(attention, "attend_parts", lambda *a, **kw: taken.append(a[3]) or real(*a, **kw))
+    q, k, v = _decode_inputs(kv_len, batch=batch, dtype=dtype)
+    mask = torch.ones(batch, 1, 1, kv_len + 3, dtype=torch.bool)  # a static cache's mask: room after the keys
+    mask[..., kv_len:] = False
+    k_room, v_room = (t.as_strided((batch, 3, kv_len + 3, 16), t.stride()) for t in (k, v))  # the room, in storage
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    got, _ = gqa_sdpa_forward(module, q, k_room, v_room, mask, scaling=0.25)
+    want, _ = hf_sdpa.sdpa_attention_forward(module, q, k, v, None, scaling=0.25)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=_tol(dtype) * 4)
+    split = dtype == torch.float32 and batch == 1 and kv_len >= 2
+    assert taken == ([2] if split else [])
+
+
+def test_decoding_on_two_threads_from_a_static_prefix_equals_a_full_prefill(two_threads, monkeypatch):
+    """End to end on a model with SmolLM2's head layout (9 query heads over 3 KV heads): the fast path's decode
+    steps take the split on 2 threads, and its tokens and logits equal stock sdpa's full prefill."""
+    import kvmem.model.attention as attention
+    from kvmem.model.static_cache import static_prefix
+
+    monkeypatch.setattr(attention, "MIN_PART_KEYS", 8)
+    taken = []
+    real = attention.attend_parts
+    monkeypatch.setattr(attention, "attend_parts", lambda *a, **kw: taken.append(a[1].shape[2]) or real(*a, **kw))
+    model = tiny_model("llama", hidden_size=72, num_attention_heads=9, num_key_value_heads=3)
+    cube = kvmem.MemCube.from_ids(model, random_ids(37))
+    query = random_ids(6, seed=8)
+    prefix = static_prefix(model, kvmem.prefill(model, cube), max_new_tokens=6, query_len=6)
+    ids = prefix.extend(query)
+    gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0,
+               output_logits=True, return_dict_in_generate=True)
+    use_gqa_attention(model)
+    out = model.generate(ids, cache=prefix.cache, **gen)
+    use_gqa_attention(model, enabled=False)
+    want = model.generate(ids, **gen)  # stock sdpa, a full prefill of memory + query
+    assert torch.equal(out.sequences, want.sequences)
+    for a, b in zip(out.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=64 * _tol(torch.float32) * max(1.0, b.abs().max().item()))
+    n = ids.shape[1]
+    assert sorted(set(taken)) == list(range(n + 1, n + 6))  # every decode step (5 after the query), every layer
+    assert len(taken) == 5 * model.config.num_hidden_layers

@@ -170,6 +170,10 @@ def attend_grouped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=is_causal, enable_gqa=True)
     groups = heads // kv_heads
+    parts = decode_parts(query, key, value) if mask is None and not is_causal and dropout == 0.0 else 1
+    if parts > 1:  # a decode step on several threads: the keys split so every thread gets as much work
+        packed = query.reshape(batch, kv_heads, groups * q_len, dim)
+        return attend_parts(packed, key, value, parts, scale=scale).reshape(batch, heads, q_len, dim)
     if is_causal:  # a causal flag would align to the packed rows: spell the mask out
         mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)[None, None]
     # heads are kv-major (head h reads kv head h // groups), so this reshape is a view
@@ -179,6 +183,72 @@ def attend_grouped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout,
                                                            scale=scale)
     return out.reshape(batch, heads, q_len, dim)
+
+
+MIN_PART_KEYS = 1024  # below this many keys a part, the split's extra ops cost more than the idle thread
+
+
+def decode_parts(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                 threads: int | None = None) -> int:
+    """How many parts to split the keys of an unmasked decode step into (1: no split), so that torch's CPU flash
+    kernel, which hands each thread whole (batch x kv head) tasks, gives every thread the same work.
+
+    SmolLM2 decodes with 3 KV heads: on 2 threads one thread attends over two heads and the other over one, so
+    the call takes 2/3 of the one-thread time instead of 1/2. With the keys in 2 parts, 6 tasks split 3 + 3.
+    The number of parts ``p`` is the smallest that minimizes ``ceil(tasks * p / threads) / p`` (the busiest
+    thread's share); none where the tasks already divide evenly, on one thread, or where a part would hold fewer
+    than `MIN_PART_KEYS` keys (short contexts: the extra ops outweigh the idle thread).
+    Taken only where `attend_parts` is exact and safe: the CPU in float32 (half-precision parts would round
+    twice), one decode query (``q_len == 1``), batch 1 (the parts take the batch axis), keys and values with a
+    contiguous last axis (the direct flash op misreads other strides), not while compiling.
+
+    Args:
+        query: [batch, heads, q_len, dim]; key, value: [batch, kv_heads, kv_len, dim].
+        threads: torch's intra-op threads (default: ``torch.get_num_threads()``).
+
+    Returns:
+        The number of parts, >= 1.
+    """
+    batch, _, q_len, _ = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    if (q_len != 1 or batch != 1 or query.device.type != "cpu" or query.dtype != torch.float32
+            or _CPU_FLASH is None or key.stride(-1) != 1 or value.stride(-1) != 1
+            or torch.compiler.is_compiling()):
+        return 1
+    threads = torch.get_num_threads() if threads is None else threads
+    best, best_share = 1, -(-kv_heads // threads)
+    for parts in range(2, min(threads, kv_len // MIN_PART_KEYS) + 1):
+        share = -(-kv_heads * parts // threads) / parts
+        if share < best_share - 1e-9:
+            best, best_share = parts, share
+    return best
+
+
+def attend_parts(packed: torch.Tensor, key: torch.Tensor, value: torch.Tensor, parts: int, *,
+                 scale: float | None = None) -> torch.Tensor:
+    """Unmasked attention with the keys split into ``parts`` equal runs (flash-decoding), in one CPU flash call:
+    the runs are views of the same storage laid along the batch axis (no copy), the query repeated over them;
+    keys left over (``kv_len % parts``) take a second call; the parts' outputs are merged exactly by their
+    log-sum-exps (softmax over the parts' lse weighs each part's normalized output by its share of the total).
+
+    Args:
+        packed: [1, kv_heads, rows, dim] (each group's queries packed as rows)
+        key, value: [1, kv_heads, kv_len, dim], last axis contiguous, kv_len >= parts.
+        parts: the number of equal runs (>= 2).
+
+    Returns:
+        [1, kv_heads, rows, dim], what one flash call over all keys returns, to float rounding.
+    """
+    kv_len = key.shape[2]
+    n = kv_len // parts
+    runs = [t.as_strided((parts, t.shape[1], n, t.shape[3]), (n * t.stride(2), t.stride(1), t.stride(2), 1))
+            for t in (key, value)]  # run i = keys [i*n, (i+1)*n): inside the tensor, since parts*n <= kv_len
+    out, lse = _CPU_FLASH(packed.expand(parts, *packed.shape[1:]), *runs, scale=scale)[:2]
+    if parts * n < kv_len:
+        rest_out, rest_lse = _CPU_FLASH(packed, key[:, :, parts * n:], value[:, :, parts * n:], scale=scale)[:2]
+        out, lse = torch.cat([out, rest_out]), torch.cat([lse, rest_lse])
+    # out: [parts(+1), kv_heads, rows, dim], lse: [parts(+1), kv_heads, rows], every part finite (no mask)
+    return (out * torch.softmax(lse, 0)[..., None]).sum(0, keepdim=True)
 
 
 def register_gqa_attention() -> str:
