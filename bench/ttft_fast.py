@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import kvmem  # noqa: E402
 import _common  # noqa: E402
-from kvmem.model.attention import use_gqa_attention  # noqa: E402
+from kvmem.model.attention import attend_grouped, use_gqa_attention  # noqa: E402
 from kvmem.inject.batch import prefill_batch  # noqa: E402
 from kvmem.model.cache import cache_kwarg, output_cache  # noqa: E402
 from kvmem.model.static_cache import static_prefix  # noqa: E402
@@ -221,23 +221,23 @@ def _exact_bound(model, cube, no_memory_tok_s: float | None) -> dict | None:
     the memory it must also read the memory's KV, at the rate the no-memory step read the weights:
     step = no_memory_step * (1 + KV bytes / weight bytes). Beside it, the bound with torch's own CPU attention
     kernel: the no-memory step plus that kernel's calls over the memory's KV as the fast path makes them (one per
-    layer, each group's queries packed), timed here; `decode_profile.py` shows the fast step's excess over the
-    no-memory step is these calls, and that they cost more than reading the bytes."""
+    layer, each group's queries packed, the keys split into runs where the KV heads do not divide among the
+    threads), timed here; `decode_profile.py` shows the fast step's excess over the no-memory step is these
+    calls, and that they cost more than reading the bytes."""
     if not no_memory_tok_s:
         return None
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in cube.kv)
     step = (1 / no_memory_tok_s) * (1 + kv_bytes / weight_bytes)
     bound = {"exact_bound_tokens_per_s": 1 / step, "memory_kv_bytes": kv_bytes, "weight_bytes": weight_bytes}
-    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
-    if flash is not None and kv_heads and heads % kv_heads == 0:
+    if kv_heads and heads % kv_heads == 0:
         kv = [(k if k.dim() == 4 else k[None], v if v.dim() == 4 else v[None]) for k, v in cube.kv]  # [1, h, n, d]
-        q = torch.randn(1, kv_heads, heads // kv_heads, kv[0][0].shape[-1], dtype=kv[0][0].dtype)
+        q = torch.randn(1, heads, 1, kv[0][0].shape[-1], dtype=kv[0][0].dtype)
 
-        def attend():
+        def attend():  # as kvmem_sdpa calls it for a decode step (groups packed, keys split over threads)
             for k, v in kv:
-                flash(q, k, v, scale=k.shape[-1] ** -0.5)
+                attend_grouped(q, k, v, None, scale=k.shape[-1] ** -0.5, pack=True)
 
         with torch.inference_mode():
             attend()
