@@ -248,6 +248,8 @@ def attend_parts(packed: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
         rest_out, rest_lse = _CPU_FLASH(packed, key[:, :, parts * n:], value[:, :, parts * n:], scale=scale)[:2]
         out, lse = torch.cat([out, rest_out]), torch.cat([lse, rest_lse])
     # out: [parts(+1), kv_heads, rows, dim], lse: [parts(+1), kv_heads, rows], every part finite (no mask)
+    if out.shape[0] == 2:  # part 1's share of the total is sigmoid(lse1 - lse0): three small ops, no reduction
+        return torch.lerp(out[:1], out[1:], torch.sigmoid(lse[1:] - lse[:1])[..., None])
     return (out * torch.softmax(lse, 0)[..., None]).sum(0, keepdim=True)
 
 
