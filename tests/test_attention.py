@@ -297,9 +297,9 @@ def test_decode_parts_balance_the_threads():
 
 @pytest.mark.parametrize("parts,kv_len", [(p, n) for p in (2, 3, 4) for n in (2, 3, 5, 8, 13, 64, 1031) if n >= p])
 def test_attend_parts_equals_one_pass_over_all_keys(two_threads, parts, kv_len):
-    """Equal runs of a cache-like strided view (offset and room around it), laid on the batch axis, plus the
-    leftover keys, merged by log-sum-exp == stock sdpa over all keys (KV heads expanded). Odd lengths, a
-    remainder of every size, runs of one key."""
+    """Runs of a cache-like strided view (offset and room around it) laid on the batch axis, the keys a run
+    shares with the run before masked out of it, merged by log-sum-exp == stock sdpa over all keys (KV heads
+    expanded). Odd lengths, a remainder of every size (overlaps of 1 to parts - 1 keys), runs of one key."""
     from kvmem.model.attention import attend_parts
 
     q, k, v = _decode_inputs(kv_len)

@@ -226,29 +226,35 @@ def decode_parts(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
 
 def attend_parts(packed: torch.Tensor, key: torch.Tensor, value: torch.Tensor, parts: int, *,
                  scale: float | None = None) -> torch.Tensor:
-    """Unmasked attention with the keys split into ``parts`` equal runs (flash-decoding), in one CPU flash call:
-    the runs are views of the same storage laid along the batch axis (no copy), the query repeated over them;
-    keys left over (``kv_len % parts``) take a second call; the parts' outputs are merged exactly by their
-    log-sum-exps (softmax over the parts' lse weighs each part's normalized output by its share of the total).
+    """Unmasked attention with the keys split into ``parts`` runs (flash-decoding), in one CPU flash call: the
+    runs are views of the same storage laid along the batch axis (no copy), the query repeated over them, and
+    the parts' outputs are merged exactly by their log-sum-exps.
+
+    Runs are ``m = s + r`` keys long and start every ``s = kv_len // parts`` keys (``r = kv_len % parts``): run
+    i covers keys [i*s, i*s + m), and its first ``r`` keys, which run i-1 already covers, are masked out of it
+    (an additive -inf mask [parts, 1, 1, m], only when r > 0). So every key counts once and no second call is
+    needed for a remainder (a second call cost more than the mask: one more parallel region and merge).
 
     Args:
         packed: [1, kv_heads, rows, dim] (each group's queries packed as rows)
         key, value: [1, kv_heads, kv_len, dim], last axis contiguous, kv_len >= parts.
-        parts: the number of equal runs (>= 2).
+        parts: the number of runs (>= 2).
 
     Returns:
         [1, kv_heads, rows, dim], what one flash call over all keys returns, to float rounding.
     """
     kv_len = key.shape[2]
-    n = kv_len // parts
-    runs = [t.as_strided((parts, t.shape[1], n, t.shape[3]), (n * t.stride(2), t.stride(1), t.stride(2), 1))
-            for t in (key, value)]  # run i = keys [i*n, (i+1)*n): inside the tensor, since parts*n <= kv_len
-    out, lse = _CPU_FLASH(packed.expand(parts, *packed.shape[1:]), *runs, scale=scale)[:2]
-    if parts * n < kv_len:
-        rest_out, rest_lse = _CPU_FLASH(packed, key[:, :, parts * n:], value[:, :, parts * n:], scale=scale)[:2]
-        out, lse = torch.cat([out, rest_out]), torch.cat([lse, rest_lse])
-    # out: [parts(+1), kv_heads, rows, dim], lse: [parts(+1), kv_heads, rows], every part finite (no mask)
-    if out.shape[0] == 2:  # part 1's share of the total is sigmoid(lse1 - lse0): three small ops, no reduction
+    step, rest = divmod(kv_len, parts)
+    span = step + rest
+    runs = [t.as_strided((parts, t.shape[1], span, t.shape[3]), (step * t.stride(2), t.stride(1), t.stride(2), 1))
+            for t in (key, value)]  # run i = keys [i*step, i*step + span): the last ends at kv_len, inside the tensor
+    mask = None
+    if rest:
+        mask = torch.zeros(parts, 1, 1, span, dtype=packed.dtype, device=packed.device)
+        mask[1:, ..., :rest] = float("-inf")  # keys the run before already counted
+    out, lse = _CPU_FLASH(packed.expand(parts, *packed.shape[1:]), *runs, attn_mask=mask, scale=scale)[:2]
+    # out: [parts, kv_heads, rows, dim], lse: [parts, kv_heads, rows], each finite (every run keeps >= 1 key)
+    if parts == 2:  # part 1's share of the total is sigmoid(lse1 - lse0): three small ops, no reduction
         return torch.lerp(out[:1], out[1:], torch.sigmoid(lse[1:] - lse[:1])[..., None])
     return (out * torch.softmax(lse, 0)[..., None]).sum(0, keepdim=True)
 
