@@ -21,7 +21,9 @@ Three parts:
           compile is in the warm-up, not in the timed calls); *_frozen adds inductor's freezing (weights folded
           into the graph as constants and prepacked: only for a model whose weights never change afterwards, no
           adapter swaps, which is why kvmem never turns it on); no_memory decodes after the query alone: the
-          bound (the weights' reads) no cache can beat; each decode row also gives the bound an exact method has
+          bound (the weights' reads) no cache can beat; kvmem_fast_one_call is kvmem_fast with its decode
+          split off (one CPU flash call per layer over all keys, as before issue 20's split: the paired A/B of
+          `decode_parts`); each decode row also gives the bound an exact method has
           with the memory (the no-memory step plus reading the memory's KV at the rate the weights were read)
           and the bound with torch's CPU attention kernel (the no-memory step plus that kernel over the memory)
   batch   B = 1, 4, 8 requests, each its own cube (different lengths) and query; one generate over
@@ -47,6 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import kvmem  # noqa: E402
 import _common  # noqa: E402
+from kvmem.model import attention  # noqa: E402
 from kvmem.model.attention import attend_grouped, use_gqa_attention  # noqa: E402
 from kvmem.inject.batch import prefill_batch  # noqa: E402
 from kvmem.model.cache import cache_kwarg, output_cache  # noqa: E402
@@ -56,9 +59,11 @@ from workloads import memory_ids, query_ids  # noqa: E402
 
 TTFT_METHODS = ("full_prefill", "prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_gqa", "kvmem_static",
                 "kvmem_fast", "query_alone")
-DECODE_METHODS = ("prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_fast", "prefix_reuse_static_compiled",
-                  "kvmem_fast_compiled", "kvmem_fast_compiled_frozen", "no_memory")
-GQA = {"kvmem_gqa", "kvmem_fast", "kvmem_fast_compiled", "kvmem_fast_compiled_frozen"}  # kvmem_sdpa; else stock
+DECODE_METHODS = ("prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_fast", "kvmem_fast_one_call",
+                  "prefix_reuse_static_compiled", "kvmem_fast_compiled", "kvmem_fast_compiled_frozen", "no_memory")
+GQA = {"kvmem_gqa", "kvmem_fast", "kvmem_fast_one_call", "kvmem_fast_compiled", "kvmem_fast_compiled_frozen"}
+UNSPLIT = {"kvmem_fast_one_call": "kvmem_fast"}  # kvmem_fast with decode_parts off: one flash call per layer
+SPLIT_KEYS = attention.MIN_PART_KEYS
 COMPILED = {"prefix_reuse_static_compiled": "prefix_reuse_static", "kvmem_fast_compiled": "kvmem_fast",
             "kvmem_fast_compiled_frozen": "kvmem_fast"}
 
@@ -87,7 +92,7 @@ class _Setup:
 
     def cache(self, method: str, model, room: int):
         """The cache a method's request starts from (this is the copy / splice inside the timed region)."""
-        method = COMPILED.get(method, method)
+        method = COMPILED.get(method, UNSPLIT.get(method, method))
         if method == "prefix_reuse":
             return copy.deepcopy(self.dynamic)
         if method == "prefix_reuse_static":
@@ -100,6 +105,7 @@ class _Setup:
 
 def _switch(model, method: str) -> None:
     use_gqa_attention(model, enabled=method in GQA)
+    attention.MIN_PART_KEYS = 1 << 62 if method in UNSPLIT else SPLIT_KEYS  # the A/B of the decode split
 
 
 def bench_ttft(model, tok, n_mem: int, q: torch.Tensor, args) -> list[dict]:
@@ -310,6 +316,11 @@ def targets(rows: list[dict], n_mem: int, b: int) -> dict:
         t["decode_fraction_of_exact_bound[kvmem_fast]"] = dd["kvmem_fast"]["fraction_of_exact_bound"]
         t["decode_within_5pct_of_exact_bound[kvmem_fast]"] = dd["kvmem_fast"]["fraction_of_exact_bound"] >= 0.95
         t["decode_fraction_of_kernel_bound[kvmem_fast]"] = dd["kvmem_fast"].get("fraction_of_kernel_bound")
+    if "kvmem_fast" in dd and "kvmem_fast_one_call" in dd:  # the decode split's paired A/B (same run)
+        t["decode_split_speedup[kvmem_fast vs kvmem_fast_one_call]"] = (
+            dd["kvmem_fast"]["median_tokens_per_s"] / dd["kvmem_fast_one_call"]["median_tokens_per_s"])
+        t["decode_fraction_of_exact_bound[kvmem_fast_one_call]"] = dd["kvmem_fast_one_call"].get(
+            "fraction_of_exact_bound")
     if "no_memory" in dd and "prefix_reuse" in dd:
         t["decode_bound_no_memory_vs_prefix_reuse"] = dd["no_memory"]["speedup_vs_prefix_reuse"]
     bb = [r for r in rows if r["part"] == "batch" and r["batch"] == b and r["method"] == "batched"]

@@ -185,7 +185,7 @@ def attend_grouped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return out.reshape(batch, heads, q_len, dim)
 
 
-MIN_PART_KEYS = 1024  # below this many keys a part, the split's extra ops cost more than the idle thread
+MIN_PART_KEYS = 2048  # below this many keys a part, the split's extra ops may cost more than the idle thread
 
 
 def decode_parts(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
