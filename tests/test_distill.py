@@ -204,6 +204,7 @@ def test_lineage_of_store_records(tok, tmp_path):
     (dict(steps=1, target_modules=["nope_proj"]), "not linear layers"),
     (dict(steps=1, lr_schedule="linear"), "lr_schedule must be 'cosine' or 'constant'"),
     (dict(steps=1, warmup=1.0), "warmup must be a share"),
+    (dict(steps=1, sampled_share=1.5), "sampled_share must be a share"),
     (dict(time_budget=1e-9), "time budget .* ran out"),
 ])
 def test_bad_arguments(tok, kwargs, match):
@@ -313,6 +314,29 @@ def test_keep_share_and_content_weights(tok):
     heavy = Example(e.ids, e.start, e.teacher, e.source, torch.full((e.teacher.shape[0],), 7.0))
     with torch.no_grad():
         assert torch.allclose(kl_loss(model, [plain], pad=0), kl_loss(model, [heavy], pad=0))
+
+
+def test_sampled_answers(tok):
+    """A ``sampled_share`` of each memory's questions gets a sampled teacher answer instead of the greedy one: the
+    same for the same seed, the other questions and the keep prompts answered as with no sampling, and the teacher
+    log-probs still those of the model's own (unmodified) distribution at each answer token."""
+    from kvmem.evolve.distill import make_examples
+    from kvmem.prompt import ChatLayout
+
+    model = tiny_model("llama")
+    kw = dict(layout=ChatLayout(tok), questions_per_memory=4, seed=0, max_answer_tokens=6,
+              keep_prompts=FAST["keep_prompts"])
+    greedy = make_examples(model, tok, MEMORIES, **kw)
+    drawn = make_examples(model, tok, MEMORIES, sampled_share=0.5, **kw)
+    again = make_examples(model, tok, MEMORIES, sampled_share=0.5, **kw)
+    assert [torch.equal(a.ids, b.ids) and torch.equal(a.teacher, b.teacher) for a, b in zip(drawn, again)] == \
+        [True] * len(drawn)
+    assert sorted(e.source for e in drawn) == sorted(e.source for e in greedy)
+    same = [any(torch.equal(d.ids, g.ids) for g in greedy) for d in drawn]
+    # half the memory questions (4 of 8) are sampled; a tiny random model's sampled answers differ from its greedy
+    assert sum(same) == len(drawn) - 4, same
+    for e in drawn:  # the teacher's rows are log-probs of the whole vocabulary at each answer token
+        assert torch.allclose(e.teacher.float().exp().sum(-1), torch.ones(e.teacher.shape[0]), atol=2e-2)
 
 
 @pytest.mark.slow
