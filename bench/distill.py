@@ -116,7 +116,8 @@ def run(args) -> dict:
                                   facts=args.facts, steps=args.steps, time_budget=args.time_budget, rank=args.rank,
                                   lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
                                   answer_tokens=args.answer_tokens, questions=args.questions,
-                                  content_weight=args.content_weight, keep_share=args.keep_share, seed=args.seed)
+                                  content_weight=args.content_weight, keep_share=args.keep_share,
+                                  sampled_share=args.sampled_share, seed=args.seed)
     mm = kvmem.wrap(model, tok)
     merged = kvmem.wrap(model, tok, merge_adapters=True)  # same base model, adapters served merged
     people = memory_set(args.facts, seed=args.seed)
@@ -128,7 +129,8 @@ def run(args) -> dict:
                                 rank=args.rank, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
                                 max_answer_tokens=args.answer_tokens,
                                 questions_per_memory=args.questions, content_weight=args.content_weight,
-                                keep_share=args.keep_share, seed=args.seed, checkpoint_dir=Path(tmp) / "ckpt",
+                                keep_share=args.keep_share, sampled_share=args.sampled_share, seed=args.seed,
+                                checkpoint_dir=Path(tmp) / "ckpt",
                                 progress=True)
         distill_s = time.perf_counter() - t0
     run_facts = adapter.meta["distill"]
@@ -234,11 +236,13 @@ def main(argv=None) -> None:
     parser.add_argument("--time-budget", type=float, default=480, help="seconds for the whole distillation")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine"))
+    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine", "wsd"))
     parser.add_argument("--warmup", type=float, default=0.05, help="share of the run warming the lr up")
     parser.add_argument("--questions", type=int, default=16, help="generated questions per memory")
     parser.add_argument("--content-weight", type=float, default=3.0, help="loss weight of the memory's tokens")
     parser.add_argument("--keep-share", type=float, default=0.2, help="share of unrelated (keep) prompts")
+    parser.add_argument("--sampled-share", type=float, default=0.0, help="share of questions with a sampled "
+                        "teacher answer")
     parser.add_argument("--answer-tokens", type=int, default=24, help="teacher answer tokens learned per question")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds of TTFT after the warm-up round")

@@ -202,7 +202,7 @@ def test_lineage_of_store_records(tok, tmp_path):
     (dict(steps=1, content_weight=0), "content_weight must be a number > 0"),
     (dict(steps=1, keep_share=1.0), "keep_share must be a number in"),
     (dict(steps=1, target_modules=["nope_proj"]), "not linear layers"),
-    (dict(steps=1, lr_schedule="linear"), "lr_schedule must be 'cosine' or 'constant'"),
+    (dict(steps=1, lr_schedule="linear"), "lr_schedule must be .constant., .cosine. or .wsd."),
     (dict(steps=1, warmup=1.0), "warmup must be a share"),
     (dict(steps=1, sampled_share=1.5), "sampled_share must be a share"),
     (dict(time_budget=1e-9), "time budget .* ran out"),
@@ -279,13 +279,22 @@ def test_facts_are_asked_in_other_words_and_frames():
 
 
 def test_lr_schedule():
-    """Cosine: a linear warm-up to the peak, then a decay to a tenth; constant: the peak throughout."""
+    """Cosine: a linear warm-up to the peak, then a decay to a tenth; constant: the peak throughout; wsd: warm-up,
+    the peak, a linear decay to a tenth at the end."""
     from kvmem.evolve.distill import lr_factor
 
     factors = [lr_factor(i / 100, schedule="cosine", warmup=0.1) for i in range(101)]
     assert factors[0] < 0.05 and factors[10] == pytest.approx(1.0) and factors[100] == pytest.approx(0.1)
     assert factors[:10] == sorted(factors[:10]) and factors[10:] == sorted(factors[10:], reverse=True)
     assert {lr_factor(p, schedule="constant", warmup=0.1) for p in (0, 0.5, 1)} == {1.0}
+    # wsd: the same warm-up, the peak until the last WSD_DECAY of the run, then a straight line down to a tenth
+    from kvmem.evolve.distill import WSD_DECAY
+
+    wsd = [lr_factor(i / 100, schedule="wsd", warmup=0.1) for i in range(101)]
+    flat_until = round(100 * (1 - WSD_DECAY))
+    assert wsd[:10] == factors[:10] and set(wsd[10:flat_until + 1]) == {1.0} and wsd[100] == pytest.approx(0.1)
+    steps = [a - b for a, b in zip(wsd[flat_until:], wsd[flat_until + 1:])]
+    assert all(s == pytest.approx(0.9 / (100 - flat_until)) for s in steps)
 
 
 def test_keep_share_and_content_weights(tok):

@@ -334,8 +334,8 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
                         f"{content_weight!r}")
     if isinstance(keep_share, bool) or not isinstance(keep_share, (int, float)) or not 0 <= keep_share < 1:
         raise CubeError(f"keep_share must be a number in [0, 1) (0: no repeats), got {keep_share!r}")
-    if lr_schedule not in ("cosine", "constant"):
-        raise CubeError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+    if lr_schedule not in ("constant", "cosine", "wsd"):
+        raise CubeError(f"lr_schedule must be 'constant', 'cosine' or 'wsd', got {lr_schedule!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < 1:
         raise CubeError(f"warmup must be a share of the run in [0, 1), got {warmup!r}")
     if isinstance(sampled_share, bool) or not isinstance(sampled_share, (int, float)) or not 0 <= sampled_share <= 1:
@@ -380,9 +380,14 @@ def bare_copy(model):
     return clone.eval()
 
 
+# "wsd" decays over this last share of the run
+WSD_DECAY = 0.2
+
+
 def lr_factor(progress: float, *, schedule: str, warmup: float) -> float:
     """The learning rate's multiple of its peak at ``progress`` (0 -> 1, the share of the run done): a linear
-    warm-up over ``warmup``, then a cosine decay to 0.1 ("cosine"); 1 throughout ("constant")."""
+    warm-up over ``warmup``, then a cosine decay to 0.1 ("cosine"), or the peak until the last `WSD_DECAY` of the
+    run and a linear decay to 0.1 over it ("wsd": warm-up, stable, decay); 1 throughout ("constant")."""
     import math
 
     if schedule == "constant":
@@ -390,6 +395,8 @@ def lr_factor(progress: float, *, schedule: str, warmup: float) -> float:
     progress = min(max(progress, 0.0), 1.0)
     if progress < warmup:
         return (progress + 1e-3) / warmup
+    if schedule == "wsd":
+        return 1.0 - 0.9 * max(0.0, progress - (1 - WSD_DECAY)) / WSD_DECAY
     done = (progress - warmup) / (1 - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
 
