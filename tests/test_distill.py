@@ -361,7 +361,7 @@ def test_smollm2_learns_a_fact_the_base_does_not_know(smollm2):
     assert "glassblower" not in mm.answer(question, max_new_tokens=16).lower()
     assert "glassblower" in mm.answer(question, cubes=[mm.build_cube(fact)], max_new_tokens=16).lower()
     cube = kvmem.distill(mm.adapters.base, tokenizer, [fact], steps=30, lr=2e-3, seed=0, progress=False)
-    assert question not in make_questions(fact, per_memory=16, seed=0)  # the questions distil asked (seed 0)
+    assert question not in make_questions(fact, per_memory=32, seed=0)  # the questions distil asked (seed 0)
     assert "glassblower" in mm.answer(question, adapter=cube, max_new_tokens=16).lower()
     assert mm.adapter is None
 
