@@ -281,15 +281,13 @@ def test_facts_are_asked_in_other_words_and_frames():
 def test_lr_schedule():
     """Cosine: a linear warm-up to the peak, then a decay to a tenth; constant: the peak throughout; wsd: warm-up,
     the peak, a linear decay to a tenth at the end."""
-    from kvmem.evolve.distill import lr_factor
+    from kvmem.evolve.schedule import WSD_DECAY, lr_factor
 
     factors = [lr_factor(i / 100, schedule="cosine", warmup=0.1) for i in range(101)]
     assert factors[0] < 0.05 and factors[10] == pytest.approx(1.0) and factors[100] == pytest.approx(0.1)
     assert factors[:10] == sorted(factors[:10]) and factors[10:] == sorted(factors[10:], reverse=True)
     assert {lr_factor(p, schedule="constant", warmup=0.1) for p in (0, 0.5, 1)} == {1.0}
     # wsd: the same warm-up, the peak until the last WSD_DECAY of the run, then a straight line down to a tenth
-    from kvmem.evolve.distill import WSD_DECAY
-
     wsd = [lr_factor(i / 100, schedule="wsd", warmup=0.1) for i in range(101)]
     flat_until = round(100 * (1 - WSD_DECAY))
     assert wsd[:10] == factors[:10] and set(wsd[10:flat_until + 1]) == {1.0} and wsd[100] == pytest.approx(0.1)

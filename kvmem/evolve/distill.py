@@ -39,6 +39,7 @@ from ..prompt import ChatLayout
 from ..store.lineage import DERIVED_KEY, source_entry
 from .checkpoint import load_checkpoint, save_checkpoint
 from .questions import KEEP_PROMPTS, make_questions
+from .schedule import lr_factor
 
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -301,8 +302,8 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
         rank: LoRA rank (alpha = 2 * rank, no dropout); seed: questions, LoRA init and batch order.
         lr, batch_size: AdamW (peak) learning rate and examples per step.
         lr_schedule: "wsd" (warm-up over the first ``warmup`` share of the run, the peak ``lr``, then a linear
-            decay to a tenth over the last `WSD_DECAY` of it), "constant" or "cosine" (the warm-up, then a cosine
-            decay to a tenth). The run's progress is its share of ``steps`` or of ``time_budget``, whichever is
+            decay to a tenth over the last `schedule.WSD_DECAY` of it), "constant" or "cosine" (the warm-up, then
+            a cosine decay to a tenth). The run's progress is its share of ``steps`` or of ``time_budget``, whichever is
             further on, so a run stopped by its time budget has decayed too. On bench/distill_validate.py at 160
             steps "wsd" answered 74% of what the cube answers (damage 0.044 nats), "constant" 72% (0.072),
             "cosine" 66% (0.050); bench/README.md.
@@ -381,27 +382,6 @@ def bare_copy(model):
                 setattr(module, child_name, child.get_base_layer())
     clone.requires_grad_(False)
     return clone.eval()
-
-
-# "wsd" decays over this last share of the run
-WSD_DECAY = 0.2
-
-
-def lr_factor(progress: float, *, schedule: str, warmup: float) -> float:
-    """The learning rate's multiple of its peak at ``progress`` (0 -> 1, the share of the run done): a linear
-    warm-up over ``warmup``, then a cosine decay to 0.1 ("cosine"), or the peak until the last `WSD_DECAY` of the
-    run and a linear decay to 0.1 over it ("wsd": warm-up, stable, decay); 1 throughout ("constant")."""
-    import math
-
-    if schedule == "constant":
-        return 1.0
-    progress = min(max(progress, 0.0), 1.0)
-    if progress < warmup:
-        return (progress + 1e-3) / warmup
-    if schedule == "wsd":
-        return 1.0 - 0.9 * max(0.0, progress - (1 - WSD_DECAY)) / WSD_DECAY
-    done = (progress - warmup) / (1 - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def _train(student, model, examples, texts, sources, *, key, steps, time_budget, t0, lr, batch_size, seed, pad,
