@@ -202,8 +202,9 @@ def test_lineage_of_store_records(tok, tmp_path):
     (dict(steps=1, content_weight=0), "content_weight must be a number > 0"),
     (dict(steps=1, keep_share=1.0), "keep_share must be a number in"),
     (dict(steps=1, target_modules=["nope_proj"]), "not linear layers"),
-    (dict(steps=1, lr_schedule="linear"), "lr_schedule must be 'cosine' or 'constant'"),
+    (dict(steps=1, lr_schedule="linear"), "lr_schedule must be .constant., .cosine. or .wsd."),
     (dict(steps=1, warmup=1.0), "warmup must be a share"),
+    (dict(steps=1, sampled_share=1.5), "sampled_share must be a share"),
     (dict(time_budget=1e-9), "time budget .* ran out"),
 ])
 def test_bad_arguments(tok, kwargs, match):
@@ -278,13 +279,20 @@ def test_facts_are_asked_in_other_words_and_frames():
 
 
 def test_lr_schedule():
-    """Cosine: a linear warm-up to the peak, then a decay to a tenth; constant: the peak throughout."""
-    from kvmem.evolve.distill import lr_factor
+    """Cosine: a linear warm-up to the peak, then a decay to a tenth; constant: the peak throughout; wsd: warm-up,
+    the peak, a linear decay to a tenth at the end."""
+    from kvmem.evolve.schedule import WSD_DECAY, lr_factor
 
     factors = [lr_factor(i / 100, schedule="cosine", warmup=0.1) for i in range(101)]
     assert factors[0] < 0.05 and factors[10] == pytest.approx(1.0) and factors[100] == pytest.approx(0.1)
     assert factors[:10] == sorted(factors[:10]) and factors[10:] == sorted(factors[10:], reverse=True)
     assert {lr_factor(p, schedule="constant", warmup=0.1) for p in (0, 0.5, 1)} == {1.0}
+    # wsd: the same warm-up, the peak until the last WSD_DECAY of the run, then a straight line down to a tenth
+    wsd = [lr_factor(i / 100, schedule="wsd", warmup=0.1) for i in range(101)]
+    flat_until = round(100 * (1 - WSD_DECAY))
+    assert wsd[:10] == factors[:10] and set(wsd[10:flat_until + 1]) == {1.0} and wsd[100] == pytest.approx(0.1)
+    steps = [a - b for a, b in zip(wsd[flat_until:], wsd[flat_until + 1:])]
+    assert all(s == pytest.approx(0.9 / (100 - flat_until)) for s in steps)
 
 
 def test_keep_share_and_content_weights(tok):
@@ -315,6 +323,29 @@ def test_keep_share_and_content_weights(tok):
         assert torch.allclose(kl_loss(model, [plain], pad=0), kl_loss(model, [heavy], pad=0))
 
 
+def test_sampled_answers(tok):
+    """A ``sampled_share`` of each memory's questions gets a sampled teacher answer instead of the greedy one: the
+    same for the same seed, the other questions and the keep prompts answered as with no sampling, and the teacher
+    log-probs still those of the model's own (unmodified) distribution at each answer token."""
+    from kvmem.evolve.distill import make_examples
+    from kvmem.prompt import ChatLayout
+
+    model = tiny_model("llama")
+    kw = dict(layout=ChatLayout(tok), questions_per_memory=4, seed=0, max_answer_tokens=6,
+              keep_prompts=FAST["keep_prompts"])
+    greedy = make_examples(model, tok, MEMORIES, **kw)
+    drawn = make_examples(model, tok, MEMORIES, sampled_share=0.5, **kw)
+    again = make_examples(model, tok, MEMORIES, sampled_share=0.5, **kw)
+    assert [torch.equal(a.ids, b.ids) and torch.equal(a.teacher, b.teacher) for a, b in zip(drawn, again)] == \
+        [True] * len(drawn)
+    assert sorted(e.source for e in drawn) == sorted(e.source for e in greedy)
+    same = [any(torch.equal(d.ids, g.ids) for g in greedy) for d in drawn]
+    # half the memory questions (4 of 8) are sampled; a tiny random model's sampled answers differ from its greedy
+    assert sum(same) == len(drawn) - 4, same
+    for e in drawn:  # the teacher's rows are log-probs of the whole vocabulary at each answer token
+        assert torch.allclose(e.teacher.float().exp().sum(-1), torch.ones(e.teacher.shape[0]), atol=2e-2)
+
+
 @pytest.mark.slow
 def test_smollm2_learns_a_fact_the_base_does_not_know(smollm2):
     """Distilled into SmolLM2, an invented fact is answered with no memory in the prompt, to a question the
@@ -328,7 +359,7 @@ def test_smollm2_learns_a_fact_the_base_does_not_know(smollm2):
     assert "glassblower" not in mm.answer(question, max_new_tokens=16).lower()
     assert "glassblower" in mm.answer(question, cubes=[mm.build_cube(fact)], max_new_tokens=16).lower()
     cube = kvmem.distill(mm.adapters.base, tokenizer, [fact], steps=30, lr=2e-3, seed=0, progress=False)
-    assert question not in make_questions(fact, per_memory=16, seed=0)  # the questions distil asked (seed 0)
+    assert question not in make_questions(fact, per_memory=32, seed=0)  # the questions distil asked (seed 0)
     assert "glassblower" in mm.answer(question, adapter=cube, max_new_tokens=16).lower()
     assert mm.adapter is None
 

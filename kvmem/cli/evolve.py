@@ -35,16 +35,19 @@ def distill(
     rank: int = typer.Option(8, help="LoRA rank."),
     seed: int = typer.Option(0, help="Seed (questions, LoRA init, batch order)."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW)."),
-    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine (warm-up, then decay "
-                                    "to lr/10)."),
+    lr_schedule: str = typer.Option("wsd", "--lr-schedule", help="constant, cosine (warm-up, then decay "
+                                    "to lr/10) or wsd (warm-up, the peak, a linear decay to lr/10 over the last "
+                                    "fifth)."),
     warmup: float = typer.Option(0.05, help="Share of the run spent warming the learning rate up."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per optimizer step."),
-    questions: int = typer.Option(16, help="Questions generated per memory (the teacher answers each)."),
-    answer_tokens: int = typer.Option(24, "--answer-tokens", help="Teacher answer tokens learned per question."),
+    questions: int = typer.Option(32, help="Questions generated per memory (the teacher answers each)."),
+    answer_tokens: int = typer.Option(16, "--answer-tokens", help="Teacher answer tokens learned per question."),
     content_weight: float = typer.Option(3.0, "--content-weight", help="Loss weight of answer tokens that state "
                                          "the memory (its names and values), relative to the rest."),
     keep_share: float = typer.Option(0.2, "--keep-share", help="Least share of unrelated prompts whose base "
                                      "answers are kept (0: no repeats)."),
+    sampled_share: float = typer.Option(0.0, "--sampled-share", help="Share of each memory's questions whose "
+                                        "teacher answer is sampled rather than greedy (0: all greedy)."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Save resumable checkpoints here."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --checkpoint-dir."),
 ):
@@ -66,7 +69,8 @@ def distill(
     cube = run(m, tok, records, steps=steps if steps is not None or time_budget is not None else 200,
                time_budget=time_budget, rank=rank, seed=seed, lr=lr, lr_schedule=lr_schedule, warmup=warmup,
                batch_size=batch_size, questions_per_memory=questions, max_answer_tokens=answer_tokens,
-               content_weight=content_weight, keep_share=keep_share, checkpoint_dir=checkpoint_dir, resume=resume,
+               content_weight=content_weight, keep_share=keep_share, sampled_share=sampled_share,
+               checkpoint_dir=checkpoint_dir, resume=resume,
                name=f"{namespace}-distilled")
     with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
