@@ -35,13 +35,13 @@ def distill(
     rank: int = typer.Option(8, help="LoRA rank."),
     seed: int = typer.Option(0, help="Seed (questions, LoRA init, batch order)."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW)."),
-    lr_schedule: str = typer.Option("wsd", "--lr-schedule", help="constant, cosine (warm-up, then decay "
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, cosine (warm-up, then decay "
                                     "to lr/10) or wsd (warm-up, the peak, a linear decay to lr/10 over the last "
                                     "fifth)."),
     warmup: float = typer.Option(0.05, help="Share of the run spent warming the learning rate up."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per optimizer step."),
-    questions: int = typer.Option(32, help="Questions generated per memory (the teacher answers each)."),
-    answer_tokens: int = typer.Option(16, "--answer-tokens", help="Teacher answer tokens learned per question."),
+    questions: int = typer.Option(16, help="Questions generated per memory (the teacher answers each)."),
+    answer_tokens: int = typer.Option(24, "--answer-tokens", help="Teacher answer tokens learned per question."),
     content_weight: float = typer.Option(3.0, "--content-weight", help="Loss weight of answer tokens that state "
                                          "the memory (its names and values), relative to the rest."),
     keep_share: float = typer.Option(0.2, "--keep-share", help="Least share of unrelated prompts whose base "

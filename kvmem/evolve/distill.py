@@ -285,12 +285,12 @@ def _run_key(model, texts, options: dict) -> str:
 
 
 def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget: float | None = None,
-            rank: int = 8, seed: int = 0, lr: float = 2e-3, batch_size: int = 8, questions_per_memory: int = 32,
-            max_answer_tokens: int = 16, content_weight: float = 3.0, keep_prompts=KEEP_PROMPTS,
+            rank: int = 8, seed: int = 0, lr: float = 2e-3, batch_size: int = 8, questions_per_memory: int = 16,
+            max_answer_tokens: int = 24, content_weight: float = 3.0, keep_prompts=KEEP_PROMPTS,
             keep_share: float = 0.2, target_modules=None,
             system_prompt: str | None = None, name: str | None = None, checkpoint_dir=None,
             checkpoint_every: int = 20, resume: bool = False, progress: bool = True,
-            lr_schedule: str = "wsd", warmup: float = 0.05, sampled_share: float = 0.0) -> AdapterCube:
+            lr_schedule: str = "constant", warmup: float = 0.05, sampled_share: float = 0.0) -> AdapterCube:
     """Learn ``memories`` into a LoRA AdapterCube by context distillation (see the module docstring).
 
     Args:
@@ -301,15 +301,17 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
         steps: optimizer steps; time_budget: seconds for the whole call; training stops at whichever comes first.
         rank: LoRA rank (alpha = 2 * rank, no dropout); seed: questions, LoRA init and batch order.
         lr, batch_size: AdamW (peak) learning rate and examples per step.
-        lr_schedule: "wsd" (warm-up over the first ``warmup`` share of the run, the peak ``lr``, then a linear
-            decay to a tenth over the last `schedule.WSD_DECAY` of it), "constant" or "cosine" (the warm-up, then
-            a cosine decay to a tenth). The run's progress is its share of ``steps`` or of ``time_budget``, whichever is
+        lr_schedule: "constant" (the default), "wsd" (warm-up over the first ``warmup`` share of the run, the
+            peak ``lr``, then a linear decay to a tenth over the last `schedule.WSD_DECAY` of it) or "cosine" (the
+            warm-up, then a cosine decay to a tenth). The run's progress is its share of ``steps`` or of ``time_budget``, whichever is
             further on, so a run stopped by its time budget has decayed too. On bench/distill_validate.py at 160
             steps "wsd" answered 74% of what the cube answers (damage 0.044 nats), "constant" 72% (0.072),
-            "cosine" 66% (0.050); bench/README.md.
+            "cosine" 66% (0.050); bench/README.md. Alone each of wsd, 32 questions and 16 answer tokens won a few
+            points there; the three together did not (69%), nor on bench/distill.py (69%, 77%, 69% against the
+            defaults' 73% twice), so the defaults stay.
         questions_per_memory, max_answer_tokens: how many questions per memory, how long the teacher answers.
-            More distinct questions beat more passes over fewer at equal steps (32 a memory: 78% of what the cube
-            answers on the validation at 160 steps, 16: 72%).
+            32 a memory answered 78% of what the cube answers on the validation at 160 steps, 16 (the default)
+            72%, one run each; not kept as the default (see ``lr_schedule``).
         content_weight: the loss weight of an answer token that states the memory (its names and values,
             `content_tokens`) relative to the phrasing around it (1.0: a plain mean).
         sampled_share: the share of each memory's questions whose teacher answer is sampled (temperature 1, top-p
