@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvmem
-from kvmem.model.cache import GrowingLayer, free_prefix_pool
+from kvmem.model.cache import GrowingLayer, free_prefix_pool, set_prefix_pool
 
 from helpers import random_ids, tiny_model
 
@@ -147,3 +147,38 @@ def test_reset_neither_zeroes_the_pool_nor_the_cube(model, cube):
         full = model(input_ids=fresh.extend(query)).logits[0, -1]
     torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
     assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(cube.kv, before))
+
+
+def test_a_pool_turned_off_holds_nothing_and_every_request_copies(model, cube, monkeypatch):
+    """For cubes too large to hold twice: off, the pool keeps no storage between requests (what it held is freed),
+    every request grows its own (one copy a layer, as without the pool), tokens stay a full prefill's; on again,
+    repeats reuse storage as before."""
+    first = kvmem.prefill(model, cube)
+    _forward(model, first, _query(1))
+    del first
+    gc.collect()
+    set_prefix_pool(model, enabled=False)
+    try:
+        assert kvmem.model.resolve.resolve(model).memo.get("prefix_pool") is None  # what it held is freed
+        for seed in (2, 3):
+            grows = _count_grows(monkeypatch)
+            again = kvmem.prefill(model, cube)
+            got = _forward(model, again, _query(seed))
+            assert len(grows) == model.config.num_hidden_layers  # every layer copied its cube
+            ids = torch.cat([IDS[None], _query(seed)], -1)
+            with torch.inference_mode():
+                want = model(input_ids=ids).logits[0, -1]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            monkeypatch.undo()
+            del again
+            gc.collect()
+        assert kvmem.model.resolve.resolve(model).memo.get("prefix_pool") is None  # and nothing was kept
+    finally:
+        set_prefix_pool(model, enabled=True)
+    warm = kvmem.prefill(model, cube)
+    _forward(model, warm, _query(4))
+    del warm
+    gc.collect()
+    grows = _count_grows(monkeypatch)
+    _forward(model, kvmem.prefill(model, cube), _query(5))
+    assert grows == []  # on again: the repeat writes after the pooled cube

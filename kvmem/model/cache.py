@@ -235,6 +235,24 @@ def free_prefix_pool(model) -> None:
     resolve(model).memo.pop("prefix_pool", None)
 
 
+_POOL_OFF = "_kvmem_prefix_pool_off"  # on the base model: outlives the facts, which a weight change renews
+
+
+def set_prefix_pool(model, *, enabled: bool) -> None:
+    """Keep (``enabled=True``, the default) or stop keeping `PrefixPool` storage for ``model``.
+
+    Off, every request copies its cube's KV into fresh storage at the query forward's first update (the copy the
+    pool saves) and nothing is held between requests: for cubes too large to hold twice. Turning it off frees what
+    the pool holds now. The setting stays with the model (weight changes, adapter swaps keep it).
+    """
+    base = base_model(model)
+    if enabled:
+        base.__dict__.pop(_POOL_OFF, None)
+    else:
+        base.__dict__[_POOL_OFF] = True
+        free_prefix_pool(model)
+
+
 def new_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]], *, facts=None, source=None) -> GrowingCache:
     """A fresh cache for ``model`` holding ``kv`` (per layer keys/values [1, kv_heads, seq, head_dim]).
 
@@ -261,7 +279,7 @@ def new_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]], *, facts=None,
             layer.update(k, v)
         layers.append(layer)
     cache = GrowingCache(layers)
-    if source is not None:
+    if source is not None and not facts.base.__dict__.get(_POOL_OFF, False):
         cache._pool, cache._source = weakref.ref(facts.remember("prefix_pool", PrefixPool)), weakref.ref(source)
     return cache
 
