@@ -181,3 +181,37 @@ def test_key_blocks_travel_to_another_process_by_their_path(cube, path):
                             want.kv_cache, slots)
     assert torch.equal(layers[0][2].kv_cache, want.kv_cache)
     writer.close()
+
+
+def test_deleting_a_cube_deletes_its_key_blocks_only(cube, tmp_path):
+    """Names may hold dots and dashes: deleting cube "a" must not take cube "a.keys-b16" or that cube's sidecar."""
+    from kvmem.integrations.saving import SaveSpec, delete_cube, write_cube
+    from kvmem.integrations.serving import CubeSource
+
+    source = CubeSource(folder=str(tmp_path))
+    for name in ("a", "a.keys-b16"):
+        spec = SaveSpec(name=name, namespace="ns", ids=tuple(cube.all_ids[0].tolist()), anchor=cube.anchor_len,
+                        text=None)
+        write_cube(source, spec, cube, key_block_size=16)
+    delete_cube(source, "ns", "a")
+    assert sorted(p.name for p in (tmp_path / "ns").iterdir()) == [
+        "a.keys-b16.keys-b16", "a.keys-b16.safetensors"]
+
+
+def test_a_sidecar_that_cannot_be_written_does_not_stop_the_save(cube, tmp_path, monkeypatch, caplog):
+    """Key blocks only speed loads up: a failure writing them is logged and the cube is still published."""
+    from kvmem.integrations import saving
+    from kvmem.integrations.serving import CubeSource
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(saving, "write_key_blocks", full_disk)
+    source = CubeSource(folder=str(tmp_path))
+    spec = saving.SaveSpec(name="notes", namespace="ns", ids=tuple(cube.all_ids[0].tolist()),
+                           anchor=cube.anchor_len, text=None)
+    with caplog.at_level("WARNING", logger="vllm.kvmem"):
+        where = saving.write_cube(source, spec, cube, key_block_size=16)
+    assert sorted(p.name for p in (tmp_path / "ns").iterdir()) == ["notes.safetensors"]
+    assert kvmem.MemCube.load(where).num_tokens == cube.num_tokens
+    assert "key blocks for" in caplog.text and "No space left" in caplog.text

@@ -121,7 +121,8 @@ def _answers(model, inputs: dict, *, max_answer_tokens: int, eos: list[int], pad
     width = inputs["input_ids"].shape[1]
     how = (dict(do_sample=False, temperature=None, top_p=None, top_k=None) if sample_seed is None
            else dict(do_sample=True, temperature=1.0, top_p=0.9, top_k=None))
-    with torch.random.fork_rng(devices=[]):
+    cuda = inputs["input_ids"].device.type == "cuda"  # manual_seed reseeds every CUDA device too: fork them all
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
         if sample_seed is not None:
             torch.manual_seed(sample_seed)
         out = model.generate(**inputs, max_new_tokens=max_answer_tokens, output_logits=True,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import tempfile
 import threading
 from collections import OrderedDict
@@ -37,6 +38,7 @@ from ..cubes.memcube import MemCube, cube_meta
 from ..errors import CubeError
 from ..store.records import check_name
 from .key_blocks import key_blocks_path, write_key_blocks
+from .key_blocks import logger as key_blocks_logger
 from .tenancy import request_namespace
 
 
@@ -136,7 +138,7 @@ def write_cube(source, spec: SaveSpec, cube: MemCube, *, key_block_size: int | N
             cube.save(staged)
             MemCube.load(staged)  # validated before any reader can see it
             if key_block_size:
-                write_key_blocks(staged, block_size=key_block_size, out=key_blocks_path(final, key_block_size))
+                _write_key_blocks(staged, final, key_block_size)
             os.replace(staged, final)
         finally:
             if os.path.exists(staged):
@@ -150,13 +152,29 @@ def write_cube(source, spec: SaveSpec, cube: MemCube, *, key_block_size: int | N
     return f"{source.location} {spec.namespace}/{rec.id}"
 
 
+def _write_key_blocks(staged: str, final: Path, block_size: int) -> None:
+    """The cube's key blocks beside ``final``; they only speed up loads, so a failure to write them (a full disk, an
+    I/O error) is logged and the cube is published without them (its keys are then copied into the blocks)."""
+    side = key_blocks_path(final, block_size)
+    try:
+        write_key_blocks(staged, block_size=block_size, out=side)
+    except (OSError, ValueError) as exc:
+        side.unlink(missing_ok=True)
+        key_blocks_logger.warning("kvmem: key blocks for %s not written (%s); the cube is saved without them, its "
+                                  "keys are copied into the blocks when it loads", final, exc)
+
+
 def delete_cube(source, namespace: str, name: str) -> None:
     """Remove cube ``name`` of ``namespace`` from ``source`` (a missing one is not an error)."""
     if source.folder is not None:
         path = Path(source.folder) / namespace / f"{name}.safetensors"
         path.unlink(missing_ok=True)
-        for side in path.parent.glob(f"{glob.escape(name)}.keys-b*"):  # its key blocks (key_blocks_path)
-            side.unlink(missing_ok=True)
+        # its key blocks (key_blocks_path: "<name>.keys-b<N>"), and nothing else: "a.keys-b*" would also match
+        # another cube named "a.keys-b16" (names may hold dots and dashes) and that cube's own sidecar
+        own = re.compile(rf"{re.escape(name)}\.keys-b\d+")
+        for side in path.parent.glob(f"{glob.escape(name)}.keys-b*"):
+            if own.fullmatch(side.name):
+                side.unlink(missing_ok=True)
     else:
         source.store.view(namespace).rm(name)
 

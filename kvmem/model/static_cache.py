@@ -149,9 +149,10 @@ class PrefixStaticCache(StaticCache):
         """Forget the last ``tokens`` written to every layer (a padded query's padding: its slots are written over by
         the next tokens, and the mask hides them until then), leaving ``length`` tokens; on the device, no read.
         Full-attention layers only (a sliding window would have dropped real entries for the padding)."""
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers):  # all checked before any is changed: never half rewound
             if type(layer) is not StaticLayer:
                 raise CubeError(f"cache layer {i} is a {type(layer).__name__}: only full-attention layers rewind")
+        for layer in self.layers:
             layer.cumulative_length.sub_(tokens)
         self.track(length)
 
