@@ -11,12 +11,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_dry_run_writes_passing_checks(tmp_path):
+def _gpu_check():
+    """bench/gpu_check.py as a module (bench/ is not a package)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import gpu_check
     finally:
         sys.path.remove(str(ROOT / "bench"))
+    return gpu_check
+
+
+def test_dry_run_writes_passing_checks(tmp_path):
+    gpu_check = _gpu_check()
     out = tmp_path / "gpu_check.json"
     assert gpu_check.main(["--smoke", "--skip", "pytest", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
@@ -39,11 +45,7 @@ def test_dry_run_writes_passing_checks(tmp_path):
 
 def test_budget_skips_what_it_cannot_start(tmp_path):
     """--budget-s 0: nothing is started, every model is recorded as skipped, and the JSON is still written."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gpu_check = _gpu_check()
     out = tmp_path / "gpu_check.json"
     assert gpu_check.main(["--smoke", "--skip", "pytest", "splice", "--budget-s", "0", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -51,22 +53,14 @@ def test_budget_skips_what_it_cannot_start(tmp_path):
 
 
 def test_device_busy_counts_overlapping_kernels_once():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gpu_check = _gpu_check()
     assert gpu_check.covered([(20, 25), (0, 10), (5, 12), (21, 22), (30, 30)]) == 17
     assert gpu_check.covered([]) == 0
 
 
 def test_pytest_step_reports_its_summary(monkeypatch):
     """The pytest step runs `pytest -m gpu` and keeps its summary line (here: a stand-in that prints one)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gpu_check = _gpu_check()
 
     class Done:
         returncode, stdout, stderr = 0, "....\n3 passed, 200 deselected in 1.0s\n", ""
