@@ -212,3 +212,29 @@ def test_meta_weights_no_hook_holds_are_refused():
     with pytest.raises(CubeError, match=r"meta device and no accelerate offload hook holds its value.*load the "
                                         r"model's weights"):
         kvmem.MemCube.from_ids(empty, random_ids(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_full_digest_is_xxh3_of_every_element(dtype, monkeypatch):
+    """The digest of a weight is xxh3-128 over its bytes as held and over its bytes rounded to each canonical
+    dtype, in one piece or many, also where a rounding is the tensor's own dtype (its digest is then the exact
+    one, not hashed twice)."""
+    import xxhash
+
+    from kvmem.cubes import weights
+
+    monkeypatch.setattr(weights, "_CHUNK", 1000)  # 5 pieces, the last short
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(4500, generator=g) * 3).to(dtype) if dtype.is_floating_point else \
+        torch.randint(-2**40, 2**40, (4500,), generator=g)
+
+    def ref(x):
+        return xxhash.xxh3_128(x.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+    got = weights._full_digest(t.view(45, 100))
+    assert got["exact"] == ref(t)
+    assert got["fp16"] == ref(t.to(torch.float16) if dtype.is_floating_point else t)
+    assert got["bf16"] == (None if dtype == torch.float16 else ref(t.to(torch.bfloat16) if dtype.is_floating_point
+                                                                  else t))
+    if dtype == torch.float32:
+        assert len({got["exact"], got["fp16"], got["bf16"]}) == 3
