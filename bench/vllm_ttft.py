@@ -156,6 +156,9 @@ def parent(args) -> None:
             redis_proc, url = start_redis(work)
         store_url = f"{url}?prefix=bench{uuid.uuid4().hex[:6]}"
         facts = machine_facts(packages=("torch", "transformers", "vllm", "kvmem", "redis"))
+        # the engine's OpenMP threads: spinning after each parallel region (unset: libgomp's default) or sleeping
+        # ("PASSIVE"), which decides how a loader thread shares the cores with the forward pass (docs/serving-vllm.md)
+        facts["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
         spec = build_cubes(args.tokens, work / "cubes", f"{store_url}&cache={work / 'writer'}")
         spec.update(reps=args.reps, warmup=args.warmup, max_model_len=min(max(args.tokens) + 128, 8192),
                     full_reps=args.full_reps if args.full_reps is not None else args.reps)

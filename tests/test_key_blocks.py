@@ -4,6 +4,8 @@ serves its keys."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -14,7 +16,6 @@ from kvmem.integrations.key_blocks import key_blocks_path, open_key_blocks, writ
 from kvmem.integrations.serving import FileKV
 from kvmem.integrations.vllm_pages import BlockPlacement, LayerWriter, Load
 from test_cubefile import CpuLikeLayer
-from test_store_redis import redis_url  # noqa: F401  (a fixture: a throwaway redis-server)
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +260,18 @@ def test_a_local_store_cube_saved_by_the_server_gets_its_key_blocks(cube, tmp_pa
     assert len(list((tmp_path / "store" / "cubes").glob("*.keys-b16"))) == 1
     source.store.view("ns").rm("notes")
     assert list((tmp_path / "store" / "cubes").glob("*.keys-b*")) == []
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A throwaway redis-server (test_store_redis's); skips without the binary or the client."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    pytest.importorskip("redis", reason="the redis client is not installed (pip install 'kvmem[redis]')")
+    from test_store_redis import redis_server
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 def test_a_redis_cube_saved_by_one_server_is_read_with_its_key_blocks_by_another(cube, tmp_path, redis_url):
