@@ -16,7 +16,12 @@ Methods, per memory length, on prompts of ``memory + query`` (token ids, greedy,
     kvmem, disk, op writes  A/B in the same engine: the same load with every layer written through the backend's
                           own ``do_kv_cache_update`` op from a read buffer (the writer before plain copies, no sidecar)
     kvmem, disk, all layers first   the same with ``"layerwise": false``: every layer written before the forward
-    kvmem, Redis          the same, from a Redis store, the local copy deleted before every call (a new replica)
+    kvmem, Redis          the same, from a Redis store, the local copy deleted before every call (a new replica);
+                          keys read straight into the blocks from the cube's key blocks in Redis
+                          (`kvmem.integrations.key_blocks.store_key_blocks`, set before timing, as a server saving the
+                          cube into Redis sets them)
+    kvmem, Redis, keys copied  A/B in the Redis engine: the same load without them (keys read into a buffer and
+                          copied transposed into the blocks)
 kvmem runs as a *fresh engine* would: a fresh cache salt per call, so vLLM's prefix cache never holds the memory
 (as after a restart or on a new replica), and the connector keeps no cube between requests: every call opens the
 cube again (header, metadata and ids read and verified when the request arrives) and its loader thread reads each
@@ -54,10 +59,12 @@ from _common import RESULTS, loadavg, machine_facts, pyplot, round_robin, save_f
 NOTES = Path(__file__).resolve().parents[1] / "kvmem" / "demo" / "data" / "team_notes.txt"
 QUERY = "\nQuestion: who leads the team, and which city do they live in?\nAnswer:"
 METHODS = ("full prefill", "prefix cache (warm)", "kvmem, local disk", "kvmem, disk, 2 read threads",
-           "kvmem, disk, keys copied", "kvmem, disk, op writes", "kvmem, disk, all layers first", "kvmem, Redis")
+           "kvmem, disk, keys copied", "kvmem, disk, op writes", "kvmem, disk, all layers first", "kvmem, Redis",
+           "kvmem, Redis, keys copied")
 TWO_READERS = "kvmem, disk, 2 read threads"
 OP_WRITES = "kvmem, disk, op writes"
 KEYS_COPIED = "kvmem, disk, keys copied"
+REDIS_KEYS_COPIED = "kvmem, Redis, keys copied"
 KVMEM_METHODS = {"disk": "kvmem, local disk", "upfront": "kvmem, disk, all layers first", "redis": "kvmem, Redis"}
 TARGETS = {"kvmem_vs_warm_max": 1.2, "saving_vs_full_min": 0.70, "at_tokens": 4096}
 
@@ -149,6 +156,9 @@ def parent(args) -> None:
             redis_proc, url = start_redis(work)
         store_url = f"{url}?prefix=bench{uuid.uuid4().hex[:6]}"
         facts = machine_facts(packages=("torch", "transformers", "vllm", "kvmem", "redis"))
+        # the engine's OpenMP threads: spinning after each parallel region (unset: libgomp's default) or sleeping
+        # ("PASSIVE"), which decides how a loader thread shares the cores with the forward pass (docs/serving-vllm.md)
+        facts["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
         spec = build_cubes(args.tokens, work / "cubes", f"{store_url}&cache={work / 'writer'}")
         spec.update(reps=args.reps, warmup=args.warmup, max_model_len=min(max(args.tokens) + 128, 8192),
                     full_reps=args.full_reps if args.full_reps is not None else args.reps)
@@ -184,7 +194,7 @@ def summarize(rows) -> dict:
         full = next((r["median_ms"] for r in at if r["method"] == "full prefill"), None)
         s = {f"{r['method']} [{r.get('engine', 'disk')} engine] (ms)": round(r["median_ms"], 1) for r in at}
         for r in at:
-            if r["method"] not in (*KVMEM_METHODS.values(), OP_WRITES, KEYS_COPIED, TWO_READERS):
+            if r["method"] not in (*KVMEM_METHODS.values(), OP_WRITES, KEYS_COPIED, TWO_READERS, REDIS_KEYS_COPIED):
                 continue
             warm = next((w["median_ms"] for w in at if w["method"] == "prefix cache (warm)"
                          and w.get("engine") == r.get("engine")), None)
@@ -208,7 +218,7 @@ def worker(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
-    from kvmem.integrations.key_blocks import write_key_blocks
+    from kvmem.integrations.key_blocks import store_key_blocks, write_key_blocks
     from kvmem.integrations.vllm_pages import BlockPlacement, LayerWriter
 
     plain_copies, key_blocks, start = LayerWriter.placement, BlockPlacement.takes_key_blocks, LayerWriter.start
@@ -242,6 +252,14 @@ def worker(spec_path: str, out_path: str) -> None:
         for cube in spec["cubes"].values():
             write_key_blocks(Path(spec["config"]["folder"]) / "default" / f"{cube['name']}.safetensors",
                              block_size=block_size)
+    if "store" in spec["config"]:  # in Redis beside the blob, as a server saving the cube into Redis sets them
+        from kvmem.store.cubestore import CubeStore
+
+        store = CubeStore(spec["config"]["store"])
+        with tempfile.TemporaryDirectory(prefix="kvmem-bench-keys-") as staging:
+            for cube in spec["cubes"].values():
+                store_key_blocks(store, store.view("default").get(cube["name"]).blob, block_size=block_size,
+                                 staging=staging)
     rows = []
     for n, cube in spec["cubes"].items():
         ids = cube["ids"] + spec["query"]
@@ -267,7 +285,12 @@ def worker(spec_path: str, out_path: str) -> None:
                     else key_blocks
                 LayerWriter.start = start_with(2 if name == TWO_READERS else 1)
         elif source == "redis":
-            before = lambda name: drop_local_copies()  # noqa: E731
+            fns[REDIS_KEYS_COPIED] = lambda: call(REDIS_KEYS_COPIED, salt=uuid.uuid4().hex, cubes=[cube["name"]])
+
+            def before(name):  # a new replica every call; A/B: the key blocks in Redis not used (keys copied)
+                drop_local_copies()
+                BlockPlacement.takes_key_blocks = (lambda self, kb, cache: False) if name == REDIS_KEYS_COPIED \
+                    else key_blocks
         reps = {name: spec["full_reps"] if name == "full prefill" else spec["reps"] for name in fns}
         series = round_robin(fns, reps, warmup=spec["warmup"], before=before)
         for method, s in series.items():

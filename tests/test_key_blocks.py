@@ -4,6 +4,8 @@ serves its keys."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -215,3 +217,90 @@ def test_a_sidecar_that_cannot_be_written_does_not_stop_the_save(cube, tmp_path,
     assert sorted(p.name for p in (tmp_path / "ns").iterdir()) == ["notes.safetensors"]
     assert kvmem.MemCube.load(where).num_tokens == cube.num_tokens
     assert "key blocks for" in caplog.text and "No space left" in caplog.text
+
+
+def _served_exactly(cube, f, blocks_file):
+    """Load all of ``f`` through ``blocks_file`` (read into the blocks: checked) and compare every layer with the
+    op's own write of ``cube``."""
+    used = []
+    real = BlockPlacement.read_key_blocks
+    BlockPlacement.read_key_blocks = lambda self, *a, **k: (used.append(a[1]), real(self, *a, **k))
+    try:
+        layers, slots, errors, _ = _load(f, blocks_file, (0, 32), 0)
+    finally:
+        BlockPlacement.read_key_blocks = real
+    assert errors == set() and len(used) == f.num_layers
+    for i, _, layer in layers:
+        want = CpuLikeLayer(*cube.kv_shapes[0][0][::2])
+        want.do_kv_cache_update(want, cube.kv[i][0][:, :32].transpose(0, 1), cube.kv[i][1][:, :32].transpose(0, 1),
+                                want.kv_cache, slots)
+        assert torch.equal(layer.kv_cache, want.kv_cache)
+
+
+def _spec(cube, name="notes"):
+    from kvmem.integrations.saving import SaveSpec
+
+    return SaveSpec(name=name, namespace="ns", ids=tuple(cube.all_ids[0].tolist()), anchor=cube.anchor_len,
+                    text="the notes", record_text="the notes")
+
+
+def test_a_local_store_cube_saved_by_the_server_gets_its_key_blocks(cube, tmp_path):
+    """A store cube's key blocks lie beside its blob in cubes/, are served through, and go with the memory."""
+    from kvmem.integrations.saving import write_cube
+    from kvmem.integrations.serving import CubeSource
+
+    source = CubeSource(store=str(tmp_path / "store"))
+    write_cube(source, _spec(cube), cube, key_block_size=16)
+    f = source.load("ns", "notes", layered=True)
+    assert isinstance(f, CubeFile)
+    sides = list((tmp_path / "store" / "cubes").glob("*.keys-b16"))
+    assert [s.name for s in sides] == [key_blocks_path(f.path, 16).name]
+    _served_exactly(cube, f, open_key_blocks(f, 16))
+    write_cube(source, _spec(cube), cube, key_block_size=16)  # replaced: the old blob's key blocks go with it
+    assert len(list((tmp_path / "store" / "cubes").glob("*.keys-b16"))) == 1
+    source.store.view("ns").rm("notes")
+    assert list((tmp_path / "store" / "cubes").glob("*.keys-b*")) == []
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A throwaway redis-server (test_store_redis's); skips without the binary or the client."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    pytest.importorskip("redis", reason="the redis client is not installed (pip install 'kvmem[redis]')")
+    from test_store_redis import redis_server
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+def test_a_redis_cube_saved_by_one_server_is_read_with_its_key_blocks_by_another(cube, tmp_path, redis_url):
+    """One server saves into Redis (cube and key blocks); a replica with no local copy reads both from Redis;
+    damaged key blocks are a load error; deleting the memory deletes them."""
+    import redis
+
+    from kvmem.integrations.saving import write_cube
+    from kvmem.integrations.serving import CubeSource
+    from test_store_redis import store_url
+
+    url = store_url(redis_url, tmp_path, tag="kb")
+    write_cube(CubeSource(store=url), _spec(cube), cube, key_block_size=16)
+    replica = CubeSource(store=url.replace("cache-m1", "cache-m2"))
+    f = replica.load("ns", "notes", layered=True)
+    assert f.key_blocks_source is not None  # read from Redis: the replica has no local copy
+    blocks_file = open_key_blocks(f, 16)
+    assert blocks_file is not None and blocks_file.block_size == 16
+    _served_exactly(cube, f, blocks_file)
+    assert open_key_blocks(f, 32) is None  # written for blocks of 16: not used for 32
+
+    client = redis.Redis.from_url(redis_url)
+    (key,) = [k for k in client.keys("*keyblocks*")]
+    raw = bytearray(client.get(key))
+    raw[-3] ^= 0x10
+    client.set(key, bytes(raw))
+    f = CubeSource(store=url.replace("cache-m1", "cache-m3")).load("ns", "notes", layered=True)  # no local copy
+    assert f.key_blocks_source is not None
+    _, _, errors, reasons = _load(f, open_key_blocks(f, 16), (0, 32), 0)
+    assert errors == {6, 1} and "checksum mismatch of kb." in reasons[0]
+    replica.store.view("ns").rm("notes")
+    assert client.keys("*keyblocks*") == [] and client.keys("*:blob:*") == []

@@ -134,6 +134,18 @@ class PartFile:
             raise
         return cls(path, source, meta, entries, parts, data_start)
 
+    @classmethod
+    def over_parts(cls, source, *, where, fmt: str, version: str) -> "PartFile":
+        """A file of format ``fmt`` version ``version`` read from byte source ``source`` (``size``,
+        ``read_into(view, offset)``, ``close()``: `FileBytes`, a Redis store's blob), named ``where`` in messages,
+        its header verified as `open_parts` verifies a file's. ``source`` is closed with it (or now, if refused)."""
+        try:
+            _, meta, entries, parts, data_start = _read_header(source, where, fmt=fmt, version=version)
+        except BaseException:
+            source.close()
+            raise
+        return cls(where, source, meta, entries, parts, data_start)
+
     @property
     def meta(self) -> dict:
         """The file's metadata (a copy)."""
@@ -278,6 +290,10 @@ class CubeFile(PartFile, CubeFacts):
     ``all_ids``, ``input_ids``, ``anchor_len``, ``num_tokens``, ``name``, ``dtype``, ``fingerprint_fields``,
     ``quantization`` (always None), ``nbytes``, ``kv_shapes``, ``num_layers``.
     """
+
+    #: where this cube's key-blocks sidecar is when it is not a file beside the cube: a byte source (a Redis
+    #: store's key, `kvmem.integrations.sources`), set by whoever opened the cube; None: beside its file, if any
+    key_blocks_source = None
 
     def __init__(self, path, source, meta: dict, ids: torch.Tensor, entries: dict, parts: dict, data_start: int):
         super().__init__(path, source, meta, entries, parts, data_start)

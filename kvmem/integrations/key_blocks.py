@@ -95,17 +95,23 @@ class KeyBlocks(PartFile):
 
 
 def open_key_blocks(cube: CubeFile, block_size: int) -> KeyBlocks | None:
-    """The sidecar of ``cube`` (opened from its file) for blocks of ``block_size`` tokens, verified to be this
-    cube's (its header checksum, the cube's binding, every layer's shape and dtype); None when there is none or it
-    does not fit (it was written from another version of the cube, or is damaged: logged), so the cube is loaded
-    without it."""
-    if not isinstance(cube.path, Path):
-        return None  # a cube read from a store's byte source (Redis): no sidecar there
-    path = key_blocks_path(cube.path, block_size)
-    if not path.is_file():
-        return None
+    """The sidecar of ``cube`` for blocks of ``block_size`` tokens (the file beside the cube's, or the byte source
+    ``cube.key_blocks_source``: a Redis store's), verified to be this cube's (its header checksum, the cube's
+    binding, every layer's shape and dtype); None when there is none or it does not fit (it was written from
+    another version of the cube, or is damaged: logged), so the cube is loaded without it."""
     try:
-        blocks = KeyBlocks.open_parts(path, fmt=FORMAT, version=str(VERSION))
+        if cube.key_blocks_source is not None:
+            if not cube.key_blocks_source.size:
+                return None  # none was written
+            path = f"key blocks of {cube.path}"
+            blocks = KeyBlocks.over_parts(cube.key_blocks_source, where=path, fmt=FORMAT, version=str(VERSION))
+        else:
+            if not isinstance(cube.path, Path):
+                return None
+            path = key_blocks_path(cube.path, block_size)
+            if not path.is_file():
+                return None
+            blocks = KeyBlocks.open_parts(path, fmt=FORMAT, version=str(VERSION))
     except CubeError as exc:
         logger.warning("kvmem: key blocks %s not used (%s); the cube's keys are copied into the blocks", path, exc)
         return None
@@ -128,6 +134,38 @@ def open_key_blocks(cube: CubeFile, block_size: int) -> KeyBlocks | None:
         blocks.close()
         return None
     return blocks
+
+
+def redis_key(db, blob: str) -> str:
+    """The Redis key of the key blocks of store blob ``blob`` (beside its ``blob`` key; deleted with it,
+    `kvmem.store.redis_blobs.RedisBlobs.delete`). One per blob: the block size is in the sidecar's metadata."""
+    return db.key("keyblocks", blob)
+
+
+def store_key_blocks(store, blob: str, *, block_size: int, staging) -> str:
+    """Write the key blocks of store blob ``blob`` (a cube just put into ``store``, a
+    `kvmem.store.cubestore.CubeStore`: read from its stamped bytes, this machine's copy) where its readers look: a
+    file beside the blob in a local store's ``cubes/`` (`open_key_blocks` finds it by the blob's path; deleted with
+    the blob), or a Redis store's key `redis_key` (staged in folder ``staging``), which a replica reads while it
+    reads the cube from Redis. Returns where it went.
+
+    Raises:
+        CubeError, OSError: as `write_key_blocks`, or the store cannot take them (the caller logs it: they only
+        speed up loads)."""
+    blobs = store.blobs
+    path = blobs.local_path(blob)
+    if path is None:
+        raise CubeError(f"blob {blob} is not in {blobs.describe()}")
+    db = getattr(blobs, "db", None)
+    if db is None:  # a local store: the blob is a file
+        return str(write_key_blocks(path, block_size=block_size, out=key_blocks_path(path, block_size)))
+    staged = write_key_blocks(path, block_size=block_size, out=Path(staging) / f"{blob}.keys-b{block_size}")
+    try:
+        with db.errors():
+            db.client.set(redis_key(db, blob), staged.read_bytes())
+    finally:
+        staged.unlink(missing_ok=True)
+    return f"{db.url} {redis_key(db, blob)}"
 
 
 def main(argv=None) -> None:

@@ -37,7 +37,7 @@ import xxhash
 from ..cubes.memcube import MemCube, cube_meta
 from ..errors import CubeError
 from ..store.records import check_name
-from .key_blocks import key_blocks_path, write_key_blocks
+from .key_blocks import key_blocks_path, store_key_blocks, write_key_blocks
 from .key_blocks import logger as key_blocks_logger
 from .tenancy import request_namespace
 
@@ -125,9 +125,10 @@ def write_cube(source, spec: SaveSpec, cube: MemCube, *, key_block_size: int | N
     (a `kvmem.integrations.serving.CubeSource`): ``<folder>/<namespace>/<name>.safetensors``, or ``put_cube``
     into the store with ``spec.record_text`` (a store memory needs a text). Returns where it went.
 
-    ``key_block_size``: a folder cube also gets its keys in the engine's block layout for blocks of that many
-    tokens (`kvmem.integrations.key_blocks`), written before the cube is published, so a server never sees the
-    cube without it."""
+    ``key_block_size``: the cube also gets its keys in the engine's block layout for blocks of that many tokens
+    (`kvmem.integrations.key_blocks`): a folder cube's are written before the cube is published, so a server never
+    sees the cube without them; a store cube's right after it is put (`store_key_blocks`: beside its blob, or in
+    Redis)."""
     if source.folder is not None:
         final = Path(source.folder) / spec.namespace / f"{spec.name}.safetensors"
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +150,13 @@ def write_cube(source, spec: SaveSpec, cube: MemCube, *, key_block_size: int | N
         cube.save(path)
         checked = MemCube.load(path)
         rec = source.store.view(spec.namespace).put_cube(spec.name, checked, text=spec.record_text)
+        if key_block_size and rec.blob is not None:  # after the cube: a load in between copies its keys
+            try:
+                store_key_blocks(source.store, rec.blob, block_size=key_block_size, staging=tmp)
+            except (OSError, ValueError) as exc:  # a CubeError is a ValueError
+                key_blocks_logger.warning("kvmem: key blocks for %s/%s not written (%s); the cube is saved without "
+                                          "them, its keys are copied into the blocks when it loads", spec.namespace,
+                                          spec.name, exc)
     return f"{source.location} {spec.namespace}/{rec.id}"
 
 

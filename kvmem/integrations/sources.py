@@ -18,6 +18,7 @@ from ..cubes.memcube import MemCube
 from ..errors import CubeError
 from ..store.records import NAME, check_name, is_valid_blob
 from ..store.stamp import mismatch, read_stamp
+from .key_blocks import redis_key
 
 
 class Refused(CubeError):
@@ -135,6 +136,8 @@ class CubeSource:
                 # requests after this one
                 cube = CubeFile.over(RedisBlobBytes(blobs.db.client, blobs.db.key("blob", rec.blob)),
                                      where=f"{blobs.db.url} blob {rec.blob}")
+                # its key blocks, where the server that saved it wrote them (`kvmem.integrations.key_blocks`)
+                cube.key_blocks_source = RedisBlobBytes(blobs.db.client, redis_key(blobs.db, rec.blob))
                 self._fetch_later(rec.blob)
             else:
                 path = blobs.local_path(rec.blob)

@@ -43,10 +43,13 @@ class BlockPlacement:
         self._flat: dict[tuple, tuple[torch.Tensor, object]] = {}  # per cache: ([num_blocks, n] view, its bytes)
 
     def _views(self, cache: torch.Tensor):
+        """``cache`` as ([num_blocks, n] elements, its bytes [num_blocks, n * element size] (numpy), the same bytes
+        as one flat memoryview): made once per cache."""
         key = (cache.data_ptr(), tuple(cache.shape))
         if key not in self._flat:
             flat = cache.view(cache.shape[0], -1)
-            self._flat[key] = (flat, flat.view(torch.uint8).numpy())
+            raw = flat.view(torch.uint8).numpy()
+            self._flat[key] = (flat, raw, memoryview(raw.reshape(-1)))
         return self._flat[key]
 
     def read_rows(self, cube, name: str, which: int, cache: torch.Tensor, window: tuple[int, int], slots,
@@ -55,8 +58,8 @@ class BlockPlacement:
         blocks of ``cache`` (part ``which``: 0 keys, 1 values, stored as rows); the positions outside the window
         are read into ``scratch`` (every byte is hashed against the part's checksum)."""
         offsets = self.forms[which][1]
-        _, raw = self._views(cache)
-        es = cache.element_size()
+        _, raw, mv = self._views(cache)  # slices of one memoryview: a third of the CPU of numpy views per piece
+        es, stride = cache.element_size(), raw.shape[1]
         dtype, shape = cube.part_dtype_shape(name)
         heads, total, dim = shape[-3:]
         lo, hi = window
@@ -70,8 +73,8 @@ class BlockPlacement:
                 views.append(memoryview(junk[used:used + lo * row]))
                 used += lo * row
             for b, off, m, _ in spans:
-                start = (offsets[h] + off * dim) * es
-                views.append(memoryview(raw[block_ids[b], start:start + m * row]))
+                start = block_ids[b] * stride + (offsets[h] + off * dim) * es
+                views.append(mv[start:start + m * row])
             if hi < total:
                 views.append(memoryview(junk[used:used + (total - hi) * row]))
                 used += (total - hi) * row
@@ -91,8 +94,8 @@ class BlockPlacement:
         part's checksum. A block the window covers only in part (or not at all) is read into ``scratch``, and the
         window's columns of it are copied into its block."""
         offsets = self.forms[0][1]
-        _, raw = self._views(cache)
-        es = cache.element_size()
+        _, raw, mv = self._views(cache)
+        es, stride = cache.element_size(), raw.shape[1]
         _, (heads, nb, dim, bs) = key_blocks.part_dtype_shape(name)
         lo, hi = window
         first = lo // bs
@@ -104,8 +107,8 @@ class BlockPlacement:
         for h in range(heads):
             for b in range(nb):
                 if whole and whole[0] <= b <= whole[-1]:
-                    start = offsets[h] * es
-                    views.append(memoryview(raw[block_ids[b - first], start:start + tile]))
+                    start = block_ids[b - first] * stride + offsets[h] * es
+                    views.append(mv[start:start + tile])
                 else:
                     views.append(memoryview(junk[j * tile:(j + 1) * tile]))
                     j += 1
@@ -124,7 +127,7 @@ class BlockPlacement:
         one 2-D copy per block and head (numpy's: for the few hundred small copies of a layer its per-call cost is
         a tenth of torch's; the bytes are moved as same-width integers, so every dtype is copied bit for bit)."""
         form, offsets = self.forms[which]
-        _, raw = self._views(cache)
+        _, raw, _ = self._views(cache)
         es = cache.element_size()
         words = raw.view(_WORDS[es])  # [num_blocks, block elements]
         src = t.view(_TORCH_WORDS[es]).numpy()  # a strided view (a window of a cube in memory) is read in place

@@ -67,6 +67,9 @@ class LocalBlobs:
     def delete(self, name):
         try:
             self._path(name).unlink(missing_ok=True)
+            # its key blocks, if a server wrote them (kvmem.integrations.key_blocks: "<blob>.keys-b<N>")
+            for side in self.folder.glob(f"{check_blob(name)}.keys-b*"):
+                side.unlink(missing_ok=True)
         except PermissionError:
             raise CubeError(f"permission denied deleting {self._path(name)}: writes need write access to "
                             f"{self.folder}") from None

@@ -90,6 +90,7 @@ class RedisBlobs:
         with self.db.errors():
             pipe = self.db.client.pipeline(transaction=True)
             pipe.delete(self.db.key("blob", check_blob(name)))
+            pipe.delete(self.db.key("keyblocks", name))  # its key blocks, if a server wrote them (kvmem.integrations)
             pipe.hdel(self.db.key("blobtime"), name)
             pipe.execute()
         # the local copy itself goes at the next sweep, so a reader on this machine that found it a moment ago

@@ -201,8 +201,10 @@ def test_fuzz_interleaved_namespaces_share_only_within_themselves(servers, hf):
     assert cross_chances >= 5 and own_hits >= 3  # the fuzz did test both: others' blocks there, and its own
 
 
-def test_a_cube_saved_by_one_server_is_served_by_the_other(servers, memory):
+def test_a_cube_saved_by_one_server_is_served_by_the_other(servers, memory, redis_url):
     import time
+
+    import redis
 
     one, two = servers
     a = memory["a"]
@@ -218,6 +220,9 @@ def test_a_cube_saved_by_one_server_is_served_by_the_other(servers, memory):
         time.sleep(1)
     assert cached == 256 and got == full
     assert "saved cube 'from-vllm' (256 tokens" in one.text()
+    # its key blocks too (float32 on vLLM CPU keeps keys as columns), beside its blob in Redis: a replica reading
+    # the cube from Redis reads them into its blocks (tests/test_key_blocks.py)
+    assert redis.Redis.from_url(redis_url).keys("*:keyblocks:*")
 
 
 def metrics(server) -> dict[str, float]:
