@@ -5,6 +5,7 @@ serves its keys."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -137,6 +138,10 @@ def test_a_folder_cube_saved_by_the_server_gets_its_key_blocks(cube, tmp_path):
     f = CubeFile.open(where)
     assert open_key_blocks(f, 16) is not None
     assert sorted(p.name for p in (tmp_path / "ns").iterdir()) == ["notes.keys-b16", "notes.safetensors"]
+    # what autosave's capacity counts beside the cube: the sidecar's bytes, and none where none is written
+    assert where.key_blocks_bytes == (tmp_path / "ns" / "notes.keys-b16").stat().st_size > 0
+    assert write_cube(source, replace(spec, name="bare"), cube).key_blocks_bytes == 0
+    delete_cube(source, "ns", "bare")
     assert list(source.versions("ns")) == ["notes"]
     delete_cube(source, "ns", "notes")
     assert list((tmp_path / "ns").iterdir()) == []
@@ -250,11 +255,12 @@ def test_a_local_store_cube_saved_by_the_server_gets_its_key_blocks(cube, tmp_pa
     from kvmem.integrations.serving import CubeSource
 
     source = CubeSource(store=str(tmp_path / "store"))
-    write_cube(source, _spec(cube), cube, key_block_size=16)
+    written = write_cube(source, _spec(cube), cube, key_block_size=16)
     f = source.load("ns", "notes", layered=True)
     assert isinstance(f, CubeFile)
     sides = list((tmp_path / "store" / "cubes").glob("*.keys-b16"))
     assert [s.name for s in sides] == [key_blocks_path(f.path, 16).name]
+    assert written.key_blocks_bytes == sides[0].stat().st_size > 0
     _served_exactly(cube, f, open_key_blocks(f, 16))
     write_cube(source, _spec(cube), cube, key_block_size=16)  # replaced: the old blob's key blocks go with it
     assert len(list((tmp_path / "store" / "cubes").glob("*.keys-b16"))) == 1
@@ -284,7 +290,7 @@ def test_a_redis_cube_saved_by_one_server_is_read_with_its_key_blocks_by_another
     from test_store_redis import store_url
 
     url = store_url(redis_url, tmp_path, tag="kb")
-    write_cube(CubeSource(store=url), _spec(cube), cube, key_block_size=16)
+    written = write_cube(CubeSource(store=url), _spec(cube), cube, key_block_size=16)
     replica = CubeSource(store=url.replace("cache-m1", "cache-m2"))
     f = replica.load("ns", "notes", layered=True)
     assert f.key_blocks_source is not None  # read from Redis: the replica has no local copy
@@ -295,6 +301,7 @@ def test_a_redis_cube_saved_by_one_server_is_read_with_its_key_blocks_by_another
 
     client = redis.Redis.from_url(redis_url)
     (key,) = [k for k in client.keys("*keyblocks*")]
+    assert written.key_blocks_bytes == client.strlen(key) > 0  # what autosave's capacity counts beside the cube
     raw = bytearray(client.get(key))
     raw[-3] ^= 0x10
     client.set(key, bytes(raw))

@@ -142,12 +142,12 @@ def redis_key(db, blob: str) -> str:
     return db.key("keyblocks", blob)
 
 
-def store_key_blocks(store, blob: str, *, block_size: int, staging) -> str:
+def store_key_blocks(store, blob: str, *, block_size: int, staging) -> tuple[str, int]:
     """Write the key blocks of store blob ``blob`` (a cube just put into ``store``, a
     `kvmem.store.cubestore.CubeStore`: read from its stamped bytes, this machine's copy) where its readers look: a
     file beside the blob in a local store's ``cubes/`` (`open_key_blocks` finds it by the blob's path; deleted with
     the blob), or a Redis store's key `redis_key` (staged in folder ``staging``), which a replica reads while it
-    reads the cube from Redis. Returns where it went.
+    reads the cube from Redis. Returns where it went and its bytes.
 
     Raises:
         CubeError, OSError: as `write_key_blocks`, or the store cannot take them (the caller logs it: they only
@@ -158,14 +158,16 @@ def store_key_blocks(store, blob: str, *, block_size: int, staging) -> str:
         raise CubeError(f"blob {blob} is not in {blobs.describe()}")
     db = getattr(blobs, "db", None)
     if db is None:  # a local store: the blob is a file
-        return str(write_key_blocks(path, block_size=block_size, out=key_blocks_path(path, block_size)))
+        side = write_key_blocks(path, block_size=block_size, out=key_blocks_path(path, block_size))
+        return str(side), side.stat().st_size
     staged = write_key_blocks(path, block_size=block_size, out=Path(staging) / f"{blob}.keys-b{block_size}")
     try:
+        data = staged.read_bytes()
         with db.errors():
-            db.client.set(redis_key(db, blob), staged.read_bytes())
+            db.client.set(redis_key(db, blob), data)
     finally:
         staged.unlink(missing_ok=True)
-    return f"{db.url} {redis_key(db, blob)}"
+    return f"{db.url} {redis_key(db, blob)}", len(data)
 
 
 def main(argv=None) -> None:

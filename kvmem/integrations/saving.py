@@ -120,10 +120,23 @@ def build_cube(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], spec: SaveSpec, 
     return MemCube(kv, torch.tensor(spec.ids, dtype=torch.long), meta)
 
 
-def write_cube(source, spec: SaveSpec, cube: MemCube, *, key_block_size: int | None = None) -> str:
+class Written(str):
+    """Where `write_cube` put a cube (the string), and ``key_blocks_bytes``: the bytes of the key blocks written
+    with it (0 where none were), which count against an autosave capacity as the cube's own bytes do."""
+
+    key_blocks_bytes: int = 0
+
+    @classmethod
+    def at(cls, where: str, key_blocks_bytes: int = 0) -> "Written":
+        out = cls(where)
+        out.key_blocks_bytes = key_blocks_bytes
+        return out
+
+
+def write_cube(source, spec: SaveSpec, cube: MemCube, *, key_block_size: int | None = None) -> Written:
     """Validate ``cube`` (written, then read back through `MemCube.load`) and publish it atomically in ``source``
     (a `kvmem.integrations.serving.CubeSource`): ``<folder>/<namespace>/<name>.safetensors``, or ``put_cube``
-    into the store with ``spec.record_text`` (a store memory needs a text). Returns where it went.
+    into the store with ``spec.record_text`` (a store memory needs a text). Returns where it went (a `Written`).
 
     ``key_block_size``: the cube also gets its keys in the engine's block layout for blocks of that many tokens
     (`kvmem.integrations.key_blocks`): a folder cube's are written before the cube is published, so a server never
@@ -135,41 +148,45 @@ def write_cube(source, spec: SaveSpec, cube: MemCube, *, key_block_size: int | N
         # a hidden staging name: the folder source only lists names that pass the name rule (no leading dot)
         fd, staged = tempfile.mkstemp(dir=final.parent, prefix=f".{spec.name}.", suffix=".safetensors")
         os.close(fd)
+        side = 0
         try:
             cube.save(staged)
             MemCube.load(staged)  # validated before any reader can see it
             if key_block_size:
-                _write_key_blocks(staged, final, key_block_size)
+                side = _write_key_blocks(staged, final, key_block_size)
             os.replace(staged, final)
         finally:
             if os.path.exists(staged):
                 os.unlink(staged)
-        return str(final)
+        return Written.at(str(final), side)
     with tempfile.TemporaryDirectory(prefix="kvmem-save-") as tmp:
         path = Path(tmp) / f"{spec.name}.safetensors"
         cube.save(path)
         checked = MemCube.load(path)
         rec = source.store.view(spec.namespace).put_cube(spec.name, checked, text=spec.record_text)
+        side = 0
         if key_block_size and rec.blob is not None:  # after the cube: a load in between copies its keys
             try:
-                store_key_blocks(source.store, rec.blob, block_size=key_block_size, staging=tmp)
+                side = store_key_blocks(source.store, rec.blob, block_size=key_block_size, staging=tmp)[1]
             except (OSError, ValueError) as exc:  # a CubeError is a ValueError
                 key_blocks_logger.warning("kvmem: key blocks for %s/%s not written (%s); the cube is saved without "
                                           "them, its keys are copied into the blocks when it loads", spec.namespace,
                                           spec.name, exc)
-    return f"{source.location} {spec.namespace}/{rec.id}"
+    return Written.at(f"{source.location} {spec.namespace}/{rec.id}", side)
 
 
-def _write_key_blocks(staged: str, final: Path, block_size: int) -> None:
+def _write_key_blocks(staged: str, final: Path, block_size: int) -> int:
     """The cube's key blocks beside ``final``; they only speed up loads, so a failure to write them (a full disk, an
-    I/O error) is logged and the cube is published without them (its keys are then copied into the blocks)."""
+    I/O error) is logged and the cube is published without them (its keys are then copied into the blocks).
+    Returns the bytes written (0: none)."""
     side = key_blocks_path(final, block_size)
     try:
-        write_key_blocks(staged, block_size=block_size, out=side)
+        return write_key_blocks(staged, block_size=block_size, out=side).stat().st_size
     except (OSError, ValueError) as exc:
         side.unlink(missing_ok=True)
         key_blocks_logger.warning("kvmem: key blocks for %s not written (%s); the cube is saved without them, its "
                                   "keys are copied into the blocks when it loads", final, exc)
+        return 0
 
 
 def delete_cube(source, namespace: str, name: str) -> None:

@@ -54,7 +54,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from ..errors import CubeError
-from .key_blocks import key_blocks_path
 from .saving import AutoSave, SaveSpec, build_cube, parse_save, write_cube
 from .serving import CubePlanner, CubeSource, FileKV, Plan, check_connector_options, served_model_facts
 from .tenancy import Tenancy, read_secret, request_namespace
@@ -421,9 +420,8 @@ class KvmemConnector(KVConnectorBase_V1):
             return
         self._counts.count("vllm:kvmem_cubes_saved_total", "saved")
         if save.spec.auto and self._autosave is not None:
-            # its key blocks count too, where they were written (folder cubes; a store's have none), as their file is
-            side = key_blocks_path(where, key_block_size) if key_block_size and self._source.folder else None
-            nbytes = cube.nbytes + (side.stat().st_size if side is not None and side.exists() else 0)
+            # its key blocks count too, where they were written (beside a folder cube or a store's blob, in Redis)
+            nbytes = cube.nbytes + where.key_blocks_bytes
             for gone in self._autosave.admit(self._source, save.spec, nbytes):
                 logger.info("kvmem: auto-saved cube %s deleted: auto-saved cubes exceed autosave_bytes", gone)
         logger.info("kvmem: saved cube %r (%d tokens, %.1f MB) of request %s to %s in %.0f ms", save.spec.name,

@@ -55,7 +55,8 @@ def servers(ckpt, redis_url, tmp_path_factory, store):
     # both replicas read one salt secret from the environment, as a fleet behind a prefix-aware router would
     extra = {"auto": False, "namespaces": ["default", *TENANTS], "salt_secret": "env:KVMEM_TEST_SALT"}
     # server two also keeps every prompt of >= 384 tokens as a cube, within room for two of them (autosave)
-    autosave = {"one": {}, "two": {"autosave_tokens": 384, "autosave_bytes": int(2.5 * AUTO_CUBE_BYTES)}}
+    # (each cube's key blocks, set in Redis beside it, count too: without them room for three)
+    autosave = {"one": {}, "two": {"autosave_tokens": 384, "autosave_bytes": int(2.5 * AUTO_STORED_BYTES)}}
     started = [Server(ckpt, {**extra, **autosave[name], "store": machine(redis_url, tmp_path_factory, name)},
                       logs / f"{name}.log", role="kv_both", env={"KVMEM_TEST_SALT": "a-test-secret-" + "0" * 20})
                for name in ("one", "two")]
@@ -68,6 +69,7 @@ def servers(ckpt, redis_url, tmp_path_factory, store):
 
 TENANTS = ("t0", "t1", "t2", "t3")
 AUTO_CUBE_BYTES = 384 * 30 * 2 * 3 * 64 * 4  # a 384-token SmolLM2-135M cube in float32: tokens x layers x K,V x H x D
+AUTO_STORED_BYTES = AUTO_CUBE_BYTES * 3 // 2  # and its key blocks (the keys again, 3 whole blocks of 128)
 
 
 def ask(server, ids, cubes=None, *, salt=True, kvmem_params=None):
