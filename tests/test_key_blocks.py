@@ -311,3 +311,60 @@ def test_a_redis_cube_saved_by_one_server_is_read_with_its_key_blocks_by_another
     assert errors == {6, 1} and "checksum mismatch of kb." in reasons[0]
     replica.store.view("ns").rm("notes")
     assert client.keys("*keyblocks*") == [] and client.keys("*:blob:*") == []
+
+
+def test_key_blocks_of_a_blob_deleted_meanwhile_are_not_left_behind(cube, tmp_path, redis_url, monkeypatch):
+    """The memory deleted (another replica's replace, `kvmem rm`) between its put and its key blocks: none stay
+    where no delete or gc would ever find them, in Redis (another machine deleted it: this one still has its
+    copy) or in a local store (deleted while they were written)."""
+    import redis
+
+    from kvmem.integrations import key_blocks as kb
+    from kvmem.store import CubeStore
+    from test_store_redis import store_url
+
+    url = store_url(redis_url, tmp_path, tag="gone")
+    here = CubeStore(url)
+    blob = here.view("ns").put_cube("notes", cube, text="the notes").blob
+    CubeStore(url.replace("cache-m1", "cache-m2")).view("ns").rm("notes")  # another machine deletes it
+    with pytest.raises(kvmem.CubeError, match="deleted"):
+        kb.store_key_blocks(here, blob, block_size=16, staging=tmp_path)
+    assert redis.Redis.from_url(redis_url).keys(f"*keyblocks:{blob}") == []
+
+    local = CubeStore(str(tmp_path / "store"))
+    blob = local.view("ns").put_cube("notes", cube, text="the notes").blob
+    write = kb.write_cube_file
+
+    def deleted_meanwhile(*args, **kwargs):  # the cube read, its key blocks not written yet
+        local.view("ns").rm("notes")
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(kb, "write_cube_file", deleted_meanwhile)
+    with pytest.raises(kvmem.CubeError, match="deleted"):
+        kb.store_key_blocks(local, blob, block_size=16, staging=tmp_path)
+    assert list((tmp_path / "store" / "cubes").glob("*.keys-b*")) == []
+
+
+def test_a_cache_with_gaps_between_blocks_is_written_by_its_op(cube, path):
+    """A paged cache whose blocks are not back to back (padding after each block) cannot take plain reads through
+    one flat view of its bytes (they would land in a copy): its op writes it, and it holds the op's bytes."""
+    write_key_blocks(path, block_size=16)
+    f = CubeFile.open(path)
+    heads, _, dim = f.kv_shapes[0][0]
+    slots = torch.tensor([6 * 16 + p for p in range(16)] + [1 * 16 + p for p in range(16)])
+    got, want = [], []
+    for gaps in (True, False):
+        layers = []
+        for i in range(f.num_layers):
+            layer = CpuLikeLayer(heads, dim)
+            if gaps:
+                layer.kv_cache = torch.zeros(8, heads, 2 * 16 + 3, dim)[:, :, :2 * 16]
+            layers.append((i, f"model.layers.{i}.attn", layer))
+        writer = LayerWriter(block_size=16)
+        writer.start([Load("r1", FileKV(f, 0, f.anchor_len + f.num_tokens, key_blocks=open_key_blocks(f, 16))
+                           .window(0, 32), slots, [6, 1])], layers)
+        assert writer.finish() == set()
+        writer.close()
+        (got if gaps else want).append([layer.kv_cache.clone() for _, _, layer in layers])
+    for a, b in zip(got[0], want[0]):
+        assert b.any() and torch.equal(a, b)

@@ -15,7 +15,8 @@ is not used (`open_key_blocks` returns None and the cube is loaded as without it
 transformers (`kvmem.prefill`) loads it exactly as before, and a cube without a sidecar is served as before.
 
 Who writes it: `write_key_blocks` (``python -m kvmem.integrations.key_blocks CUBE --block-size 128``), and the vLLM
-connector for the cubes it saves into a folder (`kvmem.integrations.vllm`, ``key_blocks`` option).
+connector for the cubes it saves into a folder or a store (`store_key_blocks`: beside a local store's blob, or under
+a Redis key) (`kvmem.integrations.vllm`, ``key_blocks`` option).
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ def open_key_blocks(cube: CubeFile, block_size: int) -> KeyBlocks | None:
     except CubeError as exc:
         logger.warning("kvmem: key blocks %s not used (%s); the cube's keys are copied into the blocks", path, exc)
         return None
+    except Exception as exc:  # e.g. Redis gone for a moment: they only speed the load up, the cube still loads
+        logger.warning("kvmem: key blocks of %s not read (%s: %s); the cube's keys are copied into the blocks",
+                       cube.path, type(exc).__name__, exc)
+        return None
     why = None
     meta = blocks.meta
     if meta.get("cube") != cube_binding(cube):
@@ -159,15 +164,27 @@ def store_key_blocks(store, blob: str, *, block_size: int, staging) -> tuple[str
     db = getattr(blobs, "db", None)
     if db is None:  # a local store: the blob is a file
         side = write_key_blocks(path, block_size=block_size, out=key_blocks_path(path, block_size))
-        return str(side), side.stat().st_size
+        nbytes = side.stat().st_size
+        if not path.exists():  # the memory was deleted (or replaced) while they were written: theirs went with it
+            side.unlink(missing_ok=True)
+            raise CubeError(f"blob {blob} was deleted while its key blocks were written")
+        return str(side), nbytes
     staged = write_key_blocks(path, block_size=block_size, out=Path(staging) / f"{blob}.keys-b{block_size}")
     try:
         data = staged.read_bytes()
         with db.errors():
-            db.client.set(redis_key(db, blob), data)
+            # set only while the blob is there, in one step: a delete (another replica's replace, `kvmem rm`) that
+            # came first would otherwise leave a key no delete or gc ever removes
+            stored = db.client.eval(_SET_IF_BLOB, 2, db.key("blob", blob), redis_key(db, blob), data)
     finally:
         staged.unlink(missing_ok=True)
+    if not stored:
+        raise CubeError(f"blob {blob} was deleted from {db.url} before its key blocks were stored")
     return f"{db.url} {redis_key(db, blob)}", len(data)
+
+
+# KEYS[1]: the blob's key, KEYS[2]: its key blocks' key, ARGV[1]: their bytes
+_SET_IF_BLOB = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('SET', KEYS[2], ARGV[1]) return 1 end return 0"
 
 
 def main(argv=None) -> None:

@@ -47,6 +47,9 @@ class BlockPlacement:
         as one flat memoryview): made once per cache."""
         key = (cache.data_ptr(), tuple(cache.shape))
         if key not in self._flat:
+            if not cache.is_contiguous():  # numpy's reshape(-1) would copy: reads would land in the copy
+                raise CubeError("a paged cache whose blocks are not laid out back to back cannot be read into by "
+                                "plain copies (its backend's op writes it)")
             flat = cache.view(cache.shape[0], -1)
             raw = flat.view(torch.uint8).numpy()
             self._flat[key] = (flat, raw, memoryview(raw.reshape(-1)))
@@ -321,7 +324,7 @@ class LayerWriter:
         key = (type(getattr(layer, "impl", None)).__name__, tuple(cache.shape[1:]), cache.dtype, cache.device.type)
         if key not in self._placements:
             placement = None
-            if self.block_size and cache.device.type == "cpu":
+            if self.block_size and cache.device.type == "cpu" and cache.is_contiguous():
                 try:
                     forms = PagedLayout.learn(layer, cache, block_size=self.block_size).forms()
                 except Exception:  # a layer the layout cannot be learned of (no op, a quantized cache): its op
