@@ -217,6 +217,22 @@ def states_memory(answer: str, *, memory: str, question: str, value: str | None 
     return bool(new & said)
 
 
+_FUNCTION_WORDS = {"the", "and", "for", "with", "was", "are", "is", "has", "have", "that", "this", "from", "who",
+                   "what", "where", "which", "his", "her", "their", "its"}
+
+
+def content_tokens(tokenizer, text: str) -> set[int]:
+    """The ids of ``text``'s content tokens (names, values, content words: a token of at least three letters that
+    is not a function word), as the text tokenizes; an answer token among them states what the memory says."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    out = set()
+    for t in ids:
+        word = tokenizer.decode([t]).strip()
+        if len(word) >= 3 and word.isalpha() and word.lower() not in _FUNCTION_WORDS:
+            out.add(t)
+    return out
+
+
 # Unrelated prompts whose base-model answers the adapter is trained to keep (so learning memories does not
 # change what the model says about everything else). The bench measures damage on a different, held-apart set.
 KEEP_PROMPTS = (
