@@ -117,7 +117,7 @@ def run(args) -> dict:
                                   lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
                                   answer_tokens=args.answer_tokens, questions=args.questions,
                                   content_weight=args.content_weight, keep_share=args.keep_share,
-                                  sampled_share=args.sampled_share, seed=args.seed)
+                                  sampled_share=args.sampled_share, grounded=args.grounded, seed=args.seed)
     mm = kvmem.wrap(model, tok)
     merged = kvmem.wrap(model, tok, merge_adapters=True)  # same base model, adapters served merged
     people = memory_set(args.facts, seed=args.seed)
@@ -129,7 +129,8 @@ def run(args) -> dict:
                                 rank=args.rank, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
                                 max_answer_tokens=args.answer_tokens,
                                 questions_per_memory=args.questions, content_weight=args.content_weight,
-                                keep_share=args.keep_share, sampled_share=args.sampled_share, seed=args.seed,
+                                keep_share=args.keep_share, sampled_share=args.sampled_share,
+                                grounded=args.grounded, seed=args.seed,
                                 checkpoint_dir=Path(tmp) / "ckpt",
                                 progress=True)
         distill_s = time.perf_counter() - t0
@@ -243,6 +244,8 @@ def main(argv=None) -> None:
     parser.add_argument("--keep-share", type=float, default=0.2, help="share of unrelated (keep) prompts")
     parser.add_argument("--sampled-share", type=float, default=0.0, help="share of questions with a sampled "
                         "teacher answer")
+    parser.add_argument("--grounded", action=argparse.BooleanOptionalAction, default=False,
+                        help="leave out teacher answers that state nothing of their memory")
     parser.add_argument("--answer-tokens", type=int, default=24, help="teacher answer tokens learned per question")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds of TTFT after the warm-up round")

@@ -348,6 +348,60 @@ def test_sampled_answers(tok):
         assert torch.allclose(e.teacher.float().exp().sum(-1), torch.ones(e.teacher.shape[0]), atol=2e-2)
 
 
+def test_questions_carry_the_value_their_answer_states():
+    """A fact question carries its attribute's value, a reverse one the entity, the other kinds none; an answer
+    states the memory when it says the whole value (articles aside), or for a question without one, a word of
+    the memory that the question did not say (a form of a question word, "lives" for "live", does not count)."""
+    from kvmem.evolve.questions import ask, make_questions, states_memory
+
+    text = "Ann Berg lives in Oslo and works as a pilot."
+    asked = dict(ask(text, per_memory=200, seed=0))
+    assert list(asked) == make_questions(text, per_memory=200, seed=0)
+    assert asked["Where does Ann Berg live?"] == "Oslo" and asked["What does Ann Berg work as?"] == "a pilot"
+    assert asked["Who lives in Oslo?"] == "Ann Berg" and asked["What do you remember?"] is None
+    assert states_memory("She lives in Oslo, Norway.", memory=text, question="Where does Ann Berg live?", value="Oslo")
+    assert not states_memory("Ann Berg lives in a small town.", memory=text, question="Where does Ann Berg live?",
+                             value="Oslo")
+    assert states_memory("Ann Berg is a pilot.", memory=text, question="Q", value="a pilot")
+    assert not states_memory("Ann is a pilot.", memory=text, question="Who works as a pilot?", value="Ann Berg")
+    assert states_memory("A pilot from Oslo.", memory=text, question="Tell me about Ann Berg.")
+    assert not states_memory("Oslo is a vibrant city.", memory=text, question="Describe Oslo.")
+    assert not states_memory("Ann Berg lives in a village.", memory=text, question="Where does Ann Berg live?")
+    assert not states_memory("The old man smiled.", memory=text, question="What do you remember?")
+
+
+def test_grounded_leaves_out_answers_that_state_nothing(tok, monkeypatch):
+    """``grounded=True`` keeps exactly the memory answers `states_memory` accepts, each judged on its own
+    question, value and decoded answer; keep prompts are never judged; none accepted is a clear CubeError."""
+    from kvmem.evolve import distill as module
+    from kvmem.evolve.questions import ask
+    from kvmem.prompt import ChatLayout
+
+    model = tiny_model("llama")
+    kw = dict(layout=ChatLayout(tok), questions_per_memory=4, seed=0, max_answer_tokens=5,
+              keep_prompts=FAST["keep_prompts"])
+    every = module.make_examples(model, tok, MEMORIES, **kw)
+    calls = []
+
+    def every_other(answer, *, memory, question, value=None):
+        calls.append((answer, memory, question, value))
+        return len(calls) % 2 == 1
+
+    monkeypatch.setattr(module, "states_memory", every_other)
+    kept = module.make_examples(model, tok, MEMORIES, grounded=True, **kw)
+    learn = [e for e in every if e.source >= 0]
+    assert len(calls) == len(learn)
+    for e, (answer, memory, question, value) in zip(learn, calls):
+        assert memory == MEMORIES[e.source] and (question, value) in ask(memory, per_memory=4, seed=e.source)
+        assert question in tok.decode(e.ids[:e.start])  # the question this example's prompt asks
+        assert answer == tok.decode(e.ids[e.start:], skip_special_tokens=True)
+    want = [e for n, e in enumerate(learn) if n % 2 == 0] + [e for e in every if e.source < 0]
+    assert [(e.source, e.ids.tolist()) for e in kept] == [(e.source, e.ids.tolist()) for e in want]
+    monkeypatch.setattr(module, "states_memory", lambda *a, **k: False)
+    with pytest.raises(kvmem.CubeError, match="states something of them"):
+        module.make_examples(model, tok, MEMORIES, grounded=True, **kw)
+
+
 @pytest.mark.slow
 def test_smollm2_learns_a_fact_the_base_does_not_know(smollm2):
     """Distilled into SmolLM2, an invented fact is answered with no memory in the prompt, to a question the

@@ -144,6 +144,12 @@ def _attribute_questions(subject: str, verb: str, prep: str, value: str) -> tupl
 def make_questions(text: str, *, per_memory: int = 12, seed: int = 0) -> list[str]:
     """Up to ``per_memory`` distinct questions about ``text`` (deterministic for ``seed``), a mix of the kinds
     in the module docstring, each kind taking its turn so a short budget still covers every kind."""
+    return [question for question, _ in ask(text, per_memory=per_memory, seed=seed)]
+
+
+def ask(text: str, *, per_memory: int = 12, seed: int = 0) -> list[tuple[str, str | None]]:
+    """`make_questions`' questions, each with the value its answer has to state: the attribute's value for a
+    ``fact`` question, the entity for a ``reverse`` one, None for the other kinds (see `states_memory`)."""
     if not isinstance(text, str) or not text.strip():
         raise CubeError(f"a memory to learn must be a non-empty string, got {text!r:.40}")
     if isinstance(per_memory, bool) or not isinstance(per_memory, int) or per_memory < 1:
@@ -162,11 +168,13 @@ def make_questions(text: str, *, per_memory: int = 12, seed: int = 0) -> list[st
         for i in [i for i, w in enumerate(words) if len(w.strip(".,!?")) > 3 and i >= 2]:
             blanked = words[:i] + ["___" + words[i][len(words[i].rstrip(".,!?")):]] + words[i + 1:]
             pools["blank"].append(f"Fill in the blank: {' '.join(blanked)}")
-    forwards = []
-    for attribute in attributes(text):
-        forward, reverse = _attribute_questions(*attribute)
+    forwards, values = [], {}
+    for subject, verb, prep, value in attributes(text):
+        forward, reverse = _attribute_questions(subject, verb, prep, value)
         forwards.append(forward)
         pools["reverse"] += reverse
+        values.update({q: value for q in forward})
+        values.update({q: subject for q in reverse})
     for noun, name in _OF.findall(text):
         pools["what"] += [f"What is the {noun} of {name}?", f"What is {name}'s {noun}?"]
     for name, noun in _POSSESSIVE.findall(text):
@@ -182,7 +190,47 @@ def make_questions(text: str, *, per_memory: int = 12, seed: int = 0) -> list[st
             for _ in range(FACT_TURNS if kind == "fact" else 1):
                 if pools[kind] and len(out) < per_memory:
                     out[pools[kind].pop()] = None
-    return list(out)
+    return [(question, values.get(question)) for question in out]
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+_ARTICLES = {"a", "an", "the"}
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def states_memory(answer: str, *, memory: str, question: str, value: str | None = None) -> bool:
+    """Whether ``answer`` states something of ``memory`` that ``question`` did not already say: every word of
+    ``value`` (articles aside) when the question asks for one, else any of the memory's words of four letters or
+    more that no question word is a form of ("lives" is a form of "live"). The teacher (the model with the
+    memory in context) often answers a memory's question with invented prose ("Where is Ann Berg located?" ->
+    "Ann Berg is a vibrant city in ..."); an answer like that teaches the student the invention, not the memory."""
+    said = set(_words(answer))
+    if value is not None:
+        wanted = [w for w in _words(value) if w not in _ARTICLES]
+        return bool(wanted) and all(w in said for w in wanted)
+    asked = _words(question)
+    new = {w for w in _words(memory) if len(w) >= 4 and not any(w.startswith(q) or q.startswith(w)
+                                                                for q in asked if len(q) >= 3)}
+    return bool(new & said)
+
+
+_FUNCTION_WORDS = {"the", "and", "for", "with", "was", "are", "is", "has", "have", "that", "this", "from", "who",
+                   "what", "where", "which", "his", "her", "their", "its"}
+
+
+def content_tokens(tokenizer, text: str) -> set[int]:
+    """The ids of ``text``'s content tokens (names, values, content words: a token of at least three letters that
+    is not a function word), as the text tokenizes; an answer token among them states what the memory says."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    out = set()
+    for t in ids:
+        word = tokenizer.decode([t]).strip()
+        if len(word) >= 3 and word.isalpha() and word.lower() not in _FUNCTION_WORDS:
+            out.add(t)
+    return out
 
 
 # Unrelated prompts whose base-model answers the adapter is trained to keep (so learning memories does not
