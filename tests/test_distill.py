@@ -207,6 +207,7 @@ def test_lineage_of_store_records(tok, tmp_path):
     (dict(steps=1, lr_schedule="linear"), "lr_schedule must be .constant., .cosine. or .wsd."),
     (dict(steps=1, warmup=1.0), "warmup must be a share"),
     (dict(steps=1, sampled_share=1.5), "sampled_share must be a share"),
+    (dict(steps=1, grounded="yes"), "grounded must be true or false"),
     (dict(time_budget=1e-9), "time budget .* ran out"),
 ])
 def test_bad_arguments(tok, kwargs, match):
@@ -295,6 +296,11 @@ def test_lr_schedule():
     assert wsd[:10] == factors[:10] and set(wsd[10:flat_until + 1]) == {1.0} and wsd[100] == pytest.approx(0.1)
     steps = [a - b for a, b in zip(wsd[flat_until:], wsd[flat_until + 1:])]
     assert all(s == pytest.approx(0.9 / (100 - flat_until)) for s in steps)
+    # a warm-up longer than the stable part: the decay starts where it ends, with no jump
+    late = [lr_factor(i / 100, schedule="wsd", warmup=0.9) for i in range(101)]
+    assert late[:90] == sorted(late[:90]) and late[90:] == sorted(late[90:], reverse=True)
+    assert late[90] == pytest.approx(1.0) and late[100] == pytest.approx(0.1)
+    assert max(abs(a - b) for a, b in zip(late, late[1:])) < 0.12
 
 
 def test_keep_share_and_content_weights(tok):

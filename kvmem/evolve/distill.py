@@ -345,6 +345,8 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
     if isinstance(sampled_share, bool) or not isinstance(sampled_share, (int, float)) or not 0 <= sampled_share <= 1:
         raise CubeError(f"sampled_share must be a share of the questions in [0, 1] (0: all greedy), got "
                         f"{sampled_share!r}")
+    if not isinstance(grounded, bool):
+        raise CubeError(f"grounded must be true or false, got {grounded!r:.40}")
     texts, sources = _texts_and_sources(memories)
     work = bare_copy(model)
     targets = _targets(work, target_modules)
