@@ -126,13 +126,7 @@ class PartFile:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             raise read_error(path, exc) from None
-        source = FileBytes(fd, path)
-        try:
-            _, meta, entries, parts, data_start = _read_header(source, path, fmt=fmt, version=version)
-        except BaseException:
-            source.close()
-            raise
-        return cls(path, source, meta, entries, parts, data_start)
+        return cls.over_parts(FileBytes(fd, path), where=path, fmt=fmt, version=version)
 
     @classmethod
     def over_parts(cls, source, *, where, fmt: str, version: str) -> "PartFile":
