@@ -345,6 +345,51 @@ def test_key_blocks_of_a_blob_deleted_meanwhile_are_not_left_behind(cube, tmp_pa
     assert list((tmp_path / "store" / "cubes").glob("*.keys-b*")) == []
 
 
+def test_gc_sweeps_key_blocks_whose_cube_is_gone(cube, tmp_path, redis_url):
+    """Key blocks whose blob went by a path other than `delete` (a cube file removed by hand, a blob key deleted
+    in Redis) are removed by gc: in a local store once older than the grace, in Redis at once; a live cube's key
+    blocks, a fresh orphan within the grace, and a file that only looks like key blocks stay."""
+    import os
+    import time
+
+    import redis
+
+    from kvmem.integrations import key_blocks as kb
+    from kvmem.store import CubeStore
+    from test_store_redis import store_url
+
+    local = CubeStore(str(tmp_path / "store"))
+    cubes = tmp_path / "store" / "cubes"
+    kept = local.view("ns").put_cube("kept", cube, text="kept").blob
+    gone = local.view("ns").put_cube("gone", cube, text="gone").blob
+    for blob in (kept, gone):
+        kb.store_key_blocks(local, blob, block_size=16, staging=tmp_path)
+    (cubes / "notes.keys-b16").write_bytes(b"not kvmem's")  # not a blob's name: never touched
+    (cubes / f"{gone}.safetensors").unlink()  # removed by hand: its key blocks are orphans now
+    assert (cubes / f"{gone}.keys-b16").exists()
+    local.gc(grace_s=600)  # younger than the grace: left to a writer that may still be at work
+    assert (cubes / f"{gone}.keys-b16").exists()
+    old = time.time() - 3600
+    for f in cubes.iterdir():
+        os.utime(f, (old, old))
+    report = local.gc(grace_s=600)
+    assert f"{gone}.keys-b16" in report.swept
+    assert sorted(p.name for p in cubes.glob("*.keys-b*")) == sorted([f"{kept}.keys-b16", "notes.keys-b16"])
+
+    url = store_url(redis_url, tmp_path, tag="sweep")
+    remote = CubeStore(url)
+    kept = remote.view("ns").put_cube("kept", cube, text="kept").blob
+    gone = remote.view("ns").put_cube("gone", cube, text="gone").blob
+    for blob in (kept, gone):
+        kb.store_key_blocks(remote, blob, block_size=16, staging=tmp_path)
+    client = redis.Redis.from_url(redis_url)
+    (blob_key,) = client.keys(f"*:blob:{gone}")
+    client.delete(blob_key)  # the blob's key removed by hand
+    report = remote.gc(grace_s=600)
+    assert [k for k in report.swept if "keyblocks" in k] == [kb.redis_key(remote.blobs.db, gone)]
+    assert client.keys(f"*keyblocks:{gone}") == [] and len(client.keys(f"*keyblocks:{kept}")) == 1
+
+
 def test_a_cache_with_gaps_between_blocks_is_written_by_its_op(cube, path):
     """A paged cache whose blocks are not back to back (padding after each block) cannot take plain reads through
     one flat view of its bytes (they would land in a copy): its op writes it, and it holds the op's bytes."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -13,6 +14,8 @@ from ..errors import CubeError
 from .records import BLOB, check_blob
 
 MARKER = "kvmem-store.json"
+# a cube's key blocks, written beside it by a server (kvmem.integrations.key_blocks: "<blob>.keys-b<N>")
+_SIDECAR = re.compile(r"([0-9a-f]{32})\.keys-b\d+")
 STORE_FORMAT = "kvmem.store"
 
 
@@ -85,11 +88,17 @@ class LocalBlobs:
         return out
 
     def sweep(self, older_than):
+        """Remove unfinished (hidden) files older than ``older_than``, and key blocks older than it whose cube
+        file is gone (left by a path other than `delete`: a server's write that outlived its blob, a cube file
+        removed by hand)."""
         removed = []
         for f in self.folder.iterdir():
-            if not f.name.startswith("."):
+            side = _SIDECAR.fullmatch(f.name)
+            if not f.name.startswith(".") and side is None:
                 continue  # kvmem's unfinished files are hidden; anything else that is not a blob is left alone
             try:
+                if side is not None and (self.folder / f"{side.group(1)}.safetensors").exists():
+                    continue  # its cube's key blocks
                 if f.is_file() and f.stat().st_mtime < older_than:
                     f.unlink()
                     removed.append(f.name)

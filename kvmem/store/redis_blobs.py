@@ -126,7 +126,18 @@ class RedisBlobs:
                     removed.append(f.name)
             except FileNotFoundError:
                 pass
+        # key blocks (kvmem.integrations.key_blocks) whose blob is gone by a path other than `delete`: each
+        # removed in one step only while its blob is still absent (a save sets them only while it exists)
+        with self.db.errors():
+            for key in self.db.client.scan_iter(match=self.db.key("keyblocks", "*"), count=1000):
+                blob = key.decode().rsplit(":", 1)[1]
+                if BLOB.fullmatch(blob) and self.db.client.eval(_DEL_IF_NO_BLOB, 2, self.db.key("blob", blob), key):
+                    removed.append(key.decode())
         return removed
+
+
+# KEYS[1]: a blob's key, KEYS[2]: its key blocks' key
+_DEL_IF_NO_BLOB = "if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('DEL', KEYS[2]) end return 0"
 
 
 def _claim_cache(cache: Path, *, adopt: bool) -> None:
