@@ -345,6 +345,42 @@ def test_key_blocks_of_a_blob_deleted_meanwhile_are_not_left_behind(cube, tmp_pa
     assert list((tmp_path / "store" / "cubes").glob("*.keys-b*")) == []
 
 
+def test_a_replica_keeps_the_key_blocks_of_its_local_copy(cube, tmp_path, redis_url):
+    """A replica that read a cube from Redis fetches a local copy in the background, and its key blocks beside it:
+    the next load reads the copy and its key blocks from the disk and is served exactly; once the memory is
+    deleted, the cache's sweep removes both."""
+    import os
+    import time
+
+    from kvmem.integrations.saving import write_cube
+    from kvmem.integrations.serving import CubeSource
+    from test_store_redis import store_url
+
+    url = store_url(redis_url, tmp_path, tag="copy")
+    write_cube(CubeSource(store=url), _spec(cube), cube, key_block_size=16)
+    replica = CubeSource(store=url.replace("cache-m1", "cache-m2"))
+    first = replica.load("ns", "notes", layered=True)
+    assert first.key_blocks_source is not None  # from Redis: no local copy yet
+    replica._fetcher.shutdown(wait=True)  # the background fetch of the copy (and its key blocks) ends
+    replica._fetcher = None
+    cache = tmp_path / "cache-m2"
+    blob = replica.store.view("ns").get("notes").blob
+    assert sorted(p.name for p in cache.glob(f"{blob}*")) == [f"{blob}.keys-b16", f"{blob}.safetensors"]
+    again = replica.load("ns", "notes", layered=True)
+    assert again.key_blocks_source is None and again.path == cache / f"{blob}.safetensors"
+    blocks_file = open_key_blocks(again, 16)
+    assert blocks_file is not None and blocks_file.path == cache / f"{blob}.keys-b16"
+    _served_exactly(cube, again, blocks_file)
+    again.close()
+    blocks_file.close()
+    replica.store.view("ns").rm("notes")
+    old = time.time() - 3600
+    for f in cache.glob(f"{blob}*"):
+        os.utime(f, (old, old))
+    replica.store.gc(grace_s=0)
+    assert list(cache.glob(f"{blob}*")) == []
+
+
 def test_gc_sweeps_key_blocks_whose_cube_is_gone(cube, tmp_path, redis_url):
     """Key blocks whose blob went by a path other than `delete` (a cube file removed by hand, a blob key deleted
     in Redis) are removed by gc: in a local store once older than the grace, in Redis at once; a live cube's key

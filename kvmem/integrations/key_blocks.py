@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -181,6 +183,34 @@ def store_key_blocks(store, blob: str, *, block_size: int, staging) -> tuple[str
     if not stored:
         raise CubeError(f"blob {blob} was deleted from {db.url} before its key blocks were stored")
     return f"{db.url} {redis_key(db, blob)}", len(data)
+
+
+def fetch_key_blocks(db, blob: str, copy) -> Path | None:
+    """Copy the key blocks a Redis store holds for ``blob`` (`redis_key`) beside ``copy``, this machine's local
+    copy of the blob, so the loads from that copy read them too (`open_key_blocks` finds them by its path); the
+    file written, or None when Redis holds none. Written atomically (a hidden file renamed), its header checked
+    first; the cache's sweep removes them with the copy (`kvmem.store.redis_blobs.RedisBlobs.sweep`).
+
+    Raises:
+        CubeError: they are damaged (their header); a Redis error as the store reports it."""
+    with db.errors():
+        data = db.client.get(redis_key(db, blob))
+    if not data:
+        return None
+    copy = Path(copy)
+    staged = copy.with_name(f".{blob}.{uuid.uuid4().hex[:8]}.keys.tmp")  # hidden: swept if left unfinished
+    try:
+        staged.write_bytes(data)
+        blocks = KeyBlocks.open_parts(staged, fmt=FORMAT, version=str(VERSION))
+        try:
+            size = blocks.block_size
+        finally:
+            blocks.close()
+        final = key_blocks_path(copy, size)
+        os.replace(staged, final)
+    finally:
+        staged.unlink(missing_ok=True)
+    return final
 
 
 # KEYS[1]: the blob's key, KEYS[2]: its key blocks' key, ARGV[1]: their bytes

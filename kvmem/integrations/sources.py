@@ -18,7 +18,7 @@ from ..cubes.memcube import MemCube
 from ..errors import CubeError
 from ..store.records import NAME, check_name, is_valid_blob
 from ..store.stamp import mismatch, read_stamp
-from .key_blocks import redis_key
+from .key_blocks import fetch_key_blocks, redis_key
 
 
 class Refused(CubeError):
@@ -165,7 +165,9 @@ class CubeSource:
 
         def fetch():
             try:
-                self.store.blobs.local_path(blob)
+                copy = self.store.blobs.local_path(blob)
+                if copy is not None:  # and its key blocks, so the loads from the copy read them too
+                    fetch_key_blocks(self.store.blobs.db, blob, copy)
             except Exception:  # the next request reads from Redis again, and tries again
                 pass
             finally:

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 import uuid
 from pathlib import Path
 
 from ..errors import CubeError
-from .records import BLOB, check_blob
+from .records import BLOB, KEY_BLOCKS_FILE, check_blob
 
 MARKER = "kvmem-store.json"
-# a cube's key blocks, written beside it by a server (kvmem.integrations.key_blocks: "<blob>.keys-b<N>")
-_SIDECAR = re.compile(r"([0-9a-f]{32})\.keys-b\d+")
 STORE_FORMAT = "kvmem.store"
 
 
@@ -93,7 +90,7 @@ class LocalBlobs:
         removed by hand)."""
         removed = []
         for f in self.folder.iterdir():
-            side = _SIDECAR.fullmatch(f.name)
+            side = KEY_BLOCKS_FILE.fullmatch(f.name)
             if not f.name.startswith(".") and side is None:
                 continue  # kvmem's unfinished files are hidden; anything else that is not a blob is left alone
             try:

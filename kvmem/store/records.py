@@ -34,6 +34,9 @@ BLOB = re.compile(r"^[0-9a-f]{32}$")                          # blob names: a uu
 EVERYONE = "*"                                                # grant reader meaning every namespace
 OPS = ("add", "cube", "rm", "repair", "grant", "revoke")      # what a change-log entry records
 DERIVED_KEY = "derived_from"                                  # meta key: what a derived unit was made from
+# a blob's key blocks beside its file ("<blob>.keys-b<N>"), written by a server (kvmem/integrations/key_blocks.py,
+# `key_blocks_path`): deleted with the blob, swept by gc when the blob went another way
+KEY_BLOCKS_FILE = re.compile(r"([0-9a-f]{32})\.keys-b\d+")
 
 
 def check_name(value, what: str) -> str:

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import CubeError
-from .records import BLOB, check_blob
+from .records import BLOB, KEY_BLOCKS_FILE, check_blob
 
 CACHE_MARKER = ".kvmem-redis-cache.json"  # marks a folder as a kvmem Redis cache (it holds copies only)
 _COPY_GRACE_S = 60.0  # a local copy of a deleted blob outlives it this long: readers that just found it still load
@@ -121,6 +121,9 @@ class RedisBlobs:
                 unfinished = f.name.startswith(".") and f.stat().st_mtime < min(older_than, time.time() - 10)
                 stale_copy = (f.suffix == ".safetensors" and BLOB.fullmatch(f.stem) and f.stem not in present
                               and f.stat().st_mtime < copies_before)  # the local copy of a deleted blob
+                side = KEY_BLOCKS_FILE.fullmatch(f.name)  # a copy's key blocks (fetched with it), its copy gone
+                stale_copy = stale_copy or (side is not None and f.stat().st_mtime < copies_before and (
+                    side.group(1) not in present or not (self.cache / f"{side.group(1)}.safetensors").exists()))
                 if f.is_file() and (unfinished or stale_copy):
                     f.unlink()
                     removed.append(f.name)
