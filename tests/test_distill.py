@@ -447,6 +447,10 @@ def test_cli_distils_a_namespace_into_the_store(checkpoint, tmp_path):
     run = cube.meta["distill"]
     assert (run["content_weight"], run["keep_share"], run["lr"], run["lr_schedule"]) == (2.0, 0.1, 0.003, "constant")
     assert (run["questions_per_memory"], run["max_answer_tokens"], run["batch_size"]) == (3, 4, 2)
+    assert run["grounded"] is False
+    # --grounded reaches distill: this random model's answers state nothing of the memory, so none is left
+    grounded = runner.invoke(app, [*base, "--ids", "m1", "--steps", "1", "--questions", "3", "--grounded"])
+    assert grounded.exit_code == 1 and "states something of them (grounded=True)" in grounded.output
     bad = runner.invoke(app, [*base, "--steps", "1", "--keep-share", "1.5"])
     assert bad.exit_code == 1 and bad.output.startswith("kvmem: keep_share must be")
     out = tmp_path / "own.safetensors"
