@@ -29,6 +29,11 @@ layer's KV from the file, verifies it against its own checksum and writes it whi
 file is in the OS page cache, as a cube just built or fetched is; a disk read of 189 MB would add its own time).
 
 TTFT is the wall time of ``LLM.generate`` for one token: request in, prefill (or cube load), first token out.
+Each row also has ``phases_ms``, medians of time stamps taken in the engine (ms after the call began): the
+connector planned the request (``planned``: the cube opened, its header checked), started its load
+(``load_started``), the forward pass reached its first attention layer and left its last (``forward_started``,
+``forward_ended``: `wait_for_layer_load` is called before every layer, loads or not) and how long those waits
+were in all (``forward_waited``: the forward pass held up by a load that had not reached its layer).
 Timed calls of the methods are interleaved round robin after a warm-up; medians with p10..p90. One engine per
 cube source (``--worker``: its own process): each engine times its kvmem method against a warm prefix-cache hit
 in that same engine, so every ratio compares rows of one engine; the local-disk engine also times the full
@@ -44,6 +49,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -212,6 +218,48 @@ def summarize(rows) -> dict:
 
 
 # ---------------------------------------------------------------- a worker: one engine, one cube source
+PHASES = ("planned", "load_started", "forward_started", "forward_ended", "forward_waited", "total")
+
+
+def phase_marks() -> dict:
+    """Time stamps of one call's steps, taken in this engine's process: the connector planned the request
+    (opened the cube), started its load, and the forward pass reached its first layer and left its last
+    (`wait_for_layer_load` is called before every attention layer, loads or not; what it waited is summed)."""
+    from kvmem.integrations.vllm import KvmemConnector
+    from kvmem.integrations.vllm_pages import LayerWriter
+
+    marks: dict = {}
+    plan, start, wait = KvmemConnector.on_new_request, KvmemConnector.start_load_kv, LayerWriter.wait
+
+    def planned(self, *a, **k):
+        out = plan(self, *a, **k)
+        marks.setdefault("planned", time.perf_counter())
+        return out
+
+    def started(self, *a, **k):
+        out = start(self, *a, **k)
+        marks.setdefault("load_started", time.perf_counter())
+        return out
+
+    def waited(self, name):
+        t = time.perf_counter()
+        wait(self, name)
+        end = time.perf_counter()
+        marks.setdefault("forward_started", t)
+        marks["forward_ended"] = end
+        marks["forward_waited"] = marks.get("forward_waited", 0.0) + end - t
+
+    KvmemConnector.on_new_request, KvmemConnector.start_load_kv, LayerWriter.wait = planned, started, waited
+    return marks
+
+
+def phases(marks: dict, t0: float, t1: float) -> dict:
+    """`phase_marks`' stamps as ms after the call began (``forward_waited``: ms waited in all)."""
+    out = {k: 1e3 * (v if k == "forward_waited" else v - t0) for k, v in marks.items()}
+    out["total"] = 1e3 * (t1 - t0)
+    return out
+
+
 def worker(spec_path: str, out_path: str) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "3")  # 2k + 4k + 8k warm prefixes and one more 8k request
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -236,12 +284,16 @@ def worker(spec_path: str, out_path: str) -> None:
                   kv_role="kv_consumer", kv_load_failure_policy="recompute",
                   kv_connector_extra_config={**spec["config"], "auto": False}))
 
+    marks = phase_marks()
+
     def generate(ids, *, salt, cubes=None):
         params = {"kvmem": {"cubes": cubes} if cubes else {"auto": False}}
+        marks.clear()
+        t0 = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": ids, "cache_salt": salt}],
                            SamplingParams(max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": params}),
                            use_tqdm=False)[0]
-        return out.outputs[0].token_ids[0], out.num_cached_tokens
+        return out.outputs[0].token_ids[0], out.num_cached_tokens, phases(marks, t0, time.perf_counter())
 
     def drop_local_copies():  # a new replica has no local copy: every Redis call fetches the cube
         for f in Path(spec["cache"]).glob("*.safetensors"):
@@ -296,10 +348,15 @@ def worker(spec_path: str, out_path: str) -> None:
         for method, s in series.items():
             timed = seen[method][spec["warmup"]:]  # the timed calls (after the warm-up)
             rows.append({"method": method, "engine": source, "tokens": int(n), "prompt_tokens": len(ids),
-                         "cached_tokens": [c for _, c in timed], "first_tokens": [t for t, _ in timed],
+                         "cached_tokens": [c for _, c, _ in timed], "first_tokens": [t for t, _, _ in timed],
+                         "phases_ms": {k: statistics.median(p[k] for _, _, p in timed if k in p)
+                                       for k in PHASES if any(k in p for _, _, p in timed)},
                          "cube_bytes": cube["bytes"], "reps": len(s.seconds),
                          "other_cores": [o[0] if o else None for o in s.other], **spread(s.seconds, unit="ms")})
-            print(f"{n:>5} tokens  {method:<22} {rows[-1]['median_ms']:9.1f} ms  (cached {timed[-1][1]})", flush=True)
+            ph = rows[-1]["phases_ms"]
+            print(f"{n:>5} tokens  {method:<22} {rows[-1]['median_ms']:9.1f} ms  (cached {timed[-1][1]}; forward "
+                  f"{ph.get('forward_started', float('nan')):.1f} -> {ph.get('forward_ended', float('nan')):.1f} ms, "
+                  f"waited {ph.get('forward_waited', float('nan')):.1f} ms)", flush=True)
     Path(out_path).write_text(json.dumps(rows))
 
 
