@@ -373,12 +373,37 @@ def test_a_replica_keeps_the_key_blocks_of_its_local_copy(cube, tmp_path, redis_
     _served_exactly(cube, again, blocks_file)
     again.close()
     blocks_file.close()
-    replica.store.view("ns").rm("notes")
     old = time.time() - 3600
     for f in cache.glob(f"{blob}*"):
         os.utime(f, (old, old))
+    replica.store.gc(grace_s=0)  # a live blob's copy and its key blocks stay, however old
+    assert sorted(p.name for p in cache.glob(f"{blob}*")) == [f"{blob}.keys-b16", f"{blob}.safetensors"]
+    replica.store.view("ns").rm("notes")
     replica.store.gc(grace_s=0)
     assert list(cache.glob(f"{blob}*")) == []
+
+
+def test_a_copy_made_another_way_gets_its_key_blocks_at_its_first_load(cube, tmp_path, redis_url):
+    """The saving server's own copy (made by its put, before the key blocks were stored in Redis) has none beside
+    it: its first load fetches them in the background, so the loads after it read them from the disk."""
+    from kvmem.integrations.saving import write_cube
+    from kvmem.integrations.serving import CubeSource
+    from test_store_redis import store_url
+
+    source = CubeSource(store=store_url(redis_url, tmp_path, tag="own"))
+    write_cube(source, _spec(cube), cube, key_block_size=16)
+    cache = tmp_path / "cache-m1"
+    blob = source.store.view("ns").get("notes").blob
+    assert list(cache.glob(f"{blob}.keys-b*")) == []
+    first = source.load("ns", "notes", layered=True)
+    assert first.key_blocks_source is None and open_key_blocks(first, 16) is None  # read from the copy: none yet
+    first.close()
+    source._fetcher.shutdown(wait=True)
+    source._fetcher = None
+    again = source.load("ns", "notes", layered=True)
+    blocks_file = open_key_blocks(again, 16)
+    assert blocks_file is not None and blocks_file.path == cache / f"{blob}.keys-b16"
+    _served_exactly(cube, again, blocks_file)
 
 
 def test_gc_sweeps_key_blocks_whose_cube_is_gone(cube, tmp_path, redis_url):
@@ -421,6 +446,12 @@ def test_gc_sweeps_key_blocks_whose_cube_is_gone(cube, tmp_path, redis_url):
     client = redis.Redis.from_url(redis_url)
     (blob_key,) = client.keys(f"*:blob:{gone}")
     client.delete(blob_key)  # the blob's key removed by hand
+    # a store whose prefix is a glob pattern matching this one's ("t<tag>*" matches "t<tag>sweep..."): its gc
+    # must not take this store's key blocks for its own orphans
+    prefix = remote.blobs.db.key("x", "x").split(":")[0]
+    wild = CubeStore(f"{redis_url}?prefix={prefix[:4]}*&cache={tmp_path / 'cache-wild'}")
+    assert not any("keyblocks" in k for k in wild.gc(grace_s=600).swept)
+    assert len(client.keys(f"*keyblocks:{gone}")) == 1 and len(client.keys(f"*keyblocks:{kept}")) == 1
     report = remote.gc(grace_s=600)
     assert [k for k in report.swept if "keyblocks" in k] == [kb.redis_key(remote.blobs.db, gone)]
     assert client.keys(f"*keyblocks:{gone}") == [] and len(client.keys(f"*keyblocks:{kept}")) == 1

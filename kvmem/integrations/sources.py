@@ -144,6 +144,10 @@ class CubeSource:
                 if path is None:
                     return None
                 cube = CubeFile.open(path)
+                if hasattr(blobs, "copy_if_local") and not _has_key_blocks(path):
+                    # a Redis store's copy made another way (a load before its key blocks were stored, the saving
+                    # server's own copy, a whole load): fetch its key blocks, if Redis has them, for later loads
+                    self._fetch_later(rec.blob)
         except Exception:  # anything unusual (a damaged header, Redis gone): the whole load says what and why
             return None
         why = mismatch(read_stamp(cube.meta, fallback_time=0.0), store=getattr(self.store.catalog, "store_id", None),
@@ -156,7 +160,8 @@ class CubeSource:
 
 
     def _fetch_later(self, blob: str) -> None:
-        """Fetch Redis blob ``blob`` into this machine's local copies on a background thread (once)."""
+        """Fetch Redis blob ``blob`` into this machine's local copies, and its key blocks beside the copy
+        (`fetch_key_blocks`, when none are there), on a background thread (one fetch of a blob at a time)."""
         if blob in self._fetching:
             return
         if self._fetcher is None:
@@ -166,7 +171,7 @@ class CubeSource:
         def fetch():
             try:
                 copy = self.store.blobs.local_path(blob)
-                if copy is not None:  # and its key blocks, so the loads from the copy read them too
+                if copy is not None and not _has_key_blocks(copy):  # and its key blocks, for the loads from it
                     fetch_key_blocks(self.store.blobs.db, blob, copy)
             except Exception:  # the next request reads from Redis again, and tries again
                 pass
@@ -174,6 +179,11 @@ class CubeSource:
                 self._fetching.discard(blob)
 
         self._fetcher.submit(fetch)
+
+
+def _has_key_blocks(copy: Path) -> bool:
+    """Whether key blocks (for any block size: Redis holds one set a blob) lie beside the local copy ``copy``."""
+    return any(copy.parent.glob(f"{copy.stem}.keys-b*"))
 
 
 class RedisBlobBytes:

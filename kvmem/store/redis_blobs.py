@@ -132,8 +132,11 @@ class RedisBlobs:
         # key blocks (kvmem.integrations.key_blocks) whose blob is gone by a path other than `delete`: each
         # removed in one step only while its blob is still absent (a save sets them only while it exists)
         with self.db.errors():
-            for key in self.db.client.scan_iter(match=self.db.key("keyblocks", "*"), count=1000):
+            pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.db.key("keyblocks", "")) + "*"  # the prefix taken literally
+            for key in self.db.client.scan_iter(match=pattern, count=1000):
                 blob = key.decode().rsplit(":", 1)[1]
+                if key.decode() != self.db.key("keyblocks", blob):
+                    continue  # not this store's own key (the pattern is escaped: belt and braces)
                 if BLOB.fullmatch(blob) and self.db.client.eval(_DEL_IF_NO_BLOB, 2, self.db.key("blob", blob), key):
                     removed.append(key.decode())
         return removed
