@@ -8,6 +8,7 @@ layer's KV verified as it is read) whenever its file allows it; otherwise it is 
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,6 +59,9 @@ class CubeSource:
         self._store = None
         self._fetcher: ThreadPoolExecutor | None = None  # background fetches of Redis blobs to local copies
         self._fetching: set[str] = set()
+        # blob -> when its copy's key blocks were last looked for (`_fetch_later`): a load from a copy asks again
+        # at most every `_KEY_BLOCKS_RECHECK_S` (a cube saved without them would otherwise cost a GET a request)
+        self._key_blocks_checked: dict[str, float] = {}
 
     def __repr__(self) -> str:
         if self.folder is not None:
@@ -144,9 +148,12 @@ class CubeSource:
                 if path is None:
                     return None
                 cube = CubeFile.open(path)
-                if hasattr(blobs, "copy_if_local") and not _has_key_blocks(path):
+                checked = self._key_blocks_checked.get(rec.blob)
+                if hasattr(blobs, "copy_if_local") and (
+                        checked is None or time.monotonic() - checked > _KEY_BLOCKS_RECHECK_S):
                     # a Redis store's copy made another way (a load before its key blocks were stored, the saving
-                    # server's own copy, a whole load): fetch its key blocks, if Redis has them, for later loads
+                    # server's own copy, a whole load): fetch its key blocks, if Redis has them and the copy has
+                    # none beside it (looked for on the fetcher's thread, not the request's), for later loads
                     self._fetch_later(rec.blob)
         except Exception:  # anything unusual (a damaged header, Redis gone): the whole load says what and why
             return None
@@ -173,12 +180,16 @@ class CubeSource:
                 copy = self.store.blobs.local_path(blob)
                 if copy is not None and not _has_key_blocks(copy):  # and its key blocks, for the loads from it
                     fetch_key_blocks(self.store.blobs.db, blob, copy)
+                self._key_blocks_checked[blob] = time.monotonic()
             except Exception:  # the next request reads from Redis again, and tries again
                 pass
             finally:
                 self._fetching.discard(blob)
 
         self._fetcher.submit(fetch)
+
+
+_KEY_BLOCKS_RECHECK_S = 60.0  # how often a copy without key blocks looks for them in Redis again
 
 
 def _has_key_blocks(copy: Path) -> bool:
