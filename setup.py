@@ -9,5 +9,5 @@ from setuptools import find_packages, setup
 
 setup(
     packages=find_packages(include=["kvmem", "kvmem.*"]),
-    package_data={"kvmem": ["py.typed"], "kvmem.demo": ["data/*.txt"]},
+    package_data={"kvmem": ["py.typed"], "kvmem.demo": ["data/*.txt"], "kvmem.kernels": ["cpu_decode.cpp"]},
 )

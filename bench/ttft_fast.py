@@ -23,7 +23,8 @@ Three parts:
           adapter swaps, which is why kvmem never turns it on); no_memory decodes after the query alone: the
           bound (the weights' reads) no cache can beat; kvmem_fast_one_call is kvmem_fast with its decode
           split off (one CPU flash call per layer over all keys, as before issue 20's split: the paired A/B of
-          `decode_parts`); each decode row also gives the bound an exact method has
+          `decode_parts`); kvmem_fast_kernel is kvmem_fast with ``decode_kernel=True`` (its decode steps on
+          kvmem's CPU decode kernel, `kvmem.kernels.cpu_decode`, built before timing); each decode row also gives the bound an exact method has
           with the memory (the no-memory step plus reading the memory's KV at the rate the weights were read)
           and the bound with torch's CPU attention kernel (the no-memory step plus that kernel over the memory)
   batch   B = 1, 4, 8 requests, each its own cube (different lengths) and query; one generate over
@@ -59,9 +60,11 @@ from workloads import memory_ids, query_ids  # noqa: E402
 
 TTFT_METHODS = ("full_prefill", "prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_gqa", "kvmem_static",
                 "kvmem_fast", "query_alone")
-DECODE_METHODS = ("prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_fast", "kvmem_fast_one_call",
-                  "prefix_reuse_static_compiled", "kvmem_fast_compiled", "kvmem_fast_compiled_frozen", "no_memory")
-GQA = {"kvmem_gqa", "kvmem_fast", "kvmem_fast_one_call", "kvmem_fast_compiled", "kvmem_fast_compiled_frozen"}
+DECODE_METHODS = ("prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_fast", "kvmem_fast_kernel",
+                  "kvmem_fast_one_call", "prefix_reuse_static_compiled", "kvmem_fast_compiled", "kvmem_fast_compiled_frozen", "no_memory")
+GQA = {"kvmem_gqa", "kvmem_fast", "kvmem_fast_kernel", "kvmem_fast_one_call", "kvmem_fast_compiled",
+       "kvmem_fast_compiled_frozen"}
+KERNEL = {"kvmem_fast_kernel": "kvmem_fast"}  # kvmem_fast with its decode steps on kvmem's CPU decode kernel
 UNSPLIT = {"kvmem_fast_one_call": "kvmem_fast"}  # kvmem_fast with decode_parts off: one flash call per layer
 SPLIT_KEYS = attention.MIN_PART_KEYS
 COMPILED = {"prefix_reuse_static_compiled": "prefix_reuse_static", "kvmem_fast_compiled": "kvmem_fast",
@@ -92,7 +95,7 @@ class _Setup:
 
     def cache(self, method: str, model, room: int):
         """The cache a method's request starts from (this is the copy / splice inside the timed region)."""
-        method = COMPILED.get(method, UNSPLIT.get(method, method))
+        method = COMPILED.get(method, UNSPLIT.get(method, KERNEL.get(method, method)))
         if method == "prefix_reuse":
             return copy.deepcopy(self.dynamic)
         if method == "prefix_reuse_static":
@@ -104,7 +107,7 @@ class _Setup:
 
 
 def _switch(model, method: str) -> None:
-    use_gqa_attention(model, enabled=method in GQA)
+    use_gqa_attention(model, enabled=method in GQA, decode_kernel=method in KERNEL)
     attention.MIN_PART_KEYS = 1 << 62 if method in UNSPLIT else SPLIT_KEYS  # the A/B of the decode split
 
 
@@ -316,6 +319,13 @@ def targets(rows: list[dict], n_mem: int, b: int) -> dict:
         t["decode_fraction_of_exact_bound[kvmem_fast]"] = dd["kvmem_fast"]["fraction_of_exact_bound"]
         t["decode_within_5pct_of_exact_bound[kvmem_fast]"] = dd["kvmem_fast"]["fraction_of_exact_bound"] >= 0.95
         t["decode_fraction_of_kernel_bound[kvmem_fast]"] = dd["kvmem_fast"].get("fraction_of_kernel_bound")
+    if "kvmem_fast_kernel" in dd and "fraction_of_exact_bound" in dd["kvmem_fast_kernel"]:  # the fast recipe
+        f = dd["kvmem_fast_kernel"]["fraction_of_exact_bound"]
+        t["decode_fraction_of_exact_bound[kvmem_fast_kernel]"] = f
+        t["decode_within_5pct_of_exact_bound[kvmem_fast_kernel]"] = f >= 0.95
+        if "kvmem_fast" in dd:  # the kernel's paired A/B (same run)
+            t["decode_kernel_speedup[kvmem_fast_kernel vs kvmem_fast]"] = (
+                dd["kvmem_fast_kernel"]["median_tokens_per_s"] / dd["kvmem_fast"]["median_tokens_per_s"])
     if "kvmem_fast" in dd and "kvmem_fast_one_call" in dd:  # the decode split's paired A/B (same run)
         t["decode_split_speedup[kvmem_fast vs kvmem_fast_one_call]"] = (
             dd["kvmem_fast"]["median_tokens_per_s"] / dd["kvmem_fast_one_call"]["median_tokens_per_s"])

@@ -22,9 +22,9 @@ from .inject.splice_cubes import quantized_report
 from .inject.gate import gate
 from .inject.prefill import DEFAULT_RECOMPUTE, RECOMPUTE_MODES
 from .memory.recall import Recall
-from .model.attention import grouped_sdpa, use_gqa_attention
+from .model.attention import NAME as GQA_NAME, grouped_sdpa, use_gqa_attention
 from .model.devices import model_device
-from .model.facts import check_context, context_length
+from .model.facts import base_model, check_context, context_length
 from .model.static_cache import sequences_per_prompt, static_capable, static_room
 from .prompt import ChatLayout
 from .report import GenerationReport
@@ -35,7 +35,8 @@ _log = logging.getLogger("kvmem")
 
 def wrap(model, tokenizer, *, system_prompt: str | None = None,
          adapter_capacity_bytes: int = DEFAULT_CAPACITY_BYTES, hotswap: bool = False, max_rank: int | None = None,
-         merge_adapters: bool = False, attention: str = "auto", cache: str = "auto", **deprecated) -> "MemoryModel":
+         merge_adapters: bool = False, attention: str = "auto", cache: str = "auto", decode_kernel: bool = False,
+         **deprecated) -> "MemoryModel":
     """Wrap ``model`` and ``tokenizer`` so that ``generate(prompt, cubes=[...])`` injects memory cubes.
 
     Args:
@@ -57,6 +58,9 @@ def wrap(model, tokenizer, *, system_prompt: str | None = None,
             generation has a length bound and one sequence per prompt (no copy of the memory per decode step;
             transformers' auto-compile of static-cache decoding stays off unless you pass ``compile_config``),
             else a DynamicCache; "dynamic" always uses a DynamicCache, as `kvmem.prefill` returns.
+        decode_kernel: run decode steps on kvmem's CPU decode kernel (`kvmem.kernels.cpu_decode`; built once per
+            machine, ~30 s; float32 on a CPU with AVX-512, GQA models on ``kvmem_sdpa``): faster decoding over a
+            long memory, exact to float rounding. Raises `CubeError` where it cannot be built or used.
 
     Example:
         >>> mm = kvmem.wrap(model, tokenizer)
@@ -73,7 +77,7 @@ def wrap(model, tokenizer, *, system_prompt: str | None = None,
         raise CubeError(f"wrap needs a tokenizer, got {type(tokenizer).__name__}")
     return MemoryModel(model, tokenizer, system_prompt=system_prompt, adapter_capacity_bytes=adapter_capacity_bytes,
                        hotswap=hotswap, max_rank=max_rank, merge_adapters=merge_adapters, attention=attention,
-                       cache=cache)
+                       cache=cache, decode_kernel=decode_kernel)
 
 
 class MemoryModel:
@@ -82,12 +86,18 @@ class MemoryModel:
     def __init__(self, model, tokenizer, *, system_prompt: str | None = None,
                  adapter_capacity_bytes: int = DEFAULT_CAPACITY_BYTES, hotswap: bool = False,
                  max_rank: int | None = None, merge_adapters: bool = False, attention: str = "auto",
-                 cache: str = "auto"):
+                 cache: str = "auto", decode_kernel: bool = False):
         if attention not in ("auto", "keep") or cache not in ("auto", "dynamic"):
             raise CubeError(f"attention must be 'auto' or 'keep' and cache 'auto' or 'dynamic', got {attention!r} "
                             f"and {cache!r}")
-        if attention == "auto" and grouped_sdpa(model):
-            use_gqa_attention(model)
+        if not isinstance(decode_kernel, bool):
+            raise CubeError(f"decode_kernel must be True or False, got {decode_kernel!r:.40}")
+        on_gqa = getattr(getattr(base_model(model), "config", None), "_attn_implementation", None) == GQA_NAME
+        if attention == "auto" and (grouped_sdpa(model) or (decode_kernel and on_gqa)):
+            use_gqa_attention(model, decode_kernel=decode_kernel)
+        elif decode_kernel:
+            raise CubeError("decode_kernel=True runs inside kvmem_sdpa: it needs attention='auto' and a model on "
+                            "stock sdpa (or kvmem_sdpa) whose layers group key/value heads")
         self.cache = cache
         self.adapters = AdapterBridge(model, capacity_bytes=adapter_capacity_bytes, hotswap=hotswap,
                                       max_rank=max_rank, merged=merge_adapters)

@@ -32,10 +32,14 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
+from ..errors import CubeError
+from ..kernels import cpu_decode
 from .facts import base_model, switch_attention
 from .visibility import noted, visible_mask
 
 NAME = "kvmem_sdpa"
+# attention layers whose decode steps run kvmem's CPU decode kernel (`use_gqa_attention(..., decode_kernel=True)`)
+_KERNEL_LAYERS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 def gqa_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -79,6 +83,9 @@ def gqa_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     # KV head, 1.5x faster than its own enable_gqa (0.37 vs 0.57 ms a layer at 6k keys, SmolLM2's 9/3 heads).
     pack = (attention_mask is not None and query.device.type != "cpu") or \
         (attention_mask is None and not is_causal and query.device.type == "cpu")
+    if pack and attention_mask is None and dropout == 0.0 and module in _KERNEL_LAYERS \
+            and cpu_decode.applies(query, key, value):  # a decode step on kvmem's CPU kernel (opted in)
+        return cpu_decode.decode_attention(query, key, value, scale=scaling).transpose(1, 2).contiguous(), None
     out = attend_grouped(query, key, value, attention_mask, scale=scaling, dropout=dropout, is_causal=is_causal,
                          pack=pack)
     return out.transpose(1, 2).contiguous(), None
@@ -279,18 +286,36 @@ def grouped_sdpa(model) -> bool:
     return any(getattr(m, "num_key_value_groups", 1) > 1 for m in target.modules())
 
 
-def use_gqa_attention(model, *, enabled: bool = True) -> str:
+def use_gqa_attention(model, *, enabled: bool = True, decode_kernel: bool = False) -> str:
     """Switch ``model`` to ``kvmem_sdpa`` (or, with ``enabled=False``, back to stock ``sdpa``).
 
     Args:
         model: a transformers model (PEFT-wrapped or not).
         enabled: True selects kvmem_sdpa, False restores sdpa.
+        decode_kernel: also run its decode steps on kvmem's CPU decode kernel (`kvmem.kernels.cpu_decode`:
+            built on the first such call on a machine, ~30 s, then cached) where it applies (one query per head,
+            batch 1, every key visible, float32 on a CPU with AVX-512); False (the default) keeps torch's flash
+            kernel for them.
 
     Returns:
         The attention implementation now in use.
 
     Raises:
-        CubeError: the model cannot take an attention function from the registry.
+        CubeError: the model cannot take an attention function from the registry, or ``decode_kernel`` was asked
+        for and the kernel cannot be built here (the message says why; the model is left as it was).
     """
+    if not isinstance(decode_kernel, bool):
+        raise CubeError(f"decode_kernel must be True or False, got {decode_kernel!r:.40}")
+    if decode_kernel and not enabled:
+        raise CubeError("decode_kernel=True needs kvmem_sdpa (enabled=True): the kernel runs inside it")
+    if decode_kernel:
+        cpu_decode.build()  # before switching anything: a failure leaves the model as it was
     register_gqa_attention()
-    return switch_attention(model, NAME if enabled else "sdpa", fix="keep its own attention implementation")
+    name = switch_attention(model, NAME if enabled else "sdpa", fix="keep its own attention implementation")
+    layers = [m for m in base_model(model).modules() if hasattr(m, "num_key_value_groups")]
+    for layer in layers:
+        if decode_kernel:
+            _KERNEL_LAYERS.add(layer)
+        else:
+            _KERNEL_LAYERS.discard(layer)
+    return name
