@@ -18,6 +18,8 @@ Rows (ms of CPU time per decode step after ``--memory`` memory tokens + a 167-to
                   split, and what it still runs on one thread)
   kv_read         reading those same keys and values once (a sum over each): the bytes an exact method must read
   bound_kv_term   what the bound charges for the memory: its KV bytes at the rate the no-memory step read weights
+  attention_kernel  the same calls on kvmem's CPU decode kernel (`kvmem.kernels.cpu_decode`, what the fast path
+                  runs with ``decode_kernel=True``; left out where it cannot be built)
 An exact alternative to the attention kernel, timed on the same tensors (a candidate, not what kvmem runs):
   attention_transposed     matmuls over keys and values stored transposed ([kv_heads, dim, seq], copied outside
                            the timing): q @ K^T reads K contiguously and p @ V reads V along its long axis; what a
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import kvmem  # noqa: E402
 import _common  # noqa: E402
 from kvmem.demo.models import load_smollm2  # noqa: E402
+from kvmem.kernels import cpu_decode  # noqa: E402
 from kvmem.model.attention import attend_grouped, decode_parts, use_gqa_attention  # noqa: E402
 from kvmem.model.cache import cache_kwarg  # noqa: E402
 from kvmem.model.static_cache import static_prefix  # noqa: E402
@@ -97,8 +100,12 @@ def main(argv=None) -> int:
     mem, q = memory_ids(tok, args.memory), query_ids(tok, 167)
     cube = kvmem.MemCube.from_ids(model, mem, progress=False)
     n = args.memory
+    try:
+        cpu_decode.build()
+    except kvmem.CubeError as exc:
+        print(f"attention_kernel left out: {exc}")
     samples = {m: [] for m in ("fast_step", "no_memory_step", "attention", "attention_one_call", "kv_read",
-                               "attention_transposed")}
+                               "attention_transposed") + (("attention_kernel",) if cpu_decode.built() else ())}
     max_diff = 0.0
     same = True
     with torch.inference_mode():
@@ -129,8 +136,12 @@ def main(argv=None) -> int:
                       "kv_read": lambda: [(k.sum(), v.sum()) for k, v in layers],
                       "attention_transposed": lambda: [_attend_transposed(packed, kt, vt, scale)
                                                        for kt, vt in transposed]}
+            if cpu_decode.built():
+                passes["attention_kernel"] = lambda: [cpu_decode.decode_attention(query, k, v, scale=scale)
+                                                      for k, v in layers]
             reference = [o.reshape(query.shape) for o in passes["attention_one_call"]()]
-            for name in ("attention", "attention_transposed"):  # exact to float rounding, or not a candidate
+            for name in [n for n in ("attention", "attention_transposed", "attention_kernel") if n in passes]:
+                # exact to float rounding, or not a candidate
                 max_diff = max(max_diff, *((a - b.reshape(a.shape)).abs().max().item()
                                            for a, b in zip(reference, passes[name]())))
             timed = {name: [] for name in passes}
@@ -169,6 +180,10 @@ def main(argv=None) -> int:
         "fraction_of_exact_bound_with_transposed": med["bound_step"] / (med["fast_step"] - med["attention"]
                                                                         + med["attention_transposed"]),
     }
+    if "attention_kernel" in med:
+        summary["fraction_of_exact_bound_with_kernel"] = med["bound_step"] / (
+            med["fast_step"] - med["attention"] + med["attention_kernel"])
+        summary["attention_kernel_gb_per_s"] = kv_bytes / med["attention_kernel"] / 1e6
     for r in rows:
         print(f"{r['method']:>16}: {r['median_ms']:8.2f} ms")
     print(summary)
