@@ -4,6 +4,7 @@ the store (see kvmem/store/local.py for the layout and the catalog)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from ..errors import CubeError
 from .records import BLOB, KEY_BLOCKS_FILE, check_blob
+
+_log = logging.getLogger("kvmem.store")
 
 MARKER = "kvmem-store.json"
 STORE_FORMAT = "kvmem.store"
@@ -101,6 +104,8 @@ class LocalBlobs:
                     removed.append(f.name)
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # one file we may not remove (another user's, a read-only mount) stops nothing
+                _log.warning("kvmem gc: cannot remove %s (%s); left in place, the sweep goes on", f, exc.strerror or exc)
         return removed
 
 

@@ -8,6 +8,7 @@ a sweep never deletes files it does not own. A copy that fails validation is fet
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from ..errors import CubeError
 from .records import BLOB, KEY_BLOCKS_FILE, check_blob
+
+_log = logging.getLogger("kvmem.store")
 
 CACHE_MARKER = ".kvmem-redis-cache.json"  # marks a folder as a kvmem Redis cache (it holds copies only)
 _COPY_GRACE_S = 60.0  # a local copy of a deleted blob outlives it this long: readers that just found it still load
@@ -129,6 +132,8 @@ class RedisBlobs:
                     removed.append(f.name)
             except FileNotFoundError:
                 pass
+            except OSError as exc:  # one file we may not remove (another user's, a read-only mount) stops nothing
+                _log.warning("kvmem gc: cannot remove %s (%s); left in place, the sweep goes on", f, exc.strerror or exc)
         # key blocks (kvmem.integrations.key_blocks) whose blob is gone by a path other than `delete`: each
         # removed in one step only while its blob is still absent (a save sets them only while it exists)
         with self.db.errors():
