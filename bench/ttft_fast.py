@@ -408,6 +408,14 @@ def main(argv=None) -> int:
         args.lengths, args.query_tokens, args.new_tokens = [64, 128], 16, 8
         args.reps = args.full_reps = args.decode_reps = args.batch_reps = 1
         args.batch_sizes, args.batch_memory, args.batch_new_tokens = [1, 3], 40, 4
+    if any(m in KERNEL for m in args.decode_methods) and "decode" in args.parts:
+        from kvmem.kernels import cpu_decode
+
+        try:
+            cpu_decode.build()
+        except kvmem.CubeError as exc:  # no compiler or no AVX-512 here: the other methods still run
+            print(f"left out {sorted(KERNEL)}: {exc}")
+            args.decode_methods = [m for m in args.decode_methods if m not in KERNEL]
     from transformers.utils import logging
     logging.set_verbosity_error()
     model, tok = load_smollm2(verbose=False)

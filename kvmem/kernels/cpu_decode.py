@@ -7,13 +7,15 @@ in blocks of 128, an online softmax, the group's accumulators in registers) and 
 thread gets the same work. Measured in bench/README.md ("CPU decode kernel").
 
 It is opt-in (`kvmem.use_gqa_attention(model, decode_kernel=True)`, `kvmem.wrap(..., decode_kernel=True)`) and
-built on the first such call with torch's C++ extension builder (g++ and ninja; about 30 s, once: the build is
+built on the first such call with torch's C++ extension builder (g++ and ninja; about 25 s, once: the build is
 cached in torch's extension folder, ``TORCH_EXTENSIONS_DIR``, under a name that includes this file's source and
 the CPU's features, so a cache shared with another kind of CPU never loads a build for the wrong one).
 Where it cannot be built, or the CPU has no AVX-512, `build` raises `CubeError` saying so, and the attention
-stays on torch's flash kernel. Used only where it is exact and applies: one query per head (a decode step),
-batch 1, no mask (every key visible), float32 on the CPU, head dim 64, 128 or 256, keys' and values' last axis
-contiguous, not under ``torch.compile``. The oracle is torch's ``scaled_dot_product_attention`` (tests/test_cpu_decode.py):
+stays on torch's flash kernel (a build killed half-way leaves torch's lock file in its build folder, and the next
+build waits on it: delete the folder). Used only where it is exact and applies: one query per head (a decode
+step), batch 1, grouped heads (more query heads than KV heads: others take stock sdpa), no mask (every key
+visible), float32 on the CPU, head dim 64, 128 or 256, keys' and values' last axis contiguous, not under
+``torch.compile``, no gradient wanted (the kernel has no backward). The oracle is torch's ``scaled_dot_product_attention`` (tests/test_cpu_decode.py):
 same products and sums in another order, exact to float rounding, as two sdpa kernels are to each other.
 """
 
@@ -72,26 +74,39 @@ def build(*, verbose: bool = False):
             _failure = str(exc)
             raise
         except Exception as exc:  # a compiler error, a missing tool, an unwritable cache folder
-            _failure = (f"kvmem's CPU decode kernel could not be built here ({type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r:.300}); it needs g++ and "
-                        "ninja (`pip install ninja`) and a writable TORCH_EXTENSIONS_DIR. Attention stays on torch's "
-                        "flash kernel: leave decode_kernel off")
+            logger.debug("kvmem: building the CPU decode kernel failed", exc_info=True)
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            cause = next((line for line in lines if "error:" in line), lines[-1] if lines else repr(exc))
+            _failure = (f"kvmem's CPU decode kernel could not be built here ({type(exc).__name__}: {cause[:300]}); "
+                        "it needs g++, ninja (`pip install 'kvmem[cpu-kernel]'`) and a writable "
+                        "TORCH_EXTENSIONS_DIR (the whole build log: logging level DEBUG for 'kvmem'). Attention stays "
+                        "on torch's flash kernel: leave decode_kernel off")
             raise CubeError(_failure) from None
         return _module
 
 
 def _load(verbose: bool):
+    import platform
+    import shutil
+    import sys
+
     from torch.utils import cpp_extension
 
-    try:  # the ninja of `pip install ninja`, when the venv's bin folder is not on PATH
-        import ninja
+    if platform.machine().lower() not in ("x86_64", "amd64") or "avx512f" not in _cpu_flags().split():
+        raise CubeError(f"kvmem's CPU decode kernel needs an x86-64 CPU with AVX-512; this one ({platform.machine()}) "
+                        "has none. Attention stays on torch's flash kernel: leave decode_kernel off")
+    if shutil.which("ninja") is None:
+        try:  # the ninja of `pip install ninja`, when the venv's bin folder is not on PATH
+            import ninja
 
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass
-    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    key = (SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
+           + f"{sys.implementation.cache_tag}".encode())  # a shared TORCH_EXTENSIONS_DIR: one build per ABI
+    digest = hashlib.sha256(key).hexdigest()
     name = f"kvmem_cpu_decode_{digest[:12]}"
-    logger.info("kvmem: loading its CPU decode kernel %s (built once on this machine, ~30 s the first time)", name)
+    logger.info("kvmem: loading its CPU decode kernel %s (built once on this machine, ~25 s the first time)", name)
     module = cpp_extension.load(name=name, sources=[str(SOURCE)], verbose=verbose,
                                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     if not module.vectorized():
@@ -108,22 +123,25 @@ def built() -> bool:
 def applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether `decode_attention` applies to these sdpa inputs ([batch, heads, q_len, dim] query, [batch, kv_heads,
     kv_len, dim] key/value, no mask): built, a decode step (q_len 1), batch 1, float32 on the CPU, a head dim it
-    has registers for, heads grouped evenly, last axes contiguous, not while compiling."""
+    has registers for, heads grouped evenly, last axes contiguous, not while compiling, no gradient wanted."""
     batch, heads, q_len, dim = query.shape
-    return (_module is not None and q_len == 1 and batch == 1 and query.device.type == "cpu"
+    wants_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    return (_module is not None and not wants_grad and q_len == 1 and batch == 1 and query.device.type == "cpu"
             and query.dtype == key.dtype == value.dtype == torch.float32 and dim in HEAD_DIMS
             and key.shape[-1] == value.shape[-1] == dim and key.shape[2] >= 1 and heads % key.shape[1] == 0
             and key.stride(-1) == 1 and value.stride(-1) == 1 and not torch.compiler.is_compiling())
 
 
 def runs(kv_heads: int, kv_len: int, threads: int | None = None) -> int:
-    """Runs of keys per head so that ``kv_heads * runs`` tasks divide evenly among the threads (each run at
-    least `MIN_RUN` keys)."""
+    """Runs of keys per head: the fewest that minimize the busiest thread's share ``ceil(kv_heads * runs /
+    threads) / runs`` (the rule of `kvmem.model.attention.decode_parts`), each run at least `MIN_RUN` keys."""
     threads = torch.get_num_threads() if threads is None else threads
-    parts = 1
-    while (kv_heads * parts) % threads and parts < threads:
-        parts += 1
-    return max(1, min(parts, kv_len // MIN_RUN))
+    best, best_share = 1, -(-kv_heads // threads)
+    for parts in range(2, min(threads, kv_len // MIN_RUN) + 1):
+        share = -(-kv_heads * parts // threads) / parts
+        if share < best_share - 1e-9:
+            best, best_share = parts, share
+    return best
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
