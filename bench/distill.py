@@ -117,7 +117,8 @@ def run(args) -> dict:
                                   lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
                                   answer_tokens=args.answer_tokens, questions=args.questions,
                                   content_weight=args.content_weight, keep_share=args.keep_share,
-                                  sampled_share=args.sampled_share, grounded=args.grounded, seed=args.seed)
+                                  sampled_share=args.sampled_share, grounded=args.grounded, seed=args.seed,
+                                  weight_average=args.weight_average)
     mm = kvmem.wrap(model, tok)
     merged = kvmem.wrap(model, tok, merge_adapters=True)  # same base model, adapters served merged
     people = memory_set(args.facts, seed=args.seed)
@@ -130,7 +131,7 @@ def run(args) -> dict:
                                 max_answer_tokens=args.answer_tokens,
                                 questions_per_memory=args.questions, content_weight=args.content_weight,
                                 keep_share=args.keep_share, sampled_share=args.sampled_share,
-                                grounded=args.grounded, seed=args.seed,
+                                grounded=args.grounded, seed=args.seed, weight_average=args.weight_average,
                                 checkpoint_dir=Path(tmp) / "ckpt",
                                 progress=True)
         distill_s = time.perf_counter() - t0
@@ -247,6 +248,8 @@ def main(argv=None) -> None:
     parser.add_argument("--grounded", action=argparse.BooleanOptionalAction, default=False,
                         help="leave out teacher answers that state nothing of their memory")
     parser.add_argument("--answer-tokens", type=int, default=24, help="teacher answer tokens learned per question")
+    parser.add_argument("--weight-average", type=float, default=0.98, help="EMA decay of the adapter's weights "
+                        "(0: the last step's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds of TTFT after the warm-up round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -179,6 +179,28 @@ def test_resume_equals_the_uninterrupted_run(tok, tmp_path):
                       **{**options, "seed": 4})
 
 
+def test_weight_average_is_the_moving_average_and_resumes(tok, tmp_path):
+    """weight_average=d: the adapter is the bias-corrected EMA of the trained weights over the steps: after one step
+    the step's weights themselves (never the initial ones); after two, (d * w1 + w2) / (1 + d); a checkpointed run
+    resumes to the same average."""
+    model = tiny_model("llama")
+    options = dict(FAST, batch_size=2, lr=1e-2, seed=3)
+    one = kvmem.distill(model, tok, MEMORIES, steps=1, weight_average=0.0, **options)
+    two = kvmem.distill(model, tok, MEMORIES, steps=2, weight_average=0.0, **options)
+    avg1 = kvmem.distill(model, tok, MEMORIES, steps=1, weight_average=0.5, **options)
+    avg2 = kvmem.distill(model, tok, MEMORIES, steps=2, weight_average=0.5, **options)
+    assert avg2.meta["distill"]["weight_average"] == 0.5 and one.meta["distill"]["weight_average"] == 0.0
+    assert any(not torch.equal(one.state_dict[k], two.state_dict[k]) for k in one.state_dict)
+    for k in one.state_dict:
+        torch.testing.assert_close(avg1.state_dict[k], one.state_dict[k])
+        torch.testing.assert_close(avg2.state_dict[k], (0.5 * one.state_dict[k] + two.state_dict[k]) / 1.5)
+    averaged = dict(options, weight_average=0.7, checkpoint_every=2)
+    whole = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "a", **averaged)
+    kvmem.distill(model, tok, MEMORIES, steps=3, checkpoint_dir=tmp_path / "b", **averaged)  # "interrupted" at 3
+    resumed = kvmem.distill(model, tok, MEMORIES, steps=6, checkpoint_dir=tmp_path / "b", resume=True, **averaged)
+    assert resumed.digest == whole.digest
+
+
 def test_lineage_of_store_records(tok, tmp_path):
     from kvmem.store.lineage import source_entry, stale_sources
 
@@ -208,6 +230,8 @@ def test_lineage_of_store_records(tok, tmp_path):
     (dict(steps=1, warmup=1.0), "warmup must be a share"),
     (dict(steps=1, sampled_share=1.5), "sampled_share must be a share"),
     (dict(steps=1, grounded="yes"), "grounded must be true or false"),
+    (dict(steps=1, weight_average=1.0), "weight_average must be an EMA decay"),
+    (dict(steps=1, weight_average=True), "weight_average must be an EMA decay"),
     (dict(time_budget=1e-9), "time budget .* ran out"),
 ])
 def test_bad_arguments(tok, kwargs, match):

@@ -50,6 +50,8 @@ def distill(
                                         "teacher answer is sampled rather than greedy (0: all greedy)."),
     grounded: bool = typer.Option(False, "--grounded/--no-grounded", help="Leave out teacher answers that state "
                                   "nothing of their memory."),
+    weight_average: float = typer.Option(0.98, "--weight-average", help="The adapter is the moving average of its "
+                                         "weights over the steps, with this decay (0: the last step's weights)."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Save resumable checkpoints here."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --checkpoint-dir."),
 ):
@@ -72,7 +74,7 @@ def distill(
                time_budget=time_budget, rank=rank, seed=seed, lr=lr, lr_schedule=lr_schedule, warmup=warmup,
                batch_size=batch_size, questions_per_memory=questions, max_answer_tokens=answer_tokens,
                content_weight=content_weight, keep_share=keep_share, sampled_share=sampled_share,
-               grounded=grounded,
+               grounded=grounded, weight_average=weight_average,
                checkpoint_dir=checkpoint_dir, resume=resume,
                name=f"{namespace}-distilled")
     with writing(out):

@@ -47,13 +47,15 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
 
 
 def save_checkpoint(folder, *, lora: dict[str, torch.Tensor], optimizer: dict, step: int, key: str,
-                    losses: list[float]) -> Path:
-    """Write a checkpoint of ``step`` into ``folder`` (created), replacing the previous one atomically."""
+                    losses: list[float], averaged: list[torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint of ``step`` into ``folder`` (created), replacing the previous one atomically
+    (``averaged``: the moving average of the trained weights, in their order, where distill keeps one)."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         opt_tensors, opt_plain = _split_optimizer(optimizer)
-        tensors = {**{f"lora.{k}": v.detach().cpu().contiguous() for k, v in lora.items()}, **opt_tensors}
+        tensors = {**{f"lora.{k}": v.detach().cpu().contiguous() for k, v in lora.items()}, **opt_tensors,
+                   **{f"averaged.{i}": t.detach().cpu().contiguous() for i, t in enumerate(averaged or [])}}
         tmp = folder / (TENSORS + ".tmp")
         save_file(tensors, str(tmp))
         digest = _file_digest(tmp)
@@ -90,5 +92,6 @@ def load_checkpoint(folder, *, key: str) -> dict | None:
         raise CubeError(f"cannot read the distillation checkpoint in {folder}: {type(exc).__name__}: {exc}; "
                         "delete it and distil again") from None
     lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+    averaged = sorted((int(k[len("averaged."):]), v) for k, v in tensors.items() if k.startswith("averaged."))
     return {"step": int(doc["step"]), "losses": list(doc["losses"]), "lora": lora,
-            "optimizer": _join_optimizer(tensors, doc["optimizer"])}
+            "optimizer": _join_optimizer(tensors, doc["optimizer"]), "averaged": [v for _, v in averaged]}
