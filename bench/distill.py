@@ -248,8 +248,8 @@ def main(argv=None) -> None:
     parser.add_argument("--grounded", action=argparse.BooleanOptionalAction, default=False,
                         help="leave out teacher answers that state nothing of their memory")
     parser.add_argument("--answer-tokens", type=int, default=24, help="teacher answer tokens learned per question")
-    parser.add_argument("--weight-average", type=float, default=0.98, help="EMA decay of the adapter's weights "
-                        "(0: the last step's)")
+    parser.add_argument("--weight-average", type=float, default=0.0, help="EMA decay of the adapter's weights "
+                        "(0: the last step's, kvmem's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds of TTFT after the warm-up round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -50,8 +50,8 @@ def distill(
                                         "teacher answer is sampled rather than greedy (0: all greedy)."),
     grounded: bool = typer.Option(False, "--grounded/--no-grounded", help="Leave out teacher answers that state "
                                   "nothing of their memory."),
-    weight_average: float = typer.Option(0.98, "--weight-average", help="The adapter is the moving average of its "
-                                         "weights over the steps, with this decay (0: the last step's weights)."),
+    weight_average: float = typer.Option(0.0, "--weight-average", help="0: the adapter is the last step's weights; "
+                                         "a decay in (0, 1): their moving average over the steps (e.g. 0.98)."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Save resumable checkpoints here."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --checkpoint-dir."),
 ):

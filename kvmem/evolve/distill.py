@@ -283,7 +283,7 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
             system_prompt: str | None = None, name: str | None = None, checkpoint_dir=None,
             checkpoint_every: int = 20, resume: bool = False, progress: bool = True,
             lr_schedule: str = "constant", warmup: float = 0.05, sampled_share: float = 0.0,
-            grounded: bool = False, weight_average: float = 0.98) -> AdapterCube:
+            grounded: bool = False, weight_average: float = 0.0) -> AdapterCube:
     """Learn ``memories`` into a LoRA AdapterCube by context distillation (see the module docstring).
 
     Args:
@@ -305,11 +305,13 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
         questions_per_memory, max_answer_tokens: how many questions per memory, how long the teacher answers.
             32 a memory answered 78% of what the cube answers on the validation at 160 steps, 16 (the default)
             72%, one run each; not kept as the default (see ``lr_schedule``).
-        weight_average: the adapter is the exponential moving average of the LoRA weights over the steps, with
-            this decay (0.98: about the last 50 steps; bias-corrected, so it averages trained weights only; in a
-            run of a few dozen steps it spans most of the run: 0 takes the last step's weights). On bench/distill_validate.py at
-            320 steps it answered 85.9% and 77.6% of what the cube answers at seeds 0 and 1, against 78.8% and
-            70.6% with the last step's weights (damage 0.064 / 0.053 against 0.063 / 0.063 nats); bench/README.md.
+        weight_average: 0 (the default): the adapter is the last step's LoRA weights; a decay d in (0, 1): the
+            bias-corrected exponential moving average of them over the steps (0.98: about the last 50 steps; it
+            averages trained weights only). On bench/distill_validate.py at 320 steps, 0.98 answered 85.9% and
+            77.6% of what the cube answers at seeds 0 and 1, against 78.8% and 70.6% without (damage 0.064 / 0.053
+            against 0.063 / 0.063 nats); on bench/distill.py, where the 480 s budget stopped it at 200 steps on a
+            slower day, 61.5% against 73.1% without at 227 steps: an average lags a run that is still learning, so
+            it is not the default (bench/README.md).
         content_weight: the loss weight of an answer token that states the memory (its names and values,
             `content_tokens`) relative to the phrasing around it (1.0: a plain mean).
         grounded: leave out the teacher's answers that state nothing of their memory (`make_examples`). It
