@@ -132,16 +132,22 @@ def applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool
             and key.stride(-1) == 1 and value.stride(-1) == 1 and not torch.compiler.is_compiling())
 
 
-def runs(kv_heads: int, kv_len: int, threads: int | None = None) -> int:
-    """Runs of keys per head: the fewest that minimize the busiest thread's share ``ceil(kv_heads * runs /
-    threads) / runs`` (the rule of `kvmem.model.attention.decode_parts`), each run at least `MIN_RUN` keys."""
-    threads = torch.get_num_threads() if threads is None else threads
+def balanced_runs(kv_heads: int, threads: int, most: int) -> int:
+    """The fewest runs of keys per head (1 to ``most``) that minimize the busiest thread's share
+    ``ceil(kv_heads * runs / threads) / runs`` when each (head, run) is one task (also the rule of
+    `kvmem.model.attention.decode_parts` for torch's flash kernel)."""
     best, best_share = 1, -(-kv_heads // threads)
-    for parts in range(2, min(threads, kv_len // MIN_RUN) + 1):
+    for parts in range(2, min(threads, most) + 1):
         share = -(-kv_heads * parts // threads) / parts
         if share < best_share - 1e-9:
             best, best_share = parts, share
     return best
+
+
+def runs(kv_heads: int, kv_len: int, threads: int | None = None) -> int:
+    """Runs of keys per head for this kernel: `balanced_runs`, each run at least `MIN_RUN` keys."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return balanced_runs(kv_heads, threads, kv_len // MIN_RUN)
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,

@@ -223,12 +223,7 @@ def decode_parts(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
             or torch.compiler.is_compiling()):
         return 1
     threads = torch.get_num_threads() if threads is None else threads
-    best, best_share = 1, -(-kv_heads // threads)
-    for parts in range(2, min(threads, kv_len // MIN_PART_KEYS) + 1):
-        share = -(-kv_heads * parts // threads) / parts
-        if share < best_share - 1e-9:
-            best, best_share = parts, share
-    return best
+    return cpu_decode.balanced_runs(kv_heads, threads, kv_len // MIN_PART_KEYS)
 
 
 def attend_parts(packed: torch.Tensor, key: torch.Tensor, value: torch.Tensor, parts: int, *,
