@@ -24,9 +24,9 @@ Three parts:
           bound (the weights' reads) no cache can beat; kvmem_fast_one_call is kvmem_fast with its decode
           split off (one CPU flash call per layer over all keys, as before issue 20's split: the paired A/B of
           `decode_parts`); kvmem_fast_kernel is kvmem_fast with ``decode_kernel=True`` (its decode steps on
-          kvmem's CPU decode kernel, `kvmem.kernels.cpu_decode`, built before timing); each decode row also gives the bound an exact method has
-          with the memory (the no-memory step plus reading the memory's KV at the rate the weights were read)
-          and the bound with torch's CPU attention kernel (the no-memory step plus that kernel over the memory)
+          kvmem's CPU decode kernel, `kvmem.kernels.cpu_decode`, built before timing); each decode row also
+          gives the bound an exact method has with the memory (the no-memory step plus reading the memory's KV at
+          the rate the weights were read) and the bound with torch's CPU attention kernel (the no-memory step plus that kernel over the memory)
   batch   B = 1, 4, 8 requests, each its own cube (different lengths) and query; one generate over
           prefill_batch vs B sequential static_prefix + generate calls; new tokens per second
 
@@ -61,7 +61,8 @@ from workloads import memory_ids, query_ids  # noqa: E402
 TTFT_METHODS = ("full_prefill", "prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_gqa", "kvmem_static",
                 "kvmem_fast", "query_alone")
 DECODE_METHODS = ("prefix_reuse", "prefix_reuse_static", "kvmem", "kvmem_fast", "kvmem_fast_kernel",
-                  "kvmem_fast_one_call", "prefix_reuse_static_compiled", "kvmem_fast_compiled", "kvmem_fast_compiled_frozen", "no_memory")
+                  "kvmem_fast_one_call", "prefix_reuse_static_compiled", "kvmem_fast_compiled",
+                  "kvmem_fast_compiled_frozen", "no_memory")
 GQA = {"kvmem_gqa", "kvmem_fast", "kvmem_fast_kernel", "kvmem_fast_one_call", "kvmem_fast_compiled",
        "kvmem_fast_compiled_frozen"}
 KERNEL = {"kvmem_fast_kernel": "kvmem_fast"}  # kvmem_fast with its decode steps on kvmem's CPU decode kernel

@@ -59,7 +59,7 @@ def wrap(model, tokenizer, *, system_prompt: str | None = None,
             transformers' auto-compile of static-cache decoding stays off unless you pass ``compile_config``),
             else a DynamicCache; "dynamic" always uses a DynamicCache, as `kvmem.prefill` returns.
         decode_kernel: run decode steps on kvmem's CPU decode kernel (`kvmem.kernels.cpu_decode`; built once per
-            machine, ~30 s; float32 on a CPU with AVX-512, GQA models on ``kvmem_sdpa``): faster decoding over a
+            machine, ~25 s; float32 on a CPU with AVX-512, GQA models on ``kvmem_sdpa``): faster decoding over a
             long memory, exact to float rounding. Raises `CubeError` where it cannot be built or the model does
             not run ``kvmem_sdpa``; steps it does not apply to (bfloat16, a GPU, a batch) keep torch's kernel.
 

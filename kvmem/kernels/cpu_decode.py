@@ -15,8 +15,9 @@ stays on torch's flash kernel (a build killed half-way leaves torch's lock file 
 build waits on it: delete the folder). Used only where it is exact and applies: one query per head (a decode
 step), batch 1, grouped heads (more query heads than KV heads: others take stock sdpa), no mask (every key
 visible), float32 on the CPU, head dim 64, 128 or 256, keys' and values' last axis contiguous, not under
-``torch.compile``, no gradient wanted (the kernel has no backward). The oracle is torch's ``scaled_dot_product_attention`` (tests/test_cpu_decode.py):
-same products and sums in another order, exact to float rounding, as two sdpa kernels are to each other.
+``torch.compile``, no gradient wanted (the kernel has no backward). The oracle is torch's
+``scaled_dot_product_attention`` (tests/test_cpu_decode.py): same products and sums in another order, exact to
+float rounding, as two sdpa kernels are to each other.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _cpu_flags() -> str:
 
 
 def build(*, verbose: bool = False):
-    """Build (first call on this machine, ~30 s) or load (later calls) the kernel; the loaded module.
+    """Build (first call on this machine, ~25 s) or load (later calls) the kernel; the loaded module.
 
     Raises:
         CubeError: it cannot be built here (no C++ compiler or ninja, a folder it cannot write) or this CPU has
@@ -92,7 +93,8 @@ def _load(verbose: bool):
 
     from torch.utils import cpp_extension
 
-    if platform.machine().lower() not in ("x86_64", "amd64") or "avx512f" not in _cpu_flags().split():
+    flags = _cpu_flags()
+    if platform.machine().lower() not in ("x86_64", "amd64") or "avx512f" not in flags.split():
         raise CubeError(f"kvmem's CPU decode kernel needs an x86-64 CPU with AVX-512; this one ({platform.machine()}) "
                         "has none. Attention stays on torch's flash kernel: leave decode_kernel off")
     if shutil.which("ninja") is None:
@@ -102,7 +104,7 @@ def _load(verbose: bool):
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             pass
-    key = (SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
+    key = (SOURCE.read_bytes() + flags.encode() + torch.__version__.encode()
            + f"{sys.implementation.cache_tag}".encode())  # a shared TORCH_EXTENSIONS_DIR: one build per ABI
     digest = hashlib.sha256(key).hexdigest()
     name = f"kvmem_cpu_decode_{digest[:12]}"

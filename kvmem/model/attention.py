@@ -288,7 +288,7 @@ def use_gqa_attention(model, *, enabled: bool = True, decode_kernel: bool = Fals
         model: a transformers model (PEFT-wrapped or not).
         enabled: True selects kvmem_sdpa, False restores sdpa.
         decode_kernel: also run its decode steps on kvmem's CPU decode kernel (`kvmem.kernels.cpu_decode`:
-            built on the first such call on a machine, ~30 s, then cached) where it applies (one query per head,
+            built on the first such call on a machine, ~25 s, then cached) where it applies (one query per head,
             batch 1, every key visible, float32 on a CPU with AVX-512); False (the default) keeps torch's flash
             kernel for them.
 

@@ -105,7 +105,8 @@ class LocalBlobs:
             except FileNotFoundError:
                 pass
             except OSError as exc:  # one file we may not remove (another user's, a read-only mount) stops nothing
-                _log.warning("kvmem gc: cannot remove %s (%s); left in place, the sweep goes on", f, exc.strerror or exc)
+                _log.warning("kvmem gc: cannot remove %s (%s); left in place, the sweep goes on", f,
+                             exc.strerror or exc)
         return removed
 
 

@@ -133,7 +133,8 @@ class RedisBlobs:
             except FileNotFoundError:
                 pass
             except OSError as exc:  # one file we may not remove (another user's, a read-only mount) stops nothing
-                _log.warning("kvmem gc: cannot remove %s (%s); left in place, the sweep goes on", f, exc.strerror or exc)
+                _log.warning("kvmem gc: cannot remove %s (%s); left in place, the sweep goes on", f,
+                             exc.strerror or exc)
         # key blocks (kvmem.integrations.key_blocks) whose blob is gone by a path other than `delete`: each
         # removed in one step only while its blob is still absent (a save sets them only while it exists)
         with self.db.errors():
