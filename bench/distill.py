@@ -118,7 +118,7 @@ def run(args) -> dict:
                                   answer_tokens=args.answer_tokens, questions=args.questions,
                                   content_weight=args.content_weight, keep_share=args.keep_share,
                                   sampled_share=args.sampled_share, grounded=args.grounded, seed=args.seed,
-                                  weight_average=args.weight_average)
+                                  weight_average=args.weight_average, precision=args.precision)
     mm = kvmem.wrap(model, tok)
     merged = kvmem.wrap(model, tok, merge_adapters=True)  # same base model, adapters served merged
     people = memory_set(args.facts, seed=args.seed)
@@ -132,6 +132,7 @@ def run(args) -> dict:
                                 questions_per_memory=args.questions, content_weight=args.content_weight,
                                 keep_share=args.keep_share, sampled_share=args.sampled_share,
                                 grounded=args.grounded, seed=args.seed, weight_average=args.weight_average,
+                                precision=args.precision,
                                 checkpoint_dir=Path(tmp) / "ckpt",
                                 progress=True)
         distill_s = time.perf_counter() - t0
@@ -139,7 +140,7 @@ def run(args) -> dict:
     distill_row = {"kind": "distill", "facts": args.facts, "wall_s": distill_s, "steps": run_facts["steps"],
                    "stopped": run_facts["stopped"], "teacher_s": run_facts["teacher_seconds"],
                    "train_s": run_facts["train_seconds"], "steps_per_s": run_facts["steps_per_s"],
-                   "examples": run_facts["examples"], "keep_examples": run_facts["keep_examples"],
+                   "precision": run_facts["precision"], "examples": run_facts["examples"], "keep_examples": run_facts["keep_examples"],
                    "loss_first": run_facts["losses"][0], "loss_last": run_facts["losses"][-1],
                    "losses": run_facts["losses"], "other_cores": load.cores, "loadavg_after": _common.loadavg(),
                    "target_s": 600, "met": distill_s < 600}
@@ -250,6 +251,8 @@ def main(argv=None) -> None:
     parser.add_argument("--answer-tokens", type=int, default=24, help="teacher answer tokens learned per question")
     parser.add_argument("--weight-average", type=float, default=0.0, help="EMA decay of the adapter's weights "
                         "(0: the last step's, kvmem's default)")
+    parser.add_argument("--precision", default="float32", choices=("auto", "float32", "bfloat16"),
+                        help="training matmuls (kvmem's default: float32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds of TTFT after the warm-up round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -201,6 +201,35 @@ def test_weight_average_is_the_moving_average_and_resumes(tok, tmp_path):
     assert resumed.digest == whole.digest
 
 
+def test_bfloat16_training_is_autocast_and_recorded(tok):
+    """precision="bfloat16": the student's matmuls run in bfloat16 (its first loss, before any update, differs from
+    float32's by bfloat16 rounding only), the LoRA weights stay float32, the run records what it used."""
+    model = tiny_model("llama")
+    options = dict(FAST, batch_size=2, lr=1e-2, seed=3, steps=3)
+    full = kvmem.distill(model, tok, MEMORIES, precision="float32", **options)
+    half = kvmem.distill(model, tok, MEMORIES, precision="bfloat16", **options)
+    assert full.meta["distill"]["precision"] == "float32" and half.meta["distill"]["precision"] == "bfloat16"
+    first_full, first_half = full.meta["distill"]["losses"][0], half.meta["distill"]["losses"][0]
+    assert first_half != first_full and first_half == pytest.approx(first_full, rel=0.05)
+    assert all(t.dtype == torch.float32 for t in half.state_dict.values())
+    assert any(not torch.equal(full.state_dict[k], half.state_dict[k]) for k in full.state_dict)
+
+
+def test_auto_precision_follows_the_device(monkeypatch):
+    """"auto" is bfloat16 only where the CPU multiplies it natively (AVX512-BF16 or AMX) and the model is float32 or
+    bfloat16; an explicit choice is kept as given."""
+    from kvmem.evolve.distill import train_precision
+
+    model = tiny_model("llama")
+    for avx, amx, want in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx=avx: avx)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert train_precision(model, "auto") == want
+        assert train_precision(model, "float32") == "float32" and train_precision(model, "bfloat16") == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert train_precision(tiny_model("llama").half(), "auto") == "float32"
+
+
 def test_lineage_of_store_records(tok, tmp_path):
     from kvmem.store.lineage import source_entry, stale_sources
 
@@ -233,6 +262,8 @@ def test_lineage_of_store_records(tok, tmp_path):
     (dict(steps=1, weight_average=1.0), "weight_average must be an EMA decay"),
     (dict(steps=1, weight_average=True), "weight_average must be an EMA decay"),
     (dict(time_budget=1e-9), "time budget .* ran out"),
+    (dict(steps=1, precision="fp8"), "precision must be one of 'auto', 'float32', 'bfloat16'"),
+    (dict(steps=1, precision=None), "precision must be one of"),
 ])
 def test_bad_arguments(tok, kwargs, match):
     with pytest.raises(kvmem.CubeError, match=match):
@@ -462,21 +493,24 @@ def test_cli_distils_a_namespace_into_the_store(checkpoint, tmp_path):
     base = ["distill", "-n", "alice", "--store", str(tmp_path / "s"), "--model", str(checkpoint)]
     result = runner.invoke(app, [*base, "--ids", "m1", "--steps", "2", "--rank", "2", "--content-weight", "2",
                                  "--keep-share", "0.1", "--lr", "0.003", "--lr-schedule", "constant",
-                                 "--questions", "3", "--answer-tokens", "4", "--batch-size", "2"])
+                                 "--questions", "3", "--answer-tokens", "4", "--batch-size", "2",
+                                 "--precision", "bfloat16"])
     assert result.exit_code == 0, result.output
     path = tmp_path / "s" / "adapters" / "alice.safetensors"
-    assert f"wrote {path}: 1 memories learned in 2 steps" in result.output
+    assert f"wrote {path}: 1 memories learned in 2 steps" in result.output and "bfloat16 matmuls" in result.output
     cube = kvmem.AdapterCube.load(path)
     assert [e["memory"] for e in cube.meta["derived_from"]] == ["alice/m1"] and cube.rank == 2
     run = cube.meta["distill"]
     assert (run["content_weight"], run["keep_share"], run["lr"], run["lr_schedule"]) == (2.0, 0.1, 0.003, "constant")
     assert (run["questions_per_memory"], run["max_answer_tokens"], run["batch_size"]) == (3, 4, 2)
-    assert run["grounded"] is False
+    assert run["grounded"] is False and run["precision"] == "bfloat16"
     # --grounded reaches distill: this random model's answers state nothing of the memory, so none is left
     grounded = runner.invoke(app, [*base, "--ids", "m1", "--steps", "1", "--questions", "3", "--grounded"])
     assert grounded.exit_code == 1 and "states something of them (grounded=True)" in grounded.output
     bad = runner.invoke(app, [*base, "--steps", "1", "--keep-share", "1.5"])
     assert bad.exit_code == 1 and bad.output.startswith("kvmem: keep_share must be")
+    bad = runner.invoke(app, [*base, "--steps", "1", "--precision", "half"])
+    assert bad.exit_code == 1 and bad.output.startswith("kvmem: precision must be one of")
     out = tmp_path / "own.safetensors"
     assert runner.invoke(app, [*base, "--steps", "1", "-o", str(out)]).exit_code == 0
     assert len(kvmem.AdapterCube.load(out).meta["derived_from"]) == 2

@@ -52,6 +52,8 @@ def distill(
                                   "nothing of their memory."),
     weight_average: float = typer.Option(0.0, "--weight-average", help="0: the adapter is the last step's weights; "
                                          "a decay in (0, 1): their moving average over the steps (e.g. 0.98)."),
+    precision: str = typer.Option("float32", help="Training matmuls: float32, bfloat16 (faster where the CPU or GPU "
+                                  "multiplies it natively) or auto (bfloat16 where it does, else float32)."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Save resumable checkpoints here."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --checkpoint-dir."),
 ):
@@ -74,7 +76,7 @@ def distill(
                time_budget=time_budget, rank=rank, seed=seed, lr=lr, lr_schedule=lr_schedule, warmup=warmup,
                batch_size=batch_size, questions_per_memory=questions, max_answer_tokens=answer_tokens,
                content_weight=content_weight, keep_share=keep_share, sampled_share=sampled_share,
-               grounded=grounded, weight_average=weight_average,
+               grounded=grounded, weight_average=weight_average, precision=precision,
                checkpoint_dir=checkpoint_dir, resume=resume,
                name=f"{namespace}-distilled")
     with writing(out):
@@ -82,5 +84,6 @@ def distill(
         path = cube.save(out)
     run_facts = cube.meta["distill"]
     typer.echo(f"wrote {path}: {len(records)} memories learned in {run_facts['steps']} steps "
-               f"({run_facts['seconds']:.0f} s, loss {run_facts['losses'][0]:.3f} -> {run_facts['losses'][-1]:.3f}), "
+               f"({run_facts['seconds']:.0f} s, {run_facts['precision']} matmuls, loss {run_facts['losses'][0]:.3f} -> "
+               f"{run_facts['losses'][-1]:.3f}), "
                f"LoRA rank {cube.rank}, base fingerprint {cube.fingerprint}")

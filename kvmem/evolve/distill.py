@@ -268,6 +268,18 @@ def kl_loss(model, batch: list[Example], *, pad: int) -> torch.Tensor:
     return total / count
 
 
+def train_step(student, optimizer, batch: list[Example], *, pad: int, precision: str = "float32") -> float:
+    """One optimizer step of ``student`` on ``batch`` (`kl_loss`, its matmuls in ``precision``: "float32" or
+    "bfloat16" under torch.autocast); the batch's loss before the step."""
+    device = model_device(student)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        loss = kl_loss(student, batch, pad=pad)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def _run_key(model, texts, options: dict) -> str:
     fields = fingerprint_fields(model)
     fields["adapter"] = None
@@ -283,7 +295,7 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
             system_prompt: str | None = None, name: str | None = None, checkpoint_dir=None,
             checkpoint_every: int = 20, resume: bool = False, progress: bool = True,
             lr_schedule: str = "constant", warmup: float = 0.05, sampled_share: float = 0.0,
-            grounded: bool = False, weight_average: float = 0.0) -> AdapterCube:
+            grounded: bool = False, weight_average: float = 0.0, precision: str = "float32") -> AdapterCube:
     """Learn ``memories`` into a LoRA AdapterCube by context distillation (see the module docstring).
 
     Args:
@@ -312,6 +324,14 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
             against 0.063 / 0.063 nats); on bench/distill.py, where the 480 s budget stopped it at 200 steps on a
             slower day, 61.5% against 73.1% without at 227 steps: an average lags a run that is still learning, so
             it is not the default (bench/README.md).
+        precision: the student's matmuls during training: "float32" (the default), "bfloat16" (torch.autocast;
+            the LoRA weights, the optimizer, the teacher's distributions and the loss stay float32) or "auto"
+            ("bfloat16" where the device multiplies it natively, a CPU with AVX512-BF16 or AMX or a GPU with
+            bfloat16 support, and the model is float32 or bfloat16; else "float32"); what a run used is in
+            ``meta["distill"]["precision"]``. The teacher's answers are computed in the model's own dtype either
+            way. On this repository's 2-core AVX512-BF16 CPU a bfloat16 step takes ~0.6x the time of a float32
+            one (bench/distill_step.py), but on bench/distill.py both bfloat16 runs answered 65% of what the cube
+            answers (cities 2 of 10) against 69-77% for float32 runs, so it is not the default (bench/README.md).
         content_weight: the loss weight of an answer token that states the memory (its names and values,
             `content_tokens`) relative to the phrasing around it (1.0: a plain mean).
         grounded: leave out the teacher's answers that state nothing of their memory (`make_examples`). It
@@ -358,7 +378,10 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
             or not 0 <= weight_average < 1:
         raise CubeError(f"weight_average must be an EMA decay in [0, 1) (0: the last step's weights), got "
                         f"{weight_average!r:.40}")
+    if precision not in PRECISIONS:
+        raise CubeError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r:.40}")
     texts, sources = _texts_and_sources(memories)
+    precision = train_precision(model, precision)
     work = bare_copy(model)
     targets = _targets(work, target_modules)
     layout = ChatLayout(tokenizer, system_prompt)
@@ -366,7 +389,7 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
                    max_answer_tokens=max_answer_tokens, content_weight=content_weight,
                    keep_prompts=list(keep_prompts), keep_share=keep_share, targets=targets,
                    system_prompt=system_prompt, lr_schedule=lr_schedule, warmup=warmup, sampled_share=sampled_share,
-                   grounded=grounded, weight_average=weight_average)
+                   grounded=grounded, weight_average=weight_average, precision=precision)
     key = _run_key(work, texts, options)
     examples = make_examples(work, tokenizer, texts, layout=layout, questions_per_memory=questions_per_memory,
                              seed=seed, max_answer_tokens=max_answer_tokens, keep_prompts=keep_prompts,
@@ -380,6 +403,29 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
     return _train(student, work, examples, texts, sources, key=key, steps=steps, time_budget=time_budget, t0=t0,
                   lr=lr, batch_size=batch_size, seed=seed, pad=pad, name=name, options=options,
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
+
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def train_precision(model, precision: str) -> str:
+    """``precision`` ("auto", "float32" or "bfloat16") resolved for ``model``'s device: "auto" is "bfloat16" where
+    the device multiplies bfloat16 natively (a CPU with AVX512-BF16 or AMX tiles, a GPU with bfloat16 support)
+    and the model computes in float32 or bfloat16, else "float32". An explicit "bfloat16" on a device without
+    native support still runs (emulated, slower) """
+    if precision != "auto":
+        return precision
+    device = model_device(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype not in (torch.float32, torch.bfloat16):
+        return "float32"
+    if device.type == "cpu":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    elif device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = False
+    return "bfloat16" if native else "float32"
 
 
 def bare_copy(model):
@@ -441,15 +487,12 @@ def _train(student, model, examples, texts, sources, *, key, steps, time_budget,
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(done, schedule=options["lr_schedule"], warmup=options["warmup"])
             batch = [examples[i] for i in batch_indices(len(examples), step=step, batch_size=batch_size, seed=seed)]
-            loss = kl_loss(student, batch, pad=pad)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(student, optimizer, batch, pad=pad, precision=options["precision"])
             if averaged is not None:
                 with torch.no_grad():
                     torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - decay)
             step += 1
-            losses.append(float(loss.detach()))
+            losses.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if step % checkpoint_every == 0:
