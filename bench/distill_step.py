@@ -2,13 +2,14 @@
 
 SmolLM2-135M-Instruct (float32 weights, CPU). The teacher's examples of ``--facts`` invented people
 (bench/distill.py's memory set, 16 questions each, the keep prompts) are made once; then one LoRA student per
-precision (the same seed, so the same initial weights) takes optimizer steps through `kvmem.evolve.distill.train_step`,
-the step `kvmem.distill` runs, on the same batches (`batch_indices`, seed 0): warm-ups, then the timed steps of the
-precisions interleaved round robin. Per precision: median seconds a step (p10..p90), steps/s, the speed-up over
-float32, and the losses of the first steps (before any update the two differ by bfloat16 rounding only).
+precision (`kvmem.evolve.distill.make_student`, the same seed, so the same initial weights; a bfloat16 student's LM
+head stays float32) takes optimizer steps through `kvmem.evolve.distill.train_step`, the step `kvmem.distill` runs,
+on the same batches (`batch_indices`, seed 0): warm-ups, then the timed steps of the precisions interleaved round
+robin. Per precision: median seconds a step (p10..p90), steps/s, the speed-up over float32, and the losses of the
+first steps (before any update the two differ by bfloat16 rounding only).
 
-    .venv/bin/python bench/distill_step.py                 # writes results/distill_step_cpu.{json,png}
-    .venv/bin/python bench/distill_step.py --quick         # smoke run (2 facts, 1 step each); writes nothing unless --out
+    .venv/bin/python bench/distill_step.py            # writes results/distill_step_cpu.{json,png}
+    .venv/bin/python bench/distill_step.py --quick    # smoke run (2 facts, 1 step each); writes nothing unless --out
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ PRECISIONS = ("float32", "bfloat16")
 
 
 def run(args) -> dict:
-    import peft
-
     from kvmem.evolve import distill as d
     from kvmem.prompt import ChatLayout
 
@@ -50,9 +49,8 @@ def run(args) -> dict:
     students, steps, losses = {}, {}, {}
     for precision in PRECISIONS:
         torch.manual_seed(0)
-        student = peft.get_peft_model(d.bare_copy(model), peft.LoraConfig(
-            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=d._targets(base, None),
-            bias="none"))
+        student = d.make_student(d.bare_copy(model), rank=args.rank, targets=d._targets(base, None),
+                                 precision=precision)
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=2e-3)
         students[precision], steps[precision], losses[precision] = (student, optimizer), 0, []
 
@@ -103,8 +101,8 @@ def main(argv=None) -> None:
     parser.add_argument("--facts", type=int, default=4, help="invented people whose examples the steps train on")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=10, help="timed steps per precision")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=12, help="timed steps per precision")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps per precision first")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 facts, 1 timed step each")
     parser.add_argument("--out", default=None, help="JSON to write (default results/distill_step_cpu.json)")

@@ -216,8 +216,8 @@ def test_bfloat16_training_is_autocast_and_recorded(tok):
 
 
 def test_auto_precision_follows_the_device(monkeypatch):
-    """"auto" is bfloat16 only where the CPU multiplies it natively (AVX512-BF16 or AMX) and the model is float32 or
-    bfloat16; an explicit choice is kept as given."""
+    """"auto" is bfloat16 only where the CPU multiplies it natively (AVX512-BF16 or AMX); an explicit choice is kept;
+    a model that is not float32 trains in its own dtype, and says so; bfloat16 without autocast is refused."""
     from kvmem.evolve.distill import train_precision
 
     model = tiny_model("llama")
@@ -227,7 +227,43 @@ def test_auto_precision_follows_the_device(monkeypatch):
         assert train_precision(model, "auto") == want
         assert train_precision(model, "float32") == "float32" and train_precision(model, "bfloat16") == "bfloat16"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert train_precision(tiny_model("llama").half(), "auto") == "float32"
+    for dtype, name in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16")):
+        assert {train_precision(tiny_model("llama", dtype=dtype), p) for p in ("auto", "float32", "bfloat16")} == {name}
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda kind: False)
+    assert train_precision(model, "auto") == "float32"
+    with pytest.raises(kvmem.CubeError, match="needs torch.autocast"):
+        train_precision(model, "bfloat16")
+
+
+def test_bfloat16_student_keeps_its_head_in_float32(tok):
+    """Under the autocast of bfloat16 training the student's logits come out float32 (its LM head runs outside the
+    autocast) and equal the float32 head applied to the same hidden states."""
+    from kvmem.evolve.distill import _targets, bare_copy, make_student
+
+    model = tiny_model("llama")
+    ids = torch.arange(5, 25)[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = make_student(bare_copy(model), rank=2, targets=_targets(model, None), precision="float32")
+        assert plain(input_ids=ids).logits.dtype == torch.bfloat16
+        student = make_student(bare_copy(model), rank=2, targets=_targets(model, None), precision="bfloat16")
+        out = student(input_ids=ids, output_hidden_states=True)
+    assert out.logits.dtype == torch.float32
+    head = model.get_output_embeddings()
+    torch.testing.assert_close(out.logits, head(out.hidden_states[-1].float()))
+
+
+def test_resume_keys_the_precision(tok, tmp_path, monkeypatch):
+    """A checkpoint of a bfloat16 run is not resumed in float32 (another run), and "auto" resumes the run of the
+    precision it resolves to (bfloat16 on a CPU that says it has AVX512-BF16)."""
+    model = tiny_model("llama")
+    options = dict(FAST, batch_size=2, checkpoint_dir=tmp_path / "c", checkpoint_every=1)
+    whole = kvmem.distill(model, tok, MEMORIES, steps=2, precision="bfloat16", **{**options, "checkpoint_dir": None})
+    kvmem.distill(model, tok, MEMORIES, steps=1, precision="bfloat16", **options)
+    with pytest.raises(kvmem.CubeError, match="another distillation"):
+        kvmem.distill(model, tok, MEMORIES, steps=2, precision="float32", resume=True, **options)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    auto = kvmem.distill(model, tok, MEMORIES, steps=2, precision="auto", resume=True, **options)
+    assert auto.meta["distill"]["precision"] == "bfloat16" and auto.digest == whole.digest
 
 
 def test_lineage_of_store_records(tok, tmp_path):

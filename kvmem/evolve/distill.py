@@ -22,6 +22,7 @@ updates exactly (as far as torch's CPU kernels are deterministic; they are for t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -269,15 +270,36 @@ def kl_loss(model, batch: list[Example], *, pad: int) -> torch.Tensor:
 
 
 def train_step(student, optimizer, batch: list[Example], *, pad: int, precision: str = "float32") -> float:
-    """One optimizer step of ``student`` on ``batch`` (`kl_loss`, its matmuls in ``precision``: "float32" or
-    "bfloat16" under torch.autocast); the batch's loss before the step."""
+    """One optimizer step of ``student`` on ``batch`` (`kl_loss`); ``precision`` "bfloat16" on a float32 model runs
+    its matmuls under torch.autocast (the LM head excepted: `make_student`), anything else in the model's own dtype.
+    Returns the batch's loss before the step."""
     device = model_device(student)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+    cast = precision == "bfloat16" and student.get_input_embeddings().weight.dtype == torch.float32
+    with torch.autocast(device.type, dtype=torch.bfloat16) if cast else contextlib.nullcontext():
         loss = kl_loss(student, batch, pad=pad)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def make_student(model, *, rank: int, targets: list[str], precision: str):
+    """``model`` (a frozen copy: `bare_copy`) with a LoRA of ``rank`` on ``targets`` (PEFT, alpha 2 * rank, no
+    dropout), initialised from torch's current seed. For "bfloat16" training its LM head computes in float32
+    outside the autocast: the KL compares full distributions, and logits rounded to bfloat16 (8 bits of mantissa:
+    +-0.06 nats at logits of 16-32) would be noise of the size of the losses it learns from."""
+    if precision == "bfloat16":
+        head = model.get_output_embeddings()
+        forward = head.forward
+
+        def float32_forward(hidden, *args, **kwargs):
+            with torch.autocast(hidden.device.type, enabled=False):
+                return forward(hidden.float(), *args, **kwargs)
+
+        head.forward = float32_forward
+    peft = _peft()
+    return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                      target_modules=targets, bias="none"))
 
 
 def _run_key(model, texts, options: dict) -> str:
@@ -308,12 +330,12 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
         lr, batch_size: AdamW (peak) learning rate and examples per step.
         lr_schedule: "constant" (the default), "wsd" (warm-up over the first ``warmup`` share of the run, the
             peak ``lr``, then a linear decay to a tenth over the last `schedule.WSD_DECAY` of it) or "cosine" (the
-            warm-up, then a cosine decay to a tenth). The run's progress is its share of ``steps`` or of ``time_budget``, whichever is
-            further on, so a run stopped by its time budget has decayed too. On bench/distill_validate.py at 160
-            steps "wsd" answered 74% of what the cube answers (damage 0.044 nats), "constant" 72% (0.072),
-            "cosine" 66% (0.050); bench/README.md. Alone each of wsd, 32 questions and 16 answer tokens won a few
-            points there; the three together did not (69%), nor on bench/distill.py (69%, 77%, 69% against the
-            defaults' 73% twice), so the defaults stay.
+            warm-up, then a cosine decay to a tenth). The run's progress is its share of ``steps`` or of
+            ``time_budget``, whichever is further on, so a run stopped by its time budget has decayed too. On
+            bench/distill_validate.py at 160 steps "wsd" answered 74% of what the cube answers (damage 0.044
+            nats), "constant" 72% (0.072), "cosine" 66% (0.050); bench/README.md. Alone each of wsd, 32
+            questions and 16 answer tokens won a few points there; the three together did not (69%), nor on
+            bench/distill.py (69%, 77%, 69% against the defaults' 73% twice), so the defaults stay.
         questions_per_memory, max_answer_tokens: how many questions per memory, how long the teacher answers.
             32 a memory answered 78% of what the cube answers on the validation at 160 steps, 16 (the default)
             72%, one run each; not kept as the default (see ``lr_schedule``).
@@ -324,14 +346,15 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
             against 0.063 / 0.063 nats); on bench/distill.py, where the 480 s budget stopped it at 200 steps on a
             slower day, 61.5% against 73.1% without at 227 steps: an average lags a run that is still learning, so
             it is not the default (bench/README.md).
-        precision: the student's matmuls during training: "float32" (the default), "bfloat16" (torch.autocast;
-            the LoRA weights, the optimizer, the teacher's distributions and the loss stay float32) or "auto"
-            ("bfloat16" where the device multiplies it natively, a CPU with AVX512-BF16 or AMX or a GPU with
-            bfloat16 support, and the model is float32 or bfloat16; else "float32"); what a run used is in
-            ``meta["distill"]["precision"]``. The teacher's answers are computed in the model's own dtype either
-            way. On this repository's 2-core AVX512-BF16 CPU a bfloat16 step takes ~0.6x the time of a float32
-            one (bench/distill_step.py), but on bench/distill.py both bfloat16 runs answered 65% of what the cube
-            answers (cities 2 of 10) against 69-77% for float32 runs, so it is not the default (bench/README.md).
+        precision: the student's matmuls during training, on a float32 model: "float32" (the default),
+            "bfloat16" (torch.autocast over the forward and backward, the LM head excepted: the LoRA weights,
+            AdamW's state, the logits and the KL stay float32, the teacher's distributions are kept as float16 as
+            always) or "auto" ("bfloat16" where the device multiplies it natively, `train_precision`, else
+            "float32"). A bfloat16 or float16 model trains in its own dtype. What a run used is in
+            ``meta["distill"]["precision"]``. On this repository's 2-core AVX512-BF16 CPU a bfloat16 step took 0.65x
+            the time of a float32 one (bench/distill_step.py, one process); end to end, both bench/distill.py runs
+            with bfloat16 (before the float32 head) answered 65% of what the cube answers (cities 2 of 10), float32
+            runs 61-77%: not the default (bench/README.md).
         content_weight: the loss weight of an answer token that states the memory (its names and values,
             `content_tokens`) relative to the phrasing around it (1.0: a plain mean).
         grounded: leave out the teacher's answers that state nothing of their memory (`make_examples`). It
@@ -398,8 +421,7 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
     examples = with_keep_share(examples, keep_share)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(seed)  # the LoRA A matrices' init
-    student = peft.get_peft_model(work, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                        target_modules=targets, bias="none"))
+    student = make_student(work, rank=rank, targets=targets, precision=precision)
     return _train(student, work, examples, texts, sources, key=key, steps=steps, time_budget=time_budget, t0=t0,
                   lr=lr, batch_size=batch_size, seed=seed, pad=pad, name=name, options=options,
                   checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, progress=progress)
@@ -409,23 +431,32 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def train_precision(model, precision: str) -> str:
-    """``precision`` ("auto", "float32" or "bfloat16") resolved for ``model``'s device: "auto" is "bfloat16" where
-    the device multiplies bfloat16 natively (a CPU with AVX512-BF16 or AMX tiles, a GPU with bfloat16 support)
-    and the model computes in float32 or bfloat16, else "float32". An explicit "bfloat16" on a device without
-    native support still runs (emulated, slower) """
-    if precision != "auto":
-        return precision
+    """What the student's matmuls compute in, for ``precision`` ("auto", "float32" or "bfloat16") and ``model``: a
+    model that is not float32 trains in its own dtype whatever ``precision`` says (its name is returned:
+    "bfloat16", "float16"); a float32 model in "float32" or, under torch.autocast, "bfloat16"; "auto" is
+    "bfloat16" where the device multiplies it natively (a CPU with AVX512-BF16 or AMX tiles, an NVIDIA GPU of
+    compute capability 8.0 or later, a ROCm GPU with bfloat16) and "float32" elsewhere.
+
+    Raises:
+        CubeError: "bfloat16" asked for on a device torch has no autocast for."""
     device = model_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    if dtype not in (torch.float32, torch.bfloat16):
-        return "float32"
+    if dtype != torch.float32:
+        return str(dtype).removeprefix("torch.")
+    available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))(device.type)
+    if precision == "bfloat16" and not available:
+        raise CubeError(f"precision='bfloat16' needs torch.autocast, which this torch has not for {device.type!r} "
+                        "devices; use precision='float32' (or 'auto')")
+    if precision != "auto":
+        return precision
     if device.type == "cpu":
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     elif device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
+        native = (torch.cuda.is_bf16_supported() if torch.version.hip
+                  else torch.cuda.get_device_capability(device) >= (8, 0))
     else:
         native = False
-    return "bfloat16" if native else "float32"
+    return "bfloat16" if native and available else "float32"
 
 
 def bare_copy(model):
