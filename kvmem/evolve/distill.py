@@ -351,10 +351,11 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
             AdamW's state, the logits and the KL stay float32, the teacher's distributions are kept as float16 as
             always) or "auto" ("bfloat16" where the device multiplies it natively, `train_precision`, else
             "float32"). A bfloat16 or float16 model trains in its own dtype. What a run used is in
-            ``meta["distill"]["precision"]``. On this repository's 2-core AVX512-BF16 CPU a bfloat16 step took 0.65x
-            the time of a float32 one (bench/distill_step.py, one process); end to end, both bench/distill.py runs
-            with bfloat16 (before the float32 head) answered 65% of what the cube answers (cities 2 of 10), float32
-            runs 61-77%: not the default (bench/README.md).
+            ``meta["distill"]["precision"]``. On this repository's 2-core AVX512-BF16 CPU a bfloat16 step took 0.72x
+            the time of a float32 one (bench/distill_step.py, one process); under bench/distill.py's 480 s budget
+            bfloat16 trained 289 steps against float32's 211 on the same day and answered 73% of what the cube
+            answers against 58%, but its damage on unrelated prompts was 0.067 nats against 0.049; per step the two
+            were within the spread of seeds on the validation. Mixed precision stays opt-in (bench/README.md).
         content_weight: the loss weight of an answer token that states the memory (its names and values,
             `content_tokens`) relative to the phrasing around it (1.0: a plain mean).
         grounded: leave out the teacher's answers that state nothing of their memory (`make_examples`). It
