@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,8 +377,13 @@ def write_results(doc: dict, out, plot=None, png=None, *, quiet: bool = False) -
 
 
 def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (benches draw PNGs, never windows)."""
-    import matplotlib
+    """matplotlib.pyplot on the file-only Agg backend (benches draw PNGs, never windows); without matplotlib, exits
+    with the command that installs it (a bench writes its JSON before its plot)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(f"bench: the plot needs matplotlib, which {sys.executable} does not have (the results JSON "
+                         f"is written): {Path(sys.executable).parent / 'pip'} install 'matplotlib>=3.8,<4'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

@@ -18,7 +18,8 @@ sys.path.insert(0, str(BENCH))
 
 SCRIPTS = ["ttft", "compose_quality", "splice_kernel", "zipf_trace", "adapter_swap", "retrieval", "retrieval_tune",
            "retrieval_cost", "ttft_fast", "auto_overhead", "recall_gate", "distill", "compose_fidelity",
-           "quantized_cubes", "host_overhead", "bundle_install", "bundle_verify", "forget_cost", "decode_profile", "distill_validate", "distill_step"]
+           "quantized_cubes", "host_overhead", "bundle_install", "bundle_verify", "forget_cost", "decode_profile",
+           "distill_validate", "distill_step"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -35,6 +36,14 @@ def test_model_switch_is_offered(name, capsys):
     with pytest.raises(SystemExit):
         importlib.import_module(name).main(["--help"])
     assert "--model {smollm2,gemma3}" in capsys.readouterr().out
+
+
+def test_a_missing_matplotlib_names_the_install(monkeypatch):
+    import _common
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.raises(SystemExit, match="the plot needs matplotlib.*pip install 'matplotlib"):
+        _common.pyplot()
 
 
 def test_spread_is_linear_interpolation_quantiles():
