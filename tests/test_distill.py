@@ -252,6 +252,15 @@ def test_bfloat16_student_keeps_its_head_in_float32(tok):
     torch.testing.assert_close(out.logits, head(out.hidden_states[-1].float()))
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "auto"])
+def test_a_bfloat16_model_trains_in_its_own_dtype(tok, precision):
+    """A bfloat16 model distils whatever ``precision`` says (no autocast, its LM head left as it is) and records
+    "bfloat16"."""
+    cube = kvmem.distill(tiny_model("llama", dtype=torch.bfloat16), tok, MEMORIES, steps=1, precision=precision,
+                         **FAST)
+    assert cube.meta["distill"]["precision"] == "bfloat16" and len(cube.meta["distill"]["losses"]) == 1
+
+
 def test_resume_keys_the_precision(tok, tmp_path, monkeypatch):
     """A checkpoint of a bfloat16 run is not resumed in float32 (another run), and "auto" resumes the run of the
     precision it resolves to (bfloat16 on a CPU that says it has AVX512-BF16)."""

@@ -274,7 +274,7 @@ def train_step(student, optimizer, batch: list[Example], *, pad: int, precision:
     its matmuls under torch.autocast (the LM head excepted: `make_student`), anything else in the model's own dtype.
     Returns the batch's loss before the step."""
     device = model_device(student)
-    cast = precision == "bfloat16" and student.get_input_embeddings().weight.dtype == torch.float32
+    cast = _autocasts(student, precision)
     with torch.autocast(device.type, dtype=torch.bfloat16) if cast else contextlib.nullcontext():
         loss = kl_loss(student, batch, pad=pad)
     optimizer.zero_grad(set_to_none=True)
@@ -283,12 +283,19 @@ def train_step(student, optimizer, batch: list[Example], *, pad: int, precision:
     return float(loss.detach())
 
 
+def _autocasts(model, precision: str) -> bool:
+    """Whether training ``model`` in ``precision`` runs under bfloat16 autocast: "bfloat16" asked of a float32
+    model (a model of another dtype trains in its own, `train_precision`)."""
+    return precision == "bfloat16" and model.get_input_embeddings().weight.dtype == torch.float32
+
+
 def make_student(model, *, rank: int, targets: list[str], precision: str):
     """``model`` (a frozen copy: `bare_copy`) with a LoRA of ``rank`` on ``targets`` (PEFT, alpha 2 * rank, no
-    dropout), initialised from torch's current seed. For "bfloat16" training its LM head computes in float32
-    outside the autocast: the KL compares full distributions, and logits rounded to bfloat16 (8 bits of mantissa:
-    +-0.06 nats at logits of 16-32) would be noise of the size of the losses it learns from."""
-    if precision == "bfloat16":
+    dropout), initialised from torch's current seed. For "bfloat16" training of a float32 model (`_autocasts`) its
+    LM head computes in float32 outside the autocast: the KL compares full distributions, and logits rounded to
+    bfloat16 (8 bits of mantissa: +-0.06 nats at logits of 16-32) would be noise of the size of the losses it
+    learns from."""
+    if _autocasts(model, precision):
         head = model.get_output_embeddings()
         forward = head.forward
 
