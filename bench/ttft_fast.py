@@ -26,7 +26,8 @@ Three parts:
           `decode_parts`); kvmem_fast_kernel is kvmem_fast with ``decode_kernel=True`` (its decode steps on
           kvmem's CPU decode kernel, `kvmem.kernels.cpu_decode`, built before timing); each decode row also
           gives the bound an exact method has with the memory (the no-memory step plus reading the memory's KV at
-          the rate the weights were read) and the bound with torch's CPU attention kernel (the no-memory step plus that kernel over the memory)
+          the rate the weights were read) and the bound with torch's CPU attention kernel (the no-memory step
+          plus that kernel over the memory)
   batch   B = 1, 4, 8 requests, each its own cube (different lengths) and query; one generate over
           prefill_batch vs B sequential static_prefix + generate calls; new tokens per second
 
