@@ -117,7 +117,8 @@ def run(args) -> dict:
                                   lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
                                   answer_tokens=args.answer_tokens, questions=args.questions,
                                   content_weight=args.content_weight, keep_share=args.keep_share,
-                                  sampled_share=args.sampled_share, grounded=args.grounded, seed=args.seed,
+                                  sampled_share=args.sampled_share, content_temperature=args.content_temperature,
+                                  grounded=args.grounded, seed=args.seed,
                                   weight_average=args.weight_average, precision=args.precision)
     mm = kvmem.wrap(model, tok)
     merged = kvmem.wrap(model, tok, merge_adapters=True)  # same base model, adapters served merged
@@ -131,8 +132,8 @@ def run(args) -> dict:
                                 max_answer_tokens=args.answer_tokens,
                                 questions_per_memory=args.questions, content_weight=args.content_weight,
                                 keep_share=args.keep_share, sampled_share=args.sampled_share,
-                                grounded=args.grounded, seed=args.seed, weight_average=args.weight_average,
-                                precision=args.precision,
+                                content_temperature=args.content_temperature, grounded=args.grounded,
+                                seed=args.seed, weight_average=args.weight_average, precision=args.precision,
                                 checkpoint_dir=Path(tmp) / "ckpt",
                                 progress=True)
         distill_s = time.perf_counter() - t0
@@ -247,13 +248,15 @@ def main(argv=None) -> None:
     parser.add_argument("--keep-share", type=float, default=0.2, help="share of unrelated (keep) prompts")
     parser.add_argument("--sampled-share", type=float, default=0.0, help="share of questions with a sampled "
                         "teacher answer")
+    parser.add_argument("--content-temperature", type=float, default=0.5, help="temperature of the teacher's "
+                        "distributions at answer tokens that state the memory (below 1: sharper)")
     parser.add_argument("--grounded", action=argparse.BooleanOptionalAction, default=False,
                         help="leave out teacher answers that state nothing of their memory")
     parser.add_argument("--answer-tokens", type=int, default=24, help="teacher answer tokens learned per question")
     parser.add_argument("--weight-average", type=float, default=0.0, help="EMA decay of the adapter's weights "
                         "(0: the last step's, kvmem's default)")
-    parser.add_argument("--precision", default="float32", choices=("auto", "float32", "bfloat16"),
-                        help="training matmuls (kvmem's default: float32)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="training matmuls (kvmem's default: auto)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds of TTFT after the warm-up round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

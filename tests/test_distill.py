@@ -303,6 +303,8 @@ def test_lineage_of_store_records(tok, tmp_path):
     (dict(steps=1, lr_schedule="linear"), "lr_schedule must be .constant., .cosine. or .wsd."),
     (dict(steps=1, warmup=1.0), "warmup must be a share"),
     (dict(steps=1, sampled_share=1.5), "sampled_share must be a share"),
+    (dict(steps=1, content_temperature=0), "content_temperature must be a number > 0"),
+    (dict(steps=1, content_temperature=float("nan")), "content_temperature must be a number > 0"),
     (dict(steps=1, grounded="yes"), "grounded must be true or false"),
     (dict(steps=1, weight_average=1.0), "weight_average must be an EMA decay"),
     (dict(steps=1, weight_average=True), "weight_average must be an EMA decay"),
@@ -431,6 +433,37 @@ def test_keep_share_and_content_weights(tok):
         assert torch.allclose(kl_loss(model, [plain], pad=0), kl_loss(model, [heavy], pad=0))
 
 
+def test_kl_loss_is_the_weighted_mean_of_each_examples_own_kl(tok):
+    """`kl_loss` of a padded batch equals, to float rounding, the weighted mean over answer tokens of
+    torch's own KL (``F.kl_div``) between each example's teacher rows and the model run on that example alone (no
+    padding, every logit); its gradient is that reference's gradient."""
+    import torch.nn.functional as F
+
+    from kvmem.evolve.distill import Example, kl_loss, make_examples
+    from kvmem.prompt import ChatLayout
+
+    model = tiny_model("llama")
+    examples = make_examples(model, tok, MEMORIES, layout=ChatLayout(tok), questions_per_memory=3, seed=0,
+                             max_answer_tokens=5, keep_prompts=FAST["keep_prompts"], content_weight=2.5)
+    batch = [e if e.weights is not None else Example(e.ids, e.start, e.teacher, e.source, None) for e in examples]
+    assert len({e.ids.numel() for e in batch}) > 1 and any(e.weights is not None for e in batch)
+    weight = next(p for p in model.parameters() if p.requires_grad)
+    total, count = 0.0, 0.0
+    for e in batch:
+        a = e.teacher.shape[0]
+        logits = model(input_ids=e.ids[None]).logits[0, e.start - 1:e.start - 1 + a]
+        per_token = F.kl_div(torch.log_softmax(logits.float(), -1), e.teacher.float(), log_target=True,
+                             reduction="none").sum(-1)
+        w = e.weights if e.weights is not None else torch.ones(a)
+        total, count = total + (w * per_token).sum(), count + float(w.sum())
+    want = total / count
+    (want_grad,) = torch.autograd.grad(want, weight)
+    got = kl_loss(model, batch, pad=0)
+    (got_grad,) = torch.autograd.grad(got, weight)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7), (float(got), float(want))
+    assert torch.allclose(got_grad, want_grad, rtol=1e-4, atol=1e-8)
+
+
 def test_sampled_answers(tok):
     """A ``sampled_share`` of each memory's questions gets a sampled teacher answer instead of the greedy one: the
     same for the same seed, the other questions and the keep prompts answered as with no sampling, and the teacher
@@ -452,6 +485,45 @@ def test_sampled_answers(tok):
     assert sum(same) == len(drawn) - 4, same
     for e in drawn:  # the teacher's rows are log-probs of the whole vocabulary at each answer token
         assert torch.allclose(e.teacher.float().exp().sum(-1), torch.ones(e.teacher.shape[0]), atol=2e-2)
+
+
+def test_content_temperature_sharpens_the_tokens_that_state_the_memory(tok, monkeypatch):
+    """``content_temperature`` T: at a memory answer's content tokens (`content_tokens`) the rows are
+    log_softmax(teacher log-probs / T), argmax unchanged and entropy lower for T < 1; the other rows of the same
+    answers, and the keep prompts' rows, stay the teacher's and the base's own. The answers are the same."""
+    from kvmem.evolve import distill as module
+    from kvmem.prompt import ChatLayout
+
+    model = tiny_model("llama")
+    kw = dict(layout=ChatLayout(tok), questions_per_memory=4, seed=0, max_answer_tokens=8,
+              keep_prompts=FAST["keep_prompts"])
+    memories = MEMORIES
+    plain = module.make_examples(model, tok, memories, **kw)
+    # a random model never says the memory's words: call the first token of each of its answers "content"
+    first = {int(e.ids[e.start]) for e in plain if e.source >= 0}
+    monkeypatch.setattr(module, "content_tokens", lambda tokenizer, text: first)
+    content_tokens = module.content_tokens
+    sharp = module.make_examples(model, tok, memories, content_temperature=0.5, **kw)
+    assert [(e.source, e.ids.tolist()) for e in sharp] == [(e.source, e.ids.tolist()) for e in plain]
+
+    def entropy(logp):
+        return -(logp.float().exp() * logp.float()).sum(-1)
+
+    states = 0
+    for p, s in zip(plain, sharp):
+        if p.source < 0:
+            assert torch.equal(p.teacher, s.teacher)
+            continue
+        content = content_tokens(tok, memories[p.source])
+        for t, prow, srow in zip(p.ids[p.start:].tolist(), p.teacher, s.teacher):
+            if t not in content:
+                assert torch.equal(prow, srow)
+                continue
+            states += 1
+            want = torch.log_softmax(prow.float() / 0.5, -1)
+            assert (srow.float() - want).abs().max() < 0.1  # float16 storage of log-probs twice
+            assert srow.float().argmax() == prow.float().argmax() and entropy(srow) < entropy(prow)
+    assert states > 0, "no answer token stated the memory: the test checked nothing"
 
 
 def test_questions_carry_the_value_their_answer_states():
@@ -539,7 +611,7 @@ def test_cli_distils_a_namespace_into_the_store(checkpoint, tmp_path):
     result = runner.invoke(app, [*base, "--ids", "m1", "--steps", "2", "--rank", "2", "--content-weight", "2",
                                  "--keep-share", "0.1", "--lr", "0.003", "--lr-schedule", "constant",
                                  "--questions", "3", "--answer-tokens", "4", "--batch-size", "2",
-                                 "--precision", "bfloat16"])
+                                 "--precision", "bfloat16", "--content-temperature", "0.7"])
     assert result.exit_code == 0, result.output
     path = tmp_path / "s" / "adapters" / "alice.safetensors"
     assert f"wrote {path}: 1 memories learned in 2 steps" in result.output and "bfloat16 matmuls" in result.output
@@ -548,7 +620,7 @@ def test_cli_distils_a_namespace_into_the_store(checkpoint, tmp_path):
     run = cube.meta["distill"]
     assert (run["content_weight"], run["keep_share"], run["lr"], run["lr_schedule"]) == (2.0, 0.1, 0.003, "constant")
     assert (run["questions_per_memory"], run["max_answer_tokens"], run["batch_size"]) == (3, 4, 2)
-    assert run["grounded"] is False and run["precision"] == "bfloat16"
+    assert run["grounded"] is False and run["precision"] == "bfloat16" and run["content_temperature"] == 0.7
     # --grounded reaches distill: this random model's answers state nothing of the memory, so none is left
     grounded = runner.invoke(app, [*base, "--ids", "m1", "--steps", "1", "--questions", "3", "--grounded"])
     assert grounded.exit_code == 1 and "states something of them (grounded=True)" in grounded.output

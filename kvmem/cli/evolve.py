@@ -48,11 +48,14 @@ def distill(
                                      "answers are kept (0: no repeats)."),
     sampled_share: float = typer.Option(0.0, "--sampled-share", help="Share of each memory's questions whose "
                                         "teacher answer is sampled rather than greedy (0: all greedy)."),
+    content_temperature: float = typer.Option(0.5, "--content-temperature", help="Temperature of the teacher's "
+                                              "distributions at answer tokens that state the memory (below 1: "
+                                              "sharper)."),
     grounded: bool = typer.Option(False, "--grounded/--no-grounded", help="Leave out teacher answers that state "
                                   "nothing of their memory."),
     weight_average: float = typer.Option(0.0, "--weight-average", help="0: the adapter is the last step's weights; "
                                          "a decay in (0, 1): their moving average over the steps (e.g. 0.98)."),
-    precision: str = typer.Option("float32", help="Training matmuls: float32, bfloat16 (faster where the CPU or GPU "
+    precision: str = typer.Option("auto", help="Training matmuls: float32, bfloat16 (faster where the CPU or GPU "
                                   "multiplies it natively) or auto (bfloat16 where it does, else float32)."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Save resumable checkpoints here."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --checkpoint-dir."),
@@ -76,9 +79,8 @@ def distill(
                time_budget=time_budget, rank=rank, seed=seed, lr=lr, lr_schedule=lr_schedule, warmup=warmup,
                batch_size=batch_size, questions_per_memory=questions, max_answer_tokens=answer_tokens,
                content_weight=content_weight, keep_share=keep_share, sampled_share=sampled_share,
-               grounded=grounded, weight_average=weight_average, precision=precision,
-               checkpoint_dir=checkpoint_dir, resume=resume,
-               name=f"{namespace}-distilled")
+               content_temperature=content_temperature, grounded=grounded, weight_average=weight_average,
+               precision=precision, checkpoint_dir=checkpoint_dir, resume=resume, name=f"{namespace}-distilled")
     with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         path = cube.save(out)

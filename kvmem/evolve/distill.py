@@ -7,7 +7,8 @@ batched requests; exact for one cube), answering questions generated from that m
 recorded once. Student: the same model plus a LoRA (PEFT),
 shown only the question (anchor | request, the prompt ``mm.generate`` builds with no cubes). Loss:
 KL(teacher || student) over the whole vocabulary at every answer token, a weighted mean over the answer tokens of
-a batch (a token that states the memory, one of its names or values, weighs ``content_weight``; the rest 1).
+a batch (a token that states the memory, one of its names or values, weighs ``content_weight``; the rest 1); at
+those tokens the teacher's distribution is sharpened (``content_temperature``).
 Unrelated prompts (`questions.KEEP_PROMPTS`, repeated up to ``keep_share`` of the examples) are mixed in with the
 base model as their teacher, so the adapter keeps the base's answers elsewhere.
 
@@ -149,7 +150,8 @@ def _left_pad(rows: list[torch.Tensor], pad: int, device) -> dict:
 
 def make_examples(model, tokenizer, texts: list[str], *, layout: ChatLayout, questions_per_memory: int, seed: int,
                   max_answer_tokens: int, keep_prompts, progress: bool = False, rows: int = 32,
-                  content_weight: float = 1.0, sampled_share: float = 0.0, grounded: bool = False) -> list[Example]:
+                  content_weight: float = 1.0, sampled_share: float = 0.0, grounded: bool = False,
+                  content_temperature: float = 1.0) -> list[Example]:
     """The teacher's side: each memory's questions answered with the memory injected as a cube; the keep prompts
     answered by the base model without memory. Answers are generated ``rows`` requests at a time (on a CPU a
     decoding step costs about the same for 1 row as for 30: reading the weights dominates). An answer token that
@@ -159,7 +161,11 @@ def make_examples(model, tokenizer, texts: list[str], *, layout: ChatLayout, que
     questions (spread evenly over them) get a sampled answer instead of the greedy one: the memory's values then
     come in more of the sentence shapes the model states them in, not one per question. ``grounded``: a memory's
     answer that states nothing of it (`questions.states_memory`: the value a fact question asks for, else a word
-    of the memory the question did not say) is left out: the teacher invents as often as it reads the memory."""
+    of the memory the question did not say) is left out: the teacher invents as often as it reads the memory.
+    ``content_temperature``: at a memory answer's tokens that state the memory (its content tokens, those
+    ``content_weight`` weighs) the teacher's distribution is taken at this temperature (`sharpened`; below 1 it
+    is peakier: the student is pushed to put the memory's value first, not merely among its likely tokens); the
+    phrasing around them and the keep prompts keep the teacher's and the base model's own distributions."""
     from tqdm.auto import tqdm
 
     device = model_device(model)
@@ -199,12 +205,23 @@ def make_examples(model, tokenizer, texts: list[str], *, layout: ChatLayout, que
                 weights = None
                 if source >= 0 and content_weight != 1.0:
                     weights = torch.tensor([content_weight if t in content[source] else 1.0 for t in answer.tolist()])
+                if source >= 0 and content_temperature != 1.0:
+                    states = torch.tensor([t in content[source] for t in answer.tolist()])
+                    logp = torch.where(states[:, None], sharpened(logp, content_temperature), logp)
                 out.append(Example(torch.cat([anchor, request, answer]), len(anchor) + len(request), logp, source,
                                    weights))
     if not any(e.source >= 0 for e in out):
         raise CubeError("the teacher gave no answer to any question about the memories"
                         + (" that states something of them (grounded=True)" if grounded else "") + "; nothing to learn")
     return out
+
+
+def sharpened(logp: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs ``logp`` [A, V] (float16) at ``temperature``: log_softmax(logp / temperature), as float16;
+    ``logp`` itself at 1."""
+    if temperature == 1.0:
+        return logp
+    return torch.log_softmax(logp.float() / temperature, -1).to(torch.float16)
 
 
 def with_keep_share(examples: list[Example], share: float) -> list[Example]:
@@ -255,18 +272,18 @@ def kl_loss(model, batch: list[Example], *, pad: int) -> torch.Tensor:
     kwargs = {"logits_to_keep": torch.arange(first, last, device=device)} if _keeps_logits(model) else {}
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits  # [B, T', V]
     offset = first if kwargs else 0
-    total, count = 0.0, 0
-    for b, e in enumerate(batch):
-        a = e.teacher.shape[0]
-        student = torch.log_softmax(logits[b, e.start - 1 - offset:e.start - 1 - offset + a].float(), -1)  # [A, V]
-        teacher = e.teacher.to(device=student.device, dtype=torch.float32)
-        per_token = (teacher.exp() * (teacher - student)).sum(-1)  # [A]
-        if e.weights is None:
-            total, count = total + per_token.sum(), count + a
-        else:
-            w = e.weights.to(per_token.device)
-            total, count = total + (w * per_token).sum(), count + float(w.sum())
-    return total / count
+    # every answer position of the batch in one gather: indexing each example's slice separately cost one
+    # zero-filled [B, T', V] gradient per example in the backward pass (~4% of a SmolLM2 step, profiled)
+    lengths = [e.teacher.shape[0] for e in batch]
+    rows = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(lengths))
+    cols = torch.cat([torch.arange(e.start - 1 - offset, e.start - 1 - offset + a) for e, a in zip(batch, lengths)])
+    student = torch.log_softmax(logits[rows.to(device), cols.to(device)].float(), -1)  # [N, V]
+    # float32 before the cat: under CPU autocast torch.cat of float16 tensors raises
+    teacher = torch.cat([e.teacher.to(device=student.device, dtype=torch.float32) for e in batch])
+    per_token = (teacher.exp() * (teacher - student)).sum(-1)  # [N]
+    weights = torch.cat([e.weights if e.weights is not None else torch.ones(a) for e, a in zip(batch, lengths)])
+    weights = weights.to(device=per_token.device, dtype=per_token.dtype)
+    return (weights * per_token).sum() / weights.sum()
 
 
 def train_step(student, optimizer, batch: list[Example], *, pad: int, precision: str = "float32") -> float:
@@ -324,7 +341,8 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
             system_prompt: str | None = None, name: str | None = None, checkpoint_dir=None,
             checkpoint_every: int = 20, resume: bool = False, progress: bool = True,
             lr_schedule: str = "constant", warmup: float = 0.05, sampled_share: float = 0.0,
-            grounded: bool = False, weight_average: float = 0.0, precision: str = "float32") -> AdapterCube:
+            grounded: bool = False, weight_average: float = 0.0, precision: str = "auto",
+            content_temperature: float = 0.5) -> AdapterCube:
     """Learn ``memories`` into a LoRA AdapterCube by context distillation (see the module docstring).
 
     Args:
@@ -353,18 +371,27 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
             against 0.063 / 0.063 nats); on bench/distill.py, where the 480 s budget stopped it at 200 steps on a
             slower day, 61.5% against 73.1% without at 227 steps: an average lags a run that is still learning, so
             it is not the default (bench/README.md).
-        precision: the student's matmuls during training, on a float32 model: "float32" (the default),
-            "bfloat16" (torch.autocast over the forward and backward, the LM head excepted: the LoRA weights,
-            AdamW's state, the logits and the KL stay float32, the teacher's distributions are kept as float16 as
-            always) or "auto" ("bfloat16" where the device multiplies it natively, `train_precision`, else
-            "float32"). A bfloat16 or float16 model trains in its own dtype. What a run used is in
+        precision: the student's matmuls during training, on a float32 model: "auto" (the default: "bfloat16"
+            where the device multiplies it natively, `train_precision`, else "float32"), "float32", or "bfloat16"
+            (torch.autocast over the forward and backward, the LM head excepted: the LoRA weights, AdamW's state,
+            the logits and the KL stay float32, the teacher's distributions are kept as float16 as always). A
+            bfloat16 or float16 model trains in its own dtype. What a run used is in
             ``meta["distill"]["precision"]``. On this repository's 2-core AVX512-BF16 CPU a bfloat16 step took 0.72x
-            the time of a float32 one (bench/distill_step.py, one process); under bench/distill.py's 480 s budget
-            bfloat16 trained 289 steps against float32's 211 on the same day and answered 73% of what the cube
-            answers against 58%, but its damage on unrelated prompts was 0.067 nats against 0.049; per step the two
-            were within the spread of seeds on the validation. Mixed precision stays opt-in (bench/README.md).
+            the time of a float32 one (bench/distill_step.py, one process); per step the two were within the spread
+            of seeds on the validation. Under bench/distill.py's 480 s budget bfloat16 trained 300 and 288 steps
+            (seeds 0, 1) and answered 88.5% and 84.6% of what the cube answers (damage 0.047 and 0.063 nats);
+            float32 231 steps, 76.9% (0.0525), so "auto" is the default: a time budget buys ~1.4x the steps where
+            the hardware has bfloat16 and nothing changes where it has not (bench/README.md).
         content_weight: the loss weight of an answer token that states the memory (its names and values,
             `content_tokens`) relative to the phrasing around it (1.0: a plain mean).
+        content_temperature: the temperature of the teacher's distribution at those same tokens (1.0: the
+            teacher's own; below 1 sharper, `sharpened`): the student learns to say the memory's value first,
+            where the teacher's own distribution, matched in KL, leaves it one likely token among the base's
+            phrasing ("lives in the charming town of ..."). The phrasing around them and the keep prompts keep
+            their own distributions. On bench/distill_validate.py at 320 steps, 0.5 answered 91.8% and 89.4% of
+            what the cube answers at seeds 0 and 1 (cities 34/39 and 31/39) against 78.8% and 70.6% (23/39,
+            21/39) at 1.0, damage 0.070 / 0.069 against 0.063 / 0.063 nats; 0.5 at every answer token of the
+            memories instead: 80.0% / 80.0%, damage 0.090 / 0.083 (bench/README.md).
         grounded: leave out the teacher's answers that state nothing of their memory (`make_examples`). It
             drops ~40% of them on bench/distill_validate.py and lowers damage (0.068, 0.051 nats against the
             default's 0.072, 0.066 at seeds 0, 1) but answers fewer of the held-apart questions (63.5% and 63.5%
@@ -403,6 +430,10 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
     if isinstance(sampled_share, bool) or not isinstance(sampled_share, (int, float)) or not 0 <= sampled_share <= 1:
         raise CubeError(f"sampled_share must be a share of the questions in [0, 1] (0: all greedy), got "
                         f"{sampled_share!r}")
+    if isinstance(content_temperature, bool) or not isinstance(content_temperature, (int, float)) \
+            or not 0 < content_temperature < float("inf"):
+        raise CubeError(f"content_temperature must be a number > 0 (1: the teacher's own distributions at the "
+                        f"tokens that state the memory, below 1: sharper), got {content_temperature!r:.40}")
     if not isinstance(grounded, bool):
         raise CubeError(f"grounded must be true or false, got {grounded!r:.40}")
     if isinstance(weight_average, bool) or not isinstance(weight_average, (int, float)) \
@@ -420,12 +451,13 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
                    max_answer_tokens=max_answer_tokens, content_weight=content_weight,
                    keep_prompts=list(keep_prompts), keep_share=keep_share, targets=targets,
                    system_prompt=system_prompt, lr_schedule=lr_schedule, warmup=warmup, sampled_share=sampled_share,
-                   grounded=grounded, weight_average=weight_average, precision=precision)
+                   grounded=grounded, weight_average=weight_average, precision=precision,
+                   content_temperature=content_temperature)
     key = _run_key(work, texts, options)
     examples = make_examples(work, tokenizer, texts, layout=layout, questions_per_memory=questions_per_memory,
                              seed=seed, max_answer_tokens=max_answer_tokens, keep_prompts=keep_prompts,
                              progress=progress, content_weight=content_weight, sampled_share=sampled_share,
-                             grounded=grounded)
+                             grounded=grounded, content_temperature=content_temperature)
     examples = with_keep_share(examples, keep_share)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(seed)  # the LoRA A matrices' init
