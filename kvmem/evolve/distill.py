@@ -203,11 +203,12 @@ def make_examples(model, tokenizer, texts: list[str], *, layout: ChatLayout, que
                 continue
             if answer.numel():
                 weights = None
-                if source >= 0 and content_weight != 1.0:
-                    weights = torch.tensor([content_weight if t in content[source] else 1.0 for t in answer.tolist()])
-                if source >= 0 and content_temperature != 1.0:
+                if source >= 0:  # the answer tokens that state the memory: weighted, and sharpened
                     states = torch.tensor([t in content[source] for t in answer.tolist()])
-                    logp = torch.where(states[:, None], sharpened(logp, content_temperature), logp)
+                    if content_weight != 1.0:
+                        weights = torch.where(states, content_weight, 1.0)
+                    if content_temperature != 1.0:
+                        logp = torch.where(states[:, None], sharpened(logp, content_temperature), logp)
                 out.append(Example(torch.cat([anchor, request, answer]), len(anchor) + len(request), logp, source,
                                    weights))
     if not any(e.source >= 0 for e in out):
@@ -217,10 +218,7 @@ def make_examples(model, tokenizer, texts: list[str], *, layout: ChatLayout, que
 
 
 def sharpened(logp: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Log-probs ``logp`` [A, V] (float16) at ``temperature``: log_softmax(logp / temperature), as float16;
-    ``logp`` itself at 1."""
-    if temperature == 1.0:
-        return logp
+    """Log-probs ``logp`` [A, V] (float16) at ``temperature``: log_softmax(logp / temperature), as float16."""
     return torch.log_softmax(logp.float() / temperature, -1).to(torch.float16)
 
 
