@@ -117,7 +117,7 @@ def run(args) -> dict:
                                   lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
                                   answer_tokens=args.answer_tokens, questions=args.questions,
                                   content_weight=args.content_weight, keep_share=args.keep_share,
-                                  sampled_share=args.sampled_share, content_temperature=args.content_temperature,
+                                  keep_answers=args.keep_answers, sampled_share=args.sampled_share, content_temperature=args.content_temperature,
                                   grounded=args.grounded, seed=args.seed,
                                   weight_average=args.weight_average, precision=args.precision)
     mm = kvmem.wrap(model, tok)
@@ -131,7 +131,8 @@ def run(args) -> dict:
                                 rank=args.rank, lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
                                 max_answer_tokens=args.answer_tokens,
                                 questions_per_memory=args.questions, content_weight=args.content_weight,
-                                keep_share=args.keep_share, sampled_share=args.sampled_share,
+                                keep_share=args.keep_share, keep_answers=args.keep_answers,
+                                sampled_share=args.sampled_share,
                                 content_temperature=args.content_temperature, grounded=args.grounded,
                                 seed=args.seed, weight_average=args.weight_average, precision=args.precision,
                                 checkpoint_dir=Path(tmp) / "ckpt",
@@ -241,11 +242,13 @@ def main(argv=None) -> None:
     parser.add_argument("--time-budget", type=float, default=480, help="seconds for the whole distillation")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine", "wsd"))
+    parser.add_argument("--lr-schedule", default="wsd", choices=("constant", "cosine", "wsd"))
     parser.add_argument("--warmup", type=float, default=0.05, help="share of the run warming the lr up")
     parser.add_argument("--questions", type=int, default=16, help="generated questions per memory")
     parser.add_argument("--content-weight", type=float, default=3.0, help="loss weight of the memory's tokens")
     parser.add_argument("--keep-share", type=float, default=0.2, help="share of unrelated (keep) prompts")
+    parser.add_argument("--keep-answers", default="sampled", choices=("greedy", "sampled"),
+                        help="the keep prompts' repeats: copies of the base's greedy answers or sampled answers")
     parser.add_argument("--sampled-share", type=float, default=0.0, help="share of questions with a sampled "
                         "teacher answer")
     parser.add_argument("--content-temperature", type=float, default=0.5, help="temperature of the teacher's "

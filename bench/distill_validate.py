@@ -40,7 +40,7 @@ def main(argv=None):
     # the settings of the validation table's first runs (kvmem's defaults then), so its rows stay comparable
     kw = dict(rank=8, lr=2e-3, questions_per_memory=16, max_answer_tokens=24, content_weight=3.0, keep_share=0.2,
               seed=0, lr_schedule="constant", grounded=False, weight_average=0.0,
-              precision="float32", content_temperature=1.0)
+              precision="float32", content_temperature=1.0, keep_answers="greedy")
     kw.update(json.loads(a.kw))
     t0 = time.perf_counter()
     ad = kvmem.distill(mm.adapters.base, tok, texts, steps=a.steps, progress=False, **kw)

@@ -44,7 +44,11 @@ def test_runs_the_steps_and_the_loss_falls(run):
     facts = cube.meta["distill"]
     assert facts["steps"] == 8 and len(facts["losses"]) == 8 and facts["stopped"] == "steps"
     assert facts["losses"][-1] < 0.5 * facts["losses"][0], facts["losses"]
-    assert facts["memories"] == 2 and facts["examples"] >= 4 and facts["keep_examples"] == 1
+    assert facts["memories"] == 2 and facts["examples"] >= 4
+    # the one keep prompt: its greedy answer and sampled ones, as many as the repeats keep_share asks for
+    from kvmem.evolve.distill import keep_copies
+
+    assert facts["keep_examples"] == keep_copies(facts["examples"], 1, 0.2) > 1
     # three values each rounded to the millisecond: the parts may exceed the whole by 1.5 ms of rounding, no more
     assert facts["teacher_seconds"] + facts["train_seconds"] <= facts["seconds"] + 1.5e-3 + 1e-9
     # the record rounds seconds to the millisecond and the rate to 4 decimals: allow exactly that rounding
@@ -306,6 +310,8 @@ def test_lineage_of_store_records(tok, tmp_path):
     (dict(steps=1, content_temperature=0), "content_temperature must be a number > 0"),
     (dict(steps=1, content_temperature=float("nan")), "content_temperature must be a number > 0"),
     (dict(steps=1, grounded="yes"), "grounded must be true or false"),
+    (dict(steps=1, keep_answers="drawn"), "keep_answers must be 'greedy' or 'sampled'"),
+    (dict(steps=1, keep_answers=None), "keep_answers must be 'greedy' or 'sampled'"),
     (dict(steps=1, weight_average=1.0), "weight_average must be an EMA decay"),
     (dict(steps=1, weight_average=True), "weight_average must be an EMA decay"),
     (dict(time_budget=1e-9), "time budget .* ran out"),
@@ -487,6 +493,54 @@ def test_sampled_answers(tok):
         assert torch.allclose(e.teacher.float().exp().sum(-1), torch.ones(e.teacher.shape[0]), atol=2e-2)
 
 
+def test_keep_samples_are_the_base_models_own_sampled_answers(tok):
+    """``keep_samples`` n: the keep prompts' greedy answers, then n rounds of answers sampled from the base model
+    (the same for the same seed, the rounds apart from each other and from the greedy ones), each row the base's
+    own log-probs along its answer as a plain forward of that example gives them; the memories' examples are
+    untouched."""
+    from kvmem.evolve.distill import make_examples
+    from kvmem.prompt import ChatLayout
+
+    model = tiny_model("llama")
+    prompts = ("Say hello.", "Name a colour.", "Count to three.")
+    kw = dict(layout=ChatLayout(tok), questions_per_memory=2, seed=0, max_answer_tokens=6, keep_prompts=prompts)
+    greedy = make_examples(model, tok, MEMORIES, **kw)
+    drawn = make_examples(model, tok, MEMORIES, keep_samples=2, **kw)
+    again = make_examples(model, tok, MEMORIES, keep_samples=2, **kw)
+    assert [torch.equal(a.ids, b.ids) and torch.equal(a.teacher, b.teacher) for a, b in zip(drawn, again)] == \
+        [True] * len(drawn)
+    learn = lambda examples: [(e.ids.tolist(), e.source) for e in examples if e.source >= 0]  # noqa: E731
+    assert learn(drawn) == learn(greedy)
+    keep_g, keep_d = [e for e in greedy if e.source < 0], [e for e in drawn if e.source < 0]
+    assert len(keep_g) == len(prompts) and len(keep_d) == 3 * len(prompts)
+    assert [e.ids.tolist() for e in keep_d[:len(prompts)]] == [e.ids.tolist() for e in keep_g]
+    answers = [tuple(e.ids.tolist()) for e in keep_d]
+    first, rest = answers[:len(prompts)], answers[len(prompts):]
+    # a tiny random model's sampled answers differ from its greedy ones and from each other
+    assert len(set(rest)) == 2 * len(prompts) and not set(rest) & set(first)
+    for e in keep_d:
+        a = e.teacher.shape[0]
+        with torch.no_grad():
+            want = torch.log_softmax(model(input_ids=e.ids[None]).logits[0, e.start - 1:e.start - 1 + a].float(), -1)
+        assert torch.allclose(e.teacher.float(), want, atol=2e-2), float((e.teacher.float() - want).abs().max())
+
+
+def test_keep_answers_sampled_replaces_the_repeats(tok):
+    """``keep_answers="sampled"`` (the default): as many keep rows as the repeats of ``keep_share`` would be, each
+    its own sampled answer (``keep_examples`` counts distinct rows); "greedy" repeats the greedy ones."""
+    from kvmem.evolve.distill import keep_copies
+
+    assert keep_copies(40, 2, 0.2) == 5 and keep_copies(40, 2, 0.0) == 1 and keep_copies(4, 2, 0.2) == 1
+    kw = {**FAST, "keep_prompts": ("Say hello.", "Name a colour.")}
+    copies = keep_copies(len(MEMORIES) * FAST["questions_per_memory"], 2, 0.4)
+    assert copies > 1
+    greedy = kvmem.distill(tiny_model("llama"), tok, MEMORIES, steps=1, keep_share=0.4, keep_answers="greedy",
+                           **kw).meta["distill"]
+    drawn = kvmem.distill(tiny_model("llama"), tok, MEMORIES, steps=1, keep_share=0.4, **kw).meta["distill"]
+    assert greedy["keep_examples"] == 2 and greedy["keep_answers"] == "greedy"
+    assert drawn["keep_examples"] == 2 * copies and drawn["keep_answers"] == "sampled"
+
+
 def test_content_temperature_sharpens_the_tokens_that_state_the_memory(tok, monkeypatch):
     """``content_temperature`` T: at a memory answer's content tokens (`content_tokens`) the rows are
     log_softmax(teacher log-probs / T), argmax unchanged and entropy lower for T < 1; the other rows of the same
@@ -611,7 +665,8 @@ def test_cli_distils_a_namespace_into_the_store(checkpoint, tmp_path):
     result = runner.invoke(app, [*base, "--ids", "m1", "--steps", "2", "--rank", "2", "--content-weight", "2",
                                  "--keep-share", "0.1", "--lr", "0.003", "--lr-schedule", "constant",
                                  "--questions", "3", "--answer-tokens", "4", "--batch-size", "2",
-                                 "--precision", "bfloat16", "--content-temperature", "0.7"])
+                                 "--precision", "bfloat16", "--content-temperature", "0.7",
+                                 "--keep-answers", "greedy"])
     assert result.exit_code == 0, result.output
     path = tmp_path / "s" / "adapters" / "alice.safetensors"
     assert f"wrote {path}: 1 memories learned in 2 steps" in result.output and "bfloat16 matmuls" in result.output
@@ -621,11 +676,14 @@ def test_cli_distils_a_namespace_into_the_store(checkpoint, tmp_path):
     assert (run["content_weight"], run["keep_share"], run["lr"], run["lr_schedule"]) == (2.0, 0.1, 0.003, "constant")
     assert (run["questions_per_memory"], run["max_answer_tokens"], run["batch_size"]) == (3, 4, 2)
     assert run["grounded"] is False and run["precision"] == "bfloat16" and run["content_temperature"] == 0.7
+    assert run["keep_answers"] == "greedy"
     # --grounded reaches distill: this random model's answers state nothing of the memory, so none is left
     grounded = runner.invoke(app, [*base, "--ids", "m1", "--steps", "1", "--questions", "3", "--grounded"])
     assert grounded.exit_code == 1 and "states something of them (grounded=True)" in grounded.output
     bad = runner.invoke(app, [*base, "--steps", "1", "--keep-share", "1.5"])
     assert bad.exit_code == 1 and bad.output.startswith("kvmem: keep_share must be")
+    bad = runner.invoke(app, [*base, "--steps", "1", "--keep-answers", "drawn"])
+    assert bad.exit_code == 1 and bad.output.startswith("kvmem: keep_answers must be")
     bad = runner.invoke(app, [*base, "--steps", "1", "--precision", "half"])
     assert bad.exit_code == 1 and bad.output.startswith("kvmem: precision must be one of")
     out = tmp_path / "own.safetensors"

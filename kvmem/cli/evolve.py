@@ -35,7 +35,7 @@ def distill(
     rank: int = typer.Option(8, help="LoRA rank."),
     seed: int = typer.Option(0, help="Seed (questions, LoRA init, batch order)."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW)."),
-    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, cosine (warm-up, then decay "
+    lr_schedule: str = typer.Option("wsd", "--lr-schedule", help="constant, cosine (warm-up, then decay "
                                     "to lr/10) or wsd (warm-up, the peak, a linear decay to lr/10 over the last "
                                     "fifth)."),
     warmup: float = typer.Option(0.05, help="Share of the run spent warming the learning rate up."),
@@ -46,6 +46,8 @@ def distill(
                                          "the memory (its names and values), relative to the rest."),
     keep_share: float = typer.Option(0.2, "--keep-share", help="Least share of unrelated prompts whose base "
                                      "answers are kept (0: no repeats)."),
+    keep_answers: str = typer.Option("sampled", "--keep-answers", help="The unrelated prompts' repeats: sampled "
+                                     "(answers drawn from the base model) or greedy (copies of its greedy answers)."),
     sampled_share: float = typer.Option(0.0, "--sampled-share", help="Share of each memory's questions whose "
                                         "teacher answer is sampled rather than greedy (0: all greedy)."),
     content_temperature: float = typer.Option(0.5, "--content-temperature", help="Temperature of the teacher's "
@@ -78,7 +80,8 @@ def distill(
     cube = run(m, tok, records, steps=steps if steps is not None or time_budget is not None else 200,
                time_budget=time_budget, rank=rank, seed=seed, lr=lr, lr_schedule=lr_schedule, warmup=warmup,
                batch_size=batch_size, questions_per_memory=questions, max_answer_tokens=answer_tokens,
-               content_weight=content_weight, keep_share=keep_share, sampled_share=sampled_share,
+               content_weight=content_weight, keep_share=keep_share, keep_answers=keep_answers,
+               sampled_share=sampled_share,
                content_temperature=content_temperature, grounded=grounded, weight_average=weight_average,
                precision=precision, checkpoint_dir=checkpoint_dir, resume=resume, name=f"{namespace}-distilled")
     with writing(out):
