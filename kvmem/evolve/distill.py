@@ -418,7 +418,8 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
             copies of the greedy answers. On bench/distill.py (480 s) "sampled" with ``lr_schedule="wsd"``
             answered 84.6% and 88.5% of what the cube answers at seeds 0 and 1, damage 0.044 and 0.033 nats,
             against 88.5% / 84.6%, 0.047 / 0.063 with "greedy" at a constant lr; "sampled" alone 88.5% / 88.5%,
-            0.056 / 0.049 (bench/README.md).
+            0.056 / 0.049; rerun at these defaults on a ~10% slower hour (263 and 274 steps) 80.8% / 76.9%,
+            damage 0.040 / 0.039 (bench/README.md).
         target_modules: LoRA targets (default: the attention and MLP projections the model has).
         system_prompt: as ``kvmem.wrap(..., system_prompt=)`` (the prompts the adapter will serve).
         name: the cube's name (default ``distilled-<n>-memories``).
