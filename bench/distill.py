@@ -117,7 +117,8 @@ def run(args) -> dict:
                                   lr=args.lr, lr_schedule=args.lr_schedule, warmup=args.warmup,
                                   answer_tokens=args.answer_tokens, questions=args.questions,
                                   content_weight=args.content_weight, keep_share=args.keep_share,
-                                  keep_answers=args.keep_answers, sampled_share=args.sampled_share, content_temperature=args.content_temperature,
+                                  keep_answers=args.keep_answers, sampled_share=args.sampled_share,
+                                  content_temperature=args.content_temperature,
                                   grounded=args.grounded, seed=args.seed,
                                   weight_average=args.weight_average, precision=args.precision)
     mm = kvmem.wrap(model, tok)

@@ -475,12 +475,13 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
                    grounded=grounded, weight_average=weight_average, precision=precision,
                    content_temperature=content_temperature, keep_answers=keep_answers)
     key = _run_key(work, texts, options)
+    # "sampled": the keep prompts' repeats (as many as with_keep_share would make) are rounds of sampled answers
+    keep_samples = keep_copies(len(texts) * questions_per_memory, len(keep_prompts), keep_share) - 1 \
+        if keep_answers == "sampled" else 0
     examples = make_examples(work, tokenizer, texts, layout=layout, questions_per_memory=questions_per_memory,
                              seed=seed, max_answer_tokens=max_answer_tokens, keep_prompts=keep_prompts,
                              progress=progress, content_weight=content_weight, sampled_share=sampled_share,
-                             grounded=grounded, content_temperature=content_temperature,
-                             keep_samples=keep_copies(len(texts) * questions_per_memory, len(keep_prompts),
-                                                      keep_share) - 1 if keep_answers == "sampled" else 0)
+                             grounded=grounded, content_temperature=content_temperature, keep_samples=keep_samples)
     examples = with_keep_share(examples, keep_share)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(seed)  # the LoRA A matrices' init
