@@ -470,6 +470,34 @@ def test_kl_loss_is_the_weighted_mean_of_each_examples_own_kl(tok):
     assert torch.allclose(got_grad, want_grad, rtol=1e-4, atol=1e-8)
 
 
+def test_the_student_trains_with_eager_attention_on_a_cpu(tok):
+    """On a CPU a model that uses sdpa trains its LoRA with eager attention (`training_attention`): the copy's
+    attention is switched, the caller's model keeps sdpa, the run records it, and the student's loss and gradient
+    on a padded batch equal those of the same student computing sdpa attention (transformers' own), to float
+    rounding."""
+    from kvmem.evolve.distill import _targets, bare_copy, kl_loss, make_student, training_attention
+
+    model = tiny_model("llama")
+    assert model.config._attn_implementation == "sdpa" and training_attention(model) == "eager"
+    examples = _examples(model, tok)
+    assert len({e.ids.numel() for e in examples}) > 1  # padded: the mask of each implementation is exercised
+    results = {}
+    for attention in (None, "sdpa"):
+        torch.manual_seed(0)
+        student = make_student(bare_copy(model), rank=2, targets=_targets(model, None), precision="float32",
+                               attention=attention)
+        loss = kl_loss(student, examples, pad=0)
+        lora = [p for p in student.parameters() if p.requires_grad]
+        results[student.config._attn_implementation] = (loss, torch.autograd.grad(loss, lora))
+    assert set(results) == {"eager", "sdpa"} and model.config._attn_implementation == "sdpa"
+    (eager, eager_grad), (sdpa, sdpa_grad) = results["eager"], results["sdpa"]
+    assert torch.allclose(eager, sdpa, rtol=1e-5, atol=1e-7), (float(eager), float(sdpa))
+    for a, b in zip(eager_grad, sdpa_grad):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    cube = kvmem.distill(model, tok, MEMORIES, steps=1, **FAST)
+    assert cube.meta["distill"]["attention"] == "eager" and model.config._attn_implementation == "sdpa"
+
+
 def test_sampled_answers(tok):
     """A ``sampled_share`` of each memory's questions gets a sampled teacher answer instead of the greedy one: the
     same for the same seed, the other questions and the keep prompts answered as with no sampling, and the teacher

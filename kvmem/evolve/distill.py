@@ -39,6 +39,7 @@ from ..cubes.memcube import MemCube
 from ..errors import CubeError
 from ..inject.batch import prefill_batch
 from ..model.devices import model_device
+from ..model.facts import switch_attention
 from ..prompt import ChatLayout
 from ..store.lineage import DERIVED_KEY, source_entry
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -315,12 +316,26 @@ def _autocasts(model, precision: str) -> bool:
     return precision == "bfloat16" and model.get_input_embeddings().weight.dtype == torch.float32
 
 
-def make_student(model, *, rank: int, targets: list[str], precision: str):
+def training_attention(model) -> str:
+    """The attention implementation the student trains with: "eager" for a model on a CPU that uses "sdpa", else
+    the model's own. Distillation rows are short (a question and an answer of tens of tokens), and there torch's
+    CPU flash-attention backward costs more than the eager attention's few small matmuls: a SmolLM2 step took
+    0.88x the time with eager attention (bench/distill_step.py, one process). Both are transformers' own attention
+    of the same model: the loss and its gradient agree to float rounding."""
+    own = getattr(model.config, "_attn_implementation", None)
+    return "eager" if own == "sdpa" and model_device(model).type == "cpu" else own
+
+
+def make_student(model, *, rank: int, targets: list[str], precision: str, attention: str | None = None):
     """``model`` (a frozen copy: `bare_copy`) with a LoRA of ``rank`` on ``targets`` (PEFT, alpha 2 * rank, no
-    dropout), initialised from torch's current seed. For "bfloat16" training of a float32 model (`_autocasts`) its
-    LM head computes in float32 outside the autocast: the KL compares full distributions, and logits rounded to
-    bfloat16 (8 bits of mantissa: +-0.06 nats at logits of 16-32) would be noise of the size of the losses it
-    learns from."""
+    dropout), initialised from torch's current seed, computing its attention with ``attention`` (default
+    `training_attention`; the copy's config is changed, not the caller's model). For "bfloat16" training of a
+    float32 model (`_autocasts`) its LM head computes in float32 outside the autocast: the KL compares full
+    distributions, and logits rounded to bfloat16 (8 bits of mantissa: +-0.06 nats at logits of 16-32) would be
+    noise of the size of the losses it learns from."""
+    attention = attention or training_attention(model)
+    if attention != getattr(model.config, "_attn_implementation", None):
+        switch_attention(model, attention, fix="pass attention= with one the model supports (or None)")
     if _autocasts(model, precision):
         head = model.get_output_embeddings()
         forward = head.forward
@@ -613,5 +628,6 @@ def _train(student, model, examples, texts, sources, *, key, steps, time_budget,
                        "losses": losses, "memories": len(texts),
                        "examples": sum(e.source >= 0 for e in examples),
                        "keep_examples": len({id(e) for e in examples if e.source < 0}),
+                       "attention": getattr(model.config, "_attn_implementation", None),
                        **{k: v for k, v in options.items() if k != "keep_prompts"}}
     return AdapterCube(cube.state_dict, meta)
