@@ -143,8 +143,8 @@ def run(args) -> dict:
     distill_row = {"kind": "distill", "facts": args.facts, "wall_s": distill_s, "steps": run_facts["steps"],
                    "stopped": run_facts["stopped"], "teacher_s": run_facts["teacher_seconds"],
                    "train_s": run_facts["train_seconds"], "steps_per_s": run_facts["steps_per_s"],
-                   "precision": run_facts["precision"], "examples": run_facts["examples"],
-                   "keep_examples": run_facts["keep_examples"],
+                   "precision": run_facts["precision"], "attention": run_facts["attention"],
+                   "examples": run_facts["examples"], "keep_examples": run_facts["keep_examples"],
                    "loss_first": run_facts["losses"][0], "loss_last": run_facts["losses"][-1],
                    "losses": run_facts["losses"], "other_cores": load.cores, "loadavg_after": _common.loadavg(),
                    "target_s": 600, "met": distill_s < 600}

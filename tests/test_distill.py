@@ -471,14 +471,20 @@ def test_kl_loss_is_the_weighted_mean_of_each_examples_own_kl(tok):
 
 
 def test_the_student_trains_with_eager_attention_on_a_cpu(tok):
-    """On a CPU a model that uses sdpa trains its LoRA with eager attention (`training_attention`): the copy's
-    attention is switched, the caller's model keeps sdpa, the run records it, and the student's loss and gradient
-    on a padded batch equal those of the same student computing sdpa attention (transformers' own), to float
-    rounding."""
+    """On a CPU a model that uses sdpa (or kvmem_sdpa) trains its LoRA with eager attention
+    (`training_attention`): the copy's attention is switched, the caller's model keeps sdpa, the run records it,
+    and the student's loss and gradient on a padded batch equal those of the same student computing sdpa attention
+    (transformers' own), to float rounding."""
     from kvmem.evolve.distill import _targets, bare_copy, kl_loss, make_student, training_attention
+
+    from kvmem.model.attention import use_gqa_attention
 
     model = tiny_model("llama")
     assert model.config._attn_implementation == "sdpa" and training_attention(model) == "eager"
+    served = bare_copy(model)  # a kvmem.wrap-ped model of grouped heads serves with kvmem_sdpa: trains eager too
+    assert use_gqa_attention(served) == "kvmem_sdpa" and training_attention(served) == "eager"
+    served.set_attn_implementation("flex_attention")  # any other implementation is the model's own choice: kept
+    assert training_attention(served) == "flex_attention"
     examples = _examples(model, tok)
     assert len({e.ids.numel() for e in examples}) > 1  # padded: the mask of each implementation is exercised
     results = {}

@@ -317,13 +317,16 @@ def _autocasts(model, precision: str) -> bool:
 
 
 def training_attention(model) -> str:
-    """The attention implementation the student trains with: "eager" for a model on a CPU that uses "sdpa", else
-    the model's own. Distillation rows are short (a question and an answer of tens of tokens), and there torch's
-    CPU flash-attention backward costs more than the eager attention's few small matmuls: a SmolLM2 step took
-    0.88x the time with eager attention (bench/distill_step.py, one process). Both are transformers' own attention
-    of the same model: the loss and its gradient agree to float rounding."""
+    """The attention implementation the student trains with: "eager" for a model on a CPU that uses torch's sdpa
+    (transformers' "sdpa", or the "kvmem_sdpa" a `kvmem.wrap`-ped model of grouped heads serves with), else the
+    model's own. Distillation rows are short (a question and an answer of tens of tokens), and there torch's CPU
+    flash-attention backward costs more than the eager attention's few small matmuls: a SmolLM2 step took 0.84x
+    the time with eager attention (bench/distill_step.py, one process). Both compute the same attention: the loss
+    and its gradient agree to float rounding."""
+    from ..model.attention import NAME as KVMEM_SDPA
+
     own = getattr(model.config, "_attn_implementation", None)
-    return "eager" if own == "sdpa" and model_device(model).type == "cpu" else own
+    return "eager" if own in ("sdpa", KVMEM_SDPA) and model_device(model).type == "cpu" else own
 
 
 def make_student(model, *, rank: int, targets: list[str], precision: str, attention: str | None = None):
