@@ -403,9 +403,10 @@ def distill(model, tokenizer, memories, *, steps: int | None = None, time_budget
             (torch.autocast over the forward and backward, the LM head excepted: the LoRA weights, AdamW's state,
             the logits and the KL stay float32, the teacher's distributions are kept as float16 as always). A
             bfloat16 or float16 model trains in its own dtype. What a run used is in
-            ``meta["distill"]["precision"]``. On this repository's 2-core AVX512-BF16 CPU a bfloat16 step took 0.75x
-            the time of a float32 one (bench/distill_step.py, one process); per step the two were within the spread
-            of seeds on the validation. Under bench/distill.py's 480 s budget bfloat16 trained 300 and 288 steps
+            ``meta["distill"]["precision"]``. On this repository's 2-core AVX512-BF16 CPU a bfloat16 step took 0.69x
+            the time of a float32 one (bench/distill_step.py, one process, both with the eager attention of
+            `training_attention`; 0.75x before it); per step the two were within the spread of seeds on the
+            validation. Under bench/distill.py's 480 s budget bfloat16 trained 300 and 288 steps
             (seeds 0, 1) and answered 88.5% and 84.6% of what the cube answers (damage 0.047 and 0.063 nats);
             float32 231 steps, 76.9% (0.0525), so "auto" is the default: a time budget buys ~1.3x the steps where
             the hardware has bfloat16 and nothing changes where it has not (bench/README.md).
