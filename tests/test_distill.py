@@ -476,7 +476,6 @@ def test_the_student_trains_with_eager_attention_on_a_cpu(tok):
     and the student's loss and gradient on a padded batch equal those of the same student computing sdpa attention
     (transformers' own), to float rounding."""
     from kvmem.evolve.distill import _targets, bare_copy, kl_loss, make_student, training_attention
-
     from kvmem.model.attention import use_gqa_attention
 
     model = tiny_model("llama")
