@@ -40,7 +40,7 @@ from .tenancy import cube_digest, request_namespace
 
 
 CONNECTOR_OPTIONS = ("store", "folder", "namespace", "namespaces", "auto", "tenant_salt", "salt_secret", "layerwise",
-                     "read_threads", "key_blocks", "autosave_tokens", "autosave_bytes")
+                     "read_threads", "key_blocks", "autosave_tokens", "autosave_bytes", "loader_cpus")
 # what a request's kv_transfer_params["kvmem"] may hold: loading (cubes, namespace, auto), saving (kvmem.integrations.saving)
 REQUEST_KEYS = ("cubes", "namespace", "auto", "save", "text", "tokens", "anchor")
 

@@ -14,7 +14,8 @@ ids start their prompt); ``tenant_salt`` (default true: every request's prefix-c
 namespace, `kvmem.integrations.tenancy`) and ``salt_secret`` (default ``$KVMEM_SALT_SECRET`` or random per start;
 ``"env:NAME"`` / ``"file:PATH"``; replicas behind a prefix-aware router share one); ``layerwise`` (default
 true: a loader thread writes cube KV layer by layer while earlier layers compute; false: all layers before the
-forward pass).
+forward pass); ``loader_cpus`` (default "auto": the loading and saving threads run on the worker's CPUs that vLLM
+bound no forward thread to, `kvmem.integrations.cpu_affinity`).
 
 A request names cubes in ``kv_transfer_params`` (``SamplingParams(extra_args={"kv_transfer_params": ...})`` in
 Python, a ``kv_transfer_params`` field in the OpenAI request body)::
@@ -58,6 +59,7 @@ from .saving import AutoSave, SaveSpec, build_cube, parse_save, write_cube
 from .serving import CubePlanner, CubeSource, FileKV, Plan, check_connector_options, served_model_facts
 from .tenancy import Tenancy, read_secret, request_namespace
 from .vllm_metrics import Counts, KvmemPromMetrics, KvmemStats, refusal_reason
+from .cpu_affinity import connector_cpus, describe, pin_thread
 from .paged_layout import PagedLayout
 from .vllm_pages import LayerWriter, Load
 
@@ -114,8 +116,13 @@ class KvmemConnector(KVConnectorBase_V1):
         self._collected: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # worker: saves, per layer
         self._layouts: dict[tuple, PagedLayout] = {}
         self._writer: ThreadPoolExecutor | None = None
+        # the CPUs the loading and saving threads run on (checked on both sides: a bad value fails at start-up)
+        self._cpus = connector_cpus(self._extra.get("loader_cpus", "auto"))
+        if role == KVConnectorRole.WORKER:
+            logger.info("kvmem: %s", describe(self._cpus))
         self._layers_writer = LayerWriter(layerwise=self._extra.get("layerwise", True),  # worker: cube KV in
-                                          block_size=self._block_size, readers=self._extra.get("read_threads", 1))
+                                          block_size=self._block_size, readers=self._extra.get("read_threads", 1),
+                                          cpus=self._cpus)
         self._counts = Counts()  # this side's counters for vLLM's /metrics (kvmem.integrations.vllm_metrics)
         self._autosave = None
         if self._extra.get("autosave_tokens") is not None:
@@ -393,7 +400,8 @@ class KvmemConnector(KVConnectorBase_V1):
                 self._counts.count("vllm:kvmem_cubes_saved_total", "failed")
                 continue
             if self._writer is None:
-                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-save")
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-save",
+                                                  initializer=pin_thread, initargs=(self._cpus,))
                 self._source = CubeSource(store=self._extra.get("store"), folder=self._extra.get("folder"))
             self._writer.submit(self._write, save, [got[i] for i in range(len(got))], self._key_block_size())
 

@@ -18,6 +18,7 @@ import torch
 
 from ..cubes.cubefile import Scratch
 from ..errors import CubeError
+from .cpu_affinity import pin_thread
 from .paged_layout import PagedLayout
 from .sources import FileKV
 
@@ -203,12 +204,14 @@ class LayerWriter:
     recomputes them (``kv_load_failure_policy="recompute"``) or fails the request (``"fail"``).
     """
 
-    def __init__(self, *, layerwise: bool = True, block_size: int | None = None, readers: int = 1):
+    def __init__(self, *, layerwise: bool = True, block_size: int | None = None, readers: int = 1,
+                 cpus: set[int] | None = None):
         if not isinstance(layerwise, bool):
             raise CubeError(f"layerwise must be true or false (a JSON boolean), got {layerwise!r:.40}")
         if isinstance(readers, bool) or not isinstance(readers, int) or not 1 <= readers <= 8:
             raise CubeError(f"read_threads must be an integer from 1 to 8, got {readers!r:.40}")
         self.layerwise, self.readers = layerwise, readers  # ``readers`` may be changed between loads
+        self.cpus = cpus  # where the loader and reader threads run (`kvmem.integrations.cpu_affinity`; None: inherit)
         self.block_size = block_size  # the cache's block size: lets writes skip a copy (`_writes_strided`)
         self._pool: ThreadPoolExecutor | None = None
         self._running: Future | None = None
@@ -236,7 +239,8 @@ class LayerWriter:
             self._write(loads, layers)
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-load")
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmem-load",
+                                            initializer=pin_thread, initargs=(self.cpus,))
         self._running = self._pool.submit(self._write, loads, layers)
 
     def wait(self, layer_name: str) -> None:
@@ -282,7 +286,8 @@ class LayerWriter:
             self._reader.shutdown(wait=True)  # idle: the last load's reads were all awaited
             self._reader = None
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="kvmem-read")
+            self._reader = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="kvmem-read",
+                                              initializer=pin_thread, initargs=(self.cpus,))
             self._reader_threads = ahead
 
         def read(j: int):

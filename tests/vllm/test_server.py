@@ -297,3 +297,32 @@ def test_autosave_keeps_long_prompts_and_evicts_the_oldest(servers, hf, redis_ur
     # the last prompt's cube is what vLLM computes for those blocks: served exact, the same answer
     got, cached = ask(two, prompts[-1], [names[-1]], kvmem_params={"namespace": "t3"})
     assert cached == 384 and got == full_answer(two, prompts[-1])[0]
+
+
+def test_the_loader_runs_on_the_cores_no_forward_thread_is_bound_to(servers, memory):
+    """vLLM binds its CPU worker's OpenMP threads to cores, the worker's main thread to the first, and a thread
+    started from it inherits that one core; the connector's loading threads run instead on the worker's cores that
+    no forward thread is bound to, or on all of them where none is spare (kvmem.integrations.cpu_affinity): read
+    off the worker's threads in /proc, against the binding vLLM itself logs."""
+    import re
+    from pathlib import Path
+
+    from kvmem.integrations.cpu_affinity import parse_cpu_list
+
+    one, _ = servers
+    ask(one, prompt(memory), ["a"])  # a cube load: the loader and reader threads exist
+    text = one.text()
+    said = next((m for m in (re.search(r"\(Worker pid=(\d+)\).*kvmem: cube loads and saves run on CPUs ([\d,]+) "
+                                       r"\(the forward pass's OpenMP threads: CPUs ([\d,]+)", line)
+                             for line in text.splitlines()) if m), None)
+    assert said is not None, text[-3000:]
+    pid, loader, omp = int(said[1]), parse_cpu_list(said[2]), parse_cpu_list(said[3])
+    bound = re.search(r"local_rank=0, core ids=\[([\d, ]+)\]", text)  # vLLM's own log of its binding
+    assert bound is not None and parse_cpu_list(bound[1]) == omp
+    assert loader == (loader - omp or omp)  # the spare cores, or every core where none is spare
+    masks = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        line = next(x for x in (task / "status").read_text().splitlines() if x.startswith("Cpus_allowed_list"))
+        masks.append(parse_cpu_list(line.split(":", 1)[1]))
+    # the worker's own threads (its main thread, gloo's) sit on single forward cores; kvmem's run on its CPUs
+    assert masks.count(loader) >= 2, (loader, omp, masks)

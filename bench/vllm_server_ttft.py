@@ -1,0 +1,236 @@
+"""TTFT in vLLM's OpenAI server with kvmem's connector: a cold cube against a warm prefix-cache hit, per CPU layout.
+
+What a client of ``python -m vllm.entrypoints.openai.api_server`` waits for (SmolLM2-135M, float32, CPU; the wall
+time of one ``/v1/completions`` call with ``max_tokens=1``, HTTP included), on prompts of ``memory + 16 query
+tokens`` (token ids, greedy):
+    prefix cache (warm)   vLLM's own automatic prefix caching, the memory's blocks already cached under the call's
+                          cache salt (the best case, what a cube load is measured against)
+    kvmem cube (cold)     the cube named in ``kv_transfer_params``, a fresh cache salt per call (vLLM's prefix cache
+                          cannot hold the memory, as after a restart or on a new replica); the connector keeps no
+                          cube between requests, so every call opens the cube file and its loader reads, verifies
+                          and writes each layer while earlier layers compute (the file in the OS page cache)
+    full prefill          a fresh cache salt and no cube: vLLM computes the whole prompt
+The cube is saved by the server itself (``{"kvmem": {"save": ...}}``, with its key blocks), before timing.
+
+Unlike bench/vllm_ttft.py (an engine in the bench's own process, which vLLM does not bind to cores), this runs the
+server as a user does: vLLM's CPU worker is its own process whose OpenMP threads vLLM binds to cores
+(``VLLM_CPU_OMP_THREADS_BIND``). One server per layout (``--layouts``), each ``BIND:LOADER``: ``BIND`` is
+``VLLM_CPU_OMP_THREADS_BIND`` (``auto``: vLLM's default, every core of this machine where it has too few to spare
+one; ``0``: the forward pass on core 0, the rest left to other work, as vLLM's auto binding leaves a core per rank
+and one more for a KV connector on a machine with cores to spare) and ``LOADER`` the connector's ``loader_cpus``
+(``auto``: the worker's CPUs no forward thread is bound to; ``inherit``: where the thread starting the loader runs,
+the forward pass's first core: kvmem before ``loader_cpus``). Warm and cold calls alternate after a warm-up;
+medians with p10..p90; every ratio compares calls of one server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, loadavg, machine_facts, pyplot, save_figure, spread, write_results  # noqa: E402
+
+TARGET = 1.2  # issue 24: a cold cube within 1.2x of a warm prefix-cache hit
+
+
+class Server:
+    """vLLM's OpenAI server on 127.0.0.1 with the connector serving ``folder``, in its own process group."""
+
+    def __init__(self, ckpt: str, folder: Path, log: Path, *, bind: str, loader: str, max_model_len: int):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.ckpt, self.log_path = ckpt, log
+        config = {"kv_connector": "KvmemConnector", "kv_connector_module_path": "kvmem.integrations.vllm",
+                  "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                  "kv_connector_extra_config": {"folder": str(folder), "auto": False, "loader_cpus": loader}}
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=bind,
+                   VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        self.log = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ckpt, "--host", "127.0.0.1",
+             "--port", str(self.port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
+             "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(config)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 900) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the vLLM server exited ({self.proc.returncode}):\n{self.text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise SystemExit(f"the vLLM server did not become ready in {timeout} s:\n{self.text()[-3000:]}")
+
+    def complete(self, ids, *, salt: str, kvmem: dict | None = None) -> tuple[float, int, str]:
+        """(seconds, cached prompt tokens, the token's text) of one greedy one-token completion."""
+        body = {"model": self.ckpt, "prompt": list(ids), "max_tokens": 1, "temperature": 0.0, "cache_salt": salt}
+        if kvmem:
+            body["kv_transfer_params"] = {"kvmem": kvmem}
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=600) as r:
+            out = json.loads(r.read())
+        dt = time.perf_counter() - t0
+        cached = ((out.get("usage") or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        return dt, cached, out["choices"][0]["text"]
+
+    def text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_bytes().decode("utf-8", "replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def run_layout(ckpt: str, work: Path, layout: str, args) -> list[dict]:
+    bind, loader = layout.split(":")
+    folder = work / layout.replace(":", "-")
+    folder.mkdir()
+    server = Server(ckpt, folder, folder / "server.log", bind=bind, loader=loader,
+                    max_model_len=args.tokens + 128)
+    try:
+        server.wait_ready()
+        rng = random.Random(0)
+        memory = [rng.randrange(100, 40000) for _ in range(args.tokens)]
+        server.complete(memory, salt="save", kvmem={"save": "memory", "tokens": args.tokens})
+        cube = folder / "default" / "memory.safetensors"
+        deadline = time.time() + 300
+        while "saved cube 'memory'" not in server.text():  # logged once the cube and its key blocks are written
+            if time.time() > deadline:
+                raise SystemExit(f"the server did not save the cube:\n{server.text()[-3000:]}")
+            time.sleep(0.5)
+        samples = {"prefix cache (warm)": [], "kvmem cube (cold)": [], "full prefill": []}
+        cached, same = {k: set() for k in samples}, {k: [] for k in samples}
+        for i in range(args.warmup + args.reps):
+            prompt = memory + [rng.randrange(100, 40000) for _ in range(16)]
+            server.complete(memory + [5] * 16, salt="warm")  # the warm blocks stay the most recently used
+            got = {"prefix cache (warm)": server.complete(prompt, salt="warm"),
+                   "kvmem cube (cold)": server.complete(prompt, salt=f"cold{i}", kvmem={"cubes": ["memory"]})}
+            if args.warmup <= i < args.warmup + args.full_reps:
+                got["full prefill"] = server.complete(prompt, salt=f"full{i}")
+            for k, (dt, hit, first) in got.items():
+                if "full prefill" in got:  # the same prompt: the same greedy token as vLLM's full prefill?
+                    same[k].append(first == got["full prefill"][2])
+                if i >= args.warmup:
+                    samples[k].append(dt)
+                    cached[k].add(hit)
+        pid = next((line.split("pid=")[1].split(")")[0] for line in server.text().splitlines()
+                    if line.startswith("(Worker pid=")), None)
+        where = next((line.split("kvmem: ", 1)[1] for line in server.text().splitlines()
+                      if "cube loads and saves run" in line), None)
+        rows = []
+        for k, xs in samples.items():
+            if not xs:
+                continue
+            rows.append({"layout": layout, "omp_bind": bind, "loader_cpus": loader, "method": k,
+                         "tokens": args.tokens, "cached_tokens": sorted(cached[k]), **spread(xs, unit="ms"),
+                         "cube_bytes": cube.stat().st_size if k.startswith("kvmem") else None,
+                         "first_tokens_equal_full_prefill": f"{sum(same[k])} of {len(same[k])}",
+                         "worker_pid": pid, "connector_log": where})
+        loads = [line.split("kvmem: ", 1)[1] for line in server.text().splitlines() if "cube load(s)" in line]
+        rows[-1]["loader_log_tail"] = loads[-3:]
+        return rows
+    finally:
+        server.stop()
+
+
+def summarize(rows) -> dict:
+    out = {}
+    for layout in dict.fromkeys(r["layout"] for r in rows):
+        at = {r["method"]: r["median_ms"] for r in rows if r["layout"] == layout}
+        warm, cold, full = at.get("prefix cache (warm)"), at.get("kvmem cube (cold)"), at.get("full prefill")
+        out[layout] = {"warm_ms": warm, "cold_ms": cold, "full_ms": full,
+                       "cold / warm": round(cold / warm, 3),
+                       f"target: cold within {TARGET}x of warm": cold <= TARGET * warm,
+                       "cold below full prefill": None if full is None else round(1 - cold / full, 3)}
+    return out
+
+
+def plot(doc: dict, png: str) -> None:
+    plt = pyplot()
+    rows, facts = doc["rows"], doc["machine"]
+    layouts = list(dict.fromkeys(r["layout"] for r in rows))
+    methods = ("prefix cache (warm)", "kvmem cube (cold)")
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.38
+    for j, m in enumerate(methods):
+        xs, ys, lo, hi = [], [], [], []
+        for i, layout in enumerate(layouts):
+            r = next((r for r in rows if r["layout"] == layout and r["method"] == m), None)
+            if r is None:
+                continue
+            xs.append(i + (j - 0.5) * width)
+            ys.append(r["median_ms"])
+            lo.append(r["median_ms"] - r["p10_ms"])
+            hi.append(r["p90_ms"] - r["median_ms"])
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=m, color=("#999", "#2a7")[j])
+    for i, layout in enumerate(layouts):
+        s = doc["summary"][layout]
+        ax.text(i, max(s["warm_ms"], s["cold_ms"]) * 1.04, f"{s['cold / warm']:.2f}x", ha="center", fontsize=9)
+    ax.set_xticks(range(len(layouts)))
+    ax.set_xticklabels([f"OpenMP bind {layout.split(':')[0]}\nloader_cpus {layout.split(':')[1]}"
+                        for layout in layouts], fontsize=8)
+    ax.set_ylabel("TTFT, ms (median, p10..p90)")
+    ax.set_title(f"vLLM {facts.get('vllm')} OpenAI server, {facts.get('cpu_cores')} CPU cores, "
+                 f"{doc['rows'][0]['tokens']} memory tokens: cold cube vs warm prefix hit", fontsize=9)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+    ax.legend(fontsize=8, loc="upper left")
+    save_figure(fig, png, facts)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="memory tokens (a block multiple)")
+    parser.add_argument("--layouts", nargs="+", default=["auto:inherit", "auto:auto", "0:inherit", "0:auto"],
+                        help="BIND:LOADER pairs (see the module docstring)")
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--full-reps", type=int, default=2, help="full prefills per layout (each costs seconds)")
+    parser.add_argument("--out", default=str(RESULTS / "vllm_server_ttft_cpu.json"))
+    args = parser.parse_args(argv)
+    for layout in args.layouts:
+        if layout.count(":") != 1:
+            parser.error(f"--layouts: {layout!r} is not BIND:LOADER (e.g. 0:auto)")
+    from kvmem.demo.models import smollm2_checkpoint
+
+    ckpt = str(smollm2_checkpoint())
+    facts = machine_facts(packages=("torch", "transformers", "vllm", "kvmem"))
+    work = Path(tempfile.mkdtemp(prefix="kvmem-bench-server-"))
+    rows = []
+    for layout in args.layouts:
+        rows += run_layout(ckpt, work, layout, args)
+        print(json.dumps(summarize(rows)[layout]), flush=True)
+    facts["loadavg_end"] = loadavg()
+    doc = {"bench": "vllm_server_ttft", "machine": facts, "rows": rows, "summary": summarize(rows),
+           "how": __doc__.split("\n\n")[1]}
+    print(json.dumps(doc["summary"], indent=1))
+    write_results(doc, args.out, plot)
+
+
+if __name__ == "__main__":
+    main()
