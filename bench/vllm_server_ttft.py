@@ -12,6 +12,7 @@ tokens`` (token ids, greedy):
     full prefill          a fresh cache salt and no cube: vLLM computes the whole prompt
 The cube is saved by the server itself (``{"kvmem": {"save": ...}}``, with its key blocks), before timing.
 
+Run it with the vLLM venv's Python (``.venv-vllm/bin/python bench/vllm_server_ttft.py``, ~10 min here).
 Unlike bench/vllm_ttft.py (an engine in the bench's own process, which vLLM does not bind to cores), this runs the
 server as a user does: vLLM's CPU worker is its own process whose OpenMP threads vLLM binds to cores
 (``VLLM_CPU_OMP_THREADS_BIND``). One server per layout (``--layouts``), each ``BIND:LOADER``: ``BIND`` is
@@ -29,95 +30,44 @@ import argparse
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vllm"))
 from _common import RESULTS, loadavg, machine_facts, pyplot, save_figure, spread, write_results  # noqa: E402
+from vllm_helpers import Server  # noqa: E402
 
 TARGET = 1.2  # issue 24: a cold cube within 1.2x of a warm prefix-cache hit
 
 
-class Server:
-    """vLLM's OpenAI server on 127.0.0.1 with the connector serving ``folder``, in its own process group."""
-
-    def __init__(self, ckpt: str, folder: Path, log: Path, *, bind: str, loader: str, max_model_len: int):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.ckpt, self.log_path = ckpt, log
-        config = {"kv_connector": "KvmemConnector", "kv_connector_module_path": "kvmem.integrations.vllm",
-                  "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                  "kv_connector_extra_config": {"folder": str(folder), "auto": False, "loader_cpus": loader}}
-        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=bind,
-                   VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        self.log = open(log, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ckpt, "--host", "127.0.0.1",
-             "--port", str(self.port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len),
-             "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(config)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 900) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the vLLM server exited ({self.proc.returncode}):\n{self.text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise SystemExit(f"the vLLM server did not become ready in {timeout} s:\n{self.text()[-3000:]}")
-
-    def complete(self, ids, *, salt: str, kvmem: dict | None = None) -> tuple[float, int, str]:
-        """(seconds, cached prompt tokens, the token's text) of one greedy one-token completion."""
-        body = {"model": self.ckpt, "prompt": list(ids), "max_tokens": 1, "temperature": 0.0, "cache_salt": salt}
-        if kvmem:
-            body["kv_transfer_params"] = {"kvmem": kvmem}
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        t0 = time.perf_counter()
-        with urllib.request.urlopen(req, timeout=600) as r:
-            out = json.loads(r.read())
-        dt = time.perf_counter() - t0
-        cached = ((out.get("usage") or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        return dt, cached, out["choices"][0]["text"]
-
-    def text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_bytes().decode("utf-8", "replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
+def timed(server, ids, *, salt: str, kvmem: dict | None = None) -> tuple[float, int, str]:
+    """(seconds, cached prompt tokens, the token's text) of one greedy one-token completion on ``server``."""
+    body = {"prompt": list(ids), "max_tokens": 1, "cache_salt": salt}
+    if kvmem:
+        body["kv_transfer_params"] = {"kvmem": kvmem}
+    t0 = time.perf_counter()
+    out = server.complete(body)
+    dt = time.perf_counter() - t0
+    cached = ((out.get("usage") or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return dt, cached, out["choices"][0]["text"]
 
 
 def run_layout(ckpt: str, work: Path, layout: str, args) -> list[dict]:
     bind, loader = layout.split(":")
     folder = work / layout.replace(":", "-")
     folder.mkdir()
-    server = Server(ckpt, folder, folder / "server.log", bind=bind, loader=loader,
-                    max_model_len=args.tokens + 128)
+    # the vLLM tests' launcher: python -m vllm.entrypoints.openai.api_server on a free 127.0.0.1 port
+    server = Server(ckpt, {"folder": str(folder), "auto": False, "loader_cpus": loader}, folder / "server.log",
+                    max_model_len=args.tokens + 128, role="kv_both", env={"VLLM_CPU_OMP_THREADS_BIND": bind})
     try:
         server.wait_ready()
         rng = random.Random(0)
         memory = [rng.randrange(100, 40000) for _ in range(args.tokens)]
-        server.complete(memory, salt="save", kvmem={"save": "memory", "tokens": args.tokens})
+        timed(server, memory, salt="save", kvmem={"save": "memory", "tokens": args.tokens})
         cube = folder / "default" / "memory.safetensors"
         deadline = time.time() + 300
         while "saved cube 'memory'" not in server.text():  # logged once the cube and its key blocks are written
@@ -128,11 +78,11 @@ def run_layout(ckpt: str, work: Path, layout: str, args) -> list[dict]:
         cached, same = {k: set() for k in samples}, {k: [] for k in samples}
         for i in range(args.warmup + args.reps):
             prompt = memory + [rng.randrange(100, 40000) for _ in range(16)]
-            server.complete(memory + [5] * 16, salt="warm")  # the warm blocks stay the most recently used
-            got = {"prefix cache (warm)": server.complete(prompt, salt="warm"),
-                   "kvmem cube (cold)": server.complete(prompt, salt=f"cold{i}", kvmem={"cubes": ["memory"]})}
+            timed(server, memory + [5] * 16, salt="warm")  # the warm blocks stay the most recently used
+            got = {"prefix cache (warm)": timed(server, prompt, salt="warm"),
+                   "kvmem cube (cold)": timed(server, prompt, salt=f"cold{i}", kvmem={"cubes": ["memory"]})}
             if args.warmup <= i < args.warmup + args.full_reps:
-                got["full prefill"] = server.complete(prompt, salt=f"full{i}")
+                got["full prefill"] = timed(server, prompt, salt=f"full{i}")
             for k, (dt, hit, first) in got.items():
                 if "full prefill" in got:  # the same prompt: the same greedy token as vLLM's full prefill?
                     same[k].append(first == got["full prefill"][2])
@@ -211,20 +161,31 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--full-reps", type=int, default=2, help="full prefills per layout (each costs seconds)")
-    parser.add_argument("--out", default=str(RESULTS / "vllm_server_ttft_cpu.json"))
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1,024 tokens, layouts auto:auto and 0:auto, 2 reps; writes nothing unless --out")
+    parser.add_argument("--out", default=None, help="results JSON (default bench/results/vllm_server_ttft_cpu.json)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.layouts, args.reps, args.warmup, args.full_reps = 1024, ["auto:auto", "0:auto"], 2, 1, 1
+        if args.out is None:
+            args.out = str(Path(tempfile.mkdtemp(prefix="kvmem-bench-server-quick-")) / "vllm_server_ttft.json")
+    args.out = args.out or str(RESULTS / "vllm_server_ttft_cpu.json")
     for layout in args.layouts:
         if layout.count(":") != 1:
             parser.error(f"--layouts: {layout!r} is not BIND:LOADER (e.g. 0:auto)")
     from kvmem.demo.models import smollm2_checkpoint
 
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB: the warm memory, a cold one and a full prefill
     ckpt = str(smollm2_checkpoint())
     facts = machine_facts(packages=("torch", "transformers", "vllm", "kvmem"))
     work = Path(tempfile.mkdtemp(prefix="kvmem-bench-server-"))
     rows = []
-    for layout in args.layouts:
-        rows += run_layout(ckpt, work, layout, args)
-        print(json.dumps(summarize(rows)[layout]), flush=True)
+    try:
+        for layout in args.layouts:
+            rows += run_layout(ckpt, work, layout, args)
+            print(json.dumps(summarize(rows)[layout]), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # a 4k cube and its key blocks: ~280 MB a layout
     facts["loadavg_end"] = loadavg()
     doc = {"bench": "vllm_server_ttft", "machine": facts, "rows": rows, "summary": summarize(rows),
            "how": __doc__.split("\n\n")[1]}
