@@ -34,12 +34,14 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vllm"))
 from _common import RESULTS, loadavg, machine_facts, pyplot, save_figure, spread, write_results  # noqa: E402
 from vllm_helpers import Server  # noqa: E402
+from vllm_ttft import settle_fetch, start_redis  # noqa: E402
 
 TARGET = 1.2  # issue 24: a cold cube within 1.2x of a warm prefix-cache hit
 
@@ -56,19 +58,21 @@ def timed(server, ids, *, salt: str, kvmem: dict | None = None) -> tuple[float, 
     return dt, cached, out["choices"][0]["text"]
 
 
-def run_layout(ckpt: str, work: Path, layout: str, args) -> list[dict]:
-    bind, loader = layout.split(":")
+def run_layout(ckpt: str, work: Path, layout: str, args, redis_url: str | None) -> list[dict]:
+    bind, loader, source = (layout.split(":") + ["disk"])[:3]
     folder = work / layout.replace(":", "-")
     folder.mkdir()
+    cache = folder / "replica"  # a Redis store's local copies (deleted after every cold call: a new replica)
+    where = {"folder": str(folder)} if source == "disk" else \
+        {"store": f"{redis_url}?prefix=srv{uuid.uuid4().hex[:8]}&cache={cache}"}
     # the vLLM tests' launcher: python -m vllm.entrypoints.openai.api_server on a free 127.0.0.1 port
-    server = Server(ckpt, {"folder": str(folder), "auto": False, "loader_cpus": loader}, folder / "server.log",
+    server = Server(ckpt, {**where, "auto": False, "loader_cpus": loader}, folder / "server.log",
                     max_model_len=args.tokens + 128, role="kv_both", env={"VLLM_CPU_OMP_THREADS_BIND": bind})
     try:
         server.wait_ready()
         rng = random.Random(0)
         memory = [rng.randrange(100, 40000) for _ in range(args.tokens)]
         timed(server, memory, salt="save", kvmem={"save": "memory", "tokens": args.tokens})
-        cube = folder / "default" / "memory.safetensors"
         deadline = time.time() + 300
         while "saved cube 'memory'" not in server.text():  # logged once the cube and its key blocks are written
             if time.time() > deadline:
@@ -81,6 +85,8 @@ def run_layout(ckpt: str, work: Path, layout: str, args) -> list[dict]:
             timed(server, memory + [5] * 16, salt="warm")  # the warm blocks stay the most recently used
             got = {"prefix cache (warm)": timed(server, prompt, salt="warm"),
                    "kvmem cube (cold)": timed(server, prompt, salt=f"cold{i}", kvmem={"cubes": ["memory"]})}
+            if source == "redis" and not settle_fetch(cache):  # the replica's fetch ends, its copies go
+                raise SystemExit(f"the replica fetched no local copy of the cube:\n{server.text()[-3000:]}")
             if args.warmup <= i < args.warmup + args.full_reps:
                 got["full prefill"] = timed(server, prompt, salt=f"full{i}")
             for k, (dt, hit, first) in got.items():
@@ -91,17 +97,16 @@ def run_layout(ckpt: str, work: Path, layout: str, args) -> list[dict]:
                     cached[k].add(hit)
         pid = next((line.split("pid=")[1].split(")")[0] for line in server.text().splitlines()
                     if line.startswith("(Worker pid=")), None)
-        where = next((line.split("kvmem: ", 1)[1] for line in server.text().splitlines()
+        said = next((line.split("kvmem: ", 1)[1] for line in server.text().splitlines()
                       if "cube loads and saves run" in line), None)
         rows = []
         for k, xs in samples.items():
             if not xs:
                 continue
-            rows.append({"layout": layout, "omp_bind": bind, "loader_cpus": loader, "method": k,
+            rows.append({"layout": layout, "omp_bind": bind, "loader_cpus": loader, "source": source, "method": k,
                          "tokens": args.tokens, "cached_tokens": sorted(cached[k]), **spread(xs, unit="ms"),
-                         "cube_bytes": cube.stat().st_size if k.startswith("kvmem") else None,
                          "first_tokens_equal_full_prefill": f"{sum(same[k])} of {len(same[k])}",
-                         "worker_pid": pid, "connector_log": where})
+                         "worker_pid": pid, "connector_log": said})
         loads = [line.split("kvmem: ", 1)[1] for line in server.text().splitlines() if "cube load(s)" in line]
         rows[-1]["loader_log_tail"] = loads[-3:]
         return rows
@@ -156,8 +161,9 @@ def plot(doc: dict, png: str) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="memory tokens (a block multiple)")
-    parser.add_argument("--layouts", nargs="+", default=["auto:inherit", "auto:auto", "0:inherit", "0:auto"],
-                        help="BIND:LOADER pairs (see the module docstring)")
+    parser.add_argument("--layouts", nargs="+", default=["auto:auto", "0:inherit", "0:auto", "auto:auto:redis",
+                                                          "0:auto:redis"],
+                        help="BIND:LOADER[:SOURCE] (SOURCE disk, the default, or redis; see the module docstring)")
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--full-reps", type=int, default=2, help="full prefills per layout (each costs seconds)")
@@ -171,20 +177,25 @@ def main(argv=None) -> None:
             args.out = str(Path(tempfile.mkdtemp(prefix="kvmem-bench-server-quick-")) / "vllm_server_ttft.json")
     args.out = args.out or str(RESULTS / "vllm_server_ttft_cpu.json")
     for layout in args.layouts:
-        if layout.count(":") != 1:
-            parser.error(f"--layouts: {layout!r} is not BIND:LOADER (e.g. 0:auto)")
+        if layout.count(":") not in (1, 2) or layout.count(":") == 2 and not layout.endswith((":disk", ":redis")):
+            parser.error(f"--layouts: {layout!r} is not BIND:LOADER[:disk|redis] (e.g. 0:auto, 0:auto:redis)")
     from kvmem.demo.models import smollm2_checkpoint
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB: the warm memory, a cold one and a full prefill
     ckpt = str(smollm2_checkpoint())
     facts = machine_facts(packages=("torch", "transformers", "vllm", "kvmem"))
     work = Path(tempfile.mkdtemp(prefix="kvmem-bench-server-"))
-    rows = []
+    rows, redis_proc, redis_url = [], None, None
     try:
+        if any(layout.endswith(":redis") for layout in args.layouts):
+            redis_proc, redis_url = start_redis(work)
         for layout in args.layouts:
-            rows += run_layout(ckpt, work, layout, args)
+            rows += run_layout(ckpt, work, layout, args, redis_url)
             print(json.dumps(summarize(rows)[layout]), flush=True)
     finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)  # a 4k cube and its key blocks: ~280 MB a layout
     facts["loadavg_end"] = loadavg()
     doc = {"bench": "vllm_server_ttft", "machine": facts, "rows": rows, "summary": summarize(rows),

@@ -128,6 +128,23 @@ def start_redis(folder: Path):
             time.sleep(0.1)
 
 
+def settle_fetch(cache: Path, timeout: float = 60.0) -> bool:
+    """Wait for a Redis replica's background fetch into ``cache`` (the cube's local copy and its key blocks, started
+    when the request that read the cube from Redis finished) to end, then delete both, so that no fetch runs during
+    the next timed call and the next cube call reads from Redis again, as a new replica does. Whether it ended."""
+    deadline, done = time.time() + timeout, False
+    while time.time() < deadline:
+        done = any(cache.glob("*.safetensors")) and any(cache.glob("*.keys-b*"))
+        if done:
+            break
+        time.sleep(0.05)
+    time.sleep(0.05)  # the fetch thread's last bookkeeping
+    for pattern in ("*.safetensors", "*.keys-b*"):  # the copies, not the cache's marker
+        for f in cache.glob(pattern):
+            f.unlink()
+    return done
+
+
 def plot(doc: dict, png: str) -> None:
     plt = pyplot()
     lengths = sorted({r["tokens"] for r in doc["rows"]})
@@ -317,8 +334,12 @@ def worker(spec_path: str, out_path: str) -> None:
         ids = cube["ids"] + spec["query"]
         seen: dict[str, list] = {}
 
+        fetching = []
+
         def call(method, **kw):
             seen.setdefault(method, []).append(generate(ids, **kw))  # (first token, cached tokens) per call
+            if source == "redis" and kw.get("cubes"):  # the replica fetches a local copy once the request is done
+                fetching.append(method)
 
         kvmem_method = KVMEM_METHODS[source]
         fns = {kvmem_method: lambda: call(kvmem_method, salt=uuid.uuid4().hex, cubes=[cube["name"]]),
@@ -340,6 +361,9 @@ def worker(spec_path: str, out_path: str) -> None:
             fns[REDIS_KEYS_COPIED] = lambda: call(REDIS_KEYS_COPIED, salt=uuid.uuid4().hex, cubes=[cube["name"]])
 
             def before(name):  # a new replica every call; A/B: the key blocks in Redis not used (keys copied)
+                if fetching:  # the last cube call's background fetch ends before any call is timed
+                    settle_fetch(Path(spec["cache"]))
+                    fetching.clear()
                 drop_local_copies()
                 BlockPlacement.takes_key_blocks = (lambda self, kb, cache: False) if name == REDIS_KEYS_COPIED \
                     else key_blocks

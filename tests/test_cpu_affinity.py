@@ -42,13 +42,14 @@ def test_the_forward_pass_cores_are_read_from_what_vllm_sets_for_its_worker(envi
 def test_auto_takes_the_cpus_no_forward_thread_is_bound_to():
     bound = {"GOMP_CPU_AFFINITY": "0 1"}
     assert connector_cpus("auto", environ=bound, allowed={0, 1, 2, 3}) == {2, 3}
-    # none spare (every core runs the forward pass): all of them, not the first forward thread's core alone
-    assert connector_cpus("auto", environ=bound, allowed={0, 1}) == {0, 1}
+    # none spare (every core runs the forward pass): left beside the forward pass's first thread (measured best)
+    assert connector_cpus("auto", environ=bound, allowed={0, 1}) is None
     # vLLM bound nothing (nobind, or an engine in the caller's process): the threads are left as they start
     assert connector_cpus("auto", environ={}, allowed={0, 1, 2}) is None
     assert connector_cpus("inherit", environ=bound, allowed={0, 1, 2}) is None
-    assert "2,3" in describe({2, 3}, bound) and "0,1" in describe({2, 3}, bound)
-    assert "none spare" in describe({0, 1}, bound)
+    assert describe({2, 3}, bound).endswith("on CPUs 2,3 (the forward pass's OpenMP threads: CPUs 0,1)")
+    assert "take CPUs 0,1, no other is spare" in describe(None, bound)
+    assert "bound no OpenMP thread" in describe(None, {})
 
 
 def test_a_cpu_list_is_checked_against_the_cpus_the_worker_may_use():

@@ -313,6 +313,39 @@ def test_a_redis_cube_saved_by_one_server_is_read_with_its_key_blocks_by_another
     assert client.keys("*keyblocks*") == [] and client.keys("*:blob:*") == []
 
 
+def test_a_server_replica_fetches_its_local_copy_only_once_the_request_is_done(cube, tmp_path, redis_url):
+    """``defer_fetches`` (what the vLLM connector uses): a cube read from Redis by a replica with no local copy is
+    not fetched in the background until `start_fetches` (the connector calls it when a request finishes), so the
+    fetch never competes with that request's forward pass; loads meanwhile read from Redis, and after it from the
+    copy, its key blocks beside it."""
+    import time
+
+    from kvmem.integrations.saving import write_cube
+    from kvmem.integrations.serving import CubeSource
+    from test_store_redis import store_url
+
+    url = store_url(redis_url, tmp_path, tag="defer")
+    write_cube(CubeSource(store=url), _spec(cube), cube, key_block_size=16)
+    replica = CubeSource(store=url.replace("cache-m1", "cache-m2"), defer_fetches=True)
+    cache = tmp_path / "cache-m2"
+    for _ in range(2):
+        f = replica.load("ns", "notes", layered=True)
+        assert f.key_blocks_source is not None  # read from Redis
+        f.close()
+    time.sleep(0.3)
+    assert not list(cache.glob("*.safetensors")) and not list(cache.glob("*.keys-b*"))  # nothing fetched yet
+    assert replica.start_fetches() == 1  # one fetch of the blob, however often it was read meanwhile
+    deadline = time.time() + 30
+    while not (list(cache.glob("*.safetensors")) and list(cache.glob("*.keys-b16"))):
+        assert time.time() < deadline, list(cache.iterdir())
+        time.sleep(0.05)
+    time.sleep(0.2)
+    f = replica.load("ns", "notes", layered=True)
+    assert f.key_blocks_source is None  # the local copy now, its key blocks read from beside it
+    _served_exactly(cube, f, open_key_blocks(f, 16))
+    assert replica.start_fetches() == 0  # a copy whose key blocks were just fetched: nothing more to fetch
+
+
 def test_key_blocks_of_a_blob_deleted_meanwhile_are_not_left_behind(cube, tmp_path, redis_url, monkeypatch):
     """The memory deleted (another replica's replace, `kvmem rm`) between its put and its key blocks: none stay
     where no delete or gc would ever find them, in Redis (another machine deleted it: this one still has its

@@ -11,10 +11,11 @@ pass's first thread, whatever cores were free.
 
 ``loader_cpus`` (``kv_connector_extra_config``) says where they run instead:
 
-- ``"auto"`` (the default): the CPUs this worker may use that vLLM did not bind a forward thread to; where there
-  are none (every core runs the forward pass, as on a 2-core machine) all of the worker's CPUs, so the kernel
-  places the loader wherever a forward thread is waiting rather than always beside the first one. Where vLLM bound
-  no thread (``VLLM_CPU_OMP_THREADS_BIND=nobind``, or an engine run in the caller's process) nothing is changed.
+- ``"auto"`` (the default): the CPUs this worker may use that vLLM did not bind a forward thread to. Where there
+  are none (every core runs the forward pass, as on a 2-core machine) nothing is changed: letting the loader float
+  over all of them measured worse than leaving it beside the forward pass's first thread (1.46x and 1.56x a warm
+  hit against 1.42x and 1.44x, bench/vllm_server_ttft.py). Where vLLM bound no thread
+  (``VLLM_CPU_OMP_THREADS_BIND=nobind``, or an engine run in the caller's process) nothing is changed either.
 - ``"inherit"``: nothing is changed (the threads keep the mask of the thread that starts them).
 - a CPU list such as ``"3"``, ``"2,3"`` or ``"4-7"``: those CPUs.
 
@@ -103,7 +104,7 @@ def connector_cpus(option="auto", *, environ=None, allowed: set[int] | None = No
         if bound is None:
             return None
         allowed = worker_cpus() if allowed is None else allowed
-        return (allowed - bound) or allowed or None
+        return (allowed - bound) or None
     if not isinstance(option, str):
         raise CubeError(f"loader_cpus must be \"auto\", \"inherit\" or a CPU list such as \"2,3\" or \"4-7\", "
                         f"got {option!r:.40}")
@@ -140,13 +141,12 @@ def describe(cpus: set[int] | None, environ=None) -> str:
     """One line for the connector's start-up log."""
     bound = omp_cpus(environ)
     if cpus is None:
-        return "cube loads and saves run where the thread starting them runs" + (
-            "" if bound is None else f" (the forward pass's OpenMP threads: CPUs {_text(bound)})")
+        if bound is None:
+            return "cube loads and saves run where the thread starting them runs (vLLM bound no OpenMP thread)"
+        return (f"cube loads and saves run beside the forward pass's first thread: its OpenMP threads take CPUs "
+                f"{_text(bound)}, no other is spare (or loader_cpus is \"inherit\")")
     where = f"cube loads and saves run on CPUs {_text(cpus)}"
-    if bound is not None:
-        where += f" (the forward pass's OpenMP threads: CPUs {_text(bound)}"
-        where += ": none spare, so all of them)" if cpus <= bound else ")"
-    return where
+    return where + ("" if bound is None else f" (the forward pass's OpenMP threads: CPUs {_text(bound)})")
 
 
 def _text(cpus: set[int]) -> str:

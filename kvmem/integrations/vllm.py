@@ -156,7 +156,8 @@ class KvmemConnector(KVConnectorBase_V1):
 
         extra = self._extra
         model_config = vllm_config.model_config
-        source = CubeSource(store=extra.get("store"), folder=extra.get("folder"))
+        # a Redis replica fetches its local copy of a cube once the request that read it is done (request_finished)
+        source = CubeSource(store=extra.get("store"), folder=extra.get("folder"), defer_fetches=True)
         t0 = time.perf_counter()
         # the served checkpoint's fingerprint, once: config, tokenizer and weights as transformers reads them
         fields, rope = served_model_facts(model_config.model, tokenizer=model_config.tokenizer)
@@ -329,6 +330,8 @@ class KvmemConnector(KVConnectorBase_V1):
         return due
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if self.planner is not None:  # local copies of cubes read from Redis: fetched now, not during a forward pass
+            self.planner.source.start_fetches()
         self._plans.pop(request.request_id, None)
         self._save_blocks.pop(request.request_id, None)
         if self._saves.pop(request.request_id, None) is not None:

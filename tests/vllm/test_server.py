@@ -8,6 +8,7 @@ the bytes. Both servers start at once and serve the whole module.
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 
@@ -57,8 +58,13 @@ def servers(ckpt, redis_url, tmp_path_factory, store):
     # server two also keeps every prompt of >= 384 tokens as a cube, within room for two of them (autosave)
     # (each cube's key blocks, set in Redis beside it, count too: without them room for three)
     autosave = {"one": {}, "two": {"autosave_tokens": 384, "autosave_bytes": int(2.5 * AUTO_STORED_BYTES)}}
+    # server two binds its forward pass to the first CPU only, leaving the rest to other work (as vLLM's own
+    # binding does on a machine with cores to spare): its connector's threads run there (loader_cpus)
+    first = str(min(os.sched_getaffinity(0)))
+    bind = {"one": {}, "two": {"VLLM_CPU_OMP_THREADS_BIND": first}}
     started = [Server(ckpt, {**extra, **autosave[name], "store": machine(redis_url, tmp_path_factory, name)},
-                      logs / f"{name}.log", role="kv_both", env={"KVMEM_TEST_SALT": "a-test-secret-" + "0" * 20})
+                      logs / f"{name}.log", role="kv_both",
+                      env={"KVMEM_TEST_SALT": "a-test-secret-" + "0" * 20, **bind[name]})
                for name in ("one", "two")]
     try:
         yield [s.wait_ready() for s in started]
@@ -112,6 +118,8 @@ def test_cube_named_in_the_request_body(servers, memory):
 
 
 def test_a_cube_added_through_one_machine_is_served_by_the_other(servers, memory, hf, redis_url, tmp_path_factory):
+    import time
+
     one, two = servers
     model, tok = hf
     a, b = memory["a"], memory["b"]
@@ -126,7 +134,11 @@ def test_a_cube_added_through_one_machine_is_served_by_the_other(servers, memory
                                                                                                  text="late")
     got, cached = ask(two, ids, ["late"])
     assert cached == 384 and got == full
-    assert (tmp_path_factory.getbasetemp() / "machine-two" / f"{rec.blob}.safetensors").is_file()
+    # read from Redis; server two's local copy is fetched once the request is done (not during its forward pass)
+    copy, deadline = tmp_path_factory.getbasetemp() / "machine-two" / f"{rec.blob}.safetensors", time.time() + 60
+    while not copy.is_file():
+        assert time.time() < deadline, two.text()[-3000:]
+        time.sleep(0.2)
     got, cached = ask(one, ids, ["late"])
     assert cached == 384 and got == full
 
@@ -302,27 +314,34 @@ def test_autosave_keeps_long_prompts_and_evicts_the_oldest(servers, hf, redis_ur
 def test_the_loader_runs_on_the_cores_no_forward_thread_is_bound_to(servers, memory):
     """vLLM binds its CPU worker's OpenMP threads to cores, the worker's main thread to the first, and a thread
     started from it inherits that one core; the connector's loading threads run instead on the worker's cores that
-    no forward thread is bound to, or on all of them where none is spare (kvmem.integrations.cpu_affinity): read
-    off the worker's threads in /proc, against the binding vLLM itself logs."""
+    no forward thread is bound to (kvmem.integrations.cpu_affinity), and stay beside the forward pass where none is
+    spare: read off the worker's threads in /proc, against the binding vLLM itself logs."""
     import re
     from pathlib import Path
 
     from kvmem.integrations.cpu_affinity import parse_cpu_list
 
-    one, _ = servers
-    ask(one, prompt(memory), ["a"])  # a cube load: the loader and reader threads exist
-    text = one.text()
-    said = next((m for m in (re.search(r"\(Worker pid=(\d+)\).*kvmem: cube loads and saves run on CPUs ([\d,]+) "
-                                       r"\(the forward pass's OpenMP threads: CPUs ([\d,]+)", line)
-                             for line in text.splitlines()) if m), None)
-    assert said is not None, text[-3000:]
-    pid, loader, omp = int(said[1]), parse_cpu_list(said[2]), parse_cpu_list(said[3])
-    bound = re.search(r"local_rank=0, core ids=\[([\d, ]+)\]", text)  # vLLM's own log of its binding
-    assert bound is not None and parse_cpu_list(bound[1]) == omp
-    assert loader == (loader - omp or omp)  # the spare cores, or every core where none is spare
-    masks = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        line = next(x for x in (task / "status").read_text().splitlines() if x.startswith("Cpus_allowed_list"))
-        masks.append(parse_cpu_list(line.split(":", 1)[1]))
-    # the worker's own threads (its main thread, gloo's) sit on single forward cores; kvmem's run on its CPUs
-    assert masks.count(loader) >= 2, (loader, omp, masks)
+    machine_cpus = set(os.sched_getaffinity(0))  # what the servers inherit
+    for server in servers:
+        ask(server, prompt(memory), ["a"])  # a cube load: the loader and reader threads exist
+        text = server.text()
+        bound = re.search(r"local_rank=0, core ids=\[([\d, ]+)\]", text)  # vLLM's own log of its binding
+        assert bound is not None, text[-3000:]
+        omp = parse_cpu_list(bound[1])
+        lines = [line for line in text.splitlines() if "kvmem: cube loads and saves run" in line]
+        assert len(lines) == 1 and lines[0].startswith("(Worker pid="), lines
+        pid = int(lines[0].split("pid=")[1].split(")")[0])
+        masks = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            line = next(x for x in (task / "status").read_text().splitlines() if x.startswith("Cpus_allowed_list"))
+            masks.append(parse_cpu_list(line.split(":", 1)[1]))
+        spare = machine_cpus - omp
+        if not spare:  # every CPU runs the forward pass: the loader stays beside its first thread
+            assert f"its OpenMP threads take CPUs {','.join(map(str, sorted(omp)))}, no other is spare" in lines[0]
+            assert all(len(m) == 1 for m in masks), masks
+            continue
+        said = re.search(r"run on CPUs ([\d,]+) \(the forward pass's OpenMP threads: CPUs ([\d,]+)\)", lines[0])
+        assert said is not None, lines[0]
+        assert parse_cpu_list(said[1]) == spare and parse_cpu_list(said[2]) == omp
+        # the worker's own threads (its main thread, gloo's) sit on single forward cores; kvmem's on the spare ones
+        assert masks.count(spare) >= 2, (spare, omp, masks)
