@@ -14,8 +14,9 @@ pass's first thread, whatever cores were free.
 - ``"auto"`` (the default): the CPUs this worker may use that vLLM did not bind a forward thread to. Where there
   are none (every core runs the forward pass, as on a 2-core machine) nothing is changed: letting the loader float
   over all of them measured worse than leaving it beside the forward pass's first thread (1.46x and 1.56x a warm
-  hit against 1.42x and 1.44x, bench/vllm_server_ttft.py). Where vLLM bound no thread
-  (``VLLM_CPU_OMP_THREADS_BIND=nobind``, or an engine run in the caller's process) nothing is changed either.
+  hit against 1.42x and 1.44x: bench/results/vllm_server_ttft_cpu_e143d85.json and _b501ae4.json). Where vLLM
+  bound no thread (``VLLM_CPU_OMP_THREADS_BIND=nobind``, or an engine run in the caller's process) nothing is
+  changed either.
 - ``"inherit"``: nothing is changed (the threads keep the mask of the thread that starts them).
 - a CPU list such as ``"3"``, ``"2,3"`` or ``"4-7"``: those CPUs.
 
