@@ -16,8 +16,9 @@ Methods, per memory length, on prompts of ``memory + query`` (token ids, greedy,
     kvmem, disk, op writes  A/B in the same engine: the same load with every layer written through the backend's
                           own ``do_kv_cache_update`` op from a read buffer (the writer before plain copies, no sidecar)
     kvmem, disk, all layers first   the same with ``"layerwise": false``: every layer written before the forward
-    kvmem, Redis          the same, from a Redis store, the local copy deleted before every call (a new replica);
-                          keys read straight into the blocks from the cube's key blocks in Redis
+    kvmem, Redis          the same, from a Redis store, the local copy deleted before every call (a new replica:
+                          the copy the replica fetches once a request is done, `settle_fetch`, is waited for and
+                          deleted, so no fetch runs during a timed call); keys read straight into the blocks from the cube's key blocks in Redis
                           (`kvmem.integrations.key_blocks.store_key_blocks`, set before timing, as a server saving the
                           cube into Redis sets them)
     kvmem, Redis, keys copied  A/B in the Redis engine: the same load without them (keys read into a buffer and
