@@ -423,7 +423,9 @@ def test_a_copy_made_another_way_gets_its_key_blocks_at_its_first_load(cube, tmp
     from kvmem.integrations.serving import CubeSource
     from test_store_redis import store_url
 
-    source = CubeSource(store=store_url(redis_url, tmp_path, tag="own"))
+    # the fetch held back until start_fetches (as the vLLM connector does): otherwise it may end before the checks
+    # of the first load below, which would then see the key blocks it fetched (a race this test once lost)
+    source = CubeSource(store=store_url(redis_url, tmp_path, tag="own"), defer_fetches=True)
     write_cube(source, _spec(cube), cube, key_block_size=16)
     cache = tmp_path / "cache-m1"
     blob = source.store.view("ns").get("notes").blob
@@ -431,6 +433,7 @@ def test_a_copy_made_another_way_gets_its_key_blocks_at_its_first_load(cube, tmp
     first = source.load("ns", "notes", layered=True)
     assert first.key_blocks_source is None and open_key_blocks(first, 16) is None  # read from the copy: none yet
     first.close()
+    assert source.start_fetches() == 1
     source._fetcher.shutdown(wait=True)
     source._fetcher = None
     again = source.load("ns", "notes", layered=True)
