@@ -18,7 +18,8 @@ Methods, per memory length, on prompts of ``memory + query`` (token ids, greedy,
     kvmem, disk, all layers first   the same with ``"layerwise": false``: every layer written before the forward
     kvmem, Redis          the same, from a Redis store, the local copy deleted before every call (a new replica:
                           the copy the replica fetches once a request is done, `settle_fetch`, is waited for and
-                          deleted, so no fetch runs during a timed call); keys read straight into the blocks from the cube's key blocks in Redis
+                          deleted, so no fetch runs during a timed call); keys read straight into the blocks from
+                          the cube's key blocks in Redis
                           (`kvmem.integrations.key_blocks.store_key_blocks`, set before timing, as a server saving the
                           cube into Redis sets them)
     kvmem, Redis, keys copied  A/B in the Redis engine: the same load without them (keys read into a buffer and
@@ -140,10 +141,16 @@ def settle_fetch(cache: Path, timeout: float = 60.0) -> bool:
             break
         time.sleep(0.05)
     time.sleep(0.05)  # the fetch thread's last bookkeeping
-    for pattern in ("*.safetensors", "*.keys-b*"):  # the copies, not the cache's marker
+    drop_copies(cache)
+    return done
+
+
+def drop_copies(cache: Path) -> None:
+    """Delete a Redis replica's local copies in ``cache`` and their key blocks (not the cache's marker): its next
+    cube call reads from Redis, as a new replica does."""
+    for pattern in ("*.safetensors", "*.keys-b*"):
         for f in cache.glob(pattern):
             f.unlink()
-    return done
 
 
 def plot(doc: dict, png: str) -> None:
@@ -313,10 +320,6 @@ def worker(spec_path: str, out_path: str) -> None:
                            use_tqdm=False)[0]
         return out.outputs[0].token_ids[0], out.num_cached_tokens, phases(marks, t0, time.perf_counter())
 
-    def drop_local_copies():  # a new replica has no local copy: every Redis call fetches the cube
-        for f in Path(spec["cache"]).glob("*.safetensors"):
-            f.unlink()
-
     block_size = llm.llm_engine.vllm_config.cache_config.block_size
     if "folder" in spec["config"]:  # written with the cube, as a server saving it would: before any request
         for cube in spec["cubes"].values():
@@ -362,10 +365,10 @@ def worker(spec_path: str, out_path: str) -> None:
             fns[REDIS_KEYS_COPIED] = lambda: call(REDIS_KEYS_COPIED, salt=uuid.uuid4().hex, cubes=[cube["name"]])
 
             def before(name):  # a new replica every call; A/B: the key blocks in Redis not used (keys copied)
-                if fetching:  # the last cube call's background fetch ends before any call is timed
+                if fetching:  # the last cube call's background fetch ends (and its copies go) before a timed call
                     settle_fetch(Path(spec["cache"]))
                     fetching.clear()
-                drop_local_copies()
+                drop_copies(Path(spec["cache"]))  # a new replica has no local copy
                 BlockPlacement.takes_key_blocks = (lambda self, kb, cache: False) if name == REDIS_KEYS_COPIED \
                     else key_blocks
         reps = {name: spec["full_reps"] if name == "full prefill" else spec["reps"] for name in fns}

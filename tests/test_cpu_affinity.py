@@ -1,6 +1,6 @@
 """Where the vLLM connector's loading and saving threads run (kvmem.integrations.cpu_affinity): on the worker's
-CPUs that no forward-pass thread is bound to, all of them where none is spare, as the thread starting them where
-vLLM bound nothing; a CPU list the worker cannot use is an error naming the ones it can."""
+CPUs that no forward-pass thread is bound to, and as the thread starting them where none is spare or vLLM bound
+nothing; a CPU list the worker cannot use is an error naming the ones it can."""
 
 from __future__ import annotations
 

@@ -173,7 +173,8 @@ class CubeSource:
 
     def _fetch_later(self, blob: str) -> None:
         """Fetch Redis blob ``blob`` into this machine's local copies, and its key blocks beside the copy
-        (`fetch_key_blocks`, when none are there), on a background thread (one fetch of a blob at a time)."""
+        (`fetch_key_blocks`, when none are there), on a background thread (one fetch of a blob at a time); with
+        ``defer_fetches``, once `start_fetches` is called."""
         if blob in self._fetching:
             return
         if self._defer:
