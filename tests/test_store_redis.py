@@ -33,14 +33,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def redis_server(folder):
-    """A throwaway redis-server on a free loopback port (no persistence); yields its URL, stops it by pid."""
+def redis_server(folder, *options: str, password: str | None = None):
+    """A throwaway redis-server on a free loopback port (no persistence; ``options``: more of its command-line
+    options, ``password``: its ``requirepass``); yields its URL, stops it by pid."""
     port = free_port()
     proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(folder)],
+                             "--appendonly", "no", "--dir", str(folder), *options,
+                             *(["--requirepass", password] if password else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        client = redis.Redis(port=port)
+        client = redis.Redis(port=port, password=password)
         deadline = time.time() + 20
         while True:
             try:
@@ -51,7 +53,7 @@ def redis_server(folder):
                     raise RuntimeError(f"redis-server did not start on port {port} (exit {proc.poll()})")
                 time.sleep(0.05)
         client.close()
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}/0"
     finally:
         proc.terminate()
         try:

@@ -1,0 +1,252 @@
+"""Byte ranges of a Redis string read straight into the caller's buffers: `RangeReader`.
+
+redis-py hands a ``GETRANGE`` reply back as a new ``bytes`` object, which the caller then copies where it is
+needed: its parser's copies cost more CPU than the bytes' trip through the kernel. Measured on this machine (2-core
+EPYC VM, redis-server 7.0 on loopback, 189 MB read as 1 MiB ranges into one buffer and hashed with xxh3, medians
+of 4): redis-py 8.2 245 ms of wall time and 215 ms of the client's CPU (its own parser), 135 ms and 109 ms with
+hiredis; `RangeReader` 56 ms and 39 ms. A vLLM replica reading a 4,096-token SmolLM2 cube it has no local copy of
+(`kvmem.integrations.sources.RedisBlobBytes`, 189 MB into a paged cache's 4 KB pieces, on the request's critical
+path): 108-115 ms of the loader's CPU through redis-py, 51-57 ms through `RangeReader` (the connector's log).
+
+`RangeReader` speaks RESP2 on sockets of its own, for ``GETRANGE`` only: the reply's header is read, then its bytes
+are received (``recv_into``) into the buffers in order, or, for many small buffers, into one reused buffer of the
+thread's own and copied out from there (fewer system calls: 51-57 ms of CPU above against 58-74 ms with one
+scattered ``recvmsg_into`` per reply). It connects as the redis-py client it is made from connects (TCP or a Unix
+socket, its username, password and database, its timeouts); `RangeReader.of` returns None for a client it cannot
+follow (TLS, a credential provider, a connection class of its own), whose reads then go through redis-py. A reply
+Redis refuses (``-ERR``, e.g. a key of another type) raises `RedisRangeError`; a lost or timed-out connection
+raises ``OSError`` (a socket kept from an earlier read that the server has closed since is replaced once,
+silently); either way the socket is closed, never reused mid-reply.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+_CRLF = b"\r\n"
+_SHARED: dict[tuple, "RangeReader"] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+class RedisRangeError(OSError):
+    """Redis answered a GETRANGE with an error reply."""
+
+
+class RangeReader:
+    """GETRANGE into buffers over plain sockets (one per thread reading at once; kept for the next read).
+
+    Args:
+        kind: "tcp" or "unix"; connect: (host, port) or the socket's path; auth: (username or None, password)
+        or None; db: the database number; timeout, connect_timeout: seconds (None: block)."""
+
+    def __init__(self, kind: str, connect, *, auth=None, db: int = 0, timeout: float | None = 30.0,
+                 connect_timeout: float | None = 3.0):
+        if kind not in ("tcp", "unix"):
+            raise ValueError(f"kind must be 'tcp' or 'unix', got {kind!r}")
+        self.kind, self.connect, self.auth, self.db = kind, connect, auth, int(db)
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    @classmethod
+    def of(cls, client) -> "RangeReader | None":
+        """The process's reader (`shared`) that connects as redis-py ``client`` does; None where it cannot (see the
+        module docstring)."""
+        try:
+            from redis.connection import Connection, UnixDomainSocketConnection
+        except ImportError:
+            return None
+        pool = getattr(client, "connection_pool", None)
+        if pool is None:
+            return None
+        kwargs = pool.connection_kwargs
+        if kwargs.get("credential_provider") is not None:
+            return None
+        auth = None
+        if kwargs.get("password") is not None:
+            auth = (kwargs.get("username"), kwargs["password"])
+        common = {"auth": auth, "db": kwargs.get("db") or 0, "timeout": kwargs.get("socket_timeout"),
+                  "connect_timeout": kwargs.get("socket_connect_timeout")}
+        if pool.connection_class is Connection:  # exactly: TLS connections are a subclass
+            return cls.shared("tcp", (kwargs.get("host", "localhost"), int(kwargs.get("port", 6379))), **common)
+        if pool.connection_class is UnixDomainSocketConnection and kwargs.get("path"):
+            return cls.shared("unix", kwargs["path"], **common)
+        return None
+
+    @classmethod
+    def shared(cls, kind: str, connect, auth=None, db: int = 0, timeout: float | None = 30.0,
+               connect_timeout: float | None = 3.0) -> "RangeReader":
+        """The process's one reader for these settings (its idle sockets serve every blob read with them)."""
+        key = (kind, tuple(connect) if isinstance(connect, list) else connect,
+               tuple(auth) if auth is not None else None, int(db), timeout, connect_timeout)
+        with _SHARED_LOCK:
+            if key not in _SHARED:
+                _SHARED[key] = cls(kind, key[1], auth=key[2], db=key[3], timeout=timeout,
+                                   connect_timeout=connect_timeout)
+            return _SHARED[key]
+
+    def __reduce__(self):  # sent to another process (a vLLM worker): that process's shared reader, connected there
+        return (RangeReader.shared, (self.kind, self.connect, self.auth, self.db, self.timeout, self.connect_timeout))
+
+    def getrange_into(self, key: str | bytes, offset: int, views: list[memoryview]) -> int:
+        """Bytes [offset, offset + total of ``views``) of string ``key`` into ``views`` in order, with one
+        GETRANGE; how many bytes came (fewer where the string is shorter: none where the key does not exist).
+
+        Raises:
+            RedisRangeError: Redis answered with an error. OSError: the connection failed or timed out."""
+        total = sum(len(v) for v in views)
+        if total == 0:
+            return 0
+        key = key.encode() if isinstance(key, str) else bytes(key)
+        command = _command(b"GETRANGE", key, b"%d" % offset, b"%d" % (offset + total - 1))
+        for attempt in (0, 1):
+            sock, kept = self._socket()
+            try:
+                sock.sendall(command)
+                got = self._bulk_into(sock, views)
+            except (ConnectionError, socket.timeout) as exc:
+                sock.close()  # in an unknown place of a reply: never reused
+                if kept and attempt == 0 and not isinstance(exc, socket.timeout):
+                    continue  # a kept socket the server closed meanwhile (a restart, its idle timeout): once more
+                raise
+            except BaseException:
+                sock.close()
+                raise
+            with self._lock:
+                self._idle.append(sock)
+            return got
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+    def _socket(self) -> tuple[socket.socket, bool]:
+        """(a socket, whether it was kept from an earlier read)."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        if self.kind == "tcp":
+            sock = socket.create_connection(self.connect, timeout=self.connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.connect_timeout)
+            try:
+                sock.connect(self.connect)
+            except BaseException:
+                sock.close()
+                raise
+        sock.settimeout(self.timeout)
+        try:
+            setup = []
+            if self.auth is not None:
+                user, password = self.auth
+                setup.append(_command(b"AUTH", *([user.encode()] if user else []), password.encode()))
+            if self.db:
+                setup.append(_command(b"SELECT", b"%d" % self.db))
+            if setup:
+                sock.sendall(b"".join(setup))
+                for _ in setup:  # one status line each
+                    line = _line(sock)
+                    if line.startswith(b"-"):
+                        raise RedisRangeError("redis refused the connection's set-up: "
+                                              f"{line[1:].decode(errors='replace')}")
+        except BaseException:
+            sock.close()
+            raise
+        return sock, False
+
+    def _bounce(self, n: int) -> memoryview:
+        """A buffer of at least ``n`` bytes of this thread's own, reused."""
+        buf = getattr(self._local, "bounce", None)
+        if buf is None or len(buf) < n:
+            buf = self._local.bounce = memoryview(bytearray(max(n, 1 << 20)))
+        return buf
+
+    def _bulk_into(self, sock: socket.socket, views: list[memoryview]) -> int:
+        """Read one bulk-string reply into ``views`` (in order); its length."""
+        line = _line(sock)
+        if line.startswith(b"-"):
+            raise RedisRangeError(f"redis answered GETRANGE with an error: {line[1:].decode(errors='replace')}")
+        if not line.startswith(b"$"):
+            raise RedisRangeError(f"redis answered GETRANGE with {line[:40]!r}, not a string")
+        try:
+            n = int(line[1:])
+        except ValueError:
+            raise RedisRangeError(f"redis answered GETRANGE with {line[:40]!r}, not a string") from None
+        if n < 0:  # a nil reply (RESP2 never gives one for GETRANGE): no bytes
+            return 0
+        if n > sum(len(v) for v in views):
+            raise RedisRangeError(f"redis sent {n} bytes for a range of {sum(len(v) for v in views)}")
+        pending, left = [], n  # the views the reply fills, the last one cut to the reply's end
+        for v in views:
+            if left == 0:
+                break
+            if len(v):
+                pending.append(v[:min(len(v), left)])
+                left -= len(pending[-1])
+        if len(pending) > 8:  # many small views (a paged cache's blocks): into one buffer, then copied out
+            bounce = self._bounce(n)
+            pos = 0
+            while pos < n:
+                k = sock.recv_into(bounce[pos:n], n - pos)
+                if k == 0:
+                    raise ConnectionError("redis closed the connection in the middle of a reply")
+                pos += k
+            pos = 0
+            for v in pending:
+                v[:] = bounce[pos:pos + len(v)]
+                pos += len(v)
+        else:
+            for v in pending:
+                pos = 0
+                while pos < len(v):
+                    k = sock.recv_into(v[pos:], len(v) - pos)
+                    if k == 0:
+                        raise ConnectionError("redis closed the connection in the middle of a reply")
+                    pos += k
+        end = b""
+        while len(end) < 2:
+            more = sock.recv(2 - len(end))
+            if not more:
+                raise ConnectionError("redis closed the connection in the middle of a reply")
+            end += more
+        if end != _CRLF:
+            raise RedisRangeError("a GETRANGE reply did not end where its header said")
+        return n
+
+
+def _command(*words: bytes) -> bytes:
+    return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words)
+
+
+def _line(sock: socket.socket) -> bytes:
+    """One reply line (without its CRLF), taken off the socket and no byte past it (peeked first)."""
+    line = b""
+    while True:
+        ahead = sock.recv(256, socket.MSG_PEEK)
+        if not ahead:
+            raise ConnectionError("redis closed the connection")
+        cut = (line[-1:] + ahead).find(_CRLF)
+        if cut >= 0:
+            take = cut + 2 - len(line[-1:])
+            line += _recv_exactly(sock, take)
+            return line[:-2]
+        line += _recv_exactly(sock, len(ahead))
+        if len(line) > 1024:
+            raise RedisRangeError("a reply line from redis longer than 1,024 bytes: not a RESP2 server?")
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        more = sock.recv(n - len(out))
+        if not more:
+            raise ConnectionError("redis closed the connection in the middle of a reply")
+        out += more
+    return out

@@ -1,0 +1,168 @@
+"""`kvmem.store.redis_ranges.RangeReader`: GETRANGE replies received straight into buffers, checked against
+redis-py's own GETRANGE on a real redis-server (TCP with a password and a database, a Unix socket), and what it does
+with a refused reply, a dropped connection, a dead server and threads reading at once."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tempfile
+import threading
+
+import pytest
+import torch
+
+import kvmem
+from kvmem.store.redis_ranges import RangeReader, RedisRangeError
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
+                                reason="redis-server is not installed (apt-get install redis-server); CI installs it")
+redis = pytest.importorskip("redis", reason="the redis client is not installed (pip install 'kvmem[redis]')")
+from test_store_redis import free_port, redis_server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A password-protected redis-server: yields (URL of database 3, a redis-py client of it)."""
+    with redis_server(tmp_path_factory.mktemp("redis"), password="s3cret*pw") as url:
+        url = url.rsplit("/", 1)[0] + "/3"
+        client = redis.Redis.from_url(url)
+        yield url, client
+        client.close()
+
+
+def views_of(buf: torch.Tensor, cuts) -> list[memoryview]:
+    edges = [0, *cuts, buf.numel()]
+    return [memoryview(buf[a:b].numpy()) for a, b in zip(edges, edges[1:])]
+
+
+def test_ranges_land_in_the_buffers_as_redis_py_reads_them(server):
+    url, client = server
+    data = os.urandom(3 << 20)
+    client.set("blob", data)
+    reader = RangeReader.of(redis.Redis.from_url(url))
+    assert reader is not None and reader.kind == "tcp" and reader.db == 3
+    gen = torch.Generator().manual_seed(0)
+    for offset, length in ((0, len(data)), (12345, 1 << 20), (len(data) - 700, 700), (5, 1)):
+        buf = torch.zeros(length, dtype=torch.uint8)
+        cuts = sorted(set(torch.randint(1, length, (min(40, length - 1),), generator=gen).tolist())) if length > 1 \
+            else []
+        got = reader.getrange_into("blob", offset, views_of(buf, cuts))
+        assert got == length
+        assert bytes(buf.numpy()) == client.getrange("blob", offset, offset + length - 1) \
+            == data[offset:offset + length]
+    assert len(reader._idle) == 1  # one socket, kept and reused by every read
+
+
+def test_a_short_or_missing_string_reads_short(server):
+    url, client = server
+    client.set("short", b"abcdef")
+    reader = RangeReader.of(redis.Redis.from_url(url))
+    buf = torch.full((10,), 7, dtype=torch.uint8)
+    assert reader.getrange_into("short", 2, views_of(buf, [3])) == 4
+    assert bytes(buf[:4].numpy()) == b"cdef" and buf[4:].eq(7).all()  # the rest untouched
+    assert reader.getrange_into("no such key", 0, views_of(buf, [])) == 0
+    assert reader.getrange_into("short", 0, []) == 0
+
+
+def test_a_refused_reply_is_an_error_and_the_next_read_works(server):
+    url, client = server
+    client.delete("h")
+    client.hset("h", "f", "v")
+    client.set("s", b"0123456789")
+    reader = RangeReader.of(redis.Redis.from_url(url))
+    buf = torch.zeros(4, dtype=torch.uint8)
+    with pytest.raises(RedisRangeError, match="WRONGTYPE"):
+        reader.getrange_into("h", 0, views_of(buf, []))
+    assert reader.getrange_into("s", 3, views_of(buf, [1])) == 4 and bytes(buf.numpy()) == b"3456"
+
+
+def test_a_wrong_password_or_a_dead_server_is_an_oserror_a_cube_read_reports(server, tmp_path):
+    url, client = server
+    bad = RangeReader.of(redis.Redis.from_url(url.replace("s3cret*pw", "wrong")))
+    with pytest.raises(RedisRangeError, match="set-up.*(WRONGPASS|invalid)"):
+        bad.getrange_into("s", 0, [memoryview(bytearray(2))])
+    dead = RangeReader.of(redis.Redis(port=free_port(), socket_connect_timeout=1))
+    with pytest.raises(OSError):
+        dead.getrange_into("s", 0, [memoryview(bytearray(2))])
+
+
+def test_a_kept_socket_the_server_dropped_is_replaced(server):
+    url, client = server
+    client.set("s", b"0123456789")
+    reader = RangeReader.of(redis.Redis.from_url(url))
+    buf = torch.zeros(3, dtype=torch.uint8)
+    assert reader.getrange_into("s", 0, views_of(buf, [])) == 3
+    kept = reader._idle[0]
+    client.client_kill_filter(_type="normal", skipme=True)  # Redis closes every other client: the kept one too
+    assert reader.getrange_into("s", 7, views_of(buf, [])) == 3 and bytes(buf.numpy()) == b"789"
+    assert reader._idle and reader._idle[0] is not kept and kept.fileno() == -1
+
+
+def test_threads_reading_at_once_each_get_their_own_bytes(server):
+    url, client = server
+    data = os.urandom(1 << 20)
+    client.set("t", data)
+    reader = RangeReader.of(redis.Redis.from_url(url))
+    out, errors = {}, []
+
+    def read(i):
+        try:
+            buf = torch.zeros(100_000, dtype=torch.uint8)
+            for _ in range(5):
+                assert reader.getrange_into("t", i * 1000, views_of(buf, [333, 50_000])) == 100_000
+            out[i] = bytes(buf.numpy())
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(out[i] == data[i * 1000:i * 1000 + 100_000] for i in range(4))
+
+
+def test_a_unix_socket_is_followed():
+    folder = tempfile.mkdtemp(prefix="kvr")  # a short path: a socket's path has ~100 bytes at most
+    try:
+        path = os.path.join(folder, "r.sock")
+        with redis_server(folder, "--unixsocket", path, "--unixsocketperm", "700"):
+            client = redis.Redis.from_url(f"unix://{path}?db=2")
+            client.set("u", b"unix bytes")
+            reader = RangeReader.of(client)
+            assert reader.kind == "unix" and reader.db == 2
+            buf = bytearray(5)
+            assert reader.getrange_into("u", 5, [memoryview(buf)]) == 5 and bytes(buf) == b"bytes"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_clients_it_cannot_follow_are_left_to_redis_py_and_one_reader_serves_a_process(server):
+    url, _ = server
+    assert RangeReader.of(redis.Redis.from_url("rediss://127.0.0.1:1/0")) is None  # TLS
+    creds = redis.UsernamePasswordCredentialProvider("u", "p")
+    assert RangeReader.of(redis.Redis(port=1, credential_provider=creds)) is None
+    reader = RangeReader.of(redis.Redis.from_url(url))
+    assert RangeReader.of(redis.Redis.from_url(url)) is reader  # shared: its sockets serve every blob
+    assert pickle.loads(pickle.dumps(reader)) is reader  # unpickled in this process: the same one
+
+
+def test_a_replica_reads_a_cube_from_redis_through_the_reader(cube, tmp_path, server):
+    """`CubeSource`'s Redis byte ranges (a replica with no local copy) come through the reader, verified."""
+    from kvmem.cubes.cubefile import CubeFile
+    from kvmem.integrations.serving import CubeSource
+
+    url, _ = server
+    prefix = f"{url}?prefix=rr{os.getpid()}"
+    kvmem.CubeStore(f"{prefix}&cache={tmp_path / 'writer'}").view("ns").put_cube("m", cube, text="memory m")
+    source = CubeSource(store=f"{prefix}&cache={tmp_path / 'replica'}", defer_fetches=True)
+    got = source.load("ns", "m", layered=True)
+    assert isinstance(got, CubeFile) and "blob" in str(got.path)
+    assert got._source.ranges is not None
+    for i, (k, v) in enumerate(cube.kv):
+        gk, gv = got.read_layer(i)
+        assert torch.equal(gk, k) and torch.equal(gv, v)
+    assert pickle.loads(pickle.dumps(got._source)).ranges is got._source.ranges
