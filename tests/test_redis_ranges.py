@@ -166,3 +166,26 @@ def test_a_replica_reads_a_cube_from_redis_through_the_reader(cube, tmp_path, se
         gk, gv = got.read_layer(i)
         assert torch.equal(gk, k) and torch.equal(gv, v)
     assert pickle.loads(pickle.dumps(got._source)).ranges is got._source.ranges
+
+
+@pytest.mark.parametrize("url, kind", [("rediss://:pw@127.0.0.1:1/2", "tls"), ("unix:///tmp/kvmem-nowhere.sock?db=2",
+                                                                            "unix")])
+def test_a_blob_source_sent_to_another_process_connects_as_the_store_does(url, kind):
+    """Unpickled in vLLM's worker, a Redis blob source (`RedisBlobBytes`) rebuilds a redis-py client for what the
+    reader does not follow: over TLS for a rediss:// store, on the socket's path for a unix:// one (the pool's
+    keyword arguments alone name neither). Built without connecting: nothing listens there."""
+    from redis.connection import SSLConnection, UnixDomainSocketConnection
+
+    from kvmem.integrations.sources import RedisBlobBytes
+
+    src = RedisBlobBytes.__new__(RedisBlobBytes)  # __init__ would ask the server for the blob's size
+    src.client, src.key, src.size = redis.Redis.from_url(url), "k", 0
+    src.ranges = RangeReader.of(src.client)
+    assert (src.ranges is None) == (kind == "tls")
+    pool = pickle.loads(pickle.dumps(src))._connected().connection_pool
+    assert pool.connection_kwargs["db"] == 2
+    if kind == "tls":
+        assert issubclass(pool.connection_class, SSLConnection) and pool.connection_kwargs["password"] == "pw"
+    else:
+        assert issubclass(pool.connection_class, UnixDomainSocketConnection)
+        assert pool.connection_kwargs["path"] == "/tmp/kvmem-nowhere.sock"

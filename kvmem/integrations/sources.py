@@ -268,8 +268,19 @@ class RedisBlobBytes:
         pass  # the reader's sockets are kept for the next cube's reads (one per thread reading at once)
 
     def __getstate__(self):
-        kwargs = self.client.connection_pool.connection_kwargs if self.client is not None else self._connection
-        simple = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        if self.client is None:
+            simple = self._connection
+        else:
+            pool = self.client.connection_pool
+            simple = {k: v for k, v in pool.connection_kwargs.items()
+                      if isinstance(v, (str, int, float, bool, type(None)))}
+            # what the connection class says and its keyword arguments do not: TLS, a Unix socket's path
+            from redis.connection import SSLConnection, UnixDomainSocketConnection
+
+            if issubclass(pool.connection_class, SSLConnection):
+                simple["ssl"] = True
+            elif issubclass(pool.connection_class, UnixDomainSocketConnection):
+                simple["unix_socket_path"] = simple.pop("path", None)
         return {"client": None, "_connection": simple, "key": self.key, "size": self.size, "ranges": self.ranges}
 
 
