@@ -189,3 +189,31 @@ def test_a_blob_source_sent_to_another_process_connects_as_the_store_does(url, k
     else:
         assert issubclass(pool.connection_class, UnixDomainSocketConnection)
         assert pool.connection_kwargs["path"] == "/tmp/kvmem-nowhere.sock"
+
+
+def test_a_forked_process_reads_on_sockets_of_its_own(server):
+    """A child forked after the parent has read (its socket kept) reads the right bytes without touching the
+    parent's socket, which still serves the parent afterwards."""
+    import multiprocessing
+
+    url, client = server
+    client.set("f", b"forked bytes")
+    reader = RangeReader.of(redis.Redis.from_url(url))
+    buf = bytearray(6)
+    assert reader.getrange_into("f", 0, [memoryview(buf)]) == 6
+    kept = reader._idle[0]
+
+    def child(q):
+        out = bytearray(5)
+        n = RangeReader.of(redis.Redis.from_url(url)).getrange_into("f", 7, [memoryview(out)])
+        q.put((n, bytes(out), kept.fileno() in [s.fileno() for s in reader._idle]))
+
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    n, got, reused = q.get(timeout=30)
+    p.join(30)
+    assert (n, got) == (5, b"bytes") and not reused
+    assert reader.getrange_into("f", 0, [memoryview(buf)]) == 6 and bytes(buf) == b"forked"
+    assert reader._idle[0] is kept

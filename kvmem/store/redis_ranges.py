@@ -16,11 +16,13 @@ socket, its username, password and database, its timeouts); `RangeReader.of` ret
 follow (TLS, a credential provider, a connection class of its own), whose reads then go through redis-py. A reply
 Redis refuses (``-ERR``, e.g. a key of another type) raises `RedisRangeError`; a lost or timed-out connection
 raises ``OSError`` (a socket kept from an earlier read that the server has closed since is replaced once,
-silently); either way the socket is closed, never reused mid-reply.
+silently); either way the socket is closed, never reused mid-reply. A process forked from one that has read opens
+sockets of its own.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -49,6 +51,7 @@ class RangeReader:
         self._idle: list[socket.socket] = []
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._pid = os.getpid()  # a forked child never reads from its parent's sockets
 
     @classmethod
     def of(cls, client) -> "RangeReader | None":
@@ -128,6 +131,8 @@ class RangeReader:
     def _socket(self) -> tuple[socket.socket, bool]:
         """(a socket, whether it was kept from an earlier read)."""
         with self._lock:
+            if self._pid != os.getpid():  # forked since: the kept sockets are the parent's (left open for it)
+                self._idle, self._pid = [], os.getpid()
             if self._idle:
                 return self._idle.pop(), True
         if self.kind == "tcp":
