@@ -217,3 +217,46 @@ def test_a_forked_process_reads_on_sockets_of_its_own(server):
     assert (n, got) == (5, b"bytes") and not reused
     assert reader.getrange_into("f", 0, [memoryview(buf)]) == 6 and bytes(buf) == b"forked"
     assert reader._idle[0] is kept
+
+
+@pytest.mark.parametrize("through", ["reader", "redis-py"])
+def test_copy_string_writes_a_value_in_ranges(server, tmp_path, through, monkeypatch):
+    from kvmem.store import redis_ranges
+
+    url, client = server
+    data = os.urandom(100_003)
+    client.set("c", data)
+    if through == "redis-py":  # a client the reader does not follow (TLS): redis-py's GETRANGE, range by range
+        monkeypatch.setattr(redis_ranges.RangeReader, "of", classmethod(lambda cls, c: None))
+    with open(tmp_path / "out", "wb") as out:
+        assert redis_ranges.copy_string(redis.Redis.from_url(url), "c", len(data), out, chunk=10_000)
+    assert (tmp_path / "out").read_bytes() == data
+    with open(tmp_path / "short", "wb") as out:  # shorter than announced: deleted while it was read
+        assert not redis_ranges.copy_string(redis.Redis.from_url(url), "c", len(data) + 5, out, chunk=10_000)
+    assert (tmp_path / "short").read_bytes() == data[:100_000]  # the whole ranges before it, nothing after
+
+
+def test_a_replica_fetches_its_local_copy_in_ranges_not_with_one_get(cube, tmp_path, server, monkeypatch):
+    """A replica's local copy of a blob (and its key blocks) is written from ranges, never from one GET of the whole
+    value (redis-py holds and parses all of it: ~280 MB for a 4k cube with its key blocks); a Redis that dies
+    meanwhile is the store's "unreachable" CubeError, and no partial copy is left."""
+    url, _ = server
+    prefix = f"{url}?prefix=fr{os.getpid()}"
+    writer = kvmem.CubeStore(f"{prefix}&cache={tmp_path / 'writer'}")
+    rec = writer.view("ns").put_cube("m", cube, text="memory m")
+    replica = kvmem.CubeStore(f"{prefix}&cache={tmp_path / 'replica'}")
+    monkeypatch.setattr(type(replica.blobs.db.client), "get",
+                        lambda self, key: pytest.fail(f"GET of {key}: the whole value at once"))
+    copy = replica.blobs.local_path(rec.blob)
+    assert copy.read_bytes() == (tmp_path / "writer" / f"{rec.blob}.safetensors").read_bytes()
+    assert torch.equal(kvmem.MemCube.load(copy).kv[0][0], cube.kv[0][0])
+    copy.unlink()
+    from kvmem.store import redis_ranges
+
+    def dead(self, *a, **k):
+        raise ConnectionRefusedError("connection refused")
+
+    monkeypatch.setattr(redis_ranges.RangeReader, "getrange_into", dead)
+    with pytest.raises(kvmem.CubeError, match="unreachable"):
+        replica.blobs.local_path(rec.blob)
+    assert not list((tmp_path / "replica").glob(f".{rec.blob}*"))  # no partial copy left

@@ -34,6 +34,7 @@ import xxhash
 from ..cubes.cubefile import CubeFile, PartFile
 from ..cubes.format import HEADER_PART, write_cube_file
 from ..errors import CubeError
+from ..store.redis_ranges import copy_string
 
 FORMAT = "kvmem.key_blocks"
 VERSION = 1
@@ -193,14 +194,18 @@ def fetch_key_blocks(db, blob: str, copy) -> Path | None:
 
     Raises:
         CubeError: they are damaged (their header); a Redis error as the store reports it."""
+    key = redis_key(db, blob)
     with db.errors():
-        data = db.client.get(redis_key(db, blob))
-    if not data:
+        size = int(db.client.strlen(key))
+    if not size:
         return None
     copy = Path(copy)
     staged = copy.with_name(f".{blob}.{uuid.uuid4().hex[:8]}.keys.tmp")  # hidden: swept if left unfinished
     try:
-        staged.write_bytes(data)
+        with open(staged, "wb") as out, db.errors():  # in ranges, never the whole sidecar in memory
+            whole = copy_string(db.client, key, size, out)
+        if not whole:  # deleted while it was read (its blob deleted)
+            return None
         blocks = KeyBlocks.open_parts(staged, fmt=FORMAT, version=str(VERSION))
         try:
             size = blocks.block_size

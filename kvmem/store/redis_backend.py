@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..errors import CubeError
 from .records import Record, StoreVersion, check_blob, check_name, check_unique
 from .redis_blobs import RedisBlobs
+from .redis_ranges import RedisRangeError
 
 _ROW_FIELDS = ("text", "kind", "meta", "fingerprint", "tokens", "bytes", "blob", "created", "last_used", "hits")
 
@@ -61,10 +62,11 @@ class _Redis:
         redis = _redis()
         try:
             yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError) as exc:
+            # the builtin two: `kvmem.store.redis_ranges.RangeReader`'s sockets
             raise CubeError(f"the Redis store at {self.url} is unreachable ({exc}): start Redis or fix the URL "
                             "(redis://host:port/db)") from None
-        except redis.exceptions.ResponseError as exc:
+        except (redis.exceptions.ResponseError, RedisRangeError) as exc:
             raise CubeError(f"the Redis store at {self.url} refused a command ({exc})") from None
 
     def transaction(self, fn, *keys):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import CubeError
 from .records import BLOB, KEY_BLOCKS_FILE, check_blob
+from .redis_ranges import copy_string
 
 _log = logging.getLogger("kvmem.store")
 
@@ -72,16 +73,24 @@ class RedisBlobs:
             return None
         if local.is_file():
             return local
+        key = self.db.key("blob", name)
         with self.db.errors():
-            data = self.db.client.get(self.db.key("blob", name))
-        if not data:  # not in Redis (kvmem never writes an empty blob): gone
+            size = int(self.db.client.strlen(key))
+        if not size:  # not in Redis (kvmem never writes an empty blob): gone
             return None
         tmp = self.cache / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            tmp.write_bytes(data)
+            with open(tmp, "wb") as out, self.db.errors():  # in ranges, never the whole blob in memory
+                whole = copy_string(self.db.client, key, size, out)
+            if not whole:  # deleted while it was read
+                tmp.unlink(missing_ok=True)
+                return None
             os.replace(tmp, local)
         except FileNotFoundError:  # swept by a gc with no grace while downloading: fetch once more
             return self.local_path(name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return local
 
     def refetch(self, name):

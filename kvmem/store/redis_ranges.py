@@ -255,3 +255,30 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("redis closed the connection in the middle of a reply")
         out += more
     return out
+
+
+def copy_string(client, key: str, size: int, out, *, chunk: int = 4 << 20) -> bool:
+    """Write the ``size`` bytes of Redis string ``key`` to binary file ``out``, ``chunk`` bytes at a time, through
+    ``client``'s `RangeReader` (one reused buffer: the value is never held whole in memory, nor parsed by redis-py)
+    or redis-py's GETRANGE where it has none; False if the string came out shorter (deleted meanwhile: blob names
+    are never reused, so a string of the same name never grows), and nothing more is written then. A Redis
+    store's local copies are fetched this way: 283 MB (a 4k SmolLM2 cube and its key blocks) took 0.31-0.46 s and
+    0.12-0.16 s of CPU here, against 1.2-1.9 s and 0.9-1.5 s for one GET and a write (redis-py, no hiredis).
+
+    Raises:
+        redis-py's errors, or `RedisRangeError` / ``ConnectionError`` / ``TimeoutError`` from the reader (a
+        store's ``errors()`` reports both kinds); the file's own ``OSError`` as it comes."""
+    reader = RangeReader.of(client)
+    buf = memoryview(bytearray(max(1, min(chunk, size))))
+    for offset in range(0, size, chunk):
+        m = min(chunk, size - offset)
+        if reader is not None:
+            n = reader.getrange_into(key, offset, [buf[:m]])
+        else:
+            data = client.getrange(key, offset, offset + m - 1)
+            n = len(data)
+            buf[:n] = data
+        if n != m:
+            return False
+        out.write(buf[:m])
+    return True
