@@ -18,7 +18,7 @@ from ..cubes.cubefile import CubeFile, NotLayered, Scratch
 from ..cubes.memcube import MemCube
 from ..errors import CubeError
 from ..store.records import NAME, check_name, is_valid_blob
-from ..store.redis_ranges import RangeReader
+from ..store.redis_ranges import RangeReader, getrange_via
 from ..store.stamp import mismatch, read_stamp
 from .key_blocks import fetch_key_blocks, redis_key
 
@@ -253,16 +253,7 @@ class RedisBlobBytes:
         into a paged cache's blocks comes as a hundred views); how many came."""
         if self.ranges is not None:
             return self.ranges.getrange_into(self.key, offset, views)
-        total = sum(len(v) for v in views)
-        data = memoryview(self._connected().getrange(self.key, offset, offset + total - 1))
-        done = 0
-        for v in views:
-            n = min(len(v), len(data) - done)
-            if n <= 0:
-                break
-            v[:n] = data[done:done + n]
-            done += n
-        return done
+        return getrange_via(self._connected(), self.key, offset, views)
 
     def close(self) -> None:
         pass  # the reader's sockets are kept for the next cube's reads (one per thread reading at once)

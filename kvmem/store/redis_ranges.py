@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from functools import partial
 
 _CRLF = b"\r\n"
 _SHARED: dict[tuple, "RangeReader"] = {}
@@ -108,7 +109,7 @@ class RangeReader:
             sock, kept = self._socket()
             try:
                 sock.sendall(command)
-                got = self._bulk_into(sock, views)
+                got = self._bulk_into(sock, views, total)
             except (ConnectionError, socket.timeout) as exc:
                 sock.close()  # in an unknown place of a reply: never reused
                 if kept and attempt == 0 and not isinstance(exc, socket.timeout):
@@ -121,12 +122,6 @@ class RangeReader:
                 self._idle.append(sock)
             return got
         raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for sock in idle:
-            sock.close()
 
     def _socket(self) -> tuple[socket.socket, bool]:
         """(a socket, whether it was kept from an earlier read)."""
@@ -173,8 +168,8 @@ class RangeReader:
             buf = self._local.bounce = memoryview(bytearray(max(n, 1 << 20)))
         return buf
 
-    def _bulk_into(self, sock: socket.socket, views: list[memoryview]) -> int:
-        """Read one bulk-string reply into ``views`` (in order); its length."""
+    def _bulk_into(self, sock: socket.socket, views: list[memoryview], total: int) -> int:
+        """Read one bulk-string reply into ``views`` (``total`` bytes, in order); its length."""
         line = _line(sock)
         if line.startswith(b"-"):
             raise RedisRangeError(f"redis answered GETRANGE with an error: {line[1:].decode(errors='replace')}")
@@ -186,8 +181,8 @@ class RangeReader:
             raise RedisRangeError(f"redis answered GETRANGE with {line[:40]!r}, not a string") from None
         if n < 0:  # a nil reply (RESP2 never gives one for GETRANGE): no bytes
             return 0
-        if n > sum(len(v) for v in views):
-            raise RedisRangeError(f"redis sent {n} bytes for a range of {sum(len(v) for v in views)}")
+        if n > total:
+            raise RedisRangeError(f"redis sent {n} bytes for a range of {total}")
         pending, left = [], n  # the views the reply fills, the last one cut to the reply's end
         for v in views:
             if left == 0:
@@ -269,16 +264,29 @@ def copy_string(client, key: str, size: int, out, *, chunk: int = 4 << 20) -> bo
         redis-py's errors, or `RedisRangeError` / ``ConnectionError`` / ``TimeoutError`` from the reader (a
         store's ``errors()`` reports both kinds); the file's own ``OSError`` as it comes."""
     reader = RangeReader.of(client)
+    read = reader.getrange_into if reader is not None else partial(getrange_via, client)
     buf = memoryview(bytearray(max(1, min(chunk, size))))
     for offset in range(0, size, chunk):
         m = min(chunk, size - offset)
-        if reader is not None:
-            n = reader.getrange_into(key, offset, [buf[:m]])
-        else:
-            data = client.getrange(key, offset, offset + m - 1)
-            n = len(data)
-            buf[:n] = data
+        n = read(key, offset, [buf[:m]])
         if n != m:
             return False
         out.write(buf[:m])
     return True
+
+
+def getrange_via(client, key: str, offset: int, views: list[memoryview]) -> int:
+    """`RangeReader.getrange_into` through redis-py ``client`` (one GETRANGE, its reply copied into ``views`` in
+    order), for a client the reader does not follow; how many bytes came."""
+    total = sum(len(v) for v in views)
+    if total == 0:  # GETRANGE key 0 -1 would be the whole string
+        return 0
+    data = memoryview(client.getrange(key, offset, offset + total - 1))
+    done = 0
+    for v in views:
+        n = min(len(v), len(data) - done)
+        if n <= 0:
+            break
+        v[:n] = data[done:done + n]
+        done += n
+    return done
