@@ -1,6 +1,7 @@
 """A hybrid model (Gemma 3: sliding-window and full-attention layers) served by KvmemConnector in an offline vLLM
 engine (``LLM()``, one process, float32): a cube longer than the window equals vLLM's own full prefill, is matched
-automatically, and a cube the engine saves equals the transformers-built one.
+automatically, and a cube the engine saves equals the transformers-built one; answers are checked against
+transformers' own full prefill (see the note above the first test).
 
 Why this works (docs/serving-vllm.md, "Hybrid models"): vLLM runs without its hybrid KV cache manager on CPU, and
 turns it off on every platform for a connector that does not declare ``SupportsHMA`` (KvmemConnector does not).
@@ -66,38 +67,49 @@ def folder(tmp_path_factory, cube):
 @pytest.fixture(scope="module")
 def llm(gemma, folder):
     engine = offline_engine(gemma[0], {"folder": str(folder)}, role="kv_both")
-    # one request before the tests': on 2026-12-06 the engine's very first request, a full prefill without kvmem,
-    # decoded token 0 after its first token (vLLM's own output; cause not found; this file flaked once before, which
-    # request then is not known); a guess that it is the first request's, not a fix
-    run_request(engine, list(range(100, 100 + MEMORY)), NO_AUTO, max_new=4)
     yield engine
     del engine
     gc.collect()
 
 
-def test_a_cube_longer_than_the_window_equals_vllm_full_prefill(llm, cube, memory):
+def hf_greedy(model, ids, n: int = 10):
+    """(greedy token ids, their logprobs) of transformers' own full prefill and decode of ``ids``."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=model.config.pad_token_id)
+    tokens = out.sequences[0, len(ids):].tolist()
+    logprobs = [torch.log_softmax(score[0].float(), -1)[t] for score, t in zip(out.scores, tokens)]
+    return tokens, torch.stack(logprobs)
+
+
+# The whole answer is checked against transformers' own full prefill and decode: vLLM 0.32's CPU build decodes NaN
+# logits (token 0) after a full prefill of this model in some engine processes and not in others (4 of 4 prompt
+# lengths from 64 to 300 tokens in one process, none in the next; its first token always right but at 65 tokens),
+# so its own full prefill is the reference for the first token only, the token that prefill computes.
+def test_a_cube_longer_than_the_window_equals_the_full_prefill(llm, cube, memory, gemma):
     ids = cube.all_ids[0].tolist() + memory["query"]
-    full, full_lp, cached = run_request(llm, ids, NO_AUTO)
-    assert cached == 0
+    want, want_lp = hf_greedy(gemma[1], ids)
+    full, _, cached = run_request(llm, ids, NO_AUTO)
+    assert cached == 0 and full[0] == want[0]  # vLLM's own prefill: the same first token
     got, got_lp, cached = run_request(llm, ids, {"cubes": ["g"]})
     assert cached == MEMORY  # every cube token loaded, none recomputed
-    assert got == full
-    torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)  # float32: the same logits up to rounding
+    assert got == want
+    torch.testing.assert_close(got_lp, want_lp, atol=1e-3, rtol=0)  # float32: the same logits up to rounding
     got, _, cached = run_request(llm, ids)  # a plain request whose prompt starts with the cube's ids
-    assert cached == MEMORY and got == full
+    assert cached == MEMORY and got == want
 
 
-def test_a_cube_saved_by_the_engine_equals_the_transformers_cube(llm, cube, memory, folder):
+def test_a_cube_saved_by_the_engine_equals_the_transformers_cube(llm, cube, memory, folder, gemma):
     ids = cube.all_ids[0].tolist() + memory["query"]
-    full, full_lp, _ = run_request(llm, ids, NO_AUTO)
+    want, want_lp = hf_greedy(gemma[1], ids)
     save = {"save": "saved", "tokens": MEMORY, "anchor": cube.anchor_len, "auto": False}
-    got, _, _ = run_request(llm, ids, save)
-    assert got == full
+    got, _, _ = run_request(llm, ids, save)  # vLLM's own full prefill, its KV kept as a cube
+    assert got[0] == want[0]
     saved = wait_for(folder / "default" / "saved.safetensors")
     assert torch.equal(saved.all_ids, cube.all_ids) and saved.fingerprint_fields == cube.fingerprint_fields
     for (k, v), (ck, cv) in zip(saved.kv, cube.kv, strict=True):  # sliding layers included, every position
         torch.testing.assert_close(k, ck, atol=2e-4, rtol=1e-4)
         torch.testing.assert_close(v, cv, atol=2e-4, rtol=1e-4)
     got, got_lp, cached = run_request(llm, ids, {"cubes": ["saved"]})
-    assert cached == MEMORY and got == full
-    torch.testing.assert_close(got_lp, full_lp, atol=1e-3, rtol=0)
+    assert cached == MEMORY and got == want
+    torch.testing.assert_close(got_lp, want_lp, atol=1e-3, rtol=0)
