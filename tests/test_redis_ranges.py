@@ -88,6 +88,22 @@ def test_a_wrong_password_or_a_dead_server_is_an_oserror_a_cube_read_reports(ser
         dead.getrange_into("s", 0, [memoryview(bytearray(2))])
 
 
+def test_redis_py_ranges_fail_as_the_readers_do(server):
+    """The redis-py fallback (`getrange_via`, for clients the reader does not follow) raises what the reader raises,
+    OSErrors that a cube's reader reports as a `CubeError`, not redis-py's own exceptions."""
+    from kvmem.store.redis_ranges import getrange_via
+
+    url, client = server
+    client.delete("h")
+    client.hset("h", "f", "v")
+    with pytest.raises(RedisRangeError, match="WRONGTYPE"):
+        getrange_via(client, "h", 0, [memoryview(bytearray(2))])
+    for other in (redis.Redis.from_url(url.replace("s3cret*pw", "wrong")),
+                  redis.Redis(port=free_port(), socket_connect_timeout=1)):
+        with pytest.raises(OSError):
+            getrange_via(other, "h", 0, [memoryview(bytearray(2))])
+
+
 def test_a_kept_socket_the_server_dropped_is_replaced(server):
     url, client = server
     client.set("s", b"0123456789")

@@ -33,16 +33,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def redis_server(folder, *options: str, password: str | None = None):
+def redis_server(folder, *options: str, password: str | None = None, tls: dict | None = None):
     """A throwaway redis-server on a free loopback port (no persistence; ``options``: more of its command-line
-    options, ``password``: its ``requirepass``); yields its URL, stops it by pid."""
+    options, ``password``: its ``requirepass``; ``tls``: {"cert", "key", "ca"} file paths: it listens with TLS
+    only, `tls_files`); yields its URL (``rediss://...?ssl_ca_certs=CA`` with TLS), stops it by pid."""
     port = free_port()
-    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+    listen = ["--port", str(port)]
+    if tls:
+        listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls["cert"]), "--tls-key-file",
+                  str(tls["key"]), "--tls-ca-cert-file", str(tls["ca"]), "--tls-auth-clients", "no"]
+    proc = subprocess.Popen([REDIS_SERVER, *listen, "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(folder), *options,
                              *(["--requirepass", password] if password else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        client = redis.Redis(port=port, password=password)
+        client = redis.Redis(host="127.0.0.1", port=port, password=password,
+                             **({"ssl": True, "ssl_ca_certs": str(tls["ca"])} if tls else {}))
         deadline = time.time() + 20
         while True:
             try:
@@ -53,7 +59,9 @@ def redis_server(folder, *options: str, password: str | None = None):
                     raise RuntimeError(f"redis-server did not start on port {port} (exit {proc.poll()})")
                 time.sleep(0.05)
         client.close()
-        yield f"redis://{':' + password + '@' if password else ''}127.0.0.1:{port}/0"
+        auth = f":{password}@" if password else ""
+        yield (f"rediss://{auth}127.0.0.1:{port}/0?ssl_ca_certs={tls['ca']}" if tls
+               else f"redis://{auth}127.0.0.1:{port}/0")
     finally:
         proc.terminate()
         try:
@@ -61,6 +69,47 @@ def redis_server(folder, *options: str, password: str | None = None):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def tls_files(folder, host: str = "127.0.0.1") -> dict:
+    """A throwaway certificate authority and a server certificate it signed for ``host`` (an IP address), written
+    into ``folder``: {"ca", "cert", "key"} paths (PEM), for `redis_server`'s ``tls``."""
+    import datetime
+    import ipaddress
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kvmem test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    folder = Path(folder)
+    paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return paths
 
 
 @pytest.fixture(scope="module")

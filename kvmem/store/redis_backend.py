@@ -64,6 +64,11 @@ class _Redis:
             yield
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, ConnectionError, TimeoutError) as exc:
             # the builtin two: `kvmem.store.redis_ranges.RangeReader`'s sockets
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
+                raise CubeError(f"the Redis store at {self.url} answered with a TLS certificate this machine does not "
+                                f"trust or that names another host ({exc}): connect by a name the certificate holds "
+                                "and give the certificate authority that signed it in the URL, "
+                                "rediss://host:port/db?ssl_ca_certs=/path/to/ca.pem (redis-py's option)") from None
             raise CubeError(f"the Redis store at {self.url} is unreachable ({exc}): start Redis or fix the URL "
                             "(redis://host:port/db)") from None
         except (redis.exceptions.ResponseError, RedisRangeError) as exc:
@@ -237,8 +242,9 @@ class RedisCatalog:
 
     def lock(self, name: str, *, wait: float):
         """A context manager holding the store-wide lock ``name`` (e.g. a namespace being installed into): a
-        key ``P:lock:<name>`` set with a random token and an expiry (kvmem/store/redis_lock.py), renewed by its holder every
-        third of it; released only by its own token. A holder that dies stops renewing: its lock expires."""
+        key ``P:lock:<name>`` set with a random token and an expiry (kvmem/store/redis_lock.py), renewed by its
+        holder every third of it; released only by its own token. A holder that dies stops renewing: its lock
+        expires."""
         from .redis_lock import RedisLock
 
         return RedisLock(self.db, check_name(name, "lock name"), wait=wait)

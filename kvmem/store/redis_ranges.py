@@ -277,11 +277,20 @@ def copy_string(client, key: str, size: int, out, *, chunk: int = 4 << 20) -> bo
 
 def getrange_via(client, key: str, offset: int, views: list[memoryview]) -> int:
     """`RangeReader.getrange_into` through redis-py ``client`` (one GETRANGE, its reply copied into ``views`` in
-    order), for a client the reader does not follow; how many bytes came."""
+    order), for a client the reader does not follow; how many bytes came. Fails as the reader does: an error reply
+    raises `RedisRangeError`, a lost or refused connection `ConnectionError` (both OSErrors)."""
     total = sum(len(v) for v in views)
     if total == 0:  # GETRANGE key 0 -1 would be the whole string
         return 0
-    data = memoryview(client.getrange(key, offset, offset + total - 1))
+    import redis
+
+    try:
+        data = memoryview(client.getrange(key, offset, offset + total - 1))
+    except redis.exceptions.ResponseError as exc:
+        raise RedisRangeError(f"GETRANGE {key}: {exc}") from None
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        # as the reader's own sockets fail: an OSError, which a cube's reader reports as a CubeError
+        raise ConnectionError(f"GETRANGE {key}: {exc}") from None
     done = 0
     for v in views:
         n = min(len(v), len(data) - done)
