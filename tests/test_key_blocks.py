@@ -363,6 +363,7 @@ def test_key_blocks_of_a_blob_deleted_meanwhile_are_not_left_behind(cube, tmp_pa
     with pytest.raises(kvmem.CubeError, match="deleted"):
         kb.store_key_blocks(here, blob, block_size=16, staging=tmp_path)
     assert redis.Redis.from_url(redis_url).keys(f"*keyblocks:{blob}") == []
+    assert redis.Redis.from_url(redis_url).keys(f"{here.blobs.db.key('staging', '')}*") == []  # their upload too
 
     local = CubeStore(str(tmp_path / "store"))
     blob = local.view("ns").put_cube("notes", cube, text="the notes").blob

@@ -15,6 +15,7 @@ import uuid
 from contextlib import contextmanager
 
 import pytest
+import torch
 
 import kvmem
 import test_store_backends as conformance
@@ -184,6 +185,65 @@ def test_server_gone_mid_use_is_a_clear_error(tmp_path, cube):  # noqa: F811
         store.view("me").put_cube("m", cube)
     with pytest.raises(kvmem.CubeError, match="unreachable"):
         store.view("me").load_cube("m")
+
+
+def big_cube(tokens: int = 1100) -> kvmem.MemCube:
+    """A real MemCube of ~2.3 MB (2 layers, 2 KV heads of 64), from a random llama (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    ids = torch.randint(0, 128, (tokens,), generator=torch.Generator().manual_seed(1))
+    return kvmem.MemCube.from_ids(LlamaForCausalLM(config).eval(), ids, text="big")
+
+
+def test_a_cube_over_the_servers_string_limit_is_refused_clearly_and_nothing_is_stored(tmp_path, cube):  # noqa: F811
+    """Redis keeps no string over its ``proto-max-bulk-len`` (512 MiB by default; a 4k-token cube of Llama 3 8B in
+    bfloat16 is just over it): the error names the limit and its fix, and no row, blob or staging key is left behind."""
+    big = big_cube()
+    with redis_server(tmp_path, "--proto-max-bulk-len", "1mb") as url:
+        store = kvmem.CubeStore(f"{url}?cache={tmp_path / 'c'}")
+        view = store.view("me")
+        with pytest.raises(kvmem.CubeError, match="proto-max-bulk-len.*CONFIG SET proto-max-bulk-len"):
+            view.put_cube("big", big)
+        assert view.get("big") is None and store.blobs.names() == {}
+        client = redis.Redis.from_url(url)
+        assert client.keys("*staging*") == []
+        view.put_cube("small", cube)  # the store goes on working
+        assert torch.equal(view.load_cube("small").input_ids, cube.input_ids)
+
+
+def test_a_blob_is_uploaded_in_ranges_and_appears_whole_in_one_step(redis_url, tmp_path, monkeypatch):
+    """A cube's bytes go up range by range under a staging key that expires (never one SET of the whole blob, nor
+    the whole file in memory), and become the blob in one step: no reader sees a part of them."""
+    import functools
+
+    from kvmem.store import redis_blobs, redis_ranges
+
+    big = big_cube()
+    monkeypatch.setattr(redis_blobs, "upload_string", functools.partial(redis_ranges.upload_string, chunk=1 << 18))
+    store = kvmem.CubeStore(store_url(redis_url, tmp_path))
+    client = store.blobs.db.client
+    seen = []
+    setrange = client.setrange
+
+    def spy(key, offset, value):
+        seen.append((len(value), client.ttl(key), len(store.blobs.names())))
+        return setrange(key, offset, value)
+
+    monkeypatch.setattr(client, "setrange", spy)
+    rec = store.view("me").put_cube("big", big)
+    assert len(seen) >= 8 and all(n <= 1 << 18 for n, _, _ in seen)
+    assert all(0 < ttl <= 3600 for _, ttl, _ in seen)  # the staging key expires if its writer dies
+    assert all(blobs == 0 for _, _, blobs in seen)  # no blob while its bytes go up
+    key = store.blobs.db.key("blob", rec.blob)
+    assert client.ttl(key) == -1 and client.strlen(key) == rec.bytes  # published whole, kept for good
+    assert client.keys(f"{store.blobs.db.key('staging', '')}*") == []
+    reader = kvmem.CubeStore(f"{redis_url}?prefix={store.blobs.db.prefix}&cache={tmp_path / 'cache-m2'}")
+    got = reader.view("me").load_cube("big")
+    for (k, v), (bk, bv) in zip(got.kv, big.kv, strict=True):
+        assert torch.equal(k, bk) and torch.equal(v, bv)
 
 
 def test_missing_or_flushed_store_is_an_error_not_an_empty_store(redis_url, tmp_path, cube):  # noqa: F811

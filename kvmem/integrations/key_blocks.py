@@ -34,7 +34,7 @@ import xxhash
 from ..cubes.cubefile import CubeFile, PartFile
 from ..cubes.format import HEADER_PART, write_cube_file
 from ..errors import CubeError
-from ..store.redis_ranges import copy_string
+from ..store.redis_ranges import copy_string, upload_string
 
 FORMAT = "kvmem.key_blocks"
 VERSION = 1
@@ -173,17 +173,21 @@ def store_key_blocks(store, blob: str, *, block_size: int, staging) -> tuple[str
             raise CubeError(f"blob {blob} was deleted while its key blocks were written")
         return str(side), nbytes
     staged = write_key_blocks(path, block_size=block_size, out=Path(staging) / f"{blob}.keys-b{block_size}")
+    staging = db.key("staging", f"{blob}.{uuid.uuid4().hex[:8]}.keys")
     try:
-        data = staged.read_bytes()
         with db.errors():
-            # set only while the blob is there, in one step: a delete (another replica's replace, `kvmem rm`) that
-            # came first would otherwise leave a key no delete or gc ever removes
-            stored = db.client.eval(_SET_IF_BLOB, 2, db.key("blob", blob), redis_key(db, blob), data)
+            size = upload_string(db.client, staging, staged)  # range by range (`upload_string`), then:
+            # renamed into place only while the blob is there, in one step: a delete (another replica's replace,
+            # `kvmem rm`) that came first would otherwise leave a key no delete or gc ever removes
+            stored = db.client.eval(_RENAME_IF_BLOB, 3, db.key("blob", blob), staging, redis_key(db, blob))
     finally:
         staged.unlink(missing_ok=True)
+    if stored == -1:
+        raise CubeError(f"the key blocks of blob {blob} expired in {db.url} before they were stored (their upload "
+                        "took over an hour)")
     if not stored:
         raise CubeError(f"blob {blob} was deleted from {db.url} before its key blocks were stored")
-    return f"{db.url} {redis_key(db, blob)}", len(data)
+    return f"{db.url} {redis_key(db, blob)}", size
 
 
 def fetch_key_blocks(db, blob: str, copy) -> Path | None:
@@ -218,8 +222,10 @@ def fetch_key_blocks(db, blob: str, copy) -> Path | None:
     return final
 
 
-# KEYS[1]: the blob's key, KEYS[2]: its key blocks' key, ARGV[1]: their bytes
-_SET_IF_BLOB = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('SET', KEYS[2], ARGV[1]) return 1 end return 0"
+# KEYS[1]: the blob's key, KEYS[2]: its key blocks' staging key (uploaded), KEYS[3]: their key
+_RENAME_IF_BLOB = ("if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) return 0 end "
+                   "if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end "
+                   "redis.call('RENAME', KEYS[2], KEYS[3]) redis.call('PERSIST', KEYS[3]) return 1")
 
 
 def main(argv=None) -> None:

@@ -72,6 +72,10 @@ class _Redis:
             raise CubeError(f"the Redis store at {self.url} is unreachable ({exc}): start Redis or fix the URL "
                             "(redis://host:port/db)") from None
         except (redis.exceptions.ResponseError, RedisRangeError) as exc:
+            if "proto-max-bulk-len" in str(exc):
+                raise CubeError(f"the Redis store at {self.url} refused a string this large ({exc}): raise the "
+                                "server's limit (CONFIG SET proto-max-bulk-len 4gb, or in redis.conf), or keep cubes "
+                                "this large in a folder store; nothing was stored") from None
             raise CubeError(f"the Redis store at {self.url} refused a command ({exc})") from None
 
     def transaction(self, fn, *keys):

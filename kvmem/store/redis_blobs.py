@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import CubeError
 from .records import BLOB, KEY_BLOCKS_FILE, check_blob
-from .redis_ranges import copy_string
+from .redis_ranges import copy_string, upload_string
 
 _log = logging.getLogger("kvmem.store")
 
@@ -50,15 +50,20 @@ class RedisBlobs:
         return self.cache / f".{check_blob(name)}.staged.safetensors"
 
     def put(self, name, staged):
+        """Upload ``staged`` as blob ``name``: written range by range under a staging key (`upload_string`: never
+        whole in memory, no command over Redis' ``proto-max-bulk-len``), then renamed to the blob's key and
+        timed in one step, so no reader ever sees part of it; a writer that dies leaves a staging key that
+        expires."""
         check_blob(name)
-        data = Path(staged).read_bytes()
+        staging = self.db.key("staging", f"{name}.{uuid.uuid4().hex[:8]}")
         with self.db.errors():
-            pipe = self.db.client.pipeline(transaction=True)
-            pipe.set(self.db.key("blob", name), data)
-            pipe.hset(self.db.key("blobtime"), name, time.time())
-            pipe.execute()
+            size = upload_string(self.db.client, staging, staged)
+            if not self.db.client.eval(_PUBLISH, 3, staging, self.db.key("blob", name), self.db.key("blobtime"),
+                                       name, time.time()):
+                raise CubeError(f"blob {name}'s upload to {self.db.url} expired before it was published (it took "
+                                "over an hour): save the cube again")
         os.replace(staged, self._local(name))  # this machine's copy: the bytes it just put
-        return len(data)
+        return size
 
     def copy_if_local(self, name):
         """This machine's copy of blob ``name`` if it has one now; None (and no fetch) if not."""
@@ -156,6 +161,11 @@ class RedisBlobs:
                     removed.append(key.decode())
         return removed
 
+
+# KEYS[1]: an uploaded blob's staging key, KEYS[2]: the blob's key, KEYS[3]: the blob times; ARGV: its name, time
+_PUBLISH = ("if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
+            "redis.call('RENAME', KEYS[1], KEYS[2]) redis.call('PERSIST', KEYS[2]) "
+            "redis.call('HSET', KEYS[3], ARGV[1], ARGV[2]) return 1")
 
 # KEYS[1]: a blob's key, KEYS[2]: its key blocks' key
 _DEL_IF_NO_BLOB = "if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('DEL', KEYS[2]) end return 0"
