@@ -19,7 +19,7 @@ sys.path.insert(0, str(BENCH))
 SCRIPTS = ["ttft", "compose_quality", "splice_kernel", "zipf_trace", "adapter_swap", "retrieval", "retrieval_tune",
            "retrieval_cost", "ttft_fast", "auto_overhead", "recall_gate", "distill", "compose_fidelity",
            "quantized_cubes", "host_overhead", "bundle_install", "bundle_verify", "forget_cost", "decode_profile",
-           "distill_validate", "distill_step", "vllm_server_ttft"]
+           "distill_validate", "distill_step", "vllm_server_ttft", "load_floor"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
