@@ -88,6 +88,23 @@ def test_a_wrong_password_or_a_dead_server_is_an_oserror_a_cube_read_reports(ser
         dead.getrange_into("s", 0, [memoryview(bytearray(2))])
 
 
+@pytest.mark.parametrize("size", [0, 1, 9_999, 10_000, 25_001])
+def test_upload_string_writes_a_file_range_by_range_under_an_expiring_key(server, tmp_path, size):
+    from kvmem.store.redis_ranges import upload_string
+
+    url, client = server
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    client.delete("up")
+    assert upload_string(client, "up", tmp_path / "f", chunk=10_000, ttl=600) == size
+    assert client.exists("up") and client.get("up") == data
+    assert 0 < client.ttl("up") <= 600
+    client.delete("up")
+    with pytest.raises(FileNotFoundError):
+        upload_string(client, "up", tmp_path / "missing")
+    assert not client.exists("up")
+
+
 def test_redis_py_ranges_fail_as_the_readers_do(server):
     """The redis-py fallback (`getrange_via`, for clients the reader does not follow) raises what the reader raises,
     OSErrors that a cube's reader reports as a `CubeError`, not redis-py's own exceptions."""

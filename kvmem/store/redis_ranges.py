@@ -294,10 +294,13 @@ def upload_string(client, key: str, path, *, chunk: int = 1 << 20, ttl: int = 36
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            pipe = client.pipeline(transaction=True)
-            pipe.setrange(key, max(size - 1, 0), b"\0")
-            pipe.expire(key, ttl)
-            pipe.execute()
+            if size:
+                pipe = client.pipeline(transaction=True)
+                pipe.setrange(key, size - 1, b"\0")
+                pipe.expire(key, ttl)
+                pipe.execute()
+            else:
+                client.set(key, b"", ex=ttl)
             done = 0
             while done < size:
                 n = f.readinto(buf[:min(chunk, size - done)])
