@@ -105,6 +105,38 @@ def test_upload_string_writes_a_file_range_by_range_under_an_expiring_key(server
     assert not client.exists("up")
 
 
+def test_an_upload_that_fails_midway_leaves_no_key_and_a_vanished_key_is_not_made_again(server, tmp_path,
+                                                                                      monkeypatch):
+    from kvmem.errors import CubeError
+    from kvmem.store import redis_ranges
+
+    url, client = server
+    (tmp_path / "f").write_bytes(os.urandom(50_000))
+    real = redis_ranges.put_range
+    calls = []
+
+    def failing(c, key, offset, data, ttl):
+        calls.append(offset)
+        if len(calls) == 2:
+            raise ConnectionError("the connection dropped")
+        return real(c, key, offset, data, ttl)
+
+    monkeypatch.setattr(redis_ranges, "put_range", failing)
+    with pytest.raises(ConnectionError):
+        redis_ranges.upload_string(client, "mid", tmp_path / "f", chunk=10_000)
+    assert calls == [0, 10_000] and not client.exists("mid")  # deleted, not left for its expiry
+
+    def evicted(c, key, offset, data, ttl):  # Redis drops the key between two ranges (maxmemory, or it expired)
+        if offset == 20_000:
+            c.delete(key)
+        return real(c, key, offset, data, ttl)
+
+    monkeypatch.setattr(redis_ranges, "put_range", evicted)
+    with pytest.raises(CubeError, match="vanished after 20000 bytes"):
+        redis_ranges.upload_string(client, "gone", tmp_path / "f", chunk=10_000)
+    assert not client.exists("gone")  # not made again from the later ranges, zeros before them and no expiry
+
+
 def test_redis_py_ranges_fail_as_the_readers_do(server):
     """The redis-py fallback (`getrange_via`, for clients the reader does not follow) raises what the reader raises,
     OSErrors that a cube's reader reports as a `CubeError`, not redis-py's own exceptions."""

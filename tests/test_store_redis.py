@@ -226,13 +226,13 @@ def test_a_blob_is_uploaded_in_ranges_and_appears_whole_in_one_step(redis_url, t
     store = kvmem.CubeStore(store_url(redis_url, tmp_path))
     client = store.blobs.db.client
     seen = []
-    setrange = client.setrange
+    put_range = redis_ranges.put_range
 
-    def spy(key, offset, value):
+    def spy(c, key, offset, value, ttl):
         seen.append((len(value), client.ttl(key), len(store.blobs.names())))
-        return setrange(key, offset, value)
+        return put_range(c, key, offset, value, ttl)
 
-    monkeypatch.setattr(client, "setrange", spy)
+    monkeypatch.setattr(redis_ranges, "put_range", spy)
     rec = store.view("me").put_cube("big", big)
     assert len(seen) >= 8 and all(n <= 1 << 18 for n, _, _ in seen)
     assert all(0 < ttl <= 3600 for _, ttl, _ in seen)  # the staging key expires if its writer dies
@@ -263,3 +263,23 @@ def test_missing_or_flushed_store_is_an_error_not_an_empty_store(redis_url, tmp_
 def test_bad_urls(tmp_path):
     with pytest.raises(kvmem.CubeError, match="prefix"):
         kvmem.CubeStore(f"redis://127.0.0.1:1/0?prefix=a:b&cache={tmp_path}")
+    for url in ("redis://:s3cret@127.0.0.1:port/0", "redis://user:s3@cret@127.0.0.1:port/0"):
+        with pytest.raises(kvmem.CubeError, match="is not a Redis URL") as err:  # its password never shown
+            kvmem.CubeStore(url)
+        assert "s3" not in str(err.value) and "redis://***@127.0.0.1:port/0" in str(err.value)
+
+
+def test_publishing_a_blob_twice_is_publishing_it_once(redis_url, tmp_path):
+    """redis-py retries a call whose reply was lost: the publish script run again finds its staging key renamed
+    already, and says so (1), not that the upload vanished; a staging key that did vanish is 0."""
+    from kvmem.store.redis_blobs import _PUBLISH
+
+    store = kvmem.CubeStore(store_url(redis_url, tmp_path))
+    db = store.blobs.db
+    blob, times = db.key("blob", "b" * 32), db.key("blobtime")
+    db.client.set(db.key("staging", "x"), b"bytes", ex=60)
+    for _ in range(2):
+        assert db.client.eval(_PUBLISH, 3, db.key("staging", "x"), blob, times, "b" * 32, 1.5) == 1
+    assert db.client.get(blob) == b"bytes" and db.client.ttl(blob) == -1 and db.client.hget(times, "b" * 32)
+    assert db.client.eval(_PUBLISH, 3, db.key("staging", "y"), db.key("blob", "c" * 32), times, "c" * 32, 1.5) == 0
+    assert not db.client.hexists(times, "c" * 32)

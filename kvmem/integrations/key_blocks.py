@@ -173,18 +173,18 @@ def store_key_blocks(store, blob: str, *, block_size: int, staging) -> tuple[str
             raise CubeError(f"blob {blob} was deleted while its key blocks were written")
         return str(side), nbytes
     staged = write_key_blocks(path, block_size=block_size, out=Path(staging) / f"{blob}.keys-b{block_size}")
-    staging = db.key("staging", f"{blob}.{uuid.uuid4().hex[:8]}.keys")
+    staging_key = db.key("staging", f"{blob}.{uuid.uuid4().hex[:8]}.keys")
     try:
         with db.errors():
-            size = upload_string(db.client, staging, staged)  # range by range (`upload_string`), then:
+            size = upload_string(db.client, staging_key, staged)  # range by range (`upload_string`), then:
             # renamed into place only while the blob is there, in one step: a delete (another replica's replace,
             # `kvmem rm`) that came first would otherwise leave a key no delete or gc ever removes
-            stored = db.client.eval(_RENAME_IF_BLOB, 3, db.key("blob", blob), staging, redis_key(db, blob))
+            stored = db.client.eval(_RENAME_IF_BLOB, 3, db.key("blob", blob), staging_key, redis_key(db, blob))
     finally:
         staged.unlink(missing_ok=True)
     if stored == -1:
-        raise CubeError(f"the key blocks of blob {blob} expired in {db.url} before they were stored (their upload "
-                        "took over an hour)")
+        raise CubeError(f"the key blocks of blob {blob} vanished from {db.url} before they were stored (expired or "
+                        "evicted): store them again")
     if not stored:
         raise CubeError(f"blob {blob} was deleted from {db.url} before its key blocks were stored")
     return f"{db.url} {redis_key(db, blob)}", size
@@ -222,9 +222,11 @@ def fetch_key_blocks(db, blob: str, copy) -> Path | None:
     return final
 
 
-# KEYS[1]: the blob's key, KEYS[2]: its key blocks' staging key (uploaded), KEYS[3]: their key
+# KEYS[1]: the blob's key, KEYS[2]: its key blocks' staging key (uploaded), KEYS[3]: their key. Run again (redis-py
+# retries a call whose reply was lost), the staging key is gone and their key there: stored (or some replica's are)
 _RENAME_IF_BLOB = ("if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) return 0 end "
-                   "if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end "
+                   "if redis.call('EXISTS', KEYS[2]) == 0 then "
+                   "if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end return -1 end "
                    "redis.call('RENAME', KEYS[2], KEYS[3]) redis.call('PERSIST', KEYS[3]) return 1")
 
 

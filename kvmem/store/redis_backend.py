@@ -13,8 +13,10 @@ Keys (``P`` = the prefix)::
     P:reservations     hash: blob -> time reserved
     P:grants           hash: JSON [owner, reader] -> time granted
     P:seq, P:changes   the change counter, and a sorted set of JSON [seq, namespace, id, op] scored by seq
-    P:blob:<name>      the cube file's bytes (one SET: all or nothing)
+    P:blob:<name>      the cube file's bytes (uploaded under a staging key, then renamed here: all or nothing)
     P:blobtime         hash: blob -> time put (for gc)
+    P:staging:<name>.<hex>[.keys]  an upload in progress (`kvmem.store.redis_ranges.upload_string`): it expires an
+                       hour after its last range, so one a dead writer left needs no gc
 
 Every catalog step that reads then writes is one optimistic transaction (WATCH / MULTI, retried on conflict), so
 it is atomic across processes and hosts. Reads are validated as everywhere: ``local_path`` gives a local copy of
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from contextlib import contextmanager
@@ -46,6 +49,11 @@ def _redis():
     except ImportError:
         raise CubeError("a Redis store needs the redis client: pip install 'kvmem[redis]'") from None
     return redis
+
+
+def _redacted(url: str) -> str:
+    """``url`` without the user name and password it may hold (``redis://***@host``), for messages and logs."""
+    return re.sub(r"^([a-z]+://)[^/]*@", r"\1***@", url)
 
 
 class _Redis:
@@ -438,7 +446,7 @@ def open_redis_backends(url: str, *, create: bool = False) -> tuple[RedisCatalog
         parts = urlsplit(url)
         port = parts.port  # parsed lazily: a bad port raises here
     except ValueError as exc:
-        raise CubeError(f"{url!r} is not a Redis URL ({exc}); use redis://host:port/db") from None
+        raise CubeError(f"{_redacted(url)!r} is not a Redis URL ({exc}); use redis://host:port/db") from None
     query = dict(parse_qsl(parts.query))
     prefix = query.pop("prefix", "kvmem")
     if not prefix or ":" in prefix:
@@ -450,7 +458,7 @@ def open_redis_backends(url: str, *, create: bool = False) -> tuple[RedisCatalog
     try:
         client = redis.Redis.from_url(client_url, socket_connect_timeout=3, socket_timeout=30)
     except ValueError as exc:
-        raise CubeError(f"{url!r} is not a Redis URL ({exc}); use redis://host:port/db") from None
+        raise CubeError(f"{_redacted(url)!r} is not a Redis URL ({exc}); use redis://host:port/db") from None
     db = _Redis(shown + (f"?prefix={prefix}" if prefix != "kvmem" else ""), client, prefix)
     with db.errors():
         found = client.get(db.key("store"))

@@ -60,8 +60,8 @@ class RedisBlobs:
             size = upload_string(self.db.client, staging, staged)
             if not self.db.client.eval(_PUBLISH, 3, staging, self.db.key("blob", name), self.db.key("blobtime"),
                                        name, time.time()):
-                raise CubeError(f"blob {name}'s upload to {self.db.url} expired before it was published (it took "
-                                "over an hour): save the cube again")
+                raise CubeError(f"blob {name}'s upload to {self.db.url} vanished before it was published (expired "
+                                "or evicted): save the cube again")
         os.replace(staged, self._local(name))  # this machine's copy: the bytes it just put
         return size
 
@@ -163,7 +163,8 @@ class RedisBlobs:
 
 
 # KEYS[1]: an uploaded blob's staging key, KEYS[2]: the blob's key, KEYS[3]: the blob times; ARGV: its name, time
-_PUBLISH = ("if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
+# (again, as redis-py retries a call whose reply was lost: published already where the blob is there, its name new)
+_PUBLISH = ("if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('EXISTS', KEYS[2]) end "
             "redis.call('RENAME', KEYS[1], KEYS[2]) redis.call('PERSIST', KEYS[2]) "
             "redis.call('HSET', KEYS[3], ARGV[1], ARGV[2]) return 1")
 

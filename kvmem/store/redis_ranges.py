@@ -28,6 +28,8 @@ import socket
 import threading
 from functools import partial
 
+from ..errors import CubeError
+
 _CRLF = b"\r\n"
 _SHARED: dict[tuple, "RangeReader"] = {}
 _SHARED_LOCK = threading.Lock()
@@ -276,20 +278,28 @@ def copy_string(client, key: str, size: int, out, *, chunk: int = 4 << 20) -> bo
     return True
 
 
+# KEYS[1]: a staging key; ARGV: offset, bytes, expiry (s). A key gone meanwhile (expired, or evicted under a
+# maxmemory policy) is refused (-1): SETRANGE would make it again, zeros before the offset and no expiry
+_PUT_RANGE = ("if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end "
+              "redis.call('SETRANGE', KEYS[1], ARGV[1], ARGV[2]) redis.call('EXPIRE', KEYS[1], ARGV[3]) return 1")
+
+
 def upload_string(client, key: str, path, *, chunk: int = 1 << 20, ttl: int = 3600) -> int:
     """Write file ``path``'s bytes to a new Redis string ``key``, ``chunk`` bytes at a time: the string is made at
     its full size first (``SETRANGE`` of its last byte, with an expiry of ``ttl`` seconds: a size over the server's
-    ``proto-max-bulk-len`` is refused there, before any byte goes up), then filled range by range (``SETRANGE``,
-    from one reused buffer: the file is never held whole in memory, and no command carries more than ``chunk``
-    bytes; 1 MiB, the smallest limit a server may set). Growing the string by ``APPEND`` instead reallocates it
-    as it grows: 165-808 ms for 189 MB on this machine against 180-219 ms, and 111-145 ms for one ``SET`` of the
-    whole. ``key`` is a staging key: the caller renames it where readers look, in one step, and ``PERSIST`` s
-    it; one left by a writer that died expires. On any failure ``key`` is deleted (if the server can still be
-    reached) and the error raised. Returns the number of bytes.
+    ``proto-max-bulk-len`` is refused there, before any byte goes up), then filled range by range (`put_range`:
+    ``SETRANGE`` while the key still exists, its expiry renewed, from one reused buffer: the file is never held
+    whole in memory, and no command carries more than ``chunk`` bytes; 1 MiB, the smallest limit a server may
+    set). Growing the string by ``APPEND`` instead reallocates it as it grows: 165-808 ms for 189 MB on this
+    machine against 180-219 ms, and 111-145 ms for one ``SET`` of the whole. ``key`` is a staging key: the caller
+    renames it where readers look, in one step, and ``PERSIST`` s it; one left by a writer that died expires
+    ``ttl`` seconds after its last range. On any failure ``key`` is deleted (if the server can still be reached)
+    and the error raised. Returns the number of bytes.
 
     Raises:
-        redis-py's errors (a ``ResponseError`` naming ``proto-max-bulk-len`` for a string over the server's
-        limit); the file's own ``OSError``, or ``EOFError`` if it shrank meanwhile."""
+        CubeError: the staging key vanished mid-upload (expired or evicted). redis-py's errors (a
+        ``ResponseError`` naming ``proto-max-bulk-len`` for a string over the server's limit); the file's own
+        ``OSError`` (also if it shrank meanwhile)."""
     buf = memoryview(bytearray(chunk))
     try:
         with open(path, "rb", buffering=0) as f:
@@ -305,8 +315,8 @@ def upload_string(client, key: str, path, *, chunk: int = 1 << 20, ttl: int = 36
             while done < size:
                 n = f.readinto(buf[:min(chunk, size - done)])
                 if not n:
-                    raise EOFError(f"{path} ended at byte {done} of {size} while it was uploaded")
-                client.setrange(key, done, buf[:n])
+                    raise OSError(f"{path} ended at byte {done} of {size} while it was uploaded")
+                put_range(client, key, done, buf[:n], ttl)
                 done += n
         return size
     except BaseException:
@@ -317,10 +327,22 @@ def upload_string(client, key: str, path, *, chunk: int = 1 << 20, ttl: int = 36
         raise
 
 
+def put_range(client, key: str, offset: int, data, ttl: int) -> None:
+    """``SETRANGE key offset data`` and renew its expiry, only while staging key ``key`` exists (`upload_string`).
+
+    Raises:
+        CubeError: it does not (expired, or evicted under Redis' maxmemory policy)."""
+    if client.eval(_PUT_RANGE, 1, key, offset, data, ttl) != 1:
+        raise CubeError(f"the staging key {key} of an upload vanished after {offset} bytes (it expired, {ttl} s "
+                        "after its last range, or Redis evicted it: a store's Redis should run with "
+                        "maxmemory-policy noeviction); nothing was stored: save it again")
+
+
 def getrange_via(client, key: str, offset: int, views: list[memoryview]) -> int:
     """`RangeReader.getrange_into` through redis-py ``client`` (one GETRANGE, its reply copied into ``views`` in
     order), for a client the reader does not follow; how many bytes came. Fails as the reader does: an error reply
-    raises `RedisRangeError`, a lost or refused connection `ConnectionError` (both OSErrors)."""
+    (or any other redis-py error) raises `RedisRangeError`, a lost or refused connection `ConnectionError` (both
+    OSErrors)."""
     total = sum(len(v) for v in views)
     if total == 0:  # GETRANGE key 0 -1 would be the whole string
         return 0
@@ -333,6 +355,8 @@ def getrange_via(client, key: str, offset: int, views: list[memoryview]) -> int:
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         # as the reader's own sockets fail: an OSError, which a cube's reader reports as a CubeError
         raise ConnectionError(f"GETRANGE {key}: {exc}") from None
+    except redis.exceptions.RedisError as exc:  # a reply redis-py could not parse, and the rest of its kind
+        raise RedisRangeError(f"GETRANGE {key}: {type(exc).__name__}: {exc}") from None
     done = 0
     for v in views:
         n = min(len(v), len(data) - done)
