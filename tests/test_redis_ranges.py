@@ -105,8 +105,7 @@ def test_upload_string_writes_a_file_range_by_range_under_an_expiring_key(server
     assert not client.exists("up")
 
 
-def test_an_upload_that_fails_midway_leaves_no_key_and_a_vanished_key_is_not_made_again(server, tmp_path,
-                                                                                      monkeypatch):
+def test_an_upload_that_fails_midway_leaves_no_key_and_a_vanished_key_stops_it(server, tmp_path, monkeypatch):
     from kvmem.errors import CubeError
     from kvmem.store import redis_ranges
 
@@ -124,7 +123,7 @@ def test_an_upload_that_fails_midway_leaves_no_key_and_a_vanished_key_is_not_mad
     monkeypatch.setattr(redis_ranges, "put_range", failing)
     with pytest.raises(ConnectionError):
         redis_ranges.upload_string(client, "mid", tmp_path / "f", chunk=10_000)
-    assert calls == [0, 10_000] and not client.exists("mid")  # deleted, not left for its expiry
+    assert calls == [40_000, 30_000] and not client.exists("mid")  # last range first; deleted, not left to expire
 
     def evicted(c, key, offset, data, ttl):  # Redis drops the key between two ranges (maxmemory, or it expired)
         if offset == 20_000:
@@ -132,9 +131,9 @@ def test_an_upload_that_fails_midway_leaves_no_key_and_a_vanished_key_is_not_mad
         return real(c, key, offset, data, ttl)
 
     monkeypatch.setattr(redis_ranges, "put_range", evicted)
-    with pytest.raises(CubeError, match="vanished after 20000 bytes"):
+    with pytest.raises(CubeError, match="vanished after 20000 of its 50000 bytes"):
         redis_ranges.upload_string(client, "gone", tmp_path / "f", chunk=10_000)
-    assert not client.exists("gone")  # not made again from the later ranges, zeros before them and no expiry
+    assert not client.exists("gone")  # the string made again from zeros by the next range: deleted, never published
 
 
 def test_redis_py_ranges_fail_as_the_readers_do(server):
