@@ -14,16 +14,18 @@ import kvmem
 from kvmem.store.records import check_blob, new_blob_name
 
 
-def tiny_cube(text: str = "sixteen random tokens", seed: int = 0) -> kvmem.MemCube:
-    """A real MemCube from a 2-layer random llama (no download), cheap enough to build per test."""
+def tiny_cube(text: str = "sixteen random tokens", seed: int = 0, *, tokens: int = 16,
+              hidden: int = 32) -> kvmem.MemCube:
+    """A real MemCube from a 2-layer random llama (no download, 2 KV heads of ``hidden`` / 4), cheap enough to build
+    per test."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(128, tokens))
     model = LlamaForCausalLM(config).eval()
-    return kvmem.MemCube.from_ids(model, torch.randint(0, 128, (16,), generator=torch.Generator().manual_seed(seed)),
-                                  text=text)
+    ids = torch.randint(0, 128, (tokens,), generator=torch.Generator().manual_seed(seed))
+    return kvmem.MemCube.from_ids(model, ids, text=text)
 
 
 def _local(tmp_path):

@@ -187,15 +187,9 @@ def test_server_gone_mid_use_is_a_clear_error(tmp_path, cube):  # noqa: F811
         store.view("me").load_cube("m")
 
 
-def big_cube(tokens: int = 1100) -> kvmem.MemCube:
-    """A real MemCube of ~2.3 MB (2 layers, 2 KV heads of 64), from a random llama (no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    ids = torch.randint(0, 128, (tokens,), generator=torch.Generator().manual_seed(1))
-    return kvmem.MemCube.from_ids(LlamaForCausalLM(config).eval(), ids, text="big")
+def big_cube() -> kvmem.MemCube:
+    """A real MemCube of ~2.3 MB: 1,100 tokens, 2 layers, 2 KV heads of 64."""
+    return tiny_cube("big", tokens=1100, hidden=256)
 
 
 def test_a_cube_over_the_servers_string_limit_is_refused_clearly_and_nothing_is_stored(tmp_path, cube):  # noqa: F811
