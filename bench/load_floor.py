@@ -11,12 +11,14 @@ moving the bytes, in one process, round robin after a warm-up (medians; wall tim
                                    cache, no checksum
     preadv + xxh3, 4 KB pieces     the connector's read as it runs: each 128 KiB hashed right after it is read
     preadv + xxh3, 2 threads       the same split over two threads, half the file each
+    preadv, 2 threads              the read alone on two threads (no checksum): what two cores give the copy
     O_DIRECT preadv, 4 KB pieces   the disk's DMA instead of the kernel's copy (file offsets and pieces 4 KB
                                    aligned here; the cube format does not align them)
     O_DIRECT, 4 MiB contiguous     the same into one contiguous buffer, 4 MiB a read: what the disk alone costs
     mmap + copy, 4 KB pieces       the file mapped and copied piece by piece: no read() at all, but a file
                                    truncated while mapped kills the process (SIGBUS), so the connector does not
     xxh3 alone, 4 KB pieces        the checksum over bytes already in memory
+    xxh3 alone, 2 threads          the same split over two threads (each 4 KB update takes Python's GIL)
 
 The file is written once and read first so that the page cache holds it, as a cube just built or fetched is
 (O_DIRECT bypasses that cache: it reads what the disk, here a virtual one, returns). Run:
@@ -101,18 +103,24 @@ def methods(path: Path, target: Target) -> dict:
                 os.close(fd)
         return run
 
-    def two_threads():
+    def halves(fn):
+        """``fn(pieces, offset)`` on two threads, each over half of the pieces (and of the file)."""
         half = len(target.pieces) // 2
-        fd = opened()
-        try:
-            threads = [threading.Thread(target=read_pieces, args=(fd, part, at), kwargs={"hash_it": True})
-                       for part, at in ((target.pieces[:half], 0), (target.pieces[half:], half * PIECE))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        finally:
-            os.close(fd)
+        threads = [threading.Thread(target=fn, args=(part, at))
+                   for part, at in ((target.pieces[:half], 0), (target.pieces[half:], half * PIECE))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def two_threads(hash_it: bool):
+        def run():
+            fd = opened()
+            try:
+                halves(lambda part, at: read_pieces(fd, part, at, hash_it=hash_it))
+            finally:
+                os.close(fd)
+        return run
 
     def direct_pieces():
         fd = opened(os.O_DIRECT)
@@ -136,14 +144,15 @@ def methods(path: Path, target: Target) -> dict:
                 for i, v in enumerate(target.pieces):
                     v[:] = src[i * PIECE:(i + 1) * PIECE]
 
-    def hash_alone():
+    def hash_alone(pieces=None, at=0):
         h = xxhash.xxh3_128()
-        for v in target.pieces:
+        for v in target.pieces if pieces is None else pieces:
             h.update(v)
 
     out = {"preadv, 4 KB pieces": buffered(False), "preadv + xxh3, 4 KB pieces": buffered(True),
-           "preadv + xxh3, 2 threads": two_threads, "mmap + copy, 4 KB pieces": mapped,
-           "xxh3 alone, 4 KB pieces": hash_alone}
+           "preadv + xxh3, 2 threads": two_threads(True), "preadv, 2 threads": two_threads(False),
+           "mmap + copy, 4 KB pieces": mapped, "xxh3 alone, 4 KB pieces": hash_alone,
+           "xxh3 alone, 2 threads": lambda: halves(hash_alone)}
     try:
         os.close(opened(os.O_DIRECT))
         direct_pieces()  # a file system without O_DIRECT (tmpfs) refuses here
