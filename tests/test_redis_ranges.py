@@ -300,6 +300,39 @@ def test_copy_string_writes_a_value_in_ranges(server, tmp_path, through, monkeyp
     assert (tmp_path / "short").read_bytes() == data[:100_000]  # the whole ranges before it, nothing after
 
 
+def test_download_string_leaves_a_file_only_when_the_string_came_whole(server, tmp_path, monkeypatch):
+    """`download_string` (a Redis store's local copies and key blocks): the bytes when the string is there, None
+    for a missing one, False for one deleted while it was read, the error for a server lost meanwhile; no file is
+    left but the whole one."""
+    from kvmem.store import redis_ranges
+
+    url, client = server
+    data = os.urandom(9_000_001)  # over copy_string's 4 MiB ranges: three of them
+    client.set("d", data)
+    assert redis_ranges.download_string(client, "d", tmp_path / "whole") is True
+    assert (tmp_path / "whole").read_bytes() == data
+    assert redis_ranges.download_string(client, "nothing", tmp_path / "none") is None
+    real = redis_ranges.copy_string
+
+    def deleted_midway(c, key, size, out, **kw):
+        c.delete(key)  # as a delete of the blob between STRLEN and the ranges
+        return real(c, key, size, out, **kw)
+
+    monkeypatch.setattr(redis_ranges, "copy_string", deleted_midway)
+    assert redis_ranges.download_string(client, "d", tmp_path / "short") is False
+    client.set("d", data)
+
+    def lost(c, key, size, out, **kw):
+        out.write(b"part of it")
+        raise ConnectionError("the server went away")
+
+    monkeypatch.setattr(redis_ranges, "copy_string", lost)
+    with pytest.raises(ConnectionError):
+        redis_ranges.download_string(client, "d", tmp_path / "lost")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["whole"]
+    client.delete("d")
+
+
 def test_a_replica_fetches_its_local_copy_in_ranges_not_with_one_get(cube, tmp_path, server, monkeypatch):
     """A replica's local copy of a blob (and its key blocks) is written from ranges, never from one GET of the whole
     value (redis-py holds and parses all of it: ~280 MB for a 4k cube with its key blocks); a Redis that dies

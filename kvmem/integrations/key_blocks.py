@@ -34,7 +34,8 @@ import xxhash
 from ..cubes.cubefile import CubeFile, PartFile
 from ..cubes.format import HEADER_PART, write_cube_file
 from ..errors import CubeError
-from ..store.redis_ranges import copy_string, upload_string
+from ..store.redis_blobs import staging_key
+from ..store.redis_ranges import download_string, upload_string
 
 FORMAT = "kvmem.key_blocks"
 VERSION = 1
@@ -173,13 +174,13 @@ def store_key_blocks(store, blob: str, *, block_size: int, staging) -> tuple[str
             raise CubeError(f"blob {blob} was deleted while its key blocks were written")
         return str(side), nbytes
     staged = write_key_blocks(path, block_size=block_size, out=Path(staging) / f"{blob}.keys-b{block_size}")
-    staging_key = db.key("staging", f"{blob}.{uuid.uuid4().hex[:8]}.keys")
+    upload = staging_key(db, blob, ".keys")
     try:
         with db.errors():
-            size = upload_string(db.client, staging_key, staged)  # range by range (`upload_string`), then:
+            size = upload_string(db.client, upload, staged)  # range by range (`upload_string`), then:
             # renamed into place only while the blob is there, in one step: a delete (another replica's replace,
             # `kvmem rm`) that came first would otherwise leave a key no delete or gc ever removes
-            stored = db.client.eval(_RENAME_IF_BLOB, 3, db.key("blob", blob), staging_key, redis_key(db, blob))
+            stored = db.client.eval(_RENAME_IF_BLOB, 3, db.key("blob", blob), upload, redis_key(db, blob))
     finally:
         staged.unlink(missing_ok=True)
     if stored == -1:
@@ -198,18 +199,12 @@ def fetch_key_blocks(db, blob: str, copy) -> Path | None:
 
     Raises:
         CubeError: they are damaged (their header); a Redis error as the store reports it."""
-    key = redis_key(db, blob)
-    with db.errors():
-        size = int(db.client.strlen(key))
-    if not size:
-        return None
     copy = Path(copy)
     staged = copy.with_name(f".{blob}.{uuid.uuid4().hex[:8]}.keys.tmp")  # hidden: swept if left unfinished
     try:
-        with open(staged, "wb") as out, db.errors():  # in ranges, never the whole sidecar in memory
-            whole = copy_string(db.client, key, size, out)
-        if not whole:  # deleted while it was read (its blob deleted)
-            return None
+        with db.errors():  # in ranges, never the whole sidecar in memory
+            if not download_string(db.client, redis_key(db, blob), staged):  # none, or deleted with its blob
+                return None
         blocks = KeyBlocks.open_parts(staged, fmt=FORMAT, version=str(VERSION))
         try:
             size = blocks.block_size

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import CubeError
 from .records import BLOB, KEY_BLOCKS_FILE, check_blob
-from .redis_ranges import copy_string, upload_string
+from .redis_ranges import download_string, upload_string
 
 _log = logging.getLogger("kvmem.store")
 
@@ -54,8 +54,7 @@ class RedisBlobs:
         whole in memory, no command over Redis' ``proto-max-bulk-len``), then renamed to the blob's key and
         timed in one step, so no reader ever sees part of it; a writer that dies leaves a staging key that
         expires."""
-        check_blob(name)
-        staging = self.db.key("staging", f"{name}.{uuid.uuid4().hex[:8]}")
+        staging = staging_key(self.db, name)
         with self.db.errors():
             size = upload_string(self.db.client, staging, staged)
             if not self.db.client.eval(_PUBLISH, 3, staging, self.db.key("blob", name), self.db.key("blobtime"),
@@ -78,18 +77,12 @@ class RedisBlobs:
             return None
         if local.is_file():
             return local
-        key = self.db.key("blob", name)
-        with self.db.errors():
-            size = int(self.db.client.strlen(key))
-        if not size:  # not in Redis (kvmem never writes an empty blob): gone
+        tmp = self.cache / f".{name}.{uuid.uuid4().hex[:8]}.tmp"  # hidden: swept if left unfinished
+        with self.db.errors():  # in ranges, never the whole blob in memory
+            got = download_string(self.db.client, self.db.key("blob", name), tmp)
+        if not got:  # not in Redis (kvmem never writes an empty blob), or deleted while it was read: gone
             return None
-        tmp = self.cache / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
         try:
-            with open(tmp, "wb") as out, self.db.errors():  # in ranges, never the whole blob in memory
-                whole = copy_string(self.db.client, key, size, out)
-            if not whole:  # deleted while it was read
-                tmp.unlink(missing_ok=True)
-                return None
             os.replace(tmp, local)
         except FileNotFoundError:  # swept by a gc with no grace while downloading: fetch once more
             return self.local_path(name)
@@ -160,6 +153,12 @@ class RedisBlobs:
                 if BLOB.fullmatch(blob) and self.db.client.eval(_DEL_IF_NO_BLOB, 2, self.db.key("blob", blob), key):
                     removed.append(key.decode())
         return removed
+
+
+def staging_key(db, blob: str, what: str = "") -> str:
+    """A new key to upload blob ``blob`` (or, ``what`` ``".keys"``, its key blocks) to before it is renamed where
+    readers look: ``P:staging:<blob>.<8 hex digits><what>``, one per upload (`upload_string` lets it expire)."""
+    return db.key("staging", f"{check_blob(blob)}.{uuid.uuid4().hex[:8]}{what}")
 
 
 # KEYS[1]: an uploaded blob's staging key, KEYS[2]: the blob's key, KEYS[3]: the blob times; ARGV: its name, time

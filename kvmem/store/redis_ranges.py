@@ -1,5 +1,5 @@
-"""Byte ranges of a Redis string read straight into the caller's buffers (`RangeReader`, `copy_string`), and a
-file written to one range by range (`upload_string`).
+"""Byte ranges of a Redis string read straight into the caller's buffers (`RangeReader`, `copy_string`, a file
+fetched so: `download_string`), and a file written to one range by range (`upload_string`).
 
 redis-py hands a ``GETRANGE`` reply back as a new ``bytes`` object, which the caller then copies where it is
 needed: its parser's copies cost more CPU than the bytes' trip through the kernel. Measured on this machine (2-core
@@ -27,6 +27,7 @@ import os
 import socket
 import threading
 from functools import partial
+from pathlib import Path
 
 from ..errors import CubeError
 
@@ -276,6 +277,28 @@ def copy_string(client, key: str, size: int, out, *, chunk: int = 4 << 20) -> bo
             return False
         out.write(buf[:m])
     return True
+
+
+def download_string(client, key: str, path) -> bool | None:
+    """Write Redis string ``key`` to a new file ``path`` in ranges (`copy_string`: never whole in memory): True
+    once it is there whole; None if Redis holds no such string (kvmem never stores an empty one), False if it came
+    out shorter (deleted meanwhile). ``path`` is left only when True.
+
+    Raises:
+        as `copy_string`, ``path`` removed first."""
+    size = int(client.strlen(key))
+    if not size:
+        return None
+    path = Path(path)
+    try:
+        with open(path, "wb") as out:
+            whole = copy_string(client, key, size, out)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    if not whole:
+        path.unlink(missing_ok=True)
+    return whole
 
 
 def upload_string(client, key: str, path, *, chunk: int = 1 << 20, ttl: int = 3600) -> int:
