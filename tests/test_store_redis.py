@@ -152,6 +152,18 @@ def test_two_machines_share_cubes_through_one_redis(redis_url, tmp_path, cube): 
     assert one.view("team").get("notes").text == "another text"
 
 
+def test_a_cache_folder_deleted_under_an_open_store_is_a_clear_error(redis_url, tmp_path, cube):  # noqa: F811
+    tag = uuid.uuid4().hex[:10]
+    one = kvmem.CubeStore(store_url(redis_url, tmp_path, tag=tag, machine="one"))
+    one.view("team").put_cube("notes", cube)
+    two = kvmem.CubeStore(store_url(redis_url, tmp_path, tag=tag, machine="two"))
+    shutil.rmtree(two.blobs.cache)  # e.g. a tmp cleaner, while the server runs
+    with pytest.raises(kvmem.CubeError, match="was deleted while the store was open: open the store again"):
+        two.view("team").load_cube("notes")
+    again = kvmem.CubeStore(store_url(redis_url, tmp_path, tag=tag, machine="two"))  # makes the folder again
+    assert again.view("team").load_cube("notes").fingerprint == cube.fingerprint
+
+
 def test_every_read_is_validated(redis_url, tmp_path, cube):  # noqa: F811
     store = kvmem.CubeStore(store_url(redis_url, tmp_path, machine="writer"))
     rec = store.view("me").put_cube("m", cube)
