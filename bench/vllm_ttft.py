@@ -156,7 +156,7 @@ def drop_copies(cache: Path) -> None:
 def plot(doc: dict, png: str) -> None:
     plt = pyplot()
     lengths = sorted({r["tokens"] for r in doc["rows"]})
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     width = 0.8 / len(METHODS)
     for i, method in enumerate(METHODS):
         rows = {r["tokens"]: r for r in doc["rows"] if r["method"] == method
@@ -174,7 +174,7 @@ def plot(doc: dict, png: str) -> None:
     facts = doc["machine"]
     ax.set_title(f"vLLM {facts.get('vllm')} on {facts.get('cpu_cores')} CPU cores: TTFT with kvmem's KV connector",
                  fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     save_figure(fig, png, facts)
 
 
