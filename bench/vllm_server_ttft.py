@@ -66,7 +66,8 @@ def run_layout(ckpt: str, work: Path, layout: str, args, redis_url: str | None) 
     where = {"folder": str(folder)} if source == "disk" else \
         {"store": f"{redis_url}?prefix=srv{uuid.uuid4().hex[:8]}&cache={cache}"}
     # the vLLM tests' launcher: python -m vllm.entrypoints.openai.api_server on a free 127.0.0.1 port
-    server = Server(ckpt, {**where, "auto": False, "loader_cpus": loader}, folder / "server.log",
+    server = Server(ckpt, {**where, "auto": False, "loader_cpus": loader, "read_threads": args.read_threads},
+                    folder / "server.log",
                     max_model_len=args.tokens + 128, role="kv_both", env={"VLLM_CPU_OMP_THREADS_BIND": bind})
     try:
         server.wait_ready()
@@ -103,7 +104,8 @@ def run_layout(ckpt: str, work: Path, layout: str, args, redis_url: str | None) 
         for k, xs in samples.items():
             if not xs:
                 continue
-            rows.append({"layout": layout, "omp_bind": bind, "loader_cpus": loader, "source": source, "method": k,
+            rows.append({"layout": layout, "omp_bind": bind, "loader_cpus": loader, "source": source,
+                         "read_threads": args.read_threads, "method": k,
                          "tokens": args.tokens, "cached_tokens": sorted(cached[k]), **spread(xs, unit="ms"),
                          "first_tokens_equal_full_prefill": f"{sum(same[k])} of {len(same[k])}",
                          "worker_pid": pid, "connector_log": said})
@@ -167,6 +169,8 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--full-reps", type=int, default=2, help="full prefills per layout (each costs seconds)")
+    parser.add_argument("--read-threads", type=int, default=1,
+                        help="the connector's read_threads (reader threads a cold load's bytes are read on; default 1)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1,024 tokens, layouts auto:auto and 0:auto, 2 reps; writes nothing unless --out")
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/vllm_server_ttft_cpu.json)")
