@@ -346,6 +346,37 @@ def test_a_server_replica_fetches_its_local_copy_only_once_the_request_is_done(c
     assert replica.start_fetches() == 0  # a copy whose key blocks were just fetched: nothing more to fetch
 
 
+def test_a_failed_background_fetch_is_logged_once_and_loads_go_on_from_redis(cube, tmp_path, redis_url, caplog):
+    """A replica whose local copies cannot be fetched (here its cache folder was deleted under it) still serves the
+    cube from Redis, and says why its copies are not made: one warning per reason, not one per request."""
+    import logging
+    import shutil
+    import time
+
+    from kvmem.integrations.saving import write_cube
+    from kvmem.integrations.serving import CubeSource
+    from test_store_redis import store_url
+
+    url = store_url(redis_url, tmp_path, tag="nofetch")
+    write_cube(CubeSource(store=url), _spec(cube), cube, key_block_size=16)
+    replica = CubeSource(store=url.replace("cache-m1", "cache-m2"), defer_fetches=True)
+    with caplog.at_level(logging.WARNING, logger="vllm.kvmem"):
+        for _ in range(3):
+            f = replica.load("ns", "notes", layered=True)
+            shutil.rmtree(tmp_path / "cache-m2", ignore_errors=True)
+            assert f.key_blocks_source is not None  # read from Redis: no local copy
+            _served_exactly(cube, f, open_key_blocks(f, 16))
+            f.close()
+            assert replica.start_fetches() == 1
+            deadline = time.time() + 30
+            while replica._fetching:
+                assert time.time() < deadline
+                time.sleep(0.05)
+    warned = [r.getMessage() for r in caplog.records if "fetching a local copy" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "was deleted while the store was open" in warned[0] and "read it from Redis meanwhile" in warned[0]
+
+
 def test_key_blocks_of_a_blob_deleted_meanwhile_are_not_left_behind(cube, tmp_path, redis_url, monkeypatch):
     """The memory deleted (another replica's replace, `kvmem rm`) between its put and its key blocks: none stay
     where no delete or gc would ever find them, in Redis (another machine deleted it: this one still has its

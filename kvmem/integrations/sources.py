@@ -8,6 +8,7 @@ layer's KV verified as it is read) whenever its file allows it; otherwise it is 
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,8 @@ from ..store.records import NAME, check_name, is_valid_blob
 from ..store.redis_ranges import RangeReader, getrange_via
 from ..store.stamp import mismatch, read_stamp
 from .key_blocks import fetch_key_blocks, redis_key
+
+logger = logging.getLogger("vllm.kvmem")  # the connector's logger (this module serves any engine; vLLM's is the one)
 
 
 class Refused(CubeError):
@@ -64,6 +67,7 @@ class CubeSource:
         self._store = None
         self._fetcher: ThreadPoolExecutor | None = None  # background fetches of Redis blobs to local copies
         self._fetching: set[str] = set()
+        self._fetch_errors: set[str] = set()  # why background fetches failed, each logged once
         self._defer, self._deferred = defer_fetches, []  # blobs whose fetch waits for `start_fetches`
         # blob -> when its copy's key blocks were last looked for (`_fetch_later`): a load from a copy asks again
         # at most every `_KEY_BLOCKS_RECHECK_S` (a cube saved without them would otherwise cost a GET a request)
@@ -203,8 +207,13 @@ class CubeSource:
                 if copy is not None and not _has_key_blocks(copy):  # and its key blocks, for the loads from it
                     fetch_key_blocks(self.store.blobs.db, blob, copy)
                 self._key_blocks_checked[blob] = time.monotonic()
-            except Exception:  # the next request reads from Redis again, and tries again
-                pass
+            except Exception as exc:  # the next request reads from Redis again, and tries again
+                why = f"{type(exc).__name__}: {exc}"
+                if why not in self._fetch_errors:  # once per reason: a fetch is tried again at every request
+                    self._fetch_errors.add(why)
+                    logger.warning("kvmem: fetching a local copy of blob %s from %s failed (%s); requests read it "
+                                   "from Redis meanwhile (slower), and the fetch is tried again", blob,
+                                   self.location, why)
             finally:
                 self._fetching.discard(blob)
 
