@@ -80,19 +80,15 @@ class RedisBlobs:
         tmp = self.cache / f".{name}.{uuid.uuid4().hex[:8]}.tmp"  # hidden: swept if left unfinished
         try:
             with self.db.errors():  # in ranges, never the whole blob in memory
-                got = download_string(self.db.client, self.db.key("blob", name), tmp)
-        except FileNotFoundError:
-            if self.cache.is_dir():
-                raise
-            raise CubeError(f"the local cache folder {self.cache} of {self.db.url} was deleted while the store was "
-                            "open: open the store again (it makes the folder) or give another with ?cache=DIR") \
-                from None
-        if not got:  # not in Redis (kvmem never writes an empty blob), or deleted while it was read: gone
-            return None
-        try:
+                if not download_string(self.db.client, self.db.key("blob", name), tmp):
+                    return None  # not in Redis (kvmem never writes an empty blob), or deleted while it was read
             os.replace(tmp, local)
-        except FileNotFoundError:  # swept by a gc with no grace while downloading: fetch once more
-            return self.local_path(name)
+        except FileNotFoundError:
+            if not self.cache.is_dir():
+                raise CubeError(f"the local cache folder {self.cache} of {self.db.url} was deleted while the store "
+                                "was open: open the store again (it makes the folder) or give another with "
+                                "?cache=DIR") from None
+            return self.local_path(name)  # swept by a gc with no grace while downloading: fetch once more
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
